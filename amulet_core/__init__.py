@@ -1,0 +1,1 @@
+"""Amulet Serve core: decoding methods, preference prompts, model loading and the engine."""

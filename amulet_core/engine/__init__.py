@@ -1,0 +1,1 @@
+"""The inference engine: one worker that owns the model, batches requests and reuses KV."""

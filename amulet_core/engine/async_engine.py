@@ -1,0 +1,237 @@
+"""The engine client for asyncio code: one worker thread owns the model and runs the steps.
+
+Requests and aborts reach the worker through a thread-safe queue; outputs come back to
+each request's asyncio queue through ``call_soon_threadsafe``, so the event loop never
+waits on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from amulet_core.engine.config import EngineConfig, ModelConfig
+from amulet_core.engine.llm_engine import LLMEngine, validate_request
+from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
+from amulet_core.errors import EngineNotReadyError, EngineOverloadedError
+from amulet_core.loading import EMBEDDED_MODEL_NAME, LoadedModel, load_model
+from amulet_core.prompts import render_chat
+
+log = logging.getLogger(__name__)
+
+StepObserver = Callable[[float, int], None]
+
+
+def model_display_name(config: ModelConfig) -> str:
+    if config.model is None:
+        return EMBEDDED_MODEL_NAME
+    path = Path(config.model)
+    return path.stem if path.suffix == ".gguf" else path.name if path.exists() else config.model
+
+
+@dataclass(frozen=True)
+class _Add:
+    request: GenerationRequest
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(eq=False)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[GenerationOutput]
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        model_config: ModelConfig | None = None,
+        engine_config: EngineConfig | None = None,
+        step_observer: StepObserver | None = None,
+        loader: Callable[[ModelConfig], LoadedModel] = load_model,
+    ) -> None:
+        self.model_config = model_config or ModelConfig()
+        self.engine_config = engine_config or EngineConfig()
+        self.model_name = model_display_name(self.model_config)
+        self.max_model_len = self.engine_config.max_model_len
+        self._step_observer = step_observer
+        self._loader = loader
+        self._inbox: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._engine: LLMEngine | None = None
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._accepting = True
+        self._stats = EngineStats()
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------
+    def start(self) -> AsyncEngine:
+        """Start the worker; the model loads there while the caller goes on."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="amulet-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the model is loaded; re-raise its load error."""
+        if not self._loaded.wait(timeout):
+            raise TimeoutError("the model did not load in time")
+        if self._load_error is not None:
+            raise self._load_error
+
+    @property
+    def ready(self) -> bool:
+        return self._loaded.is_set() and self._engine is not None and self._accepting
+
+    @property
+    def load_error(self) -> BaseException | None:
+        return self._load_error
+
+    @property
+    def engine(self) -> LLMEngine:
+        """The synchronous engine (for tests and in-process tools); raises until loaded."""
+        if self._engine is None:
+            raise EngineNotReadyError("The model is still loading.")
+        return self._engine
+
+    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new requests, let running ones finish up to the timeout, abort the rest, stop."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for request_id in list(self._streams):
+            self._inbox.put(_Abort(request_id))
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker thread (requests still open are aborted)."""
+        self._accepting = False
+        if self._thread is not None:
+            self._inbox.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # ---- client API ---------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> tuple[int, ...]:
+        return tuple(render_chat(self.engine.tokenizer, messages))
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if not self.ready:
+            raise EngineNotReadyError("The model is loading or the server is shutting down.")
+        validate_request(request, self.max_model_len)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            waiting = len(self._streams) - self._stats.running_requests
+            if waiting >= self.engine_config.max_queue:
+                raise EngineOverloadedError("The server is at capacity; retry shortly.")
+            if request.request_id in self._streams:
+                raise ValueError(f"duplicate request id {request.request_id!r}")
+            self._streams[request.request_id] = stream
+        self._inbox.put(_Add(request))
+        finished = False
+        try:
+            while not finished:
+                output = await stream.queue.get()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self._inbox.put(_Abort(request.request_id))
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+
+    # ---- worker -------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._engine = LLMEngine(self._loader(self.model_config), self.engine_config)
+            self._stats = self._engine.stats()
+        except BaseException as exc:  # reported through load_error / wait_ready
+            log.exception("model load failed")
+            self._load_error = exc
+            self._loaded.set()
+            return
+        self._loaded.set()
+        engine = self._engine
+        while True:
+            try:
+                message = self._inbox.get(block=not engine.has_work())
+            except queue.Empty:
+                message = _Empty
+            stop = False
+            outputs: list[GenerationOutput] = []
+            while message is not _Empty:
+                if message is None:
+                    stop = True
+                else:
+                    outputs.extend(self._handle(engine, message))
+                try:
+                    message = self._inbox.get_nowait()
+                except queue.Empty:
+                    message = _Empty
+            if stop:
+                for request_id in list(engine.requests):
+                    outputs.append(engine.abort(request_id))
+                self._deliver(outputs)
+                return
+            if engine.has_work():
+                outputs.extend(self._step(engine))
+            self._stats = engine.stats()
+            self._deliver(outputs)
+
+    def _handle(self, engine: LLMEngine, message: _Add | _Abort) -> list[GenerationOutput]:
+        if isinstance(message, _Abort):
+            output = engine.abort(message.request_id)
+            return [output] if output is not None else []
+        try:
+            engine.add_request(message.request)
+        except Exception as exc:
+            return [GenerationOutput(message.request.request_id, finish_reason="error", error=str(exc))]
+        return []
+
+    def _step(self, engine: LLMEngine) -> list[GenerationOutput]:
+        start = time.perf_counter()
+        try:
+            outputs = engine.step()
+        except Exception as exc:  # keep serving: fail what was in flight, not the worker
+            log.exception("engine step failed")
+            message = f"Engine step failed: {type(exc).__name__}"
+            aborted = [engine.abort(rid) for rid in list(engine.requests)]
+            return [replace(o, finish_reason="error", error=message) for o in aborted if o is not None]
+        if self._step_observer is not None:
+            try:
+                self._step_observer(time.perf_counter() - start, engine.last_step_sequences)
+            except Exception:
+                log.exception("step observer failed")
+        return outputs
+
+    def _deliver(self, outputs: list[GenerationOutput]) -> None:
+        if not outputs:
+            return
+        with self._lock:
+            targets = [(self._streams.get(o.request_id), o) for o in outputs]
+        for stream, output in targets:
+            if stream is not None:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+
+
+_Empty: Any = object()

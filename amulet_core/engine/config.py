@@ -1,0 +1,60 @@
+"""Engine and model configuration: frozen dataclasses, parsed in one place (the CLI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and where.
+
+    ``model`` is a Hugging Face model folder or id (resolved offline), a ``.gguf`` file, or
+    None for the embedded SmolLM2-135M-Instruct. ``dtype`` is auto, float32, bfloat16 or
+    float16; auto is bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32.
+    """
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and knobs of the engine.
+
+    * ``max_num_seqs``: sequences decoded together; an amulet or la request holds two.
+    * ``max_model_len``: longest context (prompt + generated tokens) of one sequence.
+    * ``max_queue``: requests that may wait for admission; more get an overload error.
+    * ``kv_cache_tokens``: KV budget in tokens (all sequences together); None sizes it from
+      ``kv_cache_memory_gib``.
+    * ``max_num_batched_tokens``: tokens per forward pass; longer prompts are prefilled in chunks.
+    * ``block_size``: tokens per KV block, the unit of paging and of the prefix cache.
+    """
+
+    max_num_seqs: int = 32
+    max_model_len: int = 2048
+    max_queue: int = 256
+    kv_cache_tokens: int | None = None
+    kv_cache_memory_gib: float = 2.0
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    enable_prefix_cache: bool = True
+    default_system_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_num_seqs": self.max_num_seqs >= 2,
+            "max_model_len": self.max_model_len >= 16,
+            "max_queue": self.max_queue >= 0,
+            "max_num_batched_tokens": self.max_num_batched_tokens >= 16,
+            "block_size": self.block_size >= 1,
+            "kv_cache_memory_gib": self.kv_cache_memory_gib > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"EngineConfig.{name} is out of range: {getattr(self, name)!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("EngineConfig.max_num_batched_tokens must be at least max_num_seqs.")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.max_model_len:
+            raise ValueError("EngineConfig.kv_cache_tokens must hold at least one full-length sequence (max_model_len).")

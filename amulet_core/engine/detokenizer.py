@@ -1,0 +1,62 @@
+"""Incremental detokenization with stop strings.
+
+Text comes out only in whole characters: a multi-byte character split across tokens is
+held until its last byte arrives (the partial decode ends in U+FFFD). Text that could be the
+start of a stop string is held back until it cannot be, so a stop string never reaches
+the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._stop = tuple(stop)
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self.text = ""
+        """All decoded output text so far (up to a stop string, once one is found)."""
+        self._emitted = 0
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        """Feed one token; return the text that is now final (may be empty)."""
+        if self.stopped:
+            return ""
+        self._ids.append(token_id)
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix) :]
+            # The last read tokens stay as context, so merges such as leading spaces decode right.
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+        return self._release(final=False)
+
+    def _release(self, final: bool) -> str:
+        if self._stop:
+            start = max(0, self._emitted - self._hold)
+            hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+                final = True
+        end = len(self.text) if final else len(self.text) - self._hold
+        if end <= self._emitted:
+            return ""
+        out = self.text[self._emitted : end]
+        self._emitted = end
+        return out
+
+    def flush(self) -> str:
+        """The held-back text, at the end of generation."""
+        return self._release(final=True)

@@ -1,0 +1,215 @@
+"""The synchronous engine: add requests, run steps, get outputs. Owned by one worker thread."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from amulet_core.engine.block_manager import BlockManager
+from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.detokenizer import IncrementalDetokenizer
+from amulet_core.engine.model_runner import ModelRunner
+from amulet_core.engine.protocol import (
+    EngineStats,
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    RequestTimings,
+    TokenLogprob,
+    Usage,
+)
+from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
+from amulet_core.engine.sequence import Sequence
+from amulet_core.errors import ContextLengthExceededError, InvalidParameterError
+from amulet_core.loading import LoadedModel
+from amulet_core.sampling import RowSpec, choose_tokens, make_generator, method_logprobs
+
+log = logging.getLogger(__name__)
+
+
+def validate_request(request: GenerationRequest, max_model_len: int) -> None:
+    """Raise a clear error when a context leaves no room to generate."""
+    for ids in request.contexts:
+        if len(ids) >= max_model_len:
+            raise ContextLengthExceededError(
+                "messages",
+                f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+                f"{len(ids)} tokens; shorten the messages.",
+            )
+
+
+@dataclass(eq=False)
+class RequestState:
+    request: GenerationRequest
+    group: SequenceGroup
+    coefficient: float | None
+    generator: torch.Generator | None
+    detokenizer: IncrementalDetokenizer
+    stop_ids: frozenset[int]
+    arrival: float
+    output_ids: list[int] = field(default_factory=list)
+    scheduled_at: float | None = None
+    prefill_s: float | None = None
+    cached_prompt_tokens: int | None = None
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.eos_token_ids = loaded.eos_token_ids
+        self.runner = ModelRunner(loaded, config)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_cache)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, RequestState] = {}
+        self.steps = 0
+        self.last_step_sequences = 0
+        self.fault_hook: Callable[[GenerationRequest], None] | None = None
+        """Test-only: called for each request as its token is processed; an exception fails that request."""
+
+    # ---- requests -----------------------------------------------------------------
+    def add_request(self, request: GenerationRequest) -> None:
+        validate_request(request, self.config.max_model_len)
+        if request.request_id in self.requests:
+            raise InvalidParameterError("request_id", f"Request id {request.request_id!r} is already running.")
+        sp = request.sampling
+        group = SequenceGroup(request.request_id, [Sequence(list(ids)) for ids in request.contexts])
+        self.requests[request.request_id] = RequestState(
+            request=request,
+            group=group,
+            coefficient=request.method.coefficient,
+            generator=make_generator(sp, self.device),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, sp.stop),
+            stop_ids=frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_token_ids),
+            arrival=time.monotonic(),
+        )
+        self.scheduler.add(group)
+
+    def abort(self, request_id: str) -> GenerationOutput | None:
+        """Drop a request and free its KV now; returns its final output, or None if unknown."""
+        state = self.requests.get(request_id)
+        return self._finish(state, "abort") if state is not None else None
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running_requests=len(self.scheduler.running),
+            waiting_requests=len(self.scheduler.waiting),
+            kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_used=self.blocks.num_used,
+            prefix_cache_queries=self.blocks.prefix_queries,
+            prefix_cache_hits=self.blocks.prefix_hits,
+            steps=self.steps,
+        )
+
+    # ---- stepping -----------------------------------------------------------------
+    def step(self) -> list[GenerationOutput]:
+        """One forward pass over every running request, then one token for each sampled one."""
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        self.steps += 1
+        self.last_step_sequences = len(plan.chunks)
+        now = time.monotonic()
+        for group in plan.admitted:
+            state = self.requests[group.request_id]
+            if state.scheduled_at is None:
+                state.scheduled_at = now
+                state.cached_prompt_tokens = group.leader.num_cached_prompt
+        logits_for = [seq for group in plan.sampled for seq in group.seqs]
+        try:
+            logits = self.runner.run(plan.chunks, logits_for)
+        except Exception as exc:  # the shared pass failed: fail its requests, keep the engine
+            log.exception("forward pass failed")
+            return self._fail_plan(plan, f"The forward pass failed: {type(exc).__name__}")
+        self.scheduler.complete_step(plan)
+        return self._sample(plan.sampled, logits)
+
+    def _fail_plan(self, plan: StepPlan, message: str) -> list[GenerationOutput]:
+        ids = {c.seq for c in plan.chunks}
+        failed = [s for s in self.requests.values() if any(seq in ids for seq in s.group.seqs)]
+        return [self._finish(s, "error", message) for s in failed]
+
+    def _sample(self, groups: list[SequenceGroup], logits: torch.Tensor) -> list[GenerationOutput]:
+        states = [self.requests[g.request_id] for g in groups]
+        specs: list[RowSpec] = []
+        row = 0
+        for state in states:
+            two = len(state.group.seqs) == 2
+            specs.append(RowSpec(row, row + 1 if two else None, state.request.method, state.coefficient))
+            row += len(state.group.seqs)
+        try:
+            logprobs = method_logprobs(logits, specs)
+            tokens = choose_tokens(logprobs, [s.request.sampling for s in states], [s.generator for s in states])
+        except Exception as exc:
+            log.exception("sampling failed")
+            return [self._finish(s, "error", f"Sampling failed: {type(exc).__name__}") for s in states]
+        outputs = []
+        now = time.monotonic()
+        for i, (state, token) in enumerate(zip(states, tokens, strict=True)):
+            try:
+                if state.prefill_s is None and state.scheduled_at is not None:
+                    state.prefill_s = now - state.scheduled_at
+                if self.fault_hook is not None:
+                    self.fault_hook(state.request)
+                outputs.append(self._accept(state, token, logprobs[i]))
+            except Exception as exc:
+                log.exception("request %s failed", state.request.request_id)
+                outputs.append(self._finish(state, "error", f"Decoding failed: {type(exc).__name__}: {exc}"))
+        return outputs
+
+    def _accept(self, state: RequestState, token: int, logprobs: torch.Tensor) -> GenerationOutput:
+        sp = state.request.sampling
+        state.output_ids.append(token)
+        for seq in state.group.seqs:
+            seq.token_ids.append(token)
+        token_logprobs = self._logprobs(token, logprobs, sp.top_logprobs) if sp.logprobs else None
+        if token in state.stop_ids:
+            return self._finish(state, "stop", token_ids=(token,), logprobs=token_logprobs)
+        text = state.detokenizer.add(token)
+        if state.detokenizer.stopped:
+            return self._finish(state, "stop", text=text, token_ids=(token,), logprobs=token_logprobs)
+        longest = max(len(seq.token_ids) for seq in state.group.seqs)
+        if len(state.output_ids) >= sp.max_tokens or longest >= self.config.max_model_len:
+            return self._finish(state, "length", text=text, token_ids=(token,), logprobs=token_logprobs)
+        return GenerationOutput(state.request.request_id, text, (token,), token_logprobs)
+
+    def _logprobs(self, token: int, logprobs: torch.Tensor, top: int) -> tuple[TokenLogprob, ...]:
+        decode = self.tokenizer.decode
+        pairs: tuple[tuple[int, str, float], ...] = ()
+        if top:
+            values, ids = torch.topk(logprobs, top)
+            pairs = tuple((i, decode([i]), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+        return (TokenLogprob(token, decode([token]), float(logprobs[token]), pairs),)
+
+    def _finish(
+        self,
+        state: RequestState,
+        reason: FinishReason,
+        error: str | None = None,
+        text: str = "",
+        token_ids: tuple[int, ...] = (),
+        logprobs: tuple[TokenLogprob, ...] | None = None,
+    ) -> GenerationOutput:
+        self.requests.pop(state.request.request_id, None)
+        self.scheduler.remove(state.group)
+        if reason in ("stop", "length"):
+            text += state.detokenizer.flush()
+        request = state.request
+        usage = Usage(
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=len(state.output_ids),
+            base_prompt_tokens=len(request.base_prompt_ids or ()),
+            cached_prompt_tokens=state.cached_prompt_tokens or 0,
+        )
+        timings = None
+        if state.scheduled_at is not None:
+            timings = RequestTimings(state.scheduled_at - state.arrival, state.prefill_s or 0.0)
+        return GenerationOutput(request.request_id, text, token_ids, logprobs, reason, usage, error, timings)

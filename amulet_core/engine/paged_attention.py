@@ -1,0 +1,116 @@
+"""Paged KV cache and the attention function that transformers' models call with it.
+
+The engine packs every scheduled token of every sequence into one row (batch size 1,
+like varlen flash-attention) and passes a :class:`PackedBatch` through the model's
+``**kwargs``; transformers hands it to the registered attention function, which writes the
+new keys and values into the paged pool and attends, sequence by sequence, over that
+sequence's cached context. Model files stay transformers' own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ATTENTION_NAME = "amulet_paged"
+
+
+class PagedKVCache:
+    """Per layer, keys and values for ``num_blocks * block_size`` token slots: ``[kv_heads, slots, head_dim]``."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        slots = num_blocks * block_size
+        self.block_size = block_size
+        self.keys = [torch.zeros(num_kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(num_kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class SequenceSpan:
+    """One sequence's part of a packed step."""
+
+    query_start: int
+    query_end: int
+    context_slots: torch.Tensor
+    """Cache slots of positions 0..context_len-1 (the new tokens are the last ones)."""
+    mask: torch.Tensor | None
+    """Boolean [q, k] mask (True = attend) when the new tokens need causal masking, else None."""
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor
+    """Cache slot of every packed new token."""
+    spans: tuple[SequenceSpan, ...]
+
+
+def causal_mask(num_new: int, context_len: int, device: torch.device, window: int | None = None) -> torch.Tensor | None:
+    """Mask for ``num_new`` queries at the end of a ``context_len`` context, or None if none is needed."""
+    if num_new == 1 and (window is None or context_len <= window):
+        return None
+    q_pos = torch.arange(context_len - num_new, context_len, device=device).unsqueeze(1)
+    k_pos = torch.arange(context_len, device=device).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    amulet_batch: PackedBatch | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Attention over the paged cache. query: [1, heads, N, d]; key, value: [1, kv_heads, N, d]."""
+    if amulet_batch is None:
+        # A plain call of the same model (no engine batch, no padding): ordinary causal SDPA.
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    layer = module.layer_idx
+    k_cache = amulet_batch.cache.keys[layer]
+    v_cache = amulet_batch.cache.values[layer]
+    k_cache.index_copy_(1, amulet_batch.slot_mapping, key[0])
+    v_cache.index_copy_(1, amulet_batch.slot_mapping, value[0])
+    gqa = query.shape[1] != key.shape[1]
+    window = kwargs.get("sliding_window")
+    outputs = []
+    for span in amulet_batch.spans:
+        q = query[:, :, span.query_start : span.query_end]
+        k = k_cache.index_select(1, span.context_slots).unsqueeze(0)
+        v = v_cache.index_select(1, span.context_slots).unsqueeze(0)
+        mask = span.mask
+        context_len = span.context_slots.shape[0]
+        if isinstance(window, int) and context_len > window:
+            mask = causal_mask(span.query_end - span.query_start, context_len, query.device, window)
+        outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    return out.transpose(1, 2), None
+
+
+def register_paged_attention() -> str:
+    """Make the attention function known to transformers (idempotent); returns its name."""
+    AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
+    return ATTENTION_NAME

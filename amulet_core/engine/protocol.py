@@ -1,0 +1,178 @@
+"""The engine's public data types and the small interface the serving layer talks to.
+
+The HTTP layer depends only on this module: it can run over the real engine
+(:class:`amulet_core.engine.async_engine.AsyncEngine`) or over a fake one in tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from amulet_core.errors import InvalidParameterError
+from amulet_core.methods import Method, MethodSettings
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_SEQUENCES = 16
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling; temperature 0 means greedy. Validated on construction."""
+
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidParameterError("max_tokens", f"'max_tokens' must be a whole number >= 1, got {self.max_tokens!r}.")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 100:
+            raise InvalidParameterError("temperature", f"'temperature' must be a number from 0 to 100, got {t!r}.")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
+            raise InvalidParameterError("top_p", f"'top_p' must be a number in (0, 1], got {p!r}.")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidParameterError("top_k", f"'top_k' must be a whole number >= 0 (0 = off), got {self.top_k!r}.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InvalidParameterError("seed", f"'seed' must be a whole number, got {self.seed!r}.")
+        if len(self.stop) > MAX_STOP_SEQUENCES or any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidParameterError("stop", f"'stop' takes up to {MAX_STOP_SEQUENCES} non-empty strings.")
+        n = self.top_logprobs
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOP_LOGPROBS:
+            raise InvalidParameterError("top_logprobs", f"'top_logprobs' must be from 0 to {MAX_TOP_LOGPROBS}, got {n!r}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request as the engine sees it: token ids of its context(s), method and sampling.
+
+    ``prompt_ids`` is the context the answer continues: the pref context for pref, la and
+    amulet, the plain conversation for base. ``base_prompt_ids`` is the second (base)
+    context, present exactly when the method needs two contexts.
+    """
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    method: MethodSettings = field(default_factory=lambda: MethodSettings(method=Method.BASE))
+    base_prompt_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise InvalidParameterError("messages", "The prompt is empty.")
+        needs_base = self.method.method.num_contexts == 2
+        if needs_base != (self.base_prompt_ids is not None):
+            raise InvalidParameterError(
+                "preference", f"Method '{self.method.method.value}' needs {self.method.method.num_contexts} context(s)."
+            )
+
+    @property
+    def contexts(self) -> list[tuple[int, ...]]:
+        """Token ids of every context, the decoded one first."""
+        return [self.prompt_ids] if self.base_prompt_ids is None else [self.prompt_ids, self.base_prompt_ids]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of one generated token under the distribution it was drawn from."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one request. ``prompt_tokens`` counts the decoded context once;
+    ``base_prompt_tokens`` is what the second (base) context cost on top."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    base_prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class RequestTimings:
+    """Engine-side times of one request, in seconds: waiting in the queue, and its first step."""
+
+    queue_s: float
+    prefill_s: float
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One event of a request's stream: new tokens and their text, and finally the finish."""
+
+    request_id: str
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: str | None = None
+    timings: RequestTimings | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine for health and metrics."""
+
+    running_requests: int = 0
+    waiting_requests: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    steps: int = 0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+class EngineClient(Protocol):
+    """What the serving layer needs from an engine."""
+
+    model_name: str
+    max_model_len: int
+
+    @property
+    def ready(self) -> bool: ...
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> tuple[int, ...]:
+        """Token ids of a conversation through the model's chat template (generation prompt added)."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Stream a request's outputs. Raises EngineOverloadedError before the first output when the
+        queue is full. Closing the iterator early aborts the request and frees its KV."""
+        ...
+
+    def stats(self) -> EngineStats: ...

@@ -1,0 +1,43 @@
+"""A sequence is one context of a request (pref or base): its tokens and its KV blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Token ids (prompt, then generated) and where their KV lives.
+
+    ``num_computed`` counts leading tokens whose KV is in the cache. Generated tokens are
+    appended to every sequence of a request, so the pref and base contexts grow together.
+    """
+
+    token_ids: list[int]
+    num_prompt_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    num_cached_prompt: int = 0
+    """Prompt tokens served from the prefix cache at admission (for usage and metrics)."""
+    shared_with_leader: int = 0
+    """Leading tokens whose blocks this sequence shares with the request's first context."""
+    num_hashed: int = 0
+    last_hash: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.num_prompt_tokens:
+            self.num_prompt_tokens = len(self.token_ids)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    def reset_cache_state(self) -> None:
+        """Forget all KV bookkeeping (blocks freed, e.g. on preemption or finish)."""
+        self.num_computed = 0
+        self.shared_with_leader = 0
+        self.num_hashed = 0
+        self.last_hash = None

@@ -1,0 +1,38 @@
+"""Errors the core raises; the server maps each class to an HTTP status."""
+
+from __future__ import annotations
+
+
+class AmuletError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidParameterError(AmuletError, ValueError):
+    """A request parameter is out of range or of the wrong kind (HTTP 400)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+class ContextLengthExceededError(InvalidParameterError):
+    """The prompt (plus the tokens asked for) does not fit the model's context (HTTP 400)."""
+
+    code = "context_length_exceeded"
+
+
+class EngineOverloadedError(AmuletError):
+    """The engine's waiting queue is full; the caller should retry later (HTTP 429/503)."""
+
+
+class EngineNotReadyError(AmuletError):
+    """The model is not loaded yet, or the engine is shutting down (HTTP 503)."""
+
+
+class ModelLoadError(AmuletError):
+    """A model could not be found or loaded; the message says what to do."""
+
+
+class RequestFailedError(AmuletError):
+    """Decoding of one request failed inside the engine; other requests are unaffected."""

@@ -1,0 +1,166 @@
+"""Decoding methods on next-token logits: base, pref, la (Linear Alignment) and amulet.
+
+Every two-context method decodes from ``log_softmax(A * l0 + (1 - A) * lb)`` where
+``l0 = log_softmax(z_pref)`` and ``lb = log_softmax(z_base)``:
+
+* ``la`` (Linear Alignment, ratio r): ``z_pref + r (z_pref - z_base)``, so ``A = 1 + r``.
+* ``amulet``: the T steps of the paper's FTRL game (Algorithm 1) keep every iterate of the
+  form ``a * l0 + (1 - a) * lb`` plus a constant that log_softmax removes, so the whole game
+  collapses to one scalar ``A`` from an O(T) recurrence (:func:`amulet_coefficient`).
+
+:func:`amulet_iterative` keeps the paper's loop as the reference oracle for tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from amulet_core.errors import InvalidParameterError
+
+MAX_ITERATIONS = 1000
+"""Cap on Amulet's T: the recurrence is O(T) scalar work per request, so this bounds it."""
+
+MAX_COEFFICIENT = 1e30
+"""A larger A only sharpens the distribution further towards argmax(l0 - lb); clamping keeps it finite."""
+
+_FLOAT64_ABOVE = 1e4
+"""Rows whose |A| exceeds this are combined in float64, where A * (l0 - lb) cannot overflow."""
+
+
+class Method(str, Enum):
+    """How the next token is chosen from the preference (pref) and plain (base) contexts."""
+
+    BASE = "base"
+    PREF = "pref"
+    LA = "la"
+    AMULET = "amulet"
+
+    @property
+    def num_contexts(self) -> int:
+        """How many prompt contexts a request of this method decodes (1 or 2)."""
+        return 2 if self in (Method.LA, Method.AMULET) else 1
+
+
+def _finite(param: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParameterError(param, f"'{param}' must be a number, got {value!r}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InvalidParameterError(param, f"'{param}' must be a finite number, got {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """One request's decoding method and its parameters (paper defaults)."""
+
+    method: Method = Method.AMULET
+    iterations: int = 60
+    eta: float = 10.0
+    alpha: float = 2.0
+    lam: float = 2.0
+    ratio: float = 2.0
+    plausibility: float = 0.0
+    """Contrastive-decoding plausibility mask: keep only tokens whose pref probability is at
+    least this fraction of the top pref probability. 0 (off) is faithful to the paper."""
+
+    def __post_init__(self) -> None:
+        try:
+            method = Method(self.method)
+        except ValueError:
+            choices = ", ".join(m.value for m in Method)
+            raise InvalidParameterError("method", f"'method' must be one of {choices}, got {self.method!r}.") from None
+        object.__setattr__(self, "method", method)
+        it = self.iterations
+        if isinstance(it, bool) or not isinstance(it, int) or not 0 <= it <= MAX_ITERATIONS:
+            raise InvalidParameterError(
+                "iterations", f"'iterations' must be a whole number from 0 to {MAX_ITERATIONS}, got {it!r}."
+            )
+        for name in ("eta", "lam"):
+            if _finite(name, getattr(self, name)) <= 0:
+                raise InvalidParameterError(name, f"'{name}' must be greater than 0, got {getattr(self, name)!r}.")
+        for name in ("alpha", "ratio"):
+            if _finite(name, getattr(self, name)) < 0:
+                raise InvalidParameterError(name, f"'{name}' must be at least 0, got {getattr(self, name)!r}.")
+        beta = _finite("plausibility", self.plausibility)
+        if not 0.0 <= beta < 1.0:
+            raise InvalidParameterError("plausibility", f"'plausibility' must be in [0, 1), got {beta!r}.")
+
+    @property
+    def coefficient(self) -> float | None:
+        """The closed-form A of ``A * l0 + (1 - A) * lb``; None for single-context methods."""
+        if self.method is Method.LA:
+            return 1.0 + float(self.ratio)
+        if self.method is Method.AMULET:
+            return amulet_coefficient(self.iterations, self.eta, self.alpha, self.lam)
+        return None
+
+
+def amulet_coefficient(iterations: int, eta: float, alpha: float, lam: float) -> float:
+    """The scalar A such that T steps of Algorithm 1 equal ``log_softmax(A*l0 + (1-A)*lb)``.
+
+    Iterate t has the form ``a_t * l0 + (1 - a_t) * lb`` (plus a constant); S accumulates
+    ``alpha * a_t`` for the l0 part, and each step's closed-form solution gives
+    ``a_t = (lam + s_t / t + a_{t-1} / (eta t)) / (lam + 1 / (eta t))``. Python floats are float64.
+    """
+    a = 1.0
+    s = 0.0
+    for t in range(1, iterations + 1):
+        s += alpha * a
+        w = 1.0 / (eta * t)
+        a = (lam + s / t + w * a) / (lam + w)
+        if not math.isfinite(a) or abs(a) > MAX_COEFFICIENT:
+            return math.copysign(MAX_COEFFICIENT, a) if not math.isnan(a) else MAX_COEFFICIENT
+    return a
+
+
+def amulet_iterative(pref_logits: torch.Tensor, base_logits: torch.Tensor, settings: MethodSettings) -> torch.Tensor:
+    """The paper's Algorithm 1, step by step, on ``[..., V]`` logits: the reference oracle."""
+    lb = torch.log_softmax(base_logits, dim=-1)
+    l0 = torch.log_softmax(pref_logits, dim=-1)
+    policy = l0
+    utility_sum = torch.zeros_like(l0)
+    for t in range(1, settings.iterations + 1):
+        utility_sum = utility_sum + settings.alpha * (policy - lb)
+        w = 1.0 / (settings.eta * t)
+        policy = torch.log_softmax((settings.lam * l0 + utility_sum / t + w * policy) / (settings.lam + w), dim=-1)
+    return policy
+
+
+def linear_alignment(pref_logits: torch.Tensor, base_logits: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Linear Alignment by its formula: log_softmax(z_pref + r (z_pref - z_base))."""
+    return torch.log_softmax(pref_logits + ratio * (pref_logits - base_logits), dim=-1)
+
+
+def combine_contexts(
+    pref_logits: torch.Tensor, base_logits: torch.Tensor, coefficients: torch.Tensor | list[float]
+) -> torch.Tensor:
+    """Batched closed form: row i is ``log_softmax(A_i * l0_i + (1 - A_i) * lb_i)``.
+
+    Written as ``lb + A (l0 - lb)``. A token impossible in either context (-inf) stays
+    impossible. Rows with a very large A are computed in float64 so the result stays finite.
+    The result has the dtype of the inputs (float32 at least).
+    """
+    out_dtype = torch.promote_types(pref_logits.dtype, torch.float32)
+    coef = torch.as_tensor(coefficients, dtype=torch.float64, device=pref_logits.device).reshape(-1, 1)
+    big = bool((coef.abs() > _FLOAT64_ABOVE).any())
+    work_dtype = torch.float64 if big else out_dtype
+    l0 = torch.log_softmax(pref_logits.to(work_dtype), dim=-1)
+    lb = torch.log_softmax(base_logits.to(work_dtype), dim=-1)
+    mixed = lb + coef.to(work_dtype) * (l0 - lb)
+    impossible = torch.isneginf(l0) | torch.isneginf(lb)
+    if bool(impossible.any()):
+        mixed = mixed.masked_fill(impossible, float("-inf"))
+    return torch.log_softmax(mixed, dim=-1).to(out_dtype)
+
+
+def plausibility_mask(logprobs: torch.Tensor, pref_logits: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose pref probability is below beta times the top pref probability (beta 0 keeps all)."""
+    l0 = torch.log_softmax(pref_logits.float(), dim=-1)
+    threshold = l0.max(dim=-1, keepdim=True).values + torch.log(betas.float().clamp_min(1e-45)).reshape(-1, 1)
+    keep = (l0 >= threshold) | (betas.reshape(-1, 1) <= 0)
+    return torch.log_softmax(logprobs.masked_fill(~keep, float("-inf")), dim=-1)

@@ -1,0 +1,90 @@
+"""Next-token choice: apply each request's method to its context rows, then sample per request.
+
+Method application is batched: all two-context requests of a step are combined in one
+closed-form call. Sampling then runs per row with the request's own temperature, top-k,
+top-p and seeded generator; greedy rows (temperature 0) share one argmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from amulet_core.engine.protocol import SamplingParams
+from amulet_core.methods import MethodSettings, combine_contexts, plausibility_mask
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """Where one request's context rows sit in the step's logits, and how to decode them."""
+
+    primary_row: int
+    base_row: int | None
+    method: MethodSettings
+    coefficient: float | None
+
+
+def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec]) -> torch.Tensor:
+    """``[len(specs), V]`` float32 log-probabilities each request decodes from."""
+    out = torch.empty(len(specs), logits.shape[-1], dtype=torch.float32, device=logits.device)
+    single = [i for i, s in enumerate(specs) if s.base_row is None]
+    double = [i for i, s in enumerate(specs) if s.base_row is not None]
+    if single:
+        rows = torch.tensor([specs[i].primary_row for i in single], device=logits.device)
+        out[single] = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
+    if double:
+        pref_rows = torch.tensor([specs[i].primary_row for i in double], device=logits.device)
+        base_rows = torch.tensor([specs[i].base_row for i in double], device=logits.device)
+        pref = logits.index_select(0, pref_rows)
+        mixed = combine_contexts(pref, logits.index_select(0, base_rows), [specs[i].coefficient for i in double])
+        betas = torch.tensor([specs[i].method.plausibility for i in double], device=logits.device)
+        if bool((betas > 0).any()):
+            mixed = plausibility_mask(mixed, pref, betas)
+        out[double] = mixed.float()
+    return out
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A private generator for a seeded sampled request; None for greedy or unseeded ones."""
+    if params.greedy or params.seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed)
+    return generator
+
+
+def _filtered_probs(logprobs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    scores = logprobs / params.temperature
+    if params.top_k and params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        drop_sorted = cumulative - sorted_probs > params.top_p  # keep the smallest set reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    return probs
+
+
+def choose_tokens(
+    logprobs: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> list[int]:
+    """One token id per row."""
+    chosen = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        ids = logprobs[greedy].argmax(dim=-1).tolist()
+        for i, token in zip(greedy, ids, strict=True):
+            chosen[i] = token
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        probs = _filtered_probs(logprobs[i], p)
+        chosen[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+    return chosen
