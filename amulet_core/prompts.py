@@ -64,9 +64,7 @@ class MessagePair:
     base: list[Message]
 
 
-def preference_message_pair(
-    messages: Sequence[Message], preference: str, default_system_prompt: str = ""
-) -> MessagePair:
+def preference_message_pair(messages: Sequence[Message], preference: str, default_system_prompt: str = "") -> MessagePair:
     """Build the pref and base conversations, which differ by the preference sentence only."""
     sentence = preference_sentence(preference)
     base = [dict(m) for m in messages]

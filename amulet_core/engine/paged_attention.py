@@ -55,11 +55,25 @@ class SequenceSpan:
 
 
 @dataclass(frozen=True)
+class DecodeGroup:
+    """The first ``size`` packed tokens: one new token each of ``size`` sequences, attended in one call."""
+
+    size: int
+    context_slots: torch.Tensor
+    """``[size * max_len]`` cache slots, each sequence's context padded to ``max_len``."""
+    max_len: int
+    mask: torch.Tensor | None
+    """``[size, 1, 1, max_len]`` True where a padded position is real; None when none is padding."""
+
+
+@dataclass(frozen=True)
 class PackedBatch:
     cache: PagedKVCache
     slot_mapping: torch.Tensor
     """Cache slot of every packed new token."""
     spans: tuple[SequenceSpan, ...]
+    """Sequences with several new tokens (prefill chunks), packed after the decode group."""
+    decode: DecodeGroup | None = None
 
 
 def causal_mask(num_new: int, context_len: int, device: torch.device, window: int | None = None) -> torch.Tensor | None:
@@ -97,6 +111,14 @@ def paged_attention_forward(
     gqa = query.shape[1] != key.shape[1]
     window = kwargs.get("sliding_window")
     outputs = []
+    decode = amulet_batch.decode
+    if decode is not None:
+        heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
+        q = query[0, :, : decode.size].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
+        k = k_cache.index_select(1, decode.context_slots).view(kv_heads, decode.size, decode.max_len, dim).transpose(0, 1)
+        v = v_cache.index_select(1, decode.context_slots).view(kv_heads, decode.size, decode.max_len, dim).transpose(0, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=decode.mask, scale=scaling, enable_gqa=gqa)
+        outputs.append(out.squeeze(2).transpose(0, 1).reshape(1, heads, decode.size, dim))
     for span in amulet_batch.spans:
         q = query[:, :, span.query_start : span.query_end]
         k = k_cache.index_select(1, span.context_slots).unsqueeze(0)

@@ -110,9 +110,7 @@ class Scheduler:
     def _make_room(self, group: SequenceGroup, plan: StepPlan) -> bool:
         """Grow the group's block tables for its next tokens, preempting newer groups if needed."""
         while True:
-            needed = sum(
-                max(0, self.blocks.blocks_needed(len(s.token_ids)) - len(s.block_table)) for s in group.seqs
-            )
+            needed = sum(max(0, self.blocks.blocks_needed(len(s.token_ids)) - len(s.block_table)) for s in group.seqs)
             if needed <= self.blocks.num_free:
                 for seq in group.seqs:
                     self.blocks.ensure_capacity(seq, len(seq.token_ids))

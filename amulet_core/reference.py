@@ -1,0 +1,66 @@
+"""The straightforward, paper-style decoding loop: the oracle the engine is tested against.
+
+Every token it runs a full forward pass over each context separately (no KV cache), and
+for amulet it plays the T-step game on the full vocabulary (Algorithm 1). Slow by design.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from amulet_core.methods import Method, MethodSettings, amulet_iterative, combine_contexts, linear_alignment
+
+
+@torch.inference_mode()
+def _last_logits(model: torch.nn.Module, ids: Sequence[int]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False, logits_to_keep=1)
+    return out.logits[0, -1].float()
+
+
+def next_token_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    base_prompt_ids: Sequence[int] | None,
+    settings: MethodSettings,
+    closed_form: bool = False,
+) -> torch.Tensor:
+    """Log-probabilities of the next token under the method, by full recompute of each context."""
+    z_pref = _last_logits(model, prompt_ids)
+    if settings.method in (Method.BASE, Method.PREF):
+        return torch.log_softmax(z_pref, dim=-1)
+    if base_prompt_ids is None:
+        raise ValueError(f"method {settings.method.value} needs the base context")
+    z_base = _last_logits(model, base_prompt_ids)
+    if closed_form:
+        return combine_contexts(z_pref.unsqueeze(0), z_base.unsqueeze(0), [settings.coefficient])[0]
+    if settings.method is Method.LA:
+        return linear_alignment(z_pref, z_base, settings.ratio)
+    return amulet_iterative(z_pref, z_base, settings)
+
+
+def reference_generate(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    base_prompt_ids: Sequence[int] | None,
+    settings: MethodSettings,
+    max_new_tokens: int,
+    stop_ids: Iterable[int] = (),
+    closed_form: bool = False,
+) -> list[int]:
+    """Greedy decoding, one full recompute per context per token. Returns the new token ids."""
+    stop = set(stop_ids)
+    pref = list(prompt_ids)
+    base = list(base_prompt_ids) if base_prompt_ids is not None else None
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(next_token_logprobs(model, pref, base, settings, closed_form).argmax())
+        out.append(token)
+        if token in stop:
+            break
+        pref.append(token)
+        if base is not None:
+            base.append(token)
+    return out
