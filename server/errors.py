@@ -1,0 +1,147 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` for every failure.
+
+One table (:func:`describe_exception`) maps exceptions to status, type and code; the exception
+handlers and the error events of a stream both use it, so a failure reads the same either way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from amulet_core.errors import (
+    EngineNotReadyError,
+    EngineOverloadedError,
+    InvalidParameterError,
+    RequestFailedError,
+)
+from server.protocol import ErrorInfo, ErrorResponse
+
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+
+
+class APIError(Exception):
+    """An error the HTTP layer raises itself (auth, unknown model, body too large ...)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = INVALID_REQUEST,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+
+@dataclass(frozen=True)
+class ErrorDescription:
+    status: int
+    info: ErrorInfo
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def describe_exception(exc: BaseException, retry_after_s: int = 1) -> ErrorDescription:
+    """Status, OpenAI error body and headers for any exception; unknown ones become a bare 500."""
+    retry = {"Retry-After": str(retry_after_s)}
+    if isinstance(exc, APIError):
+        return ErrorDescription(
+            exc.status, ErrorInfo(message=exc.message, type=exc.type, param=exc.param, code=exc.code), exc.headers
+        )
+    if isinstance(exc, InvalidParameterError):
+        code = getattr(exc, "code", None)
+        return ErrorDescription(400, ErrorInfo(message=exc.message, type=INVALID_REQUEST, param=exc.param, code=code))
+    if isinstance(exc, EngineOverloadedError):
+        message = str(exc) or "The server is at capacity; retry later."
+        return ErrorDescription(429, ErrorInfo(message=message, type="rate_limit_error", code="engine_overloaded"), retry)
+    if isinstance(exc, EngineNotReadyError):
+        message = str(exc) or "The model is not loaded yet; retry later."
+        return ErrorDescription(503, ErrorInfo(message=message, type=SERVER_ERROR, code="engine_not_ready"), retry)
+    if isinstance(exc, RequestFailedError):
+        message = str(exc) or "The generation failed."
+        return ErrorDescription(500, ErrorInfo(message=message, type=SERVER_ERROR, code="generation_failed"))
+    return ErrorDescription(500, ErrorInfo(message="Internal server error.", type=SERVER_ERROR, code="internal_error"))
+
+
+def error_payload(info: ErrorInfo) -> dict[str, Any]:
+    return ErrorResponse(error=info).model_dump()
+
+
+def error_response(desc: ErrorDescription) -> JSONResponse:
+    return JSONResponse(error_payload(desc.info), status_code=desc.status, headers=desc.headers or None)
+
+
+# pydantic names union branches inside `loc` ("str", "list[str]", "PreferenceSpec"); they are not params.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|[A-Z].*|.*[\[(].*)$")
+
+
+def _param_from_loc(loc: Sequence[Any]) -> str | None:
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    param = ""
+    for part in parts:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif not _UNION_TAG.match(str(part)):
+            param += f".{part}" if param else str(part)
+    return param or None
+
+
+def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> ErrorInfo:
+    """One 400 message from pydantic's errors: the most specific (deepest) error names the param."""
+    if not errors:
+        return ErrorInfo(message="Invalid request.", type=INVALID_REQUEST)
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        reason = (detail.get("ctx") or {}).get("error") or detail.get("msg", "")
+        return ErrorInfo(message=f"The request body is not valid JSON: {reason}", type=INVALID_REQUEST)
+    error = max(errors, key=lambda e: len(e.get("loc", ())))
+    param = _param_from_loc(error.get("loc", ()))
+    if error.get("type") == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
+    else:
+        msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        message = f"{param}: {msg}" if param else f"Invalid request: {msg}"
+    return ErrorInfo(message=message, type=INVALID_REQUEST, param=param)
+
+
+def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
+    """Route every failure through the OpenAI error shape (never FastAPI's 422 or an HTML page)."""
+
+    async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(ErrorDescription(400, describe_validation_errors(exc.errors())))
+
+    async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        info = ErrorInfo(message=str(exc.detail), type=INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR, code=code)
+        return error_response(ErrorDescription(exc.status_code, info, dict(exc.headers or {})))
+
+    async def on_known(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(describe_exception(exc, retry_after_s))
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises after answering, so the server logs the traceback; the client sees none.
+        return error_response(describe_exception(exc, retry_after_s))
+
+    app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http)  # type: ignore[arg-type]
+    for cls in (APIError, InvalidParameterError, EngineOverloadedError, EngineNotReadyError, RequestFailedError):
+        app.add_exception_handler(cls, on_known)
+    app.add_exception_handler(Exception, on_unexpected)

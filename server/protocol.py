@@ -1,0 +1,270 @@
+"""Pydantic models of the OpenAI-compatible API: what requests may contain and what answers look like.
+
+Requests are validated strictly from JSON (``model_validate_json``): numbers are not parsed out of
+strings, unknown top-level fields are refused, so a typo never silently changes the decoding.
+Answers carry two extensions that OpenAI clients ignore: ``preference`` (the effective Amulet
+settings) and ``usage.base_prompt_tokens`` (what the second, preference-free context cost).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from amulet_core.engine.protocol import TokenLogprob, Usage
+from amulet_core.methods import MethodSettings
+
+MIN_LOGPROB = -9999.0
+"""OpenAI's floor for logprobs (JSON has no -inf)."""
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Request):
+    """One part of a message's content; only text parts are supported."""
+
+    type: Literal["text"]
+    text: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_text(cls, data: Any) -> Any:
+        # Checked before the fields so an image part gets this message, not "field 'text' missing".
+        if isinstance(data, dict) and data.get("type") != "text":
+            raise ValueError(f"only 'text' content parts are supported, got type {data.get('type')!r}")
+        return data
+
+
+class ChatMessage(BaseModel):
+    """A chat message. Extra keys (``refusal``, ``annotations`` ... that clients echo back) are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatMessage:
+        if self.tool_calls:
+            raise ValueError("tool calls are not supported")
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a '{self.role}' message needs 'content'")
+        return self
+
+    def text(self) -> str:
+        """The content as one string (text parts joined by newlines, like vLLM)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+class PreferenceSpec(_Request):
+    """The object form of ``preference``. Unset numbers take the paper's defaults (MethodSettings)."""
+
+    text: str
+    method: Literal["amulet", "la", "pref", "base"] | None = None
+    iterations: int | None = None
+    eta: float | None = None
+    alpha: float | None = None
+    lam: float | None = Field(default=None, alias="lambda")
+    ratio: float | None = None
+    plausibility: float | None = None
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = None
+
+
+class ChatCompletionRequest(_Request):
+    """``POST /v1/chat/completions``. ``top_k`` and ``preference`` are extensions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = 1
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    user: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    preference: str | PreferenceSpec | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# ---------------------------------------------------------------- answers
+
+
+class PreferenceEcho(BaseModel):
+    """The effective preference settings of a request (extension field ``preference``).
+
+    Dump answers with ``by_alias=True`` so ``lam`` is written as ``lambda``."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    text: str
+    """The sentence that was added to the system message."""
+    method: str
+    iterations: int
+    eta: float
+    alpha: float
+    lam: float = Field(alias="lambda")
+    ratio: float
+    plausibility: float
+    coefficient: float | None
+    """The closed-form A of ``A * l_pref + (1 - A) * l_base`` (None for base and pref)."""
+
+    @classmethod
+    def from_settings(cls, sentence: str, settings: MethodSettings) -> PreferenceEcho:
+        return cls(
+            text=sentence,
+            method=settings.method.value,
+            iterations=settings.iterations,
+            eta=settings.eta,
+            alpha=settings.alpha,
+            lam=settings.lam,
+            ratio=settings.ratio,
+            plausibility=settings.plausibility,
+            coefficient=settings.coefficient,
+        )
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    base_prompt_tokens: int = 0
+    """Extension: prompt tokens of the second (base) context, on top of ``prompt_tokens``."""
+
+    @classmethod
+    def from_engine(cls, usage: Usage) -> UsageInfo:
+        return cls(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_prompt_tokens),
+            base_prompt_tokens=usage.base_prompt_tokens,
+        )
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+    @classmethod
+    def of(cls, token: str, logprob: float) -> TopLogprob:
+        return cls(token=token, logprob=max(logprob, MIN_LOGPROB), bytes=list(token.encode("utf-8")))
+
+
+class TokenLogprobInfo(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobInfo]
+
+    @classmethod
+    def from_engine(cls, items: Sequence[TokenLogprob]) -> ChoiceLogprobs:
+        content = []
+        for lp in items:
+            first = TopLogprob.of(lp.token, lp.logprob)
+            top = [TopLogprob.of(token, logprob) for _, token, logprob in lp.top]
+            content.append(TokenLogprobInfo(token=first.token, logprob=first.logprob, bytes=first.bytes, top_logprobs=top))
+        return cls(content=content)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    preference: PreferenceEcho | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: UsageInfo | None = None
+    preference: PreferenceEcho | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "amulet-serve"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

@@ -1,0 +1,149 @@
+"""What every serving endpoint does around ``engine.generate``: abort when the client leaves, and
+report the request's timings to the observer exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+
+from amulet_core.engine.protocol import EngineClient, GenerationOutput, GenerationRequest, Usage
+from server.observer import RequestObserver, RequestRecord
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its answer was complete."""
+
+
+class RequestTracker:
+    """Collects one request's timings and token counts; :meth:`finish` reports them once.
+
+    Times are ``time.monotonic()`` seconds from ``arrival`` (when the server took the request): ttft
+    runs to the first output that carries tokens; an inter-token gap is the time between two such
+    outputs as the server receives them.
+    """
+
+    def __init__(self, observer: RequestObserver, request: GenerationRequest, arrival: float | None = None) -> None:
+        self._observer = observer
+        self._method = request.method.method.value
+        self._prompt_tokens = len(request.prompt_ids)
+        self._base_prompt_tokens = len(request.base_prompt_ids or ())
+        self._start = time.monotonic() if arrival is None else arrival
+        self._first: float | None = None
+        self._last: float | None = None
+        self._gaps: list[float] = []
+        self._completion_tokens = 0
+        self._queue_s: float | None = None
+        self._usage: Usage | None = None
+        self._done = False
+
+    def on_output(self, out: GenerationOutput) -> None:
+        now = time.monotonic()
+        if out.token_ids:
+            if self._last is None:
+                self._first = now
+            else:
+                self._gaps.append(now - self._last)
+            self._last = now
+            self._completion_tokens += len(out.token_ids)
+        if out.usage is not None:
+            self._usage = out.usage
+        if out.timings is not None:
+            self._queue_s = out.timings.queue_s
+
+    def usage(self) -> Usage:
+        """The engine's final usage, or one counted here when the engine sent none."""
+        if self._usage is not None:
+            return self._usage
+        return Usage(self._prompt_tokens, self._completion_tokens, base_prompt_tokens=self._base_prompt_tokens)
+
+    def cancel(self) -> None:
+        """Never report this request (it was refused before it started)."""
+        self._done = True
+
+    def finish(self, reason: str) -> None:
+        """Report the request with this finish reason; later calls do nothing."""
+        if self._done:
+            return
+        self._done = True
+        usage = self.usage()
+        record = RequestRecord(
+            method=self._method,
+            finish_reason=reason,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            e2e_s=time.monotonic() - self._start,
+            ttft_s=None if self._first is None else self._first - self._start,
+            queue_s=self._queue_s,
+            inter_token_s=tuple(self._gaps),
+        )
+        try:
+            self._observer.request_finished(record)
+        except Exception:  # an observer must never break a request
+            logger.exception("Request observer failed")
+
+
+async def _wait_for_disconnect(raw_request: Request) -> None:
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _next(outputs: AsyncIterator[GenerationOutput]) -> Any:
+    # A task cannot carry StopAsyncIteration well; turn the end into a sentinel.
+    try:
+        return await outputs.__anext__()
+    except StopAsyncIteration:
+        return _END
+
+
+async def _close(outputs: Any) -> None:
+    aclose = getattr(outputs, "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await aclose()
+    except Exception:
+        logger.exception("Closing the engine's output stream failed")
+
+
+async def iterate_until_disconnect(
+    engine: EngineClient, request: GenerationRequest, raw_request: Request, tracker: RequestTracker
+) -> AsyncIterator[GenerationOutput]:
+    """The engine's outputs up to the finished one; raises ClientDisconnected as soon as the client
+    leaves. However it ends (done, disconnect, cancellation, error), the engine's iterator is closed,
+    which aborts the request there and frees its KV."""
+    outputs = engine.generate(request)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(raw_request))
+    step: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            if watcher.done():
+                raise ClientDisconnected
+            step = asyncio.ensure_future(_next(outputs))
+            await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                raise ClientDisconnected
+            out = step.result()
+            if out is _END:
+                return
+            tracker.on_output(out)
+            yield out
+            if out.finished:
+                return
+    finally:
+        watcher.cancel()
+        if step is not None and not step.done():
+            step.cancel()
+            await asyncio.wait({step})  # let the engine's __anext__ unwind before closing the iterator
+        await _close(outputs)

@@ -1,0 +1,89 @@
+"""The CLI parses everything into the frozen configs, in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from amulet_core.engine.config import EngineConfig, ModelConfig
+from server.cli import parse_args
+from server.config import ServerConfig
+
+
+def test_defaults() -> None:
+    configs = parse_args([], environ={})
+    assert configs.model == ModelConfig()
+    assert configs.engine == EngineConfig()
+    assert configs.server == ServerConfig()
+    assert configs.server.host == "127.0.0.1" and configs.server.port == 8000
+    assert configs.server.api_key is None and configs.server.cors_origins == ()
+
+
+def test_every_option() -> None:
+    configs = parse_args(
+        [
+            "--model",
+            "/models/qwen",
+            "--served-model-name",
+            "qwen",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "9001",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--max-num-seqs",
+            "8",
+            "--max-model-len",
+            "1024",
+            "--max-queue",
+            "5",
+            "--api-key",
+            "k1",
+            "--cors-origins",
+            "https://a.example, https://b.example",
+            "--log-level",
+            "debug",
+            "--max-body-bytes",
+            "1000",
+            "--drain-timeout",
+            "2.5",
+            "--default-system-prompt",
+            "Be helpful.",
+        ],
+        environ={"AMULET_API_KEY": "from-env"},
+    )
+    assert configs.model == ModelConfig(model="/models/qwen", device="cpu", dtype="float32")
+    assert configs.engine == EngineConfig(max_num_seqs=8, max_model_len=1024, max_queue=5, default_system_prompt="Be helpful.")
+    assert configs.server == ServerConfig(
+        host="0.0.0.0",
+        port=9001,
+        api_key="k1",
+        cors_origins=("https://a.example", "https://b.example"),
+        served_model_name="qwen",
+        log_level="debug",
+        max_body_bytes=1000,
+        drain_timeout_s=2.5,
+        default_system_prompt="Be helpful.",
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        configs.server.port = 1  # type: ignore[misc]
+
+
+def test_api_key_from_the_environment() -> None:
+    assert parse_args([], environ={"AMULET_API_KEY": "sk-env"}).server.api_key == "sk-env"
+    assert parse_args([], environ={"AMULET_API_KEY": ""}).server.api_key is None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--max-model-len", "4"], ["--port", "70000"], ["--dtype", "int3"], ["--max-body-bytes", "0"], ["--port", "x"]],
+)
+def test_bad_values_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(argv, environ={})
+    assert exited.value.code == 2
+    assert "usage:" in capsys.readouterr().err
