@@ -2,7 +2,7 @@
 
 The examples address ``http://localhost:8000``; the test points them at a server on a free port
 (over the fake engine) and runs each bash block with the real ``curl``. Set ``AMULET_README`` to
-check another file (e.g. server/README_API.md, the section's source).
+check another file.
 """
 
 from __future__ import annotations
