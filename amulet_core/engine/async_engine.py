@@ -74,6 +74,8 @@ class AsyncEngine:
         self._load_error: BaseException | None = None
         self._accepting = True
         self._stats = EngineStats()
+        self._unseen_adds = 0
+        """Requests handed to the worker that its last stats snapshot does not count yet."""
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle ----------------------------------------------------------------
@@ -141,12 +143,13 @@ class AsyncEngine:
         validate_request(request, self.max_model_len)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
-            waiting = len(self._streams) - self._stats.running_requests
+            waiting = self._unseen_adds + self._stats.waiting_requests
             if waiting >= self.engine_config.max_queue:
                 raise EngineOverloadedError("The server is at capacity; retry shortly.")
             if request.request_id in self._streams:
                 raise ValueError(f"duplicate request id {request.request_id!r}")
             self._streams[request.request_id] = stream
+            self._unseen_adds += 1
         self._inbox.put(_Add(request))
         finished = False
         try:
@@ -178,11 +181,13 @@ class AsyncEngine:
             except queue.Empty:
                 message = _Empty
             stop = False
+            adds = 0
             outputs: list[GenerationOutput] = []
             while message is not _Empty:
                 if message is None:
                     stop = True
                 else:
+                    adds += isinstance(message, _Add)
                     outputs.extend(self._handle(engine, message))
                 try:
                     message = self._inbox.get_nowait()
@@ -195,7 +200,9 @@ class AsyncEngine:
                 return
             if engine.has_work():
                 outputs.extend(self._step(engine))
-            self._stats = engine.stats()
+            with self._lock:
+                self._stats = engine.stats()
+                self._unseen_adds -= adds
             self._deliver(outputs)
 
     def _handle(self, engine: LLMEngine, message: _Add | _Abort) -> list[GenerationOutput]:

@@ -25,7 +25,8 @@ class EngineConfig:
 
     * ``max_num_seqs``: sequences decoded together; an amulet or la request holds two.
     * ``max_model_len``: longest context (prompt + generated tokens) of one sequence.
-    * ``max_queue``: requests that may wait for admission; more get an overload error.
+    * ``max_queue``: requests that may wait for admission (those that arrived since the last
+      step count as waiting); more get an overload error.
     * ``kv_cache_tokens``: KV budget in tokens (all sequences together); None sizes it from
       ``kv_cache_memory_gib``.
     * ``max_num_batched_tokens``: tokens per forward pass; longer prompts are prefilled in chunks.
