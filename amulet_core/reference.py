@@ -14,9 +14,12 @@ from amulet_core.methods import Method, MethodSettings, amulet_iterative, combin
 
 
 @torch.inference_mode()
-def _last_logits(model: torch.nn.Module, ids: Sequence[int]) -> torch.Tensor:
+def _last_logits(model: torch.nn.Module, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+    """Next-token logits by a full forward pass. ``all_logits`` computes the logits of every
+    position, as a plain ``model(input_ids).logits[:, -1]`` (the paper's code) does."""
     device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False, logits_to_keep=1)
+    keep = 0 if all_logits else 1
+    out = model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False, logits_to_keep=keep)
     return out.logits[0, -1].float()
 
 
@@ -26,14 +29,15 @@ def next_token_logprobs(
     base_prompt_ids: Sequence[int] | None,
     settings: MethodSettings,
     closed_form: bool = False,
+    all_logits: bool = False,
 ) -> torch.Tensor:
     """Log-probabilities of the next token under the method, by full recompute of each context."""
-    z_pref = _last_logits(model, prompt_ids)
+    z_pref = _last_logits(model, prompt_ids, all_logits)
     if settings.method in (Method.BASE, Method.PREF):
         return torch.log_softmax(z_pref, dim=-1)
     if base_prompt_ids is None:
         raise ValueError(f"method {settings.method.value} needs the base context")
-    z_base = _last_logits(model, base_prompt_ids)
+    z_base = _last_logits(model, base_prompt_ids, all_logits)
     if closed_form:
         return combine_contexts(z_pref.unsqueeze(0), z_base.unsqueeze(0), [settings.coefficient])[0]
     if settings.method is Method.LA:
@@ -49,6 +53,7 @@ def reference_generate(
     max_new_tokens: int,
     stop_ids: Iterable[int] = (),
     closed_form: bool = False,
+    all_logits: bool = False,
 ) -> list[int]:
     """Greedy decoding, one full recompute per context per token. Returns the new token ids."""
     stop = set(stop_ids)
@@ -56,7 +61,7 @@ def reference_generate(
     base = list(base_prompt_ids) if base_prompt_ids is not None else None
     out: list[int] = []
     for _ in range(max_new_tokens):
-        token = int(next_token_logprobs(model, pref, base, settings, closed_form).argmax())
+        token = int(next_token_logprobs(model, pref, base, settings, closed_form, all_logits).argmax())
         out.append(token)
         if token in stop:
             break

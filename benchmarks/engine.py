@@ -4,8 +4,9 @@ In one run on one model (default: the embedded SmolLM2-135M), greedy, ``--new-to
 each (EOS ignored so every run decodes the same count):
 
 * transformers ``generate``, plain greedy, in the engine's dtype;
-* the paper-style loop: full recompute of both contexts every token, two separate passes,
-  the iterative game on the full vocabulary (``amulet_core.reference``);
+* the paper-style loop: full recompute of both contexts every token (logits of every position,
+  as ``model(input_ids).logits[:, -1]`` computes them), two separate passes, the iterative game
+  on the full vocabulary (``amulet_core.reference``);
 * the engine, one stream: ``amulet`` and ``base``;
 * the engine, aggregate over 1, 4, 8 and 16 concurrent ``amulet`` streams;
 * time to first token of an ``amulet`` request with a ~1,000-token system prompt, without and
@@ -82,7 +83,7 @@ def bench_generate(loaded: LoadedModel, prompt: tuple[int, ...], new_tokens: int
 
 def bench_paper_loop(loaded: LoadedModel, pref: tuple[int, ...], base: tuple[int, ...], new_tokens: int) -> float:
     start = time.perf_counter()
-    out = reference_generate(loaded.model, pref, base, MethodSettings(), new_tokens)
+    out = reference_generate(loaded.model, pref, base, MethodSettings(), new_tokens, all_logits=True)
     return len(out) / (time.perf_counter() - start)
 
 
