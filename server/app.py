@@ -1,4 +1,4 @@
-"""The FastAPI application: thin routes over the serving classes, plus auth, body-size and CORS layers.
+"""The FastAPI application: thin routes over the serving classes, plus auth, body-size, draining and CORS layers.
 
 Everything is built inside :func:`create_app`; there is no module-level app or state.
 """
@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,12 +21,45 @@ from amulet_core.engine.protocol import EngineClient
 from amulet_core.errors import EngineNotReadyError
 from server.config import ServerConfig
 from server.errors import APIError, describe_exception, error_response, install_error_handlers
+from server.lifecycle import LifecycleMiddleware, ServerLifecycle, draining_error
 from server.observer import NullObserver, RequestObserver
-from server.protocol import ChatCompletionRequest, ModelCard, ModelList
+from server.protocol import ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
 from server.serving_chat import OpenAIServingChat
 
 PROTECTED_PREFIX = "/v1"
 """Only the API needs the key; /health, /ready, /metrics and the docs stay open (as in vLLM)."""
+
+_ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+CHAT_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
+    },
+    "responses": {
+        str(status): {"description": description, "content": _ERROR_CONTENT}
+        for status, description in (
+            (400, "Invalid request (OpenAI error object)"),
+            (401, "Missing or wrong API key"),
+            (404, "Unknown model"),
+            (413, "Request body too large"),
+            (429, "Queue full; see Retry-After"),
+            (500, "Generation failed"),
+            (503, "Model loading or server shutting down; see Retry-After"),
+        )
+    },
+}
+"""The chat route parses its body by hand (see below), so its schema is declared here for /openapi.json."""
+
+
+def _openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the request model of the hand-parsed chat route and the error object."""
+    schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ChatCompletionRequest, ErrorResponse):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+    return schema
 
 
 def create_app(
@@ -40,6 +74,15 @@ def create_app(
     chat = OpenAIServingChat(engine, model_name, config, observer or NullObserver())
     app = FastAPI(title="Amulet Serve", summary="OpenAI-compatible API with Amulet preference decoding", lifespan=lifespan)
     install_error_handlers(app, config.retry_after_s)
+    lifecycle = ServerLifecycle()
+    app.state.lifecycle = lifecycle
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _openapi_schema(app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -50,6 +93,8 @@ def create_app(
     @app.get("/health/ready")
     async def ready() -> Response:
         """Readiness: 503 until the model is loaded (and again while shutting down)."""
+        if lifecycle.draining:
+            return error_response(describe_exception(draining_error(config.retry_after_s)))
         if not engine.ready:
             not_ready = EngineNotReadyError("The model is not loaded yet.")
             return error_response(describe_exception(not_ready, config.retry_after_s))
@@ -65,7 +110,7 @@ def create_app(
             raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
         return ModelCard(id=model_name, max_model_len=engine.max_model_len).model_dump()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
     async def chat_completions(request: Request) -> Response:
         # Parsed by hand: any content type is read as JSON (curl -d sends form encoding by default),
         # and pydantic's errors go through the same 400 handler as every other invalid request.
@@ -78,6 +123,9 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_body_bytes=config.max_body_bytes)
     if config.api_key is not None:
         app.add_middleware(ApiKeyAuth, api_key=config.api_key)
+    app.add_middleware(
+        LifecycleMiddleware, lifecycle=lifecycle, refused_prefix=PROTECTED_PREFIX, retry_after_s=config.retry_after_s
+    )
     if config.cors_origins:  # added last, so outermost: preflights never need the key
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"])
     return app
