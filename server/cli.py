@@ -2,16 +2,25 @@
 
 The model loads in the engine's worker thread after the server starts listening: ``/health``
 answers at once, ``/ready`` (and every API call) answers 503 until the model is loaded.
+
+Shutdown drains (:class:`DrainingServer`): on SIGTERM (or Ctrl-C) new API calls get 503 with
+``Retry-After`` while the running requests finish, for up to ``--drain-timeout`` seconds; what
+still runs then is aborted (its stream ends with an error event) and the process exits 0.
+A second signal stops at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -22,10 +31,15 @@ from amulet_core.engine.config import EngineConfig, ModelConfig
 from amulet_core.engine.protocol import EngineStats
 from server.app import create_app
 from server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
+from server.lifecycle import ServerLifecycle
 from server.metrics import PrometheusMetrics, mount_metrics
 
 API_KEY_ENV = "AMULET_API_KEY"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+FLUSH_TIMEOUT_S = 5
+"""After draining, how long uvicorn may take to send the last bytes before it cuts connections."""
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -141,28 +155,103 @@ def engine_lifespan(engine: AsyncEngine, drain_timeout_s: float) -> Callable[[Fa
 
 
 def build_app(configs: Configs) -> FastAPI:
-    """The real engine behind the app, with Prometheus metrics at ``/metrics``."""
+    """The real engine behind the app, with Prometheus metrics at ``/metrics``.
+
+    ``app.state.engine`` is the AsyncEngine and ``app.state.lifecycle`` the draining state (for :func:`drainer`).
+    """
     name = configs.server.served_model_name or model_display_name(configs.model)
     engine: AsyncEngine | None = None
     metrics = PrometheusMetrics(name, lambda: engine.stats() if engine is not None else EngineStats())
     engine = AsyncEngine(configs.model, configs.engine, step_observer=metrics.step_observed)
     lifespan = engine_lifespan(engine, configs.server.drain_timeout_s)
     app = create_app(engine, configs.server, observer=metrics, lifespan=lifespan)
+    app.state.engine = engine
     mount_metrics(app, metrics)
     return app
+
+
+def drainer(lifecycle: ServerLifecycle, engine: AsyncEngine, drain_timeout_s: float) -> Callable[[], Awaitable[None]]:
+    """The first half of a graceful shutdown: refuse new API calls (503), let the running ones
+    finish for up to ``drain_timeout_s``, then abort the rest and stop the engine."""
+
+    async def drain() -> None:
+        lifecycle.start_draining()
+        logger.info(
+            "Draining: new requests get 503; waiting up to %.1f s for %d running request(s)",
+            drain_timeout_s,
+            lifecycle.in_flight,
+        )
+        if await lifecycle.wait_idle(drain_timeout_s):
+            logger.info("Drained: no request is running")
+        else:
+            logger.warning("Drain timeout: aborting %d request(s) still running", lifecycle.in_flight)
+        # Aborted streams end with an error event (the server is shutting down); nothing is cut mid-event.
+        await engine.shutdown(0)
+
+    return drain
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but the first SIGTERM or SIGINT drains before uvicorn stops.
+
+    On its own, uvicorn closes the listening socket as soon as the signal comes, so a request that
+    arrives during shutdown is refused at the TCP level (connection refused), and running requests
+    get only ``timeout_graceful_shutdown``. Here the first signal runs ``drain`` (see :func:`drainer`)
+    while uvicorn keeps listening, so new callers get a 503 with ``Retry-After`` they can act on;
+    then uvicorn's own shutdown runs. A second signal stops at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self.draining = False
+
+    async def serve(self, sockets: list[Any] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining:  # a second signal: stop now, skipping the wait for connections
+            self.should_exit = self.force_exit = True
+            return
+        if self._loop is None or not self.started or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True
+        logger.info("Received %s: draining before shutdown", signal.Signals(sig).name)
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._drain()
+        except Exception:
+            logger.exception("Draining failed; shutting down")
+        finally:
+            self.should_exit = True
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     configs = parse_args(argv)
     level = "DEBUG" if configs.server.log_level == "trace" else configs.server.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        build_app(configs),
+    app = build_app(configs)
+    config = uvicorn.Config(
+        app,
         host=configs.server.host,
         port=configs.server.port,
         log_level=configs.server.log_level,
-        timeout_graceful_shutdown=max(1, round(configs.server.drain_timeout_s)),
+        timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
     )
+    server = DrainingServer(config, drainer(app.state.lifecycle, app.state.engine, configs.server.drain_timeout_s))
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before the server had started
+        server.run()
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's code for a failed startup (e.g. the port is taken)
 
 
 if __name__ == "__main__":

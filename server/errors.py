@@ -91,15 +91,17 @@ def error_response(desc: ErrorDescription) -> JSONResponse:
 _UNION_TAG = re.compile(r"^(str|int|float|bool|[A-Z].*|.*[\[(].*)$")
 
 
-def _param_from_loc(loc: Sequence[Any]) -> str | None:
+def _param_from_loc(loc: Sequence[Any], keep_last: bool = False) -> str | None:
+    """The dotted param of a pydantic error location; ``keep_last`` keeps a last part that looks like a
+    union tag (an unknown key the client sent, such as "Lambda", is never a tag)."""
     parts = list(loc)
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:]
     param = ""
-    for part in parts:
+    for i, part in enumerate(parts):
         if isinstance(part, int):
             param += f"[{part}]"
-        elif not _UNION_TAG.match(str(part)):
+        elif not _UNION_TAG.match(str(part)) or (keep_last and i == len(parts) - 1):
             param += f".{part}" if param else str(part)
     return param or None
 
@@ -113,7 +115,7 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> ErrorInfo
         reason = (detail.get("ctx") or {}).get("error") or detail.get("msg", "")
         return ErrorInfo(message=f"The request body is not valid JSON: {reason}", type=INVALID_REQUEST)
     error = max(errors, key=lambda e: len(e.get("loc", ())))
-    param = _param_from_loc(error.get("loc", ()))
+    param = _param_from_loc(error.get("loc", ()), keep_last=error.get("type") == "extra_forbidden")
     if error.get("type") == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
     else:

@@ -20,6 +20,9 @@ from amulet_core.methods import MethodSettings
 MIN_LOGPROB = -9999.0
 """OpenAI's floor for logprobs (JSON has no -inf)."""
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+"""The seeds torch's generators take; outside this range a seed would fail inside the engine."""
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -95,7 +98,7 @@ class ChatCompletionRequest(_Request):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = 1

@@ -34,7 +34,7 @@ from amulet_core.errors import (
     InvalidParameterError,
     RequestFailedError,
 )
-from amulet_core.methods import Method, MethodSettings
+from amulet_core.methods import MAX_COEFFICIENT, Method, MethodSettings
 from amulet_core.prompts import preference_message_pair, preference_sentence
 from server.config import ServerConfig
 from server.errors import APIError, describe_exception, error_payload
@@ -60,6 +60,10 @@ CLIENT_CLOSED_REQUEST = 499
 """Status logged for an answer nobody is left to read (the client went away)."""
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+MIN_TEMPERATURE = 1e-5
+"""Positive temperatures below this decode greedily (as in vLLM): dividing log-probabilities by a
+vanishing temperature overflows to -inf everywhere, and the sampler fails on the NaNs that follow."""
 
 
 @dataclass(frozen=True)
@@ -90,10 +94,21 @@ def method_settings(preference: str | PreferenceSpec) -> tuple[str, MethodSettin
         return preference, MethodSettings()
     given = preference.model_dump(exclude={"text"}, exclude_none=True)
     try:
-        return preference.text, MethodSettings(**given)
+        settings = MethodSettings(**given)
     except InvalidParameterError as exc:
         param = "lambda" if exc.param == "lam" else exc.param
         raise InvalidParameterError(f"preference.{param}", exc.message) from exc
+    if settings.ratio > MAX_COEFFICIENT:
+        # la decodes from (1 + ratio) * l_pref - ratio * l_base; a larger ratio overflows to NaN.
+        raise InvalidParameterError("preference.ratio", f"'ratio' must be at most {MAX_COEFFICIENT:g}, got {settings.ratio!r}.")
+    return preference.text, settings
+
+
+def _temperature(requested: float | None) -> float:
+    """The request's temperature; default 1, and greedy (0) below MIN_TEMPERATURE."""
+    if requested is None:
+        return 1.0
+    return 0.0 if 0 < requested < MIN_TEMPERATURE else requested
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -144,7 +159,7 @@ class OpenAIServingChat:
         ids = await asyncio.to_thread(lambda: [tuple(self.engine.encode_chat(c)) for c in contexts])
         sampling = SamplingParams(
             max_tokens=self._max_tokens(body, max(len(i) for i in ids)),
-            temperature=1.0 if body.temperature is None else body.temperature,
+            temperature=_temperature(body.temperature),
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=0 if body.top_k is None or body.top_k == -1 else body.top_k,  # -1 means off in vLLM
             seed=body.seed,

@@ -1,0 +1,75 @@
+"""Graceful shutdown support: count the HTTP requests in flight, and refuse new API calls while draining.
+
+The CLI's signal handling (see ``server.cli.DrainingServer``) marks the server draining on SIGTERM:
+from then on every new ``/v1`` call is answered 503 with ``Retry-After`` (and ``Connection: close``)
+and ``/ready`` answers 503, while the requests already running finish; the CLI waits for
+:meth:`ServerLifecycle.wait_idle` (up to ``--drain-timeout``) before it lets uvicorn stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.errors import SERVER_ERROR, APIError, describe_exception, error_response
+
+DRAINING_CODE = "server_shutting_down"
+_POLL_S = 0.05
+
+
+class ServerLifecycle:
+    """In-flight request count and the draining flag. Used from the event loop only (no locking)."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+        self.drain_started_at: float | None = None
+
+    def start_draining(self) -> None:
+        """From now on refuse new API calls with 503; running requests go on."""
+        if not self.draining:
+            self.draining = True
+            self.drain_started_at = time.monotonic()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight, at most ``timeout_s``; True when idle."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while self.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(_POLL_S)
+        return self.in_flight == 0
+
+
+def draining_error(retry_after_s: int) -> APIError:
+    return APIError(
+        503,
+        "The server is shutting down and takes no new requests; retry later (or on another instance).",
+        type=SERVER_ERROR,
+        code=DRAINING_CODE,
+        headers={"Retry-After": str(retry_after_s), "Connection": "close"},
+    )
+
+
+class LifecycleMiddleware:
+    """Counts every HTTP request while the app serves it (a stream counts until its last byte is sent),
+    and answers 503 to new requests under ``refused_prefix`` once the server is draining."""
+
+    def __init__(self, app: ASGIApp, lifecycle: ServerLifecycle, refused_prefix: str, retry_after_s: int) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+        self.refused_prefix = refused_prefix
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.lifecycle.draining and scope["path"].startswith(self.refused_prefix):
+            await error_response(describe_exception(draining_error(self.retry_after_s)))(scope, receive, send)
+            return
+        self.lifecycle.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.lifecycle.in_flight -= 1
