@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,13 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
     return device
+
+
+def serving_cpu_threads(config: ModelConfig) -> int:
+    """Torch threads for serving on the CPU: the configured count, else all cores but one."""
+    if config.cpu_threads is not None:
+        return config.cpu_threads
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def cpu_has_native_bf16() -> bool:

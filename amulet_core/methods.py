@@ -92,7 +92,7 @@ class MethodSettings:
     def coefficient(self) -> float | None:
         """The closed-form A of ``A * l0 + (1 - A) * lb``; None for single-context methods."""
         if self.method is Method.LA:
-            return 1.0 + float(self.ratio)
+            return min(1.0 + float(self.ratio), MAX_COEFFICIENT)
         if self.method is Method.AMULET:
             return amulet_coefficient(self.iterations, self.eta, self.alpha, self.lam)
         return None

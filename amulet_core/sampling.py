@@ -70,21 +70,11 @@ def _filtered_probs(logprobs: torch.Tensor, params: SamplingParams) -> torch.Ten
     return probs
 
 
-def choose_tokens(
-    logprobs: torch.Tensor,
-    params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
-) -> list[int]:
-    """One token id per row."""
-    chosen = [0] * len(params)
-    greedy = [i for i, p in enumerate(params) if p.greedy]
-    if greedy:
-        ids = logprobs[greedy].argmax(dim=-1).tolist()
-        for i, token in zip(greedy, ids, strict=True):
-            chosen[i] = token
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        probs = _filtered_probs(logprobs[i], p)
-        chosen[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
-    return chosen
+def choose_token(logprobs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token id from one request's ``[V]`` log-probabilities."""
+    if params.greedy:
+        return int(logprobs.argmax())
+    probs = _filtered_probs(logprobs, params)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        raise ValueError("the sampling distribution is not finite (temperature too small for these logits?)")
+    return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -31,7 +31,7 @@ import torch
 from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.config import EngineConfig, ModelConfig
 from amulet_core.engine.protocol import GenerationRequest, SamplingParams
-from amulet_core.loading import LoadedModel, load_model
+from amulet_core.loading import LoadedModel, load_model, resolve_device, serving_cpu_threads
 from amulet_core.methods import Method, MethodSettings
 from amulet_core.prompts import PAPER_SYSTEM_PROMPT, preference_message_pair, render_chat
 from amulet_core.reference import reference_generate
@@ -163,13 +163,18 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder, cached id or .gguf (default: embedded SmolLM2)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--cpu-threads", type=int, default=None, help="torch threads on the CPU, for every measurement (default: the server's)"
+    )
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--paper-tokens", type=int, default=None, help="tokens for the slow paper loop (default: --new-tokens)")
     parser.add_argument("--streams", default="1,4,8,16")
     parser.add_argument("--output", default="benchmarks/results/engine.json")
     args = parser.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
-    model_config = ModelConfig(model=args.model, device=args.device, dtype=args.dtype)
+    model_config = ModelConfig(model=args.model, device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads)
+    if resolve_device(args.device).type == "cpu":  # the same threads for the baselines as for the engine
+        torch.set_num_threads(serving_cpu_threads(model_config))
     loaded = load_model(model_config)
     pref, base = contexts(loaded.tokenizer, QUESTIONS[0])
     results: dict[str, float] = {"generate": bench_generate(loaded, base, args.new_tokens)}

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="torch threads when running on the CPU (default: all cores but one, at least 1)",
+    )
+    p.add_argument(
         "--max-num-seqs",
         type=int,
         default=EngineConfig.max_num_seqs,
@@ -116,7 +122,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     origins = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip())
     try:
         return Configs(
-            model=ModelConfig(model=args.model, device=args.device, dtype=args.dtype),
+            model=ModelConfig(model=args.model, device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads),
             engine=EngineConfig(
                 max_num_seqs=args.max_num_seqs,
                 max_model_len=args.max_model_len,

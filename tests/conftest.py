@@ -67,3 +67,11 @@ def tiny_model(smollm_tokenizer) -> Callable[[str], LoadedModel]:
         return cache[family]
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_threads():
+    """An engine serving on the CPU sets torch's (process-wide) thread count; undo it per module."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from amulet_core.engine.async_engine import AsyncEngine
-from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.config import EngineConfig, ModelConfig
 from amulet_core.engine.protocol import GenerationRequest, SamplingParams
 from amulet_core.errors import EngineNotReadyError, EngineOverloadedError
 from amulet_core.methods import MethodSettings
@@ -25,7 +26,8 @@ def amulet_request(rid: str, max_tokens: int = 8) -> GenerationRequest:
 def engine(tiny_model):
     loaded = tiny_model("llama")
     config = EngineConfig(max_model_len=256, kv_cache_tokens=4096, max_num_seqs=2, max_queue=2)
-    eng = AsyncEngine(engine_config=config, loader=lambda _: loaded).start()
+    threads = ModelConfig(cpu_threads=torch.get_num_threads())  # leave the test process's threads as they are
+    eng = AsyncEngine(threads, config, loader=lambda _: loaded).start()
     eng.wait_ready(60)
     yield eng
     eng.close()

@@ -17,11 +17,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from amulet_core.engine.config import EngineConfig, ModelConfig
 from amulet_core.engine.llm_engine import LLMEngine, validate_request
 from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
 from amulet_core.errors import EngineNotReadyError, EngineOverloadedError
-from amulet_core.loading import EMBEDDED_MODEL_NAME, LoadedModel, load_model
+from amulet_core.loading import EMBEDDED_MODEL_NAME, LoadedModel, load_model, resolve_device, serving_cpu_threads
 from amulet_core.prompts import render_chat
 
 log = logging.getLogger(__name__)
@@ -166,6 +168,8 @@ class AsyncEngine:
     # ---- worker -------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            if resolve_device(self.model_config.device).type == "cpu":
+                torch.set_num_threads(serving_cpu_threads(self.model_config))
             self._engine = LLMEngine(self._loader(self.model_config), self.engine_config)
             self._stats = self._engine.stats()
         except BaseException as exc:  # reported through load_error / wait_ready

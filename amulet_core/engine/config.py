@@ -17,6 +17,14 @@ class ModelConfig:
     model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    cpu_threads: int | None = None
+    """Torch intra-op threads when serving on the CPU; None = all cores but one (at least 1), so
+    the HTTP event loop keeps a core: with every core busy in torch, a 2-core machine under load
+    ran ~5x slower (see README, "Load test")."""
+
+    def __post_init__(self) -> None:
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"ModelConfig.cpu_threads must be at least 1, got {self.cpu_threads!r}")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
 from amulet_core.engine.sequence import Sequence
 from amulet_core.errors import ContextLengthExceededError, InvalidParameterError
 from amulet_core.loading import LoadedModel
-from amulet_core.sampling import RowSpec, choose_tokens, make_generator, method_logprobs
+from amulet_core.sampling import RowSpec, choose_token, make_generator, method_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -147,18 +147,18 @@ class LLMEngine:
             row += len(state.group.seqs)
         try:
             logprobs = method_logprobs(logits, specs)
-            tokens = choose_tokens(logprobs, [s.request.sampling for s in states], [s.generator for s in states])
-        except Exception as exc:
-            log.exception("sampling failed")
-            return [self._finish(s, "error", f"Sampling failed: {type(exc).__name__}") for s in states]
+        except Exception as exc:  # the batched closed form failed: no row has a distribution
+            log.exception("method application failed")
+            return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
         outputs = []
         now = time.monotonic()
-        for i, (state, token) in enumerate(zip(states, tokens, strict=True)):
-            try:
+        for i, state in enumerate(states):
+            try:  # everything per request from here on: one bad row fails its request alone
                 if state.prefill_s is None and state.scheduled_at is not None:
                     state.prefill_s = now - state.scheduled_at
                 if self.fault_hook is not None:
                     self.fault_hook(state.request)
+                token = choose_token(logprobs[i], state.request.sampling, state.generator)
                 outputs.append(self._accept(state, token, logprobs[i]))
             except Exception as exc:
                 log.exception("request %s failed", state.request.request_id)

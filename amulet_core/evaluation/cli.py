@@ -1,0 +1,222 @@
+"""``amulet-eval``: every option parsed here, once, into the frozen EvalConfig; then the pipeline runs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from amulet_core.errors import AmuletError, InvalidParameterError
+from amulet_core.evaluation.config import (
+    ALL_METHODS,
+    BEAM_METHOD,
+    ENGINE_METHODS,
+    EvalConfig,
+    GenerationConfig,
+    HttpBackend,
+    JudgeConfig,
+    LocalBackend,
+    RewardConfig,
+    method_specs,
+)
+from amulet_core.evaluation.generate import GenerationError, SettingsMismatchError
+from amulet_core.evaluation.judge import JudgeError
+from amulet_core.evaluation.questions import QuestionSetError
+from amulet_core.evaluation.report import command_line
+from amulet_core.prompts import PAPER_SYSTEM_PROMPT, PRESETS, preference_sentence
+
+API_KEY_ENV = "AMULET_API_KEY"
+JUDGE_API_KEY_ENV = "AMULET_JUDGE_API_KEY"
+DEFAULT_OUT = "eval_runs/default"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="amulet-eval",
+        description="Run a question set through the decoding methods under each preference, score the answers "
+        "(proxy metrics, optionally a reward model and an LLM judge), compare the methods and write a report. "
+        "Resumable: a rerun with the same --out skips the answers already generated.",
+    )
+    g = p.add_argument_group("questions and output")
+    g.add_argument("--questions", type=Path, default=None, help="JSON list of {index, question} (default: the demo set)")
+    g.add_argument("--limit", type=int, default=None, help="use only the first N questions")
+    g.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output folder (default: %(default)s)")
+    g = p.add_argument_group("what to compare")
+    g.add_argument(
+        "--preferences",
+        nargs="+",
+        default=list(PRESETS),
+        metavar="PREF",
+        help="preset names or free text (quote it) (default: the 8 presets)",
+    )
+    g.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(ENGINE_METHODS),
+        choices=ALL_METHODS,
+        metavar="METHOD",
+        help=f"any of {', '.join(ALL_METHODS)}; {BEAM_METHOD} is the paper's 16-beam search on the pref context, "
+        "in-process only (default: %(default)s)",
+    )
+    g.add_argument(
+        "--plausibility",
+        default="0",
+        metavar="BETA[,BETA...]",
+        help="plausibility mask for amulet, in [0, 1); several values give one amulet column each, "
+        "labelled amulet-pBETA (default: 0, off)",
+    )
+    g = p.add_argument_group("decoding (the paper's defaults)")
+    g.add_argument("--max-tokens", type=int, default=128, help="new tokens per answer (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed when temperature > 0 (default: %(default)s)")
+    g.add_argument("--system-prompt", default=PAPER_SYSTEM_PROMPT, help="system prompt (default: the paper's)")
+    g.add_argument("--no-system-prompt", action="store_true", help="no system prompt")
+    g.add_argument("--concurrency", type=int, default=8, help="answers generated at once (default: %(default)s)")
+    g = p.add_argument_group("in-process engine (default)")
+    g.add_argument("--model", default=None, help="HF model folder or cached id, or .gguf (default: embedded SmolLM2-135M)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    g.add_argument("--max-model-len", type=int, default=2048, help="longest prompt plus answer (default: %(default)s)")
+    g = p.add_argument_group("running server instead")
+    g.add_argument("--base-url", default=None, help="OpenAI API of a running Amulet Serve, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--model-name", default=None, help="model name to send (default: the first of GET /models)")
+    g.add_argument("--api-key", default=None, help=f"bearer key for --base-url (default: ${API_KEY_ENV})")
+    g.add_argument("--timeout", type=float, default=600.0, help="seconds per HTTP call (default: %(default)s)")
+    g = p.add_argument_group("reward model (optional)")
+    g.add_argument("--reward-model", type=Path, default=None, help="local HF sequence-classification reward model folder")
+    g.add_argument("--reward-device", default="auto")
+    g.add_argument("--reward-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    g.add_argument("--reward-trust-remote-code", action="store_true", help="allow the folder's own model code (ArmoRM)")
+    g.add_argument("--reward-max-length", type=int, default=4096, help="tokens kept per scored input")
+    g = p.add_argument_group("pairwise LLM judge (optional)")
+    g.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint of the judge (ends in /v1)")
+    g.add_argument("--judge-model", default=None, help="judge model name (default: the first of GET /models)")
+    g.add_argument("--judge-api-key", default=None, help=f"bearer key for the judge (default: ${JUDGE_API_KEY_ENV})")
+    g.add_argument("--judge-all-pairs", action="store_true", help="judge every pair of methods, not only each against base")
+    g.add_argument("--judge-seed", type=int, default=0, help="seed of the answer order shown to the judge")
+    g.add_argument("--judge-max-tokens", type=int, default=16, help="tokens of the judge's reply (default: %(default)s)")
+    g.add_argument("--judge-concurrency", type=int, default=4)
+    g = p.add_argument_group("report")
+    g.add_argument("--bt-alpha", type=float, default=0.01, help="Bradley-Terry L2 regularization (default: %(default)s)")
+    g.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def _unique(values: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(values))
+
+
+def _preference(text: str) -> str:
+    preference_sentence(text)  # validates (non-empty, not too long)
+    stripped = text.strip()
+    return stripped.lower() if stripped.lower() in PRESETS else stripped
+
+
+def _plausibilities(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InvalidParameterError("plausibility", f"--plausibility takes numbers in [0, 1), got {text!r}.") from None
+    if not values:
+        raise InvalidParameterError("plausibility", "--plausibility needs at least one value.")
+    return tuple(dict.fromkeys(values))
+
+
+def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> EvalConfig:
+    """The whole configuration; exits with a usage error on bad values."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env = os.environ if environ is None else environ
+    for name in ("limit", "max_tokens", "concurrency", "max_model_len", "judge_max_tokens", "judge_concurrency"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+    if args.base_url is not None and BEAM_METHOD in args.methods:
+        parser.error(f"{BEAM_METHOD} runs in-process only (transformers beam search); drop it or drop --base-url.")
+    if args.base_url is not None and args.model is not None:
+        parser.error("--model loads a model in-process; with --base-url name the served model with --model-name.")
+    if args.bt_alpha <= 0:
+        parser.error("--bt-alpha must be greater than 0.")
+    try:
+        preferences = _unique([_preference(p) for p in args.preferences])
+        methods = method_specs(_unique(args.methods), _plausibilities(args.plausibility))
+        generation = GenerationConfig(
+            methods=methods,
+            preferences=preferences,
+            system_prompt="" if args.no_system_prompt else args.system_prompt,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            concurrency=args.concurrency,
+        )
+    except InvalidParameterError as exc:
+        parser.error(exc.message)
+    if not 0 <= args.temperature <= 100:
+        parser.error(f"--temperature must be from 0 to 100, got {args.temperature}.")
+    backend: LocalBackend | HttpBackend
+    if args.base_url is not None:
+        api_key = args.api_key if args.api_key is not None else env.get(API_KEY_ENV) or None
+        backend = HttpBackend(args.base_url, args.model_name, api_key, args.timeout)
+    else:
+        backend = LocalBackend(args.model, args.device, args.dtype, args.max_model_len)
+    reward = None
+    if args.reward_model is not None:
+        reward = RewardConfig(
+            args.reward_model, args.reward_device, args.reward_dtype, args.reward_trust_remote_code, args.reward_max_length
+        )
+    judge = None
+    if args.judge_base_url is not None:
+        key = args.judge_api_key if args.judge_api_key is not None else env.get(JUDGE_API_KEY_ENV) or None
+        judge = JudgeConfig(
+            args.judge_base_url,
+            args.judge_model,
+            key,
+            args.judge_seed,
+            args.judge_all_pairs,
+            args.judge_max_tokens,
+            args.judge_concurrency,
+            args.timeout,
+        )
+    return EvalConfig(
+        questions_path=args.questions,
+        limit=args.limit,
+        out_dir=args.out,
+        generation=generation,
+        backend=backend,
+        reward=reward,
+        judge=judge,
+        bt_regularization=args.bt_alpha,
+        charts=not args.no_charts,
+        progress=not args.no_progress,
+        command=command_line(sys.argv[1:] if argv is None else argv),
+        log_level=args.log_level,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from amulet_core.evaluation.pipeline import run_eval
+
+    try:
+        outcome = run_eval(config)
+    except KeyboardInterrupt:
+        print(f"\namulet-eval: interrupted; every answer finished so far is kept in {config.out_dir}.", file=sys.stderr)
+        return 130
+    except (QuestionSetError, SettingsMismatchError, GenerationError, JudgeError, AmuletError) as exc:
+        print(f"amulet-eval: error: {exc}", file=sys.stderr)
+        return 2
+    summary = outcome.generation
+    print(f"answers: {summary.generated} generated now, {summary.reused} reused from {config.out_dir}")
+    for name, path in outcome.files.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

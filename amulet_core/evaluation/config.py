@@ -1,0 +1,152 @@
+"""The evaluation's settings: frozen dataclasses, built in one place (the CLI) and validated there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from amulet_core.methods import Method, MethodSettings
+from amulet_core.prompts import PAPER_SYSTEM_PROMPT
+
+BEAM_METHOD = "beam16"
+"""The paper's beam-search baseline: beam search (16 beams) on the pref context, in-process only."""
+BEAM_WIDTH = 16
+ENGINE_METHODS: tuple[str, ...] = tuple(m.value for m in Method)
+ALL_METHODS: tuple[str, ...] = (*ENGINE_METHODS, BEAM_METHOD)
+BASELINE = Method.BASE.value
+
+
+def plausibility_label(beta: float) -> str:
+    """Label of amulet run with a plausibility mask: ``amulet`` for 0, else e.g. ``amulet-p0.1``."""
+    return Method.AMULET.value if beta == 0 else f"{Method.AMULET.value}-p{beta:g}"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One column of the evaluation: its label, how it decodes, and its engine settings (None for beam16)."""
+
+    label: str
+    kind: str
+    """An engine method value (base, pref, la, amulet) or ``beam16``."""
+    settings: MethodSettings | None = None
+
+    @property
+    def engine_settings(self) -> MethodSettings:
+        if self.settings is None:
+            raise ValueError(f"method {self.label!r} does not run on the engine")
+        return self.settings
+
+    def describe(self) -> dict[str, object]:
+        """The settings that define this method's answers (stored with each row)."""
+        if self.settings is None:
+            return {"kind": self.kind, "num_beams": BEAM_WIDTH}
+        s = self.settings
+        out: dict[str, object] = {"kind": self.kind}
+        if s.method is Method.LA:
+            out["ratio"] = s.ratio
+        if s.method is Method.AMULET:
+            out.update(iterations=s.iterations, eta=s.eta, alpha=s.alpha, lam=s.lam, plausibility=s.plausibility)
+        return out
+
+
+def method_specs(methods: tuple[str, ...], plausibilities: tuple[float, ...]) -> tuple[MethodSpec, ...]:
+    """The columns for the chosen methods; amulet gets one column per plausibility value."""
+    specs: list[MethodSpec] = []
+    for name in methods:
+        if name == BEAM_METHOD:
+            specs.append(MethodSpec(BEAM_METHOD, BEAM_METHOD))
+        elif name == Method.AMULET.value:
+            for beta in plausibilities:
+                settings = MethodSettings(method=Method.AMULET, plausibility=beta)
+                specs.append(MethodSpec(plausibility_label(beta), name, settings))
+        else:
+            specs.append(MethodSpec(name, name, MethodSettings(method=Method(name))))
+    return tuple(specs)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How answers are generated (the paper's defaults: its system prompt, 128 new tokens, greedy)."""
+
+    methods: tuple[MethodSpec, ...]
+    preferences: tuple[str, ...]
+    system_prompt: str = PAPER_SYSTEM_PROMPT
+    max_tokens: int = 128
+    temperature: float = 0.0
+    seed: int = 0
+    concurrency: int = 8
+
+    def identity(self, model_name: str) -> dict[str, object]:
+        """What every stored row must share with this run to be reused."""
+        return {
+            "model": model_name,
+            "system_prompt": self.system_prompt,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "seed": self.seed,
+        }
+
+
+@dataclass(frozen=True)
+class LocalBackend:
+    """The engine in this process."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int = 2048
+
+
+@dataclass(frozen=True)
+class HttpBackend:
+    """A running server's OpenAI API (``base_url`` ends in ``/v1``)."""
+
+    base_url: str
+    model: str | None = None
+    api_key: str | None = None
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """A Hugging Face sequence-classification reward model from a local folder."""
+
+    path: Path
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    max_length: int = 4096
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """A pairwise LLM judge behind an OpenAI-compatible endpoint."""
+
+    base_url: str
+    model: str | None = None
+    api_key: str | None = None
+    seed: int = 0
+    all_pairs: bool = False
+    """False: every method against base; True: every pair of methods (more Bradley-Terry data)."""
+    max_tokens: int = 16
+    concurrency: int = 4
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One ``amulet-eval`` run."""
+
+    questions_path: Path | None
+    """None: the demo set shipped with the package."""
+    limit: int | None
+    out_dir: Path
+    generation: GenerationConfig
+    backend: LocalBackend | HttpBackend
+    reward: RewardConfig | None = None
+    judge: JudgeConfig | None = None
+    bt_regularization: float = 0.01
+    charts: bool = True
+    progress: bool = True
+    command: str = ""
+    log_level: str = "warning"

@@ -1,0 +1,127 @@
+"""One evaluation run, end to end: questions -> answers (resumable) -> scores -> comparisons -> report."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from amulet_core.evaluation.config import BASELINE, EvalConfig, HttpBackend
+from amulet_core.evaluation.generate import GenerationSummary, Runner, run_generation
+from amulet_core.evaluation.judge import run_judge
+from amulet_core.evaluation.questions import DEMO_NAME, load_questions
+from amulet_core.evaluation.report import write_report
+from amulet_core.evaluation.results import judge_results, score_results
+from amulet_core.evaluation.scoring import length_score_set, proxy_metrics, proxy_score_set, reward_score_set
+from amulet_core.prompts import PAPER_SYSTEM_PROMPT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    generation: GenerationSummary
+    results: dict[str, Any]
+    files: dict[str, Path]
+
+
+def make_runner(config: EvalConfig) -> Runner:
+    if isinstance(config.backend, HttpBackend):
+        from amulet_core.evaluation.runner_http import HttpRunner
+
+        return HttpRunner(config.backend, config.generation)
+    from amulet_core.evaluation.runner_local import LocalRunner
+
+    return LocalRunner(config.backend, config.generation)
+
+
+def _decoding(config: EvalConfig) -> str:
+    gen = config.generation
+    if gen.system_prompt == PAPER_SYSTEM_PROMPT:
+        prompt = "the paper's system prompt"
+    else:
+        prompt = "a custom system prompt" if gen.system_prompt else "no system prompt"
+    sampling = "greedy" if gen.temperature == 0 else f"temperature {gen.temperature:g}, seed {gen.seed}"
+    return f"{prompt}, up to {gen.max_tokens} new tokens, {sampling}"
+
+
+def ended_before_limit(rows: dict[Any, dict[str, Any]], prefs: list[str], methods: list[str]) -> dict[str, dict[str, float]]:
+    """Per preference and method, the share of answers that ended (EOS or stop) before the token limit."""
+    out: dict[str, dict[str, float]] = {}
+    for pref in prefs:
+        for method in methods:
+            cell = [r for (_, p, m), r in rows.items() if p == pref and m == method]
+            if cell:
+                out.setdefault(pref, {})[method] = sum(r.get("finish_reason") == "stop" for r in cell) / len(cell)
+    return out
+
+
+def run_eval(config: EvalConfig, runner: Runner | None = None) -> EvalOutcome:
+    gen = config.generation
+    questions = load_questions(config.questions_path, config.limit)
+    runner = runner or make_runner(config)
+    summary = run_generation(config.out_dir, questions, gen, runner, config.progress)
+    rows = summary.rows
+    methods = [m.label for m in gen.methods]
+    prefs = list(gen.preferences)
+    alpha = config.bt_regularization
+    model = next(iter(rows.values()))["run"]["model"] if rows else "?"
+
+    metrics = proxy_metrics(rows)
+    scorers: dict[str, Any] = {
+        "words": score_results(length_score_set(metrics), prefs, methods, BASELINE, alpha, compare=False),
+        "proxy": score_results(proxy_score_set(rows, metrics), prefs, methods, BASELINE, alpha),
+    }
+    reward_values: dict[Any, float] = {}
+    if config.reward is not None:
+        from amulet_core.evaluation.reward_model import RewardModel
+
+        reward_set = reward_score_set(rows, RewardModel.load(config.reward), config.progress)
+        reward_values = reward_set.values
+        scorers["reward"] = score_results(reward_set, prefs, methods, BASELINE, alpha)
+    judgments: list[dict[str, Any]] = []
+    if config.judge is not None:
+        judgments = run_judge(config.judge, rows, methods, config.out_dir, config.progress)
+        label = f"LLM judge ({judgments[0]['judge_model'] if judgments else config.judge.model or 'endpoint model'})"
+        scorers["judge"] = judge_results(judgments, prefs, methods, BASELINE, alpha, label)
+
+    backend = f"HTTP {config.backend.base_url}" if isinstance(config.backend, HttpBackend) else "in-process engine"
+    results = {
+        "run": {
+            "model": model,
+            "backend": backend,
+            "questions": len(questions),
+            "question_source": str(config.questions_path) if config.questions_path else f"the demo set ({DEMO_NAME})",
+            "preferences": prefs,
+            "methods": methods,
+            "method_settings": {m.label: m.describe() for m in gen.methods},
+            "baseline": BASELINE,
+            "decoding": _decoding(config),
+            "system_prompt": gen.system_prompt,
+            "max_tokens": gen.max_tokens,
+            "temperature": gen.temperature,
+            "seed": gen.seed,
+            "bt_regularization": alpha,
+            "command": config.command,
+            "generated_now": summary.generated,
+            "reused": summary.reused,
+        },
+        "scorers": scorers,
+        "ended_before_limit": ended_before_limit(rows, prefs, methods),
+        "rows": [
+            {
+                "index": k[0],
+                "preference": k[1],
+                "method": k[2],
+                "completion_tokens": row.get("completion_tokens"),
+                "finish_reason": row.get("finish_reason"),
+                **metrics[k],
+                **({"reward": reward_values[k]} if k in reward_values else {}),
+            }
+            for k, row in sorted(rows.items())
+        ],
+        "judgments": judgments,
+    }
+    files = write_report(results, config.out_dir, config.charts)
+    return EvalOutcome(summary, results, files)
