@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     g.add_argument("--max-model-len", type=int, default=2048, help="longest prompt plus answer (default: %(default)s)")
+    g.add_argument("--cpu-threads", type=int, default=None, help="torch threads on the CPU (default: every core)")
     g = p.add_argument_group("running server instead")
     g.add_argument("--base-url", default=None, help="OpenAI API of a running Amulet Serve, e.g. http://127.0.0.1:8000/v1")
     g.add_argument("--model-name", default=None, help="model name to send (default: the first of GET /models)")
@@ -132,7 +133,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     parser = build_parser()
     args = parser.parse_args(argv)
     env = os.environ if environ is None else environ
-    for name in ("limit", "max_tokens", "concurrency", "max_model_len", "judge_max_tokens", "judge_concurrency"):
+    for name in ("limit", "max_tokens", "concurrency", "max_model_len", "cpu_threads", "judge_max_tokens", "judge_concurrency"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
@@ -163,7 +164,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         api_key = args.api_key if args.api_key is not None else env.get(API_KEY_ENV) or None
         backend = HttpBackend(args.base_url, args.model_name, api_key, args.timeout)
     else:
-        backend = LocalBackend(args.model, args.device, args.dtype, args.max_model_len)
+        backend = LocalBackend(args.model, args.device, args.dtype, args.max_model_len, args.cpu_threads)
     reward = None
     if args.reward_model is not None:
         reward = RewardConfig(

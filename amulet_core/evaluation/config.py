@@ -95,6 +95,8 @@ class LocalBackend:
     device: str = "auto"
     dtype: str = "auto"
     max_model_len: int = 2048
+    cpu_threads: int | None = None
+    """Torch threads on the CPU; None = every core (unlike the server, there is no event loop to keep a core for)."""
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -71,7 +72,8 @@ class LocalRunner:
     ) -> None:
         self.backend = backend
         self.generation = generation
-        self.model_config = ModelConfig(model=backend.model, device=backend.device, dtype=backend.dtype)
+        threads = backend.cpu_threads or os.cpu_count() or 1
+        self.model_config = ModelConfig(model=backend.model, device=backend.device, dtype=backend.dtype, cpu_threads=threads)
         self._loader = loader
         self._engine: AsyncEngine | None = None
 
