@@ -96,7 +96,9 @@ def create_app(
         if lifecycle.draining:
             return error_response(describe_exception(draining_error(config.retry_after_s)))
         if not engine.ready:
-            not_ready = EngineNotReadyError("The model is not loaded yet.")
+            failed = engine.load_error
+            message = f"The model failed to load: {failed}" if failed is not None else "The model is not loaded yet."
+            not_ready = EngineNotReadyError(message)
             return error_response(describe_exception(not_ready, config.retry_after_s))
         return JSONResponse({"status": "ready", "model": model_name})
 

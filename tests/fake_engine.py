@@ -64,6 +64,7 @@ class FakeEngine:
 
     def reset(self) -> None:
         self._ready = True
+        self.load_error: BaseException | None = None
         self.overloaded = False
         self.requests: list[GenerationRequest] = []
         self.aborted: list[str] = []

@@ -138,6 +138,10 @@ def test_not_ready_is_503_with_retry_after(server: LiveServer, fake: FakeEngine)
     assert error_of(ready, 503)["code"] == "engine_not_ready"
     assert httpx.get(f"{server.url}/health/ready").status_code == 503
     assert httpx.get(f"{server.url}/health").status_code == 200
+    fake.load_error = ValueError("no such model file")
+    failed = httpx.get(f"{server.url}/ready")
+    assert "failed to load: no such model file" in error_of(failed, 503)["message"]
+    fake.load_error = None
     fake.ready = True
     assert httpx.get(f"{server.url}/ready").status_code == 200
     assert httpx.get(f"{server.url}/health/ready").status_code == 200

@@ -129,10 +129,6 @@ class AsyncEngine:
             self._thread = None
 
     # ---- client API ---------------------------------------------------------------
-    @property
-    def tokenizer(self) -> Any:
-        return self.engine.tokenizer
-
     def encode_chat(self, messages: Sequence[dict[str, Any]]) -> tuple[int, ...]:
         return tuple(render_chat(self.engine.tokenizer, messages))
 

@@ -166,6 +166,11 @@ class EngineClient(Protocol):
     @property
     def ready(self) -> bool: ...
 
+    @property
+    def load_error(self) -> BaseException | None:
+        """Why the model failed to load, or None (still loading, or loaded)."""
+        ...
+
     def encode_chat(self, messages: Sequence[dict[str, Any]]) -> tuple[int, ...]:
         """Token ids of a conversation through the model's chat template (generation prompt added)."""
         ...
