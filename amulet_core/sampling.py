@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from amulet_core.engine.protocol import SamplingParams
 from amulet_core.methods import MethodSettings, combine_contexts, plausibility_mask
+from amulet_core.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

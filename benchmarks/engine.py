@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 
 from amulet_core.engine.async_engine import AsyncEngine
-from amulet_core.engine.config import EngineConfig, ModelConfig
-from amulet_core.engine.protocol import GenerationRequest, SamplingParams
-from amulet_core.loading import LoadedModel, load_model, resolve_device, serving_cpu_threads
+from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.protocol import GenerationRequest
+from amulet_core.loading import LoadedModel, ModelConfig, load_model, resolve_device, serving_cpu_threads
 from amulet_core.methods import Method, MethodSettings
 from amulet_core.prompts import PAPER_SYSTEM_PROMPT, preference_message_pair, render_chat
 from amulet_core.reference import reference_generate
+from amulet_core.sampling_params import SamplingParams
 
 QUESTIONS = [
     "Write a story about a lighthouse keeper.",

@@ -26,9 +26,10 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from amulet_core.engine.async_engine import AsyncEngine, model_display_name
-from amulet_core.engine.config import EngineConfig, ModelConfig
+from amulet_core.engine.async_engine import AsyncEngine
+from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import EngineStats
+from amulet_core.loading import ModelConfig, model_display_name
 from server.app import create_app
 from server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
 from server.lifecycle import ServerLifecycle
@@ -127,7 +128,6 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
                 max_num_seqs=args.max_num_seqs,
                 max_model_len=args.max_model_len,
                 max_queue=args.max_queue,
-                default_system_prompt=args.default_system_prompt,
             ),
             server=ServerConfig(
                 host=args.host,

@@ -26,8 +26,7 @@ class ServerConfig:
     retry_after_s: int = 1
     """Value of the Retry-After header on 429 (queue full) and 503 (not ready) answers."""
     default_system_prompt: str = ""
-    """System prompt given to conversations that have none when a preference is applied;
-    must equal the engine's ``EngineConfig.default_system_prompt`` (the CLI sets both)."""
+    """System prompt given to conversations that have none when a preference is applied."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -19,13 +19,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from amulet_core.engine.protocol import (
-    EngineClient,
-    GenerationOutput,
-    GenerationRequest,
-    SamplingParams,
-    TokenLogprob,
-)
+from amulet_core.engine.protocol import EngineClient, GenerationOutput, GenerationRequest, TokenLogprob
 from amulet_core.errors import (
     AmuletError,
     ContextLengthExceededError,
@@ -36,6 +30,7 @@ from amulet_core.errors import (
 )
 from amulet_core.methods import MAX_COEFFICIENT, Method, MethodSettings
 from amulet_core.prompts import preference_message_pair, preference_sentence
+from amulet_core.sampling_params import SamplingParams
 from server.config import ServerConfig
 from server.errors import APIError, describe_exception, error_payload
 from server.observer import RequestObserver

@@ -7,8 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from amulet_core.engine.config import ModelConfig
-from amulet_core.loading import LoadedModel, embedded_model_file, load_model
+from amulet_core.loading import LoadedModel, ModelConfig, embedded_model_file, load_model
 
 
 @pytest.fixture(scope="session")

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from amulet_core.evaluation.cli import parse_args
-from amulet_core.evaluation.config import HttpBackend, LocalBackend
-from amulet_core.evaluation.judge import Pair, _verdict_row, judge_pairs, parse_verdict
-from amulet_core.evaluation.questions import QuestionSetError, load_questions, parse_questions
-from amulet_core.evaluation.store import append_rows, read_rows
 from amulet_core.methods import Method
 from amulet_core.prompts import PAPER_SYSTEM_PROMPT, PRESETS
+from amulet_eval.cli import parse_args
+from amulet_eval.config import HttpBackend, LocalBackend
+from amulet_eval.judge import Pair, _verdict_row, judge_pairs, parse_verdict
+from amulet_eval.questions import QuestionSetError, load_questions, parse_questions
+from amulet_eval.store import append_rows, read_rows
 
 # ---------------------------------------------------------------- judge verdicts
 
@@ -172,7 +172,7 @@ def test_cli_refuses_bad_options(argv: list[str], capsys: pytest.CaptureFixture[
 
 
 def test_in_process_eval_uses_every_core_unless_told() -> None:
-    from amulet_core.evaluation.runner_local import LocalRunner
+    from amulet_eval.runner_local import LocalRunner
 
     config = parse_args([], environ={})
     assert LocalRunner(config.backend, config.generation).model_config.cpu_threads == (os.cpu_count() or 1)

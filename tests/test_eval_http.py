@@ -21,14 +21,14 @@ import pytest
 from conftest_server import LiveServer, live_server, wait_until
 from fake_engine import REPLY_PIECES, FakeEngine
 
-from amulet_core.evaluation.cli import main
-from amulet_core.evaluation.config import EvalConfig, GenerationConfig, HttpBackend, JudgeConfig, method_specs
-from amulet_core.evaluation.generate import conversation
-from amulet_core.evaluation.judge import JUDGMENTS_FILE, run_judge
-from amulet_core.evaluation.pipeline import run_eval
-from amulet_core.evaluation.questions import load_questions
 from amulet_core.methods import Method
 from amulet_core.prompts import PAPER_SYSTEM_PROMPT, preference_message_pair, preference_sentence
+from amulet_eval.cli import main
+from amulet_eval.config import EvalConfig, GenerationConfig, HttpBackend, JudgeConfig, method_specs
+from amulet_eval.generate import conversation
+from amulet_eval.judge import JUDGMENTS_FILE, run_judge
+from amulet_eval.pipeline import run_eval
+from amulet_eval.questions import load_questions
 from server.app import create_app
 from server.config import ServerConfig
 
@@ -179,9 +179,7 @@ def test_ctrl_c_keeps_every_finished_answer(server: LiveServer, tmp_path: Path) 
         "--out", str(out), "--no-progress", "--no-charts",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMULET_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "amulet_core.evaluation.cli", *args], stderr=subprocess.PIPE, text=True, env=env
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "amulet_eval.cli", *args], stderr=subprocess.PIPE, text=True, env=env)
     try:
         wait_until(lambda: len(complete_rows(out)) >= 2, timeout=120, what="two answers")
         proc.send_signal(signal.SIGINT)

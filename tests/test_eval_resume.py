@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from amulet_core.evaluation.config import BEAM_METHOD, GenerationConfig, method_specs
-from amulet_core.evaluation.generate import (
+from amulet_eval.config import BEAM_METHOD, GenerationConfig, method_specs
+from amulet_eval.generate import (
     GENERATIONS_FILE,
     Generated,
     Job,
     SettingsMismatchError,
     run_generation,
 )
-from amulet_core.evaluation.questions import load_questions
+from amulet_eval.questions import load_questions
 
 
 class ScriptedRunner:

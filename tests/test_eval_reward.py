@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from amulet_core.errors import ModelLoadError
-from amulet_core.evaluation.compare import outcomes_from_scores, win_rates
-from amulet_core.evaluation.config import RewardConfig
-from amulet_core.evaluation.reward_model import RewardModel, reward_messages, reward_text
-from amulet_core.evaluation.scoring import reward_score_set
+from amulet_eval.compare import outcomes_from_scores, win_rates
+from amulet_eval.config import RewardConfig
+from amulet_eval.reward_model import RewardModel, reward_messages, reward_text
+from amulet_eval.scoring import reward_score_set
 
 QUESTION = "How do I keep basil alive?"
 

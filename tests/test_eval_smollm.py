@@ -16,14 +16,14 @@ from fake_engine import FakeEngine
 from test_eval_reward import save_tiny_reward_model
 
 from amulet_core.engine.paged_attention import register_paged_attention
-from amulet_core.evaluation.cli import main
-from amulet_core.evaluation.config import GenerationConfig, LocalBackend, RewardConfig, method_specs
-from amulet_core.evaluation.generate import conversation, run_generation
-from amulet_core.evaluation.proxies import word_count
-from amulet_core.evaluation.questions import load_questions
-from amulet_core.evaluation.reward_model import RewardModel
-from amulet_core.evaluation.runner_local import LocalRunner, beam_search
 from amulet_core.prompts import preference_message_pair, render_chat
+from amulet_eval.cli import main
+from amulet_eval.config import GenerationConfig, LocalBackend, RewardConfig, method_specs
+from amulet_eval.generate import conversation, run_generation
+from amulet_eval.proxies import word_count
+from amulet_eval.questions import load_questions
+from amulet_eval.reward_model import RewardModel
+from amulet_eval.runner_local import LocalRunner, beam_search
 from server.app import create_app
 from server.config import ServerConfig
 

@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from amulet_core.evaluation import proxies
-from amulet_core.evaluation.compare import (
+from amulet_core.prompts import PRESETS
+from amulet_eval import proxies
+from amulet_eval.compare import (
     Outcome,
     WinRate,
     bradley_terry,
@@ -17,7 +18,6 @@ from amulet_core.evaluation.compare import (
     win_probability,
     win_rates,
 )
-from amulet_core.prompts import PRESETS
 
 # ---------------------------------------------------------------- proxies
 

@@ -24,8 +24,8 @@ from conftest_server import LiveServer, live_server, wait_ready
 from fake_engine import FakeEngine
 
 from amulet_core.engine.async_engine import AsyncEngine
-from amulet_core.engine.config import EngineConfig, ModelConfig
-from amulet_core.loading import LoadedModel
+from amulet_core.engine.config import EngineConfig
+from amulet_core.loading import LoadedModel, ModelConfig
 from amulet_core.methods import MAX_COEFFICIENT, MAX_ITERATIONS
 from server.app import create_app
 from server.cli import engine_lifespan

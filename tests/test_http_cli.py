@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from amulet_core.engine.config import EngineConfig, ModelConfig
+from amulet_core.engine.config import EngineConfig
+from amulet_core.loading import ModelConfig
 from server.cli import parse_args
 from server.config import ServerConfig
 
@@ -57,7 +58,7 @@ def test_every_option() -> None:
         environ={"AMULET_API_KEY": "from-env"},
     )
     assert configs.model == ModelConfig(model="/models/qwen", device="cpu", dtype="float32")
-    assert configs.engine == EngineConfig(max_num_seqs=8, max_model_len=1024, max_queue=5, default_system_prompt="Be helpful.")
+    assert configs.engine == EngineConfig(max_num_seqs=8, max_model_len=1024, max_queue=5)
     assert configs.server == ServerConfig(
         host="0.0.0.0",
         port=9001,

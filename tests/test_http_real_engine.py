@@ -23,10 +23,12 @@ import pytest
 from conftest_server import LiveServer, live_server, wait_ready, wait_until
 
 from amulet_core.engine.async_engine import AsyncEngine
-from amulet_core.engine.config import EngineConfig, ModelConfig
-from amulet_core.engine.protocol import GenerationRequest, SamplingParams
+from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.protocol import GenerationRequest
+from amulet_core.loading import ModelConfig
 from amulet_core.methods import Method, MethodSettings
 from amulet_core.prompts import preference_message_pair
+from amulet_core.sampling_params import SamplingParams
 from server.app import create_app
 from server.cli import engine_lifespan
 from server.config import ServerConfig

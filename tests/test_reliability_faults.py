@@ -27,9 +27,9 @@ from conftest_server import LiveServer, wait_ready, wait_until
 from fastapi import FastAPI
 
 from amulet_core.engine.async_engine import AsyncEngine
-from amulet_core.engine.config import EngineConfig, ModelConfig
+from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.loading import LoadedModel
+from amulet_core.loading import LoadedModel, ModelConfig
 from benchmarks.load import check_stream
 from server.app import create_app
 from server.cli import engine_lifespan

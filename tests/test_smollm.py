@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amulet_core.engine.config import EngineConfig, ModelConfig
+from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
-from amulet_core.engine.protocol import GenerationRequest, SamplingParams
+from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.errors import ModelLoadError
-from amulet_core.loading import load_model, resolve_dtype
+from amulet_core.loading import ModelConfig, load_model, resolve_dtype
 from amulet_core.methods import Method, MethodSettings
 from amulet_core.prompts import PAPER_SYSTEM_PROMPT, preference_message_pair, render_chat
 from amulet_core.reference import reference_generate
+from amulet_core.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.smollm
 
@@ -51,9 +52,7 @@ def test_base_decoding_equals_transformers_generate(smollm, engine):
             torch.tensor([prompt]), max_new_tokens=64, do_sample=False, pad_token_id=tok.eos_token_id
         )
     want = generated[0, len(prompt) :].tolist()
-    request = GenerationRequest(
-        "base", prompt, SamplingParams(max_tokens=64, temperature=0), MethodSettings(method=Method.BASE)
-    )
+    request = GenerationRequest("base", prompt, SamplingParams(max_tokens=64, temperature=0), MethodSettings(method=Method.BASE))
     assert run(engine, request) == want
 
 

@@ -14,28 +14,20 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from amulet_core.engine.config import EngineConfig, ModelConfig
+from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine, validate_request
 from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
 from amulet_core.errors import EngineNotReadyError, EngineOverloadedError
-from amulet_core.loading import EMBEDDED_MODEL_NAME, LoadedModel, load_model, resolve_device, serving_cpu_threads
+from amulet_core.loading import LoadedModel, ModelConfig, load_model, model_display_name, resolve_device, serving_cpu_threads
 from amulet_core.prompts import render_chat
 
 log = logging.getLogger(__name__)
 
 StepObserver = Callable[[float, int], None]
-
-
-def model_display_name(config: ModelConfig) -> str:
-    if config.model is None:
-        return EMBEDDED_MODEL_NAME
-    path = Path(config.model)
-    return path.stem if path.suffix == ".gguf" else path.name if path.exists() else config.model
 
 
 @dataclass(frozen=True)

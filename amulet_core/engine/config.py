@@ -1,30 +1,8 @@
-"""Engine and model configuration: frozen dataclasses, parsed in one place (the CLI)."""
+"""Engine configuration: a frozen dataclass, parsed in one place (the CLI)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Which model to load and where.
-
-    ``model`` is a Hugging Face model folder or id (resolved offline), a ``.gguf`` file, or
-    None for the embedded SmolLM2-135M-Instruct. ``dtype`` is auto, float32, bfloat16 or
-    float16; auto is bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32.
-    """
-
-    model: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    cpu_threads: int | None = None
-    """Torch intra-op threads when serving on the CPU; None = all cores but one (at least 1), so
-    the HTTP event loop keeps a core: with every core busy in torch, a 2-core machine under load
-    ran ~5x slower (see README, "Load test")."""
-
-    def __post_init__(self) -> None:
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ValueError(f"ModelConfig.cpu_threads must be at least 1, got {self.cpu_threads!r}")
 
 
 @dataclass(frozen=True)
@@ -49,7 +27,6 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     block_size: int = 16
     enable_prefix_cache: bool = True
-    default_system_prompt: str = ""
 
     def __post_init__(self) -> None:
         checks = {

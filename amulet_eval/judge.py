@@ -18,12 +18,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from amulet_core.evaluation.aio import run_pool
-from amulet_core.evaluation.config import BASELINE, JudgeConfig
-from amulet_core.evaluation.generate import Key
-from amulet_core.evaluation.openai_http import ChatClient, HttpCallError
-from amulet_core.evaluation.store import Row, append_rows, read_rows
 from amulet_core.prompts import preference_sentence
+from amulet_eval.aio import run_pool
+from amulet_eval.config import BASELINE, JudgeConfig
+from amulet_eval.generate import Key
+from amulet_eval.openai_http import ChatClient, HttpCallError
+from amulet_eval.store import Row, append_rows, read_rows
 
 JUDGMENTS_FILE = "judgments.jsonl"
 

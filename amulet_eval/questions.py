@@ -23,7 +23,7 @@ DEMO_NAME = "demo_questions.json"
 
 def demo_questions_text() -> str:
     """The small everyday question set shipped with the package (written for this project)."""
-    return resources.files("amulet_core.evaluation").joinpath("data", DEMO_NAME).read_text(encoding="utf-8")
+    return resources.files("amulet_eval").joinpath("data", DEMO_NAME).read_text(encoding="utf-8")
 
 
 def parse_questions(text: str, source: str) -> tuple[Question, ...]:

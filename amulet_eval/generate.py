@@ -14,10 +14,10 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from amulet_core.evaluation.aio import run_pool
-from amulet_core.evaluation.config import GenerationConfig, MethodSpec
-from amulet_core.evaluation.questions import Question
-from amulet_core.evaluation.store import Row, append_rows, read_rows
+from amulet_eval.aio import run_pool
+from amulet_eval.config import GenerationConfig, MethodSpec
+from amulet_eval.questions import Question
+from amulet_eval.store import Row, append_rows, read_rows
 
 GENERATIONS_FILE = "generations.jsonl"
 

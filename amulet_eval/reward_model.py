@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from amulet_core.errors import ModelLoadError
-from amulet_core.evaluation.config import RewardConfig
 from amulet_core.loading import resolve_device, resolve_dtype
 from amulet_core.prompts import preference_sentence
+from amulet_eval.config import RewardConfig
 
 log = logging.getLogger(__name__)
 

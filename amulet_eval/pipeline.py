@@ -7,14 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amulet_core.evaluation.config import BASELINE, EvalConfig, HttpBackend
-from amulet_core.evaluation.generate import GenerationSummary, Runner, run_generation
-from amulet_core.evaluation.judge import run_judge
-from amulet_core.evaluation.questions import DEMO_NAME, load_questions
-from amulet_core.evaluation.report import write_report
-from amulet_core.evaluation.results import judge_results, score_results
-from amulet_core.evaluation.scoring import length_score_set, proxy_metrics, proxy_score_set, reward_score_set
 from amulet_core.prompts import PAPER_SYSTEM_PROMPT
+from amulet_eval.config import BASELINE, EvalConfig, HttpBackend
+from amulet_eval.generate import GenerationSummary, Runner, run_generation
+from amulet_eval.judge import run_judge
+from amulet_eval.questions import DEMO_NAME, load_questions
+from amulet_eval.report import write_report
+from amulet_eval.results import judge_results, score_results
+from amulet_eval.scoring import length_score_set, proxy_metrics, proxy_score_set, reward_score_set
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,10 @@ class EvalOutcome:
 
 def make_runner(config: EvalConfig) -> Runner:
     if isinstance(config.backend, HttpBackend):
-        from amulet_core.evaluation.runner_http import HttpRunner
+        from amulet_eval.runner_http import HttpRunner
 
         return HttpRunner(config.backend, config.generation)
-    from amulet_core.evaluation.runner_local import LocalRunner
+    from amulet_eval.runner_local import LocalRunner
 
     return LocalRunner(config.backend, config.generation)
 
@@ -75,7 +75,7 @@ def run_eval(config: EvalConfig, runner: Runner | None = None) -> EvalOutcome:
     }
     reward_values: dict[Any, float] = {}
     if config.reward is not None:
-        from amulet_core.evaluation.reward_model import RewardModel
+        from amulet_eval.reward_model import RewardModel
 
         reward_set = reward_score_set(rows, RewardModel.load(config.reward), config.progress)
         reward_values = reward_set.values

@@ -10,14 +10,15 @@ from typing import Any
 
 import torch
 
-from amulet_core.engine.async_engine import AsyncEngine, model_display_name
-from amulet_core.engine.config import EngineConfig, ModelConfig
-from amulet_core.engine.protocol import GenerationRequest, SamplingParams
-from amulet_core.evaluation.config import BEAM_METHOD, BEAM_WIDTH, GenerationConfig, LocalBackend
-from amulet_core.evaluation.generate import Generated, GenerationError, Job, conversation
-from amulet_core.loading import LoadedModel, load_model
+from amulet_core.engine.async_engine import AsyncEngine
+from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.protocol import GenerationRequest
+from amulet_core.loading import LoadedModel, ModelConfig, load_model, model_display_name
 from amulet_core.methods import Method
 from amulet_core.prompts import preference_message_pair
+from amulet_core.sampling_params import SamplingParams
+from amulet_eval.config import BEAM_METHOD, BEAM_WIDTH, GenerationConfig, LocalBackend
+from amulet_eval.generate import Generated, GenerationError, Job, conversation
 
 
 def engine_config(backend: LocalBackend, concurrency: int) -> EngineConfig:

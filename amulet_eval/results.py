@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from amulet_core.evaluation.compare import (
+from amulet_eval.compare import (
     ALL,
     Outcome,
     bradley_terry_by_preference,
@@ -15,8 +15,8 @@ from amulet_core.evaluation.compare import (
     win_probability,
     win_rates,
 )
-from amulet_core.evaluation.scoring import ScoreSet
-from amulet_core.evaluation.store import Row
+from amulet_eval.scoring import ScoreSet
+from amulet_eval.store import Row
 
 
 def _ordered(data: Mapping[str, Any], order: Sequence[str]) -> dict[str, Any]:

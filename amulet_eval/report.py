@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from amulet_core.evaluation import charts
-from amulet_core.evaluation.compare import ALL
+from amulet_eval import charts
+from amulet_eval.compare import ALL
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"

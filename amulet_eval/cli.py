@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from amulet_core.errors import AmuletError, InvalidParameterError
-from amulet_core.evaluation.config import (
+from amulet_core.prompts import PAPER_SYSTEM_PROMPT, PRESETS, preference_sentence
+from amulet_eval.config import (
     ALL_METHODS,
     BEAM_METHOD,
     ENGINE_METHODS,
@@ -22,11 +23,10 @@ from amulet_core.evaluation.config import (
     RewardConfig,
     method_specs,
 )
-from amulet_core.evaluation.generate import GenerationError, SettingsMismatchError
-from amulet_core.evaluation.judge import JudgeError
-from amulet_core.evaluation.questions import QuestionSetError
-from amulet_core.evaluation.report import command_line
-from amulet_core.prompts import PAPER_SYSTEM_PROMPT, PRESETS, preference_sentence
+from amulet_eval.generate import GenerationError, SettingsMismatchError
+from amulet_eval.judge import JudgeError
+from amulet_eval.questions import QuestionSetError
+from amulet_eval.report import command_line
 
 API_KEY_ENV = "AMULET_API_KEY"
 JUDGE_API_KEY_ENV = "AMULET_JUDGE_API_KEY"
@@ -202,7 +202,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from amulet_core.evaluation.pipeline import run_eval
+    from amulet_eval.pipeline import run_eval
 
     try:
         outcome = run_eval(config)

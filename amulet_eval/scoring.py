@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from amulet_core.evaluation.compare import Key
-from amulet_core.evaluation.proxies import METRIC_INFO, Metric, ProxyScorer, matched_metric
-from amulet_core.evaluation.store import Row
+from amulet_eval.compare import Key
+from amulet_eval.proxies import METRIC_INFO, Metric, ProxyScorer, matched_metric
+from amulet_eval.store import Row
 
 PROXY = "proxy"
 REWARD = "reward"

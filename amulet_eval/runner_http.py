@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from amulet_core.evaluation.config import GenerationConfig, HttpBackend
-from amulet_core.evaluation.generate import Generated, GenerationError, Job, conversation
-from amulet_core.evaluation.openai_http import ChatClient, HttpCallError
+from amulet_eval.config import GenerationConfig, HttpBackend
+from amulet_eval.generate import Generated, GenerationError, Job, conversation
+from amulet_eval.openai_http import ChatClient, HttpCallError
 
 
 def preference_object(job: Job) -> dict[str, Any]:
