@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -29,7 +29,7 @@ MAX_COEFFICIENT = 1e30
 """A larger A only sharpens the distribution further towards argmax(l0 - lb); clamping keeps it finite."""
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     """How the next token is chosen from the preference (pref) and plain (base) contexts."""
 
     BASE = "base"

@@ -185,7 +185,7 @@ async def run_one(client: httpx.AsyncClient, url: str, spec: Spec, client_id: in
             await asyncio.wait_for(read(), timeout=leave[1])
         else:
             await read()
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         outcome.disconnected = True
     except httpx.HTTPError as exc:
         outcome.problem = f"transport error: {type(exc).__name__}: {exc}"
