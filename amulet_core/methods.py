@@ -14,9 +14,10 @@ Every two-context method decodes from ``log_softmax(A * l0 + (1 - A) * lb)`` whe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import torch
 
@@ -52,9 +53,29 @@ def _finite(param: str, value: float) -> float:
     return value
 
 
+class Mode(StrEnum):
+    """Which defaults fill the parameters a request leaves out."""
+
+    DEFAULT = "default"
+    """The product's defaults: readable answers from small models too (see README, "Choosing the defaults")."""
+    PAPER = "paper"
+    """The paper's settings exactly: T=60, eta=10, alpha=2, lambda=2 (A = 5.6487), la ratio 2, no mask."""
+
+
+PAPER_SETTINGS: dict[str, Any] = {"iterations": 60, "eta": 10.0, "alpha": 2.0, "lam": 2.0, "ratio": 2.0, "plausibility": 0.0}
+DEFAULT_PLAUSIBILITY = 0.2
+GAME_PARAMETERS = ("iterations", "eta", "alpha", "lam")
+"""Algorithm 1's parameters; with la's ``ratio`` they decide A unless ``strength`` sets it directly."""
+
+
 @dataclass(frozen=True)
 class MethodSettings:
-    """One request's decoding method and its parameters (paper defaults)."""
+    """One request's decoding method and its parameters.
+
+    The field defaults are the product's defaults (``Mode.DEFAULT``); :meth:`paper` gives the paper's.
+    ``strength`` (the API's ``coefficient``) sets A directly for la and amulet, in place of ``ratio`` and
+    the game's parameters.
+    """
 
     method: Method = Method.AMULET
     iterations: int = 60
@@ -62,9 +83,39 @@ class MethodSettings:
     alpha: float = 2.0
     lam: float = 2.0
     ratio: float = 2.0
-    plausibility: float = 0.0
+    strength: float | None = None
+    plausibility: float = DEFAULT_PLAUSIBILITY
     """Contrastive-decoding plausibility mask: keep only tokens whose pref probability is at
     least this fraction of the top pref probability. 0 (off) is faithful to the paper."""
+    mode: Mode = Mode.DEFAULT
+    """Which defaults the parameters not given came from (for the answer's echo)."""
+
+    @classmethod
+    def paper(cls, method: Method | str = Method.AMULET) -> MethodSettings:
+        """The paper's exact settings for a method."""
+        return cls(method=Method(method), mode=Mode.PAPER, **PAPER_SETTINGS)
+
+    @classmethod
+    def from_fields(cls, given: Mapping[str, Any], mode: Mode | str = Mode.DEFAULT) -> MethodSettings:
+        """Settings from the fields a request gave (names as in this class); the mode's defaults fill the rest.
+
+        ``strength`` cannot be combined with ``ratio`` or the game's parameters: one request sets A one way.
+        """
+        try:
+            mode = Mode(mode)
+        except ValueError:
+            choices = ", ".join(m.value for m in Mode)
+            raise InvalidParameterError("mode", f"'mode' must be one of {choices}, got {mode!r}.") from None
+        if given.get("strength") is not None:
+            clash = [name for name in (*GAME_PARAMETERS, "ratio") if given.get(name) is not None]
+            if clash:
+                names = ", ".join(f"'{_api_name(n)}'" for n in clash)
+                raise InvalidParameterError(
+                    "coefficient", f"'coefficient' sets A directly; it cannot be combined with {names}. Give one or the other."
+                )
+        fields = dict(PAPER_SETTINGS) if mode is Mode.PAPER else {}
+        fields.update({k: v for k, v in given.items() if v is not None})
+        return cls(mode=mode, **fields)
 
     def __post_init__(self) -> None:
         try:
@@ -84,6 +135,16 @@ class MethodSettings:
         for name in ("alpha", "ratio"):
             if _finite(name, getattr(self, name)) < 0:
                 raise InvalidParameterError(name, f"'{name}' must be at least 0, got {getattr(self, name)!r}.")
+        if self.ratio > MAX_COEFFICIENT:
+            # la decodes from (1 + ratio) * l_pref - ratio * l_base; a larger ratio overflows to NaN.
+            raise InvalidParameterError("ratio", f"'ratio' must be at most {MAX_COEFFICIENT:g}, got {self.ratio!r}.")
+        if self.strength is not None:
+            a = _finite("coefficient", self.strength)
+            if not 0 <= a <= MAX_COEFFICIENT:
+                raise InvalidParameterError(
+                    "coefficient", f"'coefficient' must be from 0 to {MAX_COEFFICIENT:g}, got {self.strength!r}."
+                )
+        object.__setattr__(self, "mode", Mode(self.mode))
         beta = _finite("plausibility", self.plausibility)
         if not 0.0 <= beta < 1.0:
             raise InvalidParameterError("plausibility", f"'plausibility' must be in [0, 1), got {beta!r}.")
@@ -91,11 +152,17 @@ class MethodSettings:
     @property
     def coefficient(self) -> float | None:
         """The closed-form A of ``A * l0 + (1 - A) * lb``; None for single-context methods."""
+        if self.method.num_contexts == 2 and self.strength is not None:
+            return float(self.strength)
         if self.method is Method.LA:
             return min(1.0 + float(self.ratio), MAX_COEFFICIENT)
         if self.method is Method.AMULET:
             return amulet_coefficient(self.iterations, self.eta, self.alpha, self.lam)
         return None
+
+
+def _api_name(field: str) -> str:
+    return {"lam": "lambda", "strength": "coefficient"}.get(field, field)
 
 
 def amulet_coefficient(iterations: int, eta: float, alpha: float, lam: float) -> float:

@@ -33,6 +33,16 @@ PAPER_SYSTEM_PROMPT = (
     "patient, polite, and calm. Avoid unnecessary complexity and always prioritize practical, user-friendly advice."
 )
 
+NEUTRAL_SYSTEM_PROMPT = "You are a helpful assistant."
+"""Given to conversations without a system message when the model's template has no default of its own."""
+
+TEMPLATE = "template"
+"""Setting of the default system prompt: the model's chat template's own default (else the neutral one)."""
+PAPER = "paper"
+"""Setting of the default system prompt: the paper's system prompt."""
+NONE = "none"
+"""Setting of the default system prompt: an empty system message."""
+
 MAX_PREFERENCE_CHARS = 4000
 
 Message = dict[str, Any]
@@ -62,6 +72,8 @@ class MessagePair:
 
     pref: list[Message]
     base: list[Message]
+    system_prompt: str
+    """The system message of the base conversation: the conversation's own, or the default given to it."""
 
 
 def preference_message_pair(messages: Sequence[Message], preference: str, default_system_prompt: str = "") -> MessagePair:
@@ -77,7 +89,7 @@ def preference_message_pair(messages: Sequence[Message], preference: str, defaul
         raise InvalidParameterError("messages", "The system message content must be a string.")
     pref = [dict(m) for m in base]
     pref[system_index]["content"] = _append(content, sentence)
-    return MessagePair(pref=pref, base=base)
+    return MessagePair(pref=pref, base=base, system_prompt=content)
 
 
 def render_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
@@ -87,3 +99,41 @@ def render_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     except Exception as exc:  # a template may raise on roles or orders it does not support
         raise InvalidParameterError("messages", f"The model's chat template rejected the messages: {exc}") from exc
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+_PROBE_SYSTEM = "\x1esystem-probe\x1e"
+_PROBE_USER = "\x1euser-probe\x1e"
+
+
+def template_default_system_prompt(tokenizer: Any) -> str | None:
+    """The system message a model's chat template inserts into a conversation that has none, or None.
+
+    Found by rendering a probe conversation with and without a system message: SmolLM2's template, for
+    one, inserts "You are a helpful AI assistant named SmolLM, trained by Hugging Face".
+    """
+    try:
+        with_system = tokenizer.apply_chat_template(
+            [{"role": "system", "content": _PROBE_SYSTEM}, {"role": "user", "content": _PROBE_USER}], tokenize=False
+        )
+        without = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE_USER}], tokenize=False)
+    except Exception:  # a template that refuses system messages has no default to find
+        return None
+    if with_system.count(_PROBE_SYSTEM) != 1:
+        return None
+    before, after = with_system.split(_PROBE_SYSTEM)
+    if not (without.startswith(before) and without.endswith(after)) or len(without) < len(before) + len(after):
+        return None
+    found = without[len(before) : len(without) - len(after)]
+    return found or None
+
+
+def resolve_default_system_prompt(setting: str, template_default: str | None) -> str:
+    """The system message for conversations without one: ``template`` (the chat template's own default,
+    else NEUTRAL_SYSTEM_PROMPT), ``paper`` (PAPER_SYSTEM_PROMPT), ``none`` (empty), or the text itself."""
+    if setting == TEMPLATE:
+        return template_default or NEUTRAL_SYSTEM_PROMPT
+    if setting == PAPER:
+        return PAPER_SYSTEM_PROMPT
+    if setting == NONE:
+        return ""
+    return setting

@@ -10,7 +10,14 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from amulet_core.methods import Method, MethodSettings, amulet_iterative, combine_contexts, linear_alignment
+from amulet_core.methods import (
+    Method,
+    MethodSettings,
+    amulet_iterative,
+    combine_contexts,
+    linear_alignment,
+    plausibility_mask,
+)
 
 
 @torch.inference_mode()
@@ -38,11 +45,17 @@ def next_token_logprobs(
     if base_prompt_ids is None:
         raise ValueError(f"method {settings.method.value} needs the base context")
     z_base = _last_logits(model, base_prompt_ids, all_logits)
-    if closed_form:
-        return combine_contexts(z_pref.unsqueeze(0), z_base.unsqueeze(0), [settings.coefficient])[0]
-    if settings.method is Method.LA:
-        return linear_alignment(z_pref, z_base, settings.ratio)
-    return amulet_iterative(z_pref, z_base, settings)
+    coefficient = settings.coefficient
+    if (closed_form or settings.strength is not None) and coefficient is not None:
+        mixed = combine_contexts(z_pref.unsqueeze(0), z_base.unsqueeze(0), [coefficient])[0]
+    elif settings.method is Method.LA:
+        mixed = linear_alignment(z_pref, z_base, settings.ratio)
+    else:
+        mixed = amulet_iterative(z_pref, z_base, settings)
+    if settings.plausibility > 0:
+        betas = torch.tensor([settings.plausibility])
+        mixed = plausibility_mask(mixed.unsqueeze(0), z_pref.unsqueeze(0), betas)[0]
+    return mixed
 
 
 def reference_generate(

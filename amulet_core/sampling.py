@@ -38,7 +38,8 @@ def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec]) -> torch.Ten
         pref_rows = torch.tensor([specs[i].primary_row for i in double], device=logits.device)
         base_rows = torch.tensor([specs[i].base_row for i in double], device=logits.device)
         pref = logits.index_select(0, pref_rows)
-        mixed = combine_contexts(pref, logits.index_select(0, base_rows), [specs[i].coefficient for i in double])
+        coefficients = [specs[i].coefficient for i in double]
+        mixed = combine_contexts(pref, logits.index_select(0, base_rows), [1.0 if a is None else a for a in coefficients])
         betas = torch.tensor([specs[i].method.plausibility for i in double], device=logits.device)
         if bool((betas > 0).any()):
             mixed = plausibility_mask(mixed, pref, betas)

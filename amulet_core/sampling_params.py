@@ -8,14 +8,21 @@ from dataclasses import dataclass
 from amulet_core.errors import InvalidParameterError
 
 MAX_TOP_LOGPROBS = 20
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this decode greedily (as in vLLM): dividing log-probabilities by a vanishing
+temperature overflows to -inf everywhere, and sampling would fail on the NaNs that follow."""
 MAX_STOP_SEQUENCES = 16
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling; temperature 0 means greedy. Validated on construction."""
+    """Per-request sampling, validated on construction.
 
-    max_tokens: int = 128
+    ``max_tokens`` None means as many as the context leaves room for (see
+    ``GenerationRequest.max_new_tokens``). A temperature below ``MIN_TEMPERATURE`` (0 included) is greedy.
+    """
+
+    max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -27,7 +34,8 @@ class SamplingParams:
     top_logprobs: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        mt = self.max_tokens
+        if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
             raise InvalidParameterError("max_tokens", f"'max_tokens' must be a whole number >= 1, got {self.max_tokens!r}.")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 100:
@@ -47,4 +55,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE

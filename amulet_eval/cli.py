@@ -10,12 +10,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from amulet_core.errors import AmuletError, InvalidParameterError
-from amulet_core.prompts import PAPER_SYSTEM_PROMPT, PRESETS, preference_sentence
+from amulet_core.methods import Mode
+from amulet_core.prompts import PAPER_SYSTEM_PROMPT, PRESETS, TEMPLATE, preference_sentence
 from amulet_eval.config import (
     ALL_METHODS,
     BEAM_METHOD,
     ENGINE_METHODS,
     EvalConfig,
+    FluencyConfig,
     GenerationConfig,
     HttpBackend,
     JudgeConfig,
@@ -31,6 +33,8 @@ from amulet_eval.report import command_line
 API_KEY_ENV = "AMULET_API_KEY"
 JUDGE_API_KEY_ENV = "AMULET_JUDGE_API_KEY"
 DEFAULT_OUT = "eval_runs/default"
+PAPER_METHODS = ("base", "pref", "la", "amulet")
+PAPER_MAX_TOKENS = 128
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,18 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--methods",
         nargs="+",
-        default=list(ENGINE_METHODS),
+        default=None,
         choices=ALL_METHODS,
         metavar="METHOD",
         help=f"any of {', '.join(ALL_METHODS)}; {BEAM_METHOD} is the paper's 16-beam search on the pref context, "
-        "in-process only (default: %(default)s)",
+        f"in-process only (default: {' '.join(ENGINE_METHODS)})",
     )
     g.add_argument(
         "--plausibility",
-        default="0",
+        default=None,
         metavar="BETA[,BETA...]",
         help="plausibility mask for amulet, in [0, 1); several values give one amulet column each, "
-        "labelled amulet-pBETA (default: 0, off)",
+        "labelled amulet-pBETA (default: the server's default; 0 with --paper)",
+    )
+    g.add_argument(
+        "--coefficient",
+        default=None,
+        metavar="A[,A...]",
+        help="strength A of amulet set directly instead of by the game; several values give one column each, "
+        "labelled amulet-AA (default: the game's A)",
+    )
+    g.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's exact settings: its system prompt, T=60 eta=10 alpha=2 lambda=2 (A=5.65), la ratio 2, "
+        "no mask, 128 greedy tokens, methods base pref la amulet",
     )
     g = p.add_argument_group("decoding (the paper's defaults)")
     g.add_argument("--max-tokens", type=int, default=128, help="new tokens per answer (default: %(default)s)")
@@ -74,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed when temperature > 0 (default: %(default)s)")
     g.add_argument("--system-prompt", default=PAPER_SYSTEM_PROMPT, help="system prompt (default: the paper's)")
     g.add_argument("--no-system-prompt", action="store_true", help="no system prompt")
+    g.add_argument(
+        "--default-system-prompt",
+        default=TEMPLATE,
+        metavar="template|paper|none|TEXT",
+        help="in-process runs: the system message a preference request without one gets, as the server's option "
+        "of that name (over --base-url the server's own setting applies) (default: %(default)s)",
+    )
     g.add_argument("--concurrency", type=int, default=8, help="answers generated at once (default: %(default)s)")
     g = p.add_argument_group("in-process engine (default)")
     g.add_argument("--model", default=None, help="HF model folder or cached id, or .gguf (default: embedded SmolLM2-135M)")
@@ -86,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-name", default=None, help="model name to send (default: the first of GET /models)")
     g.add_argument("--api-key", default=None, help=f"bearer key for --base-url (default: ${API_KEY_ENV})")
     g.add_argument("--timeout", type=float, default=600.0, help="seconds per HTTP call (default: %(default)s)")
+    g = p.add_argument_group("fluency")
+    g.add_argument(
+        "--fluency-model",
+        default=None,
+        help="model that scores fluency, loaded in this process: a HF folder or cached id, a .gguf file, or 'embedded' "
+        "(default: the in-process model; over --base-url fluency is only measured with this option)",
+    )
+    g.add_argument("--no-fluency", action="store_true", help="do not measure fluency (degeneration then uses text rules)")
     g = p.add_argument_group("reward model (optional)")
     g.add_argument("--reward-model", type=Path, default=None, help="local HF sequence-classification reward model folder")
     g.add_argument("--reward-device", default="auto")
@@ -118,14 +150,28 @@ def _preference(text: str) -> str:
     return stripped.lower() if stripped.lower() in PRESETS else stripped
 
 
-def _plausibilities(text: str) -> tuple[float, ...]:
+def _numbers(option: str, text: str | None) -> tuple[float | None, ...]:
+    """Comma-separated numbers of an option; (None,) when it is not given (the mode's default)."""
+    if text is None:
+        return (None,)
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise InvalidParameterError("plausibility", f"--plausibility takes numbers in [0, 1), got {text!r}.") from None
+        raise InvalidParameterError(option, f"--{option} takes comma-separated numbers, got {text!r}.") from None
     if not values:
-        raise InvalidParameterError("plausibility", "--plausibility needs at least one value.")
+        raise InvalidParameterError(option, f"--{option} needs at least one value.")
     return tuple(dict.fromkeys(values))
+
+
+def _fluency(args: argparse.Namespace) -> FluencyConfig | None:
+    if args.no_fluency:
+        return None
+    if args.fluency_model is not None:
+        model = None if args.fluency_model == "embedded" else args.fluency_model
+        return FluencyConfig(model=model, device="cpu" if args.base_url is not None else args.device)
+    if args.base_url is not None:
+        return None
+    return FluencyConfig(model=args.model, device=args.device)
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> EvalConfig:
@@ -137,19 +183,35 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
-    if args.base_url is not None and BEAM_METHOD in args.methods:
+    if args.base_url is not None and BEAM_METHOD in (args.methods or ()):
         parser.error(f"{BEAM_METHOD} runs in-process only (transformers beam search); drop it or drop --base-url.")
     if args.base_url is not None and args.model is not None:
         parser.error("--model loads a model in-process; with --base-url name the served model with --model-name.")
     if args.bt_alpha <= 0:
         parser.error("--bt-alpha must be greater than 0.")
+    if args.paper:
+        deviations = {
+            "--no-system-prompt": args.no_system_prompt,
+            "--system-prompt": args.system_prompt != PAPER_SYSTEM_PROMPT,
+            "--max-tokens": args.max_tokens != PAPER_MAX_TOKENS,
+            "--temperature": args.temperature != 0,
+            "--plausibility": args.plausibility is not None,
+            "--coefficient": args.coefficient is not None,
+        }
+        given = [name for name, deviates in deviations.items() if deviates]
+        if given:
+            parser.error(f"--paper runs the paper's exact settings; drop {', '.join(given)}.")
     try:
         preferences = _unique([_preference(p) for p in args.preferences])
-        methods = method_specs(_unique(args.methods), _plausibilities(args.plausibility))
+        mode = Mode.PAPER if args.paper else Mode.DEFAULT
+        names = PAPER_METHODS if args.paper and args.methods is None else _unique(args.methods or ENGINE_METHODS)
+        strengths = _numbers("coefficient", args.coefficient)
+        methods = method_specs(names, _numbers("plausibility", args.plausibility), strengths, mode)
         generation = GenerationConfig(
             methods=methods,
             preferences=preferences,
             system_prompt="" if args.no_system_prompt else args.system_prompt,
+            default_system_prompt=args.default_system_prompt,
             max_tokens=args.max_tokens,
             temperature=args.temperature,
             seed=args.seed,
@@ -189,6 +251,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         out_dir=args.out,
         generation=generation,
         backend=backend,
+        fluency=_fluency(args),
         reward=reward,
         judge=judge,
         bt_regularization=args.bt_alpha,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.prompts import PAPER_SYSTEM_PROMPT
+from amulet_core.methods import Method, MethodSettings, Mode
+from amulet_core.prompts import PAPER_SYSTEM_PROMPT, TEMPLATE
 
 BEAM_METHOD = "beam16"
 """The paper's beam-search baseline: beam search (16 beams) on the pref context, in-process only."""
@@ -16,9 +16,15 @@ ALL_METHODS: tuple[str, ...] = (*ENGINE_METHODS, BEAM_METHOD)
 BASELINE = Method.BASE.value
 
 
-def plausibility_label(beta: float) -> str:
-    """Label of amulet run with a plausibility mask: ``amulet`` for 0, else e.g. ``amulet-p0.1``."""
-    return Method.AMULET.value if beta == 0 else f"{Method.AMULET.value}-p{beta:g}"
+def amulet_label(settings: MethodSettings) -> str:
+    """Label of an amulet column: ``amulet`` with the mode's defaults, else e.g. ``amulet-A3-p0.1``."""
+    defaults = MethodSettings.paper() if settings.mode is Mode.PAPER else MethodSettings()
+    label = Method.AMULET.value
+    if settings.strength is not None:
+        label += f"-A{settings.strength:g}"
+    if settings.plausibility != defaults.plausibility:
+        label += f"-p{settings.plausibility:g}"
+    return label
 
 
 @dataclass(frozen=True)
@@ -42,25 +48,35 @@ class MethodSpec:
             return {"kind": self.kind, "num_beams": BEAM_WIDTH}
         s = self.settings
         out: dict[str, object] = {"kind": self.kind}
-        if s.method is Method.LA:
+        if s.method.num_contexts == 2:
+            out.update(mode=s.mode.value, coefficient=s.coefficient, plausibility=s.plausibility)
+        if s.method is Method.LA and s.strength is None:
             out["ratio"] = s.ratio
-        if s.method is Method.AMULET:
-            out.update(iterations=s.iterations, eta=s.eta, alpha=s.alpha, lam=s.lam, plausibility=s.plausibility)
+        if s.method is Method.AMULET and s.strength is None:
+            out.update(iterations=s.iterations, eta=s.eta, alpha=s.alpha, lam=s.lam)
         return out
 
 
-def method_specs(methods: tuple[str, ...], plausibilities: tuple[float, ...]) -> tuple[MethodSpec, ...]:
-    """The columns for the chosen methods; amulet gets one column per plausibility value."""
+def method_specs(
+    methods: tuple[str, ...],
+    plausibilities: tuple[float | None, ...] = (None,),
+    strengths: tuple[float | None, ...] = (None,),
+    mode: Mode = Mode.DEFAULT,
+) -> tuple[MethodSpec, ...]:
+    """The columns for the chosen methods, with the mode's defaults; amulet gets one column per
+    plausibility and strength (A set directly; None: the game's A)."""
     specs: list[MethodSpec] = []
     for name in methods:
         if name == BEAM_METHOD:
             specs.append(MethodSpec(BEAM_METHOD, BEAM_METHOD))
         elif name == Method.AMULET.value:
-            for beta in plausibilities:
-                settings = MethodSettings(method=Method.AMULET, plausibility=beta)
-                specs.append(MethodSpec(plausibility_label(beta), name, settings))
+            for strength in strengths:
+                for beta in plausibilities:
+                    fields = {"method": name, "strength": strength, "plausibility": beta}
+                    settings = MethodSettings.from_fields(fields, mode)
+                    specs.append(MethodSpec(amulet_label(settings), name, settings))
         else:
-            specs.append(MethodSpec(name, name, MethodSettings(method=Method(name))))
+            specs.append(MethodSpec(name, name, MethodSettings.from_fields({"method": name}, mode)))
     return tuple(specs)
 
 
@@ -71,6 +87,9 @@ class GenerationConfig:
     methods: tuple[MethodSpec, ...]
     preferences: tuple[str, ...]
     system_prompt: str = PAPER_SYSTEM_PROMPT
+    default_system_prompt: str = TEMPLATE
+    """For conversations without a system message (``system_prompt`` empty): as the server's
+    ``--default-system-prompt`` (template, paper, none or a text)."""
     max_tokens: int = 128
     temperature: float = 0.0
     seed: int = 0
@@ -81,6 +100,7 @@ class GenerationConfig:
         return {
             "model": model_name,
             "system_prompt": self.system_prompt,
+            "default_system_prompt": self.default_system_prompt,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "seed": self.seed,
@@ -107,6 +127,18 @@ class HttpBackend:
     model: str | None = None
     api_key: str | None = None
     timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class FluencyConfig:
+    """The plain model that scores fluency, loaded in this process (see amulet_eval.quality).
+
+    ``model`` None is the embedded SmolLM2-135M-Instruct. float32 by default, so the scores do not
+    depend on whether the CPU has native bfloat16."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -145,6 +177,8 @@ class EvalConfig:
     out_dir: Path
     generation: GenerationConfig
     backend: LocalBackend | HttpBackend
+    fluency: FluencyConfig | None = None
+    """None: fluency is not measured (degeneration then goes by the text rules alone)."""
     reward: RewardConfig | None = None
     judge: JudgeConfig | None = None
     bt_regularization: float = 0.01

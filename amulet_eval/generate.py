@@ -111,17 +111,17 @@ def split_done(jobs: Sequence[Job], rows: Sequence[Row], identity: dict[str, Any
     done: dict[Key, Row] = {}
     todo: list[Job] = []
     for job in jobs:
-        row = by_key.get(job.key)
-        if row is None:
+        found = by_key.get(job.key)
+        if found is None:
             todo.append(job)
             continue
-        if row.get("run") != identity or row.get("method_settings") != job.method.describe():
+        if found.get("run") != identity or found.get("method_settings") != job.method.describe():
             raise SettingsMismatchError(
                 f"The output folder already has an answer for question {job.key[0]}, preference {job.key[1]!r}, "
                 f"method {job.key[2]!r} made with other settings ({row.get('run')}, {row.get('method_settings')}) "
                 f"than this run ({identity}, {job.method.describe()}). Use another --out folder."
             )
-        done[job.key] = row
+        done[job.key] = found
     return done, todo
 
 

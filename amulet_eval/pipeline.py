@@ -8,13 +8,22 @@ from pathlib import Path
 from typing import Any
 
 from amulet_core.prompts import PAPER_SYSTEM_PROMPT
-from amulet_eval.config import BASELINE, EvalConfig, HttpBackend
+from amulet_eval.config import BASELINE, EvalConfig, FluencyConfig, HttpBackend
 from amulet_eval.generate import GenerationSummary, Runner, run_generation
 from amulet_eval.judge import run_judge
+from amulet_eval.quality import FluencyScorer, pooled_quality
 from amulet_eval.questions import DEMO_NAME, load_questions
 from amulet_eval.report import write_report
 from amulet_eval.results import judge_results, score_results
-from amulet_eval.scoring import length_score_set, proxy_metrics, proxy_score_set, reward_score_set
+from amulet_eval.scoring import (
+    answer_quality,
+    degenerate_score_set,
+    fluency_score_set,
+    length_score_set,
+    proxy_metrics,
+    proxy_score_set,
+    reward_score_set,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,15 @@ def ended_before_limit(rows: dict[Any, dict[str, Any]], prefs: list[str], method
     return out
 
 
+def fluency_scorer(config: FluencyConfig | None) -> FluencyScorer | None:
+    """A plain copy of the scoring model, outside any engine (None when fluency is off)."""
+    if config is None:
+        return None
+    from amulet_core.loading import ModelConfig, load_model
+
+    return FluencyScorer(load_model(ModelConfig(model=config.model, device=config.device, dtype=config.dtype)))
+
+
 def run_eval(config: EvalConfig, runner: Runner | None = None) -> EvalOutcome:
     gen = config.generation
     questions = load_questions(config.questions_path, config.limit)
@@ -73,6 +91,11 @@ def run_eval(config: EvalConfig, runner: Runner | None = None) -> EvalOutcome:
         "words": score_results(length_score_set(metrics), prefs, methods, BASELINE, alpha, compare=False),
         "proxy": score_results(proxy_score_set(rows, metrics), prefs, methods, BASELINE, alpha),
     }
+    fluency, degeneration = answer_quality(rows, gen.system_prompt, fluency_scorer(config.fluency), config.progress)
+    degenerate = {k: float(bool(reasons)) for k, reasons in degeneration.items()}
+    if fluency:
+        scorers["fluency"] = score_results(fluency_score_set(fluency), prefs, methods, BASELINE, alpha, compare=False)
+    scorers["degenerate"] = score_results(degenerate_score_set(degenerate), prefs, methods, BASELINE, alpha, compare=False)
     reward_values: dict[Any, float] = {}
     if config.reward is not None:
         from amulet_eval.reward_model import RewardModel
@@ -109,6 +132,10 @@ def run_eval(config: EvalConfig, runner: Runner | None = None) -> EvalOutcome:
         },
         "scorers": scorers,
         "ended_before_limit": ended_before_limit(rows, prefs, methods),
+        "quality": {
+            "fluency_model": (config.fluency.model or "embedded") if config.fluency else None,
+            "by_method": pooled_quality(fluency, degenerate, methods),
+        },
         "rows": [
             {
                 "index": k[0],
@@ -117,6 +144,8 @@ def run_eval(config: EvalConfig, runner: Runner | None = None) -> EvalOutcome:
                 "completion_tokens": row.get("completion_tokens"),
                 "finish_reason": row.get("finish_reason"),
                 **metrics[k],
+                "fluency": fluency.get(k),
+                "degeneration": degeneration[k],
                 **({"reward": reward_values[k]} if k in reward_values else {}),
             }
             for k, row in sorted(rows.items())

@@ -86,6 +86,44 @@ def _comparison_md(title: str, section: Mapping[str, Any], methods: Sequence[str
     return out
 
 
+QUALITY_NOTE = (
+    "Fluency: mean log-probability per token of each answer under the plain model, given the conversation "
+    "without the preference (higher reads more like the model's own language). Degenerate: fluency below -4, "
+    "fewer than 5 words, a word 4-gram repeated 3+ times, over 40% of word 3-grams repeated, or a run of 4+ "
+    "punctuation characters (amulet_eval/quality.py)."
+)
+
+
+def quality_md(results: Mapping[str, Any], methods: Sequence[str], baseline: str) -> list[str]:
+    """The fluency and degeneration tables: pooled per method, then per preference."""
+    quality = results.get("quality") or {}
+    by_method = quality.get("by_method") or {}
+    if not by_method:
+        return []
+    scorers = results["scorers"]
+    base_fluency = (by_method.get(baseline) or {}).get("fluency")
+    rows = []
+    for m in methods:
+        q = by_method.get(m)
+        if q is None:
+            continue
+        gap = q["fluency"] - base_fluency if q["fluency"] is not None and base_fluency is not None else None
+        rows.append([m, str(q["n"]), fmt(q["fluency"]), fmt(gap), f"{q['degenerate_count']}/{q['n']}", fmt(q["degenerate"])])
+    source = quality.get("fluency_model")
+    out = ["## Fluency and degeneration", QUALITY_NOTE, ""]
+    out += [
+        f"Fluency model: `{source}`."
+        if source
+        else "Fluency was not measured (no --fluency-model); degeneration uses the text rules only.",
+        "",
+    ]
+    out += [md_table(["method", "answers", "fluency", f"fluency - {baseline}", "degenerate", "share"], rows), ""]
+    for name in ("fluency", "degenerate"):
+        if name in scorers:
+            out += [f"### {scorers[name]['label']}, per preference", "", mean_table(scorers[name], methods), ""]
+    return out
+
+
 def render_markdown(results: Mapping[str, Any], chart_files: Sequence[str]) -> str:
     run = results["run"]
     methods: list[str] = run["methods"]
@@ -109,6 +147,7 @@ def render_markdown(results: Mapping[str, Any], chart_files: Sequence[str]) -> s
         out += ["### Answers that ended before the token limit", "Share per cell (the rest were cut at the limit).", ""]
         rows = [[p, *[fmt(by.get(m)) for m in methods]] for p, by in results["ended_before_limit"].items()]
         out += [md_table(["preference", *methods], rows), ""]
+    out += quality_md(results, methods, baseline)
     if "proxy" in scorers:
         out += ["## Proxy metrics (proxies)", PROXY_NOTE, "", "Mean of the proxy matched to each preference.", ""]
         out += [mean_table(scorers["proxy"], methods), ""]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from amulet_core.methods import Method
 from amulet_eval.config import GenerationConfig, HttpBackend
 from amulet_eval.generate import Generated, GenerationError, Job, conversation
 from amulet_eval.openai_http import ChatClient, HttpCallError
@@ -11,10 +12,17 @@ from amulet_eval.openai_http import ChatClient, HttpCallError
 
 def preference_object(job: Job) -> dict[str, Any]:
     """The request's ``preference`` field: the preference and every setting of the method, spelled out."""
-    spec: dict[str, Any] = {"text": job.preference, "method": job.method.kind}
-    for name, value in job.method.describe().items():
-        if name != "kind":
-            spec["lambda" if name == "lam" else name] = value
+    settings = job.method.engine_settings
+    spec: dict[str, Any] = {"text": job.preference, "method": job.method.kind, "mode": settings.mode.value}
+    if settings.method.num_contexts == 2:
+        spec["plausibility"] = settings.plausibility
+        if settings.strength is not None:
+            spec["coefficient"] = settings.strength
+        elif settings.method is Method.LA:
+            spec["ratio"] = settings.ratio
+        else:
+            spec.update(iterations=settings.iterations, eta=settings.eta, alpha=settings.alpha)
+            spec["lambda"] = settings.lam
     return spec
 
 

@@ -15,7 +15,7 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.loading import LoadedModel, ModelConfig, load_model, model_display_name
 from amulet_core.methods import Method
-from amulet_core.prompts import preference_message_pair
+from amulet_core.prompts import preference_message_pair, resolve_default_system_prompt
 from amulet_core.sampling_params import SamplingParams
 from amulet_eval.config import BEAM_METHOD, BEAM_WIDTH, GenerationConfig, LocalBackend
 from amulet_eval.generate import Generated, GenerationError, Job, conversation
@@ -95,8 +95,9 @@ class LocalRunner:
 
     async def generate(self, job: Job) -> Generated:
         gen = self.generation
-        pair = preference_message_pair(conversation(gen.system_prompt, job.question.question), job.preference)
         engine = self.engine
+        default_system = resolve_default_system_prompt(gen.default_system_prompt, engine.template_system_prompt())
+        pair = preference_message_pair(conversation(gen.system_prompt, job.question.question), job.preference, default_system)
         if job.method.kind == BEAM_METHOD:
             llm = engine.engine
             prompt = engine.encode_chat(pair.pref)

@@ -3,17 +3,22 @@ when configured, a reward model's score."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
 from amulet_eval.compare import Key
+from amulet_eval.generate import conversation
 from amulet_eval.proxies import METRIC_INFO, Metric, ProxyScorer, matched_metric
+from amulet_eval.quality import FluencyScorer, degeneration_reasons
 from amulet_eval.store import Row
 
 PROXY = "proxy"
 REWARD = "reward"
+FLUENCY = "fluency"
+DEGENERATE = "degenerate"
 
 
 @dataclass(frozen=True)
@@ -65,3 +70,30 @@ def reward_score_set(rows: Mapping[Key, Row], model, progress: bool = True) -> S
     metric = Metric(REWARD, f"reward model {model.name}", True)
     prefs = {k[1] for k in rows}
     return ScoreSet(REWARD, f"Reward model ({model.name})", False, dict.fromkeys(prefs, metric), values)
+
+
+def fluency_score_set(values: Mapping[Key, float]) -> ScoreSet:
+    """Fluency of every answer under the plain model (see amulet_eval.quality); NaN answers left out."""
+    kept = {k: v for k, v in values.items() if not math.isnan(v)}
+    metric = Metric(FLUENCY, "mean log-prob per token under the plain model", True)
+    prefs = {k[1] for k in values}
+    return ScoreSet(FLUENCY, "Fluency under the plain model", True, dict.fromkeys(prefs, metric), kept)
+
+
+def degenerate_score_set(values: Mapping[Key, float]) -> ScoreSet:
+    """1 for a degenerate answer, 0 otherwise, so the mean is the degenerate share."""
+    metric = Metric(DEGENERATE, "share of degenerate answers", False)
+    prefs = {k[1] for k in values}
+    return ScoreSet(DEGENERATE, "Degenerate answers", True, dict.fromkeys(prefs, metric), dict(values))
+
+
+def answer_quality(
+    rows: Mapping[Key, Row], system_prompt: str, scorer: FluencyScorer | None, progress: bool = True
+) -> tuple[dict[Key, float], dict[Key, list[str]]]:
+    """(fluency of every answer, or nothing without a scorer; why each answer is degenerate, [] if it is not)."""
+    fluency: dict[Key, float] = {}
+    if scorer is not None:
+        for key, row in tqdm(sorted(rows.items()), desc="fluency", unit="answer", disable=not progress):
+            fluency[key] = scorer.score(conversation(system_prompt, str(row["question"])), str(row["response"]))
+    reasons = {key: degeneration_reasons(str(row["response"]), fluency.get(key)) for key, row in rows.items()}
+    return fluency, reasons

@@ -30,6 +30,7 @@ from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import EngineStats
 from amulet_core.loading import ModelConfig, model_display_name
+from amulet_core.prompts import TEMPLATE
 from server.app import create_app
 from server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
 from server.lifecycle import ServerLifecycle
@@ -91,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--default-system-prompt",
-        default="",
-        help="system message given to conversations without one when a preference is applied",
+        default=TEMPLATE,
+        metavar="template|paper|none|TEXT",
+        help="system message given to both contexts of a preference request whose conversation has none: the chat "
+        "template's own default (template), the paper's (paper), an empty one (none) or TEXT (default: %(default)s)",
     )
     p.add_argument(
         "--api-key", default=None, help=f"require 'Authorization: Bearer <key>' on /v1 (default: ${API_KEY_ENV}; unset = open)"

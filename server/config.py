@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from amulet_core.prompts import TEMPLATE
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything the HTTP layer needs besides the engine.
 
     ``served_model_name`` None means "use the engine's model name". ``api_key`` None leaves the
-    API open; it is never logged (``repr`` hides it). An empty ``cors_origins`` turns CORS off.
+    API open; it is never logged (``repr`` leaves it out). An empty ``cors_origins`` turns CORS off.
     """
 
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     cors_origins: tuple[str, ...] = ()
     served_model_name: str | None = None
     log_level: str = "info"
@@ -25,8 +27,10 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     retry_after_s: int = 1
     """Value of the Retry-After header on 429 (queue full) and 503 (not ready) answers."""
-    default_system_prompt: str = ""
-    """System prompt given to conversations that have none when a preference is applied."""
+    default_system_prompt: str = TEMPLATE
+    """System message given to both contexts of a preference request whose conversation has none:
+    ``template`` (the model's chat template's own default), ``paper``, ``none`` or the text itself
+    (amulet_core.prompts.resolve_default_system_prompt)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -37,11 +41,3 @@ class ServerConfig:
             raise ValueError(f"drain_timeout_s must be at least 0, got {self.drain_timeout_s}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (leave it unset to disable authentication)")
-
-    def __repr__(self) -> str:
-        key = None if self.api_key is None else "***"
-        return (
-            f"ServerConfig(host={self.host!r}, port={self.port}, api_key={key}, cors_origins={self.cors_origins!r}, "
-            f"served_model_name={self.served_model_name!r}, log_level={self.log_level!r}, "
-            f"max_body_bytes={self.max_body_bytes}, drain_timeout_s={self.drain_timeout_s})"
-        )

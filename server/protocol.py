@@ -71,16 +71,26 @@ class ChatMessage(BaseModel):
 
 
 class PreferenceSpec(_Request):
-    """The object form of ``preference``. Unset numbers take the paper's defaults (MethodSettings)."""
+    """The object form of ``preference``. Unset numbers take the defaults of ``mode`` (MethodSettings)."""
 
     text: str
+    mode: Literal["default", "paper"] | None = None
     method: Literal["amulet", "la", "pref", "base"] | None = None
     iterations: int | None = None
     eta: float | None = None
     alpha: float | None = None
     lam: float | None = Field(default=None, alias="lambda")
     ratio: float | None = None
+    coefficient: float | None = None
+    """A set directly for la and amulet (MethodSettings.strength)."""
     plausibility: float | None = None
+
+    def method_fields(self) -> dict[str, Any]:
+        """The given method parameters under MethodSettings' names."""
+        given = self.model_dump(exclude={"text", "mode", "coefficient"}, exclude_none=True)
+        if self.coefficient is not None:
+            given["strength"] = self.coefficient
+        return given
 
 
 class StreamOptions(_Request):
@@ -122,14 +132,17 @@ class ChatCompletionRequest(_Request):
 
 
 class PreferenceEcho(BaseModel):
-    """The effective preference settings of a request (extension field ``preference``).
-
-    Dump answers with ``by_alias=True`` so ``lam`` is written as ``lambda``."""
+    """The effective preference settings of a request (extension field ``preference``): everything that
+    decides how the answer reads. Dump answers with ``by_alias=True`` so ``lam`` is written as ``lambda``."""
 
     model_config = ConfigDict(populate_by_name=True)
 
     text: str
     """The sentence that was added to the system message."""
+    system_prompt: str
+    """The system message both contexts share before the sentence: the conversation's own, or the
+    server's default for conversations without one (``--default-system-prompt``)."""
+    mode: str
     method: str
     iterations: int
     eta: float
@@ -141,9 +154,11 @@ class PreferenceEcho(BaseModel):
     """The closed-form A of ``A * l_pref + (1 - A) * l_base`` (None for base and pref)."""
 
     @classmethod
-    def from_settings(cls, sentence: str, settings: MethodSettings) -> PreferenceEcho:
+    def from_settings(cls, sentence: str, system_prompt: str, settings: MethodSettings) -> PreferenceEcho:
         return cls(
             text=sentence,
+            system_prompt=system_prompt,
+            mode=settings.mode.value,
             method=settings.method.value,
             iterations=settings.iterations,
             eta=settings.eta,

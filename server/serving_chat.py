@@ -11,10 +11,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -22,14 +22,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from amulet_core.engine.protocol import EngineClient, GenerationOutput, GenerationRequest, TokenLogprob
 from amulet_core.errors import (
     AmuletError,
-    ContextLengthExceededError,
     EngineNotReadyError,
     EngineOverloadedError,
     InvalidParameterError,
     RequestFailedError,
 )
-from amulet_core.methods import MAX_COEFFICIENT, Method, MethodSettings
-from amulet_core.prompts import preference_message_pair, preference_sentence
+from amulet_core.methods import Method, MethodSettings, Mode
+from amulet_core.prompts import preference_message_pair, preference_sentence, resolve_default_system_prompt
 from amulet_core.sampling_params import SamplingParams
 from server.config import ServerConfig
 from server.errors import APIError, describe_exception, error_payload
@@ -54,11 +53,9 @@ logger = logging.getLogger(__name__)
 CLIENT_CLOSED_REQUEST = 499
 """Status logged for an answer nobody is left to read (the client went away)."""
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+T = TypeVar("T")
 
-MIN_TEMPERATURE = 1e-5
-"""Positive temperatures below this decode greedily (as in vLLM): dividing log-probabilities by a
-vanishing temperature overflows to -inf everywhere, and the sampler fails on the NaNs that follow."""
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass(frozen=True)
@@ -84,26 +81,27 @@ def check_supported(body: ChatCompletionRequest) -> None:
 
 
 def method_settings(preference: str | PreferenceSpec) -> tuple[str, MethodSettings]:
-    """The preference text and its MethodSettings (paper defaults for whatever is not given)."""
+    """The preference text and its MethodSettings (the defaults for whatever is not given)."""
     if isinstance(preference, str):
         return preference, MethodSettings()
-    given = preference.model_dump(exclude={"text"}, exclude_none=True)
     try:
-        settings = MethodSettings(**given)
+        return preference.text, MethodSettings.from_fields(preference.method_fields(), preference.mode or Mode.DEFAULT)
     except InvalidParameterError as exc:
-        param = "lambda" if exc.param == "lam" else exc.param
+        param = {"lam": "lambda", "strength": "coefficient"}.get(exc.param, exc.param)
         raise InvalidParameterError(f"preference.{param}", exc.message) from exc
-    if settings.ratio > MAX_COEFFICIENT:
-        # la decodes from (1 + ratio) * l_pref - ratio * l_base; a larger ratio overflows to NaN.
-        raise InvalidParameterError("preference.ratio", f"'ratio' must be at most {MAX_COEFFICIENT:g}, got {settings.ratio!r}.")
-    return preference.text, settings
 
 
-def _temperature(requested: float | None) -> float:
-    """The request's temperature; default 1, and greedy (0) below MIN_TEMPERATURE."""
-    if requested is None:
-        return 1.0
-    return 0.0 if 0 < requested < MIN_TEMPERATURE else requested
+def _renamed_param(name: str, alias: str, make: Callable[[], T]) -> T:
+    """Run ``make``; an InvalidParameterError about ``name`` is reported under the request's field ``alias``."""
+    try:
+        return make()
+    except InvalidParameterError as exc:
+        if exc.param != name or alias == name:
+            raise
+        exc.param = alias
+        exc.message = exc.message.replace(f"'{name}'", f"'{alias}'")
+        exc.args = (exc.message,)
+        raise
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -147,20 +145,28 @@ class OpenAIServingChat:
             settings, contexts = MethodSettings(method=Method.BASE), [messages]
         else:
             text, settings = method_settings(body.preference)
-            pair = preference_message_pair(messages, text, self.config.default_system_prompt)
-            preference = PreferenceEcho.from_settings(preference_sentence(text), settings)
+            default_system = resolve_default_system_prompt(
+                self.config.default_system_prompt, self.engine.template_system_prompt()
+            )
+            pair = preference_message_pair(messages, text, default_system)
+            preference = PreferenceEcho.from_settings(preference_sentence(text), pair.system_prompt, settings)
             contexts = {Method.BASE: [pair.base], Method.PREF: [pair.pref]}.get(settings.method, [pair.pref, pair.base])
         # Chat templates and tokenizers take a while on long prompts: keep them off the event loop.
         ids = await asyncio.to_thread(lambda: [tuple(self.engine.encode_chat(c)) for c in contexts])
-        sampling = SamplingParams(
-            max_tokens=self._max_tokens(body, max(len(i) for i in ids)),
-            temperature=_temperature(body.temperature),
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=0 if body.top_k is None or body.top_k == -1 else body.top_k,  # -1 means off in vLLM
-            seed=body.seed,
-            stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
-            logprobs=bool(body.logprobs),
-            top_logprobs=body.top_logprobs or 0,
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        sampling = _renamed_param(
+            "max_tokens",
+            param,
+            lambda: SamplingParams(
+                max_tokens=body.requested_max_tokens,
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=0 if body.top_k is None or body.top_k == -1 else body.top_k,  # -1 means off in vLLM
+                seed=body.seed,
+                stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
+                logprobs=bool(body.logprobs),
+                top_logprobs=body.top_logprobs or 0,
+            ),
         )
         request = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -169,32 +175,8 @@ class OpenAIServingChat:
             method=settings,
             base_prompt_ids=ids[1] if len(ids) == 2 else None,
         )
+        _renamed_param("max_tokens", param, lambda: request.max_new_tokens(self.engine.max_model_len))
         return PreparedChat(body=body, request=request, preference=preference)
-
-    def _max_tokens(self, body: ChatCompletionRequest, longest: int) -> int:
-        """The requested max_tokens, or all the room the longest context leaves (vLLM's rule)."""
-        limit = self.engine.max_model_len
-        room = limit - longest
-        if room <= 0:
-            raise ContextLengthExceededError(
-                "messages",
-                f"This model's maximum context length is {limit} tokens, but the messages take {longest} "
-                "tokens (with the preference applied). Shorten the messages.",
-            )
-        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        requested = body.requested_max_tokens
-        if requested is None:
-            return room
-        if requested < 1:
-            raise InvalidParameterError(param, f"'{param}' must be at least 1, got {requested}.")
-        if requested > room:
-            raise ContextLengthExceededError(
-                param,
-                f"This model's maximum context length is {limit} tokens, but {longest + requested} were "
-                f"requested ({longest} in the messages, {requested} for the completion). Lower '{param}' to {room} "
-                "or less, or shorten the messages.",
-            )
-        return requested
 
     # ------------------------------------------------------------ answers
 
@@ -251,7 +233,7 @@ class OpenAIServingChat:
         self,
         prepared: PreparedChat,
         first: GenerationOutput | None,
-        outputs: AsyncIterator[GenerationOutput],
+        outputs: AsyncGenerator[GenerationOutput, None],
         tracker: RequestTracker,
     ) -> AsyncIterator[str]:
         request_id, created = prepared.request.request_id, int(time.time())

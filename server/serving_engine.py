@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import Request
@@ -119,7 +119,7 @@ async def _close(outputs: Any) -> None:
 
 async def iterate_until_disconnect(
     engine: EngineClient, request: GenerationRequest, raw_request: Request, tracker: RequestTracker
-) -> AsyncIterator[GenerationOutput]:
+) -> AsyncGenerator[GenerationOutput, None]:
     """The engine's outputs up to the finished one; raises ClientDisconnected as soon as the client
     leaves. However it ends (done, disconnect, cancellation, error), the engine's iterator is closed,
     which aborts the request there and frees its KV."""

@@ -1,13 +1,56 @@
-"""Shared fixtures: the embedded model's tokenizer and model, and tiny random-weight models."""
+"""Fixtures every folder may use: the embedded model's tokenizer and model, tiny random-weight models,
+the fake engine behind a live server (tests/server and tests/eval), and the torch thread count restored
+after each module (torch runs on one thread here: see ``pytest_configure``).
+
+A test that uses the ``smollm`` fixture (directly or through another fixture) is marked ``smollm``
+here, and one that uses ``compose`` or ``prometheus_binary`` (tests/ops: they may apt-get install
+them) is marked ``system``, so the fast lane (``-m "not smollm and not system and not slow"``) never
+loads the weights or installs packages even where a module forgot its mark. Tests that load the
+weights another way (a server subprocess, ``AsyncEngine`` or ``amulet-eval`` on the embedded model)
+carry the mark themselves.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
 from amulet_core.loading import LoadedModel, ModelConfig, embedded_model_file, load_model
+from server.app import create_app
+from server.config import ServerConfig
+from tests.support.fake_engine import FakeEngine, RecordingObserver
+from tests.support.live_server import LiveServer, live_server
+from tests.support.tiny_models import tiny_config
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Torch computes on one thread in the test process unless ``OMP_NUM_THREADS`` is set.
+
+    The machine's 2 cores are shared with the tests' own server threads and with other jobs, and torch's
+    intra-op threads slow down many times over when one of them has to wait for a core at every operation
+    (the fast lane took 4.5 minutes instead of about one on a machine with one busy core).
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
+FIXTURE_MARKS = {"smollm": "smollm", "compose": "system", "prometheus_binary": "system"}
+"""A test that takes the fixture (even indirectly) gets the mark."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            mark = FIXTURE_MARKS.get(fixture)
+            if mark is not None and item.get_closest_marker(mark) is None:
+                item.add_marker(getattr(pytest.mark, mark))
+
+
+# ---------------------------------------------------------------- the embedded model and tiny models
 
 
 @pytest.fixture(scope="session")
@@ -24,30 +67,6 @@ def smollm() -> LoadedModel:
     return load_model(ModelConfig(dtype="float32"))
 
 
-def _tiny_config(family: str, vocab_size: int):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        initializer_range=0.5,
-        eos_token_id=2,
-        bos_token_id=1,
-    )
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "qwen2":
-        return Qwen2Config(**common)
-    if family == "mistral":
-        return MistralConfig(**common, sliding_window=None)
-    raise ValueError(family)
-
-
 @pytest.fixture(scope="session")
 def tiny_model(smollm_tokenizer) -> Callable[[str], LoadedModel]:
     """Factory of tiny random-weight models of a family (llama, qwen2, mistral) with SmolLM2's tokenizer."""
@@ -58,7 +77,7 @@ def tiny_model(smollm_tokenizer) -> Callable[[str], LoadedModel]:
     def make(family: str = "llama") -> LoadedModel:
         if family not in cache:
             torch.manual_seed(1234)
-            model = AutoModelForCausalLM.from_config(_tiny_config(family, len(smollm_tokenizer)), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(tiny_config(family, len(smollm_tokenizer)), dtype=torch.float32)
             model.eval()
             cache[family] = LoadedModel(
                 model, smollm_tokenizer, f"tiny-{family}", torch.device("cpu"), torch.float32, frozenset({2})
@@ -74,3 +93,54 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- the fake engine behind a live server
+# One server per module. A module changes the engine or the config by overriding ``fake_engine`` or
+# ``server_config`` (module scope); tests take ``server``, ``fake`` and ``observer``, which come reset.
+
+
+@pytest.fixture(scope="module")
+def fake_engine() -> FakeEngine:
+    """The module's fake engine (override the fixture to build it with other arguments)."""
+    return FakeEngine()
+
+
+@pytest.fixture(scope="module")
+def server_config() -> ServerConfig:
+    """The module's server configuration (override the fixture for another)."""
+    return ServerConfig()
+
+
+@pytest.fixture(scope="module")
+def recording_observer() -> RecordingObserver:
+    return RecordingObserver()
+
+
+@pytest.fixture(scope="module")
+def fake_server(
+    fake_engine: FakeEngine, server_config: ServerConfig, recording_observer: RecordingObserver
+) -> Iterator[LiveServer]:
+    """The module's live server over its fake engine, every served request recorded (for module-scoped fixtures)."""
+    with live_server(create_app(fake_engine, server_config, recording_observer)) as running:
+        yield running
+
+
+@pytest.fixture
+def fake(fake_engine: FakeEngine, recording_observer: RecordingObserver) -> FakeEngine:
+    """The module's fake engine, reset (and the observer's records cleared) before the test."""
+    fake_engine.reset()
+    recording_observer.records.clear()
+    return fake_engine
+
+
+@pytest.fixture
+def observer(fake: FakeEngine, recording_observer: RecordingObserver) -> RecordingObserver:
+    """The records of the requests this test's server served."""
+    return recording_observer
+
+
+@pytest.fixture
+def server(fake_server: LiveServer, fake: FakeEngine) -> LiveServer:
+    """The module's live server, over its fake engine reset for the test."""
+    return fake_server

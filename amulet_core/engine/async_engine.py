@@ -14,20 +14,21 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from amulet_core.engine.config import EngineConfig
-from amulet_core.engine.llm_engine import LLMEngine, validate_request
+from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
 from amulet_core.errors import EngineNotReadyError, EngineOverloadedError
 from amulet_core.loading import LoadedModel, ModelConfig, load_model, model_display_name, resolve_device, serving_cpu_threads
-from amulet_core.prompts import render_chat
+from amulet_core.prompts import render_chat, template_default_system_prompt
 
 log = logging.getLogger(__name__)
 
 StepObserver = Callable[[float, int], None]
+_UNKNOWN = object()
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class AsyncEngine:
         self._unseen_adds = 0
         """Requests handed to the worker that its last stats snapshot does not count yet."""
         self._thread: threading.Thread | None = None
+        self._template_system_prompt: object = _UNKNOWN
 
     # ---- lifecycle ----------------------------------------------------------------
     def start(self) -> AsyncEngine:
@@ -124,13 +126,18 @@ class AsyncEngine:
     def encode_chat(self, messages: Sequence[dict[str, Any]]) -> tuple[int, ...]:
         return tuple(render_chat(self.engine.tokenizer, messages))
 
+    def template_system_prompt(self) -> str | None:
+        if self._template_system_prompt is _UNKNOWN:
+            self._template_system_prompt = template_default_system_prompt(self.engine.tokenizer)
+        return cast("str | None", self._template_system_prompt)
+
     def stats(self) -> EngineStats:
         return self._stats
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         if not self.ready:
             raise EngineNotReadyError("The model is loading or the server is shutting down.")
-        validate_request(request, self.max_model_len)
+        request.max_new_tokens(self.max_model_len)  # a request that cannot fit fails here, before it is queued
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             waiting = self._unseen_adds + self._stats.waiting_requests
@@ -187,7 +194,9 @@ class AsyncEngine:
                     message = _Empty
             if stop:
                 for request_id in list(engine.requests):
-                    outputs.append(engine.abort(request_id))
+                    aborted = engine.abort(request_id)
+                    if aborted is not None:
+                        outputs.append(aborted)
                 self._deliver(outputs)
                 return
             if engine.has_work():

@@ -24,22 +24,11 @@ from amulet_core.engine.protocol import (
 )
 from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
 from amulet_core.engine.sequence import Sequence
-from amulet_core.errors import ContextLengthExceededError, InvalidParameterError
+from amulet_core.errors import InvalidParameterError
 from amulet_core.loading import LoadedModel
 from amulet_core.sampling import RowSpec, choose_token, make_generator, method_logprobs
 
 log = logging.getLogger(__name__)
-
-
-def validate_request(request: GenerationRequest, max_model_len: int) -> None:
-    """Raise a clear error when a context leaves no room to generate."""
-    for ids in request.contexts:
-        if len(ids) >= max_model_len:
-            raise ContextLengthExceededError(
-                "messages",
-                f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
-                f"{len(ids)} tokens; shorten the messages.",
-            )
 
 
 @dataclass(eq=False)
@@ -50,6 +39,7 @@ class RequestState:
     generator: torch.Generator | None
     detokenizer: IncrementalDetokenizer
     stop_ids: frozenset[int]
+    max_tokens: int
     arrival: float
     output_ids: list[int] = field(default_factory=list)
     scheduled_at: float | None = None
@@ -74,7 +64,7 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------
     def add_request(self, request: GenerationRequest) -> None:
-        validate_request(request, self.config.max_model_len)
+        max_tokens = request.max_new_tokens(self.config.max_model_len)
         if request.request_id in self.requests:
             raise InvalidParameterError("request_id", f"Request id {request.request_id!r} is already running.")
         sp = request.sampling
@@ -86,6 +76,7 @@ class LLMEngine:
             generator=make_generator(sp, self.device),
             detokenizer=IncrementalDetokenizer(self.tokenizer, sp.stop),
             stop_ids=frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_token_ids),
+            max_tokens=max_tokens,
             arrival=time.monotonic(),
         )
         self.scheduler.add(group)
@@ -176,8 +167,7 @@ class LLMEngine:
         text = state.detokenizer.add(token)
         if state.detokenizer.stopped:
             return self._finish(state, "stop", text=text, token_ids=(token,), logprobs=token_logprobs)
-        longest = max(len(seq.token_ids) for seq in state.group.seqs)
-        if len(state.output_ids) >= sp.max_tokens or longest >= self.config.max_model_len:
+        if len(state.output_ids) >= state.max_tokens:  # max_new_tokens keeps every context within max_model_len
             return self._finish(state, "length", text=text, token_ids=(token,), logprobs=token_logprobs)
         return GenerationOutput(state.request.request_id, text, (token,), token_logprobs)
 

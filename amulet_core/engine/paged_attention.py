@@ -10,6 +10,7 @@ sequence's cached context. Model files stay transformers' own.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -97,13 +98,13 @@ def paged_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     amulet_batch: PackedBatch | None = None,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention over the paged cache. query: [1, heads, N, d]; key, value: [1, kv_heads, N, d]."""
     if amulet_batch is None:
         # A plain call of the same model (no engine batch, no padding): ordinary causal SDPA.
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    layer = module.layer_idx
+    layer = cast(int, module.layer_idx)
     k_cache = amulet_batch.cache.keys[layer]
     v_cache = amulet_batch.cache.values[layer]
     k_cache.index_copy_(1, amulet_batch.slot_mapping, key[0])

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from amulet_core.errors import InvalidParameterError
+from amulet_core.errors import ContextLengthExceededError, InvalidParameterError
 from amulet_core.methods import Method, MethodSettings
 from amulet_core.sampling_params import SamplingParams
 
@@ -45,6 +45,30 @@ class GenerationRequest:
     def contexts(self) -> list[tuple[int, ...]]:
         """Token ids of every context, the decoded one first."""
         return [self.prompt_ids] if self.base_prompt_ids is None else [self.prompt_ids, self.base_prompt_ids]
+
+    def max_new_tokens(self, max_model_len: int) -> int:
+        """The tokens this request may generate: ``sampling.max_tokens``, or all the room the longest
+        context leaves when it is None. The one context-length rule: raises ContextLengthExceededError
+        (param ``messages`` or ``max_tokens``) when a context leaves no room or asks for more than there is."""
+        longest = max(len(ids) for ids in self.contexts)
+        room = max_model_len - longest
+        if room <= 0:
+            raise ContextLengthExceededError(
+                "messages",
+                f"This model's maximum context length is {max_model_len} tokens, but the messages take {longest} "
+                "tokens (with the preference applied). Shorten the messages.",
+            )
+        requested = self.sampling.max_tokens
+        if requested is None:
+            return room
+        if requested > room:
+            raise ContextLengthExceededError(
+                "max_tokens",
+                f"This model's maximum context length is {max_model_len} tokens, but {longest + requested} were "
+                f"requested ({longest} in the messages, {requested} for the completion). Lower 'max_tokens' to {room} "
+                "or less, or shorten the messages.",
+            )
+        return requested
 
 
 @dataclass(frozen=True)
@@ -131,6 +155,10 @@ class EngineClient(Protocol):
 
     def encode_chat(self, messages: Sequence[dict[str, Any]]) -> tuple[int, ...]:
         """Token ids of a conversation through the model's chat template (generation prompt added)."""
+        ...
+
+    def template_system_prompt(self) -> str | None:
+        """The system message the model's chat template inserts into a conversation without one, or None."""
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:

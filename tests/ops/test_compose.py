@@ -1,0 +1,225 @@
+"""docker-compose.yml, its CPU override, the Prometheus/Grafana provisioning and the Dockerfile agree.
+
+Compose files are validated by a real Compose (Debian's ``docker-compose`` package is installed
+with apt-get when no Compose is present; the test skips only where that is impossible). No
+Docker engine is needed: ``config`` only parses and validates.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support import ROOT
+
+COMPOSE = ROOT / "docker-compose.yml"
+CPU_OVERRIDE = ROOT / "docker-compose.cpu.yml"
+PROMETHEUS_CONFIG = ROOT / "docker" / "prometheus.yml"
+GRAFANA = ROOT / "docker" / "grafana"
+
+
+@dataclass(frozen=True)
+class ComposeTool:
+    argv: tuple[str, ...]
+    supports_reset: bool
+    """Compose v2 understands the ``!reset`` tag; Compose v1 (Debian's docker-compose) does not."""
+
+    def config(self, *files: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+        args = [*self.argv, "--project-directory", str(ROOT)]
+        for f in files:
+            args += ["-f", str(f)]
+        return subprocess.run([*args, "config"], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def _version_major(argv: list[str]) -> int | None:
+    try:
+        out = subprocess.run([*argv, "version", "--short"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.match(r"v?(\d+)\.", out.stdout.strip())
+    return int(match.group(1)) if out.returncode == 0 and match else None
+
+
+def _find_compose() -> ComposeTool | None:
+    for argv in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(argv[0]) is None:
+            continue
+        major = _version_major(argv)
+        if major is not None:
+            return ComposeTool(tuple(argv), supports_reset=major >= 2)
+    return None
+
+
+def _apt_install(package: str) -> None:
+    if shutil.which("apt-get") is None:
+        pytest.skip(f"no Compose found and apt-get is not available to install {package}")
+    if subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0":
+        pytest.skip(f"no Compose found and installing {package} with apt-get needs root")
+    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package]
+    result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
+    if result.returncode != 0:  # stale or missing package lists: refresh once and retry
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True, env=env, timeout=600)
+        result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, f"apt-get install {package} failed:\n{result.stdout}\n{result.stderr}"
+
+
+@pytest.fixture(scope="module")
+def compose() -> ComposeTool:
+    """A Compose that runs here (the tests that take it are marked ``system``: it may be installed with apt-get)."""
+    tool = _find_compose()
+    if tool is None:
+        _apt_install("docker-compose")
+        tool = _find_compose()
+    assert tool is not None, "docker-compose was installed but does not run"
+    return tool
+
+
+class _Reset:
+    """Marker for Compose's ``!reset`` tag (removes the value it is set on when files are merged)."""
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: _Reset())
+
+
+def _load(path: Path) -> dict[str, Any]:
+    with path.open() as f:
+        return yaml.load(f, Loader=_ComposeLoader)  # a SafeLoader subclass
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Compose's merge for what an override of mappings and ``!reset`` uses (lists are not emulated)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, _Reset):
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        elif isinstance(value, list):
+            raise NotImplementedError(f"list merge of {key!r} is not emulated; use !reset or a mapping")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _assert_valid(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, f"compose config failed:\n{result.stderr}"
+
+
+@pytest.mark.system
+def test_compose_file_validates(compose: ComposeTool) -> None:
+    _assert_valid(compose.config(COMPOSE))
+
+
+@pytest.mark.system
+def test_compose_validator_rejects_a_broken_file(compose: ComposeTool, tmp_path: Path) -> None:
+    broken = _load(COMPOSE)
+    broken["services"]["server"]["gpu_count_typo"] = 1
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(yaml.safe_dump(broken))
+    assert compose.config(path).returncode != 0
+
+
+@pytest.mark.system
+def test_cpu_override_drops_the_gpu_and_builds_the_cpu_image(compose: ComposeTool, tmp_path: Path) -> None:
+    override = _load(CPU_OVERRIDE)
+    assert override["services"]["server"]["build"]["args"]["VARIANT"] == "cpu"
+    merged = _merge(_load(COMPOSE), override)
+    server = merged["services"]["server"]
+    assert not server.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+    assert server["build"]["context"] == "."
+    assert server["build"]["args"]["VARIANT"] == "cpu"
+    if compose.supports_reset:
+        result = compose.config(COMPOSE, CPU_OVERRIDE)
+        _assert_valid(result)
+        assert "nvidia" not in result.stdout
+    else:  # Compose v1 cannot parse !reset: validate the merged result instead
+        path = tmp_path / "docker-compose.yml"
+        path.write_text(yaml.safe_dump(merged))
+        _assert_valid(compose.config(path))
+
+
+def test_server_service_reserves_one_nvidia_gpu_and_publishes_8000() -> None:
+    server = _load(COMPOSE)["services"]["server"]
+    assert server["build"]["context"] == "."
+    assert "8000:8000" in [str(p) for p in server["ports"]]
+    devices = server["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert any(str(v).endswith(":/data/hf") for v in server["volumes"]), "HF cache volume must be mounted at HF_HOME"
+
+
+def test_every_bind_mount_source_exists() -> None:
+    for name, service in _load(COMPOSE)["services"].items():
+        for volume in service.get("volumes", []):
+            source = str(volume).split(":")[0]
+            if source.startswith((".", "/")):
+                assert (ROOT / source).exists(), f"{name}: bind-mount source {source} is missing"
+
+
+def test_prometheus_config_scrapes_the_server_metrics() -> None:
+    services = _load(COMPOSE)["services"]
+    mounts = [str(v) for v in services["prometheus"]["volumes"]]
+    assert "./docker/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
+    assert "9090:9090" in [str(p) for p in services["prometheus"]["ports"]]
+
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    jobs = [
+        job for job in config["scrape_configs"] if any("server:8000" in sc["targets"] for sc in job.get("static_configs", []))
+    ]
+    assert len(jobs) == 1, "exactly one scrape job must target the compose service server:8000"
+    job = jobs[0]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert job.get("scrape_interval", config["global"]["scrape_interval"]) == "5s"
+
+
+@pytest.mark.system
+def test_prometheus_config_passes_promtool(prometheus_binary: str) -> None:
+    promtool = Path(prometheus_binary).with_name("promtool")
+    check = subprocess.run([str(promtool), "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_grafana_provisioning_points_at_prometheus_and_the_dashboard() -> None:
+    grafana = _load(COMPOSE)["services"]["grafana"]
+    mounts = dict(str(v).split(":")[:2] for v in grafana["volumes"])
+    assert mounts["./docker/grafana/provisioning"] == "/etc/grafana/provisioning"
+    assert "3000:3000" in [str(p) for p in grafana["ports"]]
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+
+    datasources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    (source,) = datasources["datasources"]
+    assert source["type"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090"
+
+    providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "dashboards.yml").read_text())
+    (provider,) = providers["providers"]
+    dashboards_in_container = provider["options"]["path"]
+    assert mounts["./docker/grafana/dashboards"] == dashboards_in_container
+    assert (GRAFANA / "dashboards" / "amulet.json").is_file()
+    assert grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == f"{dashboards_in_container}/amulet.json"
+
+
+def test_dockerfile_variants_match_compose_build_args() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", dockerfile, flags=re.MULTILINE | re.IGNORECASE))
+    assert re.search(r"^FROM\s+base-\$\{VARIANT\}", dockerfile, flags=re.MULTILINE)
+    for compose_file in (COMPOSE, CPU_OVERRIDE):
+        variant = _load(compose_file)["services"]["server"]["build"]["args"]["VARIANT"]
+        assert f"base-{variant}" in stages, f"{compose_file.name}: no Dockerfile stage base-{variant}"
+    assert re.search(r"^HEALTHCHECK .*\n?.*127\.0\.0\.1:8000/health", dockerfile, flags=re.MULTILINE)
+    assert 'CMD ["amulet-server", "--host", "0.0.0.0", "--port", "8000"]' in dockerfile
+    assert re.search(r"^USER\s+(?!root\b)\S+", dockerfile, flags=re.MULTILINE), "the image must not run as root"
+    assert re.search(r"^VOLUME .*/data/hf", dockerfile, flags=re.MULTILINE)
