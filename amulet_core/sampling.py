@@ -1,14 +1,18 @@
-"""Next-token choice: apply each request's method to its context rows, then sample per request.
+"""Next-token choice: apply each request's method to its context rows, then sample every row at once.
 
 Method application is batched: all two-context requests of a step are combined in one
-closed-form call. Sampling then runs per row with the request's own temperature, top-k,
-top-p and seeded generator; greedy rows (temperature 0) share one argmax.
+closed-form call. Sampling is batched too (:func:`sample_tokens`): greedy rows share one argmax,
+temperature, top-k and top-p are tensor ops over all sampled rows with per-row parameters, and
+only the draw itself runs per row, from the row's own generator, so that a seeded request gives the
+same tokens whichever requests share its step. The chosen tokens, their log-probabilities and the
+requested top log-probabilities come back to the host in one copy. :func:`choose_token` is the
+straightforward per-row sampler, kept as the batched one's oracle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,25 +30,65 @@ class RowSpec:
     coefficient: float | None
 
 
+COMBINE_IN_FLOAT32 = True
+"""Combine the two contexts in float32 (see :func:`combine_contexts_float32`); False: methods.combine_contexts (float64)."""
+
+
+def combine_contexts_float32(pref_logits: torch.Tensor, base_logits: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(zb + A (z0 - zb))`` per row in float32: one fused ``lerp``, one fix-up, one log_softmax.
+
+    ``coefficients`` is ``[R, 1]`` float32. Where a token is impossible (-inf) in either context the mix
+    is -inf or NaN (or +inf for a negative A); all of those become -inf, as in ``combine_contexts``.
+    """
+    mixed = torch.lerp(base_logits.float(), pref_logits.float(), coefficients)
+    mixed = torch.nan_to_num_(mixed, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
+    return torch.log_softmax(mixed, dim=-1)
+
+
 def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec]) -> torch.Tensor:
     """``[len(specs), V]`` float32 log-probabilities each request decodes from."""
-    out = torch.empty(len(specs), logits.shape[-1], dtype=torch.float32, device=logits.device)
+    device = logits.device
     single = [i for i, s in enumerate(specs) if s.base_row is None]
     double = [i for i, s in enumerate(specs) if s.base_row is not None]
+    if not single and all(s.primary_row == 2 * i and s.base_row == 2 * i + 1 for i, s in enumerate(specs)):
+        # The engine's layout when every request has two contexts: pref and base rows alternate (no copies).
+        pairs = logits.view(len(specs), 2, logits.shape[-1])
+        return _two_context_logprobs(pairs[:, 0], pairs[:, 1], specs)
+    out = torch.empty(len(specs), logits.shape[-1], dtype=torch.float32, device=device)
     if single:
-        rows = torch.tensor([specs[i].primary_row for i in single], device=logits.device)
+        rows = torch.tensor([specs[i].primary_row for i in single], device=device)
         out[single] = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
     if double:
-        pref_rows = torch.tensor([specs[i].primary_row for i in double], device=logits.device)
-        base_rows = torch.tensor([specs[i].base_row for i in double], device=logits.device)
+        pref_rows = torch.tensor([specs[i].primary_row for i in double], device=device)
+        base_rows = torch.tensor([specs[i].base_row for i in double], device=device)
         pref = logits.index_select(0, pref_rows)
-        coefficients = [specs[i].coefficient for i in double]
-        mixed = combine_contexts(pref, logits.index_select(0, base_rows), [1.0 if a is None else a for a in coefficients])
-        betas = torch.tensor([specs[i].method.plausibility for i in double], device=logits.device)
-        if bool((betas > 0).any()):
-            mixed = plausibility_mask(mixed, pref, betas)
-        out[double] = mixed.float()
+        out[double] = _two_context_logprobs(pref, logits.index_select(0, base_rows), [specs[i] for i in double])
     return out
+
+
+def _two_context_logprobs(pref: torch.Tensor, base: torch.Tensor, specs: Sequence[RowSpec]) -> torch.Tensor:
+    coefficients = [1.0 if s.coefficient is None else s.coefficient for s in specs]
+    if COMBINE_IN_FLOAT32:
+        coef = torch.tensor(coefficients, dtype=torch.float32).reshape(-1, 1).to(pref.device)
+        mixed = combine_contexts_float32(pref, base, coef)
+    else:
+        mixed = combine_contexts(pref, base, coefficients).float()
+    betas = [s.method.plausibility for s in specs]
+    if any(b > 0 for b in betas):
+        beta_tensor = torch.tensor(betas, device=pref.device)
+        mixed = (
+            _plausibility_mask(mixed, pref, beta_tensor) if COMBINE_IN_FLOAT32 else plausibility_mask(mixed, pref, beta_tensor)
+        )
+    return mixed
+
+
+def _plausibility_mask(logprobs: torch.Tensor, pref_logits: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """``methods.plausibility_mask`` with the same threshold arithmetic, fewer passes: the rows with beta 0
+    get a threshold of -inf instead of a separate mask, and the float32 ``logprobs`` are masked in place."""
+    l0 = torch.log_softmax(pref_logits.float(), dim=-1)
+    threshold = l0.max(dim=-1, keepdim=True).values + torch.log(betas.float().clamp_min(1e-45)).reshape(-1, 1)
+    threshold = threshold.masked_fill(betas.reshape(-1, 1) <= 0, float("-inf"))
+    return torch.log_softmax(logprobs.masked_fill_(l0 < threshold, float("-inf")), dim=-1)
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -79,3 +123,111 @@ def choose_token(logprobs: torch.Tensor, params: SamplingParams, generator: torc
     if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
         raise ValueError("the sampling distribution is not finite (temperature too small for these logits?)")
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+@dataclass(frozen=True)
+class RowSample:
+    """One row's outcome: the token, its log-probability, the top alternatives, or why it failed."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    error: str | None = None
+
+
+@dataclass
+class _SampledRows:
+    index: list[int] = field(default_factory=list)
+    temperature: list[float] = field(default_factory=list)
+    top_k: list[int] = field(default_factory=list)
+    top_p: list[float] = field(default_factory=list)
+    generators: list[torch.Generator | None] = field(default_factory=list)
+
+
+_NOT_FINITE = "the sampling distribution is not finite (temperature too small for these logits?)"
+
+
+def _batched_filtered_probs(logprobs: torch.Tensor, rows: _SampledRows) -> torch.Tensor:
+    """:func:`_filtered_probs` for many rows at once, each with its own parameters (same arithmetic)."""
+    vocab = logprobs.shape[-1]
+    device = logprobs.device
+    # Per row, ``logprobs / t`` with a Python float divides by the float32 scalar; so does this.
+    temperature = torch.tensor(rows.temperature, dtype=torch.float64).to(logprobs.dtype).to(device)
+    scores = logprobs / temperature.unsqueeze(1)
+    ks = [k if 0 < k < vocab else 0 for k in rows.top_k]
+    if any(ks):
+        k_max = max(ks)
+        values = torch.topk(scores, k_max, dim=-1).values
+        kth_index = torch.tensor([max(k, 1) - 1 for k in ks], dtype=torch.long, device=device).unsqueeze(1)
+        kth = values.gather(1, kth_index)
+        kth = kth.masked_fill(torch.tensor([k == 0 for k in ks], device=device).unsqueeze(1), float("-inf"))
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if any(p < 1.0 for p in rows.top_p):
+        top_p = torch.tensor(rows.top_p, dtype=torch.float64).to(probs.dtype).to(device).unsqueeze(1)
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        drop_sorted = (cumulative - sorted_probs > top_p) & (top_p < 1.0)
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    return probs
+
+
+def sample_tokens(
+    logprobs: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> list[RowSample]:
+    """One token for every row of ``[R, V]`` log-probabilities, row i decoded with ``params[i]``.
+
+    Gives the tokens :func:`choose_token` gives row by row with the same generators. A row whose
+    distribution is not finite gets ``error`` set (its request fails alone). The chosen tokens, their
+    log-probabilities and the top-``top_logprobs`` pairs come back in one device-to-host copy.
+    """
+    num_rows = logprobs.shape[0]
+    device = logprobs.device
+    if num_rows == 0:
+        return []
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    sampled = _SampledRows()
+    for i, p in enumerate(params):
+        if not p.greedy:
+            sampled.index.append(i)
+            sampled.temperature.append(p.temperature)
+            sampled.top_k.append(p.top_k)
+            sampled.top_p.append(p.top_p)
+            sampled.generators.append(generators[i])
+    tokens = torch.empty(num_rows, dtype=torch.long, device=device)
+    bad = torch.zeros(num_rows, dtype=torch.bool, device=device)
+    if len(greedy) == num_rows:
+        tokens = logprobs.argmax(dim=-1)
+    elif greedy:
+        greedy_rows = torch.tensor(greedy, dtype=torch.long, device=device)
+        tokens[greedy_rows] = logprobs.index_select(0, greedy_rows).argmax(dim=-1)
+    if sampled.index:
+        rows = torch.tensor(sampled.index, dtype=torch.long, device=device)
+        probs = _batched_filtered_probs(logprobs.index_select(0, rows), sampled)
+        row_bad = ~torch.isfinite(probs).all(dim=-1) | (probs.sum(dim=-1) <= 0)
+        # A failed row draws from a harmless stand-in, so the batch needs no sync before the draws.
+        probs = torch.where(row_bad.unsqueeze(1), torch.ones_like(probs), probs)
+        draws = [torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(sampled.generators)]
+        tokens[rows] = torch.cat(draws)
+        bad[rows] = row_bad
+    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    parts = [tokens.double(), chosen.double(), bad.double()]
+    top_n = max(p.top_logprobs if p.logprobs else 0 for p in params)
+    if top_n:
+        values, ids = torch.topk(logprobs, top_n, dim=-1)
+        parts += [values.double().reshape(-1), ids.double().reshape(-1)]
+    host = torch.cat(parts).tolist()  # the one device-to-host copy of the step's sampling
+    results = []
+    for i, p in enumerate(params):
+        top: tuple[tuple[int, float], ...] = ()
+        n = p.top_logprobs if p.logprobs else 0
+        if n:
+            base = 3 * num_rows + i * top_n
+            ids_base = base + num_rows * top_n
+            top = tuple((int(host[ids_base + j]), host[base + j]) for j in range(n))
+        error = _NOT_FINITE if host[2 * num_rows + i] else None
+        results.append(RowSample(int(host[i]), host[num_rows + i], top, error))
+    return results

@@ -159,6 +159,33 @@ def table(r: dict[str, float], streams: list[int]) -> str:
     return "\n".join(lines)
 
 
+def host_overhead_main(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from amulet_core.loading import embedded_model_file, resolve_dtype
+    from benchmarks.host_overhead import format_host_overhead, measure_host_overhead, random_model, tiny_llama_config
+
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.cpu_threads or 1)
+    dtype = torch.float32 if args.dtype == "auto" and device.type == "cpu" else resolve_dtype(args.dtype, device)
+    gguf = embedded_model_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = random_model(tiny_llama_config(len(tokenizer)), tokenizer, device, dtype, "tiny-llama")
+    result = measure_host_overhead(loaded, num_requests=args.host_requests, steps=args.host_steps)
+    result["meta"] = {
+        "date": date.today().isoformat(),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+    }
+    print(format_host_overhead(result))
+    out = Path(args.output if args.output != "benchmarks/results/engine.json" else "benchmarks/results/host_overhead.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder, cached id or .gguf (default: embedded SmolLM2)")
@@ -171,7 +198,17 @@ def main() -> None:
     parser.add_argument("--paper-tokens", type=int, default=None, help="tokens for the slow paper loop (default: --new-tokens)")
     parser.add_argument("--streams", default="1,4,8,16")
     parser.add_argument("--output", default="benchmarks/results/engine.json")
+    parser.add_argument(
+        "--host-overhead",
+        action="store_true",
+        help="only the host work per decode step: 64 amulet requests on a tiny Llama with SmolLM2's vocabulary",
+    )
+    parser.add_argument("--host-requests", type=int, default=64, help="concurrent requests for --host-overhead")
+    parser.add_argument("--host-steps", type=int, default=20, help="timed decode steps for --host-overhead")
     args = parser.parse_args()
+    if args.host_overhead:
+        host_overhead_main(args)
+        return
     streams = [int(s) for s in args.streams.split(",")]
     model_config = ModelConfig(model=args.model, device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads)
     if resolve_device(args.device).type == "cpu":  # the same threads for the baselines as for the engine

@@ -23,7 +23,6 @@ from server.app import create_app
 from server.config import ServerConfig
 from tests.support.fake_engine import FakeEngine, RecordingObserver
 from tests.support.live_server import LiveServer, live_server
-from tests.support.tiny_models import tiny_config
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -68,20 +67,18 @@ def smollm() -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(smollm_tokenizer) -> Callable[[str], LoadedModel]:
-    """Factory of tiny random-weight models of a family (llama, qwen2, mistral) with SmolLM2's tokenizer."""
-    from transformers import AutoModelForCausalLM
+def tiny_model(request: pytest.FixtureRequest) -> Callable[[str], LoadedModel]:
+    """Factory of tiny random-weight models of a family (llama, qwen2, mistral) with SmolLM2's tokenizer,
+    on the CPU in float32 unless ``AMULET_TEST_DEVICE`` / ``AMULET_TEST_DTYPE`` say otherwise
+    (``AMULET_TEST_TOKENIZER``: a saved tokenizer folder instead of the embedded model's; see tests/engine/device.py)."""
+    from tests.engine.device import build_tiny_model, saved_tokenizer
 
     cache: dict[str, LoadedModel] = {}
 
     def make(family: str = "llama") -> LoadedModel:
         if family not in cache:
-            torch.manual_seed(1234)
-            model = AutoModelForCausalLM.from_config(tiny_config(family, len(smollm_tokenizer)), dtype=torch.float32)
-            model.eval()
-            cache[family] = LoadedModel(
-                model, smollm_tokenizer, f"tiny-{family}", torch.device("cpu"), torch.float32, frozenset({2})
-            )
+            tokenizer = saved_tokenizer() or request.getfixturevalue("smollm_tokenizer")
+            cache[family] = build_tiny_model(family, tokenizer)
         return cache[family]
 
     return make

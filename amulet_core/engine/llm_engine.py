@@ -26,7 +26,7 @@ from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
 from amulet_core.engine.sequence import Sequence
 from amulet_core.errors import InvalidParameterError
 from amulet_core.loading import LoadedModel
-from amulet_core.sampling import RowSpec, choose_token, make_generator, method_logprobs
+from amulet_core.sampling import RowSample, RowSpec, make_generator, method_logprobs, sample_tokens
 
 log = logging.getLogger(__name__)
 
@@ -141,27 +141,34 @@ class LLMEngine:
         except Exception as exc:  # the batched closed form failed: no row has a distribution
             log.exception("method application failed")
             return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
+        try:
+            samples = sample_tokens(logprobs, [s.request.sampling for s in states], [s.generator for s in states])
+        except Exception as exc:  # the batched sampler failed: no row has a token
+            log.exception("sampling failed")
+            return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
         outputs = []
         now = time.monotonic()
-        for i, state in enumerate(states):
+        for state, sample in zip(states, samples, strict=True):
             try:  # everything per request from here on: one bad row fails its request alone
                 if state.prefill_s is None and state.scheduled_at is not None:
                     state.prefill_s = now - state.scheduled_at
                 if self.fault_hook is not None:
                     self.fault_hook(state.request)
-                token = choose_token(logprobs[i], state.request.sampling, state.generator)
-                outputs.append(self._accept(state, token, logprobs[i]))
+                if sample.error is not None:
+                    raise ValueError(sample.error)
+                outputs.append(self._accept(state, sample))
             except Exception as exc:
                 log.exception("request %s failed", state.request.request_id)
                 outputs.append(self._finish(state, "error", f"Decoding failed: {type(exc).__name__}: {exc}"))
         return outputs
 
-    def _accept(self, state: RequestState, token: int, logprobs: torch.Tensor) -> GenerationOutput:
+    def _accept(self, state: RequestState, sample: RowSample) -> GenerationOutput:
         sp = state.request.sampling
+        token = sample.token
         state.output_ids.append(token)
         for seq in state.group.seqs:
             seq.token_ids.append(token)
-        token_logprobs = self._logprobs(token, logprobs, sp.top_logprobs) if sp.logprobs else None
+        token_logprobs = self._logprobs(sample) if sp.logprobs else None
         if token in state.stop_ids:
             return self._finish(state, "stop", token_ids=(token,), logprobs=token_logprobs)
         text = state.detokenizer.add(token)
@@ -171,13 +178,10 @@ class LLMEngine:
             return self._finish(state, "length", text=text, token_ids=(token,), logprobs=token_logprobs)
         return GenerationOutput(state.request.request_id, text, (token,), token_logprobs)
 
-    def _logprobs(self, token: int, logprobs: torch.Tensor, top: int) -> tuple[TokenLogprob, ...]:
+    def _logprobs(self, sample: RowSample) -> tuple[TokenLogprob, ...]:
         decode = self.tokenizer.decode
-        pairs: tuple[tuple[int, str, float], ...] = ()
-        if top:
-            values, ids = torch.topk(logprobs, top)
-            pairs = tuple((i, decode([i]), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
-        return (TokenLogprob(token, decode([token]), float(logprobs[token]), pairs),)
+        pairs = tuple((i, decode([i]), v) for i, v in sample.top)
+        return (TokenLogprob(sample.token, decode([sample.token]), sample.logprob, pairs),)
 
     def _finish(
         self,

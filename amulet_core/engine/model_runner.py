@@ -57,62 +57,78 @@ class ModelRunner:
             self.num_blocks * self.block_size * per_token / 2**20,
         )
 
-    def _slots(self, seq: Sequence, end: int) -> torch.Tensor:
-        """Cache slots of positions 0..end-1 of a sequence."""
-        table = torch.tensor(seq.block_table[: -(-end // self.block_size)], dtype=torch.long)
-        offsets = torch.arange(self.block_size, dtype=torch.long)
-        return (table.unsqueeze(1) * self.block_size + offsets).reshape(-1)[:end]
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        """A flat Python list of ints on the device, in one copy."""
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _slot_list(self, seq: Sequence, start: int, end: int) -> list[int]:
+        """Cache slots of positions start..end-1 of a sequence, as a Python list."""
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def _decode_group(self, decode_chunks: list[ScheduledChunk]) -> DecodeGroup | None:
+        """The decode sequences' contexts as slots, computed on the device from their block tables.
+
+        Block tables are lists that the block manager grows in place; a step only copies them, padded
+        to the longest, in one tensor, with the context lengths in another.
+        """
         if not decode_chunks:
             return None
+        bs = self.block_size
         lengths = [c.start + 1 for c in decode_chunks]
         max_len = max(lengths)
-        padded = []
-        for chunk, length in zip(decode_chunks, lengths, strict=True):
-            slots = self._slots(chunk.seq, length)
-            padded.append(torch.nn.functional.pad(slots, (0, max_len - length)))
+        max_blocks = -(-max_len // bs)
+        tables: list[int] = []
+        for chunk in decode_chunks:
+            table = chunk.seq.block_table[:max_blocks]
+            tables.extend(table)
+            tables.extend([0] * (max_blocks - len(table)))  # padding: masked out below
+        block_tables = self._tensor(tables).view(len(decode_chunks), max_blocks, 1)
+        offsets = torch.arange(bs, dtype=torch.long, device=self.device)
+        slots = (block_tables * bs + offsets).view(len(decode_chunks), max_blocks * bs)[:, :max_len]
         mask = None
         if min(lengths) != max_len:
-            positions = torch.arange(max_len).unsqueeze(0)
-            mask = (positions < torch.tensor(lengths).unsqueeze(1)).view(len(lengths), 1, 1, max_len).to(self.device)
-        return DecodeGroup(len(decode_chunks), torch.cat(padded).to(self.device), max_len, mask)
+            positions = torch.arange(max_len, device=self.device).unsqueeze(0)
+            mask = (positions < self._tensor(lengths).unsqueeze(1)).view(len(lengths), 1, 1, max_len)
+        return DecodeGroup(len(decode_chunks), slots.reshape(-1), max_len, mask)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], logits_for: list[Sequence]) -> torch.Tensor:
         """One forward pass over all chunks; float32 logits ``[len(logits_for), vocab]`` of each
         listed sequence's last scheduled token, in that order.
 
-        Single-token (decode) chunks are packed first and attended in one batched call.
+        Single-token (decode) chunks are packed first and attended in one batched call. Token ids,
+        positions and slots are built as flat Python lists and copied to the device once each.
         """
         decode_chunks = [c for c in chunks if c.num_tokens == 1]
         prefill_chunks = [c for c in chunks if c.num_tokens > 1]
+        bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
-        slot_parts: list[torch.Tensor] = []
+        slot_mapping: list[int] = []
         spans: list[SequenceSpan] = []
         last_index: dict[int, int] = {}
         for chunk in decode_chunks:
-            last_index[id(chunk.seq)] = len(input_ids)
-            input_ids.append(chunk.seq.token_ids[chunk.start])
-            positions.append(chunk.start)
-            block = chunk.seq.block_table[chunk.start // self.block_size]
-            slot_parts.append(torch.tensor([block * self.block_size + chunk.start % self.block_size]))
+            seq, p = chunk.seq, chunk.start
+            last_index[id(seq)] = len(input_ids)
+            input_ids.append(seq.token_ids[p])
+            positions.append(p)
+            slot_mapping.append(seq.block_table[p // bs] * bs + p % bs)
         for chunk in prefill_chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
             end = start + n
             offset = len(input_ids)
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            context = self._slots(seq, end)
-            slot_parts.append(context[start:])
-            spans.append(SequenceSpan(offset, offset + n, context.to(self.device), causal_mask(n, end, self.device)))
+            context = self._slot_list(seq, 0, end)
+            slot_mapping.extend(context[start:])
+            spans.append(SequenceSpan(offset, offset + n, self._tensor(context), causal_mask(n, end, self.device)))
             last_index[id(seq)] = offset + n - 1
-        batch = PackedBatch(self.cache, torch.cat(slot_parts).to(self.device), tuple(spans), self._decode_group(decode_chunks))
-        keep = torch.tensor([last_index[id(seq)] for seq in logits_for], dtype=torch.long, device=self.device)
+        batch = PackedBatch(self.cache, self._tensor(slot_mapping), tuple(spans), self._decode_group(decode_chunks))
+        keep = self._tensor([last_index[id(seq)] for seq in logits_for])
         out = self.model(
-            input_ids=torch.tensor([input_ids], dtype=torch.long, device=self.device),
-            position_ids=torch.tensor([positions], dtype=torch.long, device=self.device),
+            input_ids=self._tensor(input_ids).unsqueeze(0),
+            position_ids=self._tensor(positions).unsqueeze(0),
             logits_to_keep=keep,
             use_cache=False,
             amulet_batch=batch,

@@ -1,0 +1,359 @@
+"""The prepared device check: ``benchmarks/gpu_check.sh`` runs ``python -m benchmarks.gpu_check``.
+
+Steps, each timed and recorded (a failing step is recorded and the next one runs), JSON written to
+``--out`` (``$OUT``) after every step:
+
+1. ``env``: torch, transformers, the device.
+2. ``tests_float32``, ``tests_bfloat16``: tests/engine/test_engine.py on the device in that dtype
+   (greedy engine output equals the unbatched reference on tiny Llama / Qwen2 / Mistral, every method,
+   prefix-cache hit, preemption, abort frees KV), run without tests/conftest.py (``tests.engine.gpu_plugin``)
+   so that the server's packages need not be installed.
+3. ``host_overhead``: ``benchmarks.host_overhead`` on the device (64 amulet requests, tiny Llama).
+4. ``llama_1b``, ``llama_8b``: random-weight models shaped like Llama-3.2-1B and Llama-3.1-8B (bfloat16):
+   transformers ``generate`` single stream, engine ``base`` and ``amulet`` single stream, ``amulet``
+   aggregate at 16 and 64 streams, TTFT of a 2,000-token prompt cold and on a prefix hit, and the
+   memory-bandwidth bound (weight bytes / measured device copy rate).
+
+``--cpu-dry-run`` runs the same steps on the CPU with tiny models and few tokens (a test runs it).
+``--save-tokenizer DIR`` (on a machine with the embedded model) saves SmolLM2's tokenizer for the trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.llm_engine import LLMEngine
+from amulet_core.engine.protocol import GenerationRequest
+from amulet_core.loading import LoadedModel
+from amulet_core.methods import Method, MethodSettings
+from amulet_core.sampling_params import SamplingParams
+from benchmarks.host_overhead import format_host_overhead, measure_host_overhead, random_model, tiny_llama_config
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_SHAPES: dict[str, dict[str, Any]] = {
+    "llama_1b": dict(  # Llama-3.2-1B
+        vocab_size=128_256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    "llama_8b": dict(  # Llama-3.1-8B
+        vocab_size=128_256,
+        hidden_size=4096,
+        intermediate_size=14_336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def load_tokenizer(path: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    if path:
+        return AutoTokenizer.from_pretrained(path)
+    from amulet_core.loading import embedded_model_file
+
+    gguf = embedded_model_file()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- steps
+
+
+def step_env(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return info
+
+
+def step_tests(device: torch.device, dtype: str, tokenizer_dir: str, select: str | None, timeout: float) -> dict[str, Any]:
+    env = dict(
+        os.environ,
+        AMULET_TEST_DEVICE=device.type,
+        AMULET_TEST_DTYPE=dtype,
+        AMULET_TEST_TOKENIZER=tokenizer_dir,
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest"]
+        cmd += ["-p", "tests.engine.gpu_plugin", f"--junitxml={junit}", "tests/engine/test_engine.py"]
+        if select:
+            cmd += ["-k", select]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        cases = _junit_cases(junit) if junit.exists() else {}
+    return {
+        "returncode": proc.returncode,
+        "passed": sorted(k for k, v in cases.items() if v == "passed"),
+        "failed": {k: v for k, v in cases.items() if v != "passed"},
+        "output_tail": (proc.stdout + proc.stderr)[-3000:],
+    }
+
+
+def _junit_cases(path: Path) -> dict[str, str]:
+    import xml.etree.ElementTree as ET
+
+    cases = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome = "passed"
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome = f"{child.tag}: {(child.get('message') or '')[:300]}"
+            elif child.tag == "skipped":
+                outcome = "skipped"
+        cases[case.get("name", "?")] = outcome
+    return cases
+
+
+def step_host_overhead(device: torch.device, tokenizer: Any, requests: int, steps: int) -> dict[str, Any]:
+    loaded = random_model(tiny_llama_config(len(tokenizer)), tokenizer, device, torch.float32, "tiny-llama")
+    result = measure_host_overhead(loaded, num_requests=requests, steps=steps)
+    print(format_host_overhead(result), flush=True)
+    return result
+
+
+def copy_rate(device: torch.device, nbytes: int) -> float:
+    """Bytes per second a device-to-device copy moves (read plus write)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    repeats = 5
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    sync(device)
+    return 2 * nbytes * repeats / (time.perf_counter() - start)
+
+
+def _request(rid: str, method: Method, prompt: list[int], base: list[int], new_tokens: int) -> GenerationRequest:
+    sampling = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    if method is Method.BASE:
+        return GenerationRequest(rid, tuple(base), sampling, MethodSettings(method=Method.BASE))
+    return GenerationRequest(rid, tuple(prompt), sampling, MethodSettings(method=method), tuple(base))
+
+
+def _prompt_pair(rng: random.Random, vocab: int, shared: int) -> tuple[list[int], list[int]]:
+    """Pref and base prompts with ``shared`` common leading tokens (the pref one 8 tokens longer)."""
+    head = [rng.randrange(10, vocab) for _ in range(shared)]
+    pref = head + [rng.randrange(10, vocab) for _ in range(12)]
+    return pref, head + [rng.randrange(10, vocab) for _ in range(4)]
+
+
+def _run(engine: LLMEngine, device: torch.device, requests: list[GenerationRequest]) -> dict[str, float]:
+    """Run the requests together; tokens/s overall, and the decode steps' median time once all decode."""
+    for r in requests:
+        engine.add_request(r)
+    sync(device)
+    start = time.perf_counter()
+    first: dict[str, float] = {}
+    tokens = 0
+    decode_steps: list[float] = []
+    while engine.has_work():
+        t0 = time.perf_counter()
+        outs = engine.step()
+        sync(device)
+        t1 = time.perf_counter()
+        if len(first) == len(requests):
+            decode_steps.append(t1 - t0)
+        for out in outs:
+            if out.token_ids:
+                first.setdefault(out.request_id, t1 - start)
+                tokens += len(out.token_ids)
+    elapsed = time.perf_counter() - start
+    return {
+        "tokens": tokens,
+        "tok_per_s": tokens / elapsed,
+        "ttft_s": max(first.values(), default=0.0),
+        "decode_step_ms": 1000 * statistics.median(decode_steps) if decode_steps else 0.0,
+        "decode_tok_per_s": len(requests) / statistics.median(decode_steps) if decode_steps else 0.0,
+    }
+
+
+def step_model(
+    name: str, config: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype, opts: argparse.Namespace
+) -> dict[str, Any]:
+    rng = random.Random(0)
+    loaded: LoadedModel = random_model(config, tokenizer, device, dtype, name)
+    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    rate = copy_rate(device, opts.copy_bytes)
+    result: dict[str, Any] = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "weight_bytes": weight_bytes,
+        "device_copy_bytes_per_s": rate,
+        "bandwidth_bound_step_ms": 1000 * weight_bytes / rate,
+        "bandwidth_bound_single_stream_tok_per_s": rate / weight_bytes,
+    }
+    vocab = min(len(tokenizer), config.vocab_size)
+    pref, base = _prompt_pair(rng, vocab, opts.prompt_tokens)
+    ids = torch.tensor([base], device=device)
+    with torch.inference_mode():  # transformers generate, plain greedy, before the engine takes the model
+        kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=0)
+        loaded.model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)
+        sync(device)
+        start = time.perf_counter()
+        out = loaded.model.generate(ids, max_new_tokens=opts.new_tokens, min_new_tokens=opts.new_tokens, **kwargs)
+        sync(device)
+        result["generate_tok_per_s"] = (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
+    engine_config = EngineConfig(
+        max_num_seqs=max(2 * max(opts.streams), 2),
+        max_model_len=opts.long_prompt + 64,
+        kv_cache_memory_gib=opts.kv_gib,
+        max_num_batched_tokens=opts.batched_tokens,
+    )
+    engine = LLMEngine(loaded, engine_config)
+    _run(engine, device, [_request("warm", Method.AMULET, pref, base, 4)])
+    result["engine_base_1"] = _run(engine, device, [_request("b1", Method.BASE, pref, base, opts.new_tokens)])
+    result["engine_amulet_1"] = _run(engine, device, [_request("a1", Method.AMULET, pref, base, opts.new_tokens)])
+    for n in opts.streams:
+        reqs = []
+        for i in range(n):
+            p, b = _prompt_pair(rng, vocab, opts.prompt_tokens)
+            reqs.append(_request(f"s{n}-{i}", Method.AMULET, p, b, opts.stream_tokens))
+        result[f"engine_amulet_{n}"] = _run(engine, device, reqs)
+    head = [rng.randrange(10, vocab) for _ in range(opts.long_prompt)]
+    cold = _request("cold", Method.AMULET, head + [11, 12, 13], head + [14], 1)
+    hit = _request("hit", Method.AMULET, head + [21, 22, 23], head + [24], 1)
+    result["ttft_long_prompt_tokens"] = len(cold.prompt_ids)
+    result["ttft_cold_s"] = _run(engine, device, [cold])["ttft_s"]
+    result["ttft_prefix_hit_s"] = _run(engine, device, [hit])["ttft_s"]
+    single, base1 = result["engine_amulet_1"]["decode_tok_per_s"], result["engine_base_1"]["decode_tok_per_s"]
+    top = result[f"engine_amulet_{max(opts.streams)}"]
+    result["ratios"] = {
+        "amulet_1 / base_1 (goal >= 0.9)": single / base1 if base1 else None,
+        "base_1 / generate (goal >= 1.5)": base1 / result["generate_tok_per_s"],
+        "aggregate at the most streams / amulet_1 (goal >= 20)": top["decode_tok_per_s"] / single if single else None,
+        "decode step at the most streams / bandwidth bound (goal <= 2)": top["decode_step_ms"]
+        / result["bandwidth_bound_step_ms"],
+    }
+    del engine, loaded
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+# ---------------------------------------------------------------- driver
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="folder for gpu_check.json")
+    parser.add_argument("--tokenizer", default=None, help="saved tokenizer folder (default: the embedded SmolLM2's)")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="the same steps on the CPU with tiny models, quickly")
+    parser.add_argument("--save-tokenizer", default=None, help="save SmolLM2's tokenizer to this folder and exit")
+    parser.add_argument("--skip", default="", help="comma-separated steps to leave out")
+    args = parser.parse_args(argv)
+    if args.save_tokenizer:
+        load_tokenizer(None).save_pretrained(args.save_tokenizer)
+        print(f"saved the tokenizer to {args.save_tokenizer}")
+        return 0
+    dry = args.cpu_dry_run
+    device = torch.device("cpu" if dry else "cuda")
+    if dry:
+        torch.set_num_threads(1)
+    tokenizer = load_tokenizer(args.tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_dir = args.tokenizer or tmp
+        if not args.tokenizer:
+            tokenizer.save_pretrained(tmp)
+        return _run_steps(args, device, tokenizer, tokenizer_dir)
+
+
+def _run_steps(args: argparse.Namespace, device: torch.device, tokenizer: Any, tokenizer_dir: str) -> int:
+    dry = args.cpu_dry_run
+    opts = argparse.Namespace(
+        new_tokens=8 if dry else 64,
+        stream_tokens=4 if dry else 32,
+        streams=[2, 4] if dry else [16, 64],
+        prompt_tokens=24 if dry else 64,
+        long_prompt=200 if dry else 2000,
+        copy_bytes=(16 << 20) if dry else (1 << 30),
+        kv_gib=0.05 if dry else 12.0,
+        batched_tokens=512 if dry else 4096,
+    )
+    skip = {s for s in args.skip.split(",") if s}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_file = out_dir / ("gpu_check_dry_run.json" if dry else "gpu_check.json")
+    report: dict[str, Any] = {"dry_run": dry, "steps": {}}
+    test_select = "abort" if dry else None
+    shapes = {name: (tiny_llama_config(len(tokenizer)) if dry else _llama_config(shape)) for name, shape in LLAMA_SHAPES.items()}
+    model_dtype = torch.float32 if dry else torch.bfloat16
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("env", lambda: step_env(device)),
+        ("tests_float32", lambda: step_tests(device, "float32", tokenizer_dir, test_select, 240)),
+        ("tests_bfloat16", lambda: step_tests(device, "bfloat16", tokenizer_dir, test_select, 240)),
+        ("host_overhead", lambda: step_host_overhead(device, tokenizer, 8 if dry else 64, 3 if dry else 20)),
+    ]
+    for name, config in shapes.items():
+        steps.append((name, functools.partial(step_model, name, config, tokenizer, device, model_dtype, opts)))
+    failures = 0
+    for name, fn in steps:
+        if name in skip:
+            continue
+        start = time.perf_counter()
+        print(f"== {name}", flush=True)
+        try:
+            entry = {"ok": True, "result": fn()}
+            if name.startswith("tests_") and entry["result"]["returncode"] != 0:
+                entry["ok"] = False
+        except Exception as exc:
+            entry = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+        entry["seconds"] = round(time.perf_counter() - start, 1)
+        failures += not entry["ok"]
+        report["steps"][name] = entry
+        out_file.write_text(json.dumps(report, indent=2, default=str))
+        print(json.dumps({name: {k: v for k, v in entry.items() if k != "traceback"}}, default=str)[:2000], flush=True)
+    print(f"wrote {out_file}")
+    return 1 if failures else 0
+
+
+def _llama_config(shape: dict[str, Any]) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**shape, max_position_embeddings=8192, eos_token_id=2, bos_token_id=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

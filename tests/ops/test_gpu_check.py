@@ -1,0 +1,38 @@
+"""The prepared device check runs its steps end to end on the CPU (``--cpu-dry-run``); no timings are checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_dry_run_runs_every_step(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=str(ROOT / ".venv" / "bin" / "python"))
+    if not Path(env["PYTHON"]).exists():
+        env["PYTHON"] = "python3"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check_dry_run.json").read_text())
+    steps = report["steps"]
+    assert set(steps) == {"env", "tests_float32", "tests_bfloat16", "host_overhead", "llama_1b", "llama_8b"}
+    assert all(step["ok"] for step in steps.values()), {k: v.get("error") for k, v in steps.items()}
+    for dtype in ("float32", "bfloat16"):
+        assert steps[f"tests_{dtype}"]["result"]["passed"]
+    for model in ("llama_1b", "llama_8b"):
+        result = steps[model]["result"]
+        for key in ("generate_tok_per_s", "bandwidth_bound_step_ms", "ttft_cold_s", "ttft_prefix_hit_s"):
+            assert result[key] > 0
+        assert result["engine_amulet_4"]["tokens"] == 4 * 4
+    host = steps["host_overhead"]["result"]["ms_per_decode_step"]
+    assert set(host) >= {"scheduling", "input_building", "method_combination", "sampling", "detokenize_and_outputs"}
