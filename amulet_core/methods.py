@@ -63,7 +63,7 @@ class Mode(StrEnum):
 
 
 PAPER_SETTINGS: dict[str, Any] = {"iterations": 60, "eta": 10.0, "alpha": 2.0, "lam": 2.0, "ratio": 2.0, "plausibility": 0.0}
-DEFAULT_PLAUSIBILITY = 0.2
+DEFAULT_PLAUSIBILITY = 0.5
 GAME_PARAMETERS = ("iterations", "eta", "alpha", "lam")
 """Algorithm 1's parameters; with la's ``ratio`` they decide A unless ``strength`` sets it directly."""
 

@@ -53,7 +53,7 @@ def next_token_logprobs(
     else:
         mixed = amulet_iterative(z_pref, z_base, settings)
     if settings.plausibility > 0:
-        betas = torch.tensor([settings.plausibility])
+        betas = torch.tensor([settings.plausibility], device=mixed.device)
         mixed = plausibility_mask(mixed.unsqueeze(0), z_pref.unsqueeze(0), betas)[0]
     return mixed
 

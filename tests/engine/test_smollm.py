@@ -55,9 +55,11 @@ def test_base_decoding_equals_transformers_generate(smollm, engine):
 
 
 @pytest.mark.parametrize("question", QUESTIONS)
-def test_amulet_closed_form_equals_iterative_loop(smollm, engine, question):
+def test_paper_mode_amulet_equals_the_iterative_algorithm_1(smollm, engine, question):
+    """Paper mode (A from T=60, eta=10, alpha=2, lambda=2; no mask) is Algorithm 1 token for token."""
     pref, base = contexts(smollm.tokenizer, question)
-    settings = MethodSettings()
+    settings = MethodSettings.paper()
+    assert settings.plausibility == 0
     request = GenerationRequest("amulet", pref, SamplingParams(max_tokens=64, temperature=0), settings, base)
     want = reference_generate(smollm.model, pref, base, settings, 64, stop_ids=smollm.eos_token_ids)
     got = run(engine, request)
@@ -82,3 +84,13 @@ def test_preference_changes_the_answer(smollm, engine):
     plain = run(engine, GenerationRequest("p", base, sp, MethodSettings(method=Method.BASE)))
     amulet = run(engine, GenerationRequest("a", pref, sp, MethodSettings(), base))
     assert plain != amulet
+
+
+def test_default_mode_amulet_equals_the_iterative_loop_with_the_mask(smollm, engine):
+    """The default settings are Algorithm 1 followed by the plausibility mask, token for token."""
+    pref, base = contexts(smollm.tokenizer, QUESTIONS[0])
+    settings = MethodSettings()
+    assert settings.plausibility > 0 and settings.coefficient == MethodSettings.paper().coefficient
+    request = GenerationRequest("default", pref, SamplingParams(max_tokens=32, temperature=0), settings, base)
+    want = reference_generate(smollm.model, pref, base, settings, 32, stop_ids=smollm.eos_token_ids)
+    assert run(engine, request) == want

@@ -124,7 +124,7 @@ def test_cli_defaults_are_the_products_and_paper_is_the_papers() -> None:
     assert [m.label for m in gen.methods] == ["base", "pref", "la", "amulet"]
     amulet = gen.methods[3].engine_settings
     assert amulet == MethodSettings()  # the server's defaults, plausibility mask on
-    assert amulet.method is Method.AMULET and amulet.plausibility == 0.2 and amulet.iterations == 60
+    assert amulet.method is Method.AMULET and amulet.plausibility == 0.5 and amulet.iterations == 60
     assert config.backend == LocalBackend()
     assert config.fluency == FluencyConfig()
     assert config.reward is None and config.judge is None and config.questions_path is None
@@ -146,7 +146,7 @@ def test_paper_refuses_settings_that_are_not_the_papers(deviation: list[str], ca
 
 
 def test_strength_and_plausibility_columns() -> None:
-    gen = parse_args(["--methods", "base", "amulet", "--plausibility", "0,0.2", "--coefficient", "3"], environ={}).generation
+    gen = parse_args(["--methods", "base", "amulet", "--plausibility", "0,0.5", "--coefficient", "3"], environ={}).generation
     assert [m.label for m in gen.methods] == ["base", "amulet-A3-p0", "amulet-A3"]
     assert [m.engine_settings.coefficient for m in gen.methods[1:]] == [3.0, 3.0]
     assert parse_args(["--base-url", "http://x/v1"], environ={}).fluency is None

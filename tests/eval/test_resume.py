@@ -125,11 +125,11 @@ def test_rows_made_with_other_settings_are_not_mixed_in(tmp_path: Path) -> None:
     run_generation(tmp_path, questions, gen_config(max_tokens=24), ScriptedRunner(), progress=False)
     with pytest.raises(SettingsMismatchError, match="other settings"):
         run_generation(tmp_path, questions, gen_config(max_tokens=32), ScriptedRunner(), progress=False)
-    # Another plausibility makes a column of its own (amulet-p0.5), so it can be added next to amulet.
+    # Another plausibility makes a column of its own (amulet-p0.2), so it can be added next to amulet.
     runner = ScriptedRunner()
-    summary = run_generation(tmp_path, questions, gen_config(plausibilities=(None, 0.5)), runner, progress=False)
-    assert {k[2] for k in runner.calls} == {"amulet-p0.5"}
-    assert summary.rows[(0, "concise", "amulet-p0.5")]["method_settings"]["plausibility"] == 0.5
+    summary = run_generation(tmp_path, questions, gen_config(plausibilities=(None, 0.2)), runner, progress=False)
+    assert {k[2] for k in runner.calls} == {"amulet-p0.2"}
+    assert summary.rows[(0, "concise", "amulet-p0.2")]["method_settings"]["plausibility"] == 0.2
 
 
 def test_serial_methods_run_after_the_others(tmp_path: Path) -> None:

@@ -100,7 +100,9 @@ def test_amulet_preference_matches_the_engine(engine_server: tuple[LiveServer, A
     assert text == expected
     assert text.strip()
     assert (response.model_extra or {})["preference"]["method"] == "amulet"
-    pair = preference_message_pair(MESSAGES, "concise", "")
+    default_system = resolve_default_system_prompt(TEMPLATE, engine.template_system_prompt())
+    pair = preference_message_pair(MESSAGES, "concise", default_system)
+    assert (response.model_extra or {})["preference"]["system_prompt"] == default_system != ""
     assert response.usage.prompt_tokens == len(engine.encode_chat(pair.pref))
     assert (response.usage.model_extra or {})["base_prompt_tokens"] == len(engine.encode_chat(pair.base))
     streamed, chunks = ask(client, {"preference": "concise"}, stream=True)

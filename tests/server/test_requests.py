@@ -51,7 +51,7 @@ def test_no_preference_is_plain_decoding_of_the_messages_as_given(server: LiveSe
 def test_preset_preference_runs_amulet_with_the_default_settings(server: LiveServer, fake: FakeEngine) -> None:
     answer, request = ask(server, fake, preference="creative")
     pair = preference_message_pair(CONVERSATION, "creative", SYSTEM_PROMPT)
-    assert request.method == MethodSettings(method=Method.AMULET, iterations=60, eta=10, alpha=2, lam=2, plausibility=0.2)
+    assert request.method == MethodSettings(method=Method.AMULET, iterations=60, eta=10, alpha=2, lam=2, plausibility=0.5)
     assert request.prompt_ids == fake.encode_chat(pair.pref)
     assert request.base_prompt_ids == fake.encode_chat(pair.base)
     assert pair.pref[0]["content"] == f"{SYSTEM_PROMPT} Your answer should be creative as much as possible."
@@ -66,7 +66,7 @@ def test_preset_preference_runs_amulet_with_the_default_settings(server: LiveSer
         "alpha": 2.0,
         "lambda": 2.0,
         "ratio": 2.0,
-        "plausibility": 0.2,
+        "plausibility": 0.5,
         "coefficient": pytest.approx(MethodSettings().coefficient),
     }
     usage = answer["usage"]
