@@ -79,7 +79,8 @@ class FluencyScorer:
         if not answer_ids:
             return math.nan
         ids = torch.tensor([prompt + answer_ids], device=self.loaded.device)
-        logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1 : -1].float()
+        # Only the positions that predict an answer token need the vocabulary projection.
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(answer_ids) + 1).logits[0, :-1].float()
         targets = torch.tensor(answer_ids, device=logits.device).unsqueeze(1)
         return float(torch.log_softmax(logits, dim=-1).gather(1, targets).mean())
 
