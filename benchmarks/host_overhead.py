@@ -35,24 +35,25 @@ SMOLLM2_VOCAB = 49_152
 PARTS = ("scheduling", "input_building", "forward", "method_combination", "sampling", "detokenize_and_outputs")
 
 
+TINY_MODEL_FIELDS: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    initializer_range=0.5,
+    eos_token_id=2,
+    bos_token_id=1,
+)
+"""The two-layer shape with large random weights that the benchmarks and the tests' tiny models share."""
+
+
 def tiny_llama_config(vocab_size: int = SMOLLM2_VOCAB, **overrides: Any) -> Any:
-    """A two-layer Llama config with large random weights (the shape tests/support/tiny_models.py uses)."""
+    """A two-layer Llama config with large random weights (TINY_MODEL_FIELDS)."""
     from transformers import LlamaConfig
 
-    fields: dict[str, Any] = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        initializer_range=0.5,
-        eos_token_id=2,
-        bos_token_id=1,
-    )
-    fields.update(overrides)
-    return LlamaConfig(**fields)
+    return LlamaConfig(**{**TINY_MODEL_FIELDS, "vocab_size": vocab_size, **overrides})
 
 
 def random_model(config: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype, name: str) -> LoadedModel:

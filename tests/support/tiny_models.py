@@ -8,23 +8,14 @@ from typing import Any
 
 import torch
 
+from benchmarks.host_overhead import TINY_MODEL_FIELDS
+
 
 def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
     """A two-layer config of ``family`` (llama, qwen2, mistral) with large random weights (``initializer_range``)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    common: dict[str, Any] = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        initializer_range=0.5,
-        eos_token_id=2,
-        bos_token_id=1,
-    )
+    common: dict[str, Any] = {**TINY_MODEL_FIELDS, "vocab_size": vocab_size}
     common.update(overrides)
     if family == "llama":
         return LlamaConfig(**common)
