@@ -1,23 +1,37 @@
 """Next-token choice: apply each request's method to its context rows, then sample every row at once.
 
 Method application is batched: all two-context requests of a step are combined in one
-closed-form call. Sampling is batched too (:func:`sample_tokens`): greedy rows share one argmax,
-temperature, top-k and top-p are tensor ops over all sampled rows with per-row parameters, and
-only the draw itself runs per row, from the row's own generator, so that a seeded request gives the
-same tokens whichever requests share its step. The chosen tokens, their log-probabilities and the
-requested top log-probabilities come back to the host in one copy. :func:`choose_token` is the
-straightforward per-row sampler, kept as the batched one's oracle.
+closed-form call. Sampling is batched too (:func:`sample_tokens`): the logits processors
+(``logit_bias``, ``min_tokens``, penalties: ``amulet_core.logits_processing``) run over the rows that
+ask for them, greedy rows share one argmax, temperature, min-p, top-k and top-p are tensor ops over
+all sampled rows with per-row parameters, and only the draw itself runs per row, from the row's own
+generator, so that a seeded request gives the same tokens whichever requests share its step. The
+chosen tokens, their log-probabilities and the requested top log-probabilities come back to the host
+in one copy. :func:`choose_token` is the straightforward per-row sampler, kept as the batched one's oracle.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from amulet_core.logits_processing import RowHistory, apply_processors_, process_row
 from amulet_core.methods import MethodSettings, combine_contexts, plausibility_mask
 from amulet_core.sampling_params import SamplingParams
+
+__all__ = [
+    "RowHistory",
+    "RowSample",
+    "RowSpec",
+    "choose_token",
+    "combine_contexts_float32",
+    "make_generator",
+    "method_logprobs",
+    "sample_tokens",
+]
 
 
 @dataclass(frozen=True)
@@ -100,8 +114,15 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
+def _log_min_p(min_p: float) -> float:
+    return math.log(min_p) if min_p > 0 else float("-inf")
+
+
 def _filtered_probs(logprobs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     scores = logprobs / params.temperature
+    if params.min_p > 0:  # p < min_p * p_max, in log space: score < max score + log(min_p)
+        threshold = scores.max() + torch.tensor(_log_min_p(params.min_p), dtype=torch.float32)
+        scores = scores.masked_fill(scores < threshold, float("-inf"))
     if params.top_k and params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -115,13 +136,25 @@ def _filtered_probs(logprobs: torch.Tensor, params: SamplingParams) -> torch.Ten
     return probs
 
 
-def choose_token(logprobs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from one request's ``[V]`` log-probabilities."""
+_NOT_FINITE = (
+    "no token can be chosen: the distribution is not finite or has no mass (logit_bias or min_tokens ruled "
+    "out every token, or the temperature is too small for these logits)"
+)
+
+
+def choose_token(
+    logprobs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, history: RowHistory | None = None
+) -> int:
+    """One token id from one request's ``[V]`` log-probabilities, after its logits processors (``history``:
+    see ``RowHistory``; None = nothing generated yet). Raises ValueError where no token can be chosen."""
+    scores = process_row(logprobs, params, history)
     if params.greedy:
-        return int(logprobs.argmax())
-    probs = _filtered_probs(logprobs, params)
+        if not bool(torch.isfinite(scores.max())):
+            raise ValueError(_NOT_FINITE)
+        return int(scores.argmax())
+    probs = _filtered_probs(scores, params)
     if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
-        raise ValueError("the sampling distribution is not finite (temperature too small for these logits?)")
+        raise ValueError(_NOT_FINITE)
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
@@ -141,10 +174,8 @@ class _SampledRows:
     temperature: list[float] = field(default_factory=list)
     top_k: list[int] = field(default_factory=list)
     top_p: list[float] = field(default_factory=list)
+    min_p: list[float] = field(default_factory=list)
     generators: list[torch.Generator | None] = field(default_factory=list)
-
-
-_NOT_FINITE = "the sampling distribution is not finite (temperature too small for these logits?)"
 
 
 def _batched_filtered_probs(logprobs: torch.Tensor, rows: _SampledRows) -> torch.Tensor:
@@ -154,6 +185,9 @@ def _batched_filtered_probs(logprobs: torch.Tensor, rows: _SampledRows) -> torch
     # Per row, ``logprobs / t`` with a Python float divides by the float32 scalar; so does this.
     temperature = torch.tensor(rows.temperature, dtype=torch.float64).to(logprobs.dtype).to(device)
     scores = logprobs / temperature.unsqueeze(1)
+    if any(m > 0 for m in rows.min_p):
+        log_min_p = torch.tensor([_log_min_p(m) for m in rows.min_p], dtype=torch.float32).to(device).unsqueeze(1)
+        scores.masked_fill_(scores < scores.amax(dim=-1, keepdim=True) + log_min_p, float("-inf"))  # a fresh tensor
     ks = [k if 0 < k < vocab else 0 for k in rows.top_k]
     if any(ks):
         k_max = max(ks)
@@ -177,17 +211,28 @@ def sample_tokens(
     logprobs: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
+    histories: Sequence[RowHistory | None] | None = None,
 ) -> list[RowSample]:
     """One token for every row of ``[R, V]`` log-probabilities, row i decoded with ``params[i]``.
 
-    Gives the tokens :func:`choose_token` gives row by row with the same generators. A row whose
-    distribution is not finite gets ``error`` set (its request fails alone). The chosen tokens, their
-    log-probabilities and the top-``top_logprobs`` pairs come back in one device-to-host copy.
+    ``histories[i]`` is what row i's logits processors need (``RowHistory``); None, or no ``histories``,
+    means nothing generated yet, which is all a row without penalties or ``min_tokens`` needs. Gives
+    the tokens :func:`choose_token` gives row by row with the same generators and histories. A row
+    where no token can be chosen (not finite, or every token ruled out) gets ``error`` set (its request
+    fails alone). The reported log-probability of the chosen token and the top-``top_logprobs`` pairs
+    are those of the method's distribution before the processors (vLLM's default, raw log-probabilities).
+    They come back with the tokens in one device-to-host copy. ``logprobs`` is edited in place while
+    the tokens are chosen and restored exactly before this returns (where it raises, it may be left edited).
     """
     num_rows = logprobs.shape[0]
     device = logprobs.device
     if num_rows == 0:
         return []
+    logprobs = logprobs.contiguous()
+    if logprobs.is_inference() and not torch.is_inference_mode_enabled():
+        logprobs = logprobs.clone()  # editing an inference tensor in place needs inference mode
+    restore = apply_processors_(logprobs, params, histories)  # in place, undone below: no [R, V] copy
+    scores = logprobs
     greedy = [i for i, p in enumerate(params) if p.greedy]
     sampled = _SampledRows()
     for i, p in enumerate(params):
@@ -196,23 +241,31 @@ def sample_tokens(
             sampled.temperature.append(p.temperature)
             sampled.top_k.append(p.top_k)
             sampled.top_p.append(p.top_p)
+            sampled.min_p.append(p.min_p)
             sampled.generators.append(generators[i])
     tokens = torch.empty(num_rows, dtype=torch.long, device=device)
     bad = torch.zeros(num_rows, dtype=torch.bool, device=device)
     if len(greedy) == num_rows:
-        tokens = logprobs.argmax(dim=-1)
+        best, tokens = scores.max(dim=-1)  # the first maximum on ties, as argmax
+        bad = ~torch.isfinite(best)
     elif greedy:
         greedy_rows = torch.tensor(greedy, dtype=torch.long, device=device)
-        tokens[greedy_rows] = logprobs.index_select(0, greedy_rows).argmax(dim=-1)
+        best, greedy_tokens = scores.index_select(0, greedy_rows).max(dim=-1)
+        tokens[greedy_rows] = greedy_tokens
+        bad[greedy_rows] = ~torch.isfinite(best)
     if sampled.index:
         rows = torch.tensor(sampled.index, dtype=torch.long, device=device)
-        probs = _batched_filtered_probs(logprobs.index_select(0, rows), sampled)
-        row_bad = ~torch.isfinite(probs).all(dim=-1) | (probs.sum(dim=-1) <= 0)
+        every = len(sampled.index) == num_rows
+        probs = _batched_filtered_probs(scores if every else scores.index_select(0, rows), sampled)
+        # Softmax gives values in [0, 1] or NaN, so a NaN, or no mass, shows in the sum (one cheap pass).
+        row_bad = ~(probs.sum(dim=-1) > 0)
         # A failed row draws from a harmless stand-in, so the batch needs no sync before the draws.
-        probs = torch.where(row_bad.unsqueeze(1), torch.ones_like(probs), probs)
+        probs.masked_fill_(row_bad.unsqueeze(1), 1.0)  # a fresh tensor
         draws = [torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(sampled.generators)]
         tokens[rows] = torch.cat(draws)
         bad[rows] = row_bad
+    if restore is not None:
+        restore()  # the raw log-probabilities again, for the reported ones
     chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
     parts = [tokens.double(), chosen.double(), bad.double()]
     top_n = max(p.top_logprobs if p.logprobs else 0 for p in params)

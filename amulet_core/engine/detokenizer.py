@@ -3,7 +3,8 @@
 Text comes out only in whole characters: a multi-byte character split across tokens is
 held until its last byte arrives (the partial decode ends in U+FFFD). Text that could be the
 start of a stop string is held back until it cannot be, so a stop string never reaches
-the client.
+the client. With ``min_tokens`` (vLLM's rule) a stop string counts only when it ends in text that a
+token after the first ``min_tokens`` added.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ from typing import Any
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), skip_special_tokens: bool = True, min_tokens: int = 0) -> None:
         self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self._min_tokens = min_tokens
+        self._stop_floor = 0
+        """A stop string must end past this many characters of ``text`` (the text of the first ``min_tokens`` tokens)."""
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
@@ -26,7 +31,7 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> str:
         """Feed one token; return the text that is now final (may be empty)."""
@@ -40,12 +45,15 @@ class IncrementalDetokenizer:
             # The last read tokens stay as context, so merges such as leading spaces decode right.
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
+        if len(self._ids) <= self._min_tokens:
+            self._stop_floor = len(self.text)
         return self._release(final=False)
 
     def _release(self, final: bool) -> str:
         if self._stop:
             start = max(0, self._emitted - self._hold)
-            hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
+            found = (self.text.find(s, max(start, self._stop_floor - len(s) + 1)) for s in self._stop)
+            hits = [i for i in found if i >= 0]
             if hits:
                 self.text = self.text[: min(hits)]
                 self.stopped = True

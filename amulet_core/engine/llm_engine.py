@@ -26,9 +26,20 @@ from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
 from amulet_core.engine.sequence import Sequence
 from amulet_core.errors import InvalidParameterError
 from amulet_core.loading import LoadedModel
-from amulet_core.sampling import RowSample, RowSpec, make_generator, method_logprobs, sample_tokens
+from amulet_core.sampling import RowHistory, RowSample, RowSpec, make_generator, method_logprobs, sample_tokens
 
 log = logging.getLogger(__name__)
+
+
+def logits_width(model: torch.nn.Module) -> int:
+    """The number of token ids the model scores: its output embedding's rows (its config's vocab_size
+    when it has no output embedding)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    weight = getattr(get_head(), "weight", None) if callable(get_head) else None
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    config = getattr(model, "config")  # noqa: B009 (nn.Module has no typed config)
+    return int(config.get_text_config().vocab_size)
 
 
 @dataclass(eq=False)
@@ -53,6 +64,7 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.eos_token_ids = loaded.eos_token_ids
+        self.vocab_size = logits_width(loaded.model)
         self.runner = ModelRunner(loaded, config)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
@@ -68,13 +80,18 @@ class LLMEngine:
         if request.request_id in self.requests:
             raise InvalidParameterError("request_id", f"Request id {request.request_id!r} is already running.")
         sp = request.sampling
+        for token, _ in sp.logit_bias:
+            if token >= self.vocab_size:
+                raise InvalidParameterError(
+                    "logit_bias", f"'logit_bias' token id {token} is not in this model's vocabulary (0..{self.vocab_size - 1})."
+                )
         group = SequenceGroup(request.request_id, [Sequence(list(ids)) for ids in request.contexts])
         self.requests[request.request_id] = RequestState(
             request=request,
             group=group,
             coefficient=request.method.coefficient,
             generator=make_generator(sp, self.device),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, sp.stop),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, sp.stop, sp.skip_special_tokens, sp.min_tokens),
             stop_ids=frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_token_ids),
             max_tokens=max_tokens,
             arrival=time.monotonic(),
@@ -142,7 +159,9 @@ class LLMEngine:
             log.exception("method application failed")
             return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
         try:
-            samples = sample_tokens(logprobs, [s.request.sampling for s in states], [s.generator for s in states])
+            params = [s.request.sampling for s in states]
+            histories = [self._history(s) if s.request.sampling.needs_history else None for s in states]
+            samples = sample_tokens(logprobs, params, [s.generator for s in states], histories)
         except Exception as exc:  # the batched sampler failed: no row has a token
             log.exception("sampling failed")
             return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
@@ -162,6 +181,16 @@ class LLMEngine:
                 outputs.append(self._finish(state, "error", f"Decoding failed: {type(exc).__name__}: {exc}"))
         return outputs
 
+    @staticmethod
+    def _history(state: RequestState) -> RowHistory:
+        """What the sampler's penalties and ``min_tokens`` read of a request (no copies of the token lists)."""
+        sp = state.request.sampling
+        return RowHistory(
+            output_ids=state.output_ids,
+            prompt_ids=state.request.prompt_ids if sp.repetition_penalty != 1 else (),
+            stop_ids=state.stop_ids if len(state.output_ids) < sp.min_tokens else (),
+        )
+
     def _accept(self, state: RequestState, sample: RowSample) -> GenerationOutput:
         sp = state.request.sampling
         token = sample.token
@@ -169,7 +198,7 @@ class LLMEngine:
         for seq in state.group.seqs:
             seq.token_ids.append(token)
         token_logprobs = self._logprobs(sample) if sp.logprobs else None
-        if token in state.stop_ids:
+        if token in state.stop_ids and len(state.output_ids) > sp.min_tokens:  # before: the sampler ruled them out
             return self._finish(state, "stop", token_ids=(token,), logprobs=token_logprobs)
         text = state.detokenizer.add(token)
         if state.detokenizer.stopped:
