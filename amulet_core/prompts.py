@@ -92,10 +92,70 @@ def preference_message_pair(messages: Sequence[Message], preference: str, defaul
     return MessagePair(pref=pref, base=base, system_prompt=content)
 
 
-def render_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
-    """Token ids of a conversation through the tokenizer's chat template, generation prompt added."""
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
+"""Arguments of ``apply_chat_template`` itself: not template variables, so never taken from a request."""
+
+
+@dataclass(frozen=True)
+class ChatTemplateOptions:
+    """How a conversation is rendered: the generation prompt, continuing the last (assistant) message,
+    and extra variables for the template (``chat_template_kwargs``, e.g. ``enable_thinking``)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    template_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise InvalidParameterError(
+                "continue_final_message",
+                "'continue_final_message' continues the last message, so 'add_generation_prompt' must be false.",
+            )
+        for key, _ in self.template_kwargs:
+            if key in RESERVED_TEMPLATE_KWARGS:
+                raise InvalidParameterError(
+                    f"chat_template_kwargs.{key}", f"'{key}' is not a template variable and cannot be set here."
+                )
+
+    def check(self, messages: Sequence[Message]) -> None:
+        """Raises InvalidParameterError when these options cannot render ``messages``."""
+        if self.continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
+            raise InvalidParameterError("continue_final_message", "'continue_final_message' needs a last 'assistant' message.")
+
+
+DEFAULT_TEMPLATE_OPTIONS = ChatTemplateOptions()
+
+
+def render_chat(
+    tokenizer: Any, messages: Sequence[Message], options: ChatTemplateOptions = DEFAULT_TEMPLATE_OPTIONS
+) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template (generation prompt added by default)."""
+    options.check(messages)
     try:
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            list(messages),
+            tokenize=False,
+            add_generation_prompt=options.add_generation_prompt,
+            continue_final_message=options.continue_final_message,
+            **dict(options.template_kwargs),
+        )
     except Exception as exc:  # a template may raise on roles or orders it does not support
         raise InvalidParameterError("messages", f"The model's chat template rejected the messages: {exc}") from exc
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

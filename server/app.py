@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from typing import Any
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as distribution_version
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from amulet_core.engine.protocol import EngineClient
@@ -24,38 +26,72 @@ from server.errors import APIError, describe_exception, error_response, install_
 from server.lifecycle import LifecycleMiddleware, ServerLifecycle, draining_error
 from server.observer import NullObserver, RequestObserver
 from server.protocol import ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from server.protocol_completions import CompletionRequest
+from server.protocol_tokenize import DetokenizeRequest, TokenizeRequest, VersionResponse
+from server.request_policy import UnknownFieldLog
 from server.serving_chat import OpenAIServingChat
+from server.serving_completions import OpenAIServingCompletion
+from server.serving_tokenize import OpenAIServingTokenization
 
-PROTECTED_PREFIX = "/v1"
-"""Only the API needs the key; /health, /ready, /metrics and the docs stay open (as in vLLM)."""
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def package_version() -> str:
+    """This server's version (the installed distribution's, or the source tree's when not installed)."""
+    try:
+        return distribution_version("amulet-serve")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
+"""Only the API needs the key; /health, /ready, /version, /metrics and the docs stay open (as in vLLM)."""
 
 _ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
-CHAT_OPENAPI: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
-    },
-    "responses": {
-        str(status): {"description": description, "content": _ERROR_CONTENT}
-        for status, description in (
-            (400, "Invalid request (OpenAI error object)"),
-            (401, "Missing or wrong API key"),
-            (404, "Unknown model"),
-            (413, "Request body too large"),
-            (429, "Queue full; see Retry-After"),
-            (500, "Generation failed"),
-            (503, "Model loading or server shutting down; see Retry-After"),
-        )
-    },
+HAND_PARSED: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest)
+"""Request models of the routes that parse their bodies by hand (see ``parse_body``)."""
+
+
+def _openapi_extra(model: type[BaseModel]) -> dict[str, Any]:
+    """The request body and error answers of a hand-parsed route, for /openapi.json."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        },
+        "responses": _ERROR_RESPONSES,
+    }
+
+
+_ERROR_RESPONSES: dict[str, Any] = {
+    str(status): {"description": description, "content": _ERROR_CONTENT}
+    for status, description in (
+        (400, "Invalid request (OpenAI error object)"),
+        (401, "Missing or wrong API key"),
+        (404, "Unknown model"),
+        (413, "Request body too large"),
+        (429, "Queue full; see Retry-After"),
+        (500, "Generation failed"),
+        (503, "Model loading or server shutting down; see Retry-After"),
+    )
 }
-"""The chat route parses its body by hand (see below), so its schema is declared here for /openapi.json."""
+
+
+async def parse_body(model: type[RequestT], request: Request) -> RequestT:
+    """The request body as ``model``, parsed strictly from JSON whatever the content type (curl -d sends
+    form encoding by default); pydantic's errors go through the same 400 handler as every invalid request."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
 
 
 def _openapi_schema(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema plus the request model of the hand-parsed chat route and the error object."""
     schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (ChatCompletionRequest, ErrorResponse):
+    models: tuple[type[BaseModel], ...] = (*HAND_PARSED, ErrorResponse)
+    for model in models:
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
         components[model.__name__] = body
@@ -71,7 +107,11 @@ def create_app(
 ) -> FastAPI:
     """The OpenAI-compatible app over ``engine``. ``lifespan`` lets the CLI start and drain the engine."""
     model_name = config.served_model_name or engine.model_name
-    chat = OpenAIServingChat(engine, model_name, config, observer or NullObserver())
+    observer = observer or NullObserver()
+    unknown_fields = UnknownFieldLog()
+    chat = OpenAIServingChat(engine, model_name, config, observer, unknown_fields)
+    completions = OpenAIServingCompletion(engine, model_name, config, observer, unknown_fields)
+    tokenization = OpenAIServingTokenization(engine, model_name, unknown_fields)
     app = FastAPI(title="Amulet Serve", summary="OpenAI-compatible API with Amulet preference decoding", lifespan=lifespan)
     install_error_handlers(app, config.retry_after_s)
     lifecycle = ServerLifecycle()
@@ -112,21 +152,32 @@ def create_app(
             raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
         return ModelCard(id=model_name, max_model_len=engine.max_model_len).model_dump()
 
-    @app.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
+    @app.get("/version")
+    async def version() -> dict[str, Any]:
+        return VersionResponse(version=package_version()).model_dump()
+
+    @app.post("/v1/chat/completions", openapi_extra=_openapi_extra(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        # Parsed by hand: any content type is read as JSON (curl -d sends form encoding by default),
-        # and pydantic's errors go through the same 400 handler as every other invalid request.
-        try:
-            body = ChatCompletionRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors()) from None
-        return await chat.create(body, request)
+        return await chat.create(await parse_body(ChatCompletionRequest, request), request)
+
+    @app.post("/v1/completions", openapi_extra=_openapi_extra(CompletionRequest))
+    async def text_completions(request: Request) -> Response:
+        return await completions.create(await parse_body(CompletionRequest, request), request)
+
+    @app.post("/tokenize", openapi_extra=_openapi_extra(TokenizeRequest))
+    async def tokenize(request: Request) -> dict[str, Any]:
+        answer = await tokenization.tokenize(await parse_body(TokenizeRequest, request))
+        return answer.model_dump(exclude_none=True)
+
+    @app.post("/detokenize", openapi_extra=_openapi_extra(DetokenizeRequest))
+    async def detokenize(request: Request) -> dict[str, Any]:
+        return (await tokenization.detokenize(await parse_body(DetokenizeRequest, request))).model_dump()
 
     app.add_middleware(BodySizeLimit, max_body_bytes=config.max_body_bytes)
     if config.api_key is not None:
         app.add_middleware(ApiKeyAuth, api_key=config.api_key)
     app.add_middleware(
-        LifecycleMiddleware, lifecycle=lifecycle, refused_prefix=PROTECTED_PREFIX, retry_after_s=config.retry_after_s
+        LifecycleMiddleware, lifecycle=lifecycle, refused_prefixes=PROTECTED_PREFIXES, retry_after_s=config.retry_after_s
     )
     if config.cors_origins:  # added last, so outermost: preflights never need the key
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"])
@@ -145,7 +196,7 @@ class ApiKeyAuth:
         self._expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
+        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIXES):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization")

@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests that may wait; more are refused with 429 (default: %(default)s)",
     )
     p.add_argument(
+        "--max-n",
+        type=int,
+        default=ServerConfig.max_n,
+        help="most choices ('n') one request may ask for; each decodes its own sequences (default: %(default)s)",
+    )
+    p.add_argument(
         "--default-system-prompt",
         default=TEMPLATE,
         metavar="template|paper|none|TEXT",
@@ -142,6 +148,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
                 max_body_bytes=args.max_body_bytes,
                 drain_timeout_s=args.drain_timeout,
                 default_system_prompt=args.default_system_prompt,
+                max_n=args.max_n,
             ),
         )
     except ValueError as exc:

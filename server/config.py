@@ -27,6 +27,8 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     retry_after_s: int = 1
     """Value of the Retry-After header on 429 (queue full) and 503 (not ready) answers."""
+    max_n: int = 8
+    """Most choices (``n``) one request may ask for; each decodes its own sequences."""
     default_system_prompt: str = TEMPLATE
     """System message given to both contexts of a preference request whose conversation has none:
     ``template`` (the model's chat template's own default), ``paper``, ``none`` or the text itself
@@ -39,5 +41,7 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be at least 0, got {self.drain_timeout_s}")
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be at least 1, got {self.max_n}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (leave it unset to disable authentication)")

@@ -53,19 +53,19 @@ def draining_error(retry_after_s: int) -> APIError:
 
 class LifecycleMiddleware:
     """Counts every HTTP request while the app serves it (a stream counts until its last byte is sent),
-    and answers 503 to new requests under ``refused_prefix`` once the server is draining."""
+    and answers 503 to new requests under ``refused_prefixes`` once the server is draining."""
 
-    def __init__(self, app: ASGIApp, lifecycle: ServerLifecycle, refused_prefix: str, retry_after_s: int) -> None:
+    def __init__(self, app: ASGIApp, lifecycle: ServerLifecycle, refused_prefixes: tuple[str, ...], retry_after_s: int) -> None:
         self.app = app
         self.lifecycle = lifecycle
-        self.refused_prefix = refused_prefix
+        self.refused_prefixes = refused_prefixes
         self.retry_after_s = retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.lifecycle.draining and scope["path"].startswith(self.refused_prefix):
+        if self.lifecycle.draining and scope["path"].startswith(self.refused_prefixes):
             await error_response(describe_exception(draining_error(self.retry_after_s)))(scope, receive, send)
             return
         self.lifecycle.in_flight += 1

@@ -1,7 +1,9 @@
 """Pydantic models of the OpenAI-compatible API: what requests may contain and what answers look like.
 
 Requests are validated strictly from JSON (``model_validate_json``): numbers are not parsed out of
-strings, unknown top-level fields are refused, so a typo never silently changes the decoding.
+strings, and a wrong type is a 400. Fields the models do not declare are kept (``model_extra``) for
+:mod:`server.request_policy`, which refuses the known ones that would change the answer and logs the
+unknown ones.
 Answers carry two extensions that OpenAI clients ignore: ``preference`` (the effective Amulet
 settings) and ``usage.base_prompt_tokens`` (what the second, preference-free context cost).
 """
@@ -25,11 +27,14 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    """Request objects: strictly typed, and tolerant of fields they do not declare (see request_policy)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class TextPart(_Request):
-    """One part of a message's content; only text parts are supported."""
+    """One part of a message's content; only text parts are supported. Other keys (``cache_control``)
+    are accepted and change nothing."""
 
     type: Literal["text"]
     text: str
@@ -43,35 +48,13 @@ class TextPart(_Request):
         return data
 
 
-class ChatMessage(BaseModel):
-    """A chat message. Extra keys (``refusal``, ``annotations`` ... that clients echo back) are ignored."""
+class PreferenceSpec(BaseModel):
+    """The object form of ``preference``. Unset numbers take the defaults of ``mode`` (MethodSettings).
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    Unlike the rest of a request, unknown keys here are refused: this object is the server's own, no
+    client adds fields to it, and a misspelt parameter would silently decode differently."""
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_calls: list[Any] | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> ChatMessage:
-        if self.tool_calls:
-            raise ValueError("tool calls are not supported")
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a '{self.role}' message needs 'content'")
-        return self
-
-    def text(self) -> str:
-        """The content as one string (text parts joined by newlines, like vLLM)."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(part.text for part in self.content)
-
-
-class PreferenceSpec(_Request):
-    """The object form of ``preference``. Unset numbers take the defaults of ``mode`` (MethodSettings)."""
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False)
 
     text: str
     mode: Literal["default", "paper"] | None = None
@@ -95,33 +78,99 @@ class PreferenceSpec(_Request):
 
 class StreamOptions(_Request):
     include_usage: bool | None = None
+    include_obfuscation: bool | None = None
+    """Accepted, no effect: this server adds no obfuscation padding."""
 
 
-class ChatCompletionRequest(_Request):
-    """``POST /v1/chat/completions``. ``top_k`` and ``preference`` are extensions."""
+class GenerationFields(_Request):
+    """The fields the chat and text completion requests share: sampling (OpenAI's and vLLM's), streaming,
+    the ``preference`` extension, and OpenAI's fields that change nothing here (accepted, typed, unused)."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    min_tokens: int | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    n: int | None = 1
-    logprobs: bool | None = False
-    top_logprobs: int | None = None
-    user: str | None = None
+    n: int | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
     preference: str | PreferenceSpec | None = None
+    # Accepted, no effect here (request_policy.NO_EFFECT_FIELDS says why).
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    priority: int | None = None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def num_choices(self) -> int:
+        return 1 if self.n is None else self.n
+
+
+class ChatMessage(_Request):
+    """A chat message. Keys clients echo back from answers (``refusal``, ``annotations`` ...) are accepted."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    """Given to the chat template with the message (templates that know ``name`` render it)."""
+    tool_calls: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatMessage:
+        if self.tool_calls:
+            raise ValueError("tool calls are not supported")
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a '{self.role}' message needs 'content'")
+        return self
+
+    def text(self) -> str:
+        """The content as one string (text parts joined by newlines, like vLLM)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template sees it (``developer`` is a system message)."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(GenerationFields):
+    """``POST /v1/chat/completions``. ``top_k``, ``min_p``, ... and ``preference`` are extensions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    # Accepted, no effect here.
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    prediction: dict[str, Any] | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import Request
 
-from amulet_core.engine.protocol import EngineClient, GenerationOutput, GenerationRequest, Usage
+from amulet_core.engine.parallel_sampling import ChoiceOutput
+from amulet_core.engine.protocol import GenerationRequest, Usage
 from server.observer import RequestObserver, RequestRecord
 
 logger = logging.getLogger(__name__)
@@ -32,21 +33,28 @@ class RequestTracker:
     outputs as the server receives them.
     """
 
-    def __init__(self, observer: RequestObserver, request: GenerationRequest, arrival: float | None = None) -> None:
+    def __init__(
+        self,
+        observer: RequestObserver,
+        requests: Sequence[GenerationRequest],
+        n: int = 1,
+        arrival: float | None = None,
+    ) -> None:
         self._observer = observer
-        self._method = request.method.method.value
-        self._prompt_tokens = len(request.prompt_ids)
-        self._base_prompt_tokens = len(request.base_prompt_ids or ())
+        self._method = requests[0].method.method.value
+        self._requests = tuple(requests)
+        self._n = n
+        self._usages: dict[int, Usage] = {}
         self._start = time.monotonic() if arrival is None else arrival
         self._first: float | None = None
         self._last: float | None = None
         self._gaps: list[float] = []
         self._completion_tokens = 0
         self._queue_s: float | None = None
-        self._usage: Usage | None = None
         self._done = False
 
-    def on_output(self, out: GenerationOutput) -> None:
+    def on_output(self, choice: ChoiceOutput) -> None:
+        out = choice.output
         now = time.monotonic()
         if out.token_ids:
             if self._last is None:
@@ -56,15 +64,28 @@ class RequestTracker:
             self._last = now
             self._completion_tokens += len(out.token_ids)
         if out.usage is not None:
-            self._usage = out.usage
+            self._usages[choice.index] = out.usage
         if out.timings is not None:
             self._queue_s = out.timings.queue_s
 
     def usage(self) -> Usage:
-        """The engine's final usage, or one counted here when the engine sent none."""
-        if self._usage is not None:
-            return self._usage
-        return Usage(self._prompt_tokens, self._completion_tokens, base_prompt_tokens=self._base_prompt_tokens)
+        """The usage of the whole request: per prompt, its prompt counted once and its choices' completions
+        summed (``Usage.of_choices``), then summed over the prompts. A choice the engine sent no usage for
+        (it failed early) counts its prompt and no completion tokens."""
+        per_prompt = []
+        for p, request in enumerate(self._requests):
+            fallback = Usage(len(request.prompt_ids), 0, base_prompt_tokens=len(request.base_prompt_ids or ()))
+            choices = [self._usages.get(p * self._n + j, fallback) for j in range(self._n)]
+            per_prompt.append(Usage.of_choices(choices))
+        if not self._usages:  # nothing final from the engine: count what streamed
+            first = per_prompt[0]
+            per_prompt[0] = Usage(first.prompt_tokens, self._completion_tokens, first.base_prompt_tokens)
+        return Usage(
+            prompt_tokens=sum(u.prompt_tokens for u in per_prompt),
+            completion_tokens=sum(u.completion_tokens for u in per_prompt),
+            base_prompt_tokens=sum(u.base_prompt_tokens for u in per_prompt),
+            cached_prompt_tokens=sum(u.cached_prompt_tokens for u in per_prompt),
+        )
 
     def cancel(self) -> None:
         """Never report this request (it was refused before it started)."""
@@ -99,7 +120,7 @@ async def _wait_for_disconnect(raw_request: Request) -> None:
             return
 
 
-async def _next(outputs: AsyncIterator[GenerationOutput]) -> Any:
+async def _next(outputs: AsyncIterator[ChoiceOutput]) -> Any:
     # A task cannot carry StopAsyncIteration well; turn the end into a sentinel.
     try:
         return await outputs.__anext__()
@@ -118,12 +139,11 @@ async def _close(outputs: Any) -> None:
 
 
 async def iterate_until_disconnect(
-    engine: EngineClient, request: GenerationRequest, raw_request: Request, tracker: RequestTracker
-) -> AsyncGenerator[GenerationOutput, None]:
-    """The engine's outputs up to the finished one; raises ClientDisconnected as soon as the client
-    leaves. However it ends (done, disconnect, cancellation, error), the engine's iterator is closed,
-    which aborts the request there and frees its KV."""
-    outputs = engine.generate(request)
+    outputs: AsyncIterator[ChoiceOutput], raw_request: Request, tracker: RequestTracker
+) -> AsyncGenerator[ChoiceOutput, None]:
+    """The choices' outputs (``generate_choices``) to the end; raises ClientDisconnected as soon as the
+    client leaves. However it ends (done, disconnect, cancellation, error), ``outputs`` is closed, which
+    aborts every choice in the engine and frees its KV."""
     watcher = asyncio.ensure_future(_wait_for_disconnect(raw_request))
     step: asyncio.Future[Any] | None = None
     try:
@@ -139,8 +159,6 @@ async def iterate_until_disconnect(
                 return
             tracker.on_output(out)
             yield out
-            if out.finished:
-                return
     finally:
         watcher.cancel()
         if step is not None and not step.done():

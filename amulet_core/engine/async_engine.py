@@ -23,7 +23,12 @@ from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
 from amulet_core.errors import EngineNotReadyError, EngineOverloadedError
 from amulet_core.loading import LoadedModel, ModelConfig, load_model, model_display_name, resolve_device, serving_cpu_threads
-from amulet_core.prompts import render_chat, template_default_system_prompt
+from amulet_core.prompts import (
+    DEFAULT_TEMPLATE_OPTIONS,
+    ChatTemplateOptions,
+    render_chat,
+    template_default_system_prompt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +128,27 @@ class AsyncEngine:
             self._thread = None
 
     # ---- client API ---------------------------------------------------------------
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> tuple[int, ...]:
-        return tuple(render_chat(self.engine.tokenizer, messages))
+    @property
+    def vocab_size(self) -> int:
+        return int(self.engine.runner.model.config.get_text_config().vocab_size)
+
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], options: ChatTemplateOptions = DEFAULT_TEMPLATE_OPTIONS
+    ) -> tuple[int, ...]:
+        return tuple(render_chat(self.engine.tokenizer, messages, options))
+
+    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
+        return tuple(self.engine.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return str(
+            self.engine.tokenizer.decode(
+                list(token_ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+            )
+        )
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        return [str(t) for t in self.engine.tokenizer.convert_ids_to_tokens(list(token_ids))]
 
     def template_system_prompt(self) -> str | None:
         if self._template_system_prompt is _UNKNOWN:

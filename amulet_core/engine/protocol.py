@@ -12,6 +12,7 @@ from typing import Any, Literal, Protocol
 
 from amulet_core.errors import ContextLengthExceededError, InvalidParameterError
 from amulet_core.methods import Method, MethodSettings
+from amulet_core.prompts import DEFAULT_TEMPLATE_OPTIONS, ChatTemplateOptions
 from amulet_core.sampling_params import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -95,6 +96,18 @@ class Usage:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    @classmethod
+    def of_choices(cls, usages: Sequence[Usage]) -> Usage:
+        """The usage of n choices of one prompt (OpenAI's rule): the prompt counted once (the first
+        choice's, which paid for it), the completions summed."""
+        first = usages[0]
+        return cls(
+            prompt_tokens=first.prompt_tokens,
+            completion_tokens=sum(u.completion_tokens for u in usages),
+            base_prompt_tokens=first.base_prompt_tokens,
+            cached_prompt_tokens=first.cached_prompt_tokens,
+        )
+
 
 @dataclass(frozen=True)
 class RequestTimings:
@@ -153,8 +166,27 @@ class EngineClient(Protocol):
         """Why the model failed to load, or None (still loading, or loaded)."""
         ...
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> tuple[int, ...]:
-        """Token ids of a conversation through the model's chat template (generation prompt added)."""
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's output layer: token ids run from 0 to ``vocab_size - 1``."""
+        ...
+
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], options: ChatTemplateOptions = DEFAULT_TEMPLATE_OPTIONS
+    ) -> tuple[int, ...]:
+        """Token ids of a conversation through the model's chat template (generation prompt added by default)."""
+        ...
+
+    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
+        """Token ids of a raw prompt (no chat template); ``add_special_tokens`` adds the tokenizer's BOS, if any."""
+        ...
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """The text of token ids."""
+        ...
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token id's vocabulary entry (e.g. ``Ġthe``), as vLLM's ``/tokenize`` returns them."""
         ...
 
     def template_system_prompt(self) -> str | None:

@@ -116,7 +116,7 @@ def test_models_list(client: openai.OpenAI) -> None:
 
 def test_errors_reach_the_client_typed(client: openai.OpenAI, fake: FakeEngine) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2)
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, n=9)
     assert bad.value.status_code == 400
     assert bad.value.param == "n"
     with pytest.raises(openai.NotFoundError):

@@ -21,6 +21,7 @@ import pytest
 from fastapi.middleware.cors import CORSMiddleware
 
 from amulet_core.engine.protocol import GenerationOutput, GenerationRequest
+from amulet_core.prompts import DEFAULT_TEMPLATE_OPTIONS
 from benchmarks.load import server_process
 from server.app import create_app
 from server.cli import build_app, parse_args
@@ -141,10 +142,10 @@ def test_cors_is_off_unless_configured() -> None:
 class BrokenEngine(FakeEngine):
     """A fake engine that fails in the places the fake does not: the tokenizer, mid-generation, stats."""
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> tuple[int, ...]:
+    def encode_chat(self, messages: Sequence[dict[str, Any]], options: Any = DEFAULT_TEMPLATE_OPTIONS) -> tuple[int, ...]:
         if any("[tokenizer]" in str(m["content"]) for m in messages):
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, SECRET)
-        return super().encode_chat(messages)
+        return super().encode_chat(messages, options)
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         count = 0

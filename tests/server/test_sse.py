@@ -142,7 +142,7 @@ def test_observer_gets_one_record_per_served_request(server: LiveServer, fake: F
     url = f"{server.url}/v1/chat/completions"
     assert httpx.post(url, json={"messages": USER, "stream": True, "max_tokens": 2}).status_code == 200
     assert httpx.post(url, json={"messages": [{"role": "user", "content": "[fail]"}]}).status_code == 500
-    assert httpx.post(url, json={"messages": USER, "n": 3}).status_code == 400  # never reached the engine
+    assert httpx.post(url, json={"messages": USER, "n": 9}).status_code == 400  # never reached the engine
     fake.overloaded = True
     assert httpx.post(url, json={"messages": USER}).status_code == 429  # refused, not served
     assert [(r.method, r.finish_reason, r.completion_tokens) for r in observer.records] == [

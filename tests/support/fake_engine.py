@@ -4,7 +4,9 @@
   id per character (its code point), so prompt lengths are easy to reason about and the fake can
   read its own prompts back.
 * The answer is :data:`REPLY_PIECES`, one piece per token, with multi-byte UTF-8 characters
-  (ö, 你好, 🙂); ``max_tokens`` ends it with "length", ``stop`` strings cut it with "stop".
+  (ö, 你好, 🙂); ``max_tokens`` ends it with "length", ``stop`` strings cut it with "stop". A sampled
+  (not greedy) request with a seed starts with ``[<seed>]``, so the choices of ``n`` differ.
+* ``encode_prompt`` / ``decode`` map characters to code points (``encode_prompt`` adds ``BOS_ID``).
 * Markers in the conversation change the behaviour: ``[slow]`` (a token every 20 ms, endless up to
   max_tokens), ``[fail]`` (an error output after two tokens), ``[crash]`` (an exception after two
   tokens), ``[crash-early]`` (an exception before any output), ``[abort]`` (engine-side abort).
@@ -32,6 +34,7 @@ from amulet_core.engine.protocol import (
     Usage,
 )
 from amulet_core.errors import EngineNotReadyError, EngineOverloadedError
+from amulet_core.prompts import DEFAULT_TEMPLATE_OPTIONS, ChatTemplateOptions
 from server.observer import RequestRecord
 
 REPLY_PIECES: tuple[str, ...] = ("Hello", ",", " wö", "rld", "!", " 你", "好", " ", "🙂", " ", "ça", " va", "?")
@@ -43,9 +46,16 @@ GATE_POLL_S = 0.005
 TOKEN_ID_BASE = 1000
 
 
-def render(messages: Sequence[dict[str, Any]]) -> str:
-    """The fake chat template."""
-    return "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
+VOCAB_SIZE = 0x110000
+"""The fake's token ids are Unicode code points."""
+BOS_ID = 2
+"""The fake's special token that ``encode_prompt`` adds (U+0002)."""
+
+
+def render(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    """The fake chat template (a message's ``name`` is written after its role)."""
+    lines = "".join(f"<|{m['role']}{':' + m['name'] if 'name' in m else ''}|>{m['content']}\n" for m in messages)
+    return lines + ("<|assistant|>" if add_generation_prompt else "")
 
 
 @dataclass
@@ -77,6 +87,7 @@ class FakeEngine:
         self.load_error: BaseException | None = None
         self.overloaded = False
         self.requests: list[GenerationRequest] = []
+        self.template_options: list[ChatTemplateOptions] = []
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.active = 0
@@ -89,10 +100,24 @@ class FakeEngine:
     def ready(self, value: bool) -> None:
         self._ready = value
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> tuple[int, ...]:
+    vocab_size = VOCAB_SIZE
+
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], options: ChatTemplateOptions = DEFAULT_TEMPLATE_OPTIONS
+    ) -> tuple[int, ...]:
         if not self._ready:
             raise EngineNotReadyError("The fake model is not loaded.")
-        return tuple(ord(c) for c in render(messages))
+        self.template_options.append(options)
+        return tuple(ord(c) for c in render(messages, options.add_generation_prompt))
+
+    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
+        return ((BOS_ID,) if add_special_tokens else ()) + tuple(ord(c) for c in text)
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return "".join("" if t == BOS_ID and skip_special_tokens else chr(t) for t in token_ids)
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        return [f"<{t}>" for t in token_ids]
 
     def template_system_prompt(self) -> str | None:
         """The fake template inserts no system message of its own."""
@@ -180,6 +205,9 @@ class FakeEngine:
         else:
             pieces = list(REPLY_PIECES[:limit])
             reason = "length" if limit < len(REPLY_PIECES) else "stop"
+        sampling = request.sampling
+        if sampling.seed is not None and not sampling.greedy:  # a seeded sample says its seed first
+            pieces[0] = f"[{sampling.seed}]{pieces[0]}"
         text = "".join(pieces)
         cuts = [text.find(s) for s in request.sampling.stop if s in text]
         if not cuts:

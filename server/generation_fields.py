@@ -1,0 +1,107 @@
+"""From the fields chat and text completions share (``GenerationFields``) to the domain types.
+
+The HTTP layer only translates here: names (``max_completion_tokens``), JSON shapes (``logit_bias``'s
+string keys) and defaults of absent fields. The rules themselves (ranges, greedy below a temperature,
+the seed of choice j) live in SamplingParams and MethodSettings, whose errors name the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from amulet_core.errors import InvalidParameterError
+from amulet_core.methods import MethodSettings, Mode
+from amulet_core.sampling_params import SamplingParams
+from server.errors import APIError
+from server.protocol import GenerationFields, PreferenceSpec
+
+T = TypeVar("T")
+
+
+def check_model(requested: str | None, served: str) -> None:
+    """404 for a model this server does not serve (absent means the served one)."""
+    if requested and requested != served:
+        raise APIError(
+            404,
+            f"The model '{requested}' does not exist; this server serves '{served}'.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def check_choices(body: GenerationFields, max_n: int) -> None:
+    """``n`` within the server's limit, and ``stream_options`` only with ``stream``."""
+    n = body.num_choices
+    if not 1 <= n <= max_n:
+        raise InvalidParameterError("n", f"'n' must be from 1 to {max_n} (this server's --max-n), got {n}.")
+    if body.stream_options is not None and not body.stream:
+        raise InvalidParameterError("stream_options", "'stream_options' is only allowed when 'stream' is true.")
+
+
+def method_settings(preference: str | PreferenceSpec) -> tuple[str, MethodSettings]:
+    """The preference text and its MethodSettings (the defaults for whatever is not given)."""
+    if isinstance(preference, str):
+        return preference, MethodSettings()
+    try:
+        return preference.text, MethodSettings.from_fields(preference.method_fields(), preference.mode or Mode.DEFAULT)
+    except InvalidParameterError as exc:
+        param = {"lam": "lambda", "strength": "coefficient"}.get(exc.param, exc.param)
+        raise InvalidParameterError(f"preference.{param}", exc.message) from exc
+
+
+def renamed_param(name: str, alias: str, make: Callable[[], T]) -> T:
+    """Run ``make``; an InvalidParameterError about ``name`` is reported under the request's field ``alias``."""
+    try:
+        return make()
+    except InvalidParameterError as exc:
+        if exc.param != name or alias == name:
+            raise
+        exc.param = alias
+        exc.message = exc.message.replace(f"'{name}'", f"'{alias}'")
+        exc.args = (exc.message,)
+        raise
+
+
+def parse_logit_bias(logit_bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}`` as ``((id, bias), ...)``; a key that is not a token id is a 400."""
+    pairs = []
+    for key, bias in (logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or len(key) > 12:
+            raise InvalidParameterError("logit_bias", f"'logit_bias' keys are token ids written as whole numbers, got {key!r}.")
+        pairs.append((int(key), bias))
+    return tuple(pairs)
+
+
+def sampling_params(
+    body: GenerationFields,
+    *,
+    max_tokens: int | None,
+    max_tokens_param: str,
+    logprobs: bool,
+    top_logprobs: int,
+) -> SamplingParams:
+    """The request's SamplingParams; an error about ``max_tokens`` names ``max_tokens_param``."""
+    return renamed_param(
+        "max_tokens",
+        max_tokens_param,
+        lambda: SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=0 if body.top_k is None or body.top_k == -1 else body.top_k,  # -1 means off in vLLM
+            min_p=0.0 if body.min_p is None else body.min_p,
+            seed=body.seed,
+            stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=bool(body.ignore_eos),
+            min_tokens=body.min_tokens or 0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            logit_bias=parse_logit_bias(body.logit_bias),
+            skip_special_tokens=body.skip_special_tokens is not False,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        ),
+    )
