@@ -121,6 +121,8 @@ class ChatTemplateOptions:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     template_kwargs: tuple[tuple[str, Any], ...] = ()
+    tools: tuple[dict[str, Any], ...] = ()
+    """OpenAI ``tools`` entries, given to the template as ``tools=`` (for templates that render them)."""
 
     def __post_init__(self) -> None:
         if self.add_generation_prompt and self.continue_final_message:
@@ -154,11 +156,32 @@ def render_chat(
             tokenize=False,
             add_generation_prompt=options.add_generation_prompt,
             continue_final_message=options.continue_final_message,
+            **({"tools": list(options.tools)} if options.tools else {}),
             **dict(options.template_kwargs),
         )
     except Exception as exc:  # a template may raise on roles or orders it does not support
         raise InvalidParameterError("messages", f"The model's chat template rejected the messages: {exc}") from exc
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+_PROBE_TOOL = "probe_tool_x1e"
+
+
+def template_renders_tools(tokenizer: Any) -> bool:
+    """Whether the chat template writes a request's ``tools`` and an assistant message's ``tool_calls`` into the
+    prompt (Qwen2.5's and Llama 3.1's do; SmolLM2's does not): both probes' names must appear."""
+    tool = {"type": "function", "function": {"name": _PROBE_TOOL, "description": "probe", "parameters": {"type": "object"}}}
+    call = {"id": "c", "type": "function", "function": {"name": _PROBE_TOOL + "_call", "arguments": {}}}
+    messages = [
+        {"role": "user", "content": "probe"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "probe", "tool_call_id": "c"},
+    ]
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=[tool], tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that refuses tools does not render them
+        return False
+    return _PROBE_TOOL in text and _PROBE_TOOL + "_call" in text
 
 
 _PROBE_SYSTEM = "\x1esystem-probe\x1e"

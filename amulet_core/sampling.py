@@ -21,6 +21,7 @@ import torch
 from amulet_core.logits_processing import RowHistory, apply_processors_, process_row
 from amulet_core.methods import MethodSettings, combine_contexts, plausibility_mask
 from amulet_core.sampling_params import SamplingParams
+from amulet_core.token_masks import GrammarMasks
 
 __all__ = [
     "RowHistory",
@@ -59,16 +60,27 @@ def combine_contexts_float32(pref_logits: torch.Tensor, base_logits: torch.Tenso
     return torch.log_softmax(mixed, dim=-1)
 
 
-def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec]) -> torch.Tensor:
-    """``[len(specs), V]`` float32 log-probabilities each request decodes from."""
+def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec], grammar: GrammarMasks | None = None) -> torch.Tensor:
+    """``[len(specs), V]`` float32 log-probabilities each request decodes from.
+
+    ``grammar`` (rows numbered as ``specs``): the rows' grammar masks, applied once, to the distribution
+    the method produced (for la and amulet the combined one), which is renormalised over the allowed
+    tokens. A two-context row's plausibility mask then counts from the most likely token the grammar
+    allows (a token is plausible when its pref probability is at least ``plausibility`` times that one's),
+    so it never rules out every allowed token; the grammar mask is folded into it (one renormalisation).
+    """
     device = logits.device
     single = [i for i, s in enumerate(specs) if s.base_row is None]
     double = [i for i, s in enumerate(specs) if s.base_row is not None]
     if not single and all(s.primary_row == 2 * i and s.base_row == 2 * i + 1 for i, s in enumerate(specs)):
         # The engine's layout when every request has two contexts: pref and base rows alternate (no copies).
         pairs = logits.view(len(specs), 2, logits.shape[-1])
-        return _two_context_logprobs(pairs[:, 0], pairs[:, 1], specs)
+        mixed, masked = _two_context_logprobs(pairs[:, 0], pairs[:, 1], specs, grammar)
+        if grammar is not None and not masked:
+            grammar.apply_(mixed)
+        return mixed
     out = torch.empty(len(specs), logits.shape[-1], dtype=torch.float32, device=device)
+    masked = False
     if single:
         rows = torch.tensor([specs[i].primary_row for i in single], device=device)
         out[single] = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
@@ -76,11 +88,17 @@ def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec]) -> torch.Ten
         pref_rows = torch.tensor([specs[i].primary_row for i in double], device=device)
         base_rows = torch.tensor([specs[i].base_row for i in double], device=device)
         pref = logits.index_select(0, pref_rows)
-        out[double] = _two_context_logprobs(pref, logits.index_select(0, base_rows), [specs[i] for i in double])
+        allowed = grammar.restrict(double) if grammar is not None else None
+        out[double], masked = _two_context_logprobs(pref, logits.index_select(0, base_rows), [specs[i] for i in double], allowed)
+    if grammar is not None:
+        grammar.without(double if masked else ()).apply_(out)
     return out
 
 
-def _two_context_logprobs(pref: torch.Tensor, base: torch.Tensor, specs: Sequence[RowSpec]) -> torch.Tensor:
+def _two_context_logprobs(
+    pref: torch.Tensor, base: torch.Tensor, specs: Sequence[RowSpec], allowed: GrammarMasks | None = None
+) -> tuple[torch.Tensor, bool]:
+    """The combined rows, and whether ``allowed``'s masks are applied (folded into the plausibility mask)."""
     coefficients = [1.0 if s.coefficient is None else s.coefficient for s in specs]
     if COMBINE_IN_FLOAT32:
         coef = torch.tensor(coefficients, dtype=torch.float32).reshape(-1, 1).to(pref.device)
@@ -88,20 +106,32 @@ def _two_context_logprobs(pref: torch.Tensor, base: torch.Tensor, specs: Sequenc
     else:
         mixed = combine_contexts(pref, base, coefficients).float()
     betas = [s.method.plausibility for s in specs]
-    if any(b > 0 for b in betas):
-        beta_tensor = torch.tensor(betas, device=pref.device)
-        mixed = (
-            _plausibility_mask(mixed, pref, beta_tensor) if COMBINE_IN_FLOAT32 else plausibility_mask(mixed, pref, beta_tensor)
-        )
-    return mixed
+    if not any(b > 0 for b in betas):
+        return mixed, False
+    beta_tensor = torch.tensor(betas, device=pref.device)
+    if COMBINE_IN_FLOAT32 or allowed is not None:  # methods.plausibility_mask knows no grammar
+        return _plausibility_mask(mixed, pref, beta_tensor, allowed), allowed is not None
+    return plausibility_mask(mixed, pref, beta_tensor), False
 
 
-def _plausibility_mask(logprobs: torch.Tensor, pref_logits: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+def _plausibility_mask(
+    logprobs: torch.Tensor, pref_logits: torch.Tensor, betas: torch.Tensor, allowed: GrammarMasks | None = None
+) -> torch.Tensor:
     """``methods.plausibility_mask`` with the same threshold arithmetic, fewer passes: the rows with beta 0
-    get a threshold of -inf instead of a separate mask, and the float32 ``logprobs`` are masked in place."""
+    get a threshold of -inf instead of a separate mask, and the float32 ``logprobs`` are masked in place.
+
+    The rows of ``allowed`` also lose their banned tokens, in the same pass: their pref log-probabilities
+    are -inf there, so the threshold counts from the most likely allowed token, and a threshold at least
+    the lowest float (not -inf, even for beta 0) drops exactly the banned tokens plus the implausible ones.
+    """
     l0 = torch.log_softmax(pref_logits.float(), dim=-1)
+    if allowed is not None:
+        allowed.add_to_(l0)
     threshold = l0.max(dim=-1, keepdim=True).values + torch.log(betas.float().clamp_min(1e-45)).reshape(-1, 1)
     threshold = threshold.masked_fill(betas.reshape(-1, 1) <= 0, float("-inf"))
+    if allowed is not None:
+        lowest = torch.finfo(torch.float32).min
+        threshold.index_copy_(0, allowed.index, threshold.index_select(0, allowed.index).clamp_min(lowest))
     return torch.log_softmax(logprobs.masked_fill_(l0 < threshold, float("-inf")), dim=-1)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from amulet_core.errors import InvalidParameterError
+from amulet_core.structured_output import GrammarSpec
 
 MAX_TOP_LOGPROBS = 20
 MIN_TEMPERATURE = 1e-5
@@ -74,6 +75,10 @@ class SamplingParams:
     generated tokens only, as OpenAI). Sampled rows then apply temperature, ``min_p`` (drop tokens less
     likely than ``min_p`` times the most likely one), ``top_k`` and ``top_p``. ``logit_bias`` is a tuple
     of pairs; a mapping or a list of pairs given here is stored as that tuple.
+
+    ``grammar`` (a ``GrammarSpec``, or None) constrains the output to a grammar (structured outputs): the
+    tokens it does not allow are masked out of the method's distribution before the processors, and the
+    request stops once the grammar is complete. Whether it compiles is checked by the engine.
     """
 
     max_tokens: int | None = None
@@ -93,6 +98,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         mt = self.max_tokens
@@ -119,6 +125,8 @@ class SamplingParams:
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOP_LOGPROBS:
             raise InvalidParameterError("top_logprobs", f"'top_logprobs' must be from 0 to {MAX_TOP_LOGPROBS}, got {n!r}.")
         self._validate_processors()
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            raise InvalidParameterError("grammar", f"'grammar' must be a GrammarSpec, got {type(self.grammar).__name__}.")
 
     def _validate_processors(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):

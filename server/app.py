@@ -25,7 +25,8 @@ from server.config import ServerConfig
 from server.errors import APIError, describe_exception, error_response, install_error_handlers
 from server.lifecycle import LifecycleMiddleware, ServerLifecycle, draining_error
 from server.observer import NullObserver, RequestObserver
-from server.protocol import ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from server.protocol import ChatCompletionRequest
+from server.protocol_answers import ErrorResponse, ModelCard, ModelList
 from server.protocol_completions import CompletionRequest
 from server.protocol_tokenize import DetokenizeRequest, TokenizeRequest, VersionResponse
 from server.request_policy import UnknownFieldLog

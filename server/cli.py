@@ -35,6 +35,7 @@ from server.app import create_app
 from server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
 from server.lifecycle import ServerLifecycle
 from server.metrics import PrometheusMetrics, mount_metrics
+from server.tool_parsers import TOOL_PARSERS
 
 API_KEY_ENV = "AMULET_API_KEY"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -89,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=EngineConfig.max_queue,
         help="requests that may wait; more are refused with 429 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        choices=("auto", *TOOL_PARSERS),
+        help="format of the model's tool calls; auto picks it from the chat template (default: %(default)s)",
     )
     p.add_argument(
         "--max-n",
@@ -149,6 +156,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
                 drain_timeout_s=args.drain_timeout,
                 default_system_prompt=args.default_system_prompt,
                 max_n=args.max_n,
+                tool_call_parser=args.tool_call_parser,
             ),
         )
     except ValueError as exc:

@@ -27,6 +27,8 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     retry_after_s: int = 1
     """Value of the Retry-After header on 429 (queue full) and 503 (not ready) answers."""
+    tool_call_parser: str = "auto"
+    """How tool calls are read from the model's text: ``hermes``, ``llama3_json`` or ``auto`` (from the chat template)."""
     max_n: int = 8
     """Most choices (``n``) one request may ask for; each decodes its own sequences."""
     default_system_prompt: str = TEMPLATE

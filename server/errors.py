@@ -22,7 +22,7 @@ from amulet_core.errors import (
     InvalidParameterError,
     RequestFailedError,
 )
-from server.protocol import ErrorInfo, ErrorResponse
+from server.protocol_answers import ErrorInfo, ErrorResponse
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"

@@ -13,6 +13,7 @@ from typing import TypeVar
 from amulet_core.errors import InvalidParameterError
 from amulet_core.methods import MethodSettings, Mode
 from amulet_core.sampling_params import SamplingParams
+from amulet_core.structured_output import GrammarSpec
 from server.errors import APIError
 from server.protocol import GenerationFields, PreferenceSpec
 
@@ -80,6 +81,7 @@ def sampling_params(
     max_tokens_param: str,
     logprobs: bool,
     top_logprobs: int,
+    grammar: GrammarSpec | None = None,
 ) -> SamplingParams:
     """The request's SamplingParams; an error about ``max_tokens`` names ``max_tokens_param``."""
     return renamed_param(
@@ -103,5 +105,6 @@ def sampling_params(
             skip_special_tokens=body.skip_special_tokens is not False,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            grammar=grammar,
         ),
     )

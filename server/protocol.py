@@ -1,29 +1,19 @@
-"""Pydantic models of the OpenAI-compatible API: what requests may contain and what answers look like.
+"""Pydantic models of the OpenAI-compatible API's requests (the answers are in protocol_answers.py).
 
 Requests are validated strictly from JSON (``model_validate_json``): numbers are not parsed out of
 strings, and a wrong type is a 400. Fields the models do not declare are kept (``model_extra``) for
 :mod:`server.request_policy`, which refuses the known ones that would change the answer and logs the
-unknown ones.
-Answers carry two extensions that OpenAI clients ignore: ``preference`` (the effective Amulet
-settings) and ``usage.base_prompt_tokens`` (what the second, preference-free context cost).
+unknown ones. ``preference`` is this server's extension.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from amulet_core.engine.protocol import TokenLogprob, Usage
-from amulet_core.methods import MethodSettings
-
-MIN_LOGPROB = -9999.0
-"""OpenAI's floor for logprobs (JSON has no -inf)."""
-
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
-"""The seeds torch's generators take; outside this range a seed would fail inside the engine."""
+from amulet_core.sampling_params import SEED_MAX, SEED_MIN
 
 
 class _Request(BaseModel):
@@ -82,6 +72,31 @@ class StreamOptions(_Request):
     """Accepted, no effect: this server adds no obfuscation padding."""
 
 
+class JsonSchemaFormat(_Request):
+    """``response_format.json_schema``: the schema the answer must follow (always enforced, ``strict`` or not)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's ``structured_outputs``: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    """An llguidance Lark grammar."""
+    json_object: bool | None = None
+
+
 class GenerationFields(_Request):
     """The fields the chat and text completion requests share: sampling (OpenAI's and vLLM's), streaming,
     the ``preference`` extension, and OpenAI's fields that change nothing here (accepted, typed, unused)."""
@@ -106,6 +121,12 @@ class GenerationFields(_Request):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     preference: str | PreferenceSpec | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # Accepted, no effect here (request_policy.NO_EFFECT_FIELDS says why).
     user: str | None = None
     store: bool | None = None
@@ -124,21 +145,66 @@ class GenerationFields(_Request):
         return 1 if self.n is None else self.n
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    """An entry of ``tools``."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    """``tool_choice`` naming one function."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: str
+    """JSON text of the arguments object, as OpenAI sends it."""
+
+
+class ToolCall(_Request):
+    """An assistant message's tool call, in the history a client sends back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     """A chat message. Keys clients echo back from answers (``refusal``, ``annotations`` ...) are accepted."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     """Given to the chat template with the message (templates that know ``name`` render it)."""
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatMessage:
-        if self.tool_calls:
-            raise ValueError("tool calls are not supported")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only 'assistant' messages have 'tool_calls'")
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a '{self.role}' message needs 'content'")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs 'tool_call_id'")
         return self
 
     def text(self) -> str:
@@ -150,11 +216,27 @@ class ChatMessage(_Request):
         return "\n".join(part.text for part in self.content)
 
     def for_template(self) -> dict[str, Any]:
-        """The message as the chat template sees it (``developer`` is a system message)."""
+        """The message as the chat template sees it (``developer`` is a system message; tool calls carry their
+        arguments as an object, as chat templates expect)."""
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _arguments(c)}}
+                for c in self.tool_calls
+            ]
         return message
+
+
+def _arguments(call: ToolCall) -> Any:
+    """A tool call's arguments as a JSON value (the text itself when it is not JSON)."""
+    try:
+        return json.loads(call.function.arguments)
+    except ValueError:
+        return call.function.arguments
 
 
 class ChatCompletionRequest(GenerationFields):
@@ -167,171 +249,13 @@ class ChatCompletionRequest(GenerationFields):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
-    # Accepted, no effect here.
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # Accepted, no effect here.
     reasoning_effort: str | None = None
     prediction: dict[str, Any] | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-
-# ---------------------------------------------------------------- answers
-
-
-class PreferenceEcho(BaseModel):
-    """The effective preference settings of a request (extension field ``preference``): everything that
-    decides how the answer reads. Dump answers with ``by_alias=True`` so ``lam`` is written as ``lambda``."""
-
-    model_config = ConfigDict(populate_by_name=True)
-
-    text: str
-    """The sentence that was added to the system message."""
-    system_prompt: str
-    """The system message both contexts share before the sentence: the conversation's own, or the
-    server's default for conversations without one (``--default-system-prompt``)."""
-    mode: str
-    method: str
-    iterations: int
-    eta: float
-    alpha: float
-    lam: float = Field(alias="lambda")
-    ratio: float
-    plausibility: float
-    coefficient: float | None
-    """The closed-form A of ``A * l_pref + (1 - A) * l_base`` (None for base and pref)."""
-
-    @classmethod
-    def from_settings(cls, sentence: str, system_prompt: str, settings: MethodSettings) -> PreferenceEcho:
-        return cls(
-            text=sentence,
-            system_prompt=system_prompt,
-            mode=settings.mode.value,
-            method=settings.method.value,
-            iterations=settings.iterations,
-            eta=settings.eta,
-            alpha=settings.alpha,
-            lam=settings.lam,
-            ratio=settings.ratio,
-            plausibility=settings.plausibility,
-            coefficient=settings.coefficient,
-        )
-
-
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
-
-
-class UsageInfo(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
-    base_prompt_tokens: int = 0
-    """Extension: prompt tokens of the second (base) context, on top of ``prompt_tokens``."""
-
-    @classmethod
-    def from_engine(cls, usage: Usage) -> UsageInfo:
-        return cls(
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            total_tokens=usage.total_tokens,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_prompt_tokens),
-            base_prompt_tokens=usage.base_prompt_tokens,
-        )
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-    @classmethod
-    def of(cls, token: str, logprob: float) -> TopLogprob:
-        return cls(token=token, logprob=max(logprob, MIN_LOGPROB), bytes=list(token.encode("utf-8")))
-
-
-class TokenLogprobInfo(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChoiceLogprobs(BaseModel):
-    content: list[TokenLogprobInfo]
-
-    @classmethod
-    def from_engine(cls, items: Sequence[TokenLogprob]) -> ChoiceLogprobs:
-        content = []
-        for lp in items:
-            first = TopLogprob.of(lp.token, lp.logprob)
-            top = [TopLogprob.of(token, logprob) for _, token, logprob in lp.top]
-            content.append(TokenLogprobInfo(token=first.token, logprob=first.logprob, bytes=first.bytes, top_logprobs=top))
-        return cls(content=content)
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo
-    preference: PreferenceEcho | None = None
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChunkChoice(BaseModel):
-    index: int = 0
-    delta: DeltaMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: UsageInfo | None = None
-    preference: PreferenceEcho | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "amulet-serve"
-    max_model_len: int | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo

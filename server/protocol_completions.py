@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from server.protocol import GenerationFields, PreferenceEcho, UsageInfo
+from server.protocol import GenerationFields
+from server.protocol_answers import PreferenceEcho, UsageInfo
 
 MAX_COMPLETION_LOGPROBS = 20
 """Top alternatives per token for the integer ``logprobs`` (OpenAI allows 5, vLLM 20)."""

@@ -29,21 +29,12 @@ def _unset(value: Any) -> bool:
     return value is None or value is False or value == [] or value == {} or value == ""
 
 
-_TOOLS = "Tool calling is not supported yet (only plain text answers)."
-_GRAMMAR = "Structured outputs are not supported yet (only plain text answers)."
+_TOOLS = "the legacy 'functions' API is not supported; use 'tools' and 'tool_choice'."
 
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     # name: (is this value harmless?, why the others are refused)
-    "tools": (_unset, _TOOLS),
-    "tool_choice": (lambda v: v in (None, "none", "auto"), _TOOLS),
     "functions": (_unset, _TOOLS),
     "function_call": (lambda v: v in (None, "none", "auto"), _TOOLS),
-    "response_format": (lambda v: v is None or v == {"type": "text"}, _GRAMMAR),
-    "guided_json": (_unset, _GRAMMAR),
-    "guided_regex": (_unset, _GRAMMAR),
-    "guided_choice": (_unset, _GRAMMAR),
-    "guided_grammar": (_unset, _GRAMMAR),
-    "structured_outputs": (_unset, _GRAMMAR),
     "audio": (_unset, "Audio output is not supported."),
     "modalities": (lambda v: v is None or v == ["text"], "Only the 'text' modality is supported."),
     "web_search_options": (_unset, "Web search is not supported."),
@@ -73,7 +64,6 @@ NO_EFFECT: dict[str, str] = {
     "prompt_cache_key": "the prefix cache needs no key",
     "prompt_cache_retention": "the prefix cache needs no key",
     "priority": "requests are served first come, first served",
-    "parallel_tool_calls": "no tool calls",
     "reasoning_effort": "the model does not reason in a hidden channel",
     "prediction": "predicted outputs only change the latency",
     "stream_options.include_obfuscation": "no obfuscation padding is added",

@@ -7,6 +7,7 @@ the EngineClient protocol, so tests run it over a fake engine.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,15 +20,21 @@ from amulet_core.engine.parallel_sampling import ChoiceOutput, generate_choices
 from amulet_core.engine.protocol import EngineClient, GenerationRequest, Usage
 from amulet_core.errors import EngineNotReadyError, InvalidParameterError
 from amulet_core.methods import Method, MethodSettings
-from amulet_core.prompts import ChatTemplateOptions, preference_message_pair, preference_sentence, resolve_default_system_prompt
+from amulet_core.prompts import (
+    TEMPLATE,
+    ChatTemplateOptions,
+    preference_message_pair,
+    preference_sentence,
+    resolve_default_system_prompt,
+)
 from server.config import ServerConfig
 from server.generation_fields import check_choices, check_model, method_settings, renamed_param, sampling_params
 from server.observer import RequestObserver
-from server.protocol import (
+from server.protocol import ChatCompletionRequest
+from server.protocol_answers import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChoiceLogprobs,
     ChunkChoice,
@@ -38,6 +45,18 @@ from server.protocol import (
 from server.request_policy import UnknownFieldLog, apply_request_policy
 from server.serving_choices import CLIENT_CLOSED_REQUEST, run_to_end, sse, stream_response
 from server.serving_engine import RequestTracker
+from server.serving_tools import (
+    ToolCallStream,
+    ToolRequest,
+    tool_calls_out,
+    tool_request,
+    with_tools_described,
+    without_tool_roles,
+)
+from server.structured_request import requested_grammar
+from server.tool_parsers import ToolParser, auto_tool_parser, get_tool_parser
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,6 +66,7 @@ class PreparedChat:
     body: ChatCompletionRequest
     request: GenerationRequest
     preference: PreferenceEcho | None
+    tools: ToolRequest | None = None
 
 
 def check_chat_fields(body: ChatCompletionRequest) -> None:
@@ -55,7 +75,7 @@ def check_chat_fields(body: ChatCompletionRequest) -> None:
         raise InvalidParameterError("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
 
 
-def template_options(body: ChatCompletionRequest) -> ChatTemplateOptions:
+def template_options(body: ChatCompletionRequest, tools: tuple[dict[str, Any], ...] = ()) -> ChatTemplateOptions:
     """How the request's conversation is rendered (vLLM's ``add_generation_prompt``, ``continue_final_message``,
     ``chat_template_kwargs``)."""
     continue_final = bool(body.continue_final_message)
@@ -64,6 +84,7 @@ def template_options(body: ChatCompletionRequest) -> ChatTemplateOptions:
         add_generation_prompt=add_prompt,
         continue_final_message=continue_final,
         template_kwargs=tuple((body.chat_template_kwargs or {}).items()),
+        tools=tools,
     )
 
 
@@ -83,6 +104,32 @@ class OpenAIServingChat:
         self.config = config
         self.observer = observer
         self.unknown_fields = unknown_fields
+        self._tool_parser: ToolParser | None = None
+        self._told_tools_described = False
+
+    def tool_parser(self) -> ToolParser:
+        """The configured tool-call parser; ``auto`` picks one from the chat template, once, and logs which."""
+        if self._tool_parser is None:
+            name = self.config.tool_call_parser
+            if name == "auto":
+                name = auto_tool_parser(self.engine.chat_template_text())
+                logger.info("Tool calls are parsed as '%s' (picked from the chat template; see --tool-call-parser).", name)
+            self._tool_parser = get_tool_parser(name)
+        return self._tool_parser
+
+    def _conversation_with_tools(
+        self, messages: list[dict[str, Any]], tools: ToolRequest | None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The history as the template can render it, and whether the template renders tools itself."""
+        has_tool_roles = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        if tools is None and not has_tool_roles:
+            return messages, True
+        if self.engine.template_renders_tools():
+            return messages, True
+        if tools is not None and not self._told_tools_described:
+            self._told_tools_described = True
+            logger.warning("The chat template does not render tools: they are described in the system message (Hermes format).")
+        return without_tool_roles(messages), False
 
     async def create(self, body: ChatCompletionRequest, raw_request: Request) -> Response:
         arrival = time.monotonic()
@@ -97,18 +144,20 @@ class OpenAIServingChat:
         if results is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         want_logprobs = prepared.request.sampling.logprobs
+        choices = []
+        for r in results:
+            message, reason = AssistantMessage(content=r.text), r.finish_reason or "stop"
+            if prepared.tools is not None:
+                parsed = prepared.tools.parse(r.text)
+                calls = tool_calls_out(parsed)
+                message = AssistantMessage(content=parsed.content, tool_calls=calls or None)
+                reason = "tool_calls" if calls and reason == "stop" else reason
+            logprobs = ChoiceLogprobs.from_engine(r.logprobs) if want_logprobs else None
+            choices.append(ChatChoice(index=r.index, message=message, logprobs=logprobs, finish_reason=reason))
         response = ChatCompletionResponse(
             id=prepared.request.request_id,
             model=self.model_name,
-            choices=[
-                ChatChoice(
-                    index=r.index,
-                    message=AssistantMessage(content=r.text),
-                    logprobs=ChoiceLogprobs.from_engine(r.logprobs) if want_logprobs else None,
-                    finish_reason=r.finish_reason or "stop",
-                )
-                for r in results
-            ],
+            choices=choices,
             usage=UsageInfo.from_engine(tracker.usage()),
             preference=prepared.preference,
         )
@@ -123,8 +172,14 @@ class OpenAIServingChat:
         check_chat_fields(body)
         if not self.engine.ready:
             raise EngineNotReadyError("The model is still loading; retry later.")
-        messages = [m.for_template() for m in body.messages]
-        options = template_options(body)
+        tools = tool_request(body, self.tool_parser)
+        grammar = requested_grammar(body)
+        if tools is not None and tools.choice != "auto":
+            if grammar is not None:
+                raise InvalidParameterError(grammar.param, f"'{grammar.param}' cannot be combined with a forced 'tool_choice'.")
+            grammar = tools.grammar()
+        messages, renders_tools = self._conversation_with_tools([m.for_template() for m in body.messages], tools)
+        options = template_options(body, tools.openai_tools if tools is not None and renders_tools else ())
         options.check(messages)
         preference: PreferenceEcho | None = None
         if body.preference is None:
@@ -137,6 +192,9 @@ class OpenAIServingChat:
             pair = preference_message_pair(messages, text, default_system)
             preference = PreferenceEcho.from_settings(preference_sentence(text), pair.system_prompt, settings)
             contexts = {Method.BASE: [pair.base], Method.PREF: [pair.pref]}.get(settings.method, [pair.pref, pair.base])
+        if tools is not None and not renders_tools:
+            template_default = resolve_default_system_prompt(TEMPLATE, self.engine.template_system_prompt())
+            contexts = [with_tools_described(c, tools.tools, template_default) for c in contexts]
         # Chat templates and tokenizers take a while on long prompts: keep them off the event loop.
         ids = await asyncio.to_thread(lambda: [tuple(self.engine.encode_chat(c, options)) for c in contexts])
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -146,6 +204,7 @@ class OpenAIServingChat:
             max_tokens_param=param,
             logprobs=bool(body.logprobs),
             top_logprobs=body.top_logprobs or 0,
+            grammar=grammar,
         )
         request = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -155,7 +214,7 @@ class OpenAIServingChat:
             base_prompt_ids=ids[1] if len(ids) == 2 else None,
         )
         renamed_param("max_tokens", param, lambda: request.max_new_tokens(self.engine.max_model_len))
-        return PreparedChat(body=body, request=request, preference=preference)
+        return PreparedChat(body=body, request=request, preference=preference, tools=tools)
 
 
 class ChatChunks:
@@ -168,6 +227,8 @@ class ChatChunks:
         self.created = int(time.time())
         self.want_logprobs = prepared.request.sampling.logprobs
         self.include_usage = prepared.body.include_usage
+        tools = prepared.tools
+        self.tool_streams = [ToolCallStream(tools) for _ in range(prepared.body.num_choices)] if tools else []
 
     def _chunk(self, choice: ChunkChoice | None, preference: PreferenceEcho | None = None, usage: UsageInfo | None = None) -> str:
         payload: dict[str, Any] = ChatCompletionChunk(
@@ -179,7 +240,7 @@ class ChatChunks:
             preference=preference,
         ).model_dump(by_alias=True)
         for choice_payload in payload["choices"]:  # OpenAI sends only the delta's set fields
-            choice_payload["delta"] = {k: v for k, v in choice_payload["delta"].items() if v is not None}
+            choice_payload["delta"] = _without_nulls(choice_payload["delta"])
         if preference is None:
             del payload["preference"]
         if not self.include_usage:
@@ -192,15 +253,34 @@ class ChatChunks:
             for i in range(num_choices)
         ]
 
-    def delta(self, choice: ChoiceOutput) -> str | None:
+    def delta(self, choice: ChoiceOutput) -> list[str]:
         out = choice.output
-        if not (out.text or (self.want_logprobs and out.logprobs)):
-            return None
+        text = self.tool_streams[choice.index].feed(out.text) if self.tool_streams else out.text
+        if not (text or (self.want_logprobs and out.logprobs)):
+            return []
         lps = ChoiceLogprobs.from_engine(list(out.logprobs)) if self.want_logprobs and out.logprobs else None
-        return self._chunk(ChunkChoice(index=choice.index, delta=DeltaMessage(content=out.text), logprobs=lps))
+        return [self._chunk(ChunkChoice(index=choice.index, delta=DeltaMessage(content=text), logprobs=lps))]
 
-    def finish(self, index: int, reason: str) -> str:
-        return self._chunk(ChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason), self.prepared.preference)
+    def finish(self, index: int, reason: str) -> list[str]:
+        events = []
+        if self.tool_streams:
+            content, calls = self.tool_streams[index].finish()
+            if content:
+                events.append(self._chunk(ChunkChoice(index=index, delta=DeltaMessage(content=content))))
+            for call in calls:
+                events.append(self._chunk(ChunkChoice(index=index, delta=DeltaMessage(tool_calls=[call]))))
+            reason = "tool_calls" if calls and reason == "stop" else reason
+        final = ChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason)
+        return [*events, self._chunk(final, self.prepared.preference)]
 
     def usage(self, usage: Usage) -> str:
         return self._chunk(None, usage=UsageInfo.from_engine(usage))
+
+
+def _without_nulls(value: Any) -> Any:
+    """A chunk's delta with its unset fields left out, as OpenAI sends it (also inside ``tool_calls``)."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value

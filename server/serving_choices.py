@@ -101,12 +101,12 @@ class ChunkFormat(Protocol):
         """Events before any token (chat: each choice's role; text completions: none)."""
         ...
 
-    def delta(self, choice: ChoiceOutput) -> str | None:
-        """The event of a choice's new text (None when it carries nothing to send)."""
+    def delta(self, choice: ChoiceOutput) -> list[str]:
+        """The events of a choice's new text (none when it carries nothing to send yet)."""
         ...
 
-    def finish(self, index: int, reason: str) -> str:
-        """The event that ends a choice."""
+    def finish(self, index: int, reason: str) -> list[str]:
+        """The events that end a choice."""
         ...
 
     def usage(self, usage: Usage) -> str:
@@ -154,8 +154,7 @@ async def _events(
             yield opening
         failed: ChoiceOutput | None = None
         async for choice in _prepend(first, outputs):
-            delta = chunks.delta(choice)
-            if delta is not None:
+            for delta in chunks.delta(choice):
                 yield delta
             out = choice.output
             if out.finished:
@@ -163,7 +162,8 @@ async def _events(
                     failed = choice
                     break
                 reasons[choice.index] = out.finish_reason
-                yield chunks.finish(choice.index, out.finish_reason or "stop")
+                for event in chunks.finish(choice.index, out.finish_reason or "stop"):
+                    yield event
         if failed is None and None not in reasons:
             tracker.finish(overall_reason(reasons))
             if include_usage:

@@ -22,7 +22,7 @@ from amulet_core.methods import Method, MethodSettings
 from server.config import ServerConfig
 from server.generation_fields import check_choices, check_model, renamed_param, sampling_params
 from server.observer import RequestObserver
-from server.protocol import MIN_LOGPROB, UsageInfo
+from server.protocol_answers import MIN_LOGPROB, UsageInfo
 from server.protocol_completions import (
     MAX_COMPLETION_LOGPROBS,
     CompletionChoice,
@@ -33,6 +33,7 @@ from server.protocol_completions import (
 from server.request_policy import UnknownFieldLog, apply_request_policy
 from server.serving_choices import CLIENT_CLOSED_REQUEST, run_to_end, sse, stream_response
 from server.serving_engine import RequestTracker
+from server.structured_request import requested_grammar
 
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's and vLLM's default for text completions (chat's default is all the room left)."""
@@ -136,6 +137,7 @@ class OpenAIServingCompletion:
             max_tokens_param="max_tokens",
             logprobs=body.logprobs is not None,
             top_logprobs=body.logprobs or 0,
+            grammar=requested_grammar(body),
         )
         base_id = f"cmpl-{uuid.uuid4().hex}"
         requests = []
@@ -205,18 +207,18 @@ class CompletionChunks:
     def opening(self, num_choices: int) -> list[str]:
         return [self._chunk([CompletionChoice(index=i, text=e)]) for i, e in enumerate(self.echoes) if e]
 
-    def delta(self, choice: ChoiceOutput) -> str | None:
+    def delta(self, choice: ChoiceOutput) -> list[str]:
         out = choice.output
         if not (out.text or (self.want_logprobs and out.logprobs)):
-            return None
+            return []
         logprobs = None
         if self.want_logprobs:
             logprobs = legacy_logprobs(out.logprobs or (), self.offsets[choice.index])
         self.offsets[choice.index] += len(out.text)
-        return self._chunk([CompletionChoice(index=choice.index, text=out.text, logprobs=logprobs)])
+        return [self._chunk([CompletionChoice(index=choice.index, text=out.text, logprobs=logprobs)])]
 
-    def finish(self, index: int, reason: str) -> str:
-        return self._chunk([CompletionChoice(index=index, text="", finish_reason=reason)])
+    def finish(self, index: int, reason: str) -> list[str]:
+        return [self._chunk([CompletionChoice(index=index, text="", finish_reason=reason)])]
 
     def usage(self, usage: Usage) -> str:
         return self._chunk([], usage)

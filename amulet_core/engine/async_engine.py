@@ -28,6 +28,7 @@ from amulet_core.prompts import (
     ChatTemplateOptions,
     render_chat,
     template_default_system_prompt,
+    template_renders_tools,
 )
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class AsyncEngine:
         """Requests handed to the worker that its last stats snapshot does not count yet."""
         self._thread: threading.Thread | None = None
         self._template_system_prompt: object = _UNKNOWN
+        self._renders_tools: bool | None = None
 
     # ---- lifecycle ----------------------------------------------------------------
     def start(self) -> AsyncEngine:
@@ -155,13 +157,27 @@ class AsyncEngine:
             self._template_system_prompt = template_default_system_prompt(self.engine.tokenizer)
         return cast("str | None", self._template_system_prompt)
 
+    def chat_template_text(self) -> str | None:
+        template = getattr(self.engine.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    def template_renders_tools(self) -> bool:
+        if self._renders_tools is None:
+            self._renders_tools = template_renders_tools(self.engine.tokenizer)
+        return self._renders_tools
+
     def stats(self) -> EngineStats:
         return self._stats
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Stream a request's outputs. Before anything is queued, raises EngineNotReadyError, an
+        InvalidParameterError for a request the engine would refuse (``LLMEngine.validate``: context
+        length, ``logit_bias`` ids, a grammar that does not compile; checked on a worker thread, since
+        compiling a large schema takes a while), or EngineOverloadedError when the queue is full."""
         if not self.ready:
             raise EngineNotReadyError("The model is loading or the server is shutting down.")
         request.max_new_tokens(self.max_model_len)  # a request that cannot fit fails here, before it is queued
+        await asyncio.to_thread(self.engine.validate, request)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             waiting = self._unseen_adds + self._stats.waiting_requests

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from amulet_core.engine.sequence import Sequence
 from amulet_core.errors import InvalidParameterError
 from amulet_core.loading import LoadedModel
 from amulet_core.sampling import RowHistory, RowSample, RowSpec, make_generator, method_logprobs, sample_tokens
+from amulet_core.structured_output import GrammarCompiler, GrammarMatcher, GrammarSpec
+from amulet_core.token_masks import grammar_masks
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,8 @@ class RequestState:
     scheduled_at: float | None = None
     prefill_s: float | None = None
     cached_prompt_tokens: int | None = None
+    matcher: GrammarMatcher | None = None
+    """The request's place in its grammar (``sampling.grammar``); dropped when the request finishes."""
 
 
 class LLMEngine:
@@ -73,18 +78,52 @@ class LLMEngine:
         self.last_step_sequences = 0
         self.fault_hook: Callable[[GenerationRequest], None] | None = None
         """Test-only: called for each request as its token is processed; an exception fails that request."""
+        self._grammar_compiler: GrammarCompiler | None = None
+        self._grammar_unavailable: str | None = None
+        self._grammar_lock = threading.Lock()
 
     # ---- requests -----------------------------------------------------------------
-    def add_request(self, request: GenerationRequest) -> None:
-        max_tokens = request.max_new_tokens(self.config.max_model_len)
-        if request.request_id in self.requests:
-            raise InvalidParameterError("request_id", f"Request id {request.request_id!r} is already running.")
+    def grammars(self, param: str = "response_format") -> GrammarCompiler:
+        """The model's grammar compiler, built on first use (thread-safe). Raises InvalidParameterError
+        naming ``param`` when llguidance cannot use this model's tokenizer."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None and self._grammar_unavailable is None:
+                try:
+                    self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, eos_token_ids=self.eos_token_ids)
+                except Exception as exc:  # e.g. a slow tokenizer: no structured output with this model
+                    log.exception("the grammar compiler could not be built")
+                    self._grammar_unavailable = f"{type(exc).__name__}: {exc}"
+            if self._grammar_compiler is None:
+                raise InvalidParameterError(
+                    param, f"Structured output is not available with this model's tokenizer ({self._grammar_unavailable})."
+                )
+            return self._grammar_compiler
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Everything that can be checked about a request without running it: that it fits the context,
+        its ``logit_bias`` ids, and that its grammar compiles (through the compiler's cache, so a repeated
+        spec costs a lookup). Thread-safe (it reads only the model's fixed sizes and the grammar cache);
+        raises InvalidParameterError naming the parameter at fault."""
+        request.max_new_tokens(self.config.max_model_len)
         sp = request.sampling
         for token, _ in sp.logit_bias:
             if token >= self.vocab_size:
                 raise InvalidParameterError(
                     "logit_bias", f"'logit_bias' token id {token} is not in this model's vocabulary (0..{self.vocab_size - 1})."
                 )
+        if sp.grammar is not None:
+            self.grammars(sp.grammar.param).check(sp.grammar)
+
+    def _matcher(self, spec: GrammarSpec | None) -> GrammarMatcher | None:
+        return None if spec is None else self.grammars(spec.param).matcher(spec)
+
+    def add_request(self, request: GenerationRequest) -> None:
+        """Queue a request; raises InvalidParameterError (see :meth:`validate`, and a running request's id)."""
+        max_tokens = request.max_new_tokens(self.config.max_model_len)
+        if request.request_id in self.requests:
+            raise InvalidParameterError("request_id", f"Request id {request.request_id!r} is already running.")
+        self.validate(request)
+        sp = request.sampling
         group = SequenceGroup(request.request_id, [Sequence(list(ids)) for ids in request.contexts])
         self.requests[request.request_id] = RequestState(
             request=request,
@@ -95,6 +134,7 @@ class LLMEngine:
             stop_ids=frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_token_ids),
             max_tokens=max_tokens,
             arrival=time.monotonic(),
+            matcher=self._matcher(sp.grammar),
         )
         self.scheduler.add(group)
 
@@ -154,8 +194,16 @@ class LLMEngine:
             specs.append(RowSpec(row, row + 1 if two else None, state.request.method, state.coefficient))
             row += len(state.group.seqs)
         try:
-            logprobs = method_logprobs(logits, specs)
-        except Exception as exc:  # the batched closed form failed: no row has a distribution
+            # The grammars mask the distribution each method produced (for la and amulet the combined
+            # one, once; their plausibility mask counts from the most likely allowed token), all
+            # constrained rows at once, before the processors and the sampler.
+            constrained = [(i, s.matcher) for i, s in enumerate(states) if s.matcher is not None]
+            masks = None
+            if constrained:
+                rows, matchers = [i for i, _ in constrained], [m for _, m in constrained]
+                masks = grammar_masks(rows, matchers, logits.shape[-1], logits.device)
+            logprobs = method_logprobs(logits, specs, masks)
+        except Exception as exc:  # the batched closed form or the masks failed: no row has a distribution
             log.exception("method application failed")
             return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
         try:
@@ -174,12 +222,19 @@ class LLMEngine:
                 if self.fault_hook is not None:
                     self.fault_hook(state.request)
                 if sample.error is not None:
-                    raise ValueError(sample.error)
+                    raise ValueError(self._no_token(state, sample.error))
                 outputs.append(self._accept(state, sample))
             except Exception as exc:
                 log.exception("request %s failed", state.request.request_id)
                 outputs.append(self._finish(state, "error", f"Decoding failed: {type(exc).__name__}: {exc}"))
         return outputs
+
+    @staticmethod
+    def _no_token(state: RequestState, error: str) -> str:
+        spec = state.request.sampling.grammar
+        if spec is None:
+            return error
+        return f"{error}; or no token that the grammar of '{spec.param}' allows next can be chosen"
 
     @staticmethod
     def _history(state: RequestState) -> RowHistory:
@@ -194,6 +249,9 @@ class LLMEngine:
     def _accept(self, state: RequestState, sample: RowSample) -> GenerationOutput:
         sp = state.request.sampling
         token = sample.token
+        if state.matcher is not None and not state.matcher.accept(token):
+            param = sp.grammar.param if sp.grammar is not None else "grammar"
+            raise ValueError(f"token {token} breaks the grammar of '{param}': {state.matcher.error}")
         state.output_ids.append(token)
         for seq in state.group.seqs:
             seq.token_ids.append(token)
@@ -201,7 +259,7 @@ class LLMEngine:
         if token in state.stop_ids and len(state.output_ids) > sp.min_tokens:  # before: the sampler ruled them out
             return self._finish(state, "stop", token_ids=(token,), logprobs=token_logprobs)
         text = state.detokenizer.add(token)
-        if state.detokenizer.stopped:
+        if state.detokenizer.stopped or (state.matcher is not None and state.matcher.is_finished):
             return self._finish(state, "stop", text=text, token_ids=(token,), logprobs=token_logprobs)
         if len(state.output_ids) >= state.max_tokens:  # max_new_tokens keeps every context within max_model_len
             return self._finish(state, "length", text=text, token_ids=(token,), logprobs=token_logprobs)
@@ -223,6 +281,7 @@ class LLMEngine:
     ) -> GenerationOutput:
         self.requests.pop(state.request.request_id, None)
         self.scheduler.remove(state.group)
+        state.matcher = None
         if reason in ("stop", "length"):
             text += state.detokenizer.flush()
         request = state.request

@@ -193,6 +193,14 @@ class EngineClient(Protocol):
         """The system message the model's chat template inserts into a conversation without one, or None."""
         ...
 
+    def chat_template_text(self) -> str | None:
+        """The model's chat template (Jinja source), or None."""
+        ...
+
+    def template_renders_tools(self) -> bool:
+        """Whether the chat template renders ``tools``, assistant ``tool_calls`` and ``tool`` messages."""
+        ...
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Stream a request's outputs. Raises EngineOverloadedError before the first output when the
         queue is full. Closing the iterator early aborts the request and frees its KV."""

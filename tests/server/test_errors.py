@@ -39,7 +39,7 @@ def post(server: LiveServer, body: Any = None, **kwargs: Any) -> httpx.Response:
     [
         ({}, "messages"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user"}]}, "messages[0]"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -54,7 +54,7 @@ def post(server: LiveServer, body: Any = None, **kwargs: Any) -> httpx.Response:
         ({"messages": USER, "n": 0}, "n"),
         ({"messages": USER, "top_logprobs": 2}, "top_logprobs"),
         ({"messages": USER, "stream_options": {"include_usage": True}}, "stream_options"),
-        ({"messages": USER, "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": USER, "tools": [{"type": "function"}]}, "tools[0].function"),
         ({"messages": USER, "preference": ""}, "preference"),
         ({"messages": USER, "preference": {"text": "x", "colour": "red"}}, "preference.colour"),
         ({"messages": USER, "preference": {"text": "x", "method": "magic"}}, "preference.method"),

@@ -18,9 +18,16 @@ from typing import Any
 import pytest
 
 from tests.support import ROOT
+from tests.support.fake_engine import FakeEngine
 from tests.support.live_server import LiveServer
 
 SECTION = "## Using the API"
+
+
+@pytest.fixture(scope="module")
+def fake_engine() -> FakeEngine:
+    return FakeEngine(max_model_len=8192)  # the fake's tokens are characters; the tool example's prompt is long
+
 EXAMPLE_URL = "http://localhost:8000"
 
 

@@ -61,15 +61,13 @@ def test_fields_with_no_effect_are_accepted_silently(
 
 
 UNSUPPORTED: list[tuple[dict[str, Any], str]] = [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"function_call": {"name": "f"}}, "function_call"),
+    ({"prompt_logprobs": 1}, "prompt_logprobs"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"use_beam_search": True}, "use_beam_search"),
     ({"best_of": 3}, "best_of"),
     ({"echo": True}, "echo"),
-    ({"guided_json": {"type": "object"}}, "guided_json"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ({"suffix": "end"}, "suffix"),

@@ -6,6 +6,7 @@
 * The answer is :data:`REPLY_PIECES`, one piece per token, with multi-byte UTF-8 characters
   (ö, 你好, 🙂); ``max_tokens`` ends it with "length", ``stop`` strings cut it with "stop". A sampled
   (not greedy) request with a seed starts with ``[<seed>]``, so the choices of ``n`` differ.
+* ``[say:TEXT:say]`` in the conversation makes TEXT the answer (tool calls, JSON ...), 3 characters a token.
 * ``encode_prompt`` / ``decode`` map characters to code points (``encode_prompt`` adds ``BOS_ID``).
 * Markers in the conversation change the behaviour: ``[slow]`` (a token every 20 ms, endless up to
   max_tokens), ``[fail]`` (an error output after two tokens), ``[crash]`` (an exception after two
@@ -20,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +48,9 @@ GATE_POLL_S = 0.005
 TOKEN_ID_BASE = 1000
 
 
+SAY = re.compile(r"\[say:(.*?):say\]", re.DOTALL)
+"""``[say:TEXT:say]`` in the conversation makes TEXT the answer (``\\n`` for a newline), in pieces of SAY_PIECE characters."""
+SAY_PIECE = 3
 VOCAB_SIZE = 0x110000
 """The fake's token ids are Unicode code points."""
 BOS_ID = 2
@@ -123,6 +128,13 @@ class FakeEngine:
         """The fake template inserts no system message of its own."""
         return None
 
+    def chat_template_text(self) -> str | None:
+        return None
+
+    def template_renders_tools(self) -> bool:
+        """Like SmolLM2's, the fake template ignores tools (the server describes them in the system message)."""
+        return False
+
     def hold(self, after: int) -> threading.Event:
         """Let the first ``after`` requests run; hold every later one before its first token until the gate is set.
 
@@ -199,6 +211,11 @@ class FakeEngine:
     def _script(self, request: GenerationRequest, prompt: str) -> tuple[list[str], str]:
         """The pieces to emit and the finish reason: the reply (cycled when slow), cut by max_tokens and stop."""
         limit = request.max_new_tokens(self.max_model_len)
+        said = SAY.findall(prompt)
+        if said:
+            text = said[-1].replace("\\n", "\n")
+            pieces = [text[i : i + SAY_PIECE] for i in range(0, len(text), SAY_PIECE)][:limit]
+            return pieces, "length" if len(pieces) * SAY_PIECE < len(text) else "stop"
         if "[slow]" in prompt:
             pieces = [REPLY_PIECES[i % len(REPLY_PIECES)] for i in range(limit)]
             reason = "length"

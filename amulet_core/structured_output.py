@@ -1,0 +1,280 @@
+"""Constrained decoding (structured outputs) with llguidance: grammars, their cache, and the batched mask.
+
+A request asks for a grammar with a :class:`GrammarSpec` (JSON object, JSON schema, regex, a choice of
+strings, or an llguidance Lark grammar). A :class:`GrammarCompiler` per model turns specs into matchers:
+it holds llguidance's view of the tokenizer (built once, about a third of a second) and an LRU cache of
+compiled grammars, so a second request with the same spec neither validates nor compiles again (a
+fresh matcher is a copy of the cached, never-used one: microseconds, where compiling a large schema
+takes milliseconds or more). Each request gets its own :class:`GrammarMatcher`; every step
+:func:`grammar_masks` builds the masks of all constrained rows at once (only the filling of each row's
+bitmask is per row, in llguidance's Rust; unpacking the bits is one tensor operation over all rows on
+the log-probabilities' device), and ``GrammarMasks.apply_`` (or :func:`apply_grammar_masks`, both
+steps) masks and renormalises those rows of the step's log-probabilities.
+
+JSON grammars are compact (``JSON_OPTIONS``): no whitespace outside strings, ``,`` and ``:`` as separators,
+as OpenAI's structured outputs come. llguidance's default allows any whitespace between tokens, which
+small models emit at length (a random-weight model filled most of its output with it). A schema's own
+``"x-guidance"`` settings override these (e.g. ``{"whitespace_flexible": true}``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+
+import llguidance
+import torch
+
+from amulet_core.errors import InvalidParameterError
+from amulet_core.token_masks import GrammarMasks, apply_grammar_masks, grammar_masks
+
+__all__ = [
+    "JSON_OPTIONS",
+    "CacheInfo",
+    "GrammarCompiler",
+    "GrammarKind",
+    "GrammarMasks",
+    "GrammarMatcher",
+    "GrammarSpec",
+    "apply_grammar_masks",
+    "grammar_masks",
+]
+
+JSON_OPTIONS = MappingProxyType({"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"})
+"""llguidance's JSON compile options for ``json_object`` and ``json_schema`` (defaults a schema's ``x-guidance`` overrides)."""
+MAX_ERROR_CHARS = 1000
+"""llguidance's error messages are cut to this length in the errors raised here."""
+
+
+class GrammarKind(StrEnum):
+    """What a :class:`GrammarSpec`'s ``source`` is."""
+
+    JSON_OBJECT = "json_object"
+    """Any JSON object; ``source`` is ignored."""
+    JSON_SCHEMA = "json_schema"
+    """``source``: the JSON schema, as JSON text (an object)."""
+    REGEX = "regex"
+    """``source``: the regular expression (Rust regex syntax) the whole output matches."""
+    CHOICE = "choice"
+    """``source``: JSON text of a non-empty list of strings; the output is exactly one of them."""
+    LARK = "lark"
+    """``source``: an llguidance Lark grammar."""
+
+
+def _limits() -> llguidance.LLParserLimits:
+    """llguidance's default limits, with error messages that do not dump the parser state or the grammar."""
+    return llguidance.LLParserLimits(verbose_errors=False)
+
+
+def _short(message: str) -> str:
+    message = message.strip()
+    return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 3] + "..."
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A request's output constraint: a grammar ``kind`` and its ``source`` text.
+
+    ``param`` is the request field it came from (e.g. ``response_format``, or the server's name for a
+    forced tool call): every error about the spec is an ``InvalidParameterError`` naming it. Construction
+    checks only the types (``kind`` may be given as its string value); :meth:`grammar` checks the source's
+    shape, and ``GrammarCompiler.check`` whether llguidance can compile it.
+    """
+
+    kind: GrammarKind
+    source: str = ""
+    param: str = "response_format"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.param, str) or not self.param:
+            raise ValueError(f"GrammarSpec.param must be a non-empty string, got {self.param!r}")
+        try:
+            object.__setattr__(self, "kind", GrammarKind(self.kind))
+        except ValueError:
+            kinds = ", ".join(k.value for k in GrammarKind)
+            raise InvalidParameterError(self.param, f"Unknown grammar kind {self.kind!r}: use one of {kinds}.") from None
+        if not isinstance(self.source, str):
+            raise InvalidParameterError(self.param, f"The {self.kind.value} grammar must be given as text.")
+
+    def grammar(self) -> str:
+        """The llguidance grammar text of this spec (not compiled: that is ``GrammarCompiler.check``).
+
+        Raises InvalidParameterError naming ``param`` when the source is not of the right shape: a JSON
+        schema that is not JSON text of an object, a choice that is not a non-empty list of strings.
+        """
+        defaults: Any = dict(JSON_OPTIONS)
+        if self.kind is GrammarKind.JSON_OBJECT:
+            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=defaults)
+        if self.kind is GrammarKind.JSON_SCHEMA:
+            schema = self._json("JSON schema")
+            if not isinstance(schema, dict):
+                raise InvalidParameterError(self.param, "The JSON schema must be a JSON object.")
+            try:
+                return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=defaults)
+            except ValueError as exc:
+                raise InvalidParameterError(self.param, f"Invalid JSON schema: {_short(str(exc))}") from None
+        if self.kind is GrammarKind.REGEX:
+            return llguidance.LLMatcher.grammar_from_regex(self.source)
+        if self.kind is GrammarKind.CHOICE:
+            choices = self._json("choice list")
+            if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+                raise InvalidParameterError(self.param, "The choices must be a non-empty list of strings.")
+            return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+        return llguidance.LLMatcher.grammar_from_lark(self.source)
+
+    def _json(self, what: str) -> Any:
+        try:
+            return json.loads(self.source)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise InvalidParameterError(self.param, f"The {what} is not valid JSON: {exc}.") from None
+
+
+class GrammarMatcher:
+    """One request's position in its grammar (wraps an ``llguidance.LLMatcher``); not thread-safe.
+
+    Built by ``GrammarCompiler.matcher``. Each step: :meth:`fill_mask` (the allowed next tokens), then,
+    for the chosen token, :meth:`accept`. Once :attr:`is_finished`, nothing but EOS may follow.
+    """
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+        self._matcher = matcher
+        self.vocab_size = vocab_size
+        """Token ids the bitmask covers (the llguidance tokenizer's vocabulary; ids past the tokenizer's are never allowed)."""
+
+    @property
+    def mask_words(self) -> int:
+        """int32 words per bitmask row: ``ceil(vocab_size / 32)``."""
+        return (self.vocab_size + 31) // 32
+
+    def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into row ``row`` of ``bitmask``: a contiguous CPU int32 ``[N, mask_words]``
+        tensor; bit ``t % 32`` of word ``t // 32`` is set where token ``t`` is allowed. A finished matcher
+        allows EOS only; one in an error state too (see :attr:`error`)."""
+        if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or bitmask.dim() != 2:
+            raise ValueError("the bitmask must be a 2-D int32 CPU tensor")
+        if bitmask.shape[1] != self.mask_words or not 0 <= row < bitmask.shape[0]:
+            raise ValueError(f"bitmask of shape {tuple(bitmask.shape)} has no row {row} of {self.mask_words} words")
+        target = bitmask[row]
+        if not target.is_contiguous():
+            raise ValueError("the bitmask row must be contiguous")
+        self._matcher.unsafe_compute_mask_ptr(target.data_ptr(), target.numel() * target.element_size())
+
+    def accept(self, token: int) -> bool:
+        """Consume ``token``; False when it breaks the grammar (the matcher is then in an error state)."""
+        return bool(self._matcher.consume_token(token))
+
+    @property
+    def is_finished(self) -> bool:
+        """The grammar is complete and nothing but EOS may follow (False in an error state)."""
+        return bool(self._matcher.is_stopped()) and not self._matcher.is_error()
+
+    @property
+    def error(self) -> str | None:
+        """Why the matcher failed (a token broke the grammar), or None."""
+        return _short(self._matcher.get_error()) if self._matcher.is_error() else None
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """A :class:`GrammarCompiler`'s cache counters: lookups answered from the cache, compiles done, entries."""
+
+    hits: int
+    compiles: int
+    size: int
+    max_size: int
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A cache entry: the pristine matcher of a grammar (never used itself, only copied), or why it failed."""
+
+    matcher: llguidance.LLMatcher | None
+    error: str | None
+
+
+class GrammarCompiler:
+    """One model's grammars: llguidance's tokenizer and a thread-safe LRU cache of compiled specs.
+
+    ``tokenizer`` is the model's Hugging Face (fast) tokenizer, ``vocab_size`` the model's output width:
+    the bitmasks cover ``max(vocab_size, len(tokenizer))`` ids, and ids past the tokenizer's vocabulary
+    (a padded output layer) are never allowed. ``eos_token_ids`` are the ids llguidance allows where
+    the grammar may end (default: the tokenizer's EOS). Raises ValueError for a tokenizer llguidance
+    cannot use (a slow one). The cache is keyed by ``(kind, source)``: a failure is cached too, and
+    raised again with the asking spec's ``param``.
+    """
+
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, cache_size: int = 256, eos_token_ids: Collection[int] | None = None
+    ) -> None:
+        import llguidance.hf  # imports transformers
+
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be at least 1, got {cache_size}")
+        self.vocab_size = max(int(vocab_size), len(tokenizer))
+        eos = sorted(eos_token_ids) if eos_token_ids else None
+        self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size, eos_token=eos)
+        self._cache_size = cache_size
+        self._cache: OrderedDict[tuple[GrammarKind, str], _Compiled] = OrderedDict()
+        self._lock = threading.Lock()
+        self._hits = 0
+        self.compiles = 0
+        """Grammars compiled so far (cache misses)."""
+
+    @property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        """llguidance's view of the model's tokenizer (``vocab_size`` ids)."""
+        return self._tokenizer
+
+    @property
+    def eos_token(self) -> int:
+        """The EOS id llguidance allows where the grammar may end (the first, if several)."""
+        return int(self._tokenizer.eos_token)
+
+    def cache_info(self) -> CacheInfo:
+        with self._lock:
+            return CacheInfo(self._hits, self.compiles, len(self._cache), self._cache_size)
+
+    def check(self, spec: GrammarSpec) -> None:
+        """Compile ``spec`` (or find it in the cache); raises InvalidParameterError naming ``spec.param``
+        with llguidance's reason when the source is malformed or the grammar cannot be compiled."""
+        self._compiled(spec)
+
+    def matcher(self, spec: GrammarSpec) -> GrammarMatcher:
+        """A fresh matcher at the start of ``spec``'s grammar, for one request (checks ``spec`` first)."""
+        pristine = self._compiled(spec)
+        return GrammarMatcher(pristine.deep_copy(), self.vocab_size)
+
+    def _compiled(self, spec: GrammarSpec) -> llguidance.LLMatcher:
+        key = (spec.kind, spec.source)
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None:
+                self._cache.move_to_end(key)
+                self._hits += 1
+        if entry is None:  # compiled outside the lock: one slow schema does not hold up the others
+            entry = self._compile(spec)
+            with self._lock:
+                self.compiles += 1
+                self._cache[key] = entry
+                self._cache.move_to_end(key)
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        if entry.matcher is None:
+            raise InvalidParameterError(spec.param, entry.error or "The grammar cannot be compiled.")
+        return entry.matcher
+
+    def _compile(self, spec: GrammarSpec) -> _Compiled:
+        try:
+            text = spec.grammar()
+        except InvalidParameterError as exc:
+            return _Compiled(None, exc.message)
+        matcher = llguidance.LLMatcher(self._tokenizer, text, log_level=0, limits=_limits())
+        if matcher.is_error():
+            return _Compiled(None, f"Invalid {spec.kind.value} grammar: {_short(matcher.get_error())}")
+        return _Compiled(matcher, None)

@@ -1,0 +1,102 @@
+"""The shape a request asks its answer to take, as a GrammarSpec for the engine.
+
+OpenAI's ``response_format`` (``text``, ``json_object``, ``json_schema``) and vLLM's
+``structured_outputs`` / ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``
+extras: at most one of them per request. The engine compiles the grammar (llguidance) and masks
+the distribution the method produced, once per step; errors name the field the grammar came from.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from amulet_core.errors import InvalidParameterError
+from amulet_core.structured_output import GrammarKind, GrammarSpec
+from server.protocol import GenerationFields
+
+MAX_SCHEMA_CHARS = 100_000
+
+
+def _schema_text(schema: dict[str, Any] | str, param: str) -> str:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as exc:
+            raise InvalidParameterError(param, f"'{param}' is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise InvalidParameterError(param, f"'{param}' must be a JSON schema object.")
+    text = json.dumps(schema, ensure_ascii=False, sort_keys=True)
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise InvalidParameterError(param, f"'{param}' is longer than {MAX_SCHEMA_CHARS} characters.")
+    return text
+
+
+def _choice_text(choices: list[str], param: str) -> str:
+    if not choices or any(not c for c in choices):
+        raise InvalidParameterError(param, f"'{param}' needs at least one non-empty string.")
+    return json.dumps(choices, ensure_ascii=False)
+
+
+def _candidates(body: GenerationFields) -> list[GrammarSpec]:
+    specs: list[GrammarSpec] = []
+    rf = body.response_format
+    if rf is not None and rf.type == "json_object":
+        specs.append(GrammarSpec(GrammarKind.JSON_OBJECT, "", "response_format"))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None:
+            raise InvalidParameterError("response_format.json_schema", "'json_schema' is required for this type.")
+        schema = rf.json_schema.schema_ if rf.json_schema.schema_ is not None else {"type": "object"}
+        param = "response_format.json_schema.schema"
+        specs.append(GrammarSpec(GrammarKind.JSON_SCHEMA, _schema_text(schema, param), "response_format"))
+    so = body.structured_outputs
+    if so is not None:
+        given: list[tuple[GrammarKind, Any]] = [
+            (GrammarKind.JSON_SCHEMA, so.json_),
+            (GrammarKind.REGEX, so.regex),
+            (GrammarKind.CHOICE, so.choice),
+            (GrammarKind.LARK, so.grammar),
+            (GrammarKind.JSON_OBJECT, so.json_object or None),
+        ]
+        present = [(kind, value) for kind, value in given if value is not None]
+        if len(present) != 1:
+            raise InvalidParameterError(
+                "structured_outputs", "'structured_outputs' takes exactly one of json, regex, choice, grammar, json_object."
+            )
+        kind, value = present[0]
+        specs.append(_spec(kind, value, "structured_outputs"))
+    guided: tuple[tuple[GrammarKind, Any, str], ...] = (
+        (GrammarKind.JSON_SCHEMA, body.guided_json, "guided_json"),
+        (GrammarKind.REGEX, body.guided_regex, "guided_regex"),
+        (GrammarKind.CHOICE, body.guided_choice, "guided_choice"),
+        (GrammarKind.LARK, body.guided_grammar, "guided_grammar"),
+    )
+    for kind, value, param in guided:
+        if value is not None:
+            specs.append(_spec(kind, value, param))
+    return specs
+
+
+def _spec(kind: GrammarKind, value: Any, param: str) -> GrammarSpec:
+    if kind is GrammarKind.JSON_SCHEMA:
+        return GrammarSpec(kind, _schema_text(value, param), param)
+    if kind is GrammarKind.CHOICE:
+        return GrammarSpec(kind, _choice_text(value, param), param)
+    if kind is GrammarKind.JSON_OBJECT:
+        return GrammarSpec(kind, "", param)
+    if not value:
+        raise InvalidParameterError(param, f"'{param}' must not be empty.")
+    return GrammarSpec(kind, value, param)
+
+
+def requested_grammar(body: GenerationFields) -> GrammarSpec | None:
+    """The grammar the request's fields ask for, or None for free text. More than one is a 400."""
+    specs = _candidates(body)
+    if len(specs) > 1:
+        raise InvalidParameterError(
+            specs[1].param, f"'{specs[0].param}' and '{specs[1].param}' both constrain the answer; give one."
+        )
+    spec = specs[0] if specs else None
+    if spec is not None:
+        spec.grammar()  # a source that cannot be a grammar at all (bad regex syntax is the engine's to find)
+    return spec
