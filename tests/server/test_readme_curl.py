@@ -28,6 +28,7 @@ SECTION = "## Using the API"
 def fake_engine() -> FakeEngine:
     return FakeEngine(max_model_len=8192)  # the fake's tokens are characters; the tool example's prompt is long
 
+
 EXAMPLE_URL = "http://localhost:8000"
 
 
