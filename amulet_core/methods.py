@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from amulet_core.errors import InvalidParameterError
+from amulet_core.multi_context import MAX_PREFERENCES as MAX_PREFERENCES  # re-exported: the core's limit on K
+from amulet_core.multi_context import check_weights, normalize_weights
 
 MAX_ITERATIONS = 1000
 """Cap on Amulet's T: the recurrence is O(T) scalar work per request, so this bounds it."""
@@ -40,7 +42,8 @@ class Method(StrEnum):
 
     @property
     def num_contexts(self) -> int:
-        """How many prompt contexts a request of this method decodes (1 or 2)."""
+        """How many prompt contexts a request of this method decodes with one preference (1 or 2);
+        ``MethodSettings.num_contexts`` counts them for several preferences."""
         return 2 if self in (Method.LA, Method.AMULET) else 1
 
 
@@ -74,7 +77,9 @@ class MethodSettings:
 
     The field defaults are the product's defaults (``Mode.DEFAULT``); :meth:`paper` gives the paper's.
     ``strength`` (the API's ``coefficient``) sets A directly for la and amulet, in place of ``ratio`` and
-    the game's parameters.
+    the game's parameters. ``weights`` asks for several preference contexts (``amulet_core.multi_context``):
+    one weight each, every one finite and above 0, at most ``MAX_PREFERENCES``; empty (the default) means
+    one preference context of weight 1. An invalid field raises InvalidParameterError naming it.
     """
 
     method: Method = Method.AMULET
@@ -89,6 +94,8 @@ class MethodSettings:
     least this fraction of the top pref probability. 0 (off) is faithful to the paper."""
     mode: Mode = Mode.DEFAULT
     """Which defaults the parameters not given came from (for the answer's echo)."""
+    weights: tuple[float, ...] = ()
+    """One weight per preference context (normalised to sum 1 when decoding); empty: one context of weight 1."""
 
     @classmethod
     def paper(cls, method: Method | str = Method.AMULET) -> MethodSettings:
@@ -148,6 +155,24 @@ class MethodSettings:
         beta = _finite("plausibility", self.plausibility)
         if not 0.0 <= beta < 1.0:
             raise InvalidParameterError("plausibility", f"'plausibility' must be in [0, 1), got {beta!r}.")
+        object.__setattr__(self, "weights", check_weights(self.weights))
+
+    @property
+    def num_preferences(self) -> int:
+        """K, the preference contexts a request decodes: ``len(weights)``, or 1 when no weights are given."""
+        return len(self.weights) or 1
+
+    @property
+    def normalized_weights(self) -> tuple[float, ...]:
+        """``v_i = w_i / sum(w)`` per preference context (float64); ``(1.0,)`` when no weights are given."""
+        return normalize_weights(self.weights)
+
+    @property
+    def num_contexts(self) -> int:
+        """Contexts one request decodes: K + 1 for la and amulet (the contrast context last), K for pref, 1 for base."""
+        if self.method is Method.BASE:
+            return 1
+        return self.num_preferences + (1 if self.method.num_contexts == 2 else 0)
 
     @property
     def coefficient(self) -> float | None:

@@ -92,6 +92,52 @@ def preference_message_pair(messages: Sequence[Message], preference: str, defaul
     return MessagePair(pref=pref, base=base, system_prompt=content)
 
 
+@dataclass(frozen=True)
+class PreferenceContexts:
+    """The contexts of one multi-preference request (``../design`` multi-context rule): K preference
+    conversations, each the conversation with one preference sentence appended to its first system
+    message, and the contrast conversation: as given, or carrying the negative sentence. With no
+    preference sentence (classifier-free guidance) the one preference context is the conversation as given."""
+
+    prefs: tuple[list[Message], ...]
+    contrast: list[Message]
+    system_prompt: str
+    """The system message before any sentence: the conversation's own, or the default given to it."""
+    sentences: tuple[str, ...]
+    negative: str | None
+
+
+def preference_contexts(
+    messages: Sequence[Message],
+    preferences: Sequence[str],
+    default_system_prompt: str = "",
+    negative: str | None = None,
+) -> PreferenceContexts:
+    """Build the K preference contexts and the contrast context; they differ by their sentences alone.
+
+    Preset names expand as in :func:`preference_sentence`, for ``negative`` too. With one preference and
+    no negative this is exactly :func:`preference_message_pair`."""
+    base = [dict(m) for m in messages]
+    system_index = next((i for i, m in enumerate(base) if m.get("role") == "system"), None)
+    if system_index is None:
+        base.insert(0, {"role": "system", "content": default_system_prompt})
+        system_index = 0
+    content = base[system_index].get("content") or ""
+    if not isinstance(content, str):
+        raise InvalidParameterError("messages", "The system message content must be a string.")
+
+    def carrying(sentence: str) -> list[Message]:
+        context = [dict(m) for m in base]
+        context[system_index]["content"] = _append(content, sentence)
+        return context
+
+    sentences = tuple(preference_sentence(p) for p in preferences)
+    negative_sentence = preference_sentence(negative) if negative is not None else None
+    prefs = tuple(carrying(s) for s in sentences) if sentences else ([dict(m) for m in base],)
+    contrast = carrying(negative_sentence) if negative_sentence is not None else base
+    return PreferenceContexts(prefs, contrast, content, sentences, negative_sentence)
+
+
 RESERVED_TEMPLATE_KWARGS = frozenset(
     {
         "conversation",

@@ -1,7 +1,8 @@
 """The straightforward, paper-style decoding loop: the oracle the engine is tested against.
 
 Every token it runs a full forward pass over each context separately (no KV cache), and
-for amulet it plays the T-step game on the full vocabulary (Algorithm 1). Slow by design.
+for amulet it plays the T-step game on the full vocabulary (Algorithm 1), on the weighted
+mixture of the preference contexts when there are several. Slow by design.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from amulet_core.methods import (
     linear_alignment,
     plausibility_mask,
 )
+from amulet_core.multi_context import mixture_logits
 
 
 @torch.inference_mode()
@@ -37,8 +39,17 @@ def next_token_logprobs(
     settings: MethodSettings,
     closed_form: bool = False,
     all_logits: bool = False,
+    extra_prompt_ids: Sequence[Sequence[int]] = (),
 ) -> torch.Tensor:
-    """Log-probabilities of the next token under the method, by full recompute of each context."""
+    """Log-probabilities of the next token under the method, by full recompute of each context.
+
+    ``prompt_ids`` and ``extra_prompt_ids`` are the K preference contexts (weighted by
+    ``settings.weights``), ``base_prompt_ids`` the contrast context (la and amulet). With K > 1 the
+    preference logits are mixed in float64 (``multi_context.mixture_logits``) and the method runs on
+    that anchor: the iterative game (or la's formula) in float64, unless ``closed_form``.
+    """
+    if extra_prompt_ids:
+        return _several_preferences(model, [prompt_ids, *extra_prompt_ids], base_prompt_ids, settings, closed_form, all_logits)
     z_pref = _last_logits(model, prompt_ids, all_logits)
     if settings.method in (Method.BASE, Method.PREF):
         return torch.log_softmax(z_pref, dim=-1)
@@ -58,6 +69,36 @@ def next_token_logprobs(
     return mixed
 
 
+def _several_preferences(
+    model: torch.nn.Module,
+    prefs: Sequence[Sequence[int]],
+    contrast_ids: Sequence[int] | None,
+    settings: MethodSettings,
+    closed_form: bool,
+    all_logits: bool,
+) -> torch.Tensor:
+    """:func:`next_token_logprobs` for K > 1 preference contexts, in float64 (the returned log-probabilities too)."""
+    if settings.method is Method.BASE or len(prefs) != settings.num_preferences:
+        raise ValueError(f"{len(prefs)} preference contexts for {settings.num_preferences} weight(s) of {settings.method.value}")
+    anchor = mixture_logits([_last_logits(model, ids, all_logits) for ids in prefs], settings.weights)
+    if settings.method is Method.PREF:
+        return torch.log_softmax(anchor, dim=-1)
+    if contrast_ids is None:
+        raise ValueError(f"method {settings.method.value} needs the contrast context")
+    z_contrast = _last_logits(model, contrast_ids, all_logits).double()
+    coefficient = settings.coefficient
+    if (closed_form or settings.strength is not None) and coefficient is not None:
+        mixed = combine_contexts(anchor.unsqueeze(0), z_contrast.unsqueeze(0), [coefficient])[0]
+    elif settings.method is Method.LA:
+        mixed = linear_alignment(anchor, z_contrast, settings.ratio)
+    else:
+        mixed = amulet_iterative(anchor, z_contrast, settings)
+    if settings.plausibility > 0:
+        betas = torch.tensor([settings.plausibility], device=mixed.device)
+        mixed = plausibility_mask(mixed.unsqueeze(0), anchor.unsqueeze(0), betas)[0]
+    return mixed
+
+
 def reference_generate(
     model: torch.nn.Module,
     prompt_ids: Sequence[int],
@@ -67,18 +108,25 @@ def reference_generate(
     stop_ids: Iterable[int] = (),
     closed_form: bool = False,
     all_logits: bool = False,
+    extra_prompt_ids: Sequence[Sequence[int]] = (),
 ) -> list[int]:
-    """Greedy decoding, one full recompute per context per token. Returns the new token ids."""
+    """Greedy decoding, one full recompute per context per token. Returns the new token ids.
+
+    ``extra_prompt_ids``: preference contexts 2..K (see :func:`next_token_logprobs`); every context
+    gets each chosen token appended, as the engine's sequences do.
+    """
     stop = set(stop_ids)
     pref = list(prompt_ids)
     base = list(base_prompt_ids) if base_prompt_ids is not None else None
+    extras = [list(ids) for ids in extra_prompt_ids]
     out: list[int] = []
     for _ in range(max_new_tokens):
-        token = int(next_token_logprobs(model, pref, base, settings, closed_form, all_logits).argmax())
+        logprobs = next_token_logprobs(model, pref, base, settings, closed_form, all_logits, extras)
+        token = int(logprobs.argmax())
         out.append(token)
         if token in stop:
             break
-        pref.append(token)
-        if base is not None:
-            base.append(token)
+        for context in (pref, base, *extras):
+            if context is not None:
+                context.append(token)
     return out

@@ -1,8 +1,8 @@
 """Next-token choice: apply each request's method to its context rows, then sample every row at once.
 
-Method application is batched: all two-context requests of a step are combined in one
-closed-form call. Sampling is batched too (:func:`sample_tokens`): the logits processors
-(``logit_bias``, ``min_tokens``, penalties: ``amulet_core.logits_processing``) run over the rows that
+Method application is batched (``amulet_core.method_rows``, re-exported here): all multi-context
+requests of a step are combined in one closed-form call. Sampling is batched too (:func:`sample_tokens`):
+the logits processors (``logit_bias``, ``min_tokens``, penalties: ``amulet_core.logits_processing``) run over the rows that
 ask for them, greedy rows share one argmax, temperature, min-p, top-k and top-p are tensor ops over
 all sampled rows with per-row parameters, and only the draw itself runs per row, from the row's own
 generator, so that a seeded request gives the same tokens whichever requests share its step. The
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from amulet_core.logits_processing import RowHistory, apply_processors_, process_row
-from amulet_core.methods import MethodSettings, combine_contexts, plausibility_mask
+from amulet_core.method_rows import RowSpec, combine_contexts_float32, method_logprobs
+from amulet_core.method_rows import _plausibility_mask as _plausibility_mask  # for the tests of the mask
 from amulet_core.sampling_params import SamplingParams
-from amulet_core.token_masks import GrammarMasks
 
 __all__ = [
     "RowHistory",
@@ -33,106 +33,6 @@ __all__ = [
     "method_logprobs",
     "sample_tokens",
 ]
-
-
-@dataclass(frozen=True)
-class RowSpec:
-    """Where one request's context rows sit in the step's logits, and how to decode them."""
-
-    primary_row: int
-    base_row: int | None
-    method: MethodSettings
-    coefficient: float | None
-
-
-COMBINE_IN_FLOAT32 = True
-"""Combine the two contexts in float32 (see :func:`combine_contexts_float32`); False: methods.combine_contexts (float64)."""
-
-
-def combine_contexts_float32(pref_logits: torch.Tensor, base_logits: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(zb + A (z0 - zb))`` per row in float32: one fused ``lerp``, one fix-up, one log_softmax.
-
-    ``coefficients`` is ``[R, 1]`` float32. Where a token is impossible (-inf) in either context the mix
-    is -inf or NaN (or +inf for a negative A); all of those become -inf, as in ``combine_contexts``.
-    """
-    mixed = torch.lerp(base_logits.float(), pref_logits.float(), coefficients)
-    mixed = torch.nan_to_num_(mixed, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
-    return torch.log_softmax(mixed, dim=-1)
-
-
-def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec], grammar: GrammarMasks | None = None) -> torch.Tensor:
-    """``[len(specs), V]`` float32 log-probabilities each request decodes from.
-
-    ``grammar`` (rows numbered as ``specs``): the rows' grammar masks, applied once, to the distribution
-    the method produced (for la and amulet the combined one), which is renormalised over the allowed
-    tokens. A two-context row's plausibility mask then counts from the most likely token the grammar
-    allows (a token is plausible when its pref probability is at least ``plausibility`` times that one's),
-    so it never rules out every allowed token; the grammar mask is folded into it (one renormalisation).
-    """
-    device = logits.device
-    single = [i for i, s in enumerate(specs) if s.base_row is None]
-    double = [i for i, s in enumerate(specs) if s.base_row is not None]
-    if not single and all(s.primary_row == 2 * i and s.base_row == 2 * i + 1 for i, s in enumerate(specs)):
-        # The engine's layout when every request has two contexts: pref and base rows alternate (no copies).
-        pairs = logits.view(len(specs), 2, logits.shape[-1])
-        mixed, masked = _two_context_logprobs(pairs[:, 0], pairs[:, 1], specs, grammar)
-        if grammar is not None and not masked:
-            grammar.apply_(mixed)
-        return mixed
-    out = torch.empty(len(specs), logits.shape[-1], dtype=torch.float32, device=device)
-    masked = False
-    if single:
-        rows = torch.tensor([specs[i].primary_row for i in single], device=device)
-        out[single] = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
-    if double:
-        pref_rows = torch.tensor([specs[i].primary_row for i in double], device=device)
-        base_rows = torch.tensor([specs[i].base_row for i in double], device=device)
-        pref = logits.index_select(0, pref_rows)
-        allowed = grammar.restrict(double) if grammar is not None else None
-        out[double], masked = _two_context_logprobs(pref, logits.index_select(0, base_rows), [specs[i] for i in double], allowed)
-    if grammar is not None:
-        grammar.without(double if masked else ()).apply_(out)
-    return out
-
-
-def _two_context_logprobs(
-    pref: torch.Tensor, base: torch.Tensor, specs: Sequence[RowSpec], allowed: GrammarMasks | None = None
-) -> tuple[torch.Tensor, bool]:
-    """The combined rows, and whether ``allowed``'s masks are applied (folded into the plausibility mask)."""
-    coefficients = [1.0 if s.coefficient is None else s.coefficient for s in specs]
-    if COMBINE_IN_FLOAT32:
-        coef = torch.tensor(coefficients, dtype=torch.float32).reshape(-1, 1).to(pref.device)
-        mixed = combine_contexts_float32(pref, base, coef)
-    else:
-        mixed = combine_contexts(pref, base, coefficients).float()
-    betas = [s.method.plausibility for s in specs]
-    if not any(b > 0 for b in betas):
-        return mixed, False
-    beta_tensor = torch.tensor(betas, device=pref.device)
-    if COMBINE_IN_FLOAT32 or allowed is not None:  # methods.plausibility_mask knows no grammar
-        return _plausibility_mask(mixed, pref, beta_tensor, allowed), allowed is not None
-    return plausibility_mask(mixed, pref, beta_tensor), False
-
-
-def _plausibility_mask(
-    logprobs: torch.Tensor, pref_logits: torch.Tensor, betas: torch.Tensor, allowed: GrammarMasks | None = None
-) -> torch.Tensor:
-    """``methods.plausibility_mask`` with the same threshold arithmetic, fewer passes: the rows with beta 0
-    get a threshold of -inf instead of a separate mask, and the float32 ``logprobs`` are masked in place.
-
-    The rows of ``allowed`` also lose their banned tokens, in the same pass: their pref log-probabilities
-    are -inf there, so the threshold counts from the most likely allowed token, and a threshold at least
-    the lowest float (not -inf, even for beta 0) drops exactly the banned tokens plus the implausible ones.
-    """
-    l0 = torch.log_softmax(pref_logits.float(), dim=-1)
-    if allowed is not None:
-        allowed.add_to_(l0)
-    threshold = l0.max(dim=-1, keepdim=True).values + torch.log(betas.float().clamp_min(1e-45)).reshape(-1, 1)
-    threshold = threshold.masked_fill(betas.reshape(-1, 1) <= 0, float("-inf"))
-    if allowed is not None:
-        lowest = torch.finfo(torch.float32).min
-        threshold.index_copy_(0, allowed.index, threshold.index_select(0, allowed.index).clamp_min(lowest))
-    return torch.log_softmax(logprobs.masked_fill_(l0 < threshold, float("-inf")), dim=-1)
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="format of the model's tool calls; auto picks it from the chat template (default: %(default)s)",
     )
     p.add_argument(
+        "--max-preferences",
+        type=int,
+        default=ServerConfig.max_preferences,
+        help="most preferences one request may combine, each a context decoded with the answer (default: %(default)s)",
+    )
+    p.add_argument(
         "--max-n",
         type=int,
         default=ServerConfig.max_n,
@@ -156,6 +162,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
                 drain_timeout_s=args.drain_timeout,
                 default_system_prompt=args.default_system_prompt,
                 max_n=args.max_n,
+                max_preferences=args.max_preferences,
                 tool_call_parser=args.tool_call_parser,
             ),
         )

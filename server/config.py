@@ -29,6 +29,8 @@ class ServerConfig:
     """Value of the Retry-After header on 429 (queue full) and 503 (not ready) answers."""
     tool_call_parser: str = "auto"
     """How tool calls are read from the model's text: ``hermes``, ``llama3_json`` or ``auto`` (from the chat template)."""
+    max_preferences: int = 4
+    """Most preferences one request may combine (each is a context decoded with the answer)."""
     max_n: int = 8
     """Most choices (``n``) one request may ask for; each decodes its own sequences."""
     default_system_prompt: str = TEMPLATE
@@ -43,6 +45,8 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be at least 0, got {self.drain_timeout_s}")
+        if not 1 <= self.max_preferences <= 8:
+            raise ValueError(f"max_preferences must be from 1 to 8, got {self.max_preferences}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be at least 1, got {self.max_n}")
         if self.api_key is not None and not self.api_key:

@@ -11,11 +11,10 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.methods import MethodSettings, Mode
 from amulet_core.sampling_params import SamplingParams
 from amulet_core.structured_output import GrammarSpec
 from server.errors import APIError
-from server.protocol import GenerationFields, PreferenceSpec
+from server.protocol import GenerationFields
 
 T = TypeVar("T")
 
@@ -38,17 +37,6 @@ def check_choices(body: GenerationFields, max_n: int) -> None:
         raise InvalidParameterError("n", f"'n' must be from 1 to {max_n} (this server's --max-n), got {n}.")
     if body.stream_options is not None and not body.stream:
         raise InvalidParameterError("stream_options", "'stream_options' is only allowed when 'stream' is true.")
-
-
-def method_settings(preference: str | PreferenceSpec) -> tuple[str, MethodSettings]:
-    """The preference text and its MethodSettings (the defaults for whatever is not given)."""
-    if isinstance(preference, str):
-        return preference, MethodSettings()
-    try:
-        return preference.text, MethodSettings.from_fields(preference.method_fields(), preference.mode or Mode.DEFAULT)
-    except InvalidParameterError as exc:
-        param = {"lam": "lambda", "strength": "coefficient"}.get(exc.param, exc.param)
-        raise InvalidParameterError(f"preference.{param}", exc.message) from exc
 
 
 def renamed_param(name: str, alias: str, make: Callable[[], T]) -> T:

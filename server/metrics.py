@@ -58,6 +58,8 @@ TOKEN_BUCKETS = (
     10000.0, 20000.0, 50000.0, 100000.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
+CONTEXT_BUCKETS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+"""Contexts per request: base 1, one preference 2, K preferences K + 1 (at most --max-preferences + 1)."""
 
 
 def _label(value: object, known: tuple[str, ...]) -> str:
@@ -153,6 +155,10 @@ class PrometheusMetrics:
             "amulet_request_generation_tokens", "Generated tokens per request.",
             per_request, buckets=TOKEN_BUCKETS, registry=reg,
         )  # fmt: skip
+        self._contexts = Histogram(
+            "amulet_request_contexts", "Contexts decoded together per request (preferences plus the contrast).",
+            per_request, buckets=CONTEXT_BUCKETS, registry=reg,
+        )  # fmt: skip
         self._prompt_total = Counter("amulet_prompt_tokens", "Prompt tokens processed.", per_request, registry=reg)
         self._generation_total = Counter("amulet_generation_tokens", "Tokens generated.", per_request, registry=reg)
         self._requests = Counter(
@@ -174,7 +180,7 @@ class PrometheusMetrics:
         """Create every known label combination at zero, so series exist before the first request."""
         per_method = (
             self._ttft, self._inter_token, self._e2e, self._queue,
-            self._prompt_hist, self._generation_hist, self._prompt_total, self._generation_total,
+            self._prompt_hist, self._generation_hist, self._prompt_total, self._generation_total, self._contexts,
         )  # fmt: skip
         for method in METHODS:
             for metric in per_method:
@@ -203,6 +209,7 @@ class PrometheusMetrics:
         self._generation_total.labels(*labels).inc(completion)
         self._prompt_hist.labels(*labels).observe(prompt)
         self._generation_hist.labels(*labels).observe(completion)
+        self._contexts.labels(*labels).observe(max(1, int(record.contexts)))
 
         for hist, value in ((self._e2e, record.e2e_s), (self._ttft, record.ttft_s), (self._queue, record.queue_s)):
             seconds = _seconds(value)

@@ -24,6 +24,8 @@ class RequestRecord:
     ttft_s: float | None = None
     queue_s: float | None = None
     inter_token_s: tuple[float, ...] = ()
+    contexts: int = 1
+    """Contexts decoded together for each answer: 1 for base, K preferences plus the contrast for amulet and la."""
 
 
 class RequestObserver(Protocol):

@@ -38,6 +38,19 @@ class TextPart(_Request):
         return data
 
 
+class PreferenceItem(BaseModel):
+    """One preference of a list, with its weight (default 1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: str
+    weight: float | None = None
+
+
+PreferenceList = list[str | PreferenceItem]
+"""Several preferences at once: presets, sentences or ``{"text", "weight"}`` objects."""
+
+
 class PreferenceSpec(BaseModel):
     """The object form of ``preference``. Unset numbers take the defaults of ``mode`` (MethodSettings).
 
@@ -46,7 +59,11 @@ class PreferenceSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False)
 
-    text: str
+    text: str | PreferenceList
+    weights: list[float] | None = None
+    """One weight per preference in ``text`` (default: 1 each); instead of per-item weights."""
+    negative: str | None = None
+    """A preset or sentence the contrast context carries (amulet and la), instead of nothing."""
     mode: Literal["default", "paper"] | None = None
     method: Literal["amulet", "la", "pref", "base"] | None = None
     iterations: int | None = None
@@ -60,7 +77,7 @@ class PreferenceSpec(BaseModel):
 
     def method_fields(self) -> dict[str, Any]:
         """The given method parameters under MethodSettings' names."""
-        given = self.model_dump(exclude={"text", "mode", "coefficient"}, exclude_none=True)
+        given = self.model_dump(exclude={"text", "weights", "negative", "mode", "coefficient"}, exclude_none=True)
         if self.coefficient is not None:
             given["strength"] = self.coefficient
         return given
@@ -120,7 +137,7 @@ class GenerationFields(_Request):
     logit_bias: dict[str, float] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    preference: str | PreferenceSpec | None = None
+    preference: str | PreferenceList | PreferenceSpec | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -249,6 +266,10 @@ class ChatCompletionRequest(GenerationFields):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
+    guidance_scale: float | None = None
+    """Classifier-free guidance (transformers' name): A of ``A * l_pos + (1 - A) * l_neg``; needs ``negative_prompt``."""
+    negative_prompt: str | None = None
+    """The sentence the contrast context carries for classifier-free guidance."""
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

@@ -26,11 +26,18 @@ class PreferenceEcho(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
     text: str
-    """The sentence that was added to the system message."""
+    """The sentence added to the system message of the (first) preference context ("" for guidance)."""
+    texts: list[str]
+    """Every preference context's sentence, in order."""
+    weights: list[float]
+    """The preference contexts' normalised weights (summing to 1)."""
+    negative: str | None
+    """The sentence the contrast context carries (a negative preference or ``negative_prompt``), or None."""
     system_prompt: str
-    """The system message both contexts share before the sentence: the conversation's own, or the
+    """The system message all contexts share before their sentence: the conversation's own, or the
     server's default for conversations without one (``--default-system-prompt``)."""
     mode: str
+    """``default``, ``paper``, or ``cfg`` for classifier-free guidance (``guidance_scale``)."""
     method: str
     iterations: int
     eta: float
@@ -39,14 +46,24 @@ class PreferenceEcho(BaseModel):
     ratio: float
     plausibility: float
     coefficient: float | None
-    """The closed-form A of ``A * l_pref + (1 - A) * l_base`` (None for base and pref)."""
+    """The closed-form A of ``A * sum_i v_i l_pref_i + (1 - A) * l_contrast`` (None for base and pref)."""
 
     @classmethod
-    def from_settings(cls, sentence: str, system_prompt: str, settings: MethodSettings) -> PreferenceEcho:
+    def from_settings(
+        cls,
+        sentences: Sequence[str],
+        system_prompt: str,
+        settings: MethodSettings,
+        negative: str | None = None,
+        mode: str | None = None,
+    ) -> PreferenceEcho:
         return cls(
-            text=sentence,
+            text=sentences[0] if sentences else "",
+            texts=list(sentences),
+            weights=list(settings.normalized_weights),
+            negative=negative,
             system_prompt=system_prompt,
-            mode=settings.mode.value,
+            mode=mode or settings.mode.value,
             method=settings.method.value,
             iterations=settings.iterations,
             eta=settings.eta,

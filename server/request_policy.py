@@ -52,6 +52,8 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "return_tokens_as_token_ids": (_unset, "'return_tokens_as_token_ids' is not supported."),
     "logits_processors": (_unset, "Custom logits processors are not supported."),
     "suffix": (_unset, "'suffix' (fill in the middle) is not supported."),
+    "guidance_scale": (lambda v: v is None, "classifier-free guidance needs a chat request (/v1/chat/completions)."),
+    "negative_prompt": (lambda v: v is None, "classifier-free guidance needs a chat request (/v1/chat/completions)."),
 }
 """Known fields that would change the answer and that this server does not implement."""
 

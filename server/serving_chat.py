@@ -23,13 +23,12 @@ from amulet_core.methods import Method, MethodSettings
 from amulet_core.prompts import (
     TEMPLATE,
     ChatTemplateOptions,
-    preference_message_pair,
-    preference_sentence,
     resolve_default_system_prompt,
 )
 from server.config import ServerConfig
-from server.generation_fields import check_choices, check_model, method_settings, renamed_param, sampling_params
+from server.generation_fields import check_choices, check_model, renamed_param, sampling_params
 from server.observer import RequestObserver
+from server.preference_request import plan_contexts, preference_plan
 from server.protocol import ChatCompletionRequest
 from server.protocol_answers import (
     AssistantMessage,
@@ -182,16 +181,15 @@ class OpenAIServingChat:
         options = template_options(body, tools.openai_tools if tools is not None and renders_tools else ())
         options.check(messages)
         preference: PreferenceEcho | None = None
-        if body.preference is None:
+        plan = preference_plan(body, self.config.max_preferences)
+        if plan is None:
             settings, contexts = MethodSettings(method=Method.BASE), [messages]
         else:
-            text, settings = method_settings(body.preference)
             default_system = resolve_default_system_prompt(
                 self.config.default_system_prompt, self.engine.template_system_prompt()
             )
-            pair = preference_message_pair(messages, text, default_system)
-            preference = PreferenceEcho.from_settings(preference_sentence(text), pair.system_prompt, settings)
-            contexts = {Method.BASE: [pair.base], Method.PREF: [pair.pref]}.get(settings.method, [pair.pref, pair.base])
+            settings = plan.settings
+            contexts, preference = plan_contexts(plan, messages, default_system)
         if tools is not None and not renders_tools:
             template_default = resolve_default_system_prompt(TEMPLATE, self.engine.template_system_prompt())
             contexts = [with_tools_described(c, tools.tools, template_default) for c in contexts]
@@ -211,7 +209,8 @@ class OpenAIServingChat:
             prompt_ids=ids[0],
             sampling=sampling,
             method=settings,
-            base_prompt_ids=ids[1] if len(ids) == 2 else None,
+            extra_prompt_ids=tuple(ids[1 : settings.num_preferences]) if settings.method is not Method.BASE else (),
+            base_prompt_ids=ids[-1] if settings.method in (Method.AMULET, Method.LA) else None,
         )
         renamed_param("max_tokens", param, lambda: request.max_new_tokens(self.engine.max_model_len))
         return PreparedChat(body=body, request=request, preference=preference, tools=tools)

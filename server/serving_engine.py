@@ -74,17 +74,19 @@ class RequestTracker:
         (it failed early) counts its prompt and no completion tokens."""
         per_prompt = []
         for p, request in enumerate(self._requests):
-            fallback = Usage(len(request.prompt_ids), 0, base_prompt_tokens=len(request.base_prompt_ids or ()))
+            extra = sum(len(ids) for ids in request.contexts[1:])
+            fallback = Usage(len(request.prompt_ids), 0, base_prompt_tokens=extra, num_contexts=len(request.contexts))
             choices = [self._usages.get(p * self._n + j, fallback) for j in range(self._n)]
             per_prompt.append(Usage.of_choices(choices))
         if not self._usages:  # nothing final from the engine: count what streamed
             first = per_prompt[0]
-            per_prompt[0] = Usage(first.prompt_tokens, self._completion_tokens, first.base_prompt_tokens)
+            per_prompt[0] = Usage(first.prompt_tokens, self._completion_tokens, first.base_prompt_tokens, 0, first.num_contexts)
         return Usage(
             prompt_tokens=sum(u.prompt_tokens for u in per_prompt),
             completion_tokens=sum(u.completion_tokens for u in per_prompt),
             base_prompt_tokens=sum(u.base_prompt_tokens for u in per_prompt),
             cached_prompt_tokens=sum(u.cached_prompt_tokens for u in per_prompt),
+            num_contexts=per_prompt[0].num_contexts,
         )
 
     def cancel(self) -> None:
@@ -106,6 +108,7 @@ class RequestTracker:
             ttft_s=None if self._first is None else self._first - self._start,
             queue_s=self._queue_s,
             inter_token_s=tuple(self._gaps),
+            contexts=len(self._requests[0].contexts),
         )
         try:
             self._observer.request_finished(record)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 class EngineConfig:
     """Limits and knobs of the engine.
 
-    * ``max_num_seqs``: sequences decoded together; an amulet or la request holds two.
+    * ``max_num_seqs``: sequences decoded together; an amulet or la request holds K + 1 (K preference
+      contexts and the contrast one), a pref request K; a request of more is refused.
     * ``max_model_len``: longest context (prompt + generated tokens) of one sequence.
     * ``max_queue``: requests that may wait for admission (those that arrived since the last
       step count as waiting); more get an overload error.

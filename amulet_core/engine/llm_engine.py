@@ -61,6 +61,10 @@ class RequestState:
     cached_prompt_tokens: int | None = None
     matcher: GrammarMatcher | None = None
     """The request's place in its grammar (``sampling.grammar``); dropped when the request finishes."""
+    num_prefs: int = 1
+    """K: the group's first K sequences are its preference contexts (1 for base)."""
+    weights: tuple[float, ...] = (1.0,)
+    """The K preference contexts' normalised weights."""
 
 
 class LLMEngine:
@@ -111,6 +115,12 @@ class LLMEngine:
                 raise InvalidParameterError(
                     "logit_bias", f"'logit_bias' token id {token} is not in this model's vocabulary (0..{self.vocab_size - 1})."
                 )
+        if len(request.contexts) > self.config.max_num_seqs:
+            raise InvalidParameterError(
+                "preference",
+                f"This request decodes {len(request.contexts)} contexts at once, but the engine runs at most "
+                f"{self.config.max_num_seqs} sequences together (max_num_seqs). Use fewer preferences.",
+            )
         if sp.grammar is not None:
             self.grammars(sp.grammar.param).check(sp.grammar)
 
@@ -135,6 +145,8 @@ class LLMEngine:
             max_tokens=max_tokens,
             arrival=time.monotonic(),
             matcher=self._matcher(sp.grammar),
+            num_prefs=len(request.contexts) - (request.base_prompt_ids is not None),
+            weights=request.method.normalized_weights,
         )
         self.scheduler.add(group)
 
@@ -190,8 +202,10 @@ class LLMEngine:
         specs: list[RowSpec] = []
         row = 0
         for state in states:
-            two = len(state.group.seqs) == 2
-            specs.append(RowSpec(row, row + 1 if two else None, state.request.method, state.coefficient))
+            # The group's rows in order: preference contexts 1..K, then the contrast context (la, amulet).
+            k = state.num_prefs
+            contrast = row + k if len(state.group.seqs) > k else None
+            specs.append(RowSpec.of(range(row, row + k), state.weights, contrast, state.request.method, state.coefficient))
             row += len(state.group.seqs)
         try:
             # The grammars mask the distribution each method produced (for la and amulet the combined
@@ -285,11 +299,13 @@ class LLMEngine:
         if reason in ("stop", "length"):
             text += state.detokenizer.flush()
         request = state.request
+        contexts = request.contexts
         usage = Usage(
             prompt_tokens=len(request.prompt_ids),
             completion_tokens=len(state.output_ids),
-            base_prompt_tokens=len(request.base_prompt_ids or ()),
+            base_prompt_tokens=sum(len(ids) for ids in contexts[1:]),
             cached_prompt_tokens=state.cached_prompt_tokens or 0,
+            num_contexts=len(contexts),
         )
         timings = None
         if state.scheduled_at is not None:

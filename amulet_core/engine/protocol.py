@@ -22,9 +22,12 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 class GenerationRequest:
     """One request as the engine sees it: token ids of its context(s), method and sampling.
 
-    ``prompt_ids`` is the context the answer continues: the pref context for pref, la and
-    amulet, the plain conversation for base. ``base_prompt_ids`` is the second (base)
-    context, present exactly when the method needs two contexts.
+    ``prompt_ids`` is the context the answer continues: the first preference context for pref, la and
+    amulet, the plain conversation for base. ``extra_prompt_ids`` are preference contexts 2..K
+    (``method.weights`` gives K and their weights; empty for K = 1 and for base). ``base_prompt_ids`` is
+    the contrast context, present exactly when the method has one (la and amulet). Raises
+    InvalidParameterError naming ``messages`` (an empty prompt) or ``preference`` (contexts that do not
+    match the method and its weights).
     """
 
     request_id: str
@@ -32,6 +35,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     method: MethodSettings = field(default_factory=lambda: MethodSettings(method=Method.BASE))
     base_prompt_ids: tuple[int, ...] | None = None
+    extra_prompt_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -41,11 +45,22 @@ class GenerationRequest:
             raise InvalidParameterError(
                 "preference", f"Method '{self.method.method.value}' needs {self.method.method.num_contexts} context(s)."
             )
+        object.__setattr__(self, "extra_prompt_ids", tuple(tuple(ids) for ids in self.extra_prompt_ids))
+        extra = 0 if self.method.method is Method.BASE else self.method.num_preferences - 1
+        if len(self.extra_prompt_ids) != extra:
+            raise InvalidParameterError(
+                "preference",
+                f"Method '{self.method.method.value}' with {len(self.method.weights) or 1} weight(s) needs {extra} extra "
+                f"preference context(s), got {len(self.extra_prompt_ids)}.",
+            )
+        if any(not ids for ids in self.extra_prompt_ids):
+            raise InvalidParameterError("preference", "A preference context is empty.")
 
     @property
     def contexts(self) -> list[tuple[int, ...]]:
-        """Token ids of every context, the decoded one first."""
-        return [self.prompt_ids] if self.base_prompt_ids is None else [self.prompt_ids, self.base_prompt_ids]
+        """Token ids of every context: the decoded one first, then preference contexts 2..K, then the contrast one."""
+        tail = [] if self.base_prompt_ids is None else [self.base_prompt_ids]
+        return [self.prompt_ids, *self.extra_prompt_ids, *tail]
 
     def max_new_tokens(self, max_model_len: int) -> int:
         """The tokens this request may generate: ``sampling.max_tokens``, or all the room the longest
@@ -85,12 +100,15 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class Usage:
     """Token counts of one request. ``prompt_tokens`` counts the decoded context once;
-    ``base_prompt_tokens`` is what the second (base) context cost on top."""
+    ``base_prompt_tokens`` is what every other context cost on top: the extra preference contexts
+    (2..K) and the contrast context, together. ``num_contexts`` is how many contexts were decoded
+    (1 for base, K for pref, K + 1 for la and amulet)."""
 
     prompt_tokens: int
     completion_tokens: int
     base_prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
+    num_contexts: int = 1
 
     @property
     def total_tokens(self) -> int:
@@ -99,13 +117,14 @@ class Usage:
     @classmethod
     def of_choices(cls, usages: Sequence[Usage]) -> Usage:
         """The usage of n choices of one prompt (OpenAI's rule): the prompt counted once (the first
-        choice's, which paid for it), the completions summed."""
+        choice's, which paid for it, with its other contexts and their count), the completions summed."""
         first = usages[0]
         return cls(
             prompt_tokens=first.prompt_tokens,
             completion_tokens=sum(u.completion_tokens for u in usages),
             base_prompt_tokens=first.base_prompt_tokens,
             cached_prompt_tokens=first.cached_prompt_tokens,
+            num_contexts=first.num_contexts,
         )
 
 

@@ -1,8 +1,10 @@
 """Continuous batching: which tokens of which sequences go into the next forward pass.
 
 Pure Python over :class:`Sequence` and :class:`BlockManager`; no tensors. A request is a
-group of one or two sequences (pref and base) that are always scheduled together, because
-its next token needs the logits of all of them from the same step. Within one step a
+group of sequences (its K preference contexts, then its contrast context for la and amulet:
+one to K + 1) that are always scheduled together, because its next token needs the logits of
+all of them from the same step. Each sequence after the first shares the leading blocks its
+tokens have in common with the first one (the leader). Within one step a
 group's sequences either all reach their last token (the group is *sampled*) or they only
 prefill chunks that stop short of their last token. Running groups go first (decode never
 starves), then waiting groups are admitted while sequences, tokens and KV blocks allow.

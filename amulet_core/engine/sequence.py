@@ -1,4 +1,4 @@
-"""A sequence is one context of a request (pref or base): its tokens and its KV blocks."""
+"""A sequence is one context of a request (a preference context or the contrast one): its tokens and its KV blocks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ class Sequence:
     """Token ids (prompt, then generated) and where their KV lives.
 
     ``num_computed`` counts leading tokens whose KV is in the cache. Generated tokens are
-    appended to every sequence of a request, so the pref and base contexts grow together.
+    appended to every sequence of a request, so all its contexts grow together.
     """
 
     token_ids: list[int]

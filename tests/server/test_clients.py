@@ -128,3 +128,21 @@ def test_langchain_completion_model(running: EngineServer, client: openai.OpenAI
     want = client.completions.create(model=model, prompt="The sky is", max_tokens=TOKENS, temperature=0).choices[0].text
     llm = OpenAI(base_url=f"{running.url}/v1", api_key="unused", model=model, temperature=0, max_tokens=TOKENS)  # type: ignore[arg-type]
     assert llm.invoke("The sky is") == want
+
+
+def test_several_preferences_and_guidance(running: EngineServer, client: openai.OpenAI, model: str) -> None:
+    one = greedy(client, model, extra_body={"preference": "concise"})
+    assert greedy(client, model, extra_body={"preference": ["concise"]}) == one  # a list of one is the same request
+    two = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        max_tokens=TOKENS,
+        temperature=0,
+        extra_body={"preference": {"text": ["concise", "formal"], "weights": [3, 1], "negative": "verbose"}},
+    )
+    echo = (two.model_extra or {})["preference"]
+    assert echo["weights"] == [0.75, 0.25] and echo["negative"].startswith("Your answer should be verbose")
+    assert two.usage is not None and (two.usage.model_extra or {})["base_prompt_tokens"] > two.usage.prompt_tokens
+    # Guidance with g = 1 is plain decoding: the preference context is the conversation as given.
+    assert greedy(client, model, extra_body={"guidance_scale": 1.0, "negative_prompt": "Be rude."}) == greedy(client, model)
+    assert greedy(client, model, extra_body={"guidance_scale": 3.0, "negative_prompt": "Be rude."}) != greedy(client, model)

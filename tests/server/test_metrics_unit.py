@@ -207,3 +207,17 @@ def test_mount_metrics_serves_text_format(metrics: PrometheusMetrics) -> None:
     families = {f.name: f for f in text_string_to_metric_families(response.text)}
     samples = families["amulet_requests"].samples
     assert _value(samples, "amulet_requests_total", model=MODEL, method="amulet", finish_reason="stop") == 1
+
+
+def test_contexts_per_request_histogram(metrics: PrometheusMetrics) -> None:
+    from dataclasses import replace
+
+    metrics.request_finished(replace(_record("amulet"), contexts=3))
+    metrics.request_finished(replace(_record("amulet"), contexts=2))
+    metrics.request_finished(_record("base"))
+    s = _samples(metrics)
+    amulet = {"model": MODEL, "method": "amulet"}
+    assert _value(s, "amulet_request_contexts_count", **amulet) == 2
+    assert _value(s, "amulet_request_contexts_sum", **amulet) == 5
+    assert _bucket(s, "amulet_request_contexts", "2.0", **amulet) == 1
+    assert _value(s, "amulet_request_contexts_sum", model=MODEL, method="base") == 1

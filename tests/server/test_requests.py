@@ -58,6 +58,9 @@ def test_preset_preference_runs_amulet_with_the_default_settings(server: LiveSer
     echo = answer["preference"]
     assert echo == {
         "text": "Your answer should be creative as much as possible.",
+        "texts": ["Your answer should be creative as much as possible."],
+        "weights": [1.0],
+        "negative": None,
         "system_prompt": SYSTEM_PROMPT,
         "mode": "default",
         "method": "amulet",

@@ -242,7 +242,7 @@ class FakeEngine:
         return Usage(
             prompt_tokens=len(request.prompt_ids),
             completion_tokens=completion_tokens,
-            base_prompt_tokens=len(request.base_prompt_ids or ()),
+            base_prompt_tokens=sum(len(ids) for ids in request.contexts[1:]),
             cached_prompt_tokens=CACHED_TOKENS,
         )
 

@@ -1,0 +1,218 @@
+"""A step's method application: each request's context rows of the logits to the distribution it decodes from.
+
+A request holds K >= 1 preference rows (the first one decoded) and, for la and amulet, one contrast row
+(``amulet_core.multi_context``). Everything is batched over the step's requests: plain one-row requests
+share one log-softmax; the others one weighted sum per extra preference slot (at most
+``MAX_PREFERENCES - 1`` slots, each over all rows that have one), one fused ``lerp`` and one
+log-softmax. When every request is a plain two-context one in the engine's alternating layout, the
+logits are read in place (no copies), as before several preferences existed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from amulet_core.methods import MethodSettings, combine_contexts, plausibility_mask
+from amulet_core.multi_context import mixture_logits_float32
+from amulet_core.token_masks import GrammarMasks
+
+COMBINE_IN_FLOAT32 = True
+"""Combine the contexts in float32 (see :func:`combine_contexts_float32`); False: methods.combine_contexts (float64)."""
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """Where one request's context rows sit in the step's logits, and how to decode them.
+
+    ``primary_row``: the first preference context's row, the decoded one (for base, the conversation as
+    given). ``base_row``: the contrast context's row, present exactly for la and amulet. ``extra_rows``:
+    the rows of preference contexts 2..K (empty for K = 1). ``weights``: the normalised weights of all K
+    preference contexts in order (``MethodSettings.normalized_weights``), given exactly when
+    ``extra_rows`` is. ``coefficient``: A of the closed form (None for base and pref).
+    """
+
+    primary_row: int
+    base_row: int | None
+    method: MethodSettings
+    coefficient: float | None
+    extra_rows: tuple[int, ...] = ()
+    weights: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.extra_rows and len(self.weights) != 1 + len(self.extra_rows):
+            raise ValueError(f"{1 + len(self.extra_rows)} preference rows but {len(self.weights)} weights")
+
+    @classmethod
+    def of(
+        cls,
+        pref_rows: Sequence[int],
+        weights: Sequence[float],
+        contrast_row: int | None,
+        method: MethodSettings,
+        coefficient: float | None,
+    ) -> RowSpec:
+        """The spec of K = ``len(pref_rows)`` preference rows (``weights``: normalised, one per row; ignored for K = 1)."""
+        first, *extra = pref_rows
+        return cls(first, contrast_row, method, coefficient, tuple(extra), tuple(weights) if extra else ())
+
+    @property
+    def pref_rows(self) -> tuple[int, ...]:
+        """The rows of the K preference contexts, the decoded one first."""
+        return (self.primary_row, *self.extra_rows)
+
+    @property
+    def contrast_row(self) -> int | None:
+        """The contrast context's row (the same as ``base_row``)."""
+        return self.base_row
+
+    @property
+    def plain(self) -> bool:
+        """One row only (base, or pref with one preference): the row's own log-softmax."""
+        return self.base_row is None and not self.extra_rows
+
+
+def combine_contexts_float32(pref_logits: torch.Tensor, base_logits: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(zb + A (z0 - zb))`` per row in float32: one fused ``lerp``, one fix-up, one log_softmax.
+
+    ``coefficients`` is ``[R, 1]`` float32. Where a token is impossible (-inf) in either context the mix
+    is -inf or NaN (or +inf for a negative A); all of those become -inf, as in ``combine_contexts``.
+    """
+    mixed = torch.lerp(base_logits.float(), pref_logits.float(), coefficients)
+    mixed = torch.nan_to_num_(mixed, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
+    return torch.log_softmax(mixed, dim=-1)
+
+
+def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec], grammar: GrammarMasks | None = None) -> torch.Tensor:
+    """``[len(specs), V]`` float32 log-probabilities each request decodes from.
+
+    ``grammar`` (rows numbered as ``specs``): the rows' grammar masks, applied once, to the distribution
+    the method produced (for la and amulet the combined one, for pref with several preferences the
+    mixture), which is renormalised over the allowed tokens. A row with a contrast context has its
+    plausibility mask count from the anchor ``l0 = log_softmax(sum_i v_i z_i)`` (the pref context for
+    K = 1) and from the most likely token the grammar allows (a token is plausible when its anchor
+    probability is at least ``plausibility`` times that one's), so it never rules out every allowed
+    token; the grammar mask is folded into it (one renormalisation). Rows without a contrast context
+    (base, pref) get no plausibility mask, whatever their K.
+    """
+    device = logits.device
+    if all(s.base_row is not None and not s.extra_rows for s in specs) and all(
+        s.primary_row == 2 * i and s.base_row == 2 * i + 1 for i, s in enumerate(specs)
+    ):
+        # The engine's layout when every request has two contexts: pref and base rows alternate (no copies).
+        pairs = logits.view(len(specs), 2, logits.shape[-1])
+        mixed, masked = _combined_logprobs(pairs[:, 0], pairs[:, 1], None, specs, grammar)
+        if grammar is not None and not masked:
+            grammar.apply_(mixed)
+        return mixed
+    plain = [i for i, s in enumerate(specs) if s.plain]
+    mixture = [i for i, s in enumerate(specs) if not s.plain]
+    out = torch.empty(len(specs), logits.shape[-1], dtype=torch.float32, device=device)
+    masked = False
+    if plain:
+        rows = torch.tensor([specs[i].primary_row for i in plain], device=device)
+        out[plain] = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
+    if mixture:
+        chosen = [specs[i] for i in mixture]
+        first = logits.index_select(0, torch.tensor([s.primary_row for s in chosen], device=device))
+        allowed = grammar.restrict(mixture) if grammar is not None else None
+        out[mixture], masked = _combined_logprobs(first, None, logits, chosen, allowed)
+    if grammar is not None:
+        grammar.without(mixture if masked else ()).apply_(out)
+    return out
+
+
+def _anchor(first: torch.Tensor, logits: torch.Tensor, specs: Sequence[RowSpec]) -> torch.Tensor:
+    """The anchor's logits of every spec (``first``: their first preference rows): ``first`` itself where
+    K = 1 (no copy), the float32 weighted mixture where K > 1 (``COMBINE_IN_FLOAT32``; else float64)."""
+    several = [j for j, s in enumerate(specs) if s.extra_rows]
+    if not several:
+        return first
+    device = logits.device
+    dtype = torch.float32 if COMBINE_IN_FLOAT32 else torch.float64
+    anchor = first.to(dtype, copy=True)
+    slots = max(len(specs[j].extra_rows) for j in several)
+    # A padded [rows, slots] layout: a row with fewer contexts repeats its first one with weight 0.
+    index = [[*specs[j].extra_rows, *[specs[j].primary_row] * (slots - len(specs[j].extra_rows))] for j in several]
+    weights = [[*specs[j].weights[1:], *[0.0] * (slots - len(specs[j].extra_rows))] for j in several]
+    where = torch.tensor(several, dtype=torch.long, device=device)
+    index_t = torch.tensor(index, dtype=torch.long, device=device)
+    weights_t = torch.tensor(weights, dtype=torch.float64).to(dtype).to(device)
+    head = anchor.index_select(0, where)
+    others = [logits.index_select(0, index_t[:, k]).to(dtype) for k in range(slots)]
+    if dtype == torch.float32:
+        mixed = mixture_logits_float32(head, others, weights_t)
+    else:
+        mixed = head.clone()
+        for k, other in enumerate(others):
+            mixed.addcmul_(other - head, weights_t[:, k : k + 1])
+    mixed = torch.nan_to_num_(mixed, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
+    return anchor.index_copy_(0, where, mixed)
+
+
+def _combined_logprobs(
+    first: torch.Tensor,
+    contrast: torch.Tensor | None,
+    logits: torch.Tensor | None,
+    specs: Sequence[RowSpec],
+    allowed: GrammarMasks | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """The rows of non-plain specs, and whether ``allowed``'s masks are applied (folded into the plausibility mask).
+
+    ``first``: the specs' first preference rows. ``contrast``: their contrast rows, when the caller has them
+    already (every spec has one); else they are read from ``logits`` by the specs' row numbers.
+    """
+    anchor = _anchor(first, logits, specs) if logits is not None else first
+    with_contrast = [j for j, s in enumerate(specs) if s.base_row is not None]
+    if contrast is None and with_contrast:
+        assert logits is not None
+        rows = torch.tensor([specs[j].base_row for j in with_contrast], device=first.device)
+        contrast = logits.index_select(0, rows)
+    if len(with_contrast) == len(specs):
+        mixed = _lerp_logprobs(anchor, contrast, specs)
+    else:  # some pref rows with several preferences: the anchor alone
+        mixed = torch.log_softmax(anchor.float(), dim=-1)
+        if with_contrast:
+            where = torch.tensor(with_contrast, dtype=torch.long, device=first.device)
+            picked = [specs[j] for j in with_contrast]
+            mixed.index_copy_(0, where, _lerp_logprobs(anchor.index_select(0, where), contrast, picked))
+    betas = [s.method.plausibility if s.base_row is not None else 0.0 for s in specs]
+    if not any(b > 0 for b in betas):
+        return mixed, False
+    beta_tensor = torch.tensor(betas, device=first.device)
+    if COMBINE_IN_FLOAT32 or allowed is not None:  # methods.plausibility_mask knows no grammar
+        return _plausibility_mask(mixed, anchor, beta_tensor, allowed), allowed is not None
+    return plausibility_mask(mixed, anchor, beta_tensor), False
+
+
+def _lerp_logprobs(anchor: torch.Tensor, contrast: torch.Tensor | None, specs: Sequence[RowSpec]) -> torch.Tensor:
+    """``log_softmax(zc + A (anchor - zc))`` of rows that all have a contrast context, float32."""
+    assert contrast is not None
+    coefficients = [1.0 if s.coefficient is None else s.coefficient for s in specs]
+    if COMBINE_IN_FLOAT32:
+        coef = torch.tensor(coefficients, dtype=torch.float32).reshape(-1, 1).to(anchor.device)
+        return combine_contexts_float32(anchor, contrast, coef)
+    return combine_contexts(anchor, contrast, coefficients).float()
+
+
+def _plausibility_mask(
+    logprobs: torch.Tensor, pref_logits: torch.Tensor, betas: torch.Tensor, allowed: GrammarMasks | None = None
+) -> torch.Tensor:
+    """``methods.plausibility_mask`` with the same threshold arithmetic, fewer passes: the rows with beta 0
+    get a threshold of -inf instead of a separate mask, and the float32 ``logprobs`` are masked in place.
+
+    The rows of ``allowed`` also lose their banned tokens, in the same pass: their pref log-probabilities
+    are -inf there, so the threshold counts from the most likely allowed token, and a threshold at least
+    the lowest float (not -inf, even for beta 0) drops exactly the banned tokens plus the implausible ones.
+    """
+    l0 = torch.log_softmax(pref_logits.float(), dim=-1)
+    if allowed is not None:
+        allowed.add_to_(l0)
+    threshold = l0.max(dim=-1, keepdim=True).values + torch.log(betas.float().clamp_min(1e-45)).reshape(-1, 1)
+    threshold = threshold.masked_fill(betas.reshape(-1, 1) <= 0, float("-inf"))
+    if allowed is not None:
+        lowest = torch.finfo(torch.float32).min
+        threshold.index_copy_(0, allowed.index, threshold.index_select(0, allowed.index).clamp_min(lowest))
+    return torch.log_softmax(logprobs.masked_fill_(l0 < threshold, float("-inf")), dim=-1)

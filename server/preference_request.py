@@ -1,0 +1,141 @@
+"""From a chat request's ``preference`` (a string, a list, or the object form) or its classifier-free
+guidance fields (``guidance_scale``, ``negative_prompt``) to what the engine decodes: the preference
+texts, their weights, the contrast context's negative text, and the MethodSettings.
+
+The HTTP layer only translates shapes here; the rules (weights finite and positive, the method's
+parameters, A set directly) are MethodSettings'. Errors name the request's field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from amulet_core.errors import InvalidParameterError
+from amulet_core.methods import Method, MethodSettings, Mode
+from amulet_core.prompts import preference_contexts
+from server.protocol import ChatCompletionRequest, PreferenceItem, PreferenceSpec
+from server.protocol_answers import PreferenceEcho
+
+CFG_MODE = "cfg"
+"""The echo's ``mode`` for classifier-free guidance."""
+
+
+@dataclass(frozen=True)
+class PreferencePlan:
+    """What a request's preference fields ask for."""
+
+    texts: tuple[str, ...]
+    """Preference presets or sentences, one per preference context (empty for guidance: the preference
+    context is then the conversation as given)."""
+    negative: str | None
+    """What the contrast context carries, or None (the conversation as given)."""
+    settings: MethodSettings
+    mode: str
+    """The echo's mode: the settings' (``default``, ``paper``) or ``cfg``."""
+
+
+def _weight(value: float | None, param: str) -> float:
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise InvalidParameterError(param, f"'{param}' must be a finite number above 0, got {value!r}.")
+    return float(value)
+
+
+def _items(items: list[str | PreferenceItem], param: str, max_preferences: int) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    if not items:
+        raise InvalidParameterError(param, f"'{param}' must name at least one preference.")
+    if len(items) > max_preferences:
+        raise InvalidParameterError(
+            param, f"'{param}' takes at most {max_preferences} preferences (--max-preferences), got {len(items)}."
+        )
+    texts, weights = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            texts.append(item)
+            weights.append(1.0)
+        else:
+            texts.append(item.text)
+            weights.append(_weight(item.weight, f"{param}[{i}].weight"))
+    return tuple(texts), tuple(weights)
+
+
+def _settings(fields: dict[str, object], mode: Mode, param: str) -> MethodSettings:
+    try:
+        return MethodSettings.from_fields(fields, mode)
+    except InvalidParameterError as exc:
+        name = {"lam": "lambda", "strength": "coefficient"}.get(exc.param, exc.param)
+        raise InvalidParameterError(f"{param}.{name}" if param else name, exc.message) from exc
+
+
+def _from_spec(spec: PreferenceSpec, max_preferences: int) -> PreferencePlan:
+    listed = not isinstance(spec.text, str)
+    texts, weights = _items([spec.text] if isinstance(spec.text, str) else spec.text, "preference.text", max_preferences)
+    if spec.weights is not None:
+        if not listed or any(isinstance(i, PreferenceItem) and i.weight is not None for i in spec.text):
+            raise InvalidParameterError(
+                "preference.weights", "'weights' goes with a list of preferences in 'text' that carry no weight of their own."
+            )
+        if len(spec.weights) != len(texts):
+            raise InvalidParameterError(
+                "preference.weights", f"'weights' needs one weight per preference: {len(texts)}, got {len(spec.weights)}."
+            )
+        weights = tuple(_weight(w, f"preference.weights[{i}]") for i, w in enumerate(spec.weights))
+    fields: dict[str, object] = dict(spec.method_fields())
+    if len(texts) > 1:
+        fields["weights"] = weights
+    settings = _settings(fields, Mode(spec.mode or Mode.DEFAULT), "preference")
+    if spec.negative is not None and settings.method not in (Method.AMULET, Method.LA):
+        raise InvalidParameterError(
+            "preference.negative", "'negative' is the contrast context of amulet and la; this method decodes none."
+        )
+    return PreferencePlan(texts, spec.negative, settings, settings.mode.value)
+
+
+def preference_plan(body: ChatCompletionRequest, max_preferences: int) -> PreferencePlan | None:
+    """The request's plan, or None when it decodes plainly (no preference, no guidance)."""
+    cfg = body.guidance_scale is not None or body.negative_prompt is not None
+    if cfg and body.preference is not None:
+        raise InvalidParameterError(
+            "guidance_scale",
+            "Use either 'preference' (Amulet) or 'guidance_scale' with 'negative_prompt' (classifier-free guidance), not both.",
+        )
+    if cfg:
+        scale = body.guidance_scale
+        if scale is None:
+            raise InvalidParameterError("guidance_scale", "'negative_prompt' needs 'guidance_scale' (1 is plain decoding).")
+        if isinstance(scale, bool) or not math.isfinite(scale) or scale < 0:
+            raise InvalidParameterError("guidance_scale", f"'guidance_scale' must be a finite number >= 0, got {scale!r}.")
+        if not body.negative_prompt:
+            raise InvalidParameterError("negative_prompt", "'guidance_scale' needs a 'negative_prompt' for the contrast context.")
+        settings = _settings({"method": "la", "strength": scale, "plausibility": 0.0}, Mode.DEFAULT, "")
+        return PreferencePlan((), body.negative_prompt, settings, CFG_MODE)
+    preference = body.preference
+    if preference is None:
+        return None
+    if isinstance(preference, str):
+        return PreferencePlan((preference,), None, MethodSettings(), Mode.DEFAULT.value)
+    if isinstance(preference, list):
+        texts, weights = _items(preference, "preference", max_preferences)
+        settings = _settings({"weights": weights} if len(texts) > 1 else {}, Mode.DEFAULT, "preference")
+        return PreferencePlan(texts, None, settings, settings.mode.value)
+    return _from_spec(preference, max_preferences)
+
+
+def plan_contexts(
+    plan: PreferencePlan, messages: list[dict[str, Any]], default_system_prompt: str
+) -> tuple[list[list[dict[str, Any]]], PreferenceEcho]:
+    """The conversations to encode, decoded one first (K preference contexts, then the contrast for amulet
+    and la; the conversation as given for base), and the answer's echo."""
+    built = preference_contexts(messages, plan.texts, default_system_prompt, plan.negative)
+    method = plan.settings.method
+    if method is Method.BASE:
+        contexts = [built.contrast]
+    elif method is Method.PREF:
+        contexts = list(built.prefs)
+    else:
+        contexts = [*built.prefs, built.contrast]
+    echo = PreferenceEcho.from_settings(built.sentences, built.system_prompt, plan.settings, built.negative, plan.mode)
+    return contexts, echo
