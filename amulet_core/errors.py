@@ -30,6 +30,11 @@ class EngineNotReadyError(AmuletError):
     """The model is not loaded yet, or the engine is shutting down (HTTP 503)."""
 
 
+class EngineStalledError(EngineNotReadyError):
+    """The engine stopped making progress (a step that never returns, or its worker thread died); the
+    server refuses work and exits so that its supervisor restarts it (HTTP 503, code ``engine_stalled``)."""
+
+
 class ModelLoadError(AmuletError):
     """A model could not be found or loaded; the message says what to do."""
 

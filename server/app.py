@@ -22,13 +22,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from amulet_core.engine.protocol import EngineClient
 from amulet_core.errors import EngineNotReadyError
 from server.config import ServerConfig
-from server.errors import APIError, describe_exception, error_response, install_error_handlers
+from server.errors import SERVER_ERROR, APIError, describe_exception, error_response, install_error_handlers, send_error
 from server.lifecycle import LifecycleMiddleware, ServerLifecycle, draining_error
 from server.observer import NullObserver, RequestObserver
 from server.protocol import ChatCompletionRequest
 from server.protocol_answers import ErrorResponse, ModelCard, ModelList
 from server.protocol_completions import CompletionRequest
 from server.protocol_tokenize import DetokenizeRequest, TokenizeRequest, VersionResponse
+from server.request_id import REQUEST_ID_HEADER, RequestIdMiddleware, request_id_of
 from server.request_policy import UnknownFieldLog
 from server.serving_chat import OpenAIServingChat
 from server.serving_completions import OpenAIServingCompletion
@@ -126,21 +127,27 @@ def create_app(
     app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        """Liveness: 200 while the process serves HTTP, loaded model or not."""
-        return {"status": "ok"}
+    async def health(request: Request) -> Response:
+        """Liveness: 200 while the process serves HTTP, loaded model or not; 503 with the reason once the
+        engine has stalled or its worker died (the process then exits for its supervisor to restart it)."""
+        if lifecycle.engine_failure is not None:
+            message = f"The engine failed: {lifecycle.engine_failure}."
+            unhealthy = APIError(503, message, type=SERVER_ERROR, code="engine_stalled")
+            return error_response(describe_exception(unhealthy), request_id_of(request.scope))
+        return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
     @app.get("/health/ready")
-    async def ready() -> Response:
+    async def ready(request: Request) -> Response:
         """Readiness: 503 until the model is loaded (and again while shutting down)."""
+        request_id = request_id_of(request.scope)
         if lifecycle.draining:
-            return error_response(describe_exception(draining_error(config.retry_after_s)))
+            return error_response(describe_exception(draining_error(config.retry_after_s)), request_id)
         if not engine.ready:
             failed = engine.load_error
             message = f"The model failed to load: {failed}" if failed is not None else "The model is not loaded yet."
             not_ready = EngineNotReadyError(message)
-            return error_response(describe_exception(not_ready, config.retry_after_s))
+            return error_response(describe_exception(not_ready, config.retry_after_s), request_id)
         return JSONResponse({"status": "ready", "model": model_name})
 
     @app.get("/v1/models")
@@ -175,38 +182,54 @@ def create_app(
         return (await tokenization.detokenize(await parse_body(DetokenizeRequest, request))).model_dump()
 
     app.add_middleware(BodySizeLimit, max_body_bytes=config.max_body_bytes)
-    if config.api_key is not None:
-        app.add_middleware(ApiKeyAuth, api_key=config.api_key)
+    if config.api_keys:
+        app.add_middleware(ApiKeyAuth, api_keys=config.api_keys)
     app.add_middleware(
         LifecycleMiddleware, lifecycle=lifecycle, refused_prefixes=PROTECTED_PREFIXES, retry_after_s=config.retry_after_s
     )
+    app.add_middleware(RequestIdMiddleware)  # outside every layer that may answer on its own
     if config.cors_origins:  # added last, so outermost: preflights never need the key
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=[REQUEST_ID_HEADER],
+        )
     return app
 
 
-async def _send_error(scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
-    await error_response(describe_exception(error))(scope, receive, send)
-
-
 class ApiKeyAuth:
-    """Requires ``Authorization: Bearer <key>`` under /v1. Compared in constant time; never logged."""
+    """Requires ``Authorization: Bearer <key>`` under /v1 with any of ``api_keys`` (several during a rotation).
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    The header is compared with every key in constant time (no early exit, so the timing tells neither
+    which key matched nor how much of one did); keys are never logged."""
+
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]) -> None:
+        if not api_keys:
+            raise ValueError("ApiKeyAuth needs at least one key")
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = tuple(f"Bearer {key}".encode() for key in api_keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIXES):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization")
-        if given is not None and hmac.compare_digest(given, self._expected):
+        if given is not None and _matches_any(given, self._expected):
             await self.app(scope, receive, send)
             return
         message = "Missing API key: send it as 'Authorization: Bearer <key>'." if given is None else "Incorrect API key provided."
         error = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        await _send_error(scope, receive, send, error)
+        await send_error(scope, receive, send, error)
+
+
+def _matches_any(given: bytes, expected: tuple[bytes, ...]) -> bool:
+    """Whether ``given`` equals one of ``expected``, comparing with each (constant time per key, no early exit)."""
+    matched = False
+    for candidate in expected:
+        matched |= hmac.compare_digest(given, candidate)
+    return matched
 
 
 class BodySizeLimit:
@@ -229,7 +252,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _send_error(scope, receive, send, self._too_large())
+            await send_error(scope, receive, send, self._too_large())
             return
         chunks: list[bytes] = []
         size = 0
@@ -240,7 +263,7 @@ class BodySizeLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                await _send_error(scope, receive, send, self._too_large())
+                await send_error(scope, receive, send, self._too_large())
                 return
             if not message.get("more_body", False):
                 break

@@ -7,6 +7,10 @@ Shutdown drains (:class:`DrainingServer`): on SIGTERM (or Ctrl-C) new API calls 
 ``Retry-After`` while the running requests finish, for up to ``--drain-timeout`` seconds; what
 still runs then is aborted (its stream ends with an error event) and the process exits 0.
 A second signal stops at once.
+
+A model that fails to load makes the process exit with status 4 (``--wait-for-model`` keeps it up,
+not ready, instead), a stalled or dead engine worker with status 5 (``--engine-stall-timeout``);
+see :mod:`server.supervision` for every exit status.
 """
 
 from __future__ import annotations
@@ -16,11 +20,9 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -33,11 +35,20 @@ from amulet_core.loading import ModelConfig, model_display_name
 from amulet_core.prompts import TEMPLATE
 from server.app import create_app
 from server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
+from server.draining import DrainingServer, drainer
 from server.lifecycle import ServerLifecycle
 from server.metrics import PrometheusMetrics, mount_metrics
+from server.supervision import (
+    API_KEY_ENV,
+    API_KEY_FILE_ENV,
+    EXIT_STARTUP_FAILED,
+    TEST_FAULTS,
+    fault_hook_for_tests,
+    resolve_api_keys,
+    supervise,
+)
 from server.tool_parsers import TOOL_PARSERS
 
-API_KEY_ENV = "AMULET_API_KEY"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 FLUSH_TIMEOUT_S = 5
 """After draining, how long uvicorn may take to send the last bytes before it cuts connections."""
@@ -50,6 +61,12 @@ class Configs:
     model: ModelConfig
     engine: EngineConfig
     server: ServerConfig
+    wait_for_model: bool = False
+    """Stay up (not ready) when the model fails to load, instead of exiting with status 4."""
+    engine_stall_timeout_s: float | None = None
+    """A step running longer than this is a stall (exit status 5); None sizes it from the step time."""
+    test_engine_fault: str | None = None
+    """TEST-ONLY (hidden ``--test-engine-fault``): make the worker stall or die a few tokens in."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
         "template's own default (template), the paper's (paper), an empty one (none) or TEXT (default: %(default)s)",
     )
     p.add_argument(
-        "--api-key", default=None, help=f"require 'Authorization: Bearer <key>' on /v1 (default: ${API_KEY_ENV}; unset = open)"
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer <key>' on /v1; visible in 'ps', prefer --api-key-file or ${API_KEY_ENV} "
+        f"(default: ${API_KEY_ENV}; unset = open)",
+    )
+    p.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help=f"file of accepted keys, one a line ('#' comments; several for rotation) (default: ${API_KEY_FILE_ENV})",
+    )
+    p.add_argument(
+        "--wait-for-model",
+        action="store_true",
+        help="when the model fails to load, stay up and not ready instead of exiting with status 4",
     )
     p.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS, or '*' (default: CORS off)")
     p.add_argument(
@@ -132,18 +163,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds running requests may finish in at shutdown (default: %(default)s)",
     )
+    p.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a step running longer is a stall: /health turns 503, running requests fail, the process exits with "
+        "status 5 after the drain timeout (default: max(60, 20 x the measured step time))",
+    )
+    p.add_argument("--test-engine-fault", choices=TEST_FAULTS, default=None, help=argparse.SUPPRESS)  # test-only
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     return p
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Configs:
-    """All configs from the command line (and ``$AMULET_API_KEY``); exits with a usage error on bad values."""
+    """All configs from the command line (and ``$AMULET_API_KEY`` / ``$AMULET_API_KEY_FILE``, read here once);
+    exits with a usage error (status 2) on bad values, such as an unreadable or empty key file."""
     parser = build_parser()
     args = parser.parse_args(argv)
     env = os.environ if environ is None else environ
-    api_key = args.api_key if args.api_key is not None else env.get(API_KEY_ENV) or None
     origins = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip())
     try:
+        if args.engine_stall_timeout is not None and not args.engine_stall_timeout > 0:
+            raise ValueError(f"--engine-stall-timeout must be above 0, got {args.engine_stall_timeout}")
+        api_keys = resolve_api_keys(args.api_key, args.api_key_file, env)
         return Configs(
             model=ModelConfig(model=args.model, device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads),
             engine=EngineConfig(
@@ -154,7 +197,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
             server=ServerConfig(
                 host=args.host,
                 port=args.port,
-                api_key=api_key,
+                api_key=api_keys[0] if api_keys else None,
+                extra_api_keys=api_keys[1:],
                 cors_origins=origins,
                 served_model_name=args.served_model_name,
                 log_level=args.log_level,
@@ -165,21 +209,41 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
                 max_preferences=args.max_preferences,
                 tool_call_parser=args.tool_call_parser,
             ),
+            wait_for_model=args.wait_for_model,
+            engine_stall_timeout_s=args.engine_stall_timeout,
+            test_engine_fault=args.test_engine_fault,
         )
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
 
 
-def engine_lifespan(engine: AsyncEngine, drain_timeout_s: float) -> Callable[[FastAPI], Any]:
-    """Start the engine (the model loads in its worker thread) with the app; drain it at shutdown."""
+def engine_lifespan(
+    engine: AsyncEngine,
+    drain_timeout_s: float,
+    *,
+    supervise_load: bool = False,
+    exit_on_load_error: bool = True,
+    on_engine_failure: Callable[[], None] = lambda: None,
+) -> Callable[[FastAPI], Any]:
+    """Start the engine (the model loads in its worker thread) with the app; drain it at shutdown.
+
+    ``supervise_load``: run :func:`server.supervision.supervise`: when the load fails, log why and
+    (``exit_on_load_error``) mark the app's lifecycle failed (``app.state.lifecycle.fail``), which makes
+    :class:`DrainingServer` exit with status 4; once loaded, the engine watchdog (exit status 5, calling
+    ``on_engine_failure`` first)."""
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        watch = None
+        if supervise_load:
+            watch = asyncio.create_task(supervise(engine, app.state.lifecycle, exit_on_load_error, on_engine_failure))
         try:
             yield
         finally:
+            if watch is not None:
+                watch.cancel()
             await engine.shutdown(drain_timeout_s)
 
     return lifespan
@@ -193,77 +257,24 @@ def build_app(configs: Configs) -> FastAPI:
     name = configs.server.served_model_name or model_display_name(configs.model)
     engine: AsyncEngine | None = None
     metrics = PrometheusMetrics(name, lambda: engine.stats() if engine is not None else EngineStats())
-    engine = AsyncEngine(configs.model, configs.engine, step_observer=metrics.step_observed)
-    lifespan = engine_lifespan(engine, configs.server.drain_timeout_s)
+    engine = AsyncEngine(
+        configs.model,
+        configs.engine,
+        step_observer=metrics.step_observed,
+        stall_timeout_s=configs.engine_stall_timeout_s,
+        fault_hook=fault_hook_for_tests(configs.test_engine_fault),
+    )
+    lifespan = engine_lifespan(
+        engine,
+        configs.server.drain_timeout_s,
+        supervise_load=True,
+        exit_on_load_error=not configs.wait_for_model,
+        on_engine_failure=metrics.engine_stalled,
+    )
     app = create_app(engine, configs.server, observer=metrics, lifespan=lifespan)
     app.state.engine = engine
     mount_metrics(app, metrics)
     return app
-
-
-def drainer(lifecycle: ServerLifecycle, engine: AsyncEngine, drain_timeout_s: float) -> Callable[[], Awaitable[None]]:
-    """The first half of a graceful shutdown: refuse new API calls (503), let the running ones
-    finish for up to ``drain_timeout_s``, then abort the rest and stop the engine."""
-
-    async def drain() -> None:
-        lifecycle.start_draining()
-        logger.info(
-            "Draining: new requests get 503; waiting up to %.1f s for %d running request(s)",
-            drain_timeout_s,
-            lifecycle.in_flight,
-        )
-        if await lifecycle.wait_idle(drain_timeout_s):
-            logger.info("Drained: no request is running")
-        else:
-            logger.warning("Drain timeout: aborting %d request(s) still running", lifecycle.in_flight)
-        # Aborted streams end with an error event (the server is shutting down); nothing is cut mid-event.
-        await engine.shutdown(0)
-
-    return drain
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server, but the first SIGTERM or SIGINT drains before uvicorn stops.
-
-    On its own, uvicorn closes the listening socket as soon as the signal comes, so a request that
-    arrives during shutdown is refused at the TCP level (connection refused), and running requests
-    get only ``timeout_graceful_shutdown``. Here the first signal runs ``drain`` (see :func:`drainer`)
-    while uvicorn keeps listening, so new callers get a 503 with ``Retry-After`` they can act on;
-    then uvicorn's own shutdown runs. A second signal stops at once.
-    """
-
-    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(config)
-        self._drain = drain
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain_task: asyncio.Task[None] | None = None
-        self.draining = False
-
-    async def serve(self, sockets: list[Any] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().serve(sockets=sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.draining:  # a second signal: stop now, skipping the wait for connections
-            self.should_exit = self.force_exit = True
-            return
-        if self._loop is None or not self.started or self.should_exit:
-            super().handle_exit(sig, frame)
-            return
-        self.draining = True
-        logger.info("Received %s: draining before shutdown", signal.Signals(sig).name)
-        self._loop.call_soon_threadsafe(self._start_drain)
-
-    def _start_drain(self) -> None:
-        self._drain_task = asyncio.ensure_future(self._drain_then_exit())
-
-    async def _drain_then_exit(self) -> None:
-        try:
-            await self._drain()
-        except Exception:
-            logger.exception("Draining failed; shutting down")
-        finally:
-            self.should_exit = True
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -278,11 +289,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=configs.server.log_level,
         timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
     )
-    server = DrainingServer(config, drainer(app.state.lifecycle, app.state.engine, configs.server.drain_timeout_s))
+    lifecycle: ServerLifecycle = app.state.lifecycle
+    server = DrainingServer(config, drainer(lifecycle, app.state.engine, configs.server.drain_timeout_s), lifecycle)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before the server had started
         server.run()
+    if lifecycle.exit_status is not None:
+        raise SystemExit(lifecycle.exit_status)
     if not server.started:
-        raise SystemExit(3)  # uvicorn's code for a failed startup (e.g. the port is taken)
+        raise SystemExit(EXIT_STARTUP_FAILED)  # uvicorn's code for a failed startup (e.g. the port is taken)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,15 @@ class ServerConfig:
     """Everything the HTTP layer needs besides the engine.
 
     ``served_model_name`` None means "use the engine's model name". ``api_key`` None leaves the
-    API open; it is never logged (``repr`` leaves it out). An empty ``cors_origins`` turns CORS off.
+    API open; ``extra_api_keys`` are further keys accepted alongside it (several lines of an
+    ``--api-key-file``, for rotation). Keys are never logged (``repr`` leaves them out). An empty
+    ``cors_origins`` turns CORS off.
     """
 
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = field(default=None, repr=False)
+    extra_api_keys: tuple[str, ...] = field(default=(), repr=False)
     cors_origins: tuple[str, ...] = ()
     served_model_name: str | None = None
     log_level: str = "info"
@@ -51,3 +54,10 @@ class ServerConfig:
             raise ValueError(f"max_n must be at least 1, got {self.max_n}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (leave it unset to disable authentication)")
+        if self.extra_api_keys and (self.api_key is None or not all(self.extra_api_keys)):
+            raise ValueError("extra_api_keys need an api_key, and none of them may be empty")
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """Every accepted key (none: the API is open)."""
+        return () if self.api_key is None else (self.api_key, *self.extra_api_keys)

@@ -2,10 +2,15 @@
 
 One table (:func:`describe_exception`) maps exceptions to status, type and code; the exception
 handlers and the error events of a stream both use it, so a failure reads the same either way.
+
+Server-side failures (5xx) carry a stable message and code per kind (``generation_failed``,
+``internal_error``, ``engine_not_ready`` ...), never exception text, plus the request's id
+(``request_id``, also in the ``x-request-id`` header) that the server's log line of the failure names.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,17 +20,25 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from amulet_core.errors import (
     EngineNotReadyError,
     EngineOverloadedError,
+    EngineStalledError,
     InvalidParameterError,
     RequestFailedError,
 )
 from server.protocol_answers import ErrorInfo, ErrorResponse
+from server.request_id import REQUEST_ID_HEADER, request_id_of
+
+logger = logging.getLogger(__name__)
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
+GENERATION_FAILED_MESSAGE = "The generation failed; the server log has the details under this request id."
+ENGINE_STALLED_MESSAGE = "The engine stopped making progress; this server is restarting. Retry shortly."
+INTERNAL_ERROR_MESSAGE = "Internal server error; the server log has the details under this request id."
 
 
 class APIError(Exception):
@@ -70,21 +83,36 @@ def describe_exception(exc: BaseException, retry_after_s: int = 1) -> ErrorDescr
     if isinstance(exc, EngineOverloadedError):
         message = str(exc) or "The server is at capacity; retry later."
         return ErrorDescription(429, ErrorInfo(message=message, type="rate_limit_error", code="engine_overloaded"), retry)
+    if isinstance(exc, EngineStalledError):  # the reason (e.g. how long the step ran) stays in the server log
+        return ErrorDescription(503, ErrorInfo(message=ENGINE_STALLED_MESSAGE, type=SERVER_ERROR, code="engine_stalled"), retry)
     if isinstance(exc, EngineNotReadyError):
         message = str(exc) or "The model is not loaded yet; retry later."
         return ErrorDescription(503, ErrorInfo(message=message, type=SERVER_ERROR, code="engine_not_ready"), retry)
-    if isinstance(exc, RequestFailedError):
-        message = str(exc) or "The generation failed."
-        return ErrorDescription(500, ErrorInfo(message=message, type=SERVER_ERROR, code="generation_failed"))
-    return ErrorDescription(500, ErrorInfo(message="Internal server error.", type=SERVER_ERROR, code="internal_error"))
+    if isinstance(exc, RequestFailedError):  # its text (engine internals) stays in the server log
+        return ErrorDescription(500, ErrorInfo(message=GENERATION_FAILED_MESSAGE, type=SERVER_ERROR, code="generation_failed"))
+    return ErrorDescription(500, ErrorInfo(message=INTERNAL_ERROR_MESSAGE, type=SERVER_ERROR, code="internal_error"))
 
 
-def error_payload(info: ErrorInfo) -> dict[str, Any]:
-    return ErrorResponse(error=info).model_dump()
+def error_payload(info: ErrorInfo, request_id: str | None = None) -> dict[str, Any]:
+    """The OpenAI error body; a server error (``type`` server_error) also carries ``request_id`` when known."""
+    payload = ErrorResponse(error=info).model_dump()
+    if request_id is not None and info.type == SERVER_ERROR:
+        payload["error"]["request_id"] = request_id
+    return payload
 
 
-def error_response(desc: ErrorDescription) -> JSONResponse:
-    return JSONResponse(error_payload(desc.info), status_code=desc.status, headers=desc.headers or None)
+def error_response(desc: ErrorDescription, request_id: str | None = None) -> JSONResponse:
+    """The JSON answer of ``desc`` (a 5xx one names ``request_id``, see :func:`error_payload`), with the
+    ``x-request-id`` header (also for answers sent from outside :class:`RequestIdMiddleware`)."""
+    headers = dict(desc.headers)
+    if request_id is not None:
+        headers[REQUEST_ID_HEADER] = request_id
+    return JSONResponse(error_payload(desc.info, request_id), status_code=desc.status, headers=headers or None)
+
+
+async def send_error(scope: Scope, receive: Receive, send: Send, exc: BaseException) -> None:
+    """Answer an ASGI request with the error of ``exc`` (for middlewares, before the app runs)."""
+    await error_response(describe_exception(exc), request_id_of(scope))(scope, receive, send)
 
 
 # pydantic names union branches inside `loc` ("str", "list[str]", "PreferenceSpec"); they are not params.
@@ -135,12 +163,14 @@ def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
         info = ErrorInfo(message=str(exc.detail), type=INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR, code=code)
         return error_response(ErrorDescription(exc.status_code, info, dict(exc.headers or {})))
 
-    async def on_known(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(describe_exception(exc, retry_after_s))
+    async def on_known(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(describe_exception(exc, retry_after_s), request_id_of(request.scope))
 
-    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Starlette re-raises after answering, so the server logs the traceback; the client sees none.
-        return error_response(describe_exception(exc, retry_after_s))
+        request_id = request_id_of(request.scope)
+        logger.error("Request %s failed with an internal error: %s", request_id, type(exc).__name__)
+        return error_response(describe_exception(exc, retry_after_s), request_id)
 
     app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, on_http)  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """Graceful shutdown support: count the HTTP requests in flight, and refuse new API calls while draining.
 
-The CLI's signal handling (see ``server.cli.DrainingServer``) marks the server draining on SIGTERM:
+The CLI's signal handling (see ``server.draining.DrainingServer``) marks the server draining on SIGTERM:
 from then on every new ``/v1`` call is answered 503 with ``Retry-After`` (and ``Connection: close``)
 and ``/ready`` answers 503, while the requests already running finish; the CLI waits for
 :meth:`ServerLifecycle.wait_idle` (up to ``--drain-timeout``) before it lets uvicorn stop.
@@ -13,7 +13,8 @@ import time
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.errors import SERVER_ERROR, APIError, describe_exception, error_response
+from amulet_core.errors import EngineStalledError
+from server.errors import SERVER_ERROR, APIError, send_error
 
 DRAINING_CODE = "server_shutting_down"
 _POLL_S = 0.05
@@ -26,6 +27,18 @@ class ServerLifecycle:
         self.in_flight = 0
         self.draining = False
         self.drain_started_at: float | None = None
+        self.exit_status: int | None = None
+        """Set by :meth:`fail`: the non-zero status the process should exit with (after draining)."""
+        self.failure: str | None = None
+        self.engine_failure: str | None = None
+        """Why the engine can serve no more (see ``server.supervision.supervise``): /health turns 503."""
+
+    def fail(self, status: int, reason: str) -> None:
+        """Ask the process to drain and exit with ``status`` (the first failure wins); the CLI's server
+        (``server.draining.DrainingServer``) sees it within a tick. ``reason`` is for the server log only."""
+        if self.exit_status is None:
+            self.exit_status = status
+            self.failure = reason
 
     def start_draining(self) -> None:
         """From now on refuse new API calls with 503; running requests go on."""
@@ -66,7 +79,9 @@ class LifecycleMiddleware:
             await self.app(scope, receive, send)
             return
         if self.lifecycle.draining and scope["path"].startswith(self.refused_prefixes):
-            await error_response(describe_exception(draining_error(self.retry_after_s)))(scope, receive, send)
+            failure = self.lifecycle.engine_failure
+            error = EngineStalledError(failure) if failure is not None else draining_error(self.retry_after_s)
+            await send_error(scope, receive, send, error)
             return
         self.lifecycle.in_flight += 1
         try:

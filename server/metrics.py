@@ -173,6 +173,11 @@ class PrometheusMetrics:
             "amulet_engine_step_sequences", "Sequences decoded together in one engine step.",
             ["model"], buckets=BATCH_BUCKETS, registry=reg,
         )  # fmt: skip
+        self._stalls = Counter(
+            "amulet_engine_stalls", "Times the engine stopped making progress (stalled step or dead worker thread).",
+            ["model"], registry=reg,
+        )  # fmt: skip
+        self._stalls.labels(model_name)
         reg.register(EngineStatsCollector(model_name, engine_stats))
         self._initialise_series()
 
@@ -223,6 +228,10 @@ class PrometheusMetrics:
             seconds = _seconds(value)
             if seconds is not None:
                 child.observe(seconds)
+
+    def engine_stalled(self) -> None:
+        """Count one engine failure seen by the watchdog (``amulet_engine_stalls_total``)."""
+        self._stalls.labels(self.model_name).inc()
 
     def step_observed(self, duration_s: float, num_seqs: int) -> None:
         """Record one engine step; called from the engine's worker thread (prometheus-client is thread-safe)."""

@@ -29,6 +29,7 @@ from amulet_core.errors import (
     RequestFailedError,
 )
 from server.errors import describe_exception, error_payload
+from server.request_id import request_id_of
 from server.serving_engine import ClientDisconnected, RequestTracker, iterate_until_disconnect
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ async def run_to_end(
     for result in results:
         if result.finish_reason not in ("stop", "length"):
             tracker.finish("abort" if result.finish_reason == "abort" else "error")
-            raise unfinished(result.finish_reason, result.error)
+            raise unfinished(result.finish_reason, result.error, request_id_of(raw_request.scope))
     tracker.finish(overall_reason([r.finish_reason for r in results]))
     return results
 
@@ -134,7 +135,8 @@ async def stream_response(
         if settle(tracker, exc):
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         raise
-    events = _events(first, watched, num_choices, chunks, include_usage, tracker, retry_after_s)
+    request_id = request_id_of(raw_request.scope)
+    events = _events(first, watched, num_choices, chunks, include_usage, tracker, retry_after_s, request_id)
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -146,6 +148,7 @@ async def _events(
     include_usage: bool,
     tracker: RequestTracker,
     retry_after_s: int,
+    request_id: str | None,
 ) -> AsyncIterator[str]:
     gone = False
     reasons: list[str | None] = [None] * num_choices
@@ -171,8 +174,8 @@ async def _events(
         else:
             reason = failed.output.finish_reason if failed else None
             tracker.finish("abort" if reason == "abort" else "error")
-            error = unfinished(reason, failed.output.error if failed else None)
-            yield sse(error_payload(describe_exception(error).info))
+            error = unfinished(reason, failed.output.error if failed else None, request_id)
+            yield sse(error_payload(describe_exception(error).info, request_id))
     except ClientDisconnected:
         tracker.finish("abort")
         gone = True  # nobody is left to read anything
@@ -182,8 +185,8 @@ async def _events(
     except Exception as exc:
         tracker.finish("error")
         if not isinstance(exc, AmuletError):
-            logger.exception("Stream failed")
-        yield sse(error_payload(describe_exception(exc, retry_after_s).info))
+            logger.exception("Request %s: the stream failed", request_id)
+        yield sse(error_payload(describe_exception(exc, retry_after_s).info, request_id))
     finally:
         await outputs.aclose()
     if not gone:
@@ -202,10 +205,12 @@ def settle(tracker: RequestTracker, exc: BaseException) -> bool:
     return False
 
 
-def unfinished(reason: str | None, error: str | None) -> Exception:
-    """The error for a generation that ended without stop/length."""
+def unfinished(reason: str | None, error: str | None, request_id: str | None) -> Exception:
+    """The error for a generation that ended without stop/length. A failed one is logged here with the
+    engine's reason and ``request_id``; the client gets only the stable ``generation_failed`` answer."""
     if reason == "abort":
         return EngineNotReadyError("The request was aborted: the server is shutting down.")
+    logger.error("Request %s failed: %s", request_id, error or "the engine gave no reason")
     return RequestFailedError(error or "The generation failed.")
 
 

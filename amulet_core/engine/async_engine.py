@@ -21,7 +21,8 @@ import torch
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
-from amulet_core.errors import EngineNotReadyError, EngineOverloadedError
+from amulet_core.engine.watchdog import StepWatch
+from amulet_core.errors import EngineNotReadyError, EngineOverloadedError, EngineStalledError
 from amulet_core.loading import LoadedModel, ModelConfig, load_model, model_display_name, resolve_device, serving_cpu_threads
 from amulet_core.prompts import (
     DEFAULT_TEMPLATE_OPTIONS,
@@ -50,7 +51,7 @@ class _Abort:
 @dataclass(eq=False)
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[GenerationOutput]
+    queue: asyncio.Queue[GenerationOutput | BaseException]
 
 
 class AsyncEngine:
@@ -60,7 +61,11 @@ class AsyncEngine:
         engine_config: EngineConfig | None = None,
         step_observer: StepObserver | None = None,
         loader: Callable[[ModelConfig], LoadedModel] = load_model,
+        stall_timeout_s: float | None = None,
+        fault_hook: Callable[[GenerationRequest], None] | None = None,
     ) -> None:
+        """``stall_timeout_s``: see :class:`StepWatch` (None: sized from the measured step time).
+        ``fault_hook``: test-only, set as the loaded ``LLMEngine.fault_hook``."""
         self.model_config = model_config or ModelConfig()
         self.engine_config = engine_config or EngineConfig()
         self.model_name = model_display_name(self.model_config)
@@ -80,6 +85,9 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._template_system_prompt: object = _UNKNOWN
         self._renders_tools: bool | None = None
+        self._watch = StepWatch(stall_timeout_s)
+        self._fault_hook = fault_hook
+        self._failure: str | None = None
 
     # ---- lifecycle ----------------------------------------------------------------
     def start(self) -> AsyncEngine:
@@ -101,8 +109,38 @@ class AsyncEngine:
         return self._loaded.is_set() and self._engine is not None and self._accepting
 
     @property
+    def load_finished(self) -> bool:
+        """True once the worker has loaded the model or failed to (see :attr:`load_error`)."""
+        return self._loaded.is_set()
+
+    @property
     def load_error(self) -> BaseException | None:
         return self._load_error
+
+    def failure(self) -> str | None:
+        """Why the loaded engine can serve no more (its worker thread died, or a step has run past the stall
+        timeout), or None while it is healthy (or not loaded). Polled by the server's watchdog."""
+        if self._failure is not None:
+            return self._failure
+        thread = self._thread
+        if self._engine is None or thread is None:
+            return None
+        if not thread.is_alive() and self._accepting:
+            return "the engine's worker thread died"
+        stalled = self._watch.stalled_for()
+        if stalled is not None:
+            return f"no engine step completed for {stalled:.0f} s (stall timeout {self._watch.timeout_s:.0f} s)"
+        return None
+
+    def fail(self, reason: str) -> None:
+        """Stop taking requests and end every open stream with :class:`EngineStalledError` (the worker may
+        be stuck: nothing waits for it). Called from the event loop once :meth:`failure` reported ``reason``."""
+        self._failure = reason
+        self._accepting = False
+        with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineStalledError(reason))
 
     @property
     def engine(self) -> LLMEngine:
@@ -126,7 +164,7 @@ class AsyncEngine:
         self._accepting = False
         if self._thread is not None:
             self._inbox.put(None)
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=30 if self._failure is None else 1)  # a stuck worker never ends
             self._thread = None
 
     # ---- client API ---------------------------------------------------------------
@@ -174,6 +212,8 @@ class AsyncEngine:
         InvalidParameterError for a request the engine would refuse (``LLMEngine.validate``: context
         length, ``logit_bias`` ids, a grammar that does not compile; checked on a worker thread, since
         compiling a large schema takes a while), or EngineOverloadedError when the queue is full."""
+        if self._failure is not None:
+            raise EngineStalledError(self._failure)
         if not self.ready:
             raise EngineNotReadyError("The model is loading or the server is shutting down.")
         request.max_new_tokens(self.max_model_len)  # a request that cannot fit fails here, before it is queued
@@ -192,6 +232,8 @@ class AsyncEngine:
         try:
             while not finished:
                 output = await stream.queue.get()
+                if isinstance(output, BaseException):  # see fail()
+                    raise output
                 finished = output.finished
                 yield output
         finally:
@@ -206,6 +248,7 @@ class AsyncEngine:
             if resolve_device(self.model_config.device).type == "cpu":
                 torch.set_num_threads(serving_cpu_threads(self.model_config))
             self._engine = LLMEngine(self._loader(self.model_config), self.engine_config)
+            self._engine.fault_hook = self._fault_hook
             self._stats = self._engine.stats()
         except BaseException as exc:  # reported through load_error / wait_ready
             log.exception("model load failed")
@@ -258,6 +301,7 @@ class AsyncEngine:
 
     def _step(self, engine: LLMEngine) -> list[GenerationOutput]:
         start = time.perf_counter()
+        self._watch.started()
         try:
             outputs = engine.step()
         except Exception as exc:  # keep serving: fail what was in flight, not the worker
@@ -265,6 +309,8 @@ class AsyncEngine:
             message = f"Engine step failed: {type(exc).__name__}"
             aborted = [engine.abort(rid) for rid in list(engine.requests)]
             return [replace(o, finish_reason="error", error=message) for o in aborted if o is not None]
+        finally:
+            self._watch.finished()
         if self._step_observer is not None:
             try:
                 self._step_observer(time.perf_counter() - start, engine.last_step_sequences)

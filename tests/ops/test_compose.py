@@ -223,3 +223,19 @@ def test_dockerfile_variants_match_compose_build_args() -> None:
     assert 'CMD ["amulet-server", "--host", "0.0.0.0", "--port", "8000"]' in dockerfile
     assert re.search(r"^USER\s+(?!root\b)\S+", dockerfile, flags=re.MULTILINE), "the image must not run as root"
     assert re.search(r"^VOLUME .*/data/hf", dockerfile, flags=re.MULTILINE)
+
+
+def test_the_server_restarts_and_is_health_checked_like_the_image() -> None:
+    """Crash-only: Docker restarts a server that exits (model load failure, stalled engine), and checks /health the
+    same way, at the same pace, as the Dockerfile's HEALTHCHECK."""
+    server = _load(COMPOSE)["services"]["server"]
+    assert server["restart"] == "unless-stopped"
+    check = server["healthcheck"]
+    assert "http://127.0.0.1:8000/health" in " ".join(check["test"])
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    options = re.search(r"^HEALTHCHECK (.*)\\$", dockerfile, flags=re.MULTILINE)
+    assert options is not None
+    flags = dict(re.findall(r"--([a-z-]+)=(\S+)", options.group(1)))
+    for flag, key in (("interval", "interval"), ("timeout", "timeout"), ("start-period", "start_period"), ("retries", "retries")):
+        assert str(check[key]) == flags[flag], key
+    assert "CMD-SHELL" not in check["test"]

@@ -1,7 +1,8 @@
 """Faults inside one request, and a client that never reads: the real engine (SmolLM2, float32) behind a real server.
 
 * An exception raised while one request decodes (through ``LLMEngine.fault_hook``, test-only) fails
-  that request with a clear error (an error event when streaming, a 500 otherwise); the requests
+  that request with a stable error and a request id, the exception text only in the server log (an error
+  event when streaming, a 500 otherwise); the requests
   decoded in the same batch finish normally and the server keeps serving.
 * A client that opens a stream and never reads it does not hold up the engine or other clients:
   the engine finishes its answer while the server is still stuck writing it, and the answer is
@@ -27,6 +28,7 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.loading import LoadedModel
 from benchmarks.load import check_stream
+from server.errors import GENERATION_FAILED_MESSAGE
 from tests.support.live_server import EngineServer, engine_server, wait_until
 
 pytestmark = pytest.mark.smollm
@@ -121,9 +123,12 @@ def test_a_fault_fails_only_its_request(served: EngineServer) -> None:
     lines = sse_lines(stream.text)
     assert lines[-1] == "data: [DONE]"
     error = json.loads(lines[-2].removeprefix("data: "))["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
     assert (error["type"], error["code"]) == ("server_error", "generation_failed")
-    assert "injected fault" in error["message"] and "Traceback" not in stream.text
+    assert error["request_id"] == stream.headers["x-request-id"]
+    # A stable message: the exception text ("injected fault") stays in the server log.
+    assert error["message"] == GENERATION_FAILED_MESSAGE
+    assert "injected fault" not in stream.text and "Traceback" not in stream.text
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-2]]
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
 
@@ -132,7 +137,8 @@ def test_a_fault_fails_only_its_request(served: EngineServer) -> None:
     assert failed.status_code == 500
     error = failed.json()["error"]
     assert (error["type"], error["code"]) == ("server_error", "generation_failed")
-    assert "injected fault" in error["message"] and "Traceback" not in failed.text
+    assert error["message"] == GENERATION_FAILED_MESSAGE and error["request_id"] == failed.headers["x-request-id"]
+    assert "injected fault" not in failed.text and "Traceback" not in failed.text
 
     # The others, decoded in the same batch, finish normally.
     ids = {}

@@ -77,7 +77,8 @@ def assert_refused_with_503(server: ServerProcess) -> None:
     assert response.status_code == 503, response.text
     assert int(response.headers["retry-after"]) >= 1
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}  # a server error names its request id
+    assert error["request_id"] == response.headers["x-request-id"]
     assert (error["type"], error["code"]) == ("server_error", "server_shutting_down")
     assert httpx.get(f"{server.url}/health").status_code == 200  # alive, just not taking work
 

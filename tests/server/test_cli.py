@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,31 @@ def test_bad_values_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixt
         parse_args(argv, environ={})
     assert exited.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+def test_api_key_file_keys_and_precedence(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# comment\n\n  sk-one  \nsk-two\nsk-one\n")
+    server = parse_args(["--api-key-file", str(keys)], environ={"AMULET_API_KEY": "sk-env"}).server
+    assert server.api_keys == ("sk-one", "sk-two")  # the command line beats the environment; duplicates dropped
+    assert "sk-one" not in repr(server) and "sk-two" not in repr(server)
+    assert parse_args([], environ={"AMULET_API_KEY_FILE": str(keys)}).server.api_keys == ("sk-one", "sk-two")
+    both = parse_args(["--api-key", "sk-cli", "--api-key-file", str(keys)], environ={}).server
+    assert both.api_keys == ("sk-cli", "sk-one", "sk-two")
+    assert parse_args([], environ={"AMULET_API_KEY_FILE": ""}).server.api_keys == ()
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "# only a comment\n"])
+def test_an_empty_or_missing_api_key_file_is_a_usage_error(tmp_path: Path, content: str) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(content)
+    with pytest.raises(SystemExit) as empty:
+        parse_args(["--api-key-file", str(keys)], environ={})
+    with pytest.raises(SystemExit) as missing:
+        parse_args([], environ={"AMULET_API_KEY_FILE": str(tmp_path / "absent")})
+    assert empty.value.code == missing.value.code == 2
+
+
+def test_wait_for_model() -> None:
+    assert parse_args([], environ={}).wait_for_model is False
+    assert parse_args(["--wait-for-model"], environ={}).wait_for_model is True

@@ -10,6 +10,7 @@ import pytest
 
 from server.app import create_app
 from server.config import ServerConfig
+from server.errors import GENERATION_FAILED_MESSAGE
 from tests.support.fake_engine import FakeEngine
 from tests.support.http import API_KEY, USER, assert_openai_error
 from tests.support.live_server import LiveServer, live_server
@@ -138,7 +139,7 @@ def test_unexpected_exception_is_500_without_details(server: LiveServer) -> None
 
 def test_engine_failure_is_500_and_engine_abort_503(server: LiveServer) -> None:
     error = assert_openai_error(post(server, {"messages": [{"role": "user", "content": "[fail]"}]}), 500)
-    assert error["message"] == "The fake engine failed."
+    assert error["message"] == GENERATION_FAILED_MESSAGE and error["code"] == "generation_failed"  # no engine text
     response = post(server, {"messages": [{"role": "user", "content": "[abort]"}]})
     assert assert_openai_error(response, 503)["code"] == "engine_not_ready"
     assert response.headers["retry-after"]

@@ -26,6 +26,7 @@ from benchmarks.load import server_process
 from server.app import create_app
 from server.cli import build_app, parse_args
 from server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
+from server.errors import INTERNAL_ERROR_MESSAGE
 from tests.support.fake_engine import FakeEngine
 from tests.support.http import API_KEY, USER, WRONG_KEY, assert_no_leak
 from tests.support.live_server import live_server
@@ -167,11 +168,11 @@ def test_errors_never_carry_tracebacks_or_exception_text(caplog: pytest.LogCaptu
             assert response.status_code == 500
             error = response.json()["error"]
             assert (error["type"], error["code"]) == ("server_error", "internal_error")
-            assert error["message"] == "Internal server error."
+            assert error["message"] == INTERNAL_ERROR_MESSAGE
             assert_no_leak(response, SECRET, "UnicodeDecodeError", "KeyError")
         streamed = httpx.post(url, json={"messages": [{"role": "user", "content": "[late]"}], "stream": True})
         assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
-        assert '"Internal server error."' in streamed.text
+        assert INTERNAL_ERROR_MESSAGE in streamed.text
         assert_no_leak(streamed, SECRET, "KeyError")
     logged = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
     assert SECRET in logged  # the operator still gets the details

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from server.errors import GENERATION_FAILED_MESSAGE, INTERNAL_ERROR_MESSAGE
 from tests.support.fake_engine import REPLY_PIECES, REPLY_TEXT, FakeEngine, RecordingObserver
 from tests.support.http import USER
 from tests.support.live_server import LiveServer, wait_until
@@ -75,8 +76,9 @@ def test_engine_error_mid_stream_is_an_error_event_then_done(server: LiveServer,
     assert data[-1] == "[DONE]"
     error = json.loads(data[-2])
     assert set(error) == {"error"}
-    assert set(error["error"]) == {"message", "type", "param", "code"}
-    assert error["error"]["message"] == "The fake engine failed."
+    assert set(error["error"]) == {"message", "type", "param", "code", "request_id"}
+    assert error["error"]["request_id"] == response.headers["x-request-id"]
+    assert error["error"]["message"] == GENERATION_FAILED_MESSAGE  # the engine's own text stays in the log
     assert error["error"]["type"] == "server_error"
     content = [json.loads(d)["choices"][0]["delta"].get("content", "") for d in data[:-2]]
     assert "".join(content) == "".join(REPLY_PIECES[:2])
@@ -89,7 +91,7 @@ def test_exception_mid_stream_hides_details(server: LiveServer) -> None:
     data = events(raw)
     assert data[-1] == "[DONE]"
     error = json.loads(data[-2])["error"]
-    assert error["message"] == "Internal server error." and error["type"] == "server_error"
+    assert error["message"] == INTERNAL_ERROR_MESSAGE and error["type"] == "server_error"
     assert b"secret" not in raw and b"Traceback" not in raw
 
 

@@ -14,11 +14,13 @@ WRONG_KEY = "sk-wrong-guess-0000"
 
 def assert_openai_error(response: httpx.Response, status: int | None = None) -> dict[str, Any]:
     """The error object, after checking the status (any 4xx when ``status`` is None) and the exact OpenAI shape
-    (no traceback)."""
+    (no traceback); a server error (5xx) also names its request id, the one in the ``x-request-id`` header."""
     assert 400 <= response.status_code < 500 if status is None else response.status_code == status, response.text[:500]
     body = response.json()
     assert set(body) == {"error"}
     error = body["error"]
+    if error.get("type") == "server_error" and "x-request-id" in response.headers:
+        assert error.pop("request_id") == response.headers["x-request-id"]
     assert set(error) == {"message", "type", "param", "code"}
     assert isinstance(error["message"], str) and error["message"]
     assert "Traceback" not in response.text and 'File "' not in response.text

@@ -1,0 +1,135 @@
+"""Crash-only operation: the exit statuses a supervisor acts on, the model-load watch, and API keys from files.
+
+A process that cannot serve exits with a status that says why, so that a supervisor (Docker's restart
+policy, Kubernetes, systemd) restarts it instead of leaving it up and never ready:
+
+* ``0``: a normal shutdown (SIGTERM or Ctrl-C, after draining).
+* ``2``: a usage error (a bad option, an unreadable or empty ``--api-key-file``).
+* ``3``: the HTTP server could not start (for example the port is taken).
+* ``4``: the model failed to load (unless ``--wait-for-model`` keeps the process up, not ready).
+* ``5``: the engine stopped making progress (a step ran past ``--engine-stall-timeout``, or its worker
+  thread died): ``/health`` turned 503, running requests ended with an ``engine_stalled`` error, new
+  ones were refused with 503, and the process exited after the drain timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from amulet_core.engine.async_engine import AsyncEngine
+from amulet_core.engine.protocol import GenerationRequest
+from server.lifecycle import ServerLifecycle
+
+EXIT_USAGE = 2
+EXIT_STARTUP_FAILED = 3
+EXIT_LOAD_FAILED = 4
+EXIT_ENGINE_FAILED = 5
+TEST_FAULTS = ("stall", "die")
+"""Test-only faults of the hidden ``--test-engine-fault`` option (see :func:`fault_hook_for_tests`)."""
+_FAULT_AFTER_CALLS = 3
+WATCHDOG_POLL_S = 0.5
+
+API_KEY_ENV = "AMULET_API_KEY"
+API_KEY_FILE_ENV = "AMULET_API_KEY_FILE"
+_LOAD_POLL_S = 0.1
+
+logger = logging.getLogger(__name__)
+
+
+def read_api_keys(path: str | Path) -> tuple[str, ...]:
+    """The keys of an API key file: one per line, surrounding blanks stripped; blank lines and lines
+    starting with ``#`` are skipped. Several keys let a key be rotated without downtime.
+
+    Raises ValueError (without any key text) when the file cannot be read or holds no key."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the API key file {str(path)!r}: {type(exc).__name__}") from None
+    keys = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise ValueError(f"the API key file {str(path)!r} holds no key (one key a line; '#' starts a comment)")
+    return keys
+
+
+def resolve_api_keys(cli_key: str | None, cli_file: str | None, env: Mapping[str, str]) -> tuple[str, ...]:
+    """Every accepted key: from ``--api-key`` and ``--api-key-file`` when either is given, else from
+    ``$AMULET_API_KEY`` and ``$AMULET_API_KEY_FILE``; none (an open API) when nothing is set.
+
+    Raises ValueError for an unreadable or empty key file, or an empty ``--api-key``."""
+    if cli_key is not None or cli_file is not None:
+        key, file = cli_key, cli_file
+    else:
+        key, file = env.get(API_KEY_ENV) or None, env.get(API_KEY_FILE_ENV) or None
+    if key is not None and not key.strip():
+        raise ValueError("--api-key must not be empty (leave it unset to disable authentication)")
+    keys: tuple[str, ...] = (key.strip(),) if key is not None else ()
+    if file is not None:
+        keys += read_api_keys(file)
+    return tuple(dict.fromkeys(keys))
+
+
+async def supervise(
+    engine: AsyncEngine, lifecycle: ServerLifecycle, exit_on_load_error: bool, on_engine_failure: Callable[[], None]
+) -> None:
+    """The whole watch of a served engine: its load (:func:`watch_load`), then, once loaded, a watchdog that
+    polls :meth:`AsyncEngine.failure` every :data:`WATCHDOG_POLL_S`. On a failure: log it, call
+    ``on_engine_failure`` (the stall counter), fail the engine's open streams, turn ``/health`` to 503
+    (``lifecycle.engine_failure``) and ask the server to drain and exit with :data:`EXIT_ENGINE_FAILED`."""
+    await watch_load(engine, lifecycle, exit_on_load_error)
+    if engine.load_error is not None:
+        return
+    while (reason := engine.failure()) is None:
+        await asyncio.sleep(WATCHDOG_POLL_S)
+    logger.error("Engine failure, draining then exiting with status %d: %s", EXIT_ENGINE_FAILED, reason)
+    on_engine_failure()
+    engine.fail(reason)
+    lifecycle.engine_failure = reason
+    lifecycle.fail(EXIT_ENGINE_FAILED, reason)
+
+
+class _WorkerKilled(BaseException):
+    """Raised by the test-only "die" fault: not an Exception, so nothing catches it and the worker thread ends."""
+
+
+def fault_hook_for_tests(kind: str | None) -> Callable[[GenerationRequest], None] | None:
+    """TEST-ONLY: an ``LLMEngine.fault_hook`` that, at its third call (a few tokens into the first request),
+    blocks the worker for ever (``stall``) or kills the worker thread (``die``); None for no fault."""
+    if kind is None:
+        return None
+    if kind not in TEST_FAULTS:
+        raise ValueError(f"unknown test fault {kind!r}")
+    calls = 0
+
+    def hook(_: GenerationRequest) -> None:
+        nonlocal calls
+        calls += 1
+        if calls < _FAULT_AFTER_CALLS:
+            return
+        logger.warning("Test-only fault %r fires in the engine's worker thread", kind)
+        if kind == "stall":
+            threading.Event().wait()
+        raise _WorkerKilled("test-only fault: the worker thread is killed")
+
+    return hook
+
+
+async def watch_load(engine: AsyncEngine, lifecycle: ServerLifecycle, exit_on_failure: bool) -> None:
+    """Wait (polling, so a shutdown meanwhile is never held up) until the model has loaded or failed to.
+
+    On a failure log the reason, then ask the server to exit with :data:`EXIT_LOAD_FAILED`
+    (``exit_on_failure``) or leave it up, not ready (``--wait-for-model``)."""
+    while not engine.load_finished:
+        await asyncio.sleep(_LOAD_POLL_S)
+    error = engine.load_error
+    if error is None:
+        return
+    reason = f"{type(error).__name__}: {error}"
+    if not exit_on_failure:
+        logger.error("The model failed to load; staying up, not ready (--wait-for-model): %s", reason)
+        return
+    logger.error("The model failed to load, exiting with status %d: %s", EXIT_LOAD_FAILED, reason)
+    lifecycle.fail(EXIT_LOAD_FAILED, reason)

@@ -1,0 +1,106 @@
+"""The engine watchdog of a real ``amulet-server`` process over a tiny random model saved to disk.
+
+The hidden, test-only ``--test-engine-fault`` makes the worker thread block for ever (``stall``) or die
+(``die``) a few tokens into the first request. Either way ``/health`` turns 503 with the reason, the
+running stream ends with an ``engine_stalled`` error event, new requests get 503, ``/metrics`` counts the
+stall, and the process exits with status 5; restarted without the fault (as a supervisor would), it serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from amulet_core.engine import watchdog
+from amulet_core.loading import LoadedModel
+from benchmarks.load import ServerProcess
+from server.errors import ENGINE_STALLED_MESSAGE
+from server.supervision import EXIT_ENGINE_FAILED
+from tests.support.live_server import wait_until
+
+DEADLINE_S = 300.0
+"""Generous: starting a process imports torch and transformers, far slower on a busy machine."""
+CHAT = {"messages": [{"role": "user", "content": "Count to fifty."}], "max_tokens": 40, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def model_folder(tiny_model: Callable[[str], LoadedModel], tmp_path_factory: pytest.TempPathFactory) -> str:
+    loaded = tiny_model("llama")
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def start(folder: str, log: Path, *extra: str) -> ServerProcess:
+    args = ["--model", folder, "--dtype", "float32", "--max-model-len", "256", "--drain-timeout", "30", *extra]
+    server = ServerProcess(args, log, {"OMP_NUM_THREADS": "1"})
+    server.wait_ready(DEADLINE_S)
+    return server
+
+
+@pytest.mark.slow  # two server starts and a 30 s drain each
+@pytest.mark.parametrize("fault", ["stall", "die"])
+def test_a_broken_engine_is_reported_and_exits_for_a_restart(model_folder: str, tmp_path: Path, fault: str) -> None:
+    server = start(model_folder, tmp_path / "broken.log", "--test-engine-fault", fault, "--engine-stall-timeout", "5")
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    # The process answers 503 for the drain timeout (30 s, generous) after the failure, then exits.
+    streamed = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT | {"stream": True}, timeout=DEADLINE_S)
+    assert streamed.status_code == 200  # the fault fires a few tokens in: the stream had begun
+    events = [line.removeprefix("data: ") for line in streamed.text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert (error["code"], error["message"]) == ("engine_stalled", ENGINE_STALLED_MESSAGE)
+    assert error["request_id"] == streamed.headers["x-request-id"]
+
+    health = httpx.get(f"{server.url}/health", timeout=10)
+    assert health.status_code == 503 and health.json()["error"]["code"] == "engine_stalled"
+    expected = "died" if fault == "die" else "no engine step completed"
+    assert expected in health.json()["error"]["message"]
+    refused = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, timeout=30)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_stalled"
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert any(line.startswith("amulet_engine_stalls_total{") and line.endswith(" 1.0") for line in metrics.splitlines())
+    wait_until(lambda: server.process.poll() is not None, DEADLINE_S, "the broken server to exit")
+    assert server.process.returncode == EXIT_ENGINE_FAILED, server.log()[-4000:]
+    assert "Engine failure, draining then exiting with status 5" in server.log()
+    server.stop()
+
+    restarted = start(model_folder, tmp_path / "restarted.log")  # what the supervisor does
+    try:
+        answer = httpx.post(f"{restarted.url}/v1/chat/completions", json=CHAT, timeout=DEADLINE_S)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        assert httpx.get(f"{restarted.url}/health", timeout=10).status_code == 200
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            restarted.process.send_signal(signal.SIGTERM)
+        assert restarted.stop() == 0
+
+
+def test_the_automatic_stall_timeout_follows_the_step_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(watchdog.time, "monotonic", lambda: now[0])
+    watch = watchdog.StepWatch()
+    assert watch.timeout_s == watchdog.MIN_STALL_TIMEOUT_S and watch.stalled_for() is None  # idle: never stalled
+    for _ in range(100):  # steps of 10 s: the timeout becomes 20 x 10 s
+        watch.started()
+        now[0] += 10.0
+        watch.finished()
+    assert watch.timeout_s == pytest.approx(watchdog.STALL_STEP_FACTOR * 10.0, rel=1e-3)
+    watch.started()
+    now[0] += 150.0
+    assert watch.stalled_for() is None
+    now[0] += 100.0
+    assert watch.stalled_for() == pytest.approx(250.0)
+    fixed = watchdog.StepWatch(2.0)
+    fixed.started()
+    now[0] += 3.0
+    assert fixed.timeout_s == 2.0 and fixed.stalled_for() == pytest.approx(3.0)
+    with pytest.raises(ValueError):
+        watchdog.StepWatch(0.0)
