@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -12,9 +13,12 @@ from pathlib import Path
 from amulet_core.errors import AmuletError, InvalidParameterError
 from amulet_core.methods import Mode
 from amulet_core.prompts import PAPER_SYSTEM_PROMPT, PRESETS, TEMPLATE, preference_sentence
+from amulet_eval.conditions import parse_condition
 from amulet_eval.config import (
     ALL_METHODS,
     BEAM_METHOD,
+    CFG_METHOD,
+    CONTRAST_METHODS,
     ENGINE_METHODS,
     EvalConfig,
     FluencyConfig,
@@ -54,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=list(PRESETS),
         metavar="PREF",
-        help="preset names or free text (quote it) (default: the 8 presets)",
+        help="preset names or free text (quote it), one row each; presets joined by + make one multi-preference "
+        "row, e.g. concise+formal (+ joins preset names only; other text stays one free-text preference): one "
+        "preference context per preset, equal weights, or name:weight to weigh them "
+        "(concise:2+formal; only the ratio matters; over --base-url at most the server's --max-preferences, 4 by "
+        "default); its proxy scores are each member's "
+        "own metric on the same answers, one row per member (concise+formal [concise]: words, "
+        "concise+formal [formal]: reading grade) (default: the 8 presets)",
     )
     g.add_argument(
         "--methods",
@@ -63,7 +73,35 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ALL_METHODS,
         metavar="METHOD",
         help=f"any of {', '.join(ALL_METHODS)}; {BEAM_METHOD} is the paper's 16-beam search on the pref context, "
-        f"in-process only (default: {' '.join(ENGINE_METHODS)})",
+        f"in-process only, one preference per row; {CFG_METHOD} is classifier-free guidance (needs --guidance-scale "
+        f"and --negative-prompt) (default: {' '.join(ENGINE_METHODS)})",
+    )
+    g.add_argument(
+        "--negative",
+        nargs="+",
+        default=None,
+        metavar="NEG",
+        help="a preset or sentence the contrast context of la and amulet carries instead of nothing (the "
+        "server's preference.negative), so they extrapolate from it toward the row's preference; several give "
+        "one la/amulet column each, labelled e.g. amulet-vs-concise (free text: amulet-vs-neg<6 hex digits of "
+        "its hash>); 'none' is the plain contrast context, labelled as before (default: none)",
+    )
+    g.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        metavar="G",
+        help=f"the {CFG_METHOD} column's guidance scale (the server's guidance_scale): the answer decodes from "
+        "g * l_conversation + (1 - g) * l_negative, no plausibility mask; 1 is plain decoding",
+    )
+    g.add_argument(
+        "--negative-prompt",
+        default=None,
+        metavar="TEXT",
+        help=f"the {CFG_METHOD} column's negative prompt (a preset or sentence, appended to the system message of "
+        f"the contrast context). {CFG_METHOD} ignores the row's preference: its positive context is the "
+        "conversation as given, so, like base, it decodes the same contexts under every preference row, and "
+        "each row scores its answers by its own metric",
     )
     g.add_argument(
         "--plausibility",
@@ -150,6 +188,13 @@ def _preference(text: str) -> str:
     return stripped.lower() if stripped.lower() in PRESETS else stripped
 
 
+def _negatives(texts: Sequence[str] | None) -> tuple[str | None, ...]:
+    """The --negative values: presets lower-cased, free text stripped, 'none' as None; (None,) when not given."""
+    if texts is None:
+        return (None,)
+    return tuple(dict.fromkeys(None if t.strip().lower() == "none" else _preference(t) for t in texts))
+
+
 def _numbers(option: str, text: str | None) -> tuple[float | None, ...]:
     """Comma-separated numbers of an option; (None,) when it is not given (the mode's default)."""
     if text is None:
@@ -172,6 +217,25 @@ def _fluency(args: argparse.Namespace) -> FluencyConfig | None:
     if args.base_url is not None:
         return None
     return FluencyConfig(model=args.model, device=args.device)
+
+
+def _guidance(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: bool) -> tuple[float, str] | None:
+    """(guidance scale, negative prompt) of the cfg column; both go with cfg in --methods, and only with it."""
+    given = [
+        name
+        for name, value in (("--guidance-scale", args.guidance_scale), ("--negative-prompt", args.negative_prompt))
+        if value is not None
+    ]
+    if not cfg:
+        if given:
+            parser.error(f"{' and '.join(given)} set the {CFG_METHOD} column; add {CFG_METHOD} to --methods.")
+        return None
+    if len(given) < 2:
+        parser.error(f"{CFG_METHOD} needs --guidance-scale and --negative-prompt.")
+    scale = float(args.guidance_scale)
+    if not math.isfinite(scale) or scale < 0:
+        parser.error(f"--guidance-scale must be a finite number >= 0, got {args.guidance_scale}.")
+    return scale, _preference(args.negative_prompt)  # validated there (non-empty, not too long)
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> EvalConfig:
@@ -197,16 +261,25 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
             "--temperature": args.temperature != 0,
             "--plausibility": args.plausibility is not None,
             "--coefficient": args.coefficient is not None,
+            "--negative": args.negative is not None,
         }
         given = [name for name, deviates in deviations.items() if deviates]
         if given:
             parser.error(f"--paper runs the paper's exact settings; drop {', '.join(given)}.")
     try:
-        preferences = _unique([_preference(p) for p in args.preferences])
+        conditions = [parse_condition(p) for p in args.preferences]
+        preferences = _unique([c.label for c in conditions])
         mode = Mode.PAPER if args.paper else Mode.DEFAULT
         names = PAPER_METHODS if args.paper and args.methods is None else _unique(args.methods or ENGINE_METHODS)
+        if BEAM_METHOD in names and any(c.joined for c in conditions):
+            parser.error(f"{BEAM_METHOD} decodes one pref context; drop it or the joined preferences (A+B).")
+        negatives = _negatives(args.negative)
+        if negatives != (None,) and not CONTRAST_METHODS & set(names):
+            parser.error("--negative fills the contrast context of la and amulet; choose one of them in --methods.")
+        guidance = _guidance(parser, args, CFG_METHOD in names)
         strengths = _numbers("coefficient", args.coefficient)
-        methods = method_specs(names, _numbers("plausibility", args.plausibility), strengths, mode)
+        plausibilities = _numbers("plausibility", args.plausibility)
+        methods = method_specs(names, plausibilities, strengths, mode, negatives, guidance)
         generation = GenerationConfig(
             methods=methods,
             preferences=preferences,

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from amulet_core.methods import Method, MethodSettings, Mode
-from amulet_core.prompts import PAPER_SYSTEM_PROMPT, TEMPLATE
+from amulet_core.prompts import PAPER_SYSTEM_PROMPT, PRESETS, TEMPLATE
+from amulet_eval.conditions import parse_condition
 
 BEAM_METHOD = "beam16"
 """The paper's beam-search baseline: beam search (16 beams) on the pref context, in-process only."""
 BEAM_WIDTH = 16
+CFG_METHOD = "cfg"
+"""Classifier-free guidance (the server's ``guidance_scale`` + ``negative_prompt``): the conversation as given
+against the conversation carrying the negative prompt; it ignores the row's preference."""
 ENGINE_METHODS: tuple[str, ...] = tuple(m.value for m in Method)
-ALL_METHODS: tuple[str, ...] = (*ENGINE_METHODS, BEAM_METHOD)
+ALL_METHODS: tuple[str, ...] = (*ENGINE_METHODS, CFG_METHOD, BEAM_METHOD)
 BASELINE = Method.BASE.value
+CONTRAST_METHODS = frozenset({Method.LA.value, Method.AMULET.value})
+"""The methods with a contrast context, the one ``--negative`` fills."""
+
+
+def negative_suffix(negative: str | None) -> str:
+    """What a negative adds to an la/amulet label: ``-vs-concise`` for a preset, ``-vs-neg<6 hex>`` for free text
+    (a digest of the text, so different texts never share a column), nothing for None."""
+    if negative is None:
+        return ""
+    if negative in PRESETS:
+        return f"-vs-{negative}"
+    return f"-vs-neg{hashlib.sha256(negative.encode('utf-8')).hexdigest()[:6]}"
+
+
+def cfg_settings(guidance_scale: float) -> MethodSettings:
+    """The engine settings of classifier-free guidance, as the server builds them: la with A = g set directly,
+    no plausibility mask, so the answer decodes from ``log_softmax(g * l_pos + (1 - g) * l_neg)``."""
+    return MethodSettings.from_fields({"method": Method.LA.value, "strength": guidance_scale, "plausibility": 0.0})
 
 
 def amulet_label(settings: MethodSettings) -> str:
@@ -33,8 +56,11 @@ class MethodSpec:
 
     label: str
     kind: str
-    """An engine method value (base, pref, la, amulet) or ``beam16``."""
+    """An engine method value (base, pref, la, amulet), ``cfg`` or ``beam16``."""
     settings: MethodSettings | None = None
+    negative: str | None = None
+    """What the contrast context carries: for la and amulet the ``--negative`` preset or sentence (None: the
+    conversation as given); for cfg the negative prompt."""
 
     @property
     def engine_settings(self) -> MethodSettings:
@@ -47,6 +73,8 @@ class MethodSpec:
         if self.settings is None:
             return {"kind": self.kind, "num_beams": BEAM_WIDTH}
         s = self.settings
+        if self.kind == CFG_METHOD:
+            return {"kind": self.kind, "guidance_scale": s.strength, "negative_prompt": self.negative}
         out: dict[str, object] = {"kind": self.kind}
         if s.method.num_contexts == 2:
             out.update(mode=s.mode.value, coefficient=s.coefficient, plausibility=s.plausibility)
@@ -54,6 +82,8 @@ class MethodSpec:
             out["ratio"] = s.ratio
         if s.method is Method.AMULET and s.strength is None:
             out.update(iterations=s.iterations, eta=s.eta, alpha=s.alpha, lam=s.lam)
+        if self.negative is not None:
+            out["negative"] = self.negative  # only when given: rows made before negatives existed stay reusable
         return out
 
 
@@ -62,19 +92,32 @@ def method_specs(
     plausibilities: tuple[float | None, ...] = (None,),
     strengths: tuple[float | None, ...] = (None,),
     mode: Mode = Mode.DEFAULT,
+    negatives: tuple[str | None, ...] = (None,),
+    guidance: tuple[float, str] | None = None,
 ) -> tuple[MethodSpec, ...]:
     """The columns for the chosen methods, with the mode's defaults; amulet gets one column per
-    plausibility and strength (A set directly; None: the game's A)."""
+    plausibility and strength (A set directly; None: the game's A); la and amulet one per negative
+    (None: the plain contrast context), labelled with :func:`negative_suffix`. ``cfg`` needs
+    ``guidance``: (guidance scale, negative prompt)."""
     specs: list[MethodSpec] = []
     for name in methods:
         if name == BEAM_METHOD:
             specs.append(MethodSpec(BEAM_METHOD, BEAM_METHOD))
+        elif name == CFG_METHOD:
+            if guidance is None:
+                raise ValueError("the cfg column needs a guidance scale and a negative prompt")
+            scale, negative_prompt = guidance
+            specs.append(MethodSpec(CFG_METHOD, CFG_METHOD, cfg_settings(scale), negative_prompt))
         elif name == Method.AMULET.value:
-            for strength in strengths:
-                for beta in plausibilities:
-                    fields = {"method": name, "strength": strength, "plausibility": beta}
-                    settings = MethodSettings.from_fields(fields, mode)
-                    specs.append(MethodSpec(amulet_label(settings), name, settings))
+            for negative in negatives:
+                for strength in strengths:
+                    for beta in plausibilities:
+                        fields = {"method": name, "strength": strength, "plausibility": beta}
+                        settings = MethodSettings.from_fields(fields, mode)
+                        specs.append(MethodSpec(amulet_label(settings) + negative_suffix(negative), name, settings, negative))
+        elif name == Method.LA.value:
+            settings = MethodSettings.from_fields({"method": name}, mode)
+            specs += [MethodSpec(name + negative_suffix(n), name, settings, n) for n in negatives]
         else:
             specs.append(MethodSpec(name, name, MethodSettings.from_fields({"method": name}, mode)))
     return tuple(specs)
@@ -94,6 +137,12 @@ class GenerationConfig:
     temperature: float = 0.0
     seed: int = 0
     concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        # Each entry as its condition's canonical label (amulet_eval.conditions), once: two spellings of one
+        # condition ("Concise + Formal", "concise+formal") are one row and one key in generations.jsonl.
+        labels = tuple(dict.fromkeys(parse_condition(p).label for p in self.preferences))
+        object.__setattr__(self, "preferences", labels)
 
     def identity(self, model_name: str) -> dict[str, object]:
         """What every stored row must share with this run to be reused."""

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from amulet_eval.aio import run_pool
+from amulet_eval.conditions import Condition, parse_condition
 from amulet_eval.config import GenerationConfig, MethodSpec
 from amulet_eval.questions import Question
 from amulet_eval.store import Row, append_rows, read_rows
@@ -36,11 +37,17 @@ class SettingsMismatchError(ValueError):
 class Job:
     question: Question
     preference: str
+    """The condition's label: one preference, or presets joined by ``+`` (amulet_eval.conditions)."""
     method: MethodSpec
 
     @property
     def key(self) -> Key:
         return (self.question.index, self.preference, self.method.label)
+
+    @property
+    def condition(self) -> Condition:
+        """The preference texts and weights the label stands for."""
+        return parse_condition(self.preference)
 
 
 @dataclass(frozen=True)

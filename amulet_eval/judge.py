@@ -18,8 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from amulet_core.prompts import preference_sentence
 from amulet_eval.aio import run_pool
+from amulet_eval.conditions import condition_sentence
 from amulet_eval.config import BASELINE, JudgeConfig
 from amulet_eval.generate import Key
 from amulet_eval.openai_http import ChatClient, HttpCallError
@@ -46,7 +46,7 @@ class JudgeError(RuntimeError):
 def judge_messages(question: str, preference: str, first: str, second: str) -> list[dict[str, str]]:
     user = (
         f"Question:\n{question}\n\n"
-        f"Preference: {preference_sentence(preference)}\n\n"
+        f"Preference: {condition_sentence(preference)}\n\n"
         f"[Answer A]\n{first}\n[End of answer A]\n\n"
         f"[Answer B]\n{second}\n[End of answer B]\n\n"
         "Which answer follows the preference better? Reply with exactly one of [[A]], [[B]] or [[TIE]]."

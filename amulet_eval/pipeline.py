@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amulet_core.prompts import PAPER_SYSTEM_PROMPT
-from amulet_eval.config import BASELINE, EvalConfig, FluencyConfig, HttpBackend
+from amulet_core.prompts import PAPER_SYSTEM_PROMPT, preference_sentence
+from amulet_eval.conditions import parse_condition
+from amulet_eval.config import BASELINE, CFG_METHOD, EvalConfig, FluencyConfig, GenerationConfig, HttpBackend
 from amulet_eval.generate import GenerationSummary, Runner, run_generation
 from amulet_eval.judge import run_judge
 from amulet_eval.quality import FluencyScorer, pooled_quality
@@ -21,6 +22,7 @@ from amulet_eval.scoring import (
     fluency_score_set,
     length_score_set,
     proxy_metrics,
+    proxy_preferences,
     proxy_score_set,
     reward_score_set,
 )
@@ -53,6 +55,30 @@ def _decoding(config: EvalConfig) -> str:
         prompt = "a custom system prompt" if gen.system_prompt else "no system prompt"
     sampling = "greedy" if gen.temperature == 0 else f"temperature {gen.temperature:g}, seed {gen.seed}"
     return f"{prompt}, up to {gen.max_tokens} new tokens, {sampling}"
+
+
+def setting_notes(gen: GenerationConfig) -> list[str]:
+    """What the report says about joined conditions, negatives and cfg, so that no column or row hides a setting."""
+    notes = []
+    for pref in gen.preferences:
+        condition = parse_condition(pref)
+        if condition.joined:
+            weights = "equal weights" if len(set(condition.weights)) == 1 else f"weights {list(condition.weights)}"
+            notes.append(
+                f"`{pref}`: one condition of {len(condition.texts)} preference contexts ({weights}, normalised); "
+                "its proxy rows score each member's metric on the same answers (`<condition> [<member>]`)."
+            )
+    for spec in gen.methods:
+        if spec.kind == CFG_METHOD:
+            notes.append(
+                f"`{spec.label}`: classifier-free guidance, g = {spec.engine_settings.strength:g}, negative prompt "
+                f"{preference_sentence(spec.negative or '')!r}. It ignores the row's preference (the positive context is "
+                "the conversation as given), so like base it decodes the same contexts under every preference (answers "
+                "may still differ with the batch's numerics, as base's may); each row scores them by its own metric."
+            )
+        elif spec.negative is not None:
+            notes.append(f"`{spec.label}`: the contrast context carries {preference_sentence(spec.negative)!r}.")
+    return notes
 
 
 def ended_before_limit(rows: dict[Any, dict[str, Any]], prefs: list[str], methods: list[str]) -> dict[str, dict[str, float]]:
@@ -89,7 +115,7 @@ def run_eval(config: EvalConfig, runner: Runner | None = None) -> EvalOutcome:
     metrics = proxy_metrics(rows)
     scorers: dict[str, Any] = {
         "words": score_results(length_score_set(metrics), prefs, methods, BASELINE, alpha, compare=False),
-        "proxy": score_results(proxy_score_set(rows, metrics), prefs, methods, BASELINE, alpha),
+        "proxy": score_results(proxy_score_set(rows, metrics), proxy_preferences(prefs), methods, BASELINE, alpha),
     }
     fluency, degeneration = answer_quality(rows, gen.system_prompt, fluency_scorer(config.fluency), config.progress)
     degenerate = {k: float(bool(reasons)) for k, reasons in degeneration.items()}
@@ -119,6 +145,7 @@ def run_eval(config: EvalConfig, runner: Runner | None = None) -> EvalOutcome:
             "preferences": prefs,
             "methods": methods,
             "method_settings": {m.label: m.describe() for m in gen.methods},
+            "notes": setting_notes(gen),
             "baseline": BASELINE,
             "decoding": _decoding(config),
             "system_prompt": gen.system_prompt,

@@ -21,7 +21,9 @@ PROXY_NOTE = (
     "feature: concise/verbose by length in words (lower/higher is better), uplifting/pleasant by VADER "
     "sentiment (compound, -1..1), complex/formal by the Flesch-Kincaid grade level (textstat), creative by "
     "distinct-2 (share of distinct word bigrams). They say nothing about helpfulness or correctness; "
-    "sycophantic and free-text preferences have no proxy."
+    "sycophantic and free-text preferences have no proxy. A joined condition (`concise+formal`) gets one row per "
+    "member with a proxy (`concise+formal [concise]`: words, `concise+formal [formal]`: grade), and the pooled "
+    "`all` counts each of those rows."
 )
 
 
@@ -137,6 +139,7 @@ def render_markdown(results: Mapping[str, Any], chart_files: Sequence[str]) -> s
         f"- Methods: {', '.join(methods)}",
         f"- Decoding: {run['decoding']}",
         f"- Command: `{run['command']}`",
+        *[f"- {note}" for note in run.get("notes", [])],
         "",
     ]
     scorers: Mapping[str, Any] = results["scorers"]

@@ -1,7 +1,7 @@
 """Reward-model scores: any Hugging Face sequence-classification reward model from a local folder.
 
 The model reads (question + preference, answer): with a chat template, as a user turn holding the
-question and the preference sentence followed by an assistant turn holding the answer; without one,
+question and the preference sentence(s) followed by an assistant turn holding the answer; without one,
 as plain text (``Question: ... Preference: ... Answer: ...``). The score is the model's ``score``
 output when it has one (ArmoRM, with ``--reward-trust-remote-code``), else logit 0. Nothing is
 downloaded: the folder must hold the weights and the tokenizer.
@@ -16,7 +16,7 @@ import torch
 
 from amulet_core.errors import ModelLoadError
 from amulet_core.loading import resolve_device, resolve_dtype
-from amulet_core.prompts import preference_sentence
+from amulet_eval.conditions import condition_sentence
 from amulet_eval.config import RewardConfig
 
 log = logging.getLogger(__name__)
@@ -24,13 +24,13 @@ log = logging.getLogger(__name__)
 
 def reward_messages(question: str, preference: str, response: str) -> list[dict[str, str]]:
     return [
-        {"role": "user", "content": f"{question}\n\n{preference_sentence(preference)}"},
+        {"role": "user", "content": f"{question}\n\n{condition_sentence(preference)}"},
         {"role": "assistant", "content": response},
     ]
 
 
 def reward_text(question: str, preference: str, response: str) -> str:
-    return f"Question: {question}\nPreference: {preference_sentence(preference)}\nAnswer: {response}"
+    return f"Question: {question}\nPreference: {condition_sentence(preference)}\nAnswer: {response}"
 
 
 class RewardModel:

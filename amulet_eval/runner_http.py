@@ -1,20 +1,27 @@
-"""The HTTP runner: the same jobs through a running Amulet Serve's OpenAI API (``--base-url``)."""
+"""The HTTP runner: the same jobs through a running Amulet Serve's OpenAI API (``--base-url``), cfg included."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from amulet_core.methods import Method
-from amulet_eval.config import GenerationConfig, HttpBackend
+from amulet_eval.config import CFG_METHOD, GenerationConfig, HttpBackend
 from amulet_eval.generate import Generated, GenerationError, Job, conversation
 from amulet_eval.openai_http import ChatClient, HttpCallError
 
 
 def preference_object(job: Job) -> dict[str, Any]:
-    """The request's ``preference`` field: the preference and every setting of the method, spelled out."""
+    """The request's ``preference`` field: the preference (a list with ``weights`` for a joined condition), the
+    contrast context's ``negative`` when the column has one, and every setting of the method, spelled out."""
     settings = job.method.engine_settings
-    spec: dict[str, Any] = {"text": job.preference, "method": job.method.kind, "mode": settings.mode.value}
+    condition = job.condition
+    text: str | list[str] = list(condition.texts) if condition.joined else condition.texts[0]
+    spec: dict[str, Any] = {"text": text, "method": job.method.kind, "mode": settings.mode.value}
+    if condition.joined:
+        spec["weights"] = list(condition.weights)
     if settings.method.num_contexts == 2:
+        if job.method.negative is not None:
+            spec["negative"] = job.method.negative
         spec["plausibility"] = settings.plausibility
         if settings.strength is not None:
             spec["coefficient"] = settings.strength
@@ -24,6 +31,14 @@ def preference_object(job: Job) -> dict[str, Any]:
             spec.update(iterations=settings.iterations, eta=settings.eta, alpha=settings.alpha)
             spec["lambda"] = settings.lam
     return spec
+
+
+def method_fields(job: Job) -> dict[str, Any]:
+    """The request fields that choose the decoding: ``preference``, or for cfg ``guidance_scale`` and
+    ``negative_prompt`` (the server refuses both at once; cfg ignores the row's preference)."""
+    if job.method.kind == CFG_METHOD:
+        return {"guidance_scale": job.method.engine_settings.strength, "negative_prompt": job.method.negative}
+    return {"preference": preference_object(job)}
 
 
 class HttpRunner:
@@ -61,7 +76,7 @@ class HttpRunner:
         body = {
             "model": await self.resolve_model_name(),
             "messages": conversation(gen.system_prompt, job.question.question),
-            "preference": preference_object(job),
+            **method_fields(job),
             "temperature": gen.temperature,
             "max_tokens": gen.max_tokens,
             "seed": gen.seed,

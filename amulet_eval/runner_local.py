@@ -1,8 +1,9 @@
-"""The in-process runner: the engine (AsyncEngine) for base/pref/la/amulet, transformers beam search for beam16."""
+"""The in-process runner: the engine (AsyncEngine) for base/pref/la/amulet/cfg, transformers beam search for beam16."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import uuid
 from collections.abc import Callable, Sequence
@@ -14,16 +15,23 @@ from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.loading import LoadedModel, ModelConfig, load_model, model_display_name
-from amulet_core.methods import Method
-from amulet_core.prompts import preference_message_pair, resolve_default_system_prompt
+from amulet_core.methods import Method, MethodSettings
+from amulet_core.prompts import Message, preference_contexts, preference_message_pair, resolve_default_system_prompt
 from amulet_core.sampling_params import SamplingParams
-from amulet_eval.config import BEAM_METHOD, BEAM_WIDTH, GenerationConfig, LocalBackend
+from amulet_eval.conditions import parse_condition
+from amulet_eval.config import BEAM_METHOD, BEAM_WIDTH, CFG_METHOD, GenerationConfig, LocalBackend
 from amulet_eval.generate import Generated, GenerationError, Job, conversation
 
 
-def engine_config(backend: LocalBackend, concurrency: int) -> EngineConfig:
-    """Room for ``concurrency`` two-context requests at once."""
-    seqs = max(2, 2 * concurrency)
+def contexts_per_request(generation: GenerationConfig) -> int:
+    """The most contexts one request of this run decodes: K + 1 for the widest condition (K preference contexts and
+    the contrast one of la, amulet and cfg), at least 2."""
+    return 1 + max((len(parse_condition(p).texts) for p in generation.preferences), default=1)
+
+
+def engine_config(backend: LocalBackend, concurrency: int, contexts: int = 2) -> EngineConfig:
+    """Room for ``concurrency`` requests of ``contexts`` contexts each at once."""
+    seqs = max(2, contexts * concurrency)
     return EngineConfig(max_num_seqs=seqs, max_model_len=backend.max_model_len, max_num_batched_tokens=max(512, seqs))
 
 
@@ -63,6 +71,27 @@ def beam_search(
     return Generated(text, len(new), "stop" if stop is not None else "length")
 
 
+def job_contexts(job: Job, messages: list[Message], default_system: str) -> tuple[MethodSettings, list[list[Message]]]:
+    """The settings and the conversations of an engine job, as the server builds them for the same request
+    (server/preference_request.py): the preference contexts (one per member of the condition, their weights
+    in the settings), then the contrast context for la and amulet (carrying the column's negative, if any);
+    base decodes the conversation as given. cfg: the conversation as given, then the one carrying the
+    negative prompt (the row's preference is not used)."""
+    spec = job.method
+    settings = spec.engine_settings
+    if spec.kind == CFG_METHOD:
+        built = preference_contexts(messages, (), default_system, spec.negative)
+        return settings, [*built.prefs, built.contrast]
+    condition = job.condition
+    if condition.joined:
+        settings = dataclasses.replace(settings, weights=condition.weights)
+    two = settings.method.num_contexts == 2
+    built = preference_contexts(messages, condition.texts, default_system, spec.negative if two else None)
+    if settings.method is Method.BASE:
+        return settings, [built.contrast]
+    return settings, [*built.prefs, built.contrast] if two else list(built.prefs)
+
+
 class LocalRunner:
     """Runs the jobs on an AsyncEngine in this process; beam16 jobs on the same model, one at a time."""
 
@@ -82,7 +111,7 @@ class LocalRunner:
         return model_display_name(self.model_config)
 
     async def start(self) -> None:
-        config = engine_config(self.backend, self.generation.concurrency)
+        config = engine_config(self.backend, self.generation.concurrency, contexts_per_request(self.generation))
         engine = AsyncEngine(self.model_config, config, loader=self._loader).start()
         self._engine = engine
         await asyncio.to_thread(engine.wait_ready)
@@ -97,22 +126,25 @@ class LocalRunner:
         gen = self.generation
         engine = self.engine
         default_system = resolve_default_system_prompt(gen.default_system_prompt, engine.template_system_prompt())
-        pair = preference_message_pair(conversation(gen.system_prompt, job.question.question), job.preference, default_system)
+        messages = conversation(gen.system_prompt, job.question.question)
         if job.method.kind == BEAM_METHOD:
+            if job.condition.joined:
+                raise GenerationError(f"{BEAM_METHOD} decodes one pref context; {job.preference!r} joins several.")
             llm = engine.engine
-            prompt = engine.encode_chat(pair.pref)
+            prompt = engine.encode_chat(preference_message_pair(messages, job.preference, default_system).pref)
             return await asyncio.to_thread(
                 beam_search, llm.runner.model, llm.tokenizer, prompt, gen.max_tokens, llm.eos_token_ids
             )
-        settings = job.method.engine_settings
-        contexts = {Method.BASE: [pair.base], Method.PREF: [pair.pref]}.get(settings.method, [pair.pref, pair.base])
+        settings, contexts = job_contexts(job, messages, default_system)
         ids = [engine.encode_chat(c) for c in contexts]
+        contrast = ids.pop() if settings.method.num_contexts == 2 else None
         request = GenerationRequest(
             request_id=f"eval-{uuid.uuid4().hex}",
             prompt_ids=ids[0],
             sampling=SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, seed=gen.seed),
             method=settings,
-            base_prompt_ids=ids[1] if len(ids) == 2 else None,
+            base_prompt_ids=contrast,
+            extra_prompt_ids=tuple(ids[1:]),
         )
         pieces: list[str] = []
         async for out in engine.generate(request):

@@ -4,12 +4,13 @@ when configured, a reward model's score."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
 from amulet_eval.compare import Key
+from amulet_eval.conditions import parse_condition
 from amulet_eval.generate import conversation
 from amulet_eval.proxies import METRIC_INFO, Metric, ProxyScorer, matched_metric
 from amulet_eval.quality import FluencyScorer, degeneration_reasons
@@ -42,14 +43,36 @@ def proxy_metrics(rows: Mapping[Key, Row]) -> dict[Key, dict[str, float]]:
     return {key: scorer.score(str(row["response"])) for key, row in rows.items()}
 
 
-def proxy_score_set(rows: Mapping[Key, Row], metrics: Mapping[Key, Mapping[str, float]]) -> ScoreSet:
-    """The proxy matched to each preference (concise/verbose: words, ...); unmatched preferences are left out."""
-    matched: dict[str, Metric] = {}
-    for pref in {k[1] for k in rows}:
-        metric = matched_metric(pref)
+def proxy_rows(preference: str) -> list[tuple[str, str, Metric]]:
+    """The proxy rows of a condition: (row name, member preset, metric) for each member that has a proxy.
+
+    One preference keeps its own name (``concise``: words). A joined condition gets one row per member,
+    named ``<condition> [<member>]`` (``concise+formal [concise]``: words, ``concise+formal [formal]``: grade):
+    each member's metric on the same answers, never blended into one number."""
+    condition = parse_condition(preference)
+    out = []
+    for text in condition.texts:
+        metric = matched_metric(text)
         if metric is not None:
-            matched[pref] = metric
-    values = {k: float(metrics[k][matched[k[1]].name]) for k in rows if k[1] in matched}
+            out.append((f"{preference} [{text}]" if condition.joined else preference, text, metric))
+    return out
+
+
+def proxy_preferences(preferences: Sequence[str]) -> list[str]:
+    """The proxy table's rows, in the order of the preferences (joined conditions expand to one row per member)."""
+    return [name for pref in preferences for name, _, _ in proxy_rows(pref)]
+
+
+def proxy_score_set(rows: Mapping[Key, Row], metrics: Mapping[Key, Mapping[str, float]]) -> ScoreSet:
+    """The proxy matched to each preference (concise/verbose: words, ...), keyed by proxy row (see :func:`proxy_rows`);
+    preferences and members without a proxy are left out."""
+    matched: dict[str, Metric] = {}
+    values: dict[Key, float] = {}
+    by_pref = {pref: proxy_rows(pref) for pref in {k[1] for k in rows}}
+    for key in rows:
+        for name, _, metric in by_pref[key[1]]:
+            matched[name] = metric
+            values[(key[0], name, key[2])] = float(metrics[key][metric.name])
     return ScoreSet(PROXY, "Proxy metric matched to the preference", True, matched, values)
 
 

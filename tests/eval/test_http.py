@@ -26,6 +26,7 @@ from amulet_eval.judge import JUDGMENTS_FILE, run_judge
 from amulet_eval.pipeline import run_eval
 from amulet_eval.questions import load_questions
 from server.config import ServerConfig
+from tests.eval.expected_requests import LABELS, MEMBERS, METHODS, NEG_PROMPT, NEGATIVES, PREFERENCES, expected_requests
 from tests.support.fake_engine import REPLY_PIECES, FakeEngine
 from tests.support.http import API_KEY
 from tests.support.live_server import LiveServer, free_port, wait_until
@@ -208,3 +209,18 @@ def complete_rows(out: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def test_http_runner_sends_joined_preferences_negatives_and_cfg(server: LiveServer, fake: FakeEngine, tmp_path: Path) -> None:
+    """The request of each column reaches the engine as the README's rules say (see expected_requests)."""
+    methods = method_specs(METHODS, negatives=NEGATIVES, guidance=(1.5, NEG_PROMPT))
+    generation = GenerationConfig(methods, PREFERENCES, max_tokens=3)
+    assert [m.label for m in generation.methods] == list(LABELS)
+    config = EvalConfig(
+        None, 1, tmp_path, generation, HttpBackend(f"{server.url}/v1", api_key=API_KEY), charts=False, progress=False
+    )
+    outcome = run_eval(config)
+    assert outcome.generation.generated == len(MEMBERS) * len(LABELS)
+    got = Counter((r.prompt_ids, r.extra_prompt_ids, r.base_prompt_ids, r.method) for r in fake.requests)
+    assert got == expected_requests(load_questions(None, 1)[0].question, fake.encode_chat, 1.5)
+    assert set(outcome.results["run"]["preferences"]) == set(MEMBERS)

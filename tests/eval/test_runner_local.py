@@ -1,16 +1,20 @@
-"""The in-process runner on a tiny random-weight model: beam search under the engine's attention, and beam16 on
-the pref context."""
+"""The in-process runner on a tiny random-weight model: beam search under the engine's attention, beam16 on
+the pref context, and the contexts of joined preferences, negatives and cfg."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
+from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.paged_attention import register_paged_attention
+from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.prompts import preference_message_pair, render_chat
 from amulet_eval.config import GenerationConfig, LocalBackend, method_specs
 from amulet_eval.generate import conversation, run_generation
 from amulet_eval.questions import load_questions
-from amulet_eval.runner_local import LocalRunner, beam_search
+from amulet_eval.runner_local import LocalRunner, beam_search, contexts_per_request, engine_config
+from tests.eval.expected_requests import LABELS, MEMBERS, METHODS, NEG_PROMPT, NEGATIVES, PREFERENCES, expected_requests
 
 
 def test_beam_search_under_the_engines_attention_equals_sdpa(tiny_model) -> None:
@@ -40,3 +44,41 @@ def test_local_runner_runs_beam16_on_the_pref_context(tiny_model, tmp_path: Path
     pref = preference_message_pair(conversation(generation.system_prompt, question), "concise").pref
     direct = beam_search(loaded.model, loaded.tokenizer, render_chat(loaded.tokenizer, pref), 6, loaded.eos_token_ids)
     assert beam["response"] == direct.text and beam["completion_tokens"] == direct.completion_tokens >= 1
+
+
+def test_local_runner_decodes_joined_preferences_negatives_and_cfg(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    """The engine is asked what the README's rules say (the same expectation as the HTTP runner's test), and two
+    columns that must agree do: cfg at g = 1 is plain decoding (base), and amulet whose contrast carries its own
+    preference is the pref context alone (pref)."""
+    loaded = tiny_model("llama")
+    seen: list[GenerationRequest] = []
+    original = AsyncEngine.generate
+
+    def recording(self: AsyncEngine, request: GenerationRequest):
+        seen.append(request)
+        return original(self, request)
+
+    monkeypatch.setattr(AsyncEngine, "generate", recording)
+    methods = method_specs(METHODS, negatives=NEGATIVES, guidance=(1.0, NEG_PROMPT))
+    generation = GenerationConfig(methods, PREFERENCES, max_tokens=6, concurrency=1)  # room for 3 contexts at once
+    runner = LocalRunner(LocalBackend(max_model_len=1024), generation, loader=lambda _config: loaded)
+    questions = load_questions(None, 1)
+    rows = run_generation(tmp_path, questions, generation, runner, progress=False).rows
+    assert set(rows) == {(0, p, m) for p in MEMBERS for m in LABELS}
+
+    def encode(messages) -> tuple[int, ...]:
+        return tuple(render_chat(loaded.tokenizer, messages))
+
+    got = Counter((r.prompt_ids, r.extra_prompt_ids, r.base_prompt_ids, r.method) for r in seen)
+    assert got == expected_requests(questions[0].question, encode, 1.0)
+    for pref in MEMBERS:
+        assert rows[(0, pref, "cfg")]["response"] == rows[(0, pref, "base")]["response"]
+        assert rows[(0, pref, "cfg")]["completion_tokens"] >= 1
+    assert rows[(0, "concise", "amulet-vs-concise")]["response"] == rows[(0, "concise", "pref")]["response"]
+
+
+def test_engine_room_grows_with_the_widest_condition() -> None:
+    one = GenerationConfig(method_specs(("amulet",)), ("concise", "verbose"), concurrency=4)
+    three = GenerationConfig(method_specs(("amulet",)), ("concise", "concise+formal+verbose"), concurrency=4)
+    assert contexts_per_request(one) == 2 and contexts_per_request(three) == 4
+    assert engine_config(LocalBackend(), 4, contexts_per_request(three)).max_num_seqs == 16
