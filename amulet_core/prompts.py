@@ -78,18 +78,8 @@ class MessagePair:
 
 def preference_message_pair(messages: Sequence[Message], preference: str, default_system_prompt: str = "") -> MessagePair:
     """Build the pref and base conversations, which differ by the preference sentence only."""
-    sentence = preference_sentence(preference)
-    base = [dict(m) for m in messages]
-    system_index = next((i for i, m in enumerate(base) if m.get("role") == "system"), None)
-    if system_index is None:
-        base.insert(0, {"role": "system", "content": default_system_prompt})
-        system_index = 0
-    content = base[system_index].get("content") or ""
-    if not isinstance(content, str):
-        raise InvalidParameterError("messages", "The system message content must be a string.")
-    pref = [dict(m) for m in base]
-    pref[system_index]["content"] = _append(content, sentence)
-    return MessagePair(pref=pref, base=base, system_prompt=content)
+    built = preference_contexts(messages, [preference], default_system_prompt)
+    return MessagePair(pref=built.prefs[0], base=built.contrast, system_prompt=built.system_prompt)
 
 
 @dataclass(frozen=True)

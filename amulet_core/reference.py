@@ -56,16 +56,22 @@ def next_token_logprobs(
     if base_prompt_ids is None:
         raise ValueError(f"method {settings.method.value} needs the base context")
     z_base = _last_logits(model, base_prompt_ids, all_logits)
+    return _two_context_mix(z_pref, z_base, settings, closed_form)
+
+
+def _two_context_mix(anchor: torch.Tensor, contrast: torch.Tensor, settings: MethodSettings, closed_form: bool) -> torch.Tensor:
+    """The method's log-probabilities from the preference anchor's and the contrast context's logits:
+    the closed form (or A set directly), Linear Alignment, or the iterative game; then the plausibility mask."""
     coefficient = settings.coefficient
     if (closed_form or settings.strength is not None) and coefficient is not None:
-        mixed = combine_contexts(z_pref.unsqueeze(0), z_base.unsqueeze(0), [coefficient])[0]
+        mixed = combine_contexts(anchor.unsqueeze(0), contrast.unsqueeze(0), [coefficient])[0]
     elif settings.method is Method.LA:
-        mixed = linear_alignment(z_pref, z_base, settings.ratio)
+        mixed = linear_alignment(anchor, contrast, settings.ratio)
     else:
-        mixed = amulet_iterative(z_pref, z_base, settings)
+        mixed = amulet_iterative(anchor, contrast, settings)
     if settings.plausibility > 0:
         betas = torch.tensor([settings.plausibility], device=mixed.device)
-        mixed = plausibility_mask(mixed.unsqueeze(0), z_pref.unsqueeze(0), betas)[0]
+        mixed = plausibility_mask(mixed.unsqueeze(0), anchor.unsqueeze(0), betas)[0]
     return mixed
 
 
@@ -86,17 +92,7 @@ def _several_preferences(
     if contrast_ids is None:
         raise ValueError(f"method {settings.method.value} needs the contrast context")
     z_contrast = _last_logits(model, contrast_ids, all_logits).double()
-    coefficient = settings.coefficient
-    if (closed_form or settings.strength is not None) and coefficient is not None:
-        mixed = combine_contexts(anchor.unsqueeze(0), z_contrast.unsqueeze(0), [coefficient])[0]
-    elif settings.method is Method.LA:
-        mixed = linear_alignment(anchor, z_contrast, settings.ratio)
-    else:
-        mixed = amulet_iterative(anchor, z_contrast, settings)
-    if settings.plausibility > 0:
-        betas = torch.tensor([settings.plausibility], device=mixed.device)
-        mixed = plausibility_mask(mixed.unsqueeze(0), anchor.unsqueeze(0), betas)[0]
-    return mixed
+    return _two_context_mix(anchor, z_contrast, settings, closed_form)
 
 
 def reference_generate(

@@ -8,9 +8,10 @@ the seed of choice j) live in SamplingParams and MethodSettings, whose errors na
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from amulet_core.errors import InvalidParameterError
+from amulet_core.prompts import ChatTemplateOptions
 from amulet_core.sampling_params import SamplingParams
 from amulet_core.structured_output import GrammarSpec
 from server.errors import APIError
@@ -50,6 +51,24 @@ def renamed_param(name: str, alias: str, make: Callable[[], T]) -> T:
         exc.message = exc.message.replace(f"'{name}'", f"'{alias}'")
         exc.args = (exc.message,)
         raise
+
+
+def template_options(
+    add_generation_prompt: bool | None,
+    continue_final_message: bool | None,
+    chat_template_kwargs: dict[str, Any] | None,
+    tools: tuple[dict[str, Any], ...] = (),
+) -> ChatTemplateOptions:
+    """How a conversation is rendered, from vLLM's ``add_generation_prompt`` (default: unless the last message
+    is continued), ``continue_final_message`` and ``chat_template_kwargs``, and the tools the template shows."""
+    continue_final = bool(continue_final_message)
+    add_prompt = (not continue_final) if add_generation_prompt is None else add_generation_prompt
+    return ChatTemplateOptions(
+        add_generation_prompt=add_prompt,
+        continue_final_message=continue_final,
+        template_kwargs=tuple((chat_template_kwargs or {}).items()),
+        tools=tools,
+    )
 
 
 def parse_logit_bias(logit_bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:

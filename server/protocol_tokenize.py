@@ -17,7 +17,8 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None
     """For a prompt: add the tokenizer's special tokens (default true). Chat templates add their own."""
-    add_generation_prompt: bool | None = True
+    add_generation_prompt: bool | None = None
+    """Default: true, unless ``continue_final_message`` continues the last message."""
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool | None = False

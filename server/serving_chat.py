@@ -22,11 +22,10 @@ from amulet_core.errors import EngineNotReadyError, InvalidParameterError
 from amulet_core.methods import Method, MethodSettings
 from amulet_core.prompts import (
     TEMPLATE,
-    ChatTemplateOptions,
     resolve_default_system_prompt,
 )
 from server.config import ServerConfig
-from server.generation_fields import check_choices, check_model, renamed_param, sampling_params
+from server.generation_fields import check_choices, check_model, renamed_param, sampling_params, template_options
 from server.observer import RequestObserver
 from server.preference_request import plan_contexts, preference_plan
 from server.protocol import ChatCompletionRequest
@@ -43,7 +42,7 @@ from server.protocol_answers import (
 )
 from server.request_policy import UnknownFieldLog, apply_request_policy
 from server.serving_choices import CLIENT_CLOSED_REQUEST, run_to_end, sse, stream_response
-from server.serving_engine import RequestTracker
+from server.serving_engine import OpenAIServing, RequestTracker
 from server.serving_tools import (
     ToolCallStream,
     ToolRequest,
@@ -74,20 +73,7 @@ def check_chat_fields(body: ChatCompletionRequest) -> None:
         raise InvalidParameterError("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
 
 
-def template_options(body: ChatCompletionRequest, tools: tuple[dict[str, Any], ...] = ()) -> ChatTemplateOptions:
-    """How the request's conversation is rendered (vLLM's ``add_generation_prompt``, ``continue_final_message``,
-    ``chat_template_kwargs``)."""
-    continue_final = bool(body.continue_final_message)
-    add_prompt = (not continue_final) if body.add_generation_prompt is None else body.add_generation_prompt
-    return ChatTemplateOptions(
-        add_generation_prompt=add_prompt,
-        continue_final_message=continue_final,
-        template_kwargs=tuple((body.chat_template_kwargs or {}).items()),
-        tools=tools,
-    )
-
-
-class OpenAIServingChat:
+class OpenAIServingChat(OpenAIServing):
     """``POST /v1/chat/completions`` over any EngineClient."""
 
     def __init__(
@@ -98,11 +84,7 @@ class OpenAIServingChat:
         observer: RequestObserver,
         unknown_fields: UnknownFieldLog,
     ) -> None:
-        self.engine = engine
-        self.model_name = model_name
-        self.config = config
-        self.observer = observer
-        self.unknown_fields = unknown_fields
+        super().__init__(engine, model_name, config, observer, unknown_fields)
         self._tool_parser: ToolParser | None = None
         self._told_tools_described = False
 
@@ -178,7 +160,12 @@ class OpenAIServingChat:
                 raise InvalidParameterError(grammar.param, f"'{grammar.param}' cannot be combined with a forced 'tool_choice'.")
             grammar = tools.grammar()
         messages, renders_tools = self._conversation_with_tools([m.for_template() for m in body.messages], tools)
-        options = template_options(body, tools.openai_tools if tools is not None and renders_tools else ())
+        options = template_options(
+            body.add_generation_prompt,
+            body.continue_final_message,
+            body.chat_template_kwargs,
+            tools.openai_tools if tools is not None and renders_tools else (),
+        )
         options.check(messages)
         preference: PreferenceEcho | None = None
         plan = preference_plan(body, self.config.max_preferences)

@@ -16,12 +16,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from amulet_core.engine.parallel_sampling import ChoiceOutput, generate_choices
-from amulet_core.engine.protocol import EngineClient, GenerationRequest, TokenLogprob, Usage
+from amulet_core.engine.protocol import GenerationRequest, TokenLogprob, Usage
 from amulet_core.errors import EngineNotReadyError, InvalidParameterError
 from amulet_core.methods import Method, MethodSettings
-from server.config import ServerConfig
 from server.generation_fields import check_choices, check_model, renamed_param, sampling_params
-from server.observer import RequestObserver
 from server.protocol_answers import MIN_LOGPROB, UsageInfo
 from server.protocol_completions import (
     MAX_COMPLETION_LOGPROBS,
@@ -30,9 +28,9 @@ from server.protocol_completions import (
     CompletionRequest,
     CompletionResponse,
 )
-from server.request_policy import UnknownFieldLog, apply_request_policy
+from server.request_policy import apply_request_policy
 from server.serving_choices import CLIENT_CLOSED_REQUEST, run_to_end, sse, stream_response
-from server.serving_engine import RequestTracker
+from server.serving_engine import OpenAIServing, RequestTracker
 from server.structured_request import requested_grammar
 
 DEFAULT_MAX_TOKENS = 16
@@ -53,22 +51,8 @@ def legacy_logprobs(items: Sequence[TokenLogprob], offset: int) -> CompletionLog
     return result
 
 
-class OpenAIServingCompletion:
+class OpenAIServingCompletion(OpenAIServing):
     """``POST /v1/completions`` over any EngineClient."""
-
-    def __init__(
-        self,
-        engine: EngineClient,
-        model_name: str,
-        config: ServerConfig,
-        observer: RequestObserver,
-        unknown_fields: UnknownFieldLog,
-    ) -> None:
-        self.engine = engine
-        self.model_name = model_name
-        self.config = config
-        self.observer = observer
-        self.unknown_fields = unknown_fields
 
     async def create(self, body: CompletionRequest, raw_request: Request) -> Response:
         arrival = time.monotonic()

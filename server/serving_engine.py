@@ -13,12 +13,33 @@ from typing import Any
 from fastapi import Request
 
 from amulet_core.engine.parallel_sampling import ChoiceOutput
-from amulet_core.engine.protocol import GenerationRequest, Usage
+from amulet_core.engine.protocol import EngineClient, GenerationRequest, Usage
+from server.config import ServerConfig
 from server.observer import RequestObserver, RequestRecord
+from server.request_policy import UnknownFieldLog
 
 logger = logging.getLogger(__name__)
 
 _END = object()
+
+
+class OpenAIServing:
+    """What every endpoint over an engine holds: the engine, the name it serves the model under, the server's
+    settings, the observer of finished requests and the log of unknown request fields."""
+
+    def __init__(
+        self,
+        engine: EngineClient,
+        model_name: str,
+        config: ServerConfig,
+        observer: RequestObserver,
+        unknown_fields: UnknownFieldLog,
+    ) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.config = config
+        self.observer = observer
+        self.unknown_fields = unknown_fields
 
 
 class ClientDisconnected(Exception):

@@ -6,8 +6,7 @@ import asyncio
 
 from amulet_core.engine.protocol import EngineClient
 from amulet_core.errors import EngineNotReadyError, InvalidParameterError
-from amulet_core.prompts import ChatTemplateOptions
-from server.generation_fields import check_model
+from server.generation_fields import check_model, template_options
 from server.protocol_tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from server.request_policy import UnknownFieldLog, apply_request_policy
 
@@ -29,12 +28,7 @@ class OpenAIServingTokenization:
         apply_request_policy(body, self.unknown_fields)
         self._check(body.model)
         if body.messages is not None:
-            continue_final = bool(body.continue_final_message)
-            options = ChatTemplateOptions(
-                add_generation_prompt=bool(body.add_generation_prompt) and not continue_final,
-                continue_final_message=continue_final,
-                template_kwargs=tuple((body.chat_template_kwargs or {}).items()),
-            )
+            options = template_options(body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
             messages = [m.for_template() for m in body.messages]
             ids = await asyncio.to_thread(self.engine.encode_chat, messages, options)
         else:

@@ -170,7 +170,7 @@ class AsyncEngine:
     # ---- client API ---------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        return int(self.engine.runner.model.config.get_text_config().vocab_size)
+        return self.engine.vocab_size
 
     def encode_chat(
         self, messages: Sequence[dict[str, Any]], options: ChatTemplateOptions = DEFAULT_TEMPLATE_OPTIONS

@@ -15,6 +15,7 @@ from amulet_core.errors import EngineOverloadedError
 from amulet_core.loading import ModelConfig
 from amulet_core.methods import Method, MethodSettings
 from amulet_core.sampling_params import SamplingParams
+from tests.support.live_server import wait_until
 
 PROMPT = tuple(range(100, 150))  # 50 tokens: three full blocks of 16 and a partial one
 
@@ -69,11 +70,7 @@ def test_several_prompts_are_numbered_prompt_major(engine: AsyncEngine) -> None:
 def test_a_refused_choice_fails_the_whole_request_and_leaves_nothing_running(engine: AsyncEngine) -> None:
     with pytest.raises(EngineOverloadedError):
         collect(engine, [request("big", max_tokens=50)], 8)  # more than max_queue can take
-    deadline = 200
-    while engine.engine.requests and deadline:
-        deadline -= 1
-        asyncio.run(asyncio.sleep(0.05))
-    assert engine.engine.requests == {}
+    wait_until(lambda: engine.engine.requests == {}, timeout=120, what="every choice to be aborted")
 
 
 def test_closing_early_aborts_every_choice(engine: AsyncEngine) -> None:
@@ -84,8 +81,4 @@ def test_closing_early_aborts_every_choice(engine: AsyncEngine) -> None:
         await stream.aclose()
 
     asyncio.run(go())
-    deadline = 200
-    while engine.engine.requests and deadline:
-        deadline -= 1
-        asyncio.run(asyncio.sleep(0.05))
-    assert engine.engine.requests == {}
+    wait_until(lambda: engine.engine.requests == {}, timeout=120, what="every choice to be aborted")

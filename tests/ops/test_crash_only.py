@@ -90,15 +90,15 @@ def test_api_key_file_accepts_each_key_and_never_shows_them(tmp_path: Path, from
         args += ["--api-key-file", str(keys)]
     with waiting_server(tmp_path, args, env) as server:
         wait_until(lambda: "The model failed to load" in server.log(), EXIT_DEADLINE_S, "the load to fail")
-        ready = httpx.get(f"{server.url}/ready", timeout=10)
+        ready = httpx.get(f"{server.url}/ready", timeout=60)
         assert ready.status_code == 503 and server.process.poll() is None  # stays up, not ready
-        answers = [ready, httpx.get(f"{server.url}/metrics", timeout=10)]
+        answers = [ready, httpx.get(f"{server.url}/metrics", timeout=60)]
         for key in KEYS:
-            answer = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+            answer = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=60)
             assert answer.status_code == 200, answer.text
             answers.append(answer)
         for headers in ({"Authorization": f"Bearer {OTHER_KEY}"}, {"Authorization": f"Bearer {KEYS[0]}x"}, {}):
-            answer = httpx.get(f"{server.url}/v1/models", headers=headers, timeout=10)
+            answer = httpx.get(f"{server.url}/v1/models", headers=headers, timeout=60)
             assert answer.status_code == 401
             answers.append(answer)
         chat = {"messages": [{"role": "user", "content": "Hi"}]}

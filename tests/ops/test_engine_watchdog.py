@@ -39,18 +39,18 @@ def model_folder(tiny_model: Callable[[str], LoadedModel], tmp_path_factory: pyt
 
 
 def start(folder: str, log: Path, *extra: str) -> ServerProcess:
-    args = ["--model", folder, "--dtype", "float32", "--max-model-len", "256", "--drain-timeout", "15", *extra]
+    args = ["--model", folder, "--dtype", "float32", "--max-model-len", "256", "--drain-timeout", "30", *extra]
     server = ServerProcess(args, log, {"OMP_NUM_THREADS": "1"})
     server.wait_ready(DEADLINE_S)
     return server
 
 
-@pytest.mark.slow  # two server starts and a 15 s drain each
+@pytest.mark.slow  # two server starts and a 30 s drain each
 @pytest.mark.parametrize("fault", ["stall", "die"])
 def test_a_broken_engine_is_reported_and_exits_for_a_restart(model_folder: str, tmp_path: Path, fault: str) -> None:
     server = start(model_folder, tmp_path / "broken.log", "--test-engine-fault", fault, "--engine-stall-timeout", "5")
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
-    # The process answers 503 for the drain timeout (15 s, ample for the three checks below) after the failure, then exits.
+    # The process answers 503 for the drain timeout (30 s: the checks below must see it even on a loaded machine), then exits.
     streamed = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT | {"stream": True}, timeout=DEADLINE_S)
     assert streamed.status_code == 200  # the fault fires a few tokens in: the stream had begun
     events = [line.removeprefix("data: ") for line in streamed.text.split("\n") if line.startswith("data: ")]
