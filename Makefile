@@ -56,14 +56,14 @@ test: lint typecheck
 # The edit-test loop: skips the tests that load SmolLM2's weights or install system packages.
 test-fast: install-dev
 	$(PY) -m ruff check $(LINTED)
-	$(PY) -m pytest -q -m "not smollm and not system and not slow"
+	$(PY) -m pytest -q -m "not smollm and not system and not slow and not ray and not browser"
 
 lock: | $(PY)
 	$(PY) -m pip install --quiet "$(UV_SPEC)"
 	echo "$(LOCK_TORCH)" > $(VENV)/lock-constraints.txt
 	$(VENV)/bin/uv pip compile pyproject.toml $(LOCK_FLAGS) --no-emit-package torch \
 		-c $(VENV)/lock-constraints.txt --quiet -o requirements.lock
-	$(VENV)/bin/uv pip compile pyproject.toml --extra eval --extra test $(LOCK_FLAGS) --no-emit-package torch \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra eval --extra test --extra ray $(LOCK_FLAGS) --no-emit-package torch \
 		-c $(VENV)/lock-constraints.txt --quiet -o requirements-dev.lock
 
 bench: install
