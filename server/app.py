@@ -25,6 +25,7 @@ from server.config import ServerConfig
 from server.errors import SERVER_ERROR, APIError, describe_exception, error_response, install_error_handlers, send_error
 from server.lifecycle import LifecycleMiddleware, ServerLifecycle, draining_error
 from server.observer import NullObserver, RequestObserver
+from server.playground import mount_playground
 from server.protocol import ChatCompletionRequest
 from server.protocol_answers import ErrorResponse, ModelCard, ModelList
 from server.protocol_completions import CompletionRequest
@@ -47,7 +48,8 @@ def package_version() -> str:
 
 
 PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
-"""Only the API needs the key; /health, /ready, /version, /metrics and the docs stay open (as in vLLM)."""
+"""Only the API needs the key; /health, /ready, /version, /metrics, the docs and the playground page stay open
+(as in vLLM; the page's own API calls send the key the user types)."""
 
 _ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 HAND_PARSED: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest)
@@ -180,6 +182,9 @@ def create_app(
     @app.post("/detokenize", openapi_extra=_openapi_extra(DetokenizeRequest))
     async def detokenize(request: Request) -> dict[str, Any]:
         return (await tokenization.detokenize(await parse_body(DetokenizeRequest, request))).model_dump()
+
+    if config.playground:
+        mount_playground(app)
 
     app.add_middleware(BodySizeLimit, max_body_bytes=config.max_body_bytes)
     if config.api_keys:

@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="when the model fails to load, stay up and not ready instead of exiting with status 4",
     )
+    p.add_argument(
+        "--no-playground",
+        action="store_true",
+        help="do not serve the browser playground at / (the API is unchanged)",
+    )
     p.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS, or '*' (default: CORS off)")
     p.add_argument(
         "--max-body-bytes",
@@ -208,6 +213,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
                 max_n=args.max_n,
                 max_preferences=args.max_preferences,
                 tool_call_parser=args.tool_call_parser,
+                playground=not args.no_playground,
             ),
             wait_for_model=args.wait_for_model,
             engine_stall_timeout_s=args.engine_stall_timeout,

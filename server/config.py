@@ -36,6 +36,8 @@ class ServerConfig:
     """Most preferences one request may combine (each is a context decoded with the answer)."""
     max_n: int = 8
     """Most choices (``n``) one request may ask for; each decodes its own sequences."""
+    playground: bool = True
+    """Serve the browser playground at ``/playground`` (``/`` redirects to it); ``--no-playground`` turns it off."""
     default_system_prompt: str = TEMPLATE
     """System message given to both contexts of a preference request whose conversation has none:
     ``template`` (the model's chat template's own default), ``paper``, ``none`` or the text itself

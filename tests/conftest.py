@@ -84,6 +84,17 @@ def tiny_model(request: pytest.FixtureRequest) -> Callable[[str], LoadedModel]:
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_model_folder(tiny_model: Callable[[str], LoadedModel], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny random Llama saved as a Hugging Face folder, for ``amulet-server --model`` in a subprocess
+    (it loads in a second, where the embedded model takes many: for tests about the process, not the answers)."""
+    loaded = tiny_model("llama")
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _restore_torch_threads():
     """An engine serving on the CPU sets torch's (process-wide) thread count; undo it per module."""

@@ -11,14 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from amulet_core.engine import watchdog
-from amulet_core.loading import LoadedModel
 from benchmarks.load import ServerProcess
 from server.errors import ENGINE_STALLED_MESSAGE
 from server.supervision import EXIT_ENGINE_FAILED
@@ -30,12 +28,8 @@ CHAT = {"messages": [{"role": "user", "content": "Count to fifty."}], "max_token
 
 
 @pytest.fixture(scope="module")
-def model_folder(tiny_model: Callable[[str], LoadedModel], tmp_path_factory: pytest.TempPathFactory) -> str:
-    loaded = tiny_model("llama")
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    return str(folder)
+def model_folder(tiny_model_folder: str) -> str:
+    return tiny_model_folder
 
 
 def start(folder: str, log: Path, *extra: str) -> ServerProcess:

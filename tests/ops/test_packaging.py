@@ -4,7 +4,10 @@ and make and the Dockerfile install the locks."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -75,3 +78,18 @@ def test_amulet_eval_without_its_extra_says_how_to_install_it(
     assert entry.main(["--help"]) == 2
     err = capsys.readouterr().err
     assert "missing: choix" in err and "amulet-serve[eval]" in err
+
+
+def test_the_wheel_carries_the_playground_files(tmp_path: Path) -> None:
+    """The page's static files are package data: a built wheel serves the playground too."""
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("amulet_serve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"server/static/{path.name}" for path in (ROOT / "server" / "static").iterdir()}
+    assert expected and expected <= names

@@ -75,8 +75,8 @@ def test_the_key_is_not_logged_by_the_app(caplog: pytest.LogCaptureFixture) -> N
 
 
 @pytest.mark.smollm
-def test_the_key_is_not_logged_by_the_server_at_trace_level(tmp_path: Path) -> None:
-    args = ["--log-level", "trace", "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "2"]
+def test_the_key_is_not_logged_by_the_server_at_trace_level(tmp_path: Path, tiny_model_folder: str) -> None:
+    args = ["--model", tiny_model_folder, "--log-level", "trace", "--dtype", "float32", "--max-model-len", "256"]
     env = {"AMULET_API_KEY": API_KEY, "OMP_NUM_THREADS": "1"}
     with server_process(args, tmp_path / "server.log", env) as server:
         url = f"{server.url}/v1/chat/completions"

@@ -26,6 +26,7 @@ from amulet_core.loading import LoadedModel, ModelConfig
 from server.app import create_app
 from server.cli import engine_lifespan
 from server.config import ServerConfig
+from server.metrics import PrometheusMetrics, mount_metrics
 
 T = TypeVar("T")
 
@@ -134,16 +135,28 @@ class EngineServer:
 
 
 @contextmanager
-def engine_server(loaded: LoadedModel, engine_config: EngineConfig, send_buffer: int | None = None) -> Iterator[EngineServer]:
+def engine_server(
+    loaded: LoadedModel,
+    engine_config: EngineConfig,
+    send_buffer: int | None = None,
+    server_config: ServerConfig | None = None,
+    with_metrics: bool = False,
+) -> Iterator[EngineServer]:
     """The real engine over ``loaded`` (a float32 model, e.g. the session's SmolLM2) behind a live server, once ready.
 
     Torch runs on one thread meanwhile: the test's HTTP clients share the machine's 2 cores, and torch's
     intra-op threads slow down many times over when one of them has to wait for a core at every operation.
+    ``server_config``: the app's settings (default ``ServerConfig()``); ``with_metrics``: Prometheus at /metrics.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    engine = AsyncEngine(ModelConfig(dtype="float32"), engine_config, loader=lambda _: loaded)
-    app = create_app(engine, ServerConfig(), lifespan=engine_lifespan(engine, drain_timeout_s=5))
+    metrics = PrometheusMetrics("test-model", lambda: engine.stats()) if with_metrics else None
+    observer = metrics.step_observed if metrics is not None else None
+    engine = AsyncEngine(ModelConfig(dtype="float32"), engine_config, step_observer=observer, loader=lambda _: loaded)
+    config = server_config or ServerConfig()
+    app = create_app(engine, config, observer=metrics, lifespan=engine_lifespan(engine, drain_timeout_s=5))
+    if metrics is not None:
+        mount_metrics(app, metrics)
     try:
         with live_server(app, send_buffer) as server:
             wait_ready(server.url)
