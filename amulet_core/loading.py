@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from amulet_core.errors import ModelLoadError
+from amulet_core.gguf_cache import converted_folder, is_complete, save_converted
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ class ModelConfig:
     """Torch intra-op threads when serving on the CPU; None = all cores but one (at least 1), so
     the HTTP event loop keeps a core: with every core busy in torch, a 2-core machine under load
     ran ~5x slower (see README, "Load test")."""
+    model_cache: str | None = None
+    """Folder keeping converted copies of ``.gguf`` models (the embedded one included), which load many times
+    faster than the GGUF file (:mod:`amulet_core.gguf_cache`); None loads the GGUF file every time."""
 
     def __post_init__(self) -> None:
         if self.cpu_threads is not None and self.cpu_threads < 1:
@@ -154,15 +158,26 @@ def load_model(config: ModelConfig) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device)
     source, kwargs = _source(config)
     name = model_display_name(config)
+    convert_to: Path | None = None
+    if "gguf_file" in kwargs and config.model_cache:
+        folder = converted_folder(Path(source) / kwargs["gguf_file"], config.model_cache)
+        if is_complete(folder):
+            source, kwargs = str(folder), {}
+        else:
+            convert_to = folder
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        # a copy to keep is saved exact (float32), then cast as the GGUF load would have
+        load_dtype = torch.float32 if convert_to is not None else dtype
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"Could not load model {source!r} offline: {exc}. Pass a local model folder or .gguf file, or "
             "download the model into the Hugging Face cache first (this server never downloads)."
         ) from exc
-    model.to(device)
+    if convert_to is not None:
+        save_converted(model, tokenizer, convert_to)
+    model.to(device=device, dtype=dtype)
     model.eval()
     if getattr(tokenizer, "chat_template", None) is None:
         raise ModelLoadError(f"Model {name!r} has no chat template; Amulet Serve needs a chat (instruct) model.")

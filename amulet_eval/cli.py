@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from amulet_core.errors import AmuletError, InvalidParameterError
+from amulet_core.gguf_cache import default_model_cache
 from amulet_core.methods import Mode
 from amulet_core.prompts import PAPER_SYSTEM_PROMPT, PRESETS, TEMPLATE, preference_sentence
 from amulet_eval.conditions import parse_condition
@@ -208,15 +209,15 @@ def _numbers(option: str, text: str | None) -> tuple[float | None, ...]:
     return tuple(dict.fromkeys(values))
 
 
-def _fluency(args: argparse.Namespace) -> FluencyConfig | None:
+def _fluency(args: argparse.Namespace, model_cache: str | None) -> FluencyConfig | None:
     if args.no_fluency:
         return None
     if args.fluency_model is not None:
         model = None if args.fluency_model == "embedded" else args.fluency_model
-        return FluencyConfig(model=model, device="cpu" if args.base_url is not None else args.device)
+        return FluencyConfig(model=model, device="cpu" if args.base_url is not None else args.device, model_cache=model_cache)
     if args.base_url is not None:
         return None
-    return FluencyConfig(model=args.model, device=args.device)
+    return FluencyConfig(model=args.model, device=args.device, model_cache=model_cache)
 
 
 def _guidance(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: bool) -> tuple[float, str] | None:
@@ -243,6 +244,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     parser = build_parser()
     args = parser.parse_args(argv)
     env = os.environ if environ is None else environ
+    model_cache = default_model_cache(env)
     for name in ("limit", "max_tokens", "concurrency", "max_model_len", "cpu_threads", "judge_max_tokens", "judge_concurrency"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -299,7 +301,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         api_key = args.api_key if args.api_key is not None else env.get(API_KEY_ENV) or None
         backend = HttpBackend(args.base_url, args.model_name, api_key, args.timeout)
     else:
-        backend = LocalBackend(args.model, args.device, args.dtype, args.max_model_len, args.cpu_threads)
+        backend = LocalBackend(args.model, args.device, args.dtype, args.max_model_len, args.cpu_threads, model_cache)
     reward = None
     if args.reward_model is not None:
         reward = RewardConfig(
@@ -324,7 +326,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         out_dir=args.out,
         generation=generation,
         backend=backend,
-        fluency=_fluency(args),
+        fluency=_fluency(args, model_cache),
         reward=reward,
         judge=judge,
         bt_regularization=args.bt_alpha,

@@ -166,6 +166,8 @@ class LocalBackend:
     max_model_len: int = 2048
     cpu_threads: int | None = None
     """Torch threads on the CPU; None = every core (unlike the server, there is no event loop to keep a core for)."""
+    model_cache: str | None = None
+    """Converted copies of .gguf models (``ModelConfig.model_cache``; ``$AMULET_MODEL_CACHE``)."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,7 @@ class FluencyConfig:
     model: str | None = None
     device: str = "auto"
     dtype: str = "float32"
+    model_cache: str | None = None
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,9 @@ def fluency_scorer(config: FluencyConfig | None) -> FluencyScorer | None:
         return None
     from amulet_core.loading import ModelConfig, load_model
 
-    return FluencyScorer(load_model(ModelConfig(model=config.model, device=config.device, dtype=config.dtype)))
+    return FluencyScorer(
+        load_model(ModelConfig(model=config.model, device=config.device, dtype=config.dtype, model_cache=config.model_cache))
+    )
 
 
 def run_eval(config: EvalConfig, runner: Runner | None = None) -> EvalOutcome:

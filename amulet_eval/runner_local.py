@@ -103,7 +103,9 @@ class LocalRunner:
         self.backend = backend
         self.generation = generation
         threads = backend.cpu_threads or os.cpu_count() or 1
-        self.model_config = ModelConfig(model=backend.model, device=backend.device, dtype=backend.dtype, cpu_threads=threads)
+        self.model_config = ModelConfig(
+            model=backend.model, device=backend.device, dtype=backend.dtype, cpu_threads=threads, model_cache=backend.model_cache
+        )
         self._loader = loader
         self._engine: AsyncEngine | None = None
 

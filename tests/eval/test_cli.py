@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from amulet_core.gguf_cache import default_model_cache
 from amulet_core.methods import Method, MethodSettings
 from amulet_core.prompts import PAPER_SYSTEM_PROMPT, PRESETS
 from amulet_eval.cli import parse_args
@@ -125,8 +126,8 @@ def test_cli_defaults_are_the_products_and_paper_is_the_papers() -> None:
     amulet = gen.methods[3].engine_settings
     assert amulet == MethodSettings()  # the server's defaults, plausibility mask on
     assert amulet.method is Method.AMULET and amulet.plausibility == 0.5 and amulet.iterations == 60
-    assert config.backend == LocalBackend()
-    assert config.fluency == FluencyConfig()
+    assert config.backend == LocalBackend(model_cache=default_model_cache({}))
+    assert config.fluency == FluencyConfig(model_cache=default_model_cache({}))
     assert config.reward is None and config.judge is None and config.questions_path is None
 
     paper = parse_args(["--paper"], environ={}).generation
@@ -152,7 +153,7 @@ def test_strength_and_plausibility_columns() -> None:
     assert parse_args(["--base-url", "http://x/v1"], environ={}).fluency is None
     assert parse_args(["--no-fluency"], environ={}).fluency is None
     assert parse_args(["--base-url", "http://x/v1", "--fluency-model", "embedded"], environ={}).fluency == FluencyConfig(
-        device="cpu"
+        device="cpu", model_cache=default_model_cache({})
     )
 
 

@@ -14,12 +14,19 @@ from server.config import ServerConfig
 
 
 def test_defaults() -> None:
-    configs = parse_args([], environ={})
-    assert configs.model == ModelConfig()
+    configs = parse_args([], environ={"XDG_CACHE_HOME": "/xdg"})
+    assert configs.model == ModelConfig(model_cache="/xdg/amulet-serve/models")
     assert configs.engine == EngineConfig()
     assert configs.server == ServerConfig()
     assert configs.server.host == "127.0.0.1" and configs.server.port == 8000
     assert configs.server.api_key is None and configs.server.cors_origins == ()
+
+
+def test_the_model_cache_comes_from_the_option_then_the_environment() -> None:
+    assert parse_args([], environ={"AMULET_MODEL_CACHE": "/env/cache"}).model.model_cache == "/env/cache"
+    assert parse_args(["--model-cache", "/opt/c"], environ={"AMULET_MODEL_CACHE": "/env/cache"}).model.model_cache == "/opt/c"
+    assert parse_args([], environ={"AMULET_MODEL_CACHE": "none"}).model.model_cache is None
+    assert parse_args(["--model-cache", "none"], environ={}).model.model_cache is None
 
 
 def test_every_option() -> None:
@@ -55,10 +62,12 @@ def test_every_option() -> None:
             "2.5",
             "--default-system-prompt",
             "Be helpful.",
+            "--model-cache",
+            "/srv/converted",
         ],
         environ={"AMULET_API_KEY": "from-env"},
     )
-    assert configs.model == ModelConfig(model="/models/qwen", device="cpu", dtype="float32")
+    assert configs.model == ModelConfig(model="/models/qwen", device="cpu", dtype="float32", model_cache="/srv/converted")
     assert configs.engine == EngineConfig(max_num_seqs=8, max_model_len=1024, max_queue=5)
     assert configs.server == ServerConfig(
         host="0.0.0.0",
