@@ -88,6 +88,7 @@ async def supervise(
     on_engine_failure()
     engine.fail(reason)
     lifecycle.engine_failure = reason
+    lifecycle.start_draining()  # now, not at the server's next tick: no request may slip in and meet "not ready"
     lifecycle.fail(EXIT_ENGINE_FAILED, reason)
 
 

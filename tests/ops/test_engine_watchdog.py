@@ -8,6 +8,7 @@ stall, and the process exits with status 5; restarted without the fault (as a su
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -18,8 +19,12 @@ import pytest
 
 from amulet_core.engine import watchdog
 from benchmarks.load import ServerProcess
+from server.app import create_app
+from server.config import ServerConfig
 from server.errors import ENGINE_STALLED_MESSAGE
-from server.supervision import EXIT_ENGINE_FAILED
+from server.lifecycle import ServerLifecycle
+from server.supervision import EXIT_ENGINE_FAILED, supervise
+from tests.support.fake_engine import FakeEngine
 from tests.support.live_server import wait_until
 
 DEADLINE_S = 300.0
@@ -98,3 +103,38 @@ def test_the_automatic_stall_timeout_follows_the_step_time(monkeypatch: pytest.M
     assert fixed.timeout_s == 2.0 and fixed.stalled_for() == pytest.approx(3.0)
     with pytest.raises(ValueError):
         watchdog.StepWatch(0.0)
+
+
+class _FailedEngine:
+    """What ``supervise`` reads of an AsyncEngine whose worker has just died."""
+
+    load_finished = True
+    load_error = None
+
+    def __init__(self) -> None:
+        self.failed_with: str | None = None
+
+    def failure(self) -> str:
+        return "the engine's worker thread died"
+
+    def fail(self, reason: str) -> None:
+        self.failed_with = reason
+
+
+def test_from_the_failure_on_every_api_call_is_refused_as_stalled() -> None:
+    """No request may slip in between the failure and the drain and be told the model is still loading."""
+    app = create_app(FakeEngine(), ServerConfig())
+    lifecycle: ServerLifecycle = app.state.lifecycle
+    engine = _FailedEngine()
+    stalls: list[int] = []
+    asyncio.run(supervise(engine, lifecycle, True, lambda: stalls.append(1)))  # type: ignore[arg-type]
+    assert engine.failed_with == "the engine's worker thread died" and stalls == [1]
+    assert lifecycle.exit_status == EXIT_ENGINE_FAILED and lifecycle.draining
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/chat/completions", json=CHAT)
+
+    refused = asyncio.run(call())
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_stalled"
