@@ -31,6 +31,7 @@ import torch
 from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import GenerationRequest
+from amulet_core.gguf_cache import default_model_cache
 from amulet_core.loading import LoadedModel, ModelConfig, load_model, resolve_device, serving_cpu_threads
 from amulet_core.methods import Method, MethodSettings
 from amulet_core.prompts import PAPER_SYSTEM_PROMPT, preference_message_pair, render_chat
@@ -210,7 +211,9 @@ def main() -> None:
         host_overhead_main(args)
         return
     streams = [int(s) for s in args.streams.split(",")]
-    model_config = ModelConfig(model=args.model, device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads)
+    model_config = ModelConfig(
+        model=args.model, device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads, model_cache=default_model_cache()
+    )
     if resolve_device(args.device).type == "cpu":  # the same threads for the baselines as for the engine
         torch.set_num_threads(serving_cpu_threads(model_config))
     loaded = load_model(model_config)

@@ -28,6 +28,7 @@ import torch
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest
+from amulet_core.gguf_cache import default_model_cache
 from amulet_core.loading import LoadedModel, ModelConfig, embedded_model_file, load_model, resolve_device, resolve_dtype
 from amulet_core.methods import Method, MethodSettings
 from amulet_core.prompts import PAPER_SYSTEM_PROMPT, preference_message_pair, render_chat
@@ -78,7 +79,7 @@ def aggregate_rate(engine: LLMEngine, reqs: list[GenerationRequest]) -> float:
 
 def load(args: argparse.Namespace) -> LoadedModel:
     if args.real:
-        return load_model(ModelConfig(device=args.device, dtype=args.dtype, cpu_threads=1))
+        return load_model(ModelConfig(device=args.device, dtype=args.dtype, cpu_threads=1, model_cache=default_model_cache()))
     from transformers import AutoTokenizer
 
     from benchmarks.host_overhead import random_model, tiny_llama_config

@@ -28,6 +28,7 @@ from amulet_core.engine import llm_engine as llm_engine_module
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest
+from amulet_core.gguf_cache import default_model_cache
 from amulet_core.loading import LoadedModel
 from amulet_core.methods import MethodSettings
 from amulet_core.sampling_params import SamplingParams
@@ -116,7 +117,9 @@ def load(args: argparse.Namespace) -> LoadedModel:
 
     device = resolve_device(args.device)
     if args.real:
-        return load_model(ModelConfig(device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads))
+        return load_model(
+            ModelConfig(device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads, model_cache=default_model_cache())
+        )
     from transformers import AutoTokenizer
 
     from benchmarks.host_overhead import random_model, tiny_llama_config

@@ -23,6 +23,7 @@ import pytest
 from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import GenerationRequest
+from amulet_core.gguf_cache import default_model_cache
 from amulet_core.loading import ModelConfig
 from amulet_core.methods import Method, MethodSettings
 from amulet_core.prompts import TEMPLATE, preference_message_pair, resolve_default_system_prompt
@@ -44,7 +45,8 @@ MESSAGES = [{"role": "user", "content": "Give me one tip for learning a new lang
 @pytest.fixture(scope="module")
 def engine_server() -> Iterator[tuple[LiveServer, AsyncEngine]]:
     engine = AsyncEngine(
-        ModelConfig(dtype="float32"), EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=4, kv_cache_tokens=4096)
+        ModelConfig(dtype="float32", model_cache=default_model_cache()),
+        EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=4, kv_cache_tokens=4096),
     )
     app = create_app(engine, ServerConfig(), lifespan=engine_lifespan(engine, drain_timeout_s=5))
     with live_server(app) as server:
