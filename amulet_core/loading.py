@@ -150,21 +150,39 @@ def _source(config: ModelConfig) -> tuple[str, dict[str, Any]]:
     return config.model, {"local_files_only": True}
 
 
+def _cached_source(config: ModelConfig) -> tuple[str, dict[str, Any], Path | None]:
+    """(path or id, from_pretrained kwargs, folder to keep a converted copy in): a GGUF model's complete converted
+    copy in ``config.model_cache`` when there is one, else the model itself (and, for a GGUF file with a cache
+    configured, where its copy should go)."""
+    source, kwargs = _source(config)
+    if "gguf_file" not in kwargs or not config.model_cache:
+        return source, kwargs, None
+    folder = converted_folder(Path(source) / kwargs["gguf_file"], config.model_cache)
+    if is_complete(folder):
+        return str(folder), {}, None
+    return source, kwargs, folder
+
+
+def load_tokenizer(config: ModelConfig) -> Any:
+    """The model's tokenizer alone, offline, from where :func:`load_model` would read it (no weights; a GGUF
+    model's converted copy when one is complete). For processes that render prompts but run no model."""
+    from transformers import AutoTokenizer
+
+    source, kwargs, _ = _cached_source(config)
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not load the tokenizer of {source!r} offline: {exc}.") from exc
+
+
 def load_model(config: ModelConfig) -> LoadedModel:
     """Load model and tokenizer offline on the configured device and dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    source, kwargs = _source(config)
+    source, kwargs, convert_to = _cached_source(config)
     name = model_display_name(config)
-    convert_to: Path | None = None
-    if "gguf_file" in kwargs and config.model_cache:
-        folder = converted_folder(Path(source) / kwargs["gguf_file"], config.model_cache)
-        if is_complete(folder):
-            source, kwargs = str(folder), {}
-        else:
-            convert_to = folder
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         # a copy to keep is saved exact (float32), then cast as the GGUF load would have

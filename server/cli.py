@@ -11,6 +11,9 @@ A second signal stops at once.
 A model that fails to load makes the process exit with status 4 (``--wait-for-model`` keeps it up,
 not ready, instead), a stalled or dead engine worker with status 5 (``--engine-stall-timeout``);
 see :mod:`server.supervision` for every exit status.
+
+``--ray`` serves replicas of this same app on Ray Serve instead (:mod:`server.ray_serve`; Ray is imported
+only then).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
 from server.draining import DrainingServer, drainer
 from server.lifecycle import ServerLifecycle
 from server.metrics import PrometheusMetrics, mount_metrics
+from server.ray_serve.config import RayServeConfig, add_ray_arguments, ray_config_from_args
 from server.supervision import (
     API_KEY_ENV,
     API_KEY_FILE_ENV,
@@ -68,6 +72,8 @@ class Configs:
     """A step running longer than this is a stall (exit status 5); None sizes it from the step time."""
     test_engine_fault: str | None = None
     """TEST-ONLY (hidden ``--test-engine-fault``): make the worker stall or die a few tokens in."""
+    ray: RayServeConfig | None = None
+    """``--ray``: serve replicas on Ray Serve (see :mod:`server.ray_serve`); None serves here with uvicorn."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--test-engine-fault", choices=TEST_FAULTS, default=None, help=argparse.SUPPRESS)  # test-only
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    add_ray_arguments(p)
     return p
 
 
@@ -233,6 +240,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
             wait_for_model=args.wait_for_model,
             engine_stall_timeout_s=args.engine_stall_timeout,
             test_engine_fault=args.test_engine_fault,
+            ray=ray_config_from_args(args),
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -309,6 +317,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     configs = parse_args(argv)
     level = "DEBUG" if configs.server.log_level == "trace" else configs.server.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if configs.ray is not None:  # Ray is imported only here, only with --ray
+        from server.ray_serve.launcher import serve_on_ray
+
+        raise SystemExit(serve_on_ray(configs))
     app = build_app(configs)
     config = uvicorn.Config(
         app,

@@ -1,0 +1,185 @@
+"""``amulet-server --ray`` options, the deployment options derived from them, and the shipped files, without a cluster.
+
+* The ``--ray*`` options parse into :class:`RayServeConfig` (bad values are usage errors, status 2); without
+  ``--ray`` the server neither needs nor imports Ray, and with ``--ray`` but no Ray installed it says how to
+  install it (status 2).
+* One GPU per replica where the cluster has GPUs, a CPU replica reserving its torch threads otherwise;
+  autoscaling between ``--ray-replicas`` and ``--ray-max-replicas``; the drain timeout as Ray's graceful
+  shutdown budget; the prefix-affinity router.
+* ``docker/ray-serve.yaml`` and the RayService manifest are valid Serve configs of this application;
+  ``docker/prometheus-ray.yml`` is a valid Prometheus config scraping the replicas' default ports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from server.cli import parse_args
+from server.ray_serve.config import RayServeConfig
+from server.ray_serve.prefix import prefix_chain
+from tests.support import ROOT
+
+pytestmark = pytest.mark.ray
+
+DOCKER = ROOT / "docker"
+
+
+def test_ray_options_parse_into_the_ray_config() -> None:
+    assert parse_args([]).ray is None
+    configs = parse_args(
+        ["--ray", "--ray-replicas", "2", "--ray-max-replicas", "4", "--ray-routing", "pow2", "--ray-num-gpus", "0.5"]
+    )
+    assert configs.ray == RayServeConfig(replicas=2, max_replicas=4, routing="pow2", num_gpus=0.5)
+    assert configs.ray.autoscaling and not RayServeConfig(replicas=2, max_replicas=2).autoscaling
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ray-replicas", "0"], "--ray-replicas must be at least 1"),
+        (["--ray-replicas", "3", "--ray-max-replicas", "2"], "must be at least --ray-replicas"),
+        (["--ray-target-ongoing-requests", "0"], "--ray-target-ongoing-requests must be above 0"),
+        (["--ray-num-gpus", "-1"], "--ray-num-gpus must be 0 or more"),
+        (["--ray-metrics-port", "70000"], "--ray-metrics-port must be a TCP port"),
+        (["--ray-routing", "random"], "invalid choice"),
+    ],
+)
+def test_bad_ray_options_are_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--ray", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_without_ray_the_server_imports_no_ray_and_with_ray_missing_it_says_how_to_install_it() -> None:
+    code = (
+        "import sys, server.cli as c; c.parse_args([]); c.build_parser();"
+        "from server.ray_serve.prefix import prefix_chain;"
+        "print('ray' in sys.modules, list(prefix_chain(range(64), 16)), flush=True);"
+        "sys.modules['ray'] = None; c.main(['--ray'])"  # as if Ray were not installed
+    )
+    result = run_python(code)
+    ray_imported, chain = result.stdout.strip().split(" ", 1)
+    assert ray_imported == "False", result.stderr[-2000:]
+    # The routing key's hashes are the same in another process (BLAKE2b, not Python's salted hash).
+    assert json.loads(chain) == list(prefix_chain(range(64), 16))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "pip install '.[ray]'" in result.stderr
+
+
+def test_replicas_get_a_gpu_where_the_cluster_has_gpus_and_cpu_threads_elsewhere() -> None:
+    from server.ray_serve.application import replica_resources
+
+    def resources(argv: list[str], gpus: float) -> dict[str, float]:
+        configs = parse_args(["--ray", *argv])
+        assert configs.ray is not None
+        return replica_resources(configs, configs.ray, gpus)
+
+    assert resources([], 4) == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert resources([], 0) == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert resources(["--cpu-threads", "3"], 0) == {"num_cpus": 3.0, "num_gpus": 0.0}
+    assert resources(["--device", "cpu", "--cpu-threads", "2"], 4) == {"num_cpus": 2.0, "num_gpus": 0.0}
+    assert resources(["--ray-num-gpus", "0.5", "--ray-num-cpus", "4"], 0) == {"num_cpus": 4.0, "num_gpus": 0.5}
+
+
+def test_the_replica_deployment_autoscales_drains_and_routes_by_prefix() -> None:
+    from ray.serve.request_router import RequestRouter
+
+    from server.ray_serve.application import ROUTER_CLASS, replica_options
+
+    configs = parse_args(
+        ["--ray", "--ray-replicas", "2", "--ray-max-replicas", "5", "--drain-timeout", "12", "--max-num-seqs", "24"]
+    )
+    assert configs.ray is not None
+    options = replica_options(configs, configs.ray, 0)
+    assert options["autoscaling_config"] == {
+        "min_replicas": 2,
+        "initial_replicas": 2,
+        "max_replicas": 5,
+        "target_ongoing_requests": 8.0,
+        "upscale_delay_s": 30.0,
+        "downscale_delay_s": 600.0,
+    }
+    assert "num_replicas" not in options and options["max_ongoing_requests"] == 24
+    assert options["graceful_shutdown_timeout_s"] > 12
+    assert options["request_router_config"]["request_router_kwargs"] == {"max_imbalance": 8}
+    module, name = ROUTER_CLASS.split(":")
+    assert issubclass(getattr(importlib.import_module(module), name), RequestRouter)
+    fixed = parse_args(["--ray", "--ray-replicas", "3"])
+    assert fixed.ray is not None
+    assert replica_options(fixed, fixed.ray, 0)["num_replicas"] == 3
+
+
+def serve_apps(config: dict[str, Any]) -> list[Any]:
+    from ray.serve.schema import ServeDeploySchema
+
+    return list(ServeDeploySchema.model_validate(config).applications)
+
+
+def test_the_shipped_serve_config_is_valid_and_builds_the_application() -> None:
+    from ray.serve.deployment import Application
+
+    from server.ray_serve.application import app_builder
+
+    (app,) = serve_apps(yaml.safe_load((DOCKER / "ray-serve.yaml").read_text()))
+    assert app.import_path == "server.ray_serve.application:app_builder" and app.route_prefix == "/"
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"AmuletReplica", "AmuletIngress"}
+    scaling = deployments["AmuletReplica"].autoscaling_config
+    assert scaling["min_replicas"] < scaling["max_replicas"]
+    assert isinstance(app_builder(app.args), Application)
+    with pytest.raises(ValueError):
+        app_builder({"argv": "--ray-replicas 2"})
+
+
+def test_the_kuberay_manifest_runs_the_same_application_with_a_gpu_per_replica() -> None:
+    service, monitor = yaml.safe_load_all((DOCKER / "kuberay-rayservice.yaml").read_text())
+    assert service["kind"] == "RayService" and service["apiVersion"] == "ray.io/v1"
+    (app,) = serve_apps(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    (shipped,) = serve_apps(yaml.safe_load((DOCKER / "ray-serve.yaml").read_text()))
+    assert app.import_path == shipped.import_path
+    replica = next(d for d in app.deployments if d.name == "AmuletReplica")
+    assert replica.ray_actor_options.num_gpus == 1
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == importlib.import_module("ray").__version__
+    (worker,) = cluster["workerGroupSpecs"]
+    container = worker["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    port = next(p for p in container["ports"] if p["name"] == "amulet-metrics")
+    assert port["containerPort"] == RayServeConfig().metrics_port
+    assert monitor["kind"] == "PodMonitor"
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "amulet-metrics"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= worker["template"]["metadata"]["labels"].items()
+
+
+def test_the_prometheus_example_scrapes_the_replicas_default_metrics_ports() -> None:
+    path = DOCKER / "prometheus-ray.yml"
+    (job,) = yaml.safe_load(path.read_text())["scrape_configs"]
+    targets = job["static_configs"][0]["targets"]
+    base = RayServeConfig().metrics_port
+    assert targets == [f"127.0.0.1:{base + k}" for k in range(len(targets))] and len(targets) >= 2
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (tests/ops installs it); the structure was checked")
+    result = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_ray_image_installs_the_locked_ray() -> None:
+    dockerfile = (DOCKER / "Dockerfile.ray").read_text()
+    version = importlib.import_module("ray").__version__
+    assert f'"ray[serve]=={version}"' in dockerfile and "requirements-dev.lock" in dockerfile
+    assert f"ray=={version}" in Path(ROOT / "requirements-dev.lock").read_text()
