@@ -48,7 +48,8 @@ RUN pip install --index-url "${TORCH_CPU_INDEX_URL}" "torch==${TORCH_VERSION}"
 FROM base-${VARIANT} AS server
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    HF_HOME=/data/hf
+    HF_HOME=/data/hf \
+    AMULET_MODEL_CACHE=/data/hf/amulet-models
 
 # Dependencies first (the lock file: exact versions, the serving set only — no evaluation or test
 # libraries), so code edits do not reinstall them. torch is installed above; the lock leaves it out.
