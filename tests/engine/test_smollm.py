@@ -54,14 +54,15 @@ def test_base_decoding_equals_transformers_generate(smollm, engine):
     assert run(engine, request) == want
 
 
-@pytest.mark.parametrize("question", QUESTIONS)
-def test_paper_mode_amulet_equals_the_iterative_algorithm_1(smollm, engine, question):
-    """Paper mode (A from T=60, eta=10, alpha=2, lambda=2; no mask) is Algorithm 1 token for token."""
+@pytest.mark.parametrize(("question", "kv_cache"), [(QUESTIONS[0], False), (QUESTIONS[1], True), (QUESTIONS[2], True)])
+def test_paper_mode_amulet_equals_the_iterative_algorithm_1(smollm, engine, question, kv_cache):
+    """Paper mode (A from T=60, eta=10, alpha=2, lambda=2; no mask) is Algorithm 1 token for token: against
+    the loop with a full forward pass per token (no cache at all), and, faster, with transformers' KV cache."""
     pref, base = contexts(smollm.tokenizer, question)
     settings = MethodSettings.paper()
     assert settings.plausibility == 0
     request = GenerationRequest("amulet", pref, SamplingParams(max_tokens=40, temperature=0), settings, base)
-    want = reference_generate(smollm.model, pref, base, settings, 40, stop_ids=smollm.eos_token_ids)
+    want = reference_generate(smollm.model, pref, base, settings, 40, stop_ids=smollm.eos_token_ids, kv_cache=kv_cache)
     got = run(engine, request)
     assert got == want
     assert len(got) >= 16
@@ -74,7 +75,7 @@ def test_other_methods_equal_the_paper_loop(smollm, engine, method):
     primary = base if method is Method.BASE else pref
     second = base if method is Method.LA else None
     request = GenerationRequest(f"m-{method.value}", primary, SamplingParams(max_tokens=32, temperature=0), settings, second)
-    want = reference_generate(smollm.model, primary, second, settings, 32, stop_ids=smollm.eos_token_ids)
+    want = reference_generate(smollm.model, primary, second, settings, 32, stop_ids=smollm.eos_token_ids, kv_cache=True)
     assert run(engine, request) == want
 
 
@@ -92,5 +93,5 @@ def test_default_mode_amulet_equals_the_iterative_loop_with_the_mask(smollm, eng
     settings = MethodSettings()
     assert settings.plausibility > 0 and settings.coefficient == MethodSettings.paper().coefficient
     request = GenerationRequest("default", pref, SamplingParams(max_tokens=32, temperature=0), settings, base)
-    want = reference_generate(smollm.model, pref, base, settings, 32, stop_ids=smollm.eos_token_ids)
+    want = reference_generate(smollm.model, pref, base, settings, 32, stop_ids=smollm.eos_token_ids, kv_cache=True)
     assert run(engine, request) == want
