@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from amulet_core.gguf_cache import MODEL_CACHE_ENV, default_model_cache
 from amulet_core.loading import LoadedModel, ModelConfig, embedded_model_file, load_model
 from server.app import create_app
 from server.config import ServerConfig
+from tests.support import ENSURE_PACKAGE
 from tests.support.fake_engine import FakeEngine, RecordingObserver
 from tests.support.live_server import LiveServer, live_server
 
@@ -92,6 +94,21 @@ def tiny_model(request: pytest.FixtureRequest) -> Callable[[str], LoadedModel]:
         return cache[family]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def prometheus_binary() -> str:
+    """The ``prometheus`` binary (``promtool`` is next to it), installed from Debian's package when missing.
+
+    Skips only where it cannot be installed (no apt-get, or not root); a failed install fails.
+    """
+    result = subprocess.run(
+        ["bash", str(ENSURE_PACKAGE), "prometheus", "prometheus"], capture_output=True, text=True, timeout=900
+    )
+    if result.returncode == 3:
+        pytest.skip(f"Prometheus cannot be installed here: {result.stderr.strip()}")
+    assert result.returncode == 0, f"installing Prometheus failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="session")

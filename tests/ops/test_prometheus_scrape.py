@@ -1,6 +1,6 @@
 """A real Prometheus scrapes a real server on loopback and can tell Amulet requests from base ones.
 
-Prometheus comes from Debian's ``prometheus`` package (``tests/tools/ensure_prometheus.sh``
+Prometheus comes from Debian's ``prometheus`` package (``tests/tools/ensure_debian_package.sh``
 installs it when missing; the test skips only where it cannot be installed). The server is the
 real app (``create_app`` + ``mount_metrics``) over the fake engine, served by uvicorn on
 127.0.0.1. Every wait is a poll with a deadline; nothing asserts on timings.

@@ -2,7 +2,7 @@
 
 The server is the real app over the real engine and the embedded SmolLM2 (float32), with an API key and
 Prometheus metrics, on 127.0.0.1. Chromium comes from Debian's ``chromium`` package
-(``tests/tools/ensure_chromium.sh`` installs it when missing; the tests skip only where it cannot be
+(``tests/tools/ensure_debian_package.sh`` installs it when missing; the tests skip only where it cannot be
 installed); Playwright drives it through ``executable_path`` and downloads nothing. The page's strict CSP
 stays on (no ``bypass_csp``), so these tests also prove the page works under it.
 
@@ -26,7 +26,7 @@ import pytest
 
 from amulet_core.engine.config import EngineConfig
 from server.config import ServerConfig
-from tests.support import ROOT
+from tests.support import ENSURE_PACKAGE, ROOT
 from tests.support.http import API_KEY, WRONG_KEY
 from tests.support.live_server import EngineServer, engine_server, wait_until
 
@@ -35,7 +35,6 @@ expect = playwright_api.expect
 
 pytestmark = [pytest.mark.browser, pytest.mark.smollm]
 
-ENSURE_CHROMIUM = ROOT / "tests" / "tools" / "ensure_chromium.sh"
 SCREENSHOT = ROOT / "docs" / "playground.png"
 QUESTION = "How do I keep basil alive?"
 ANSWER_TIMEOUT_MS = 300_000
@@ -44,7 +43,9 @@ ANSWER_TIMEOUT_MS = 300_000
 
 @pytest.fixture(scope="module")
 def chromium_path() -> str:
-    result = subprocess.run(["bash", str(ENSURE_CHROMIUM)], capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        ["bash", str(ENSURE_PACKAGE), "chromium", "chromium", "fonts-liberation"], capture_output=True, text=True, timeout=900
+    )
     if result.returncode == 3:
         pytest.skip(f"Chromium cannot be installed here: {result.stderr.strip()}")
     assert result.returncode == 0, f"installing Chromium failed:\n{result.stdout}\n{result.stderr}"

@@ -10,3 +10,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 """The repository root."""
+
+ENSURE_PACKAGE = ROOT / "tests" / "tools" / "ensure_debian_package.sh"
+"""Installs a Debian package when its binary is missing (the tests' Prometheus and Chromium)."""
