@@ -111,14 +111,10 @@ def combine_weighted(
         raise ValueError("a contrast context needs a coefficient")
     rows = anchor.shape[0] if anchor.dim() > 1 else 1
     values = [float(coefficient)] * rows if isinstance(coefficient, (int, float)) else [float(a) for a in coefficient]
-    coef = torch.tensor(values, dtype=torch.float64, device=anchor.device)
-    coef = coef.reshape(-1, 1) if anchor.dim() > 1 else coef.reshape(())
-    zc = contrast_logits.double()
-    mixed = zc + coef * (anchor - zc)
-    impossible = torch.isneginf(anchor) | torch.isneginf(zc)
-    if bool(impossible.any()):
-        mixed = mixed.masked_fill(impossible, float("-inf"))
-    return torch.log_softmax(mixed, dim=-1).to(out_dtype)
+    from amulet_core.methods import combine_contexts  # methods imports this module's weight rules
+
+    mixed = combine_contexts(anchor.reshape(rows, -1), contrast_logits.double().reshape(rows, -1), values)
+    return mixed.reshape(anchor.shape).to(out_dtype)
 
 
 def mixture_logits_float32(first: torch.Tensor, others: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

@@ -14,28 +14,22 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import Any
 
 import torch
 
+from amulet_core.chat_tokenizer import ChatTokenizer
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
 from amulet_core.engine.watchdog import StepWatch
 from amulet_core.errors import EngineNotReadyError, EngineOverloadedError, EngineStalledError
 from amulet_core.loading import LoadedModel, ModelConfig, load_model, model_display_name, resolve_device, serving_cpu_threads
-from amulet_core.prompts import (
-    DEFAULT_TEMPLATE_OPTIONS,
-    ChatTemplateOptions,
-    render_chat,
-    template_default_system_prompt,
-    template_renders_tools,
-)
+from amulet_core.prompts import DEFAULT_TEMPLATE_OPTIONS, ChatTemplateOptions
 
 log = logging.getLogger(__name__)
 
 StepObserver = Callable[[float, int], None]
-_UNKNOWN = object()
 
 
 @dataclass(frozen=True)
@@ -83,8 +77,7 @@ class AsyncEngine:
         self._unseen_adds = 0
         """Requests handed to the worker that its last stats snapshot does not count yet."""
         self._thread: threading.Thread | None = None
-        self._template_system_prompt: object = _UNKNOWN
-        self._renders_tools: bool | None = None
+        self._text: ChatTokenizer | None = None
         self._watch = StepWatch(stall_timeout_s)
         self._fault_hook = fault_hook
         self._failure: str | None = None
@@ -172,37 +165,35 @@ class AsyncEngine:
     def vocab_size(self) -> int:
         return self.engine.vocab_size
 
+    @property
+    def _chat(self) -> ChatTokenizer:
+        """The loaded model's tokenizer (its text methods below); raises until loaded, as :attr:`engine` does."""
+        if self._text is None:
+            self._text = ChatTokenizer(self.engine.tokenizer)
+        return self._text
+
     def encode_chat(
         self, messages: Sequence[dict[str, Any]], options: ChatTemplateOptions = DEFAULT_TEMPLATE_OPTIONS
     ) -> tuple[int, ...]:
-        return tuple(render_chat(self.engine.tokenizer, messages, options))
+        return self._chat.encode_chat(messages, options)
 
     def encode_prompt(self, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
-        return tuple(self.engine.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return self._chat.encode_prompt(text, add_special_tokens)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return str(
-            self.engine.tokenizer.decode(
-                list(token_ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
-            )
-        )
+        return self._chat.decode(token_ids, skip_special_tokens)
 
     def token_strings(self, token_ids: Sequence[int]) -> list[str]:
-        return [str(t) for t in self.engine.tokenizer.convert_ids_to_tokens(list(token_ids))]
+        return self._chat.token_strings(token_ids)
 
     def template_system_prompt(self) -> str | None:
-        if self._template_system_prompt is _UNKNOWN:
-            self._template_system_prompt = template_default_system_prompt(self.engine.tokenizer)
-        return cast("str | None", self._template_system_prompt)
+        return self._chat.template_system_prompt()
 
     def chat_template_text(self) -> str | None:
-        template = getattr(self.engine.tokenizer, "chat_template", None)
-        return template if isinstance(template, str) else None
+        return self._chat.chat_template_text()
 
     def template_renders_tools(self) -> bool:
-        if self._renders_tools is None:
-            self._renders_tools = template_renders_tools(self.engine.tokenizer)
-        return self._renders_tools
+        return self._chat.template_renders_tools()
 
     def stats(self) -> EngineStats:
         return self._stats

@@ -18,15 +18,9 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from amulet_core.chat_tokenizer import ChatTokenizer
 from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
 from amulet_core.loading import load_tokenizer, model_display_name
-from amulet_core.prompts import (
-    DEFAULT_TEMPLATE_OPTIONS,
-    ChatTemplateOptions,
-    render_chat,
-    template_default_system_prompt,
-    template_renders_tools,
-)
 from server.cli import Configs
 from server.observer import NullObserver
 from server.protocol import ChatCompletionRequest
@@ -58,16 +52,14 @@ def prefix_chain(token_ids: Sequence[int], block_size: int, max_blocks: int = MA
     return tuple(chain)
 
 
-class TokenizerEngine:
-    """An ``EngineClient`` with the model's tokenizer and no model: it renders and encodes like
-    ``AsyncEngine`` (the same functions) and refuses to generate. ``ready`` is always True."""
+class TokenizerEngine(ChatTokenizer):
+    """An ``EngineClient`` with the model's tokenizer and no model: it renders and encodes like ``AsyncEngine``
+    (both are a :class:`ChatTokenizer`) and refuses to generate. ``ready`` is always True."""
 
     def __init__(self, tokenizer: Any, model_name: str, max_model_len: int) -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer)
         self.model_name = model_name
         self.max_model_len = max_model_len
-        self._system_prompt = template_default_system_prompt(tokenizer)
-        self._renders_tools = template_renders_tools(tokenizer)
 
     @property
     def ready(self) -> bool:
@@ -80,31 +72,6 @@ class TokenizerEngine:
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
-
-    def encode_chat(
-        self, messages: Sequence[dict[str, Any]], options: ChatTemplateOptions = DEFAULT_TEMPLATE_OPTIONS
-    ) -> tuple[int, ...]:
-        return tuple(render_chat(self.tokenizer, messages, options))
-
-    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
-        return tuple(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        text = self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
-        return str(text)
-
-    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
-        return [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(token_ids))]
-
-    def template_system_prompt(self) -> str | None:
-        return self._system_prompt
-
-    def chat_template_text(self) -> str | None:
-        template = getattr(self.tokenizer, "chat_template", None)
-        return template if isinstance(template, str) else None
-
-    def template_renders_tools(self) -> bool:
-        return self._renders_tools
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         raise NotImplementedError("the ingress only renders requests; replicas generate")
