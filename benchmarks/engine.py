@@ -20,11 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import random
 import time
-from datetime import date
-from pathlib import Path
 
 import torch
 
@@ -37,6 +34,7 @@ from amulet_core.methods import Method, MethodSettings
 from amulet_core.prompts import PAPER_SYSTEM_PROMPT, preference_message_pair, render_chat
 from amulet_core.reference import reference_generate
 from amulet_core.sampling_params import SamplingParams
+from benchmarks.report import embedded_tokenizer, run_meta, write_report
 
 QUESTIONS = [
     "Write a story about a lighthouse keeper.",
@@ -161,30 +159,22 @@ def table(r: dict[str, float], streams: list[int]) -> str:
 
 
 def host_overhead_main(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
 
-    from amulet_core.loading import embedded_model_file, resolve_dtype
+    from amulet_core.loading import resolve_dtype
     from benchmarks.host_overhead import format_host_overhead, measure_host_overhead, random_model, tiny_llama_config
 
     device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.cpu_threads or 1)
     dtype = torch.float32 if args.dtype == "auto" and device.type == "cpu" else resolve_dtype(args.dtype, device)
-    gguf = embedded_model_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = embedded_tokenizer()
     loaded = random_model(tiny_llama_config(len(tokenizer)), tokenizer, device, dtype, "tiny-llama")
     result = measure_host_overhead(loaded, num_requests=args.host_requests, steps=args.host_steps)
-    result["meta"] = {
-        "date": date.today().isoformat(),
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-    }
+    result["meta"] = run_meta(device, dtype)
     print(format_host_overhead(result))
-    out = Path(args.output if args.output != "benchmarks/results/engine.json" else "benchmarks/results/host_overhead.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_report(
+        args.output if args.output != "benchmarks/results/engine.json" else "benchmarks/results/host_overhead.json", result
+    )
 
 
 def main() -> None:
@@ -226,22 +216,17 @@ def main() -> None:
         results.update(asyncio.run(bench_engine(engine, loaded.tokenizer, args.new_tokens, streams)))
     finally:
         engine.close()
-    meta = {
-        "date": date.today().isoformat(),
-        "model": loaded.name,
-        "device": str(loaded.device),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "gpu": torch.cuda.get_device_name() if loaded.device.type == "cuda" else None,
-        "new_tokens": args.new_tokens,
-        "paper_tokens": args.paper_tokens or args.new_tokens,
-    }
+    meta = run_meta(
+        loaded.device,
+        loaded.dtype,
+        loaded.name,
+        gpu=torch.cuda.get_device_name() if loaded.device.type == "cuda" else None,
+        new_tokens=args.new_tokens,
+        paper_tokens=args.paper_tokens or args.new_tokens,
+    )
     print(json.dumps(meta))
     print(table(results, streams))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    print(f"wrote {out}")
+    write_report(args.output, {"meta": meta, "results": results})
 
 
 if __name__ == "__main__":

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
-from datetime import date
-from pathlib import Path
 
 import torch
 
@@ -34,6 +31,7 @@ from amulet_core.methods import Method, MethodSettings
 from amulet_core.prompts import PAPER_SYSTEM_PROMPT, preference_message_pair, render_chat
 from amulet_core.sampling_params import SamplingParams
 from benchmarks.engine import QUESTIONS
+from benchmarks.report import run_meta, write_report
 
 PRESETS = ("concise", "formal", "creative", "pleasant")
 
@@ -122,24 +120,13 @@ def main() -> None:
             reqs = [request(f"agg{rep}-{i}", tok, QUESTIONS[i % len(QUESTIONS)], 2, args.new_tokens) for i in range(args.streams)]
             rates.append(aggregate_rate(engine, reqs))
         runs[name], results[name] = rates, statistics.median(rates)
-    meta = {
-        "date": date.today().isoformat(),
-        "model": loaded.name,
-        "device": str(loaded.device),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
-        "new_tokens": args.new_tokens,
-        "repeats": args.repeats,
-    }
+    meta = run_meta(loaded.device, loaded.dtype, loaded.name, new_tokens=args.new_tokens, repeats=args.repeats)
     lines = ["| measurement (tok/s, median) | value | / base |", "|---|---|---|"]
     lines += [f"| {n} | {v:.3g} | {v / results['base']:.2f} |" for n, v in results.items()]
     print(json.dumps(meta))
     print("\n".join(lines))
     print("goal: amulet_k2 / base >= 0.75")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": results, "runs": runs}, indent=2))
-    print(f"wrote {out}")
+    write_report(args.output, {"meta": meta, "results": results, "runs": runs})
 
 
 if __name__ == "__main__":

@@ -34,10 +34,11 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import date
-from pathlib import Path
 from typing import Any
 
 import httpx
+
+from benchmarks.report import write_report
 
 APP = "amulet"
 
@@ -244,10 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(json.dumps(meta))
     print(table(results))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in results]}, indent=2))
-    print(f"wrote {out}")
+    write_report(args.output, {"meta": meta, "runs": [asdict(r) for r in results]})
     return 1 if any(r.failures for r in results) else 0
 
 

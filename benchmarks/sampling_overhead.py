@@ -13,13 +13,9 @@ throughput. Prints per-repetition figures and the median ratio; writes JSON with
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from datetime import date
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +29,7 @@ from amulet_core.loading import LoadedModel
 from amulet_core.methods import MethodSettings
 from amulet_core.sampling_params import SamplingParams
 from benchmarks.engine import QUESTIONS, contexts
+from benchmarks.report import embedded_tokenizer, run_meta, write_report
 
 PROCESSORS: dict[str, Any] = dict(
     presence_penalty=0.5,
@@ -113,19 +110,17 @@ def measure(loaded: LoadedModel, streams: int, new_tokens: int, repetitions: int
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
-    from amulet_core.loading import ModelConfig, embedded_model_file, load_model, resolve_device
+    from amulet_core.loading import ModelConfig, load_model, resolve_device
 
     device = resolve_device(args.device)
     if args.real:
         return load_model(
             ModelConfig(device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads, model_cache=default_model_cache())
         )
-    from transformers import AutoTokenizer
 
     from benchmarks.host_overhead import random_model, tiny_llama_config
 
-    gguf = embedded_model_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = embedded_tokenizer()
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     return random_model(tiny_llama_config(len(tokenizer)), tokenizer, device, dtype, "tiny-llama")
 
@@ -145,23 +140,14 @@ def main() -> None:
     loaded = load(args)
     torch.set_num_threads(args.cpu_threads)  # loading may set the serving thread count
     result = measure(loaded, args.streams, args.new_tokens, args.repetitions, print)
-    result["meta"] = {
-        "date": date.today().isoformat(),
-        "model": loaded.name,
-        "device": str(loaded.device),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "streams": args.streams,
-        "new_tokens": args.new_tokens,
-        "processors": {k: (list(v) if isinstance(v, tuple) else v) for k, v in PROCESSORS.items()},
-    }
+    processors = {k: (list(v) if isinstance(v, tuple) else v) for k, v in PROCESSORS.items()}
+    result["meta"] = run_meta(
+        loaded.device, loaded.dtype, loaded.name, streams=args.streams, new_tokens=args.new_tokens, processors=processors
+    )
     ratio, overhead = result["median_ratio"], result["median_overhead_percent"]
     print(f"median processed/plain decode throughput: {ratio:.3f} ({overhead:.1f}% overhead)")
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}")
+        write_report(args.output, result)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from datetime import date
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +28,7 @@ import torch
 from amulet_core.engine import llm_engine as llm_engine_module
 from amulet_core.loading import LoadedModel
 from amulet_core.structured_output import GrammarCompiler, GrammarKind, GrammarSpec
+from benchmarks.report import run_meta, write_report
 from benchmarks.sampling_overhead import decode_rate, load
 
 PERSON = {
@@ -142,23 +140,13 @@ def main() -> None:
     print(f"compiler build (llguidance tokenizer): {compiled['compiler_build_ms']:.0f} ms")
     result = measure(loaded, args.streams, args.new_tokens, args.repetitions, print)
     result["compile"] = compiled
-    result["meta"] = {
-        "date": date.today().isoformat(),
-        "model": loaded.name,
-        "device": str(loaded.device),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "streams": args.streams,
-        "new_tokens": args.new_tokens,
-        "schema": SCHEMA,
-    }
+    result["meta"] = run_meta(
+        loaded.device, loaded.dtype, loaded.name, streams=args.streams, new_tokens=args.new_tokens, schema=SCHEMA
+    )
     ratio, overhead = result["median_ratio"], result["median_overhead_percent"]
     print(f"median constrained/plain decode throughput: {ratio:.3f} ({overhead:.1f}% overhead)")
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}")
+        write_report(args.output, result)
 
 
 if __name__ == "__main__":
