@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
@@ -70,6 +69,8 @@ def tokens_of(outs: list[GenerationOutput]) -> list[int]:
 @pytest.mark.parametrize("settings", METHODS, ids=lambda s: f"{s.method.value}-{s.iterations}")
 def test_single_request_matches_reference(tiny_model, family, settings):
     loaded = tiny_model(family)
+    text = loaded.model.config
+    assert text.num_attention_heads > text.num_key_value_heads  # grouped-query attention is what runs
     engine = LLMEngine(loaded, EngineConfig(max_model_len=256, kv_cache_tokens=2048))
     pref, base = prompts(1, shared=20, pref_extra=9, base_extra=3)
     request = make_request("r", settings, pref, base, max_tokens=12)
@@ -176,8 +177,11 @@ def test_sampling_seeds_top_k_and_stop_conditions(tiny_model):
 
     a = tokens_of(run("s1", temperature=1.5, seed=11, ignore_eos=True))
     b = tokens_of(run("s2", temperature=1.5, seed=11, ignore_eos=True))
-    c = tokens_of(run("s3", temperature=1.5, seed=12, ignore_eos=True))
-    assert a == b and a != c
+    assert a == b
+    # amulet sharpens the tiny model's distribution, so two seeds can agree on ten tokens (they do in
+    # bfloat16): some other seed must differ
+    others = [tokens_of(run(f"s{seed}", temperature=1.5, seed=seed, ignore_eos=True)) for seed in range(12, 17)]
+    assert any(c != a for c in others)
     greedy = tokens_of(run("g", ignore_eos=True))
     assert tokens_of(run("k1", temperature=1.0, top_k=1, seed=3, ignore_eos=True)) == greedy
     assert tokens_of(run("p0", temperature=1.0, top_p=1e-6, seed=3, ignore_eos=True)) == greedy
@@ -219,5 +223,6 @@ def test_a_failing_request_does_not_take_the_batch_down(tiny_model):
 
 
 def test_kv_cache_dtype_follows_the_model(tiny_model):
-    engine = LLMEngine(tiny_model("llama"), EngineConfig(max_model_len=64, kv_cache_tokens=256))
-    assert engine.runner.cache.keys[0].dtype == torch.float32
+    loaded = tiny_model("llama")
+    engine = LLMEngine(loaded, EngineConfig(max_model_len=64, kv_cache_tokens=256))
+    assert engine.runner.cache.keys[0].dtype == loaded.dtype == next(loaded.model.parameters()).dtype
