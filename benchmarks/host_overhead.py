@@ -8,7 +8,7 @@ wrapping the engine's own functions (no instrumentation lives in the engine):
 * ``scheduling``: ``Scheduler.schedule`` and ``Scheduler.complete_step``;
 * ``input_building``: ``ModelRunner.run`` less the model's forward call (token, position, slot
   and index tensors);
-* ``forward``: the model's forward call;
+* ``forward``: the model's forward call (on CUDA, the decode step's graph replay);
 * ``method_combination``: the vocabulary-wide math of the method (``method_logprobs``);
 * ``sampling``: choosing the tokens (the batched sampler, or the per-row ``choose_token``);
 * ``detokenize_and_outputs``: the rest of the step (detokenising, stop checks, logprobs, outputs).
@@ -91,9 +91,11 @@ def _instrument(engine: LLMEngine, timers: _Timers) -> None:
     sched.complete_step = timers.wrap("scheduling", sched.complete_step)  # type: ignore[method-assign]
     runner = engine.runner
     runner.run = timers.wrap("input_building", runner.run)  # type: ignore[method-assign]
-    model = runner.model
-    forward = model.forward
-    model.forward = timers.wrap("forward", forward)  # forward time is subtracted from input building below
+    if runner.graphs is not None:  # decode steps replay CUDA graphs: the replay is the forward pass
+        runner.graphs.launch = timers.wrap("forward", runner.graphs.launch)  # type: ignore[method-assign]
+    else:
+        model = runner.model
+        model.forward = timers.wrap("forward", model.forward)  # forward time is subtracted from input building below
     for name, part in (("method_logprobs", "method_combination"), ("choose_token", "sampling"), ("sample_tokens", "sampling")):
         fn = getattr(llm_engine_module, name, None)
         if fn is not None:
@@ -112,6 +114,7 @@ def measure_host_overhead(
     warmup_steps: int = 3,
     steps: int = 20,
     seed: int = 0,
+    cuda_graphs: bool = True,
 ) -> dict[str, Any]:
     """Milliseconds per decode step, per part, over ``steps`` decode steps of ``num_requests`` amulet requests."""
     rng = random.Random(seed)
@@ -123,6 +126,7 @@ def measure_host_overhead(
         max_model_len=max_model_len,
         kv_cache_tokens=2 * num_requests * (max_model_len + 16),
         max_num_batched_tokens=max(512, 2 * num_requests * (prompt_tokens + 8)),
+        cuda_graphs=cuda_graphs,
     )
     engine = LLMEngine(loaded, config)
     sampling = SamplingParams(max_tokens=total_new, temperature=0, ignore_eos=True)
@@ -152,7 +156,9 @@ def measure_host_overhead(
             sequences = max(sequences, engine.last_step_sequences)
     finally:
         _restore(originals)
-        del loaded.model.forward  # the instance attribute set by _instrument; the class's forward again
+        for obj, name in ((loaded.model, "forward"), (engine.runner.graphs, "launch")):
+            if obj is not None and name in vars(obj):
+                delattr(obj, name)  # the instance attribute set by _instrument; the class's method again
     t = timers.totals
     parts = {
         "scheduling": t["scheduling"],

@@ -13,7 +13,7 @@ import torch
 from amulet_core.engine.block_manager import BlockManager
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.detokenizer import IncrementalDetokenizer
-from amulet_core.engine.model_runner import ModelRunner
+from amulet_core.engine.model_runner import ModelRunner, logits_width
 from amulet_core.engine.protocol import (
     EngineStats,
     FinishReason,
@@ -32,17 +32,6 @@ from amulet_core.structured_output import GrammarCompiler, GrammarMatcher, Gramm
 from amulet_core.token_masks import grammar_masks
 
 log = logging.getLogger(__name__)
-
-
-def logits_width(model: torch.nn.Module) -> int:
-    """The number of token ids the model scores: its output embedding's rows (its config's vocab_size
-    when it has no output embedding)."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    weight = getattr(get_head(), "weight", None) if callable(get_head) else None
-    if isinstance(weight, torch.Tensor):
-        return int(weight.shape[0])
-    config = getattr(model, "config")  # noqa: B009 (nn.Module has no typed config)
-    return int(config.get_text_config().vocab_size)
 
 
 @dataclass(eq=False)
@@ -76,7 +65,7 @@ class LLMEngine:
         self.vocab_size = logits_width(loaded.model)
         self.runner = ModelRunner(loaded, config)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_cache)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.batched_tokens(loaded.device.type))
         self.requests: dict[str, RequestState] = {}
         self.steps = 0
         self.last_step_sequences = 0

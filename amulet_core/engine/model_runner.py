@@ -7,6 +7,7 @@ import logging
 import torch
 
 from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.decode_graphs import DecodeGraphs
 from amulet_core.engine.paged_attention import (
     DecodeGroup,
     PackedBatch,
@@ -36,6 +37,17 @@ def kv_cache_blocks(config: EngineConfig, bytes_per_token: int) -> int:
     return -(-tokens // config.block_size)
 
 
+def logits_width(model: torch.nn.Module) -> int:
+    """The number of token ids the model scores: its output embedding's rows (its config's vocab_size
+    when it has no output embedding)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    weight = getattr(get_head(), "weight", None) if callable(get_head) else None
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    config = getattr(model, "config")  # noqa: B009 (nn.Module has no typed config)
+    return int(config.get_text_config().vocab_size)
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.model = loaded.model
@@ -49,12 +61,27 @@ class ModelRunner:
         layers = text_config.num_hidden_layers
         per_token = PagedKVCache.bytes_per_token(layers, kv_heads, head_dim, loaded.dtype)
         self.num_blocks = kv_cache_blocks(config, per_token)
-        self.cache = PagedKVCache(layers, kv_heads, head_dim, self.num_blocks, self.block_size, loaded.dtype, self.device)
+        # One block more than the block manager hands out: the scratch block that padding rows use.
+        self.scratch_block = self.num_blocks
+        self.cache = PagedKVCache(layers, kv_heads, head_dim, self.num_blocks + 1, self.block_size, loaded.dtype, self.device)
+        self.max_num_seqs = config.max_num_seqs
+        self.max_model_len = config.max_model_len
+        self.graphs: DecodeGraphs | None = None
+        if config.cuda_graphs and self.device.type == "cuda":
+            self.use_decode_graphs(capture=True)
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
             self.num_blocks,
             self.block_size,
             self.num_blocks * self.block_size * per_token / 2**20,
+        )
+
+    def use_decode_graphs(self, capture: bool) -> None:
+        """Run decode-only steps padded to fixed-shape buckets: replayed from CUDA graphs with
+        ``capture`` (a CUDA device), else eagerly (any device; what the CPU tests check padding with)."""
+        vocab = logits_width(self.model)
+        self.graphs = DecodeGraphs(
+            self.model, self.cache, self.scratch_block, vocab, self.max_num_seqs, self.max_model_len, self.device, capture
         )
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
@@ -102,6 +129,12 @@ class ModelRunner:
         """
         decode_chunks = [c for c in chunks if c.num_tokens == 1]
         prefill_chunks = [c for c in chunks if c.num_tokens > 1]
+        if self.graphs is not None and decode_chunks and not prefill_chunks:
+            bucket = self.graphs.bucket(len(decode_chunks), max(c.start for c in decode_chunks) + 1)
+            if bucket is not None:
+                logits = self.graphs.run(decode_chunks, bucket)
+                row = {id(c.seq): i for i, c in enumerate(decode_chunks)}
+                return logits.index_select(0, self._tensor([row[id(seq)] for seq in logits_for]))
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []

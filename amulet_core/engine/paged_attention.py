@@ -114,12 +114,14 @@ def paged_attention_forward(
     outputs = []
     decode = amulet_batch.decode
     if decode is not None:
-        heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
-        q = query[0, :, : decode.size].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
-        k = k_cache.index_select(1, decode.context_slots).view(kv_heads, decode.size, decode.max_len, dim).transpose(0, 1)
-        v = v_cache.index_select(1, decode.context_slots).view(kv_heads, decode.size, decode.max_len, dim).transpose(0, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=decode.mask, scale=scaling, enable_gqa=gqa)
-        outputs.append(out.squeeze(2).transpose(0, 1).reshape(1, heads, decode.size, dim))
+        # Each KV head's group of query heads attends as that many queries of one head (GQA as MQA), so
+        # the keys and values are read once per KV head and never repeated for the query heads.
+        heads, kv_heads, dim, size = query.shape[1], key.shape[1], query.shape[-1], decode.size
+        q = query[0, :, :size].transpose(0, 1).reshape(size, kv_heads, heads // kv_heads, dim)  # [B, kv, group, d]
+        k = k_cache.index_select(1, decode.context_slots).view(kv_heads, size, decode.max_len, dim).transpose(0, 1)
+        v = v_cache.index_select(1, decode.context_slots).view(kv_heads, size, decode.max_len, dim).transpose(0, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=decode.mask, scale=scaling)  # [B, kv, group, d]
+        outputs.append(out.reshape(size, heads, dim).transpose(0, 1).unsqueeze(0))
     for span in amulet_batch.spans:
         q = query[:, :, span.query_start : span.query_end]
         k = k_cache.index_select(1, span.context_slots).unsqueeze(0)

@@ -1,0 +1,172 @@
+"""Decode steps replayed from CUDA graphs, captured per (batch bucket, context bucket) on first use.
+
+On a GPU a decode step's forward pass is a few milliseconds of device work, launched as hundreds of
+small kernels by transformers' modules and the attention hook; launching them from Python costs more
+than the work itself. A step whose every chunk is one new token is therefore padded to a bucket (a
+batch size of :func:`batch_buckets`, a context length of :func:`context_buckets`) and replayed from
+the graph captured for that bucket: the host launches one graph instead of the kernels.
+
+Static inputs, shared by every graph (each uses the leading part): token ids, positions, the new
+tokens' cache slots, the context lengths and the block tables. The context slots and the padding
+mask are computed inside the graph from the tables and lengths. A padding row reads and writes the
+scratch block, which the block manager never hands out; its logits are dropped. Every graph ends by
+copying its logits into one static buffer allocated outside the graphs' memory pool, so the graphs can
+share that pool and be replayed in any order.
+
+``capture=False`` runs the same padded, fixed-shape forward eagerly, on any device: the CPU tests use
+it to check that padding and bucketing leave each real row's logits and the engine's tokens unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from amulet_core.engine.paged_attention import DecodeGroup, PackedBatch, PagedKVCache
+from amulet_core.engine.scheduler import ScheduledChunk
+
+
+def batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below ``max_num_seqs``, then ``max_num_seqs`` itself."""
+    sizes = {max_num_seqs}
+    size = 1
+    while size < max_num_seqs:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+def context_buckets(block_size: int, max_model_len: int) -> tuple[int, ...]:
+    """Whole blocks, doubling from one block up to the first length that holds ``max_model_len`` tokens."""
+    top = -(-max_model_len // block_size) * block_size
+    sizes = []
+    size = block_size
+    while size < top:
+        sizes.append(size)
+        size *= 2
+    sizes.append(top)
+    return tuple(sizes)
+
+
+def smallest_at_least(buckets: tuple[int, ...], value: int) -> int | None:
+    return next((b for b in buckets if b >= value), None)
+
+
+class DecodeGraphs:
+    """Padded, fixed-shape decode forward passes; on CUDA captured once per bucket and replayed.
+
+    Contract: :meth:`run` takes the chunks of a step whose chunks are all single new tokens, in the
+    order the logits come back; :meth:`bucket` must have found a bucket for them. The logits it
+    returns are a view of a buffer the next call overwrites.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        cache: PagedKVCache,
+        scratch_block: int,
+        vocab: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        device: torch.device,
+        capture: bool,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.block_size = cache.block_size
+        self.scratch_block = scratch_block
+        self.device = device
+        self.capture = capture
+        self.batch_sizes = batch_buckets(max_num_seqs)
+        self.context_lens = context_buckets(self.block_size, max_model_len)
+        max_batch, max_len = self.batch_sizes[-1], self.context_lens[-1]
+        self.rows = torch.zeros(4, max_batch, dtype=torch.long, device=device)
+        """Token ids, positions, new-token slots and context lengths of the rows."""
+        self.tables = torch.full((max_batch, max_len // self.block_size), scratch_block, dtype=torch.long, device=device)
+        self.offsets = torch.arange(self.block_size, dtype=torch.long, device=device)
+        self.positions = torch.arange(max_len, dtype=torch.long, device=device)
+        self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.pool: Any = None
+        self.capture_seconds = 0.0
+        """Time spent warming up and capturing graphs, all buckets together."""
+        self.steps = 0
+        """Decode steps run through here (replayed, captured, or padded and run eagerly)."""
+
+    def bucket(self, batch: int, max_context: int) -> tuple[int, int] | None:
+        """The (batch, context length) bucket of a decode step, or None when it is larger than all."""
+        size = smallest_at_least(self.batch_sizes, batch)
+        length = smallest_at_least(self.context_lens, max_context)
+        return None if size is None or length is None else (size, length)
+
+    def run(self, chunks: list[ScheduledChunk], bucket: tuple[int, int]) -> torch.Tensor:
+        """Float32 logits ``[len(chunks), vocab]`` of the chunks' new tokens, in chunk order."""
+        self.steps += 1
+        size, length = bucket
+        bs, blocks, scratch = self.block_size, length // self.block_size, self.scratch_block
+        pad = size - len(chunks)
+        token_ids, positions, slots, lengths = [], [], [], []
+        tables: list[int] = []
+        for chunk in chunks:
+            seq, p = chunk.seq, chunk.start
+            token_ids.append(seq.token_ids[p])
+            positions.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            lengths.append(p + 1)
+            table = seq.block_table[:blocks]
+            tables.extend(table)
+            tables.extend([scratch] * (blocks - len(table)))
+        token_ids += [0] * pad
+        positions += [0] * pad
+        slots += [scratch * bs] * pad
+        lengths += [1] * pad
+        tables += [scratch] * (blocks * pad)
+        self.rows[:, :size].copy_(torch.tensor([token_ids, positions, slots, lengths], dtype=torch.long))
+        self.tables[:size, :blocks].copy_(torch.tensor(tables, dtype=torch.long).view(size, blocks))
+        self.launch(bucket)
+        return self.logits[: len(chunks)]
+
+    def launch(self, bucket: tuple[int, int]) -> None:
+        """The bucket's forward pass over the static inputs: replayed, captured first, or run eagerly."""
+        if not self.capture:
+            self._forward(*bucket)
+        elif (graph := self.graphs.get(bucket)) is not None:
+            graph.replay()
+        else:
+            self._capture(bucket)
+
+    def _forward(self, size: int, length: int) -> None:
+        """The padded forward pass of one bucket, reading only the static inputs."""
+        token_ids, positions, slots, lengths = self.rows[:, :size]
+        tables = self.tables[:size, : length // self.block_size]
+        context = (tables.unsqueeze(-1) * self.block_size + self.offsets).reshape(-1)
+        mask = (self.positions[:length].unsqueeze(0) < lengths.unsqueeze(1)).view(size, 1, 1, length)
+        batch = PackedBatch(self.cache, slots, (), DecodeGroup(size, context, length, mask))
+        out = self.model(
+            input_ids=token_ids.unsqueeze(0),
+            position_ids=positions.unsqueeze(0),
+            logits_to_keep=0,
+            use_cache=False,
+            amulet_batch=batch,
+        )
+        self.logits[:size].copy_(out.logits[0])
+
+    def _capture(self, bucket: tuple[int, int]) -> None:
+        """Warm up, capture and replay the bucket's graph. The warm-up writes the real rows' keys and
+        values, which the replay writes again, identically."""
+        start = time.perf_counter()
+        size, length = bucket
+        torch.cuda.synchronize(self.device)
+        self._forward(size, length)  # lazy initialisation (cuBLAS handles, kernels) must not happen while capturing
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._forward(size, length)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[bucket] = graph
+        graph.replay()
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds += time.perf_counter() - start
