@@ -124,6 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests that may wait; more are refused with 429 (default: %(default)s)",
     )
     p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens one forward pass may hold; longer prompts are prefilled in chunks (default: 4096 on a GPU, 512 on a CPU)",
+    )
+    p.add_argument(
+        "--kv-cache-memory-gib",
+        type=float,
+        default=EngineConfig.kv_cache_memory_gib,
+        help="memory for the paged KV cache, all sequences together, in GiB (default: %(default)s)",
+    )
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="on a CUDA device, launch every decode step from Python instead of replaying CUDA graphs "
+        "(captured per batch-size and context-length bucket on first use)",
+    )
+    p.add_argument(
         "--tool-call-parser",
         default="auto",
         choices=("auto", *TOOL_PARSERS),
@@ -220,6 +238,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
                 max_num_seqs=args.max_num_seqs,
                 max_model_len=args.max_model_len,
                 max_queue=args.max_queue,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                kv_cache_memory_gib=args.kv_cache_memory_gib,
+                cuda_graphs=not args.enforce_eager,
             ),
             server=ServerConfig(
                 host=args.host,

@@ -50,6 +50,11 @@ def test_every_option() -> None:
             "1024",
             "--max-queue",
             "5",
+            "--kv-cache-memory-gib",
+            "4",
+            "--max-num-batched-tokens",
+            "1024",
+            "--enforce-eager",
             "--api-key",
             "k1",
             "--cors-origins",
@@ -68,7 +73,13 @@ def test_every_option() -> None:
         environ={"AMULET_API_KEY": "from-env"},
     )
     assert configs.model == ModelConfig(model="/models/qwen", device="cpu", dtype="float32", model_cache="/srv/converted")
-    assert configs.engine == EngineConfig(max_num_seqs=8, max_model_len=1024, max_queue=5)
+    assert configs.engine == EngineConfig(
+        max_num_seqs=8, max_model_len=1024, max_queue=5, kv_cache_memory_gib=4.0, max_num_batched_tokens=1024, cuda_graphs=False
+    )
+    defaults = parse_args([], environ={}).engine
+    assert defaults.cuda_graphs and defaults.max_num_batched_tokens is None
+    assert (defaults.batched_tokens("cpu"), defaults.batched_tokens("cuda")) == (512, 4096)
+    assert configs.engine.batched_tokens("cuda") == 1024
     assert configs.server == ServerConfig(
         host="0.0.0.0",
         port=9001,
@@ -91,7 +102,14 @@ def test_api_key_from_the_environment() -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--max-model-len", "4"], ["--port", "70000"], ["--dtype", "int3"], ["--max-body-bytes", "0"], ["--port", "x"]],
+    [
+        ["--max-model-len", "4"],
+        ["--port", "70000"],
+        ["--dtype", "int3"],
+        ["--max-body-bytes", "0"],
+        ["--port", "x"],
+        ["--kv-cache-memory-gib", "0"],
+    ],
 )
 def test_bad_values_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
