@@ -4,15 +4,22 @@ Steps, each timed and recorded (a failing step is recorded and the next one runs
 ``--out`` (``$OUT``) after every step:
 
 1. ``env``: torch, transformers, the device.
-2. ``tests_float32``, ``tests_bfloat16``: tests/engine/test_engine.py on the device in that dtype
-   (greedy engine output equals the unbatched reference on tiny Llama / Qwen2 / Mistral, every method,
-   prefix-cache hit, preemption, abort frees KV), run without tests/conftest.py (``tests.engine.gpu_plugin``)
+2. ``tests_float32``, ``tests_bfloat16``: tests/engine/test_engine.py and test_decode_graphs.py on the
+   device in that dtype (greedy engine output equals the unbatched reference on tiny Llama / Qwen2 /
+   Mistral, every method, prefix-cache hit, preemption, abort frees KV; decode steps replayed from CUDA
+   graphs give the same tokens), run without tests/conftest.py (``tests.engine.gpu_plugin``)
    so that the server's packages need not be installed.
-3. ``host_overhead``: ``benchmarks.host_overhead`` on the device (64 amulet requests, tiny Llama).
+3. ``host_overhead``: ``benchmarks.host_overhead`` on the device (64 amulet requests, tiny Llama), with
+   CUDA graphs and without.
 4. ``llama_1b``, ``llama_8b``: random-weight models shaped like Llama-3.2-1B and Llama-3.1-8B (bfloat16):
    transformers ``generate`` single stream, engine ``base`` and ``amulet`` single stream, ``amulet``
    aggregate at 16 and 64 streams, TTFT of a 2,000-token prompt cold and on a prefix hit, and the
-   memory-bandwidth bound (weight bytes / measured device copy rate).
+   memory-bandwidth bound (weight bytes / measured device copy rate); then ``base`` single stream and
+   ``amulet`` at the most streams again without CUDA graphs (``eager_*``), and the host-overhead
+   breakdown of a decode step at the most streams (``host_overhead_*``).
+
+5. ``server``: ``amulet-server`` on the device with a random-weight Llama-3.2-1B-shaped model, 64
+   concurrent streamed requests over HTTP (``benchmarks.gpu_serve_check``).
 
 ``--cpu-dry-run`` runs the same steps on the CPU with tiny models and few tokens (a test runs it).
 ``--save-tokenizer DIR`` (on a machine with the embedded model) saves SmolLM2's tokenizer for the trip.
@@ -21,6 +28,7 @@ Steps, each timed and recorded (a failing step is recorded and the next one runs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -44,6 +52,7 @@ from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.loading import LoadedModel
 from amulet_core.methods import Method, MethodSettings
 from amulet_core.sampling_params import SamplingParams
+from benchmarks.gpu_serve_check import step_server
 from benchmarks.host_overhead import format_host_overhead, measure_host_overhead, random_model, tiny_llama_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +126,8 @@ def step_tests(device: torch.device, dtype: str, tokenizer_dir: str, select: str
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest"]
-        cmd += ["-p", "tests.engine.gpu_plugin", f"--junitxml={junit}", "tests/engine/test_engine.py"]
+        cmd += ["-p", "tests.engine.gpu_plugin", f"--junitxml={junit}"]
+        cmd += ["tests/engine/test_engine.py", "tests/engine/test_decode_graphs.py"]
         if select:
             cmd += ["-k", select]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -146,10 +156,13 @@ def _junit_cases(path: Path) -> dict[str, str]:
 
 
 def step_host_overhead(device: torch.device, tokenizer: Any, requests: int, steps: int) -> dict[str, Any]:
+    """The host-overhead breakdown with decode steps replayed from CUDA graphs, and without."""
     loaded = random_model(tiny_llama_config(len(tokenizer)), tokenizer, device, torch.float32, "tiny-llama")
-    result = measure_host_overhead(loaded, num_requests=requests, steps=steps)
-    print(format_host_overhead(result), flush=True)
-    return result
+    results = {}
+    for name, graphs in (("cuda_graphs", True), ("eager", False)):
+        results[name] = measure_host_overhead(loaded, num_requests=requests, steps=steps, cuda_graphs=graphs)
+        print(name, format_host_overhead(results[name]), sep="\n", flush=True)
+    return results
 
 
 def copy_rate(device: torch.device, nbytes: int) -> float:
@@ -252,22 +265,44 @@ def step_model(
             p, b = _prompt_pair(rng, vocab, opts.prompt_tokens)
             reqs.append(_request(f"s{n}-{i}", Method.AMULET, p, b, opts.stream_tokens))
         result[f"engine_amulet_{n}"] = _run(engine, device, reqs)
+    graphs = engine.runner.graphs
+    result["cuda_graphs"] = (
+        {"graphs": len(graphs.graphs), "capture_s": graphs.capture_seconds, "decode_steps": graphs.steps} if graphs else None
+    )
     head = [rng.randrange(10, vocab) for _ in range(opts.long_prompt)]
     cold = _request("cold", Method.AMULET, head + [11, 12, 13], head + [14], 1)
     hit = _request("hit", Method.AMULET, head + [21, 22, 23], head + [24], 1)
     result["ttft_long_prompt_tokens"] = len(cold.prompt_ids)
     result["ttft_cold_s"] = _run(engine, device, [cold])["ttft_s"]
     result["ttft_prefix_hit_s"] = _run(engine, device, [hit])["ttft_s"]
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    # The same runs without CUDA graphs (every decode step launched from Python), in the same process.
+    eager = LLMEngine(loaded, dataclasses.replace(engine_config, cuda_graphs=False))
+    _run(eager, device, [_request("warm", Method.AMULET, pref, base, 4)])
+    result["eager_base_1"] = _run(eager, device, [_request("eb1", Method.BASE, pref, base, opts.new_tokens)])
+    n = max(opts.streams)
+    pairs = [_prompt_pair(rng, vocab, opts.prompt_tokens) for _ in range(n)]
+    reqs = [_request(f"e{n}-{i}", Method.AMULET, p, b, opts.stream_tokens) for i, (p, b) in enumerate(pairs)]
+    result[f"eager_amulet_{n}"] = _run(eager, device, reqs)
+    del eager
+    # Where a decode step's time goes at the most streams (CUDA graphs on): forward pass, vocabulary math, host.
+    result[f"host_overhead_{n}"] = measure_host_overhead(loaded, num_requests=n, steps=opts.stream_tokens // 2)
     single, base1 = result["engine_amulet_1"]["decode_tok_per_s"], result["engine_base_1"]["decode_tok_per_s"]
-    top = result[f"engine_amulet_{max(opts.streams)}"]
+    top = result[f"engine_amulet_{n}"]
     result["ratios"] = {
         "amulet_1 / base_1 (goal >= 0.9)": single / base1 if base1 else None,
         "base_1 / generate (goal >= 1.5)": base1 / result["generate_tok_per_s"],
         "aggregate at the most streams / amulet_1 (goal >= 20)": top["decode_tok_per_s"] / single if single else None,
         "decode step at the most streams / bandwidth bound (goal <= 2)": top["decode_step_ms"]
         / result["bandwidth_bound_step_ms"],
+        "base_1 decode step, eager / cuda graphs": result["eager_base_1"]["decode_step_ms"]
+        / result["engine_base_1"]["decode_step_ms"],
+        "decode step at the most streams, eager / cuda graphs": result[f"eager_amulet_{n}"]["decode_step_ms"]
+        / top["decode_step_ms"],
     }
-    del engine, loaded
+    del loaded
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -328,6 +363,9 @@ def _run_steps(args: argparse.Namespace, device: torch.device, tokenizer: Any, t
     ]
     for name, config in shapes.items():
         steps.append((name, functools.partial(step_model, name, config, tokenizer, device, model_dtype, opts)))
+    one_b = {**LLAMA_SHAPES["llama_1b"], "vocab_size": len(tokenizer)}  # served with SmolLM2's tokenizer
+    served = tiny_llama_config(len(tokenizer)) if dry else _llama_config(one_b)
+    steps.append(("server", lambda: step_server(served, tokenizer, device, model_dtype, dry)))
     failures = 0
     for name, fn in steps:
         if name in skip:
@@ -337,6 +375,8 @@ def _run_steps(args: argparse.Namespace, device: torch.device, tokenizer: Any, t
         try:
             entry = {"ok": True, "result": fn()}
             if name.startswith("tests_") and entry["result"]["returncode"] != 0:
+                entry["ok"] = False
+            if name == "server" and any(r["errors"] or not r["repeatable"] for r in entry["result"].values()):
                 entry["ok"] = False
         except Exception as exc:
             entry = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}

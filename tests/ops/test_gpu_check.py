@@ -25,7 +25,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check_dry_run.json").read_text())
     steps = report["steps"]
-    assert set(steps) == {"env", "tests_float32", "tests_bfloat16", "host_overhead", "llama_1b", "llama_8b"}
+    assert set(steps) == {"env", "tests_float32", "tests_bfloat16", "host_overhead", "llama_1b", "llama_8b", "server"}
     assert all(step["ok"] for step in steps.values()), {k: v.get("error") for k, v in steps.items()}
     for dtype in ("float32", "bfloat16"):
         assert steps[f"tests_{dtype}"]["result"]["passed"]
@@ -33,6 +33,11 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
         result = steps[model]["result"]
         for key in ("generate_tok_per_s", "bandwidth_bound_step_ms", "ttft_cold_s", "ttft_prefix_hit_s"):
             assert result[key] > 0
-        assert result["engine_amulet_4"]["tokens"] == 4 * 4
-    host = steps["host_overhead"]["result"]["ms_per_decode_step"]
-    assert set(host) >= {"scheduling", "input_building", "method_combination", "sampling", "detokenize_and_outputs"}
+        assert result["engine_amulet_4"]["tokens"] == result["eager_amulet_4"]["tokens"] == 4 * 4
+        assert result["host_overhead_4"]["sequences"] == 8
+    parts = {"scheduling", "input_building", "forward", "method_combination", "sampling", "detokenize_and_outputs"}
+    for mode in ("cuda_graphs", "eager"):
+        assert set(steps["host_overhead"]["result"][mode]["ms_per_decode_step"]) >= parts
+    server = steps["server"]["result"]["512"]
+    assert server["repeatable"] and not server["errors"] and server["completion_tokens"] == 4 * 8
+    assert server["requests_running_after"] == ['amulet_requests_running{model="served"} 0.0']
