@@ -13,14 +13,53 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def rust_tokenizer(tokenizer: Any) -> Any | None:
+    """The ``tokenizers.Tokenizer`` that decodes for a transformers fast tokenizer whose class keeps the
+    library's own ``decode`` (so its text is exactly that Tokenizer's), else None."""
+    try:
+        from tokenizers import Tokenizer
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # pragma: no cover - both ship with transformers 5
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    cls = type(tokenizer)
+    if not isinstance(backend, Tokenizer) or not isinstance(tokenizer, TokenizersBackend):
+        return None
+    if cls.decode is not TokenizersBackend.decode or cls._decode is not TokenizersBackend._decode:
+        return None
+    return backend
+
+
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), skip_special_tokens: bool = True, min_tokens: int = 0) -> None:
+    """Text of generated tokens, one token at a time.
+
+    With a fast tokenizer (:func:`rust_tokenizer`) the tokenizers library's ``DecodeStream`` does the
+    incremental decoding in Rust (one call a token, as vLLM does); otherwise, or with ``fast=False``,
+    two ``tokenizer.decode`` calls a token over a sliding window of ids give the same text.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        stop: Sequence[str] = (),
+        skip_special_tokens: bool = True,
+        min_tokens: int = 0,
+        fast: bool = True,
+    ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
+        self._backend = rust_tokenizer(tokenizer) if fast else None
+        self._stream: Any = None
+        if self._backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._min_tokens = min_tokens
         self._stop_floor = 0
         """A stop string must end past this many characters of ``text`` (the text of the first ``min_tokens`` tokens)."""
         self._ids: list[int] = []
+        self._consumed = 0
+        """Leading ids whose text is in ``text`` (the fast path's tokens still pending come after them)."""
         self._prefix_offset = 0
         self._read_offset = 0
         self._stop = tuple(stop)
@@ -38,6 +77,23 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self._ids.append(token_id)
+        if self._stream is not None:
+            try:
+                piece = self._stream.step(self._backend, token_id)
+            except Exception:  # e.g. the library's "invalid prefix": carry on with the Python window
+                self._stream = None
+                self._prefix_offset = self._read_offset = self._consumed
+            else:
+                if piece:
+                    self.text += piece
+                    self._consumed = len(self._ids)
+        if self._stream is None:
+            self._add_windowed()
+        if len(self._ids) <= self._min_tokens:
+            self._stop_floor = len(self.text)
+        return self._release(final=False)
+
+    def _add_windowed(self) -> None:
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full = self._decode(self._ids[self._prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -45,9 +101,6 @@ class IncrementalDetokenizer:
             # The last read tokens stay as context, so merges such as leading spaces decode right.
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
-        if len(self._ids) <= self._min_tokens:
-            self._stop_floor = len(self.text)
-        return self._release(final=False)
 
     def _release(self, final: bool) -> str:
         if self._stop:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from amulet_core.engine.detokenizer import IncrementalDetokenizer
+from amulet_core.engine.detokenizer import IncrementalDetokenizer, rust_tokenizer
 from amulet_core.errors import InvalidParameterError
 from amulet_core.prompts import PRESETS, preference_message_pair, preference_sentence, render_chat
 
@@ -78,3 +80,30 @@ def test_detokenizer_stops_before_the_stop_string_and_never_leaks_it(smollm_toke
     assert detok.stopped
     assert "".join(pieces) == "one two three "
     assert not any("ST" in p for p in pieces)
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_the_rust_stream_and_the_python_window_give_the_same_pieces(smollm_tokenizer, skip_special_tokens):
+    assert rust_tokenizer(smollm_tokenizer) is not None  # SmolLM2's fast tokenizer takes the Rust path
+    rng = random.Random(7)
+    specials = sorted(smollm_tokenizer.all_special_ids)
+    text = "Héllo wörld — naïve café 😀🎉 日本語のテキスト"
+    streams = [smollm_tokenizer.encode(text, add_special_tokens=False)]
+    # random ids: byte-level pieces of split characters, special tokens in between
+    streams += [[rng.choice(specials) if rng.random() < 0.1 else rng.randrange(len(smollm_tokenizer)) for _ in range(40)]]
+    streams += [[rng.randrange(len(smollm_tokenizer)) for _ in range(rng.randrange(1, 30))] for _ in range(100)]
+    for ids in streams:
+        fast = _stream(IncrementalDetokenizer(smollm_tokenizer, skip_special_tokens=skip_special_tokens), ids)
+        windowed = _stream(IncrementalDetokenizer(smollm_tokenizer, skip_special_tokens=skip_special_tokens, fast=False), ids)
+        assert fast == windowed, ids
+
+
+def test_a_failing_rust_stream_hands_over_to_the_python_window_without_losing_text(smollm_tokenizer):
+    ids = smollm_tokenizer.encode("Déjà vu 😀 again and 日本語 again", add_special_tokens=False)
+    detok = IncrementalDetokenizer(smollm_tokenizer)
+    emoji_start = next(i for i in range(len(ids)) if "😀" in smollm_tokenizer.decode(ids[: i + 1]))
+    pieces = [detok.add(i) for i in ids[:emoji_start]]  # the emoji's first bytes are pending in the stream
+    detok._backend = object()  # not a Tokenizer: the stream's next step raises
+    pieces += [detok.add(i) for i in ids[emoji_start:]]
+    pieces.append(detok.flush())
+    assert "".join(pieces) == smollm_tokenizer.decode(ids)
