@@ -132,9 +132,14 @@ class ModelRunner:
         if self.graphs is not None and decode_chunks and not prefill_chunks:
             bucket = self.graphs.bucket(len(decode_chunks), max(c.start for c in decode_chunks) + 1)
             if bucket is not None:
-                logits = self.graphs.run(decode_chunks, bucket)
-                row = {id(c.seq): i for i, c in enumerate(decode_chunks)}
-                return logits.index_select(0, self._tensor([row[id(seq)] for seq in logits_for]))
+                try:
+                    logits = self.graphs.run(decode_chunks, bucket)
+                except Exception:  # a capture that fails (memory, an op graphs cannot hold) must not fail requests
+                    log.exception("decode graph %s failed; decode steps run eagerly from now on", bucket)
+                    self.graphs = None
+                else:
+                    row = {id(c.seq): i for i, c in enumerate(decode_chunks)}
+                    return logits.index_select(0, self._tensor([row[id(seq)] for seq in logits_for]))
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []

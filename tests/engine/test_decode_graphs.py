@@ -116,3 +116,27 @@ def test_preemption_with_padded_decode_keeps_answers_exact(tiny_model):
         assert tokens_of(outputs[r.request_id]) == want
     assert engine.blocks.num_used == 0
     assert engine.runner.scratch_block == engine.blocks.num_blocks  # never handed out
+
+
+def test_a_failing_graph_falls_back_to_eager_steps_without_failing_requests(tiny_model):
+    loaded = tiny_model("llama")
+    engine = padded_engine(loaded, EngineConfig(max_model_len=256, kv_cache_tokens=2048))
+    graphs = engine.runner.graphs
+    assert graphs is not None
+    launches = 0
+    launch = graphs.launch
+
+    def failing_launch(bucket: tuple[int, int]) -> None:  # e.g. out of memory while capturing
+        nonlocal launches
+        launches += 1
+        if launches == 3:
+            raise torch.OutOfMemoryError("injected: no memory for the graph")
+        launch(bucket)
+
+    graphs.launch = failing_launch  # type: ignore[method-assign]
+    pref, base = prompts(2, shared=20, pref_extra=5, base_extra=2)
+    request = make_request("r", METHODS[3], pref, base, max_tokens=10, ignore_eos=True)
+    engine.add_request(request)
+    outputs = drain(engine)["r"]
+    assert tokens_of(outputs) == expected(loaded, request) and outputs[-1].finish_reason == "length"
+    assert launches == 3 and engine.runner.graphs is None  # the rest of the steps ran eagerly
