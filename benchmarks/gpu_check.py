@@ -193,6 +193,12 @@ def _prompt_pair(rng: random.Random, vocab: int, shared: int) -> tuple[list[int]
     return pref, head + [rng.randrange(10, vocab) for _ in range(4)]
 
 
+def _amulet_streams(prefix: str, n: int, rng: random.Random, vocab: int, opts: argparse.Namespace) -> list[GenerationRequest]:
+    """``n`` amulet requests of ``opts.stream_tokens`` new tokens, each with its own random prompt pair."""
+    pairs = [_prompt_pair(rng, vocab, opts.prompt_tokens) for _ in range(n)]
+    return [_request(f"{prefix}-{i}", Method.AMULET, p, b, opts.stream_tokens) for i, (p, b) in enumerate(pairs)]
+
+
 def _run(engine: LLMEngine, device: torch.device, requests: list[GenerationRequest]) -> dict[str, float]:
     """Run the requests together; tokens/s overall, and the decode steps' median time once all decode."""
     for r in requests:
@@ -260,11 +266,7 @@ def step_model(
     result["engine_base_1"] = _run(engine, device, [_request("b1", Method.BASE, pref, base, opts.new_tokens)])
     result["engine_amulet_1"] = _run(engine, device, [_request("a1", Method.AMULET, pref, base, opts.new_tokens)])
     for n in opts.streams:
-        reqs = []
-        for i in range(n):
-            p, b = _prompt_pair(rng, vocab, opts.prompt_tokens)
-            reqs.append(_request(f"s{n}-{i}", Method.AMULET, p, b, opts.stream_tokens))
-        result[f"engine_amulet_{n}"] = _run(engine, device, reqs)
+        result[f"engine_amulet_{n}"] = _run(engine, device, _amulet_streams(f"s{n}", n, rng, vocab, opts))
     graphs = engine.runner.graphs
     result["cuda_graphs"] = (
         {"graphs": len(graphs.graphs), "capture_s": graphs.capture_seconds, "decode_steps": graphs.steps} if graphs else None
@@ -283,9 +285,7 @@ def step_model(
     _run(eager, device, [_request("warm", Method.AMULET, pref, base, 4)])
     result["eager_base_1"] = _run(eager, device, [_request("eb1", Method.BASE, pref, base, opts.new_tokens)])
     n = max(opts.streams)
-    pairs = [_prompt_pair(rng, vocab, opts.prompt_tokens) for _ in range(n)]
-    reqs = [_request(f"e{n}-{i}", Method.AMULET, p, b, opts.stream_tokens) for i, (p, b) in enumerate(pairs)]
-    result[f"eager_amulet_{n}"] = _run(eager, device, reqs)
+    result[f"eager_amulet_{n}"] = _run(eager, device, _amulet_streams(f"e{n}", n, rng, vocab, opts))
     del eager
     # Where a decode step's time goes at the most streams (CUDA graphs on): forward pass, vocabulary math, host.
     result[f"host_overhead_{n}"] = measure_host_overhead(loaded, num_requests=n, steps=opts.stream_tokens // 2)

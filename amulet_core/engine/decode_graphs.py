@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from amulet_core.engine.paged_attention import DecodeGroup, PackedBatch, PagedKVCache
+from amulet_core.engine.paged_attention import PackedBatch, PagedKVCache, decode_group, padded_block_tables
 from amulet_core.engine.scheduler import ScheduledChunk
 
 
@@ -85,8 +85,6 @@ class DecodeGraphs:
         self.rows = torch.zeros(4, max_batch, dtype=torch.long, device=device)
         """Token ids, positions, new-token slots and context lengths of the rows."""
         self.tables = torch.full((max_batch, max_len // self.block_size), scratch_block, dtype=torch.long, device=device)
-        self.offsets = torch.arange(self.block_size, dtype=torch.long, device=device)
-        self.positions = torch.arange(max_len, dtype=torch.long, device=device)
         self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool: Any = None
@@ -108,21 +106,17 @@ class DecodeGraphs:
         bs, blocks, scratch = self.block_size, length // self.block_size, self.scratch_block
         pad = size - len(chunks)
         token_ids, positions, slots, lengths = [], [], [], []
-        tables: list[int] = []
         for chunk in chunks:
             seq, p = chunk.seq, chunk.start
             token_ids.append(seq.token_ids[p])
             positions.append(p)
             slots.append(seq.block_table[p // bs] * bs + p % bs)
             lengths.append(p + 1)
-            table = seq.block_table[:blocks]
-            tables.extend(table)
-            tables.extend([scratch] * (blocks - len(table)))
         token_ids += [0] * pad
         positions += [0] * pad
         slots += [scratch * bs] * pad
         lengths += [1] * pad
-        tables += [scratch] * (blocks * pad)
+        tables = padded_block_tables([*(c.seq.block_table for c in chunks), *([[]] * pad)], blocks, scratch)
         self.rows[:, :size].copy_(torch.tensor([token_ids, positions, slots, lengths], dtype=torch.long))
         self.tables[:size, :blocks].copy_(torch.tensor(tables, dtype=torch.long).view(size, blocks))
         self.launch(bucket)
@@ -141,9 +135,7 @@ class DecodeGraphs:
         """The padded forward pass of one bucket, reading only the static inputs."""
         token_ids, positions, slots, lengths = self.rows[:, :size]
         tables = self.tables[:size, : length // self.block_size]
-        context = (tables.unsqueeze(-1) * self.block_size + self.offsets).reshape(-1)
-        mask = (self.positions[:length].unsqueeze(0) < lengths.unsqueeze(1)).view(size, 1, 1, length)
-        batch = PackedBatch(self.cache, slots, (), DecodeGroup(size, context, length, mask))
+        batch = PackedBatch(self.cache, slots, (), decode_group(tables, lengths, self.block_size, length))
         out = self.model(
             input_ids=token_ids.unsqueeze(0),
             position_ids=positions.unsqueeze(0),

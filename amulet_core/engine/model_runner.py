@@ -14,6 +14,8 @@ from amulet_core.engine.paged_attention import (
     PagedKVCache,
     SequenceSpan,
     causal_mask,
+    decode_group,
+    padded_block_tables,
     register_paged_attention,
 )
 from amulet_core.engine.scheduler import ScheduledChunk
@@ -101,23 +103,17 @@ class ModelRunner:
         """
         if not decode_chunks:
             return None
-        bs = self.block_size
         lengths = [c.start + 1 for c in decode_chunks]
         max_len = max(lengths)
-        max_blocks = -(-max_len // bs)
-        tables: list[int] = []
-        for chunk in decode_chunks:
-            table = chunk.seq.block_table[:max_blocks]
-            tables.extend(table)
-            tables.extend([0] * (max_blocks - len(table)))  # padding: masked out below
-        block_tables = self._tensor(tables).view(len(decode_chunks), max_blocks, 1)
-        offsets = torch.arange(bs, dtype=torch.long, device=self.device)
-        slots = (block_tables * bs + offsets).view(len(decode_chunks), max_blocks * bs)[:, :max_len]
-        mask = None
-        if min(lengths) != max_len:
-            positions = torch.arange(max_len, device=self.device).unsqueeze(0)
-            mask = (positions < self._tensor(lengths).unsqueeze(1)).view(len(lengths), 1, 1, max_len)
-        return DecodeGroup(len(decode_chunks), slots.reshape(-1), max_len, mask)
+        blocks = -(-max_len // self.block_size)
+        tables = padded_block_tables((c.seq.block_table for c in decode_chunks), blocks, 0)  # padding is masked
+        padded = min(lengths) != max_len
+        return decode_group(
+            self._tensor(tables).view(len(decode_chunks), blocks),
+            self._tensor(lengths) if padded else None,
+            self.block_size,
+            max_len,
+        )
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], logits_for: list[Sequence]) -> torch.Tensor:

@@ -9,6 +9,7 @@ sequence's cached context. Model files stay transformers' own.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -75,6 +76,30 @@ class PackedBatch:
     spans: tuple[SequenceSpan, ...]
     """Sequences with several new tokens (prefill chunks), packed after the decode group."""
     decode: DecodeGroup | None = None
+
+
+def padded_block_tables(tables: Iterable[list[int]], blocks: int, pad_block: int) -> list[int]:
+    """The first ``blocks`` entries of each block table, padded with ``pad_block``, flat (row after row)."""
+    flat: list[int] = []
+    for table in tables:
+        row = table[:blocks]
+        flat.extend(row)
+        flat.extend([pad_block] * (blocks - len(row)))
+    return flat
+
+
+def decode_group(tables: torch.Tensor, lengths: torch.Tensor | None, block_size: int, length: int) -> DecodeGroup:
+    """The group of decode rows whose contexts are ``tables`` (``[rows, blocks]`` block ids, ``blocks *
+    block_size >= length``): slots computed on the device, and with ``lengths`` (each row's context
+    length) the mask of its padding; None means no row is padded."""
+    rows = tables.shape[0]
+    offsets = torch.arange(block_size, dtype=torch.long, device=tables.device)
+    slots = (tables.unsqueeze(-1) * block_size + offsets).view(rows, -1)[:, :length]
+    mask = None
+    if lengths is not None:
+        positions = torch.arange(length, device=tables.device).unsqueeze(0)
+        mask = (positions < lengths.unsqueeze(1)).view(rows, 1, 1, length)
+    return DecodeGroup(rows, slots.reshape(-1), length, mask)
 
 
 def causal_mask(num_new: int, context_len: int, device: torch.device, window: int | None = None) -> torch.Tensor | None:

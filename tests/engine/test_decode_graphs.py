@@ -15,7 +15,7 @@ from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.sequence import Sequence
 from amulet_core.reference import reference_generate
-from tests.engine.test_engine import METHODS, drain, expected, make_request, prompts, tokens_of
+from tests.engine.test_engine import METHODS, drain, expected, make_request, mixed_requests, prompts, tokens_of
 
 
 def padded_engine(loaded, config: EngineConfig) -> LLMEngine:
@@ -80,12 +80,7 @@ def test_single_request_matches_reference(tiny_model, family, settings):
 def test_mixed_batch_with_late_joiners_and_padding_matches_reference(tiny_model):
     loaded = tiny_model("llama")
     engine = padded_engine(loaded, EngineConfig(max_model_len=512, kv_cache_tokens=4096, max_num_batched_tokens=48))
-    requests = []
-    for i, (settings, sizes) in enumerate(
-        zip(METHODS * 2, [(5, 3, 1), (40, 30, 2), (0, 70, 20), (16, 16, 0), (33, 2, 50), (8, 1, 1)] * 2, strict=False)
-    ):
-        pref, base = prompts(10 + i, *sizes)
-        requests.append(make_request(f"r{i}", settings, pref, base, max_tokens=6 + 3 * (i % 4)))
+    requests = mixed_requests()
     for r in requests[:5]:
         engine.add_request(r)
 

@@ -83,15 +83,21 @@ def test_single_request_matches_reference(tiny_model, family, settings):
     assert engine.blocks.num_used == 0
 
 
-def test_mixed_batch_with_chunked_prefill_and_late_joiners_matches_reference(tiny_model):
-    loaded = tiny_model("llama")
-    engine = LLMEngine(loaded, EngineConfig(max_model_len=512, kv_cache_tokens=4096, max_num_batched_tokens=48))
+def mixed_requests() -> list[GenerationRequest]:
+    """Twelve requests of every method with prompts of 1 to 90 tokens and 6 to 15 new tokens."""
     requests = []
     for i, (settings, sizes) in enumerate(
         zip(METHODS * 2, [(5, 3, 1), (40, 30, 2), (0, 70, 20), (16, 16, 0), (33, 2, 50), (8, 1, 1)] * 2, strict=False)
     ):
         pref, base = prompts(10 + i, *sizes)
         requests.append(make_request(f"r{i}", settings, pref, base, max_tokens=6 + 3 * (i % 4)))
+    return requests
+
+
+def test_mixed_batch_with_chunked_prefill_and_late_joiners_matches_reference(tiny_model):
+    loaded = tiny_model("llama")
+    engine = LLMEngine(loaded, EngineConfig(max_model_len=512, kv_cache_tokens=4096, max_num_batched_tokens=48))
+    requests = mixed_requests()
     first, late = requests[:6], requests[6:]
     for r in first:
         engine.add_request(r)
