@@ -107,3 +107,11 @@ def test_a_failing_rust_stream_hands_over_to_the_python_window_without_losing_te
     pieces += [detok.add(i) for i in ids[emoji_start:]]
     pieces.append(detok.flush())
     assert "".join(pieces) == smollm_tokenizer.decode(ids)
+
+
+def test_the_detokenizer_benchmark_runs(capsys):
+    from benchmarks.detokenizer import main
+
+    main(["--chars", "300", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "DecodeStream" in out and "two decode calls" in out and "us a token" in out
