@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from amulet_core.errors import AmuletError, InvalidParameterError
-from amulet_core.gguf_cache import default_model_cache
-from amulet_core.methods import Mode
-from amulet_core.prompts import PAPER_SYSTEM_PROMPT, PRESETS, TEMPLATE, preference_sentence
+from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, PRESETS, TEMPLATE, preference_sentence
+from amulet_core.method.settings import Mode
+from amulet_core.model.gguf_cache import default_model_cache
 from amulet_eval.conditions import parse_condition
 from amulet_eval.config import (
     ALL_METHODS,

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.prompts import PRESETS, preference_sentence
+from amulet_core.method.preference_prompts import PRESETS, preference_sentence
 
 JOIN = "+"
 WEIGHT = ":"

@@ -6,8 +6,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from amulet_core.methods import Method, MethodSettings, Mode
-from amulet_core.prompts import PAPER_SYSTEM_PROMPT, PRESETS, TEMPLATE
+from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, PRESETS, TEMPLATE
+from amulet_core.method.settings import Method, MethodSettings, Mode
 from amulet_eval.conditions import parse_condition
 
 BEAM_METHOD = "beam16"

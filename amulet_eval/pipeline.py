@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amulet_core.prompts import PAPER_SYSTEM_PROMPT, preference_sentence
+from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, preference_sentence
 from amulet_eval.conditions import parse_condition
 from amulet_eval.config import BASELINE, CFG_METHOD, EvalConfig, FluencyConfig, GenerationConfig, HttpBackend
 from amulet_eval.generate import GenerationSummary, Runner, run_generation
@@ -96,7 +96,7 @@ def fluency_scorer(config: FluencyConfig | None) -> FluencyScorer | None:
     """A plain copy of the scoring model, outside any engine (None when fluency is off)."""
     if config is None:
         return None
-    from amulet_core.loading import ModelConfig, load_model
+    from amulet_core.model.loading import ModelConfig, load_model
 
     return FluencyScorer(
         load_model(ModelConfig(model=config.model, device=config.device, dtype=config.dtype, model_cache=config.model_cache))

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from amulet_core.loading import LoadedModel
-from amulet_core.prompts import render_chat
+from amulet_core.model.chat_template import render_chat
+from amulet_core.model.loading import LoadedModel
 
 FLUENCY_FLOOR = -4.0
 MIN_WORDS = 5
@@ -63,7 +63,7 @@ def degeneration_reasons(text: str, fluency: float | None = None) -> list[str]:
 class FluencyScorer:
     """Scores answers under the plain model: one forward pass per answer, float32 log-probabilities.
 
-    ``loaded`` is a model as :func:`amulet_core.loading.load_model` returns it, used outside the engine
+    ``loaded`` is a model as :func:`amulet_core.model.loading.load_model` returns it, used outside the engine
     (plain attention), so give it its own copy rather than the one an engine is decoding with.
     """
 

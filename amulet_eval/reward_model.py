@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from amulet_core.errors import ModelLoadError
-from amulet_core.loading import resolve_device, resolve_dtype
+from amulet_core.model.loading import resolve_device, resolve_dtype
 from amulet_eval.conditions import condition_sentence
 from amulet_eval.config import RewardConfig
 

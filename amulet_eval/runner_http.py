@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from amulet_core.methods import Method
+from amulet_core.method.settings import Method
 from amulet_eval.config import CFG_METHOD, GenerationConfig, HttpBackend
 from amulet_eval.generate import Generated, GenerationError, Job, conversation
 from amulet_eval.openai_http import ChatClient, HttpCallError

@@ -14,10 +14,15 @@ import torch
 from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.loading import LoadedModel, ModelConfig, load_model, model_display_name
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.prompts import Message, preference_contexts, preference_message_pair, resolve_default_system_prompt
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.method.preference_prompts import (
+    Message,
+    preference_contexts,
+    preference_message_pair,
+    resolve_default_system_prompt,
+)
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.model.loading import LoadedModel, ModelConfig, load_model, model_display_name
+from amulet_core.sampling.params import SamplingParams
 from amulet_eval.conditions import parse_condition
 from amulet_eval.config import BEAM_METHOD, BEAM_WIDTH, CFG_METHOD, GenerationConfig, LocalBackend
 from amulet_eval.generate import Generated, GenerationError, Job, conversation

@@ -6,7 +6,7 @@ each (EOS ignored so every run decodes the same count):
 * transformers ``generate``, plain greedy, in the engine's dtype;
 * the paper-style loop: full recompute of both contexts every token (logits of every position,
   as ``model(input_ids).logits[:, -1]`` computes them), two separate passes, the iterative game
-  on the full vocabulary (``amulet_core.reference``);
+  on the full vocabulary (``amulet_core.method.reference``);
 * the engine, one stream: ``amulet`` and ``base``;
 * the engine, aggregate over 1, 4, 8 and 16 concurrent ``amulet`` streams;
 * time to first token of an ``amulet`` request with a ~1,000-token system prompt, without and
@@ -28,12 +28,13 @@ import torch
 from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.gguf_cache import default_model_cache
-from amulet_core.loading import LoadedModel, ModelConfig, load_model, resolve_device, serving_cpu_threads
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.prompts import PAPER_SYSTEM_PROMPT, preference_message_pair, render_chat
-from amulet_core.reference import reference_generate
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, preference_message_pair
+from amulet_core.method.reference import reference_generate
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.model.chat_template import render_chat
+from amulet_core.model.gguf_cache import default_model_cache
+from amulet_core.model.loading import LoadedModel, ModelConfig, load_model, resolve_device, serving_cpu_threads
+from amulet_core.sampling.params import SamplingParams
 from benchmarks.report import embedded_tokenizer, run_meta, write_report
 
 QUESTIONS = [
@@ -160,7 +161,7 @@ def table(r: dict[str, float], streams: list[int]) -> str:
 
 def host_overhead_main(args: argparse.Namespace) -> None:
 
-    from amulet_core.loading import resolve_dtype
+    from amulet_core.model.loading import resolve_dtype
     from benchmarks.host_overhead import format_host_overhead, measure_host_overhead, random_model, tiny_llama_config
 
     device = resolve_device(args.device)

@@ -49,9 +49,9 @@ import torch
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.loading import LoadedModel
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.model.loading import LoadedModel
+from amulet_core.sampling.params import SamplingParams
 from benchmarks.gpu_serve_check import step_server
 from benchmarks.host_overhead import format_host_overhead, measure_host_overhead, random_model, tiny_llama_config
 
@@ -85,7 +85,7 @@ def load_tokenizer(path: str | None) -> Any:
 
     if path:
         return AutoTokenizer.from_pretrained(path)
-    from amulet_core.loading import embedded_model_file
+    from amulet_core.model.loading import embedded_model_file
 
     gguf = embedded_model_file()
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

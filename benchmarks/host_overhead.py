@@ -27,9 +27,9 @@ from amulet_core.engine import llm_engine as llm_engine_module
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.loading import LoadedModel
-from amulet_core.methods import MethodSettings
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.method.settings import MethodSettings
+from amulet_core.model.loading import LoadedModel
+from amulet_core.sampling.params import SamplingParams
 
 SMOLLM2_VOCAB = 49_152
 PARTS = ("scheduling", "input_building", "forward", "method_combination", "sampling", "detokenize_and_outputs")

@@ -25,11 +25,12 @@ import torch
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.gguf_cache import default_model_cache
-from amulet_core.loading import LoadedModel, ModelConfig, embedded_model_file, load_model, resolve_device, resolve_dtype
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.prompts import PAPER_SYSTEM_PROMPT, preference_message_pair, render_chat
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, preference_message_pair
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.model.chat_template import render_chat
+from amulet_core.model.gguf_cache import default_model_cache
+from amulet_core.model.loading import LoadedModel, ModelConfig, embedded_model_file, load_model, resolve_device, resolve_dtype
+from amulet_core.sampling.params import SamplingParams
 from benchmarks.engine import QUESTIONS
 from benchmarks.report import run_meta, write_report
 

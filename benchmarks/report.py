@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from amulet_core.gguf_cache import default_model_cache
-from amulet_core.loading import ModelConfig, load_tokenizer
+from amulet_core.model.gguf_cache import default_model_cache
+from amulet_core.model.loading import ModelConfig, load_tokenizer
 
 
 def run_meta(device: torch.device | str, dtype: torch.dtype, model: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -24,10 +24,10 @@ from amulet_core.engine import llm_engine as llm_engine_module
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.gguf_cache import default_model_cache
-from amulet_core.loading import LoadedModel
-from amulet_core.methods import MethodSettings
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.method.settings import MethodSettings
+from amulet_core.model.gguf_cache import default_model_cache
+from amulet_core.model.loading import LoadedModel
+from amulet_core.sampling.params import SamplingParams
 from benchmarks.engine import QUESTIONS, contexts
 from benchmarks.report import embedded_tokenizer, run_meta, write_report
 
@@ -110,7 +110,7 @@ def measure(loaded: LoadedModel, streams: int, new_tokens: int, repetitions: int
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
-    from amulet_core.loading import ModelConfig, load_model, resolve_device
+    from amulet_core.model.loading import ModelConfig, load_model, resolve_device
 
     device = resolve_device(args.device)
     if args.real:

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from amulet_core.engine import llm_engine as llm_engine_module
-from amulet_core.loading import LoadedModel
-from amulet_core.structured_output import GrammarCompiler, GrammarKind, GrammarSpec
+from amulet_core.grammar.compiler import GrammarCompiler
+from amulet_core.grammar.spec import GrammarKind, GrammarSpec
+from amulet_core.model.loading import LoadedModel
 from benchmarks.report import run_meta, write_report
 from benchmarks.sampling_overhead import decode_rate, load
 

@@ -34,9 +34,9 @@ from fastapi import FastAPI
 from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import EngineStats
-from amulet_core.gguf_cache import MODEL_CACHE_ENV, default_model_cache
-from amulet_core.loading import ModelConfig, model_display_name
-from amulet_core.prompts import TEMPLATE
+from amulet_core.method.preference_prompts import TEMPLATE
+from amulet_core.model.gguf_cache import MODEL_CACHE_ENV, default_model_cache
+from amulet_core.model.loading import ModelConfig, model_display_name
 from server.app import create_app
 from server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
 from server.draining import DrainingServer, drainer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from amulet_core.prompts import TEMPLATE
+from amulet_core.method.preference_prompts import TEMPLATE
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -41,7 +41,7 @@ class ServerConfig:
     default_system_prompt: str = TEMPLATE
     """System message given to both contexts of a preference request whose conversation has none:
     ``template`` (the model's chat template's own default), ``paper``, ``none`` or the text itself
-    (amulet_core.prompts.resolve_default_system_prompt)."""
+    (amulet_core.method.preference_prompts.resolve_default_system_prompt)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

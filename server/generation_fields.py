@@ -11,9 +11,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.prompts import ChatTemplateOptions
-from amulet_core.sampling_params import SamplingParams
-from amulet_core.structured_output import GrammarSpec
+from amulet_core.grammar.spec import GrammarSpec
+from amulet_core.model.chat_template import ChatTemplateOptions
+from amulet_core.sampling.params import SamplingParams
 from server.errors import APIError
 from server.protocol import GenerationFields
 

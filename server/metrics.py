@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from amulet_core.engine.protocol import EngineStats
-from amulet_core.methods import Method
+from amulet_core.method.settings import Method
 from server.observer import RequestRecord
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.methods import Method, MethodSettings, Mode
-from amulet_core.prompts import preference_contexts
+from amulet_core.method.preference_prompts import preference_contexts
+from amulet_core.method.settings import Method, MethodSettings, Mode
 from server.protocol import ChatCompletionRequest, PreferenceItem, PreferenceSpec
 from server.protocol_answers import PreferenceEcho
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from amulet_core.sampling_params import SEED_MAX, SEED_MIN
+from amulet_core.sampling.params import SEED_MAX, SEED_MIN
 
 
 class _Request(BaseModel):

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from amulet_core.engine.protocol import TokenLogprob, Usage
-from amulet_core.methods import MethodSettings
+from amulet_core.method.settings import MethodSettings
 
 MIN_LOGPROB = -9999.0
 """OpenAI's floor for logprobs (JSON has no -inf)."""

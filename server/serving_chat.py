@@ -19,11 +19,8 @@ from fastapi.responses import JSONResponse, Response
 from amulet_core.engine.parallel_sampling import ChoiceOutput, generate_choices
 from amulet_core.engine.protocol import EngineClient, GenerationRequest, Usage
 from amulet_core.errors import EngineNotReadyError, InvalidParameterError
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.prompts import (
-    TEMPLATE,
-    resolve_default_system_prompt,
-)
+from amulet_core.method.preference_prompts import TEMPLATE, resolve_default_system_prompt
+from amulet_core.method.settings import Method, MethodSettings
 from server.config import ServerConfig
 from server.generation_fields import check_choices, check_model, renamed_param, sampling_params, template_options
 from server.observer import RequestObserver

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from amulet_core.engine.parallel_sampling import ChoiceOutput, generate_choices
 from amulet_core.engine.protocol import GenerationRequest, TokenLogprob, Usage
 from amulet_core.errors import EngineNotReadyError, InvalidParameterError
-from amulet_core.methods import Method, MethodSettings
+from amulet_core.method.settings import Method, MethodSettings
 from server.generation_fields import check_choices, check_model, renamed_param, sampling_params
 from server.protocol_answers import MIN_LOGPROB, UsageInfo
 from server.protocol_completions import (

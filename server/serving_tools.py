@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.structured_output import GrammarKind, GrammarSpec
+from amulet_core.grammar.spec import GrammarKind, GrammarSpec
 from server.protocol import ChatCompletionRequest
 from server.protocol_answers import DeltaFunctionCall, DeltaToolCall, FunctionCallOut, ToolCallOut
 from server.tool_parsers import ParsedOutput, ToolFunction, ToolParser, describe_tools_for_system_prompt

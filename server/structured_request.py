@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.structured_output import GrammarKind, GrammarSpec
+from amulet_core.grammar.spec import GrammarKind, GrammarSpec
 from server.protocol import GenerationFields
 
 MAX_SCHEMA_CHARS = 100_000

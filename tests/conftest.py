@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from amulet_core.gguf_cache import MODEL_CACHE_ENV, default_model_cache
-from amulet_core.loading import LoadedModel, ModelConfig, embedded_model_file, load_model
+from amulet_core.model.gguf_cache import MODEL_CACHE_ENV, default_model_cache
+from amulet_core.model.loading import LoadedModel, ModelConfig, embedded_model_file, load_model
 from server.app import create_app
 from server.config import ServerConfig
 from tests.support import ENSURE_PACKAGE

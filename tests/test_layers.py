@@ -136,7 +136,7 @@ def later():
 RIGHT = """\
 from . import prompts
 from .errors import ModelLoadError
-from amulet_core.methods import Method
+from amulet_core.method.settings import Method
 import amulet_core_extras
 import serverless
 
@@ -161,7 +161,12 @@ def test_the_checker_passes_right_way_imports() -> None:
     # The engine may import the core, the server both, the evaluation the core.
     assert violations(Path("amulet_core/engine/scheduler.py"), "from ..methods import Method\nfrom . import sequence\n") == []
     assert violations(Path("server/app.py"), "from amulet_core.engine import protocol\nfrom .errors import x\n") == []
-    assert violations(Path("amulet_eval/judge.py"), "from amulet_core.prompts import PRESETS\nfrom .store import x\n") == []
+    assert (
+        violations(
+            Path("amulet_eval/judge.py"), "from amulet_core.method.preference_prompts import PRESETS\nfrom .store import x\n"
+        )
+        == []
+    )
     assert violations(Path("benchmarks/load.py"), "from server.cli import main\nfrom amulet_eval import cli\n") == []
 
 

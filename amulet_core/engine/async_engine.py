@@ -18,14 +18,20 @@ from typing import Any
 
 import torch
 
-from amulet_core.chat_tokenizer import ChatTokenizer
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
 from amulet_core.engine.watchdog import StepWatch
 from amulet_core.errors import EngineNotReadyError, EngineOverloadedError, EngineStalledError
-from amulet_core.loading import LoadedModel, ModelConfig, load_model, model_display_name, resolve_device, serving_cpu_threads
-from amulet_core.prompts import DEFAULT_TEMPLATE_OPTIONS, ChatTemplateOptions
+from amulet_core.model.chat_template import DEFAULT_TEMPLATE_OPTIONS, ChatTemplateOptions, ChatTokenizer
+from amulet_core.model.loading import (
+    LoadedModel,
+    ModelConfig,
+    load_model,
+    model_display_name,
+    resolve_device,
+    serving_cpu_threads,
+)
 
 log = logging.getLogger(__name__)
 

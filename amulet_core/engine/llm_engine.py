@@ -26,10 +26,13 @@ from amulet_core.engine.protocol import (
 from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
 from amulet_core.engine.sequence import Sequence
 from amulet_core.errors import InvalidParameterError
-from amulet_core.loading import LoadedModel
-from amulet_core.sampling import RowHistory, RowSample, RowSpec, make_generator, method_logprobs, sample_tokens
-from amulet_core.structured_output import GrammarCompiler, GrammarMatcher, GrammarSpec
-from amulet_core.token_masks import grammar_masks
+from amulet_core.grammar.compiler import GrammarCompiler, GrammarMatcher
+from amulet_core.grammar.masks import grammar_masks
+from amulet_core.grammar.spec import GrammarSpec
+from amulet_core.method.rows import RowSpec, method_logprobs
+from amulet_core.model.loading import LoadedModel
+from amulet_core.sampling.processors import RowHistory
+from amulet_core.sampling.sampler import RowSample, make_generator, sample_tokens
 
 log = logging.getLogger(__name__)
 

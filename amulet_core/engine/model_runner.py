@@ -20,7 +20,7 @@ from amulet_core.engine.paged_attention import (
 )
 from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.sequence import Sequence
-from amulet_core.loading import LoadedModel
+from amulet_core.model.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from amulet_core.errors import ContextLengthExceededError, InvalidParameterError
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.prompts import DEFAULT_TEMPLATE_OPTIONS, ChatTemplateOptions
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.model.chat_template import DEFAULT_TEMPLATE_OPTIONS, ChatTemplateOptions
+from amulet_core.sampling.params import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 

@@ -18,9 +18,9 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from amulet_core.chat_tokenizer import ChatTokenizer
 from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
-from amulet_core.loading import load_tokenizer, model_display_name
+from amulet_core.model.chat_template import ChatTokenizer
+from amulet_core.model.loading import load_tokenizer, model_display_name
 from server.cli import Configs
 from server.observer import NullObserver
 from server.protocol import ChatCompletionRequest

@@ -8,9 +8,9 @@ import pytest
 
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.errors import ContextLengthExceededError, InvalidParameterError
-from amulet_core.loading import EMBEDDED_MODEL_NAME, ModelConfig, _source, model_display_name
-from amulet_core.methods import MAX_COEFFICIENT, Method, MethodSettings, Mode
-from amulet_core.sampling_params import MIN_TEMPERATURE, SamplingParams
+from amulet_core.method.settings import MAX_COEFFICIENT, Method, MethodSettings, Mode
+from amulet_core.model.loading import EMBEDDED_MODEL_NAME, ModelConfig, _source, model_display_name
+from amulet_core.sampling.params import MIN_TEMPERATURE, SamplingParams
 
 
 @pytest.mark.parametrize("temperature", [0, 0.0, 1e-9, MIN_TEMPERATURE / 2])

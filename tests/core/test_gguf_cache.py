@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from amulet_core import gguf_cache
-from amulet_core.gguf_cache import COMPLETE_MARKER, converted_folder, default_model_cache, is_complete, save_converted
-from amulet_core.loading import LoadedModel, ModelConfig, embedded_model_file, load_model
-from amulet_core.prompts import render_chat
+from amulet_core.model import gguf_cache
+from amulet_core.model.chat_template import render_chat
+from amulet_core.model.gguf_cache import COMPLETE_MARKER, converted_folder, default_model_cache, is_complete, save_converted
+from amulet_core.model.loading import LoadedModel, ModelConfig, embedded_model_file, load_model
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Café ☕ and <|im_end|> in text?"}]
 

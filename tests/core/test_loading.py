@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from amulet_core.errors import ModelLoadError
-from amulet_core.loading import ModelConfig, load_model, resolve_dtype
+from amulet_core.model.loading import ModelConfig, load_model, resolve_dtype
 
 
 def test_bf16_is_the_auto_dtype_on_a_bf16_cpu_and_loads(monkeypatch):
-    import amulet_core.loading as loading
+    import amulet_core.model.loading as loading
 
     monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from amulet_core.logits_processing import apply_processors, process_row
-from amulet_core.sampling import RowHistory, choose_token, make_generator, sample_tokens
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.sampling.params import SamplingParams
+from amulet_core.sampling.processors import RowHistory, apply_processors, process_row
+from amulet_core.sampling.sampler import choose_token, make_generator, sample_tokens
 
 CPU = torch.device("cpu")
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.methods import (
+from amulet_core.method.reference import amulet_iterative
+from amulet_core.method.settings import (
     MAX_ITERATIONS,
     Method,
     MethodSettings,
     amulet_coefficient,
-    amulet_iterative,
     combine_contexts,
     linear_alignment,
     plausibility_mask,

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.methods import MAX_PREFERENCES, Method, MethodSettings, amulet_iterative, combine_contexts
-from amulet_core.multi_context import combine_weighted, mixture_logits
-from amulet_core.sampling import RowSpec, combine_contexts_float32, method_logprobs
+from amulet_core.method.mixture import MAX_PREFERENCES, mixture_logits
+from amulet_core.method.reference import amulet_iterative, combine_weighted
+from amulet_core.method.rows import RowSpec, combine_contexts_float32, method_logprobs
+from amulet_core.method.settings import Method, MethodSettings, combine_contexts
 from tests.core.test_methods import LARGE_A_SETS, PARAMETER_SETS
 
 WEIGHTS = {2: (1.0, 3.0), 3: (0.5, 2.0, 1.5)}

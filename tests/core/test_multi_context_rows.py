@@ -9,10 +9,11 @@ import random
 import pytest
 import torch
 
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.multi_context import combine_weighted, mixture_logits
-from amulet_core.sampling import RowSpec, method_logprobs
-from amulet_core.token_masks import GrammarMasks
+from amulet_core.grammar.masks import GrammarMasks
+from amulet_core.method.mixture import mixture_logits
+from amulet_core.method.reference import combine_weighted
+from amulet_core.method.rows import RowSpec, method_logprobs
+from amulet_core.method.settings import Method, MethodSettings
 
 VOCAB = 3000
 

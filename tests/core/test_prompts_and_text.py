@@ -8,7 +8,8 @@ import pytest
 
 from amulet_core.engine.detokenizer import IncrementalDetokenizer, rust_tokenizer
 from amulet_core.errors import InvalidParameterError
-from amulet_core.prompts import PRESETS, preference_message_pair, preference_sentence, render_chat
+from amulet_core.method.preference_prompts import PRESETS, preference_message_pair, preference_sentence
+from amulet_core.model.chat_template import render_chat
 
 CONVERSATIONS = [
     [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "What is tea?"}],

@@ -7,8 +7,9 @@ import random
 import pytest
 import torch
 
-from amulet_core.sampling import RowHistory, choose_token, make_generator, sample_tokens
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.sampling.params import SamplingParams
+from amulet_core.sampling.processors import RowHistory
+from amulet_core.sampling.sampler import choose_token, make_generator, sample_tokens
 
 VOCAB = 2_000
 
@@ -141,8 +142,8 @@ def test_a_row_without_a_finite_distribution_fails_alone():
 
 
 def test_float32_combination_matches_the_float64_closed_form():
-    from amulet_core.methods import combine_contexts
-    from amulet_core.sampling import combine_contexts_float32
+    from amulet_core.method.rows import combine_contexts_float32
+    from amulet_core.method.settings import combine_contexts
 
     g = torch.Generator().manual_seed(3)
     pref = torch.randn(16, VOCAB, generator=g) * 4
@@ -160,8 +161,8 @@ def test_float32_combination_matches_the_float64_closed_form():
 
 
 def test_the_in_place_plausibility_mask_equals_the_methods_one():
-    from amulet_core.methods import plausibility_mask
-    from amulet_core.sampling import _plausibility_mask
+    from amulet_core.method.rows import _plausibility_mask
+    from amulet_core.method.settings import plausibility_mask
 
     g = torch.Generator().manual_seed(4)
     pref = torch.randn(8, VOCAB, generator=g) * 3

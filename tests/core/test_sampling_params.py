@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.sampling import make_generator
-from amulet_core.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, SEED_MAX, SEED_MIN, SamplingParams
+from amulet_core.sampling.params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, SEED_MAX, SEED_MIN, SamplingParams
+from amulet_core.sampling.sampler import make_generator
 
 
 @pytest.mark.parametrize(

@@ -11,16 +11,12 @@ import pytest
 import torch
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.sampling import RowSpec, combine_contexts_float32, method_logprobs
-from amulet_core.sampling_params import SamplingParams
-from amulet_core.structured_output import (
-    GrammarCompiler,
-    GrammarKind,
-    GrammarSpec,
-    apply_grammar_masks,
-    grammar_masks,
-)
+from amulet_core.grammar.compiler import GrammarCompiler, grammar_text
+from amulet_core.grammar.masks import apply_grammar_masks, grammar_masks
+from amulet_core.grammar.spec import GrammarKind, GrammarSpec
+from amulet_core.method.rows import RowSpec, combine_contexts_float32, method_logprobs
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.sampling.params import SamplingParams
 
 SCHEMA = {
     "type": "object",
@@ -59,7 +55,7 @@ def matches(compiler: GrammarCompiler, tokenizer, spec: GrammarSpec, text: str) 
 
 @pytest.mark.parametrize("spec", VALID, ids=lambda s: s.kind.value)
 def test_each_kind_gives_a_grammar_llguidance_validates(spec, compiler):
-    grammar = spec.grammar()
+    grammar = grammar_text(spec)
     assert isinstance(grammar, str) and grammar
     assert llguidance.LLMatcher.validate_grammar(grammar, compiler.tokenizer) == ""
 
@@ -97,7 +93,7 @@ def test_a_kind_may_be_given_by_its_value():
 )
 def test_a_malformed_source_is_an_error_naming_the_param(kind, source, words):
     with pytest.raises(InvalidParameterError) as caught:
-        GrammarSpec(kind, source, param="tool_choice").grammar()
+        grammar_text(GrammarSpec(kind, source, param="tool_choice"))
     assert caught.value.param == "tool_choice" and words in caught.value.message
 
 
@@ -177,7 +173,7 @@ def test_the_smollm_eos_is_im_end(compiler, smollm_tokenizer):
 def reference_allowed(compiler: GrammarCompiler, spec: GrammarSpec, prefix: list[int], vocab: int) -> set[int]:
     """The tokens llguidance allows after ``prefix``, from its own bytes (``compute_bitmask``), checked
     against ``validate_tokens`` on every allowed token and a sample of the others."""
-    matcher = llguidance.LLMatcher(compiler.tokenizer, spec.grammar(), log_level=0)
+    matcher = llguidance.LLMatcher(compiler.tokenizer, grammar_text(spec), log_level=0)
     assert matcher.consume_tokens(prefix)
     bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
     allowed = {int(t) for t in np.nonzero(bits)[0] if t < vocab}

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from amulet_core.loading import LoadedModel
+from amulet_core.model.loading import LoadedModel
 from tests.support.tiny_models import tiny_config
 
 DEVICE_ENV = "AMULET_TEST_DEVICE"

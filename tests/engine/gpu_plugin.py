@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from amulet_core.loading import LoadedModel
+from amulet_core.model.loading import LoadedModel
 from tests.engine.device import build_tiny_model, saved_tokenizer
 
 

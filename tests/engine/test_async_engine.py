@@ -11,9 +11,9 @@ from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.errors import EngineNotReadyError, EngineOverloadedError
-from amulet_core.loading import ModelConfig
-from amulet_core.methods import MethodSettings
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.method.settings import MethodSettings
+from amulet_core.model.loading import ModelConfig
+from amulet_core.sampling.params import SamplingParams
 
 
 def amulet_request(rid: str, max_tokens: int = 8) -> GenerationRequest:

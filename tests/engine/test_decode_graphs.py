@@ -14,7 +14,7 @@ from amulet_core.engine.decode_graphs import batch_buckets, context_buckets
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.sequence import Sequence
-from amulet_core.reference import reference_generate
+from amulet_core.method.reference import reference_generate
 from tests.engine.test_engine import METHODS, drain, expected, make_request, mixed_requests, prompts, tokens_of
 
 

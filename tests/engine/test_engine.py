@@ -10,9 +10,9 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationOutput, GenerationRequest
 from amulet_core.errors import ContextLengthExceededError
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.reference import reference_generate
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.method.reference import reference_generate
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.sampling.params import SamplingParams
 
 METHODS = [
     MethodSettings(method=Method.BASE),

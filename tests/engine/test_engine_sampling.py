@@ -11,9 +11,10 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.errors import InvalidParameterError
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.reference import next_token_logprobs
-from amulet_core.sampling import RowHistory, choose_token
+from amulet_core.method.reference import next_token_logprobs
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.sampling.processors import RowHistory
+from amulet_core.sampling.sampler import choose_token
 from tests.engine.test_engine import drain, make_request, prompts, tokens_of
 
 EOS = 2  # the tiny models' EOS id

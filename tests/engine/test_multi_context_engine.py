@@ -1,5 +1,5 @@
 """Requests with K = 2 or 3 weighted preference contexts and a contrast context, through the engine, against
-the unbatched full-recompute reference (``amulet_core.reference``: the game in float64 on the mixture)."""
+the unbatched full-recompute reference (``amulet_core.method.reference``: the game in float64 on the mixture)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest, Usage
 from amulet_core.errors import InvalidParameterError
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.reference import reference_generate
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.method.reference import reference_generate
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.sampling.params import SamplingParams
 from tests.engine.test_engine import drain, tokens_of
 
 MULTI = [

@@ -12,9 +12,9 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.parallel_sampling import ChoiceOutput, generate_choices
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.errors import EngineOverloadedError
-from amulet_core.loading import ModelConfig
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.model.loading import ModelConfig
+from amulet_core.sampling.params import SamplingParams
 from tests.support.live_server import wait_until
 
 PROMPT = tuple(range(100, 150))  # 50 tokens: three full blocks of 16 and a partial one

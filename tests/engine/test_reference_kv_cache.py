@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.reference import reference_generate
+from amulet_core.method.reference import reference_generate
+from amulet_core.method.settings import Method, MethodSettings
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])

@@ -8,10 +8,11 @@ import torch
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.prompts import PAPER_SYSTEM_PROMPT, preference_message_pair, render_chat
-from amulet_core.reference import reference_generate
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, preference_message_pair
+from amulet_core.method.reference import reference_generate
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.model.chat_template import render_chat
+from amulet_core.sampling.params import SamplingParams
 
 pytestmark = pytest.mark.smollm
 

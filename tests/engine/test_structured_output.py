@@ -17,10 +17,10 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.errors import InvalidParameterError
-from amulet_core.loading import ModelConfig
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.sampling_params import SamplingParams
-from amulet_core.structured_output import GrammarKind, GrammarSpec
+from amulet_core.grammar.spec import GrammarKind, GrammarSpec
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.model.loading import ModelConfig
+from amulet_core.sampling.params import SamplingParams
 from tests.engine.test_engine import drain, make_request, prompts, tokens_of
 
 EOS = 2

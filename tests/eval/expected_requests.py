@@ -7,8 +7,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.prompts import PAPER_SYSTEM_PROMPT, preference_sentence
+from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, preference_sentence
+from amulet_core.method.settings import Method, MethodSettings
 
 NEG_PROMPT = "Answer in as few words as possible."
 PREFERENCES = ("concise", "concise+formal", "concise:2+formal")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from amulet_core.gguf_cache import default_model_cache
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.prompts import PAPER_SYSTEM_PROMPT, PRESETS
+from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, PRESETS
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.model.gguf_cache import default_model_cache
 from amulet_eval.cli import parse_args
 from amulet_eval.config import FluencyConfig, HttpBackend, LocalBackend
 from amulet_eval.judge import Pair, _verdict_row, judge_pairs, parse_verdict

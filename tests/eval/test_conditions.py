@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.prompts import preference_sentence
+from amulet_core.method.preference_prompts import preference_sentence
+from amulet_core.method.settings import Method, MethodSettings
 from amulet_eval.cli import parse_args
 from amulet_eval.conditions import condition_sentence, parse_condition
 from amulet_eval.config import EvalConfig, GenerationConfig, LocalBackend, method_specs, negative_suffix

@@ -13,17 +13,16 @@ import pytest
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.loading import LoadedModel
-from amulet_core.methods import MethodSettings
-from amulet_core.prompts import (
+from amulet_core.method.preference_prompts import (
     PAPER_SYSTEM_PROMPT,
     TEMPLATE,
     preference_message_pair,
-    render_chat,
     resolve_default_system_prompt,
-    template_default_system_prompt,
 )
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.method.settings import MethodSettings
+from amulet_core.model.chat_template import render_chat, template_default_system_prompt
+from amulet_core.model.loading import LoadedModel
+from amulet_core.sampling.params import SamplingParams
 from amulet_eval.quality import FluencyScorer, degeneration_reasons
 
 PROMPTS = (

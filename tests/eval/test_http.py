@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from amulet_core.methods import Method
-from amulet_core.prompts import PAPER_SYSTEM_PROMPT, preference_message_pair, preference_sentence
+from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, preference_message_pair, preference_sentence
+from amulet_core.method.settings import Method
 from amulet_eval.cli import main
 from amulet_eval.config import EvalConfig, GenerationConfig, HttpBackend, JudgeConfig, method_specs
 from amulet_eval.generate import conversation

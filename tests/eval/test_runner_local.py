@@ -9,7 +9,8 @@ from pathlib import Path
 from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.paged_attention import register_paged_attention
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.prompts import preference_message_pair, render_chat
+from amulet_core.method.preference_prompts import preference_message_pair
+from amulet_core.model.chat_template import render_chat
 from amulet_eval.config import GenerationConfig, LocalBackend, method_specs
 from amulet_eval.generate import conversation, run_generation
 from amulet_eval.questions import load_questions

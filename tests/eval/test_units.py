@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from amulet_core.prompts import PRESETS
+from amulet_core.method.preference_prompts import PRESETS
 from amulet_eval import proxies
 from amulet_eval.compare import (
     Outcome,

@@ -26,7 +26,7 @@ import pytest
 from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.loading import LoadedModel
+from amulet_core.model.loading import LoadedModel
 from benchmarks.load import check_stream
 from server.errors import GENERATION_FAILED_MESSAGE
 from tests.support.live_server import EngineServer, engine_server, wait_until

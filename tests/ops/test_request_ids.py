@@ -14,7 +14,7 @@ import pytest
 
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.loading import LoadedModel
+from amulet_core.model.loading import LoadedModel
 from server.errors import GENERATION_FAILED_MESSAGE
 from tests.support.http import assert_no_leak, assert_openai_error
 from tests.support.live_server import EngineServer, engine_server

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from amulet_core.prompts import preference_contexts, render_chat, resolve_default_system_prompt
+from amulet_core.method.preference_prompts import preference_contexts, resolve_default_system_prompt
+from amulet_core.model.chat_template import render_chat
 from server.cli import parse_args
 from server.ray_serve.affinity import AffinityTable, ReplicaLoad, preferred_replica
 from server.ray_serve.prefix import PrefixKeyer, TokenizerEngine, prefix_chain

@@ -35,7 +35,7 @@ pytest.importorskip("ray.serve")
 import openai  # noqa: E402
 
 from amulet_core.engine.config import EngineConfig  # noqa: E402
-from amulet_core.loading import LoadedModel  # noqa: E402
+from amulet_core.model.loading import LoadedModel  # noqa: E402
 from benchmarks.load import check_stream  # noqa: E402
 from tests.ray.cluster import ServeApp, pid_listening_on, serve_application  # noqa: E402
 from tests.support.live_server import engine_server  # noqa: E402

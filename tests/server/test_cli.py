@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from amulet_core.engine.config import EngineConfig
-from amulet_core.loading import ModelConfig
+from amulet_core.model.loading import ModelConfig
 from server.cli import parse_args
 from server.config import ServerConfig
 

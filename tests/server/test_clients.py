@@ -16,7 +16,7 @@ import pytest
 from langchain_openai import ChatOpenAI, OpenAI
 
 from amulet_core.engine.config import EngineConfig
-from amulet_core.loading import LoadedModel
+from amulet_core.model.loading import LoadedModel
 from tests.support.live_server import EngineServer, engine_server
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Name three colours."}]

@@ -21,8 +21,8 @@ import httpx
 import pytest
 
 from amulet_core.engine.config import EngineConfig
-from amulet_core.loading import LoadedModel
-from amulet_core.methods import MAX_COEFFICIENT, MAX_ITERATIONS
+from amulet_core.method.settings import MAX_COEFFICIENT, MAX_ITERATIONS
+from amulet_core.model.loading import LoadedModel
 from server.app import create_app
 from server.config import ServerConfig
 from tests.support.fake_engine import FakeEngine

@@ -8,8 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
-from amulet_core.methods import Method
-from amulet_core.prompts import NEUTRAL_SYSTEM_PROMPT
+from amulet_core.method.preference_prompts import NEUTRAL_SYSTEM_PROMPT
+from amulet_core.method.settings import Method
 from tests.support.fake_engine import FakeEngine
 from tests.support.http import USER, assert_openai_error
 from tests.support.live_server import LiveServer

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from amulet_core.methods import MethodSettings
+from amulet_core.method.settings import MethodSettings
 from server.config import ServerConfig
 from tests.support.fake_engine import CACHED_TOKENS, REPLY_PIECES, REPLY_TEXT, FakeEngine, RecordingObserver
 from tests.support.live_server import LiveServer

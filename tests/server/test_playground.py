@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 import httpx
 import pytest
 
-from amulet_core.prompts import PRESETS
+from amulet_core.method.preference_prompts import PRESETS
 from server.app import create_app
 from server.cli import parse_args
 from server.config import ServerConfig

@@ -7,8 +7,8 @@ from typing import Any
 import httpx
 import pytest
 
-from amulet_core.methods import Method, MethodSettings, Mode
-from amulet_core.prompts import NEUTRAL_SYSTEM_PROMPT, PAPER_SYSTEM_PROMPT, preference_message_pair
+from amulet_core.method.preference_prompts import NEUTRAL_SYSTEM_PROMPT, PAPER_SYSTEM_PROMPT, preference_message_pair
+from amulet_core.method.settings import Method, MethodSettings, Mode
 from tests.support.fake_engine import FakeEngine
 from tests.support.http import assert_openai_error
 from tests.support.live_server import LiveServer

@@ -23,11 +23,11 @@ import pytest
 from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.gguf_cache import default_model_cache
-from amulet_core.loading import ModelConfig
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.prompts import TEMPLATE, preference_message_pair, resolve_default_system_prompt
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.method.preference_prompts import TEMPLATE, preference_message_pair, resolve_default_system_prompt
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.model.gguf_cache import default_model_cache
+from amulet_core.model.loading import ModelConfig
+from amulet_core.sampling.params import SamplingParams
 from server.app import create_app
 from server.cli import engine_lifespan
 from server.config import ServerConfig

@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.methods import Method, MethodSettings
-from amulet_core.prompts import preference_message_pair
+from amulet_core.method.preference_prompts import preference_message_pair
+from amulet_core.method.settings import Method, MethodSettings
 from server.config import ServerConfig
 from tests.support.fake_engine import CACHED_TOKENS, FakeEngine
 from tests.support.live_server import LiveServer

@@ -21,7 +21,7 @@ import pytest
 from fastapi.middleware.cors import CORSMiddleware
 
 from amulet_core.engine.protocol import GenerationOutput, GenerationRequest
-from amulet_core.prompts import DEFAULT_TEMPLATE_OPTIONS
+from amulet_core.model.chat_template import DEFAULT_TEMPLATE_OPTIONS
 from benchmarks.load import server_process
 from server.app import create_app
 from server.cli import build_app, parse_args

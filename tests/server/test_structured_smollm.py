@@ -19,7 +19,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, ConfigDict, Field
 
 from amulet_core.engine.config import EngineConfig
-from amulet_core.loading import LoadedModel
+from amulet_core.model.loading import LoadedModel
 from tests.support.http import assert_openai_error
 from tests.support.live_server import EngineServer, engine_server
 

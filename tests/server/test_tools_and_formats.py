@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from amulet_core.structured_output import GrammarKind
+from amulet_core.grammar.spec import GrammarKind
 from tests.support.fake_engine import FakeEngine
 from tests.support.http import assert_openai_error
 from tests.support.live_server import LiveServer

@@ -36,7 +36,7 @@ from amulet_core.engine.protocol import (
     Usage,
 )
 from amulet_core.errors import EngineNotReadyError, EngineOverloadedError
-from amulet_core.prompts import DEFAULT_TEMPLATE_OPTIONS, ChatTemplateOptions
+from amulet_core.model.chat_template import DEFAULT_TEMPLATE_OPTIONS, ChatTemplateOptions
 from server.observer import RequestRecord
 
 REPLY_PIECES: tuple[str, ...] = ("Hello", ",", " wö", "rld", "!", " 你", "好", " ", "🙂", " ", "ça", " va", "?")

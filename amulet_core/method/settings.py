@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.multi_context import MAX_PREFERENCES as MAX_PREFERENCES  # re-exported: the core's limit on K
-from amulet_core.multi_context import check_weights, normalize_weights
+from amulet_core.method.mixture import MAX_PREFERENCES as MAX_PREFERENCES  # re-exported: the core's limit on K
+from amulet_core.method.mixture import check_weights, normalize_weights
 
 MAX_ITERATIONS = 1000
 """Cap on Amulet's T: the recurrence is O(T) scalar work per request, so this bounds it."""
@@ -77,7 +77,7 @@ class MethodSettings:
 
     The field defaults are the product's defaults (``Mode.DEFAULT``); :meth:`paper` gives the paper's.
     ``strength`` (the API's ``coefficient``) sets A directly for la and amulet, in place of ``ratio`` and
-    the game's parameters. ``weights`` asks for several preference contexts (``amulet_core.multi_context``):
+    the game's parameters. ``weights`` asks for several preference contexts (``amulet_core.method.mixture``):
     one weight each, every one finite and above 0, at most ``MAX_PREFERENCES``; empty (the default) means
     one preference context of weight 1. An invalid field raises InvalidParameterError naming it.
     """
@@ -206,19 +206,6 @@ def amulet_coefficient(iterations: int, eta: float, alpha: float, lam: float) ->
         if not math.isfinite(a) or abs(a) > MAX_COEFFICIENT:
             return math.copysign(MAX_COEFFICIENT, a) if not math.isnan(a) else MAX_COEFFICIENT
     return a
-
-
-def amulet_iterative(pref_logits: torch.Tensor, base_logits: torch.Tensor, settings: MethodSettings) -> torch.Tensor:
-    """The paper's Algorithm 1, step by step, on ``[..., V]`` logits: the reference oracle."""
-    lb = torch.log_softmax(base_logits, dim=-1)
-    l0 = torch.log_softmax(pref_logits, dim=-1)
-    policy = l0
-    utility_sum = torch.zeros_like(l0)
-    for t in range(1, settings.iterations + 1):
-        utility_sum = utility_sum + settings.alpha * (policy - lb)
-        w = 1.0 / (settings.eta * t)
-        policy = torch.log_softmax((settings.lam * l0 + utility_sum / t + w * policy) / (settings.lam + w), dim=-1)
-    return policy
 
 
 def linear_alignment(pref_logits: torch.Tensor, base_logits: torch.Tensor, ratio: float) -> torch.Tensor:

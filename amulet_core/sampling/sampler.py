@@ -1,8 +1,8 @@
 """Next-token choice: apply each request's method to its context rows, then sample every row at once.
 
-Method application is batched (``amulet_core.method_rows``, re-exported here): all multi-context
+Method application is batched (``amulet_core.method.rows``, called by the engine first): all multi-context
 requests of a step are combined in one closed-form call. Sampling is batched too (:func:`sample_tokens`):
-the logits processors (``logit_bias``, ``min_tokens``, penalties: ``amulet_core.logits_processing``) run over the rows that
+the logits processors (``logit_bias``, ``min_tokens``, penalties: ``amulet_core.sampling.processors``) run over the rows that
 ask for them, greedy rows share one argmax, temperature, min-p, top-k and top-p are tensor ops over
 all sampled rows with per-row parameters, and only the draw itself runs per row, from the row's own
 generator, so that a seeded request gives the same tokens whichever requests share its step. The
@@ -18,21 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from amulet_core.logits_processing import RowHistory, apply_processors_, process_row
-from amulet_core.method_rows import RowSpec, combine_contexts_float32, method_logprobs
-from amulet_core.method_rows import _plausibility_mask as _plausibility_mask  # for the tests of the mask
-from amulet_core.sampling_params import SamplingParams
-
-__all__ = [
-    "RowHistory",
-    "RowSample",
-    "RowSpec",
-    "choose_token",
-    "combine_contexts_float32",
-    "make_generator",
-    "method_logprobs",
-    "sample_tokens",
-]
+from amulet_core.sampling.params import SamplingParams
+from amulet_core.sampling.processors import RowHistory, apply_processors_, process_row
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -6,7 +6,7 @@ turns the bits into additive penalties there (0 where allowed, -inf where banned
 (a byte indexes a 256 x 8 table of its bits' penalties), a few rows at a time. ``GrammarMasks.apply_``
 adds them to those rows and renormalises them, in place (an addition, not ``masked_fill_``: on a CPU
 thread, filling through a bool mask of mixed bits cost several times the whole lookup).
-``amulet_core.sampling`` folds the masks of two-context rows into their plausibility mask instead
+``amulet_core.method.rows`` folds the masks of two-context rows into their plausibility mask instead
 (one renormalisation, not two).
 """
 
@@ -14,12 +14,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from amulet_core.structured_output import GrammarMatcher
+
+class MaskFiller(Protocol):
+    """What fills one row of a step's bitmask (a ``grammar.compiler.GrammarMatcher``)."""
+
+    @property
+    def mask_words(self) -> int:
+        """int32 words per bitmask row."""
+        ...
+
+    def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into row ``row`` of a CPU int32 ``[N, mask_words]`` bitmask."""
+        ...
 
 
 CPU_CHUNK_FLOATS = 1 << 18
@@ -115,7 +125,7 @@ class GrammarMasks:
 
 
 def grammar_masks(
-    rows: Sequence[int], matchers: Sequence[GrammarMatcher], vocab: int, device: torch.device | str = "cpu"
+    rows: Sequence[int], matchers: Sequence[MaskFiller], vocab: int, device: torch.device | str = "cpu"
 ) -> GrammarMasks:
     """The masks of ``matchers[i]`` for rows ``rows[i]`` of ``[R, vocab]`` log-probabilities on ``device``.
 
@@ -140,7 +150,7 @@ def grammar_masks(
     return GrammarMasks(tuple(rows), torch.tensor(list(rows), dtype=torch.long, device=device), bits, vocab)
 
 
-def apply_grammar_masks(logprobs: torch.Tensor, rows: Sequence[int], matchers: Sequence[GrammarMatcher]) -> None:
+def apply_grammar_masks(logprobs: torch.Tensor, rows: Sequence[int], matchers: Sequence[MaskFiller]) -> None:
     """Constrain rows of ``[R, V]`` float32 log-probabilities to their grammars, in place: row ``rows[i]``
     gets ``matchers[i]``'s mask (:func:`grammar_masks`, then ``GrammarMasks.apply_``: the disallowed tokens
     become -inf and the row is renormalised over the allowed ones)."""

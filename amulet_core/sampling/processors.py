@@ -9,7 +9,7 @@ only per-row Python work is flattening token ids and parameters into lists that 
 one copy each, and rows without processing are not touched. :func:`process_row` is the straightforward
 one-row version over the whole vocabulary, the batched one's oracle: both do the same float32
 arithmetic per token, so they give bit-identical scores. ``min_p`` acts after temperature; it lives with top-k and top-p in
-``amulet_core.sampling``.
+``amulet_core.sampling.sampler``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from amulet_core.sampling_params import SamplingParams
+from amulet_core.sampling.params import SamplingParams
 
 
 @dataclass(frozen=True)

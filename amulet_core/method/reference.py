@@ -14,15 +14,8 @@ from typing import Any
 
 import torch
 
-from amulet_core.methods import (
-    Method,
-    MethodSettings,
-    amulet_iterative,
-    combine_contexts,
-    linear_alignment,
-    plausibility_mask,
-)
-from amulet_core.multi_context import mixture_logits
+from amulet_core.method.mixture import mixture_logits
+from amulet_core.method.settings import Method, MethodSettings, combine_contexts, linear_alignment, plausibility_mask
 
 
 @torch.inference_mode()
@@ -163,3 +156,43 @@ def reference_generate(
             if context is not None:
                 context.append(token)
     return out
+
+
+def amulet_iterative(pref_logits: torch.Tensor, base_logits: torch.Tensor, settings: MethodSettings) -> torch.Tensor:
+    """The paper's Algorithm 1, step by step, on ``[..., V]`` logits: the reference oracle."""
+    lb = torch.log_softmax(base_logits, dim=-1)
+    l0 = torch.log_softmax(pref_logits, dim=-1)
+    policy = l0
+    utility_sum = torch.zeros_like(l0)
+    for t in range(1, settings.iterations + 1):
+        utility_sum = utility_sum + settings.alpha * (policy - lb)
+        w = 1.0 / (settings.eta * t)
+        policy = torch.log_softmax((settings.lam * l0 + utility_sum / t + w * policy) / (settings.lam + w), dim=-1)
+    return policy
+
+
+def combine_weighted(
+    pref_logits: Sequence[torch.Tensor] | torch.Tensor,
+    weights: Sequence[float],
+    contrast_logits: torch.Tensor | None,
+    coefficient: float | Sequence[float] | None,
+) -> torch.Tensor:
+    """The reference closed form, in float64: ``log_softmax(zc + A (sum_i v_i z_i - zc))`` per row.
+
+    ``pref_logits``: K tensors ``[R, V]`` (or one ``[K, R, V]``); ``weights``: K positive weights (or
+    empty for K = 1); ``contrast_logits``: ``[R, V]``, or None for ``pref`` (then the result is
+    ``log_softmax(sum_i v_i z_i)`` and ``coefficient`` is ignored); ``coefficient``: A, one for all
+    rows or one per row. A token impossible (-inf) in any context stays impossible. The result has
+    the inputs' dtype (float32 at least). With K = 1 it equals ``methods.combine_contexts`` exactly.
+    """
+    stacked = torch.stack(list(pref_logits)) if not isinstance(pref_logits, torch.Tensor) else pref_logits
+    out_dtype = torch.promote_types(stacked.dtype, torch.float32)
+    anchor = mixture_logits(stacked, weights)
+    if contrast_logits is None:
+        return torch.log_softmax(anchor, dim=-1).to(out_dtype)
+    if coefficient is None:
+        raise ValueError("a contrast context needs a coefficient")
+    rows = anchor.shape[0] if anchor.dim() > 1 else 1
+    values = [float(coefficient)] * rows if isinstance(coefficient, (int, float)) else [float(a) for a in coefficient]
+    mixed = combine_contexts(anchor.reshape(rows, -1), contrast_logits.double().reshape(rows, -1), values)
+    return mixed.reshape(anchor.shape).to(out_dtype)

@@ -1,7 +1,7 @@
 """A step's method application: each request's context rows of the logits to the distribution it decodes from.
 
 A request holds K >= 1 preference rows (the first one decoded) and, for la and amulet, one contrast row
-(``amulet_core.multi_context``). Everything is batched over the step's requests: plain one-row requests
+(``amulet_core.method.mixture``). Everything is batched over the step's requests: plain one-row requests
 share one log-softmax; the others one weighted sum per extra preference slot (at most
 ``MAX_PREFERENCES - 1`` slots, each over all rows that have one), one fused ``lerp`` and one
 log-softmax. When every request is a plain two-context one in the engine's alternating layout, the
@@ -10,17 +10,40 @@ logits are read in place (no copies), as before several preferences existed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from amulet_core.methods import MethodSettings, combine_contexts, plausibility_mask
-from amulet_core.multi_context import mixture_logits_float32
-from amulet_core.token_masks import GrammarMasks
+from amulet_core.method.mixture import mixture_logits_float32
+from amulet_core.method.settings import MethodSettings
 
-COMBINE_IN_FLOAT32 = True
-"""Combine the contexts in float32 (see :func:`combine_contexts_float32`); False: methods.combine_contexts (float64)."""
+
+class TokenMasks(Protocol):
+    """Per-row masks of the tokens some rows may not take next (``grammar.masks.TokenMasks``): the method
+    applies them to the distribution it produced, and knows nothing of the grammars behind them."""
+
+    @property
+    def index(self) -> torch.Tensor:
+        """The masked rows' numbers, a long tensor on the logits' device."""
+        ...
+
+    def add_to_(self, scores: torch.Tensor, renormalise: bool = False) -> None:
+        """Add 0 (allowed) or -inf (banned) to the masked rows of ``scores``, in place."""
+        ...
+
+    def apply_(self, logprobs: torch.Tensor) -> None:
+        """Mask the rows in place and renormalise each one."""
+        ...
+
+    def restrict(self, rows: Sequence[int]) -> TokenMasks | None:
+        """The masks of those of ``rows`` that have one, numbered by their positions in ``rows``."""
+        ...
+
+    def without(self, rows: Iterable[int]) -> TokenMasks:
+        """These masks less those of ``rows``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -85,7 +108,7 @@ def combine_contexts_float32(pref_logits: torch.Tensor, base_logits: torch.Tenso
     return torch.log_softmax(mixed, dim=-1)
 
 
-def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec], grammar: GrammarMasks | None = None) -> torch.Tensor:
+def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec], grammar: TokenMasks | None = None) -> torch.Tensor:
     """``[len(specs), V]`` float32 log-probabilities each request decodes from.
 
     ``grammar`` (rows numbered as ``specs``): the rows' grammar masks, applied once, to the distribution
@@ -126,28 +149,22 @@ def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec], grammar: Gra
 
 def _anchor(first: torch.Tensor, logits: torch.Tensor, specs: Sequence[RowSpec]) -> torch.Tensor:
     """The anchor's logits of every spec (``first``: their first preference rows): ``first`` itself where
-    K = 1 (no copy), the float32 weighted mixture where K > 1 (``COMBINE_IN_FLOAT32``; else float64)."""
+    K = 1 (no copy), the float32 weighted mixture where K > 1."""
     several = [j for j, s in enumerate(specs) if s.extra_rows]
     if not several:
         return first
     device = logits.device
-    dtype = torch.float32 if COMBINE_IN_FLOAT32 else torch.float64
-    anchor = first.to(dtype, copy=True)
+    anchor = first.to(torch.float32, copy=True)
     slots = max(len(specs[j].extra_rows) for j in several)
     # A padded [rows, slots] layout: a row with fewer contexts repeats its first one with weight 0.
     index = [[*specs[j].extra_rows, *[specs[j].primary_row] * (slots - len(specs[j].extra_rows))] for j in several]
     weights = [[*specs[j].weights[1:], *[0.0] * (slots - len(specs[j].extra_rows))] for j in several]
     where = torch.tensor(several, dtype=torch.long, device=device)
     index_t = torch.tensor(index, dtype=torch.long, device=device)
-    weights_t = torch.tensor(weights, dtype=torch.float64).to(dtype).to(device)
+    weights_t = torch.tensor(weights, dtype=torch.float64).to(torch.float32).to(device)
     head = anchor.index_select(0, where)
-    others = [logits.index_select(0, index_t[:, k]).to(dtype) for k in range(slots)]
-    if dtype == torch.float32:
-        mixed = mixture_logits_float32(head, others, weights_t)
-    else:
-        mixed = head.clone()
-        for k, other in enumerate(others):
-            mixed.addcmul_(other - head, weights_t[:, k : k + 1])
+    others = [logits.index_select(0, index_t[:, k]) for k in range(slots)]
+    mixed = mixture_logits_float32(head, others, weights_t)
     mixed = torch.nan_to_num_(mixed, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
     return anchor.index_copy_(0, where, mixed)
 
@@ -157,7 +174,7 @@ def _combined_logprobs(
     contrast: torch.Tensor | None,
     logits: torch.Tensor | None,
     specs: Sequence[RowSpec],
-    allowed: GrammarMasks | None = None,
+    allowed: TokenMasks | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """The rows of non-plain specs, and whether ``allowed``'s masks are applied (folded into the plausibility mask).
 
@@ -182,23 +199,19 @@ def _combined_logprobs(
     if not any(b > 0 for b in betas):
         return mixed, False
     beta_tensor = torch.tensor(betas, device=first.device)
-    if COMBINE_IN_FLOAT32 or allowed is not None:  # methods.plausibility_mask knows no grammar
-        return _plausibility_mask(mixed, anchor, beta_tensor, allowed), allowed is not None
-    return plausibility_mask(mixed, anchor, beta_tensor), False
+    return _plausibility_mask(mixed, anchor, beta_tensor, allowed), allowed is not None
 
 
 def _lerp_logprobs(anchor: torch.Tensor, contrast: torch.Tensor | None, specs: Sequence[RowSpec]) -> torch.Tensor:
     """``log_softmax(zc + A (anchor - zc))`` of rows that all have a contrast context, float32."""
     assert contrast is not None
     coefficients = [1.0 if s.coefficient is None else s.coefficient for s in specs]
-    if COMBINE_IN_FLOAT32:
-        coef = torch.tensor(coefficients, dtype=torch.float32).reshape(-1, 1).to(anchor.device)
-        return combine_contexts_float32(anchor, contrast, coef)
-    return combine_contexts(anchor, contrast, coefficients).float()
+    coef = torch.tensor(coefficients, dtype=torch.float32).reshape(-1, 1).to(anchor.device)
+    return combine_contexts_float32(anchor, contrast, coef)
 
 
 def _plausibility_mask(
-    logprobs: torch.Tensor, pref_logits: torch.Tensor, betas: torch.Tensor, allowed: GrammarMasks | None = None
+    logprobs: torch.Tensor, pref_logits: torch.Tensor, betas: torch.Tensor, allowed: TokenMasks | None = None
 ) -> torch.Tensor:
     """``methods.plausibility_mask`` with the same threshold arithmetic, fewer passes: the rows with beta 0
     get a threshold of -inf instead of a separate mask, and the float32 ``logprobs`` are masked in place.

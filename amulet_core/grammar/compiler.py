@@ -6,10 +6,9 @@ it holds llguidance's view of the tokenizer (built once, about a third of a seco
 compiled grammars, so a second request with the same spec neither validates nor compiles again (a
 fresh matcher is a copy of the cached, never-used one: microseconds, where compiling a large schema
 takes milliseconds or more). Each request gets its own :class:`GrammarMatcher`; every step
-:func:`grammar_masks` builds the masks of all constrained rows at once (only the filling of each row's
-bitmask is per row, in llguidance's Rust; unpacking the bits is one tensor operation over all rows on
-the log-probabilities' device), and ``GrammarMasks.apply_`` (or :func:`apply_grammar_masks`, both
-steps) masks and renormalises those rows of the step's log-probabilities.
+``grammar.masks.grammar_masks`` builds the masks of all constrained rows at once (only the filling of each
+row's bitmask is per row, in llguidance's Rust), and ``GrammarMasks.apply_`` masks and renormalises those
+rows of the step's log-probabilities.
 
 JSON grammars are compact (``JSON_OPTIONS``): no whitespace outside strings, ``,`` and ``:`` as separators,
 as OpenAI's structured outputs come. llguidance's default allows any whitespace between tokens, which
@@ -24,7 +23,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
-from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
@@ -32,39 +30,12 @@ import llguidance
 import torch
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.token_masks import GrammarMasks, apply_grammar_masks, grammar_masks
-
-__all__ = [
-    "JSON_OPTIONS",
-    "CacheInfo",
-    "GrammarCompiler",
-    "GrammarKind",
-    "GrammarMasks",
-    "GrammarMatcher",
-    "GrammarSpec",
-    "apply_grammar_masks",
-    "grammar_masks",
-]
+from amulet_core.grammar.spec import GrammarKind, GrammarSpec
 
 JSON_OPTIONS = MappingProxyType({"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"})
 """llguidance's JSON compile options for ``json_object`` and ``json_schema`` (defaults a schema's ``x-guidance`` overrides)."""
 MAX_ERROR_CHARS = 1000
 """llguidance's error messages are cut to this length in the errors raised here."""
-
-
-class GrammarKind(StrEnum):
-    """What a :class:`GrammarSpec`'s ``source`` is."""
-
-    JSON_OBJECT = "json_object"
-    """Any JSON object; ``source`` is ignored."""
-    JSON_SCHEMA = "json_schema"
-    """``source``: the JSON schema, as JSON text (an object)."""
-    REGEX = "regex"
-    """``source``: the regular expression (Rust regex syntax) the whole output matches."""
-    CHOICE = "choice"
-    """``source``: JSON text of a non-empty list of strings; the output is exactly one of them."""
-    LARK = "lark"
-    """``source``: an llguidance Lark grammar."""
 
 
 def _limits() -> llguidance.LLParserLimits:
@@ -77,62 +48,38 @@ def _short(message: str) -> str:
     return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 3] + "..."
 
 
-@dataclass(frozen=True)
-class GrammarSpec:
-    """A request's output constraint: a grammar ``kind`` and its ``source`` text.
+def grammar_text(spec: GrammarSpec) -> str:
+    """The llguidance grammar text of this spec (not compiled: that is ``GrammarCompiler.check``).
 
-    ``param`` is the request field it came from (e.g. ``response_format``, or the server's name for a
-    forced tool call): every error about the spec is an ``InvalidParameterError`` naming it. Construction
-    checks only the types (``kind`` may be given as its string value); :meth:`grammar` checks the source's
-    shape, and ``GrammarCompiler.check`` whether llguidance can compile it.
+    Raises InvalidParameterError naming ``param`` when the source is not of the right shape: a JSON
+    schema that is not JSON text of an object, a choice that is not a non-empty list of strings.
     """
-
-    kind: GrammarKind
-    source: str = ""
-    param: str = "response_format"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.param, str) or not self.param:
-            raise ValueError(f"GrammarSpec.param must be a non-empty string, got {self.param!r}")
+    defaults: Any = dict(JSON_OPTIONS)
+    if spec.kind is GrammarKind.JSON_OBJECT:
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=defaults)
+    if spec.kind is GrammarKind.JSON_SCHEMA:
+        schema = _json(spec, "JSON schema")
+        if not isinstance(schema, dict):
+            raise InvalidParameterError(spec.param, "The JSON schema must be a JSON object.")
         try:
-            object.__setattr__(self, "kind", GrammarKind(self.kind))
-        except ValueError:
-            kinds = ", ".join(k.value for k in GrammarKind)
-            raise InvalidParameterError(self.param, f"Unknown grammar kind {self.kind!r}: use one of {kinds}.") from None
-        if not isinstance(self.source, str):
-            raise InvalidParameterError(self.param, f"The {self.kind.value} grammar must be given as text.")
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=defaults)
+        except ValueError as exc:
+            raise InvalidParameterError(spec.param, f"Invalid JSON schema: {_short(str(exc))}") from None
+    if spec.kind is GrammarKind.REGEX:
+        return llguidance.LLMatcher.grammar_from_regex(spec.source)
+    if spec.kind is GrammarKind.CHOICE:
+        choices = _json(spec, "choice list")
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            raise InvalidParameterError(spec.param, "The choices must be a non-empty list of strings.")
+        return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+    return llguidance.LLMatcher.grammar_from_lark(spec.source)
 
-    def grammar(self) -> str:
-        """The llguidance grammar text of this spec (not compiled: that is ``GrammarCompiler.check``).
 
-        Raises InvalidParameterError naming ``param`` when the source is not of the right shape: a JSON
-        schema that is not JSON text of an object, a choice that is not a non-empty list of strings.
-        """
-        defaults: Any = dict(JSON_OPTIONS)
-        if self.kind is GrammarKind.JSON_OBJECT:
-            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=defaults)
-        if self.kind is GrammarKind.JSON_SCHEMA:
-            schema = self._json("JSON schema")
-            if not isinstance(schema, dict):
-                raise InvalidParameterError(self.param, "The JSON schema must be a JSON object.")
-            try:
-                return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=defaults)
-            except ValueError as exc:
-                raise InvalidParameterError(self.param, f"Invalid JSON schema: {_short(str(exc))}") from None
-        if self.kind is GrammarKind.REGEX:
-            return llguidance.LLMatcher.grammar_from_regex(self.source)
-        if self.kind is GrammarKind.CHOICE:
-            choices = self._json("choice list")
-            if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
-                raise InvalidParameterError(self.param, "The choices must be a non-empty list of strings.")
-            return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
-        return llguidance.LLMatcher.grammar_from_lark(self.source)
-
-    def _json(self, what: str) -> Any:
-        try:
-            return json.loads(self.source)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise InvalidParameterError(self.param, f"The {what} is not valid JSON: {exc}.") from None
+def _json(spec: GrammarSpec, what: str) -> Any:
+    try:
+        return json.loads(spec.source)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidParameterError(spec.param, f"The {what} is not valid JSON: {exc}.") from None
 
 
 class GrammarMatcher:
@@ -271,7 +218,7 @@ class GrammarCompiler:
 
     def _compile(self, spec: GrammarSpec) -> _Compiled:
         try:
-            text = spec.grammar()
+            text = grammar_text(spec)
         except InvalidParameterError as exc:
             return _Compiled(None, exc.message)
         matcher = llguidance.LLMatcher(self._tokenizer, text, log_level=0, limits=_limits())

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.structured_output import GrammarSpec
+from amulet_core.grammar.spec import GrammarSpec
 
 MAX_TOP_LOGPROBS = 20
 MIN_TEMPERATURE = 1e-5
@@ -66,7 +66,7 @@ class SamplingParams:
     ``max_tokens`` None means as many as the context leaves room for (see
     ``GenerationRequest.max_new_tokens``). A temperature below ``MIN_TEMPERATURE`` (0 included) is greedy.
 
-    The logits processors (``amulet_core.logits_processing``) act on the method's log-probabilities, in
+    The logits processors (``amulet_core.sampling.processors``) act on the method's log-probabilities, in
     this order: ``logit_bias`` (token id, bias in [-100, 100]) is added; while fewer than ``min_tokens``
     tokens are generated the stop token ids (EOS unless ``ignore_eos``, and ``stop_token_ids``) are
     impossible, and stop strings do not end the request; ``repetition_penalty`` (> 0, 1 = off; vLLM's rule

@@ -13,7 +13,7 @@ geometric mixture ``l0 = log_softmax(sum_i v_i * l_{P_i})``; Algorithm 1 run wit
 ``log_softmax`` of a weighted sum of log-softmaxes differs from the same weighted sum of the
 logits by a constant per row, which the outer log-softmax removes, so both functions here work
 on the logits directly. With K = 1 (weights ``(1,)``) everything reduces to the two-context
-formulas of :mod:`amulet_core.methods`, bit for bit.
+formulas of :mod:`amulet_core.method.settings`, bit for bit.
 """
 
 from __future__ import annotations
@@ -86,35 +86,6 @@ def mixture_logits(pref_logits: Sequence[torch.Tensor] | torch.Tensor, weights: 
     mixed = (torch.tensor(v, dtype=torch.float64, device=z.device).reshape(shape) * z).sum(dim=0)
     impossible = torch.isneginf(z).any(dim=0)
     return mixed.masked_fill(impossible, float("-inf")) if bool(impossible.any()) else mixed
-
-
-def combine_weighted(
-    pref_logits: Sequence[torch.Tensor] | torch.Tensor,
-    weights: Sequence[float],
-    contrast_logits: torch.Tensor | None,
-    coefficient: float | Sequence[float] | None,
-) -> torch.Tensor:
-    """The reference closed form, in float64: ``log_softmax(zc + A (sum_i v_i z_i - zc))`` per row.
-
-    ``pref_logits``: K tensors ``[R, V]`` (or one ``[K, R, V]``); ``weights``: K positive weights (or
-    empty for K = 1); ``contrast_logits``: ``[R, V]``, or None for ``pref`` (then the result is
-    ``log_softmax(sum_i v_i z_i)`` and ``coefficient`` is ignored); ``coefficient``: A, one for all
-    rows or one per row. A token impossible (-inf) in any context stays impossible. The result has
-    the inputs' dtype (float32 at least). With K = 1 it equals ``methods.combine_contexts`` exactly.
-    """
-    stacked = torch.stack(list(pref_logits)) if not isinstance(pref_logits, torch.Tensor) else pref_logits
-    out_dtype = torch.promote_types(stacked.dtype, torch.float32)
-    anchor = mixture_logits(stacked, weights)
-    if contrast_logits is None:
-        return torch.log_softmax(anchor, dim=-1).to(out_dtype)
-    if coefficient is None:
-        raise ValueError("a contrast context needs a coefficient")
-    rows = anchor.shape[0] if anchor.dim() > 1 else 1
-    values = [float(coefficient)] * rows if isinstance(coefficient, (int, float)) else [float(a) for a in coefficient]
-    from amulet_core.methods import combine_contexts  # methods imports this module's weight rules
-
-    mixed = combine_contexts(anchor.reshape(rows, -1), contrast_logits.double().reshape(rows, -1), values)
-    return mixed.reshape(anchor.shape).to(out_dtype)
 
 
 def mixture_logits_float32(first: torch.Tensor, others: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from amulet_core.errors import ModelLoadError
-from amulet_core.gguf_cache import converted_folder, is_complete, save_converted
+from amulet_core.model.gguf_cache import converted_folder, is_complete, save_converted
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class ModelConfig:
     ran ~5x slower (see README, "Load test")."""
     model_cache: str | None = None
     """Folder keeping converted copies of ``.gguf`` models (the embedded one included), which load many times
-    faster than the GGUF file (:mod:`amulet_core.gguf_cache`); None loads the GGUF file every time."""
+    faster than the GGUF file (:mod:`amulet_core.model.gguf_cache`); None loads the GGUF file every time."""
 
     def __post_init__(self) -> None:
         if self.cpu_threads is not None and self.cpu_threads < 1:
