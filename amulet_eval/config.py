@@ -76,8 +76,8 @@ class MethodSpec:
         if self.kind == CFG_METHOD:
             return {"kind": self.kind, "guidance_scale": s.strength, "negative_prompt": self.negative}
         out: dict[str, object] = {"kind": self.kind}
-        if s.method.num_contexts == 2:
-            out.update(mode=s.mode.value, coefficient=s.coefficient, plausibility=s.plausibility)
+        if s.method.has_contrast:
+            out.update(mode=s.mode.value, coefficient=s.effective_strength, plausibility=s.plausibility)
         if s.method is Method.LA and s.strength is None:
             out["ratio"] = s.ratio
         if s.method is Method.AMULET and s.strength is None:

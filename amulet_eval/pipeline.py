@@ -27,7 +27,7 @@ from amulet_eval.scoring import (
     reward_score_set,
 )
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

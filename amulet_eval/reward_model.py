@@ -19,7 +19,7 @@ from amulet_core.model.loading import resolve_device, resolve_dtype
 from amulet_eval.conditions import condition_sentence
 from amulet_eval.config import RewardConfig
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def reward_messages(question: str, preference: str, response: str) -> list[dict[str, str]]:
@@ -64,7 +64,7 @@ class RewardModel:
             raise ModelLoadError(f"Could not load the reward model from {str(path)!r}: {exc}") from exc
         model.to(device)
         model.eval()
-        log.info("reward model %s on %s in %s", path.name, device, dtype)
+        logger.info("reward model %s on %s in %s", path.name, device, dtype)
         return cls(model, tokenizer, config, path.name)
 
     def input_ids(self, question: str, preference: str, response: str) -> list[int]:
@@ -75,7 +75,7 @@ class RewardModel:
             ids = self.tokenizer(reward_text(question, preference, response))["input_ids"]
         ids = list(ids)
         if len(ids) > self.config.max_length:
-            log.warning("reward input of %d tokens cut to the last %d", len(ids), self.config.max_length)
+            logger.warning("reward input of %d tokens cut to the last %d", len(ids), self.config.max_length)
             ids = ids[-self.config.max_length :]
         return ids
 

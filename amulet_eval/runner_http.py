@@ -19,7 +19,7 @@ def preference_object(job: Job) -> dict[str, Any]:
     spec: dict[str, Any] = {"text": text, "method": job.method.kind, "mode": settings.mode.value}
     if condition.joined:
         spec["weights"] = list(condition.weights)
-    if settings.method.num_contexts == 2:
+    if settings.method.has_contrast:
         if job.method.negative is not None:
             spec["negative"] = job.method.negative
         spec["plausibility"] = settings.plausibility

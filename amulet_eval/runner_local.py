@@ -90,7 +90,7 @@ def job_contexts(job: Job, messages: list[Message], default_system: str) -> tupl
     condition = job.condition
     if condition.joined:
         settings = dataclasses.replace(settings, weights=condition.weights)
-    two = settings.method.num_contexts == 2
+    two = settings.method.has_contrast
     built = preference_contexts(messages, condition.texts, default_system, spec.negative if two else None)
     if settings.method is Method.BASE:
         return settings, [built.contrast]
@@ -144,13 +144,13 @@ class LocalRunner:
             )
         settings, contexts = job_contexts(job, messages, default_system)
         ids = [engine.encode_chat(c) for c in contexts]
-        contrast = ids.pop() if settings.method.num_contexts == 2 else None
+        contrast = ids.pop() if settings.method.has_contrast else None
         request = GenerationRequest(
             request_id=f"eval-{uuid.uuid4().hex}",
             prompt_ids=ids[0],
             sampling=SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, seed=gen.seed),
             method=settings,
-            base_prompt_ids=contrast,
+            contrast_prompt_ids=contrast,
             extra_prompt_ids=tuple(ids[1:]),
         )
         pieces: list[str] = []

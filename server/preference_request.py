@@ -14,7 +14,7 @@ from typing import Any
 
 from amulet_core.errors import InvalidParameterError
 from amulet_core.method.preference_prompts import preference_contexts
-from amulet_core.method.settings import Method, MethodSettings, Mode
+from amulet_core.method.settings import Method, MethodSettings, Mode, api_name
 from server.protocol import ChatCompletionRequest, PreferenceItem, PreferenceSpec
 from server.protocol_answers import PreferenceEcho
 
@@ -66,7 +66,7 @@ def _settings(fields: dict[str, object], mode: Mode, param: str) -> MethodSettin
     try:
         return MethodSettings.from_fields(fields, mode)
     except InvalidParameterError as exc:
-        name = {"lam": "lambda", "strength": "coefficient"}.get(exc.param, exc.param)
+        name = api_name(exc.param)
         raise InvalidParameterError(f"{param}.{name}" if param else name, exc.message) from exc
 
 

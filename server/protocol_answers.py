@@ -71,7 +71,7 @@ class PreferenceEcho(BaseModel):
             lam=settings.lam,
             ratio=settings.ratio,
             plausibility=settings.plausibility,
-            coefficient=settings.coefficient,
+            coefficient=settings.effective_strength,
         )
 
 

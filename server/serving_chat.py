@@ -194,7 +194,7 @@ class OpenAIServingChat(OpenAIServing):
             sampling=sampling,
             method=settings,
             extra_prompt_ids=tuple(ids[1 : settings.num_preferences]) if settings.method is not Method.BASE else (),
-            base_prompt_ids=ids[-1] if settings.method in (Method.AMULET, Method.LA) else None,
+            contrast_prompt_ids=ids[-1] if settings.method in (Method.AMULET, Method.LA) else None,
         )
         renamed_param("max_tokens", param, lambda: request.max_new_tokens(self.engine.max_model_len))
         return PreparedChat(body=body, request=request, preference=preference, tools=tools)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from amulet_core.errors import InvalidParameterError
@@ -140,7 +140,6 @@ class ToolCallStream:
     tools: ToolRequest
     held: str = ""
     holding: bool = False
-    sent_calls: bool = field(default=False)
 
     def feed(self, text: str) -> str:
         """The part of ``text`` that can be sent as content now."""
@@ -166,7 +165,6 @@ class ToolCallStream:
         self.held = ""
         if not parsed.tool_calls:
             return parsed.content or "", []
-        self.sent_calls = True
         deltas = []
         for i, call in enumerate(tool_calls_out(parsed)):
             deltas.append(

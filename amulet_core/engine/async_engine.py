@@ -33,7 +33,7 @@ from amulet_core.model.loading import (
     serving_cpu_threads,
 )
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 StepObserver = Callable[[float, int], None]
 
@@ -248,7 +248,7 @@ class AsyncEngine:
             self._engine.fault_hook = self._fault_hook
             self._stats = self._engine.stats()
         except BaseException as exc:  # reported through load_error / wait_ready
-            log.exception("model load failed")
+            logger.exception("model load failed")
             self._load_error = exc
             self._loaded.set()
             return
@@ -302,7 +302,7 @@ class AsyncEngine:
         try:
             outputs = engine.step()
         except Exception as exc:  # keep serving: fail what was in flight, not the worker
-            log.exception("engine step failed")
+            logger.exception("engine step failed")
             message = f"Engine step failed: {type(exc).__name__}"
             aborted = [engine.abort(rid) for rid in list(engine.requests)]
             return [replace(o, finish_reason="error", error=message) for o in aborted if o is not None]
@@ -312,7 +312,7 @@ class AsyncEngine:
             try:
                 self._step_observer(time.perf_counter() - start, engine.last_step_sequences)
             except Exception:
-                log.exception("step observer failed")
+                logger.exception("step observer failed")
         return outputs
 
     def _deliver(self, outputs: list[GenerationOutput]) -> None:

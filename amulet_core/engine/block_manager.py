@@ -150,9 +150,6 @@ class BlockManager:
         return block_id
 
     # ---- growth and release -----------------------------------------------------------
-    def can_append(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_needed(len(seq.token_ids) + num_tokens) - len(seq.block_table) <= self.num_free
-
     def ensure_capacity(self, seq: Sequence, num_positions: int) -> None:
         """Make sure the block table covers ``num_positions`` token positions."""
         while len(seq.block_table) * self.block_size < num_positions:

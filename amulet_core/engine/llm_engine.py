@@ -34,7 +34,7 @@ from amulet_core.model.loading import LoadedModel
 from amulet_core.sampling.processors import RowHistory
 from amulet_core.sampling.sampler import RowSample, make_generator, sample_tokens
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -87,7 +87,7 @@ class LLMEngine:
                 try:
                     self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, eos_token_ids=self.eos_token_ids)
                 except Exception as exc:  # e.g. a slow tokenizer: no structured output with this model
-                    log.exception("the grammar compiler could not be built")
+                    logger.exception("the grammar compiler could not be built")
                     self._grammar_unavailable = f"{type(exc).__name__}: {exc}"
             if self._grammar_compiler is None:
                 raise InvalidParameterError(
@@ -130,14 +130,14 @@ class LLMEngine:
         self.requests[request.request_id] = RequestState(
             request=request,
             group=group,
-            coefficient=request.method.coefficient,
+            coefficient=request.method.effective_strength,
             generator=make_generator(sp, self.device),
             detokenizer=IncrementalDetokenizer(self.tokenizer, sp.stop, sp.skip_special_tokens, sp.min_tokens),
             stop_ids=frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_token_ids),
             max_tokens=max_tokens,
             arrival=time.monotonic(),
             matcher=self._matcher(sp.grammar),
-            num_prefs=len(request.contexts) - (request.base_prompt_ids is not None),
+            num_prefs=len(request.contexts) - (request.contrast_prompt_ids is not None),
             weights=request.method.normalized_weights,
         )
         self.scheduler.add(group)
@@ -179,7 +179,7 @@ class LLMEngine:
         try:
             logits = self.runner.run(plan.chunks, logits_for)
         except Exception as exc:  # the shared pass failed: fail its requests, keep the engine
-            log.exception("forward pass failed")
+            logger.exception("forward pass failed")
             return self._fail_plan(plan, f"The forward pass failed: {type(exc).__name__}")
         self.scheduler.complete_step(plan)
         return self._sample(plan.sampled, logits)
@@ -210,14 +210,14 @@ class LLMEngine:
                 masks = grammar_masks(rows, matchers, logits.shape[-1], logits.device)
             logprobs = method_logprobs(logits, specs, masks)
         except Exception as exc:  # the batched closed form or the masks failed: no row has a distribution
-            log.exception("method application failed")
+            logger.exception("method application failed")
             return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
         try:
             params = [s.request.sampling for s in states]
             histories = [self._history(s) if s.request.sampling.needs_history else None for s in states]
             samples = sample_tokens(logprobs, params, [s.generator for s in states], histories)
         except Exception as exc:  # the batched sampler failed: no row has a token
-            log.exception("sampling failed")
+            logger.exception("sampling failed")
             return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
         outputs = []
         now = time.monotonic()
@@ -231,7 +231,7 @@ class LLMEngine:
                     raise ValueError(self._no_token(state, sample.error))
                 outputs.append(self._accept(state, sample))
             except Exception as exc:
-                log.exception("request %s failed", state.request.request_id)
+                logger.exception("request %s failed", state.request.request_id)
                 outputs.append(self._finish(state, "error", f"Decoding failed: {type(exc).__name__}: {exc}"))
         return outputs
 

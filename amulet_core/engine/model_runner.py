@@ -22,7 +22,7 @@ from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.sequence import Sequence
 from amulet_core.model.loading import LoadedModel
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def kv_cache_blocks(config: EngineConfig, bytes_per_token: int) -> int:
@@ -71,7 +71,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if config.cuda_graphs and self.device.type == "cuda":
             self.use_decode_graphs(capture=True)
-        log.info(
+        logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
             self.num_blocks,
             self.block_size,
@@ -131,7 +131,7 @@ class ModelRunner:
                 try:
                     logits = self.graphs.run(decode_chunks, bucket)
                 except Exception:  # a capture that fails (memory, an op graphs cannot hold) must not fail requests
-                    log.exception("decode graph %s failed; decode steps run eagerly from now on", bucket)
+                    logger.exception("decode graph %s failed; decode steps run eagerly from now on", bucket)
                     self.graphs = None
                 else:
                     row = {id(c.seq): i for i, c in enumerate(decode_chunks)}

@@ -24,7 +24,7 @@ class GenerationRequest:
 
     ``prompt_ids`` is the context the answer continues: the first preference context for pref, la and
     amulet, the plain conversation for base. ``extra_prompt_ids`` are preference contexts 2..K
-    (``method.weights`` gives K and their weights; empty for K = 1 and for base). ``base_prompt_ids`` is
+    (``method.weights`` gives K and their weights; empty for K = 1 and for base). ``contrast_prompt_ids`` is
     the contrast context, present exactly when the method has one (la and amulet). Raises
     InvalidParameterError naming ``messages`` (an empty prompt) or ``preference`` (contexts that do not
     match the method and its weights).
@@ -34,17 +34,16 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     method: MethodSettings = field(default_factory=lambda: MethodSettings(method=Method.BASE))
-    base_prompt_ids: tuple[int, ...] | None = None
+    contrast_prompt_ids: tuple[int, ...] | None = None
     extra_prompt_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise InvalidParameterError("messages", "The prompt is empty.")
-        needs_base = self.method.method.num_contexts == 2
-        if needs_base != (self.base_prompt_ids is not None):
-            raise InvalidParameterError(
-                "preference", f"Method '{self.method.method.value}' needs {self.method.method.num_contexts} context(s)."
-            )
+        has_contrast = self.method.method.has_contrast
+        if has_contrast != (self.contrast_prompt_ids is not None):
+            needs = "a contrast context" if has_contrast else "no contrast context"
+            raise InvalidParameterError("preference", f"Method '{self.method.method.value}' needs {needs}.")
         object.__setattr__(self, "extra_prompt_ids", tuple(tuple(ids) for ids in self.extra_prompt_ids))
         extra = 0 if self.method.method is Method.BASE else self.method.num_preferences - 1
         if len(self.extra_prompt_ids) != extra:
@@ -59,7 +58,7 @@ class GenerationRequest:
     @property
     def contexts(self) -> list[tuple[int, ...]]:
         """Token ids of every context: the decoded one first, then preference contexts 2..K, then the contrast one."""
-        tail = [] if self.base_prompt_ids is None else [self.base_prompt_ids]
+        tail = [] if self.contrast_prompt_ids is None else [self.contrast_prompt_ids]
         return [self.prompt_ids, *self.extra_prompt_ids, *tail]
 
     def max_new_tokens(self, max_model_len: int) -> int:

@@ -56,7 +56,7 @@ class _CachedForward:
 def next_token_logprobs(
     model: torch.nn.Module,
     prompt_ids: Sequence[int],
-    base_prompt_ids: Sequence[int] | None,
+    contrast_prompt_ids: Sequence[int] | None,
     settings: MethodSettings,
     closed_form: bool = False,
     all_logits: bool = False,
@@ -66,7 +66,7 @@ def next_token_logprobs(
     """Log-probabilities of the next token under the method, by full recompute of each context.
 
     ``prompt_ids`` and ``extra_prompt_ids`` are the K preference contexts (weighted by
-    ``settings.weights``), ``base_prompt_ids`` the contrast context (la and amulet). With K > 1 the
+    ``settings.weights``), ``contrast_prompt_ids`` the contrast context (la and amulet). With K > 1 the
     preference logits are mixed in float64 (``multi_context.mixture_logits``) and the method runs on
     that anchor: the iterative game (or la's formula) in float64, unless ``closed_form``. ``forward``
     computes a context's logits (default: a full forward pass, see ``all_logits``).
@@ -77,20 +77,20 @@ def next_token_logprobs(
             return _last_logits(model, ids, all_logits)
 
     if extra_prompt_ids:
-        return _several_preferences(forward, [prompt_ids, *extra_prompt_ids], base_prompt_ids, settings, closed_form)
+        return _several_preferences(forward, [prompt_ids, *extra_prompt_ids], contrast_prompt_ids, settings, closed_form)
     z_pref = forward(prompt_ids)
     if settings.method in (Method.BASE, Method.PREF):
         return torch.log_softmax(z_pref, dim=-1)
-    if base_prompt_ids is None:
-        raise ValueError(f"method {settings.method.value} needs the base context")
-    z_base = forward(base_prompt_ids)
-    return _two_context_mix(z_pref, z_base, settings, closed_form)
+    if contrast_prompt_ids is None:
+        raise ValueError(f"method {settings.method.value} needs the contrast context")
+    z_contrast = forward(contrast_prompt_ids)
+    return _two_context_mix(z_pref, z_contrast, settings, closed_form)
 
 
 def _two_context_mix(anchor: torch.Tensor, contrast: torch.Tensor, settings: MethodSettings, closed_form: bool) -> torch.Tensor:
     """The method's log-probabilities from the preference anchor's and the contrast context's logits:
     the closed form (or A set directly), Linear Alignment, or the iterative game; then the plausibility mask."""
-    coefficient = settings.coefficient
+    coefficient = settings.effective_strength
     if (closed_form or settings.strength is not None) and coefficient is not None:
         mixed = combine_contexts(anchor.unsqueeze(0), contrast.unsqueeze(0), [coefficient])[0]
     elif settings.method is Method.LA:
@@ -125,7 +125,7 @@ def _several_preferences(
 def reference_generate(
     model: torch.nn.Module,
     prompt_ids: Sequence[int],
-    base_prompt_ids: Sequence[int] | None,
+    contrast_prompt_ids: Sequence[int] | None,
     settings: MethodSettings,
     max_new_tokens: int,
     stop_ids: Iterable[int] = (),
@@ -142,25 +142,25 @@ def reference_generate(
     """
     stop = set(stop_ids)
     pref = list(prompt_ids)
-    base = list(base_prompt_ids) if base_prompt_ids is not None else None
+    contrast = list(contrast_prompt_ids) if contrast_prompt_ids is not None else None
     extras = [list(ids) for ids in extra_prompt_ids]
     out: list[int] = []
     forward = _CachedForward(model) if kv_cache else None
     for _ in range(max_new_tokens):
-        logprobs = next_token_logprobs(model, pref, base, settings, closed_form, all_logits, extras, forward)
+        logprobs = next_token_logprobs(model, pref, contrast, settings, closed_form, all_logits, extras, forward)
         token = int(logprobs.argmax())
         out.append(token)
         if token in stop:
             break
-        for context in (pref, base, *extras):
+        for context in (pref, contrast, *extras):
             if context is not None:
                 context.append(token)
     return out
 
 
-def amulet_iterative(pref_logits: torch.Tensor, base_logits: torch.Tensor, settings: MethodSettings) -> torch.Tensor:
+def amulet_iterative(pref_logits: torch.Tensor, contrast_logits: torch.Tensor, settings: MethodSettings) -> torch.Tensor:
     """The paper's Algorithm 1, step by step, on ``[..., V]`` logits: the reference oracle."""
-    lb = torch.log_softmax(base_logits, dim=-1)
+    lb = torch.log_softmax(contrast_logits, dim=-1)
     l0 = torch.log_softmax(pref_logits, dim=-1)
     policy = l0
     utility_sum = torch.zeros_like(l0)

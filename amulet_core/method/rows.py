@@ -51,14 +51,14 @@ class RowSpec:
     """Where one request's context rows sit in the step's logits, and how to decode them.
 
     ``primary_row``: the first preference context's row, the decoded one (for base, the conversation as
-    given). ``base_row``: the contrast context's row, present exactly for la and amulet. ``extra_rows``:
+    given). ``contrast``: the contrast context's row, present exactly for la and amulet. ``extra_rows``:
     the rows of preference contexts 2..K (empty for K = 1). ``weights``: the normalised weights of all K
     preference contexts in order (``MethodSettings.normalized_weights``), given exactly when
     ``extra_rows`` is. ``coefficient``: A of the closed form (None for base and pref).
     """
 
     primary_row: int
-    base_row: int | None
+    contrast: int | None
     method: MethodSettings
     coefficient: float | None
     extra_rows: tuple[int, ...] = ()
@@ -73,13 +73,13 @@ class RowSpec:
         cls,
         pref_rows: Sequence[int],
         weights: Sequence[float],
-        contrast_row: int | None,
+        contrast: int | None,
         method: MethodSettings,
         coefficient: float | None,
     ) -> RowSpec:
         """The spec of K = ``len(pref_rows)`` preference rows (``weights``: normalised, one per row; ignored for K = 1)."""
         first, *extra = pref_rows
-        return cls(first, contrast_row, method, coefficient, tuple(extra), tuple(weights) if extra else ())
+        return cls(first, contrast, method, coefficient, tuple(extra), tuple(weights) if extra else ())
 
     @property
     def pref_rows(self) -> tuple[int, ...]:
@@ -87,23 +87,20 @@ class RowSpec:
         return (self.primary_row, *self.extra_rows)
 
     @property
-    def contrast_row(self) -> int | None:
-        """The contrast context's row (the same as ``base_row``)."""
-        return self.base_row
-
-    @property
     def plain(self) -> bool:
         """One row only (base, or pref with one preference): the row's own log-softmax."""
-        return self.base_row is None and not self.extra_rows
+        return self.contrast is None and not self.extra_rows
 
 
-def combine_contexts_float32(pref_logits: torch.Tensor, base_logits: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+def combine_contexts_float32(
+    pref_logits: torch.Tensor, contrast_logits: torch.Tensor, coefficients: torch.Tensor
+) -> torch.Tensor:
     """``log_softmax(zb + A (z0 - zb))`` per row in float32: one fused ``lerp``, one fix-up, one log_softmax.
 
     ``coefficients`` is ``[R, 1]`` float32. Where a token is impossible (-inf) in either context the mix
     is -inf or NaN (or +inf for a negative A); all of those become -inf, as in ``combine_contexts``.
     """
-    mixed = torch.lerp(base_logits.float(), pref_logits.float(), coefficients)
+    mixed = torch.lerp(contrast_logits.float(), pref_logits.float(), coefficients)
     mixed = torch.nan_to_num_(mixed, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
     return torch.log_softmax(mixed, dim=-1)
 
@@ -121,8 +118,8 @@ def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec], grammar: Tok
     (base, pref) get no plausibility mask, whatever their K.
     """
     device = logits.device
-    if all(s.base_row is not None and not s.extra_rows for s in specs) and all(
-        s.primary_row == 2 * i and s.base_row == 2 * i + 1 for i, s in enumerate(specs)
+    if all(s.contrast is not None and not s.extra_rows for s in specs) and all(
+        s.primary_row == 2 * i and s.contrast == 2 * i + 1 for i, s in enumerate(specs)
     ):
         # The engine's layout when every request has two contexts: pref and base rows alternate (no copies).
         pairs = logits.view(len(specs), 2, logits.shape[-1])
@@ -182,10 +179,10 @@ def _combined_logprobs(
     already (every spec has one); else they are read from ``logits`` by the specs' row numbers.
     """
     anchor = _anchor(first, logits, specs) if logits is not None else first
-    with_contrast = [j for j, s in enumerate(specs) if s.base_row is not None]
+    with_contrast = [j for j, s in enumerate(specs) if s.contrast is not None]
     if contrast is None and with_contrast:
         assert logits is not None
-        rows = torch.tensor([specs[j].base_row for j in with_contrast], device=first.device)
+        rows = torch.tensor([specs[j].contrast for j in with_contrast], device=first.device)
         contrast = logits.index_select(0, rows)
     if len(with_contrast) == len(specs):
         mixed = _lerp_logprobs(anchor, contrast, specs)
@@ -195,7 +192,7 @@ def _combined_logprobs(
             where = torch.tensor(with_contrast, dtype=torch.long, device=first.device)
             picked = [specs[j] for j in with_contrast]
             mixed.index_copy_(0, where, _lerp_logprobs(anchor.index_select(0, where), contrast, picked))
-    betas = [s.method.plausibility if s.base_row is not None else 0.0 for s in specs]
+    betas = [s.method.plausibility if s.contrast is not None else 0.0 for s in specs]
     if not any(b > 0 for b in betas):
         return mixed, False
     beta_tensor = torch.tensor(betas, device=first.device)

@@ -17,6 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -33,7 +34,8 @@ MAX_COEFFICIENT = 1e30
 
 
 class Method(StrEnum):
-    """How the next token is chosen from the preference (pref) and plain (base) contexts."""
+    """How the next token is chosen from the preference contexts and the contrast context (the conversation
+    without the preference)."""
 
     BASE = "base"
     PREF = "pref"
@@ -41,10 +43,10 @@ class Method(StrEnum):
     AMULET = "amulet"
 
     @property
-    def num_contexts(self) -> int:
-        """How many prompt contexts a request of this method decodes with one preference (1 or 2);
-        ``MethodSettings.num_contexts`` counts them for several preferences."""
-        return 2 if self in (Method.LA, Method.AMULET) else 1
+    def has_contrast(self) -> bool:
+        """Whether this method decodes a contrast context besides the preference one(s) (la and amulet);
+        ``MethodSettings.num_contexts`` counts all the contexts of a request."""
+        return self in (Method.LA, Method.AMULET)
 
 
 def _finite(param: str, value: float) -> float:
@@ -116,7 +118,7 @@ class MethodSettings:
         if given.get("strength") is not None:
             clash = [name for name in (*GAME_PARAMETERS, "ratio") if given.get(name) is not None]
             if clash:
-                names = ", ".join(f"'{_api_name(n)}'" for n in clash)
+                names = ", ".join(f"'{api_name(n)}'" for n in clash)
                 raise InvalidParameterError(
                     "coefficient", f"'coefficient' sets A directly; it cannot be combined with {names}. Give one or the other."
                 )
@@ -136,9 +138,10 @@ class MethodSettings:
             raise InvalidParameterError(
                 "iterations", f"'iterations' must be a whole number from 0 to {MAX_ITERATIONS}, got {it!r}."
             )
-        for name in ("eta", "lam"):
-            if _finite(name, getattr(self, name)) <= 0:
-                raise InvalidParameterError(name, f"'{name}' must be greater than 0, got {getattr(self, name)!r}.")
+        for field_name in ("eta", "lam"):
+            name = api_name(field_name)
+            if _finite(name, getattr(self, field_name)) <= 0:
+                raise InvalidParameterError(name, f"'{name}' must be greater than 0, got {getattr(self, field_name)!r}.")
         for name in ("alpha", "ratio"):
             if _finite(name, getattr(self, name)) < 0:
                 raise InvalidParameterError(name, f"'{name}' must be at least 0, got {getattr(self, name)!r}.")
@@ -172,12 +175,13 @@ class MethodSettings:
         """Contexts one request decodes: K + 1 for la and amulet (the contrast context last), K for pref, 1 for base."""
         if self.method is Method.BASE:
             return 1
-        return self.num_preferences + (1 if self.method.num_contexts == 2 else 0)
+        return self.num_preferences + (1 if self.method.has_contrast else 0)
 
     @property
-    def coefficient(self) -> float | None:
-        """The closed-form A of ``A * l0 + (1 - A) * lb``; None for single-context methods."""
-        if self.method.num_contexts == 2 and self.strength is not None:
+    def effective_strength(self) -> float | None:
+        """The A the closed form ``A * l0 + (1 - A) * lc`` decodes with: ``strength`` when set, else la's
+        ``1 + ratio`` or amulet's game; None for methods without a contrast context."""
+        if self.method.has_contrast and self.strength is not None:
             return float(self.strength)
         if self.method is Method.LA:
             return min(1.0 + float(self.ratio), MAX_COEFFICIENT)
@@ -186,8 +190,13 @@ class MethodSettings:
         return None
 
 
-def _api_name(field: str) -> str:
-    return {"lam": "lambda", "strength": "coefficient"}.get(field, field)
+API_NAMES: Mapping[str, str] = MappingProxyType({"lam": "lambda", "strength": "coefficient"})
+"""The one rename map between MethodSettings' field names and the API's, where they differ."""
+
+
+def api_name(field: str) -> str:
+    """The API's name of a MethodSettings field."""
+    return API_NAMES.get(field, field)
 
 
 def amulet_coefficient(iterations: int, eta: float, alpha: float, lam: float) -> float:
@@ -208,12 +217,12 @@ def amulet_coefficient(iterations: int, eta: float, alpha: float, lam: float) ->
     return a
 
 
-def linear_alignment(pref_logits: torch.Tensor, base_logits: torch.Tensor, ratio: float) -> torch.Tensor:
+def linear_alignment(pref_logits: torch.Tensor, contrast_logits: torch.Tensor, ratio: float) -> torch.Tensor:
     """Linear Alignment by its formula: log_softmax(z_pref + r (z_pref - z_base))."""
-    return torch.log_softmax(pref_logits + ratio * (pref_logits - base_logits), dim=-1)
+    return torch.log_softmax(pref_logits + ratio * (pref_logits - contrast_logits), dim=-1)
 
 
-def combine_contexts(pref_logits: torch.Tensor, base_logits: torch.Tensor, coefficients: Sequence[float]) -> torch.Tensor:
+def combine_contexts(pref_logits: torch.Tensor, contrast_logits: torch.Tensor, coefficients: Sequence[float]) -> torch.Tensor:
     """Batched closed form: row i is ``log_softmax(A_i * l0_i + (1 - A_i) * lb_i)``.
 
     Computed as ``log_softmax(zb + A (z0 - zb))`` on the logits, in float64, so a large A
@@ -226,7 +235,7 @@ def combine_contexts(pref_logits: torch.Tensor, base_logits: torch.Tensor, coeff
     # log_softmax(z) = z - const per row, and the final log_softmax drops constants, so the
     # combination can start from the logits themselves: two fewer passes over the vocabulary.
     z0 = pref_logits.double()
-    zb = base_logits.double()
+    zb = contrast_logits.double()
     mixed = zb + coef * (z0 - zb)
     impossible = torch.isneginf(z0) | torch.isneginf(zb)
     if bool(impossible.any()):

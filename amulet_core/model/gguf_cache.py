@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 MODEL_CACHE_ENV = "AMULET_MODEL_CACHE"
 """Environment variable naming the cache folder; ``none`` (or empty) turns the cache off."""
@@ -71,11 +71,11 @@ def save_converted(model: Any, tokenizer: Any, folder: Path) -> bool:
             if not is_complete(folder):  # not another process's finished copy: a real failure
                 raise
             shutil.rmtree(temporary, ignore_errors=True)
-        log.info("converted the GGUF model once into %s; later loads read that folder", folder)
+        logger.info("converted the GGUF model once into %s; later loads read that folder", folder)
         return True
     except (OSError, ValueError, RuntimeError) as exc:
         shutil.rmtree(temporary, ignore_errors=True)
-        log.warning("could not keep a converted copy of the GGUF model in %s (%s); loading from the GGUF file", folder, exc)
+        logger.warning("could not keep a converted copy of the GGUF model in %s (%s); loading from the GGUF file", folder, exc)
         return False
 
 

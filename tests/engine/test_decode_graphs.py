@@ -107,7 +107,7 @@ def test_preemption_with_padded_decode_keeps_answers_exact(tiny_model):
         engine.add_request(requests[-1])
     outputs = drain(engine)
     for r in requests:
-        want = reference_generate(loaded.model, r.prompt_ids, r.base_prompt_ids, r.method, 24)
+        want = reference_generate(loaded.model, r.prompt_ids, r.contrast_prompt_ids, r.method, 24)
         assert tokens_of(outputs[r.request_id]) == want
     assert engine.blocks.num_used == 0
     assert engine.runner.scratch_block == engine.blocks.num_blocks  # never handed out

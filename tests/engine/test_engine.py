@@ -32,7 +32,7 @@ def prompts(seed: int, shared: int, pref_extra: int, base_extra: int) -> tuple[t
 
 
 def make_request(rid: str, settings: MethodSettings, pref, base, max_tokens=16, **sampling) -> GenerationRequest:
-    two = settings.method.num_contexts == 2
+    two = settings.method.has_contrast
     primary = base if settings.method is Method.BASE else pref
     params = SamplingParams(max_tokens=max_tokens, temperature=sampling.pop("temperature", 0), **sampling)
     return GenerationRequest(rid, primary, params, settings, base if two else None)
@@ -42,7 +42,7 @@ def expected(loaded, request: GenerationRequest) -> list[int]:
     return reference_generate(
         loaded.model,
         request.prompt_ids,
-        request.base_prompt_ids,
+        request.contrast_prompt_ids,
         request.method,
         request.sampling.max_tokens,
         stop_ids=loaded.eos_token_ids,
@@ -79,7 +79,7 @@ def test_single_request_matches_reference(tiny_model, family, settings):
     assert tokens_of(outs) == expected(loaded, request)
     assert outs[-1].finish_reason in ("stop", "length")
     assert outs[-1].usage.prompt_tokens == len(request.prompt_ids)
-    assert outs[-1].usage.base_prompt_tokens == (len(base) if request.base_prompt_ids else 0)
+    assert outs[-1].usage.base_prompt_tokens == (len(base) if request.contrast_prompt_ids else 0)
     assert engine.blocks.num_used == 0
 
 
@@ -149,7 +149,7 @@ def test_preemption_under_a_small_kv_budget_keeps_answers_exact(tiny_model):
     outputs = drain(engine)
     assert preempted, "the budget was meant to force preemption"
     for r in requests:
-        want = reference_generate(loaded.model, r.prompt_ids, r.base_prompt_ids, r.method, 24)
+        want = reference_generate(loaded.model, r.prompt_ids, r.contrast_prompt_ids, r.method, 24)
         assert tokens_of(outputs[r.request_id]) == want
     assert engine.blocks.num_used == 0
 

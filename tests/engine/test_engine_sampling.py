@@ -42,7 +42,7 @@ def reference_tokens(loaded, request: GenerationRequest) -> list[int]:
     stop = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(loaded.eos_token_ids))
     out: list[int] = []
     while len(out) < sp.max_tokens:
-        base = None if request.base_prompt_ids is None else request.base_prompt_ids + tuple(out)
+        base = None if request.contrast_prompt_ids is None else request.contrast_prompt_ids + tuple(out)
         logprobs = next_token_logprobs(loaded.model, request.prompt_ids + tuple(out), base, request.method, closed_form=True)
         token = choose_token(logprobs, sp, None, RowHistory(list(out), request.prompt_ids, frozenset(stop)))
         out.append(token)

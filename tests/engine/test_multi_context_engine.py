@@ -45,7 +45,7 @@ def expected(loaded, request: GenerationRequest, stop: bool = True) -> list[int]
     return reference_generate(
         loaded.model,
         request.prompt_ids,
-        request.base_prompt_ids,
+        request.contrast_prompt_ids,
         request.method,
         request.sampling.max_tokens,
         stop_ids=loaded.eos_token_ids if stop else (),
@@ -174,18 +174,18 @@ def test_abort_frees_every_contexts_blocks(tiny_model):
 def test_requests_name_the_preference_when_the_contexts_do_not_match():
     two = MethodSettings(weights=(1.0, 2.0))
     with pytest.raises(InvalidParameterError) as info:
-        GenerationRequest("x", (1, 2), method=two, base_prompt_ids=(1, 3))  # one preference context short
+        GenerationRequest("x", (1, 2), method=two, contrast_prompt_ids=(1, 3))  # one preference context short
     assert info.value.param == "preference"
     with pytest.raises(InvalidParameterError) as info:
-        GenerationRequest("x", (1, 2), method=MethodSettings(), base_prompt_ids=(1, 3), extra_prompt_ids=((4,),))
+        GenerationRequest("x", (1, 2), method=MethodSettings(), contrast_prompt_ids=(1, 3), extra_prompt_ids=((4,),))
     assert info.value.param == "preference"
     with pytest.raises(InvalidParameterError) as info:
         GenerationRequest("x", (1, 2), method=MethodSettings(method=Method.BASE), extra_prompt_ids=((4,),))
     assert info.value.param == "preference"
     with pytest.raises(InvalidParameterError) as info:
-        GenerationRequest("x", (1, 2), method=two, base_prompt_ids=(1, 3), extra_prompt_ids=((),))
+        GenerationRequest("x", (1, 2), method=two, contrast_prompt_ids=(1, 3), extra_prompt_ids=((),))
     assert info.value.param == "preference"
-    ok = GenerationRequest("x", (1, 2), method=two, base_prompt_ids=(1, 3, 5, 7), extra_prompt_ids=[[4, 5, 6]])  # type: ignore[arg-type]
+    ok = GenerationRequest("x", (1, 2), method=two, contrast_prompt_ids=(1, 3, 5, 7), extra_prompt_ids=[[4, 5, 6]])  # type: ignore[arg-type]
     assert ok.contexts == [(1, 2), (4, 5, 6), (1, 3, 5, 7)] and ok.max_new_tokens(16) == 12
     base = GenerationRequest("y", (1, 2), method=MethodSettings(method=Method.BASE, weights=(1.0, 2.0)))
     assert base.contexts == [(1, 2)]

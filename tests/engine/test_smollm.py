@@ -92,7 +92,7 @@ def test_default_mode_amulet_equals_the_iterative_loop_with_the_mask(smollm, eng
     """The default settings are Algorithm 1 followed by the plausibility mask, token for token."""
     pref, base = contexts(smollm.tokenizer, QUESTIONS[0])
     settings = MethodSettings()
-    assert settings.plausibility > 0 and settings.coefficient == MethodSettings.paper().coefficient
+    assert settings.plausibility > 0 and settings.effective_strength == MethodSettings.paper().effective_strength
     request = GenerationRequest("default", pref, SamplingParams(max_tokens=32, temperature=0), settings, base)
     want = reference_generate(smollm.model, pref, base, settings, 32, stop_ids=smollm.eos_token_ids, kv_cache=True)
     assert run(engine, request) == want

@@ -33,7 +33,7 @@ def conversation(question: str, sentence: str | None = None) -> list[dict[str, s
 
 
 def expected_requests(question: str, encode: Encode, guidance_scale: float) -> Counter:
-    """(prompt_ids, extra_prompt_ids, base_prompt_ids, MethodSettings) of every job of one question."""
+    """(prompt_ids, extra_prompt_ids, contrast_prompt_ids, MethodSettings) of every job of one question."""
     plain = encode(conversation(question))
     out: Counter = Counter()
     for presets, weights in MEMBERS.values():

@@ -149,7 +149,7 @@ def test_paper_refuses_settings_that_are_not_the_papers(deviation: list[str], ca
 def test_strength_and_plausibility_columns() -> None:
     gen = parse_args(["--methods", "base", "amulet", "--plausibility", "0,0.5", "--coefficient", "3"], environ={}).generation
     assert [m.label for m in gen.methods] == ["base", "amulet-A3-p0", "amulet-A3"]
-    assert [m.engine_settings.coefficient for m in gen.methods[1:]] == [3.0, 3.0]
+    assert [m.engine_settings.effective_strength for m in gen.methods[1:]] == [3.0, 3.0]
     assert parse_args(["--base-url", "http://x/v1"], environ={}).fluency is None
     assert parse_args(["--no-fluency"], environ={}).fluency is None
     assert parse_args(["--base-url", "http://x/v1", "--fluency-model", "embedded"], environ={}).fluency == FluencyConfig(

@@ -121,7 +121,7 @@ def test_cli_builds_joined_rows_negative_columns_and_cfg() -> None:
     ]  # fmt: skip
     specs = {m.label: m for m in gen.methods}
     assert specs["amulet"].describe() == {  # as before negatives existed: old rows stay reusable
-        "kind": "amulet", "mode": "default", "coefficient": MethodSettings().coefficient, "plausibility": 0.5,
+        "kind": "amulet", "mode": "default", "coefficient": MethodSettings().effective_strength, "plausibility": 0.5,
         "iterations": 60, "eta": 10.0, "alpha": 2.0, "lam": 2.0,
     }  # fmt: skip
     assert specs["amulet-vs-concise"].describe() == {**specs["amulet"].describe(), "negative": "concise"}
@@ -130,7 +130,7 @@ def test_cli_builds_joined_rows_negative_columns_and_cfg() -> None:
     cfg = specs["cfg"]
     assert cfg.describe() == {"kind": "cfg", "guidance_scale": 1.5, "negative_prompt": NEG_PROMPT}
     assert cfg.engine_settings == MethodSettings(method=Method.LA, strength=1.5, plausibility=0.0)  # the server's cfg
-    assert cfg.engine_settings.coefficient == 1.5
+    assert cfg.engine_settings.effective_strength == 1.5
 
 
 def test_plausibility_and_strength_columns_multiply_by_negatives() -> None:

@@ -68,7 +68,7 @@ def test_http_runner_decodes_each_method_with_its_contexts(server: LiveServer, f
                     settings.method, (pref_ids, base_ids)
                 )
                 expected[(*contexts, settings)] += 1
-    got = Counter((r.prompt_ids, r.base_prompt_ids, r.method) for r in fake.requests)
+    got = Counter((r.prompt_ids, r.contrast_prompt_ids, r.method) for r in fake.requests)
     assert got == expected
     for request in fake.requests:
         assert request.sampling.temperature == 0 and request.sampling.max_tokens == 5 and request.sampling.seed == 0
@@ -221,6 +221,6 @@ def test_http_runner_sends_joined_preferences_negatives_and_cfg(server: LiveServ
     )
     outcome = run_eval(config)
     assert outcome.generation.generated == len(MEMBERS) * len(LABELS)
-    got = Counter((r.prompt_ids, r.extra_prompt_ids, r.base_prompt_ids, r.method) for r in fake.requests)
+    got = Counter((r.prompt_ids, r.extra_prompt_ids, r.contrast_prompt_ids, r.method) for r in fake.requests)
     assert got == expected_requests(load_questions(None, 1)[0].question, fake.encode_chat, 1.5)
     assert set(outcome.results["run"]["preferences"]) == set(MEMBERS)

@@ -70,7 +70,7 @@ def test_local_runner_decodes_joined_preferences_negatives_and_cfg(tiny_model, t
     def encode(messages) -> tuple[int, ...]:
         return tuple(render_chat(loaded.tokenizer, messages))
 
-    got = Counter((r.prompt_ids, r.extra_prompt_ids, r.base_prompt_ids, r.method) for r in seen)
+    got = Counter((r.prompt_ids, r.extra_prompt_ids, r.contrast_prompt_ids, r.method) for r in seen)
     assert got == expected_requests(questions[0].question, encode, 1.0)
     for pref in MEMBERS:
         assert rows[(0, pref, "cfg")]["response"] == rows[(0, pref, "base")]["response"]

@@ -42,7 +42,7 @@ def test_text_completion(client: openai.OpenAI, fake: FakeEngine) -> None:
     assert (choice.index, choice.text, choice.finish_reason) == (0, "".join(REPLY_PIECES[:4]), "length")
     request = fake.requests[-1]
     assert request.prompt_ids == (BOS_ID, *(ord(c) for c in "Once upon a time"))  # no chat template
-    assert request.method.method.value == "base" and request.base_prompt_ids is None
+    assert request.method.method.value == "base" and request.contrast_prompt_ids is None
     assert response.usage is not None
     assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (len(request.prompt_ids), 4)
 

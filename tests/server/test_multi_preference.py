@@ -38,14 +38,14 @@ def test_a_list_of_preferences_decodes_one_context_each_plus_the_contrast(server
     body = chat(server, preference=["concise", "formal"]).json()
     request = fake.requests[-1]
     assert request.method.method is Method.AMULET and request.method.normalized_weights == (0.5, 0.5)
-    assert [system_of(request.prompt_ids), system_of(request.extra_prompt_ids[0]), system_of(request.base_prompt_ids)] == [
+    assert [system_of(request.prompt_ids), system_of(request.extra_prompt_ids[0]), system_of(request.contrast_prompt_ids)] == [
         CONCISE,
         FORMAL,
         "",
     ]
     echo = body["preference"]
     assert (echo["text"], echo["texts"], echo["weights"], echo["negative"]) == (CONCISE, [CONCISE, FORMAL], [0.5, 0.5], None)
-    extra = len(request.extra_prompt_ids[0]) + len(request.base_prompt_ids or ())
+    extra = len(request.extra_prompt_ids[0]) + len(request.contrast_prompt_ids or ())
     assert body["usage"]["base_prompt_tokens"] == extra  # every context besides the decoded one
 
 
@@ -53,7 +53,7 @@ def test_weights_and_a_negative_preference(server: LiveServer, fake: FakeEngine)
     body = chat(server, preference={"text": [{"text": "verbose", "weight": 3}, "formal"], "negative": "concise"}).json()
     request = fake.requests[-1]
     assert request.method.normalized_weights == (0.75, 0.25)
-    assert system_of(request.base_prompt_ids) == CONCISE  # the contrast carries the negative preference
+    assert system_of(request.contrast_prompt_ids) == CONCISE  # the contrast carries the negative preference
     assert body["preference"]["negative"] == CONCISE and body["preference"]["weights"] == [0.75, 0.25]
     chat(server, preference={"text": ["verbose", "formal"], "weights": [1, 3], "method": "la"})
     request = fake.requests[-1]
@@ -63,7 +63,7 @@ def test_weights_and_a_negative_preference(server: LiveServer, fake: FakeEngine)
 def test_pref_with_several_preferences_has_no_contrast(server: LiveServer, fake: FakeEngine) -> None:
     chat(server, preference={"text": ["concise", "formal"], "method": "pref"})
     request = fake.requests[-1]
-    assert request.base_prompt_ids is None and len(request.extra_prompt_ids) == 1
+    assert request.contrast_prompt_ids is None and len(request.extra_prompt_ids) == 1
 
 
 def test_one_preference_is_unchanged(server: LiveServer, fake: FakeEngine) -> None:
@@ -71,14 +71,14 @@ def test_one_preference_is_unchanged(server: LiveServer, fake: FakeEngine) -> No
         chat(server, preference=preference)
         request = fake.requests[-1]
         assert request.extra_prompt_ids == () and request.method.weights == ()
-        assert system_of(request.prompt_ids) == CONCISE and system_of(request.base_prompt_ids) == ""
+        assert system_of(request.prompt_ids) == CONCISE and system_of(request.contrast_prompt_ids) == ""
 
 
 def test_classifier_free_guidance(server: LiveServer, fake: FakeEngine) -> None:
     body = chat(server, guidance_scale=1.5, negative_prompt="Answer rudely.").json()
     request = fake.requests[-1]
-    assert system_of(request.prompt_ids) == "" and system_of(request.base_prompt_ids) == "Answer rudely."
-    assert request.method.method is Method.LA and request.method.coefficient == 1.5 and request.method.plausibility == 0
+    assert system_of(request.prompt_ids) == "" and system_of(request.contrast_prompt_ids) == "Answer rudely."
+    assert request.method.method is Method.LA and request.method.effective_strength == 1.5 and request.method.plausibility == 0
     echo = body["preference"]
     assert (echo["mode"], echo["coefficient"], echo["texts"], echo["negative"]) == ("cfg", 1.5, [], "Answer rudely.")
 

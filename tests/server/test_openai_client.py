@@ -56,12 +56,12 @@ def test_preference_through_extra_body(client: openai.OpenAI, fake: FakeEngine) 
     defaults = MethodSettings()
     assert echo["text"] == "Your answer should be concise as much as possible."
     assert (echo["method"], echo["iterations"], echo["eta"], echo["alpha"], echo["lambda"]) == ("amulet", 60, 10, 2, 2)
-    assert echo["coefficient"] == pytest.approx(defaults.coefficient)
+    assert echo["coefficient"] == pytest.approx(defaults.effective_strength)
     request = fake.requests[-1]
-    assert request.base_prompt_ids is not None
+    assert request.contrast_prompt_ids is not None
     usage_extra = response.usage.model_extra or {}
     assert response.usage.prompt_tokens == len(request.prompt_ids)
-    assert usage_extra["base_prompt_tokens"] == len(request.base_prompt_ids)
+    assert usage_extra["base_prompt_tokens"] == len(request.contrast_prompt_ids)
 
 
 def test_streaming_with_usage(client: openai.OpenAI, fake: FakeEngine) -> None:

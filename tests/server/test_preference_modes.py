@@ -30,7 +30,7 @@ def test_a_user_message_alone_gets_the_template_system_prompt_in_both_contexts(s
     assert echo["mode"] == "default" and echo["plausibility"] == 0.5
     pair = preference_message_pair(USER_ONLY, "concise", NEUTRAL_SYSTEM_PROMPT)
     request = fake.requests[-1]
-    assert request.prompt_ids == fake.encode_chat(pair.pref) and request.base_prompt_ids == fake.encode_chat(pair.base)
+    assert request.prompt_ids == fake.encode_chat(pair.pref) and request.contrast_prompt_ids == fake.encode_chat(pair.base)
 
 
 def test_the_conversations_own_system_prompt_is_echoed(server: LiveServer) -> None:
@@ -52,7 +52,7 @@ def test_a_set_coefficient_is_the_strength(server: LiveServer, fake: FakeEngine)
     response = post(server, {"text": "concise", "method": "la", "coefficient": 2.5, "mode": "paper"})
     assert response.status_code == 200, response.text
     method = fake.requests[-1].method
-    assert (method.method, method.strength, method.coefficient, method.mode) == (Method.LA, 2.5, 2.5, Mode.PAPER)
+    assert (method.method, method.strength, method.effective_strength, method.mode) == (Method.LA, 2.5, 2.5, Mode.PAPER)
     assert response.json()["preference"]["coefficient"] == 2.5
 
 

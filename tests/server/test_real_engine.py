@@ -75,7 +75,7 @@ def direct(server: LiveServer, engine: AsyncEngine, settings: MethodSettings | N
     request = GenerationRequest(
         request_id=f"direct-{uuid.uuid4().hex}",
         prompt_ids=ids[0],
-        base_prompt_ids=ids[1] if len(ids) == 2 else None,
+        contrast_prompt_ids=ids[1] if len(ids) == 2 else None,
         sampling=SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
         method=settings,
     )

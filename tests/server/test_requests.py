@@ -42,7 +42,7 @@ def ask(server: LiveServer, fake: FakeEngine, **body: Any) -> tuple[dict[str, An
 def test_no_preference_is_plain_decoding_of_the_messages_as_given(server: LiveServer, fake: FakeEngine) -> None:
     answer, request = ask(server, fake)
     assert request.method.method is Method.BASE
-    assert request.base_prompt_ids is None
+    assert request.contrast_prompt_ids is None
     assert request.prompt_ids == fake.encode_chat(CONVERSATION)  # no system prompt added
     assert answer["preference"] is None
     assert answer["usage"]["base_prompt_tokens"] == 0
@@ -53,7 +53,7 @@ def test_preset_preference_runs_amulet_with_the_default_settings(server: LiveSer
     pair = preference_message_pair(CONVERSATION, "creative", SYSTEM_PROMPT)
     assert request.method == MethodSettings(method=Method.AMULET, iterations=60, eta=10, alpha=2, lam=2, plausibility=0.5)
     assert request.prompt_ids == fake.encode_chat(pair.pref)
-    assert request.base_prompt_ids == fake.encode_chat(pair.base)
+    assert request.contrast_prompt_ids == fake.encode_chat(pair.base)
     assert pair.pref[0]["content"] == f"{SYSTEM_PROMPT} Your answer should be creative as much as possible."
     echo = answer["preference"]
     assert echo == {
@@ -70,11 +70,11 @@ def test_preset_preference_runs_amulet_with_the_default_settings(server: LiveSer
         "lambda": 2.0,
         "ratio": 2.0,
         "plausibility": 0.5,
-        "coefficient": pytest.approx(MethodSettings().coefficient),
+        "coefficient": pytest.approx(MethodSettings().effective_strength),
     }
     usage = answer["usage"]
     assert usage["prompt_tokens"] == len(request.prompt_ids)
-    assert usage["base_prompt_tokens"] == len(request.base_prompt_ids)
+    assert usage["base_prompt_tokens"] == len(request.contrast_prompt_ids)
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert usage["prompt_tokens_details"] == {"cached_tokens": CACHED_TOKENS}
 
@@ -93,13 +93,13 @@ def test_preference_object(server: LiveServer, fake: FakeEngine, spec: dict[str,
     answer, request = ask(server, fake, preference={"text": text, **spec})
     pair = preference_message_pair(CONVERSATION, text, SYSTEM_PROMPT)
     assert request.prompt_ids == fake.encode_chat(getattr(pair, context))
-    assert request.base_prompt_ids == (fake.encode_chat(pair.base) if two else None)
+    assert request.contrast_prompt_ids == (fake.encode_chat(pair.base) if two else None)
     given = {("lam" if k == "lambda" else k): v for k, v in spec.items()}
     expected = MethodSettings(**given)
     assert request.method == expected
     assert answer["preference"]["text"] == text
     assert answer["preference"]["method"] == spec["method"]
-    assert answer["preference"]["coefficient"] == (pytest.approx(expected.coefficient) if two else None)
+    assert answer["preference"]["coefficient"] == (pytest.approx(expected.effective_strength) if two else None)
 
 
 def test_la_default_ratio(server: LiveServer, fake: FakeEngine) -> None:
@@ -123,7 +123,7 @@ def test_messages_developer_role_and_text_parts(server: LiveServer, fake: FakeEn
 
 def test_max_tokens_defaults_to_the_room_left(server: LiveServer, fake: FakeEngine) -> None:
     _, request = ask(server, fake, preference="concise")
-    longest = max(len(request.prompt_ids), len(request.base_prompt_ids or ()))
+    longest = max(len(request.prompt_ids), len(request.contrast_prompt_ids or ()))
     assert request.sampling.max_tokens is None  # the domain's "all the room there is"
     assert request.max_new_tokens(MAX_MODEL_LEN) == MAX_MODEL_LEN - longest
     _, request = ask(server, fake, max_tokens=7, max_completion_tokens=5)

@@ -50,7 +50,7 @@ def client(server: LiveServer) -> Any:
 
 def prompt_of(fake: FakeEngine, i: int = -1, base: bool = False) -> str:
     request = fake.requests[i]
-    ids = request.base_prompt_ids if base else request.prompt_ids
+    ids = request.contrast_prompt_ids if base else request.prompt_ids
     return "".join(chr(t) for t in ids or ())
 
 

@@ -27,7 +27,7 @@ def test_ratio_beyond_the_coefficient_cap_is_refused_in_the_domain() -> None:
     with pytest.raises(InvalidParameterError) as caught:
         MethodSettings(method=Method.LA, ratio=MAX_COEFFICIENT * 10)
     assert caught.value.param == "ratio"
-    assert MethodSettings(method=Method.LA, ratio=MAX_COEFFICIENT - 1).coefficient == MAX_COEFFICIENT
+    assert MethodSettings(method=Method.LA, ratio=MAX_COEFFICIENT - 1).effective_strength == MAX_COEFFICIENT
 
 
 def _request(prompt: int, base: int | None, max_tokens: int | None) -> GenerationRequest:
@@ -72,16 +72,16 @@ def test_one_model_display_name_for_loading_and_the_api(tmp_path: Path, monkeypa
 def test_paper_mode_is_the_papers_settings_and_the_default_mode_masks() -> None:
     paper = MethodSettings.paper()
     assert (paper.iterations, paper.eta, paper.alpha, paper.lam, paper.plausibility) == (60, 10.0, 2.0, 2.0, 0.0)
-    assert abs(paper.coefficient - 5.6487) <= 1e-4 and paper.mode is Mode.PAPER
+    assert abs(paper.effective_strength - 5.6487) <= 1e-4 and paper.mode is Mode.PAPER
     assert MethodSettings.from_fields({}, "paper") == paper
     assert MethodSettings.from_fields({"method": "la"}, Mode.PAPER) == MethodSettings.paper(Method.LA)
     assert MethodSettings.from_fields({}) == MethodSettings()
 
 
 def test_a_set_strength_replaces_the_game_and_the_ratio() -> None:
-    assert MethodSettings.from_fields({"strength": 3.0}).coefficient == 3.0
-    assert MethodSettings.from_fields({"method": "la", "strength": 2.5}).coefficient == 2.5
-    assert MethodSettings.from_fields({"method": "pref", "strength": 2.5}).coefficient is None
+    assert MethodSettings.from_fields({"strength": 3.0}).effective_strength == 3.0
+    assert MethodSettings.from_fields({"method": "la", "strength": 2.5}).effective_strength == 2.5
+    assert MethodSettings.from_fields({"method": "pref", "strength": 2.5}).effective_strength is None
 
 
 @pytest.mark.parametrize("clash", ["iterations", "eta", "alpha", "lam", "ratio"])

@@ -51,7 +51,7 @@ def test_closed_form_equals_iterative(params, dtype, tolerance):
     settings = MethodSettings(iterations=t, eta=eta, alpha=alpha, lam=lam)
     pref, base = _logits(dtype)
     iterative = amulet_iterative(pref.double(), base.double(), settings)
-    closed = combine_contexts(pref, base, [settings.coefficient] * pref.shape[0])
+    closed = combine_contexts(pref, base, [settings.effective_strength] * pref.shape[0])
     assert closed.dtype == dtype
     assert (iterative - closed.double()).abs().max().item() <= tolerance
 
@@ -62,7 +62,7 @@ def test_closed_form_tracks_the_float32_loop(params):
     settings = MethodSettings(iterations=t, eta=eta, alpha=alpha, lam=lam)
     pref, base = _logits(torch.float32)
     loop32 = amulet_iterative(pref, base, settings)
-    closed = combine_contexts(pref, base, [settings.coefficient] * pref.shape[0])
+    closed = combine_contexts(pref, base, [settings.effective_strength] * pref.shape[0])
     assert (loop32 - closed).abs().max().item() <= 5e-5
     assert torch.equal(loop32.argmax(-1), closed.argmax(-1))
 
@@ -72,20 +72,20 @@ def test_closed_form_with_large_coefficient(params):
     """Log-probs reach -1e5 and beyond here, so the tolerance is relative to their scale."""
     t, eta, alpha, lam = params
     settings = MethodSettings(iterations=t, eta=eta, alpha=alpha, lam=lam)
-    assert settings.coefficient > 100
+    assert settings.effective_strength > 100
     pref, base = _logits(torch.float64)
     iterative = amulet_iterative(pref, base, settings)
-    closed = combine_contexts(pref, base, [settings.coefficient] * pref.shape[0])
+    closed = combine_contexts(pref, base, [settings.effective_strength] * pref.shape[0])
     scale = iterative.abs().max().item()
     assert (iterative - closed).abs().max().item() <= 1e-12 * scale
-    closed32 = combine_contexts(pref.float(), base.float(), [settings.coefficient] * pref.shape[0])
+    closed32 = combine_contexts(pref.float(), base.float(), [settings.effective_strength] * pref.shape[0])
     assert (iterative - closed32.double()).abs().max().item() <= 1e-6 * scale
     assert torch.equal(iterative.argmax(-1), closed32.argmax(-1))
 
 
 def test_paper_default_coefficient():
     assert abs(amulet_coefficient(60, 10, 2, 2) - 5.6487) <= 1e-4
-    assert abs(MethodSettings().coefficient - 5.6487) <= 1e-4
+    assert abs(MethodSettings().effective_strength - 5.6487) <= 1e-4
     assert abs(amulet_coefficient(20, 10, 2, 2) - 4.5665) <= 1e-4
     assert abs(amulet_coefficient(60, 20, 1, 10) - 1.1108) <= 1e-4
 
@@ -93,8 +93,8 @@ def test_paper_default_coefficient():
 def test_zero_iterations_is_pure_pref():
     pref, base = _logits(torch.float64)
     settings = MethodSettings(iterations=0)
-    assert settings.coefficient == 1.0
-    out = combine_contexts(pref, base, [settings.coefficient] * 4)
+    assert settings.effective_strength == 1.0
+    out = combine_contexts(pref, base, [settings.effective_strength] * 4)
     assert torch.allclose(out, torch.log_softmax(pref, dim=-1), atol=1e-12)
 
 
@@ -103,7 +103,7 @@ def test_linear_alignment_matches_formula():
     settings = MethodSettings(method=Method.LA, ratio=2.0)
     expected = torch.log_softmax(pref + 2.0 * (pref - base), dim=-1)
     assert torch.allclose(linear_alignment(pref, base, 2.0), expected, atol=1e-12)
-    closed = combine_contexts(pref, base, [settings.coefficient] * 4)
+    closed = combine_contexts(pref, base, [settings.effective_strength] * 4)
     assert (closed - expected).abs().max().item() <= 1e-9
 
 
@@ -118,14 +118,14 @@ def test_rows_use_their_own_coefficient():
 
 def test_huge_coefficient_stays_finite_and_agrees_with_iterative():
     settings = MethodSettings(iterations=60, eta=4, alpha=5, lam=1)
-    a = settings.coefficient
+    a = settings.effective_strength
     assert a > 1e5
     pref, base = _logits(torch.float32)
     closed = combine_contexts(pref, base, [a] * 4)
     assert torch.isfinite(closed).all()
     assert torch.equal(closed.argmax(-1), amulet_iterative(pref.double(), base.double(), settings).argmax(-1))
     # Beyond float64's range the coefficient is clamped, and the result is still a distribution.
-    extreme = MethodSettings(iterations=MAX_ITERATIONS, eta=0.01, alpha=100, lam=0.01).coefficient
+    extreme = MethodSettings(iterations=MAX_ITERATIONS, eta=0.01, alpha=100, lam=0.01).effective_strength
     assert math.isfinite(extreme)
     out = combine_contexts(pref, base, [extreme] * 4)
     assert torch.isfinite(out.logsumexp(-1)).all()
@@ -161,8 +161,8 @@ def test_plausibility_mask_keeps_only_plausible_tokens():
         ({"eta": float("nan")}, "eta"),
         ({"alpha": -1}, "alpha"),
         ({"alpha": float("inf")}, "alpha"),
-        ({"lam": 0}, "lam"),
-        ({"lam": -2}, "lam"),
+        ({"lam": 0}, "lambda"),
+        ({"lam": -2}, "lambda"),
         ({"ratio": -1}, "ratio"),
         ({"plausibility": 1.5}, "plausibility"),
         ({"method": "beam"}, "method"),

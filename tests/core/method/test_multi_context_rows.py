@@ -47,7 +47,7 @@ def expected_row(logits: torch.Tensor, spec: RowSpec, keep: torch.Tensor) -> tor
     """The float64 closed form of one request's rows, its plausibility mask from the mixture anchor, the grammar."""
     prefs = [logits[r].double() for r in spec.pref_rows]
     weights = spec.method.weights
-    contrast = None if spec.contrast_row is None else logits[spec.contrast_row].double()
+    contrast = None if spec.contrast is None else logits[spec.contrast].double()
     mixed = combine_weighted(prefs, weights, contrast, spec.coefficient)
     keep = keep.clone()
     if contrast is not None and spec.method.plausibility > 0:
@@ -75,7 +75,7 @@ def random_step(seed: int) -> tuple[torch.Tensor, list[RowSpec]]:
             logits[r] = shared[i] + torch.randn(VOCAB, generator=g)
         k = settings.num_preferences if settings.method is not Method.BASE else 1
         contrast = rows[k] if size > k else None
-        specs.append(RowSpec.of(rows[:k], settings.normalized_weights, contrast, settings, settings.coefficient))
+        specs.append(RowSpec.of(rows[:k], settings.normalized_weights, contrast, settings, settings.effective_strength))
     return logits, specs
 
 
@@ -97,7 +97,7 @@ def test_mixed_steps_match_the_per_row_reference(seed, grammar):
 def test_a_request_gives_the_same_row_whatever_shares_its_step():
     """A K = 2 request alone, and in steps with other layouts: the same float32 numbers."""
     logits, specs = random_step(3)
-    several = next(i for i, s in enumerate(specs) if s.extra_rows and s.contrast_row is not None)
+    several = next(i for i, s in enumerate(specs) if s.extra_rows and s.contrast is not None)
     full = method_logprobs(logits, specs)
     alone = method_logprobs(logits, [specs[several]])
     assert torch.equal(full[several], alone[0])
@@ -108,7 +108,7 @@ def test_the_paired_fast_path_is_kept_when_every_request_has_one_preference():
     so an index_select over them never runs (spied), and the numbers equal the general path's."""
     logits, _ = random_step(0)
     settings = MethodSettings(plausibility=0.3)
-    specs = [RowSpec.of((2 * i,), (1.0,), 2 * i + 1, settings, settings.coefficient) for i in range(logits.shape[0] // 2)]
+    specs = [RowSpec.of((2 * i,), (1.0,), 2 * i + 1, settings, settings.effective_strength) for i in range(logits.shape[0] // 2)]
     calls = []
     original = torch.Tensor.index_select
 
@@ -123,5 +123,5 @@ def test_the_paired_fast_path_is_kept_when_every_request_has_one_preference():
         torch.Tensor.index_select = original  # type: ignore[method-assign]
     assert not any(shape == (2 * len(specs), VOCAB) for shape in calls)
     shifted = torch.cat([logits[:1], logits[: 2 * len(specs)]])  # one row more in front: the general path
-    moved = [RowSpec(s.primary_row + 1, s.base_row + 1, s.method, s.coefficient) for s in specs if s.base_row is not None]
+    moved = [RowSpec(s.primary_row + 1, s.contrast + 1, s.method, s.coefficient) for s in specs if s.contrast is not None]
     assert torch.equal(method_logprobs(shifted, moved), paired)

@@ -275,16 +275,16 @@ def test_method_logprobs_masks_each_row_once_whatever_the_layout(compiler, smoll
     masks = grammar_masks(list(constrained), [compiler.matcher(s) for s in constrained.values()], vocab)
     out = method_logprobs(logits, specs, masks)
     for i, spec in enumerate(specs):
-        if spec.base_row is None:
+        if spec.contrast is None:
             expected = torch.log_softmax(logits[spec.primary_row], dim=-1)
         else:
             coefficient = torch.tensor([[spec.coefficient]])
-            expected = combine_contexts_float32(logits[[spec.primary_row]], logits[[spec.base_row]], coefficient)[0]
+            expected = combine_contexts_float32(logits[[spec.primary_row]], logits[[spec.contrast]], coefficient)[0]
         keep = torch.ones(vocab, dtype=torch.bool)
         if i in constrained:
             keep[:] = False
             keep[sorted(reference_allowed(compiler, constrained[i], [], vocab))] = True
-        if spec.base_row is not None and spec.method.plausibility > 0:
+        if spec.contrast is not None and spec.method.plausibility > 0:
             l0 = torch.log_softmax(logits[spec.primary_row], dim=-1)
             keep &= l0 >= l0[keep].max() + math.log(spec.method.plausibility)
         expected = torch.log_softmax(expected.masked_fill(~keep, float("-inf")), dim=-1)

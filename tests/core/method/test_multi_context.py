@@ -13,7 +13,7 @@ from amulet_core.method.mixture import MAX_PREFERENCES, mixture_logits
 from amulet_core.method.reference import amulet_iterative, combine_weighted
 from amulet_core.method.rows import RowSpec, combine_contexts_float32, method_logprobs
 from amulet_core.method.settings import Method, MethodSettings, combine_contexts
-from tests.core.test_methods import LARGE_A_SETS, PARAMETER_SETS
+from tests.core.method.test_methods import LARGE_A_SETS, PARAMETER_SETS
 
 WEIGHTS = {2: (1.0, 3.0), 3: (0.5, 2.0, 1.5)}
 
@@ -45,7 +45,7 @@ def test_closed_form_equals_iterative_on_the_mixture(k, params, dtype, tolerance
     settings = MethodSettings(iterations=t, eta=eta, alpha=alpha, lam=lam, weights=weights)
     prefs, contrast = _contexts(k, dtype)
     iterative = _iterative_on_anchor(prefs, weights, contrast, settings)
-    closed = combine_weighted(prefs, weights, contrast, settings.coefficient)
+    closed = combine_weighted(prefs, weights, contrast, settings.effective_strength)
     assert closed.dtype == dtype
     assert (iterative - closed.double()).abs().max().item() <= tolerance
 
@@ -63,7 +63,11 @@ def test_the_engines_float32_path_tracks_the_game(k, params):
     logits = torch.cat([torch.stack([*(p[r] for p in prefs), contrast[r]]) for r in range(rows)])
     specs = [
         RowSpec.of(
-            range(r * (k + 1), r * (k + 1) + k), settings.normalized_weights, r * (k + 1) + k, settings, settings.coefficient
+            range(r * (k + 1), r * (k + 1) + k),
+            settings.normalized_weights,
+            r * (k + 1) + k,
+            settings,
+            settings.effective_strength,
         )
         for r in range(rows)
     ]
@@ -77,13 +81,13 @@ def test_the_engines_float32_path_tracks_the_game(k, params):
 def test_large_coefficient_on_the_mixture(params):
     t, eta, alpha, lam = params
     settings = MethodSettings(iterations=t, eta=eta, alpha=alpha, lam=lam, weights=(2.0, 1.0))
-    assert settings.coefficient > 100
+    assert settings.effective_strength > 100
     prefs, contrast = _contexts(2, torch.float64)
     iterative = _iterative_on_anchor(prefs, settings.weights, contrast, settings)
-    closed = combine_weighted(prefs, settings.weights, contrast, settings.coefficient)
+    closed = combine_weighted(prefs, settings.weights, contrast, settings.effective_strength)
     scale = iterative.abs().max().item()
     assert (iterative - closed).abs().max().item() <= 1e-12 * scale
-    closed32 = combine_weighted([p.float() for p in prefs], settings.weights, contrast.float(), settings.coefficient)
+    closed32 = combine_weighted([p.float() for p in prefs], settings.weights, contrast.float(), settings.effective_strength)
     assert torch.isfinite(closed32.logsumexp(-1)).all()
     assert torch.equal(iterative.argmax(-1), closed32.argmax(-1))
 
@@ -109,7 +113,7 @@ def test_equal_weights_give_the_same_distribution_whatever_their_scale():
     a, b = MethodSettings(weights=(1, 1)), MethodSettings(weights=(2, 2))
     assert a.normalized_weights == b.normalized_weights == (0.5, 0.5)
     logits = torch.stack([prefs[0][0], prefs[1][0], contrast[0]])
-    got = [method_logprobs(logits, [RowSpec.of((0, 1), s.normalized_weights, 2, s, s.coefficient)]) for s in (a, b)]
+    got = [method_logprobs(logits, [RowSpec.of((0, 1), s.normalized_weights, 2, s, s.effective_strength)]) for s in (a, b)]
     assert torch.equal(got[0], got[1])
 
 
