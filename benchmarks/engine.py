@@ -68,7 +68,7 @@ WORDS = [
 def contexts(tokenizer, question: str, system: str = PAPER_SYSTEM_PROMPT) -> tuple[tuple[int, ...], tuple[int, ...]]:
     messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
     pair = preference_message_pair(messages, "concise")
-    return tuple(render_chat(tokenizer, pair.pref)), tuple(render_chat(tokenizer, pair.base))
+    return tuple(render_chat(tokenizer, pair.pref)), tuple(render_chat(tokenizer, pair.contrast))
 
 
 def bench_generate(loaded: LoadedModel, prompt: tuple[int, ...], new_tokens: int) -> float:

@@ -43,7 +43,7 @@ def request(rid: str, tokenizer, question: str, k: int, new_tokens: int) -> Gene
     messages = [{"role": "system", "content": PAPER_SYSTEM_PROMPT}, {"role": "user", "content": question}]
     sampling = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     pairs = [preference_message_pair(messages, name) for name in PRESETS[: max(k, 1)]]
-    contrast = tuple(render_chat(tokenizer, pairs[0].base))
+    contrast = tuple(render_chat(tokenizer, pairs[0].contrast))
     if k == 0:
         return GenerationRequest(rid, contrast, sampling, MethodSettings(method=Method.BASE))
     prefs = [tuple(render_chat(tokenizer, p.pref)) for p in pairs]

@@ -181,10 +181,11 @@ def ray_serve(args: argparse.Namespace, port: int) -> Iterator[None]:
 def deploy(args: argparse.Namespace, replicas: int, metrics_base: int) -> None:
     from ray import serve
 
-    from server.ray_serve.application import build_application, parse_for_ray
+    from amulet_ray.application import build_application
+    from amulet_ray.config import parse_args
 
     argv = ["--host", "127.0.0.1", "--cpu-threads", str(args.cpu_threads), "--ray-metrics-port", str(metrics_base)]
-    configs = parse_for_ray([*argv, "--ray-replicas", str(replicas), *args.server_args.split()])
+    configs = parse_args([*argv, "--ray-replicas", str(replicas), *args.server_args.split()])
     serve.run(build_application(configs), name=APP, route_prefix="/")
 
 

@@ -31,7 +31,7 @@ from server.protocol_answers import ErrorResponse, ModelCard, ModelList
 from server.protocol_completions import CompletionRequest
 from server.protocol_tokenize import DetokenizeRequest, TokenizeRequest, VersionResponse
 from server.request_id import REQUEST_ID_HEADER, RequestIdMiddleware, request_id_of
-from server.request_policy import UnknownFieldLog
+from server.requests.policy import UnknownFieldLog
 from server.serving_chat import OpenAIServingChat
 from server.serving_completions import OpenAIServingCompletion
 from server.serving_tokenize import OpenAIServingTokenization
@@ -115,7 +115,7 @@ def create_app(
     unknown_fields = UnknownFieldLog()
     chat = OpenAIServingChat(engine, model_name, config, observer, unknown_fields)
     completions = OpenAIServingCompletion(engine, model_name, config, observer, unknown_fields)
-    tokenization = OpenAIServingTokenization(engine, model_name, unknown_fields)
+    tokenization = OpenAIServingTokenization(engine, model_name, config, observer, unknown_fields)
     app = FastAPI(title="Amulet Serve", summary="OpenAI-compatible API with Amulet preference decoding", lifespan=lifespan)
     install_error_handlers(app, config.retry_after_s)
     lifecycle = ServerLifecycle()

@@ -142,6 +142,10 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> ErrorInfo
         detail = next(e for e in errors if e.get("type") == "json_invalid")
         reason = (detail.get("ctx") or {}).get("error") or detail.get("msg", "")
         return ErrorInfo(message=f"The request body is not valid JSON: {reason}", type=INVALID_REQUEST)
+    for error in errors:  # a request model's cross-field rule (a model validator) names its own field
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidParameterError):
+            return ErrorInfo(message=cause.message, type=INVALID_REQUEST, param=cause.param)
     error = max(errors, key=lambda e: len(e.get("loc", ())))
     param = _param_from_loc(error.get("loc", ()), keep_last=error.get("type") == "extra_forbidden")
     if error.get("type") == "extra_forbidden":

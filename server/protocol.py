@@ -2,17 +2,18 @@
 
 Requests are validated strictly from JSON (``model_validate_json``): numbers are not parsed out of
 strings, and a wrong type is a 400. Fields the models do not declare are kept (``model_extra``) for
-:mod:`server.request_policy`, which refuses the known ones that would change the answer and logs the
+:mod:`server.requests.policy`, which refuses the known ones that would change the answer and logs the
 unknown ones. ``preference`` is this server's extension.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from amulet_core.errors import InvalidParameterError
 from amulet_core.sampling.params import SEED_MAX, SEED_MIN
 
 
@@ -153,6 +154,12 @@ class GenerationFields(_Request):
     prompt_cache_key: str | None = None
     priority: int | None = None
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> Self:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidParameterError("stream_options", "'stream_options' is only allowed when 'stream' is true.")
+        return self
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -276,6 +283,12 @@ class ChatCompletionRequest(GenerationFields):
     # Accepted, no effect here.
     reasoning_effort: str | None = None
     prediction: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> Self:
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidParameterError("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
+        return self
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
+from amulet_core.errors import InvalidParameterError
 from server.protocol import GenerationFields
 from server.protocol_answers import PreferenceEcho, UsageInfo
 
@@ -25,6 +26,22 @@ class CompletionRequest(GenerationFields):
     best_of: int | None = None
     add_special_tokens: bool | None = True
     """vLLM's: add the tokenizer's special tokens (BOS) to text prompts."""
+
+    @model_validator(mode="after")
+    def _rules_between_fields(self) -> Self:
+        if self.suffix:
+            raise InvalidParameterError("suffix", "'suffix' (fill in the middle) is not supported.")
+        if self.best_of is not None and self.best_of != self.num_choices:
+            raise InvalidParameterError("best_of", "'best_of' is not supported; it may only equal 'n'.")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise InvalidParameterError(
+                "logprobs", f"'logprobs' must be from 0 to {MAX_COMPLETION_LOGPROBS}, got {self.logprobs}."
+            )
+        if self.echo and self.logprobs is not None:
+            raise InvalidParameterError(
+                "echo", "'echo' with 'logprobs' needs the prompt's log-probabilities, which this server does not compute."
+            )
+        return self
 
 
 class CompletionLogprobs(BaseModel):

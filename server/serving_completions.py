@@ -1,14 +1,9 @@
-"""Text completions (``POST /v1/completions``) over an EngineClient: raw prompts, no chat template.
-
-A raw prompt has no system message to carry a preference, so every text completion decodes the
-prompt as given (method ``base``); ``preference`` is refused with a pointer to the chat endpoint.
-"""
+"""Text completions (``POST /v1/completions``) over an EngineClient: the prepared requests
+(:mod:`server.requests.completion`) to the engine, then a JSON or SSE answer."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,26 +12,11 @@ from fastapi.responses import JSONResponse, Response
 
 from amulet_core.engine.parallel_sampling import ChoiceOutput, generate_choices
 from amulet_core.engine.protocol import GenerationRequest, TokenLogprob, Usage
-from amulet_core.errors import EngineNotReadyError, InvalidParameterError
-from amulet_core.method.settings import Method, MethodSettings
-from server.generation_fields import check_choices, check_model, renamed_param, sampling_params
 from server.protocol_answers import MIN_LOGPROB, UsageInfo
-from server.protocol_completions import (
-    MAX_COMPLETION_LOGPROBS,
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionResponse,
-)
-from server.request_policy import apply_request_policy
+from server.protocol_completions import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from server.requests.completion import prepare as prepare_completion
 from server.serving_choices import CLIENT_CLOSED_REQUEST, run_to_end, sse, stream_response
 from server.serving_engine import OpenAIServing, RequestTracker
-from server.structured_request import requested_grammar
-
-DEFAULT_MAX_TOKENS = 16
-"""OpenAI's and vLLM's default for text completions (chat's default is all the room left)."""
-MAX_PROMPTS = 256
-"""Prompts in one request (each is a request of its own to the engine)."""
 
 
 def legacy_logprobs(items: Sequence[TokenLogprob], offset: int) -> CompletionLogprobs:
@@ -88,79 +68,9 @@ class OpenAIServingCompletion(OpenAIServing):
         return JSONResponse(response.model_dump(exclude={"preference"}))
 
     async def prepare(self, body: CompletionRequest) -> tuple[list[GenerationRequest], list[str]]:
-        """One GenerationRequest per prompt (ids ``cmpl-<hex>-<prompt index>``) and each prompt's text."""
-        check_model(body.model, self.model_name)
-        apply_request_policy(body, self.unknown_fields)
-        check_choices(body, self.config.max_n)
-        if body.preference is not None:
-            raise InvalidParameterError(
-                "preference",
-                "A raw prompt has no system message to carry a preference: use /v1/chat/completions for 'preference'.",
-            )
-        if body.suffix:
-            raise InvalidParameterError("suffix", "'suffix' (fill in the middle) is not supported.")
-        if body.best_of is not None and body.best_of != body.num_choices:
-            raise InvalidParameterError("best_of", "'best_of' is not supported; it may only equal 'n'.")
-        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
-            raise InvalidParameterError(
-                "logprobs", f"'logprobs' must be from 0 to {MAX_COMPLETION_LOGPROBS}, got {body.logprobs}."
-            )
-        if body.echo and body.logprobs is not None:
-            raise InvalidParameterError(
-                "echo", "'echo' with 'logprobs' needs the prompt's log-probabilities, which this server does not compute."
-            )
-        if not self.engine.ready:
-            raise EngineNotReadyError("The model is still loading; retry later.")
-        prompts = self._prompts(body.prompt)
-        add_special = body.add_special_tokens is not False
-        ids = await asyncio.to_thread(lambda: [self._encode(p, add_special) for p in prompts])
-        texts = await asyncio.to_thread(lambda: [p if isinstance(p, str) else self.engine.decode(p) for p in prompts])
-        sampling = sampling_params(
-            body,
-            max_tokens=DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
-            max_tokens_param="max_tokens",
-            logprobs=body.logprobs is not None,
-            top_logprobs=body.logprobs or 0,
-            grammar=requested_grammar(body),
-        )
-        base_id = f"cmpl-{uuid.uuid4().hex}"
-        requests = []
-        for i, prompt_ids in enumerate(ids):
-            request = renamed_param(
-                "messages",
-                "prompt",
-                lambda prompt_ids=prompt_ids, i=i: GenerationRequest(  # type: ignore[misc]
-                    request_id=f"{base_id}-{i}",
-                    prompt_ids=prompt_ids,
-                    sampling=sampling,
-                    method=MethodSettings(method=Method.BASE),
-                ),
-            )
-            renamed_param("messages", "prompt", lambda r=request: r.max_new_tokens(self.engine.max_model_len))  # type: ignore[misc]
-            requests.append(request)
-        return requests, texts
-
-    def _prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
-        if isinstance(prompt, str):
-            return [prompt]
-        if not prompt:
-            raise InvalidParameterError("prompt", "'prompt' must not be an empty list.")
-        if isinstance(prompt[0], int):
-            prompts: list[Any] = [prompt]
-        else:
-            prompts = list(prompt)
-        if len(prompts) > MAX_PROMPTS:
-            raise InvalidParameterError("prompt", f"'prompt' takes at most {MAX_PROMPTS} prompts, got {len(prompts)}.")
-        vocab = self.engine.vocab_size
-        for p in prompts:
-            if isinstance(p, list) and any(not 0 <= t < vocab for t in p):
-                raise InvalidParameterError("prompt", f"Token ids in 'prompt' must be from 0 to {vocab - 1}.")
-        return prompts
-
-    def _encode(self, prompt: str | list[int], add_special_tokens: bool) -> tuple[int, ...]:
-        if isinstance(prompt, str):
-            return self.engine.encode_prompt(prompt, add_special_tokens)
-        return tuple(prompt)
+        """One GenerationRequest per prompt (:mod:`server.requests.completion`) and each prompt's text."""
+        prepared = await prepare_completion(body, self.renderer, self.admission)
+        return prepared.requests, prepared.prompt_texts
 
 
 class CompletionChunks:

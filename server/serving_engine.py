@@ -14,9 +14,13 @@ from fastapi import Request
 
 from amulet_core.engine.parallel_sampling import ChoiceOutput
 from amulet_core.engine.protocol import EngineClient, GenerationRequest, Usage
+from amulet_core.errors import EngineNotReadyError
+from amulet_core.model.chat_template import ChatRenderer
 from server.config import ServerConfig
 from server.observer import RequestObserver, RequestRecord
-from server.request_policy import UnknownFieldLog
+from server.requests.admission import Admission
+from server.requests.policy import UnknownFieldLog
+from server.requests.tools import ConfiguredToolParser
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +29,7 @@ _END = object()
 
 class OpenAIServing:
     """What every endpoint over an engine holds: the engine, the name it serves the model under, the server's
-    settings, the observer of finished requests and the log of unknown request fields."""
+    settings, the observer of finished requests, and the :class:`Admission` of its requests."""
 
     def __init__(
         self,
@@ -39,7 +43,14 @@ class OpenAIServing:
         self.model_name = model_name
         self.config = config
         self.observer = observer
-        self.unknown_fields = unknown_fields
+        self.tool_parser = ConfiguredToolParser(config.tool_call_parser, lambda: engine.renderer.chat_template_text())
+        self.admission = Admission(model_name, config, engine, self.tool_parser, unknown_fields)
+
+    def renderer(self) -> ChatRenderer:
+        """The engine's renderer; EngineNotReadyError while the model loads."""
+        if not self.engine.ready:
+            raise EngineNotReadyError("The model is still loading; retry later.")
+        return self.engine.renderer
 
 
 class ClientDisconnected(Exception):

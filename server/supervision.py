@@ -1,4 +1,4 @@
-"""Crash-only operation: the exit statuses a supervisor acts on, the model-load watch, and API keys from files.
+"""Crash-only operation: the exit statuses a supervisor acts on, the model-load watch and the engine watchdog.
 
 A process that cannot serve exits with a status that says why, so that a supervisor (Docker's restart
 policy, Kubernetes, systemd) restarts it instead of leaving it up and never ready:
@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 
 from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.protocol import GenerationRequest
@@ -32,44 +31,9 @@ TEST_FAULTS = ("stall", "die")
 """Test-only faults of the hidden ``--test-engine-fault`` option (see :func:`fault_hook_for_tests`)."""
 _FAULT_AFTER_CALLS = 3
 WATCHDOG_POLL_S = 0.5
-
-API_KEY_ENV = "AMULET_API_KEY"
-API_KEY_FILE_ENV = "AMULET_API_KEY_FILE"
 _LOAD_POLL_S = 0.1
 
 logger = logging.getLogger(__name__)
-
-
-def read_api_keys(path: str | Path) -> tuple[str, ...]:
-    """The keys of an API key file: one per line, surrounding blanks stripped; blank lines and lines
-    starting with ``#`` are skipped. Several keys let a key be rotated without downtime.
-
-    Raises ValueError (without any key text) when the file cannot be read or holds no key."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read the API key file {str(path)!r}: {type(exc).__name__}") from None
-    keys = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#"))
-    if not keys:
-        raise ValueError(f"the API key file {str(path)!r} holds no key (one key a line; '#' starts a comment)")
-    return keys
-
-
-def resolve_api_keys(cli_key: str | None, cli_file: str | None, env: Mapping[str, str]) -> tuple[str, ...]:
-    """Every accepted key: from ``--api-key`` and ``--api-key-file`` when either is given, else from
-    ``$AMULET_API_KEY`` and ``$AMULET_API_KEY_FILE``; none (an open API) when nothing is set.
-
-    Raises ValueError for an unreadable or empty key file, or an empty ``--api-key``."""
-    if cli_key is not None or cli_file is not None:
-        key, file = cli_key, cli_file
-    else:
-        key, file = env.get(API_KEY_ENV) or None, env.get(API_KEY_FILE_ENV) or None
-    if key is not None and not key.strip():
-        raise ValueError("--api-key must not be empty (leave it unset to disable authentication)")
-    keys: tuple[str, ...] = (key.strip(),) if key is not None else ()
-    if file is not None:
-        keys += read_api_keys(file)
-    return tuple(dict.fromkeys(keys))
 
 
 async def supervise(

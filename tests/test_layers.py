@@ -1,11 +1,22 @@
-"""Imports point one way: the core under the engine under the server; evaluation and benchmarks on top.
+"""Imports point one way: the core under the engine under the server under Ray; evaluation and benchmarks on top.
 
-* ``amulet_core`` outside ``amulet_core/engine/`` (methods, prompts, sampling, loading, errors, ...)
-  imports nothing from ``amulet_core.engine``, ``server``, ``amulet_eval`` or ``benchmarks``;
-* ``amulet_core/engine/`` imports nothing from ``server``, ``amulet_eval`` or ``benchmarks``;
-* ``server/`` imports nothing from ``amulet_eval`` or ``benchmarks``;
-* ``amulet_eval/`` imports nothing from ``server`` or ``benchmarks``: it uses the core, and the HTTP
-  API like any other client.
+* ``amulet_core`` imports nothing from ``server``, ``amulet_ray``, ``amulet_eval`` or ``benchmarks``, and
+  outside ``amulet_core/engine/`` nothing from ``amulet_core.engine``. Within the core, by sub-package:
+
+  * ``amulet_core.method`` (the decoding methods' maths) imports no ``grammar``, ``sampling``, ``model``;
+  * ``amulet_core.model`` (loading, chat templates) imports no ``method``, ``sampling``, ``grammar``;
+  * ``amulet_core.grammar`` imports no ``method``, ``sampling``, ``model``;
+  * ``amulet_core.sampling`` may use a grammar's spec and masks (``grammar.spec``, ``grammar.masks``) but not
+    its compiler (``grammar.compiler``, llguidance: the engine compiles);
+  * ``amulet_core/engine/`` may import all of the core;
+
+* ``server/`` imports nothing from ``amulet_ray``, ``amulet_eval`` or ``benchmarks``; the one exception
+  (:data:`LAZY_EXCEPTION`) is ``server.cli.main`` importing ``amulet_ray.cli`` inside the function, to hand
+  an ``amulet-server --ray`` command line over to ``amulet-ray``;
+* ``amulet_ray/`` (Ray Serve replicas of the server) imports the server and the core, nothing from
+  ``amulet_eval`` or ``benchmarks``;
+* ``amulet_eval/`` imports nothing from ``server``, ``amulet_ray`` or ``benchmarks``: it uses the core, and
+  the HTTP API like any other client.
 
 Every ``.py`` file of the product packages is parsed with ``ast``: every ``import`` and
 ``from ... import`` counts, wherever it stands (inside functions, ``if TYPE_CHECKING:`` blocks,
@@ -22,19 +33,32 @@ import pytest
 
 from tests.support import ROOT
 
-PRODUCT_PACKAGES = ("amulet_core", "server", "amulet_eval", "benchmarks")
+PRODUCT_PACKAGES = ("amulet_core", "server", "amulet_ray", "amulet_eval", "benchmarks")
+ABOVE_THE_CORE = ("server", "amulet_ray", "amulet_eval", "benchmarks")
+CORE_RULES = {  # sub-package of the core -> the parts of the core it must not import (first match wins)
+    "amulet_core.engine": (),
+    "amulet_core.method": ("amulet_core.engine", "amulet_core.grammar", "amulet_core.sampling", "amulet_core.model"),
+    "amulet_core.model": ("amulet_core.engine", "amulet_core.method", "amulet_core.sampling", "amulet_core.grammar"),
+    "amulet_core.grammar": ("amulet_core.engine", "amulet_core.method", "amulet_core.sampling", "amulet_core.model"),
+    "amulet_core.sampling": ("amulet_core.engine", "amulet_core.grammar.compiler"),
+    "amulet_core": ("amulet_core.engine",),
+}
+LAZY_EXCEPTION = ("server.cli", "amulet_ray.cli")
+"""The one upward import of the server: ``server.cli`` may import ``amulet_ray.cli`` inside a function (``main``
+hands a ``--ray`` command line to ``amulet-ray``), never at module level, so ``server`` loads no ``amulet_ray``."""
 
 
 def forbidden_for(module: str) -> tuple[str, ...]:
     """The packages ``module`` (a dotted name) must not import from."""
-    if module == "amulet_core.engine" or module.startswith("amulet_core.engine."):
-        return ("server", "amulet_eval", "benchmarks")
-    if module == "amulet_core" or module.startswith("amulet_core."):
-        return ("amulet_core.engine", "server", "amulet_eval", "benchmarks")
-    if module == "server" or module.startswith("server."):
+    for package, inside in CORE_RULES.items():
+        if _hits(module, package):
+            return inside + ABOVE_THE_CORE
+    if _hits(module, "server"):
+        return ("amulet_ray", "amulet_eval", "benchmarks")
+    if _hits(module, "amulet_ray"):
         return ("amulet_eval", "benchmarks")
-    if module == "amulet_eval" or module.startswith("amulet_eval."):
-        return ("server", "benchmarks")
+    if _hits(module, "amulet_eval"):
+        return ("server", "amulet_ray", "benchmarks")
     return ()
 
 
@@ -79,19 +103,32 @@ def _hits(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
 
 
+def _inside_functions(tree: ast.AST) -> set[int]:
+    """The ids of every node within a function's body (imports there run only when the function is called)."""
+    functions = (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef))
+    return {id(node) for function in functions for statement in function.body for node in ast.walk(statement)}
+
+
+def _excepted(module: str, name: str, lazy: bool) -> bool:
+    importer, imported = LAZY_EXCEPTION
+    return lazy and module == importer and _hits(name, imported)
+
+
 def violations(path: Path, source: str) -> list[str]:
     """The wrong-way imports of one file (``path`` relative to the repository root), as ``file:line: import``."""
     module, is_package = module_name(path)
     forbidden = forbidden_for(module)
     found: list[tuple[int, str]] = []
-    for node in ast.walk(ast.parse(source, filename=str(path))):
+    tree = ast.parse(source, filename=str(path))
+    lazy = _inside_functions(tree)
+    for node in ast.walk(tree):
         try:
             names = imported_names(node, module, is_package)
         except ImportError as exc:
             line = getattr(node, "lineno", 0)
             found.append((line, f"{path}:{line}: `{ast.unparse(node)}` ({exc})"))
             continue
-        bad = sorted({p for name in names for p in forbidden if _hits(name, p)})
+        bad = sorted({p for name in names for p in forbidden if _hits(name, p) and not _excepted(module, name, id(node) in lazy)})
         if bad:
             found.append(
                 (node.lineno, f"{path}:{node.lineno}: `{ast.unparse(node)}` ({module} must not import {', '.join(bad)})")
@@ -108,6 +145,7 @@ def test_no_wrong_way_imports() -> None:
     for package in PRODUCT_PACKAGES:  # the walk found each package (a moved folder must not pass vacuously)
         assert any(f.parts[0] == package for f in files), f"no .py file found under {package}/"
     assert Path("amulet_core/engine/scheduler.py") in files and Path("server/app.py") in files
+    assert Path("amulet_ray/cli.py") in files and Path("amulet_core/grammar/compiler.py") in files
     found = [v for f in files for v in violations(f, (ROOT / f).read_text(encoding="utf-8"))]
     assert not found, "wrong-way imports:\n" + "\n".join(found)
 
@@ -168,6 +206,37 @@ def test_the_checker_passes_right_way_imports() -> None:
         == []
     )
     assert violations(Path("benchmarks/load.py"), "from server.cli import main\nfrom amulet_eval import cli\n") == []
+    assert violations(Path("benchmarks/ray_replicas.py"), "from amulet_ray.application import build_application\n") == []
+    # Ray's package on top of the server and the core.
+    ray_source = "from server.assembly import build_app\nfrom amulet_core.engine import protocol\nfrom .config import x\n"
+    assert violations(Path("amulet_ray/deployments.py"), ray_source) == []
+    # Within the core: sampling uses a grammar's spec and masks; the engine uses every sub-package.
+    sampling = "from amulet_core.grammar.spec import GrammarSpec\nfrom ..grammar.masks import TokenMasks\nfrom . import params\n"
+    assert violations(Path("amulet_core/sampling/sampler.py"), sampling) == []
+    engine = "from ..grammar.compiler import compile_grammar\nfrom amulet_core.method import rows\nfrom ..model import loading\n"
+    assert violations(Path("amulet_core/engine/llm_engine.py"), engine) == []
+    assert violations(Path("amulet_core/method/rows.py"), "from amulet_core.errors import InvalidParameterError\n") == []
+
+
+LAZY_HAND_OVER = """\
+def main(argv):
+    if ray_requested(argv):
+        from amulet_ray.cli import main as ray_main
+
+        ray_main(argv)
+"""
+
+
+def test_the_server_imports_amulet_ray_only_in_the_cli_s_lazy_hand_over() -> None:
+    assert violations(Path("server/cli.py"), LAZY_HAND_OVER) == []
+    for path, source, line in [
+        ("server/cli.py", "from amulet_ray.cli import main\n", 1),  # at module level: loaded with the server
+        ("server/cli.py", "if True:\n    import amulet_ray.cli\n", 2),
+        ("server/cli.py", LAZY_HAND_OVER.replace("amulet_ray.cli", "amulet_ray.launcher"), 3),  # another module
+        ("server/assembly.py", LAZY_HAND_OVER, 3),  # another importer
+    ]:
+        found = violations(Path(path), source)
+        assert len(found) == 1 and f"{path}:{line}:" in found[0] and "must not import amulet_ray" in found[0], found
 
 
 @pytest.mark.parametrize(
@@ -181,6 +250,29 @@ def test_the_checker_passes_right_way_imports() -> None:
         ("server/__init__.py", "from benchmarks.load import run_load\n", "benchmarks"),
         ("amulet_eval/runner_http.py", "from server.protocol import ChatRequest\n", "server"),
         ("amulet_eval/runner_http.py", "from benchmarks import engine\n", "benchmarks"),
+        ("amulet_eval/entry.py", "from amulet_ray.config import parse_args\n", "amulet_ray"),
+        ("amulet_core/errors.py", "from amulet_ray import config\n", "amulet_ray"),
+        ("amulet_core/engine/async_engine.py", "import amulet_ray.prefix\n", "amulet_ray"),
+        ("server/app.py", "from amulet_ray.config import RayServeConfig\n", "amulet_ray"),
+        ("server/cli.py", "from amulet_ray.cli import main\n", "amulet_ray"),  # module level: not the lazy exception
+        ("amulet_ray/application.py", "from amulet_eval.judge import parse_verdict\n", "amulet_eval"),
+        ("amulet_ray/cli.py", "from benchmarks import load\n", "benchmarks"),
+        # the core's sub-packages
+        ("amulet_core/method/rows.py", "from amulet_core.grammar.masks import TokenMasks\n", "amulet_core.grammar"),
+        ("amulet_core/method/settings.py", "from ..engine.protocol import GenerationRequest\n", "amulet_core.engine"),
+        ("amulet_core/method/reference.py", "from amulet_core.sampling.sampler import sample\n", "amulet_core.sampling"),
+        ("amulet_core/method/__init__.py", "from ..model import loading\n", "amulet_core.model"),
+        ("amulet_core/model/loading.py", "from amulet_core.engine.config import EngineConfig\n", "amulet_core.engine"),
+        ("amulet_core/model/chat_template.py", "from ..method import preference_prompts\n", "amulet_core.method"),
+        ("amulet_core/model/loading.py", "import amulet_core.sampling.params\n", "amulet_core.sampling"),
+        ("amulet_core/model/gguf_cache.py", "from amulet_core.grammar.spec import GrammarSpec\n", "amulet_core.grammar"),
+        ("amulet_core/sampling/params.py", "from amulet_core.grammar.compiler import compile\n", "amulet_core.grammar.compiler"),
+        ("amulet_core/sampling/sampler.py", "from ..grammar import compiler\n", "amulet_core.grammar.compiler"),
+        ("amulet_core/sampling/processors.py", "from amulet_core.engine import sequence\n", "amulet_core.engine"),
+        ("amulet_core/grammar/masks.py", "from amulet_core.sampling.params import SamplingParams\n", "amulet_core.sampling"),
+        ("amulet_core/grammar/compiler.py", "from amulet_core.method.settings import Method\n", "amulet_core.method"),
+        ("amulet_core/grammar/spec.py", "from amulet_core.model.loading import ModelConfig\n", "amulet_core.model"),
+        ("amulet_core/grammar/__init__.py", "from ..engine import protocol\n", "amulet_core.engine"),
     ],
 )
 def test_each_rule(path: str, source: str, forbidden: str | None) -> None:

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,7 +23,7 @@ from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
 from amulet_core.engine.watchdog import StepWatch
 from amulet_core.errors import EngineNotReadyError, EngineOverloadedError, EngineStalledError
-from amulet_core.model.chat_template import DEFAULT_TEMPLATE_OPTIONS, ChatTemplateOptions, ChatTokenizer
+from amulet_core.model.chat_template import ChatTokenizer
 from amulet_core.model.loading import (
     LoadedModel,
     ModelConfig,
@@ -172,34 +172,11 @@ class AsyncEngine:
         return self.engine.vocab_size
 
     @property
-    def _chat(self) -> ChatTokenizer:
-        """The loaded model's tokenizer (its text methods below); raises until loaded, as :attr:`engine` does."""
+    def renderer(self) -> ChatTokenizer:
+        """The loaded model's chat template and tokenizer; raises until loaded, as :attr:`engine` does."""
         if self._text is None:
             self._text = ChatTokenizer(self.engine.tokenizer)
         return self._text
-
-    def encode_chat(
-        self, messages: Sequence[dict[str, Any]], options: ChatTemplateOptions = DEFAULT_TEMPLATE_OPTIONS
-    ) -> tuple[int, ...]:
-        return self._chat.encode_chat(messages, options)
-
-    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
-        return self._chat.encode_prompt(text, add_special_tokens)
-
-    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self._chat.decode(token_ids, skip_special_tokens)
-
-    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
-        return self._chat.token_strings(token_ids)
-
-    def template_system_prompt(self) -> str | None:
-        return self._chat.template_system_prompt()
-
-    def chat_template_text(self) -> str | None:
-        return self._chat.chat_template_text()
-
-    def template_renders_tools(self) -> bool:
-        return self._chat.template_renders_tools()
 
     def stats(self) -> EngineStats:
         return self._stats

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from amulet_core.errors import ContextLengthExceededError, InvalidParameterError
 from amulet_core.method.settings import Method, MethodSettings
-from amulet_core.model.chat_template import DEFAULT_TEMPLATE_OPTIONS, ChatTemplateOptions
+from amulet_core.model.chat_template import ChatRenderer
 from amulet_core.sampling.params import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -171,7 +171,7 @@ class EngineStats:
 
 
 class EngineClient(Protocol):
-    """What the serving layer needs from an engine."""
+    """What the serving layer needs from an engine: generation, its state, and its :attr:`renderer`."""
 
     model_name: str
     max_model_len: int
@@ -189,34 +189,10 @@ class EngineClient(Protocol):
         """Rows of the model's output layer: token ids run from 0 to ``vocab_size - 1``."""
         ...
 
-    def encode_chat(
-        self, messages: Sequence[dict[str, Any]], options: ChatTemplateOptions = DEFAULT_TEMPLATE_OPTIONS
-    ) -> tuple[int, ...]:
-        """Token ids of a conversation through the model's chat template (generation prompt added by default)."""
-        ...
-
-    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
-        """Token ids of a raw prompt (no chat template); ``add_special_tokens`` adds the tokenizer's BOS, if any."""
-        ...
-
-    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        """The text of token ids."""
-        ...
-
-    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
-        """Each token id's vocabulary entry (e.g. ``Ġthe``), as vLLM's ``/tokenize`` returns them."""
-        ...
-
-    def template_system_prompt(self) -> str | None:
-        """The system message the model's chat template inserts into a conversation without one, or None."""
-        ...
-
-    def chat_template_text(self) -> str | None:
-        """The model's chat template (Jinja source), or None."""
-        ...
-
-    def template_renders_tools(self) -> bool:
-        """Whether the chat template renders ``tools``, assistant ``tool_calls`` and ``tool`` messages."""
+    @property
+    def renderer(self) -> ChatRenderer:
+        """The model's chat template and tokenizer (:class:`~amulet_core.model.chat_template.ChatRenderer`);
+        raises EngineNotReadyError until the model is loaded."""
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:

@@ -1,19 +1,18 @@
-"""Constrained decoding (structured outputs) with llguidance: grammars, their cache, and the batched mask.
+"""Constrained decoding (structured outputs) with llguidance: grammars and their cache.
 
 A request asks for a grammar with a :class:`GrammarSpec` (JSON object, JSON schema, regex, a choice of
 strings, or an llguidance Lark grammar). A :class:`GrammarCompiler` per model turns specs into matchers:
-it holds llguidance's view of the tokenizer (built once, about a third of a second) and an LRU cache of
-compiled grammars, so a second request with the same spec neither validates nor compiles again (a
-fresh matcher is a copy of the cached, never-used one: microseconds, where compiling a large schema
-takes milliseconds or more). Each request gets its own :class:`GrammarMatcher`; every step
-``grammar.masks.grammar_masks`` builds the masks of all constrained rows at once (only the filling of each
-row's bitmask is per row, in llguidance's Rust), and ``GrammarMasks.apply_`` masks and renormalises those
-rows of the step's log-probabilities.
+it holds llguidance's view of the tokenizer (built once: it is slow to build) and an LRU cache of
+compiled grammars, so a second request with the same spec neither validates nor compiles again (a fresh
+matcher is a copy of the cached, never-used one, far cheaper than compiling a large schema). Each
+request gets its own :class:`GrammarMatcher`; every step ``grammar.masks.grammar_masks`` builds the
+masks of all constrained rows at once (only the filling of each row's bitmask is per row, in
+llguidance's Rust), and ``GrammarMasks.apply_`` masks and renormalises those rows.
 
-JSON grammars are compact (``JSON_OPTIONS``): no whitespace outside strings, ``,`` and ``:`` as separators,
-as OpenAI's structured outputs come. llguidance's default allows any whitespace between tokens, which
-small models emit at length (a random-weight model filled most of its output with it). A schema's own
-``"x-guidance"`` settings override these (e.g. ``{"whitespace_flexible": true}``).
+JSON grammars are compact (``JSON_OPTIONS``): no whitespace outside strings, ``,`` and ``:`` as
+separators, as OpenAI's structured outputs come (llguidance's default allows any whitespace between
+tokens, which small models emit at length). A schema's own ``"x-guidance"`` settings override these
+(e.g. ``{"whitespace_flexible": true}``).
 """
 
 from __future__ import annotations

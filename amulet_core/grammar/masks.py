@@ -5,7 +5,7 @@
 turns the bits into additive penalties there (0 where allowed, -inf where banned) with one table lookup
 (a byte indexes a 256 x 8 table of its bits' penalties), a few rows at a time. ``GrammarMasks.apply_``
 adds them to those rows and renormalises them, in place (an addition, not ``masked_fill_``: on a CPU
-thread, filling through a bool mask of mixed bits cost several times the whole lookup).
+thread, filling through a bool mask of mixed bits is much slower than the lookup).
 ``amulet_core.method.rows`` folds the masks of two-context rows into their plausibility mask instead
 (one renormalisation, not two).
 """

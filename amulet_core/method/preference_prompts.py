@@ -1,6 +1,6 @@
 """Preference prompt pairs from OpenAI-style chat messages.
 
-Rule: the base context is the conversation as given; the pref context is the same
+Rule: the contrast context is the conversation as given; the pref context is the same
 conversation with the preference sentence appended to the first system message after one
 space. When the conversation has no system message, both contexts get one whose content is
 ``default_system_prompt`` (empty unless configured), so the two contexts still differ by the
@@ -68,18 +68,18 @@ def _append(content: str, sentence: str) -> str:
 
 @dataclass(frozen=True)
 class MessagePair:
-    """The two conversations of one request: with the preference (pref) and without it (base)."""
+    """The two conversations of one request: with the preference (pref) and without it (contrast)."""
 
     pref: list[Message]
-    base: list[Message]
+    contrast: list[Message]
     system_prompt: str
-    """The system message of the base conversation: the conversation's own, or the default given to it."""
+    """The system message of the contrast conversation: the conversation's own, or the default given to it."""
 
 
 def preference_message_pair(messages: Sequence[Message], preference: str, default_system_prompt: str = "") -> MessagePair:
-    """Build the pref and base conversations, which differ by the preference sentence only."""
+    """Build the pref and contrast conversations, which differ by the preference sentence only."""
     built = preference_contexts(messages, [preference], default_system_prompt)
-    return MessagePair(pref=built.prefs[0], base=built.contrast, system_prompt=built.system_prompt)
+    return MessagePair(pref=built.prefs[0], contrast=built.contrast, system_prompt=built.system_prompt)
 
 
 @dataclass(frozen=True)
@@ -107,24 +107,24 @@ def preference_contexts(
 
     Preset names expand as in :func:`preference_sentence`, for ``negative`` too. With one preference and
     no negative this is exactly :func:`preference_message_pair`."""
-    base = [dict(m) for m in messages]
-    system_index = next((i for i, m in enumerate(base) if m.get("role") == "system"), None)
+    conversation = [dict(m) for m in messages]
+    system_index = next((i for i, m in enumerate(conversation) if m.get("role") == "system"), None)
     if system_index is None:
-        base.insert(0, {"role": "system", "content": default_system_prompt})
+        conversation.insert(0, {"role": "system", "content": default_system_prompt})
         system_index = 0
-    content = base[system_index].get("content") or ""
+    content = conversation[system_index].get("content") or ""
     if not isinstance(content, str):
         raise InvalidParameterError("messages", "The system message content must be a string.")
 
     def carrying(sentence: str) -> list[Message]:
-        context = [dict(m) for m in base]
+        context = [dict(m) for m in conversation]
         context[system_index]["content"] = _append(content, sentence)
         return context
 
     sentences = tuple(preference_sentence(p) for p in preferences)
     negative_sentence = preference_sentence(negative) if negative is not None else None
-    prefs = tuple(carrying(s) for s in sentences) if sentences else ([dict(m) for m in base],)
-    contrast = carrying(negative_sentence) if negative_sentence is not None else base
+    prefs = tuple(carrying(s) for s in sentences) if sentences else ([dict(m) for m in conversation],)
+    contrast = carrying(negative_sentence) if negative_sentence is not None else conversation
     return PreferenceContexts(prefs, contrast, content, sentences, negative_sentence)
 
 

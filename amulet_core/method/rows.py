@@ -121,7 +121,7 @@ def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec], grammar: Tok
     if all(s.contrast is not None and not s.extra_rows for s in specs) and all(
         s.primary_row == 2 * i and s.contrast == 2 * i + 1 for i, s in enumerate(specs)
     ):
-        # The engine's layout when every request has two contexts: pref and base rows alternate (no copies).
+        # The engine's layout when every request has two contexts: pref and contrast rows alternate (no copies).
         pairs = logits.view(len(specs), 2, logits.shape[-1])
         mixed, masked = _combined_logprobs(pairs[:, 0], pairs[:, 1], None, specs, grammar)
         if grammar is not None and not masked:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 from amulet_core.errors import InvalidParameterError
 
@@ -146,11 +146,67 @@ def template_default_system_prompt(tokenizer: Any) -> str | None:
     return found or None
 
 
+class ChatRenderer(Protocol):
+    """The text side of serving a model: its chat template, tokenizer and detokenizer, and nothing of the
+    model's weights. Every method is synchronous and may take a while on long text: asyncio callers run
+    them in a thread."""
+
+    @property
+    def max_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry: a text of more than ``n * max_token_chars``
+        characters takes more than ``n`` tokens, which callers check before tokenizing."""
+        ...
+
+    def chat_text(self, messages: Sequence[Message], options: ChatTemplateOptions = DEFAULT_TEMPLATE_OPTIONS) -> str:
+        """A conversation through the chat template, as text; raises InvalidParameterError naming ``messages``."""
+        ...
+
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        """Token ids of rendered chat text (the template wrote its own special tokens)."""
+        ...
+
+    def encode_chat(
+        self, messages: Sequence[Message], options: ChatTemplateOptions = DEFAULT_TEMPLATE_OPTIONS
+    ) -> tuple[int, ...]:
+        """``encode_text(chat_text(messages, options))``."""
+        ...
+
+    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
+        """Token ids of a raw prompt (no chat template); ``add_special_tokens`` adds the tokenizer's BOS, if any."""
+        ...
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """The text of token ids."""
+        ...
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token id's vocabulary entry (e.g. ``Ġthe``), as vLLM's ``/tokenize`` returns them."""
+        ...
+
+    def template_system_prompt(self) -> str | None:
+        """The system message the chat template inserts into a conversation without one, or None."""
+        ...
+
+    def chat_template_text(self) -> str | None:
+        """The chat template (Jinja source), or None."""
+        ...
+
+    def template_renders_tools(self) -> bool:
+        """Whether the chat template renders ``tools``, assistant ``tool_calls`` and ``tool`` messages."""
+        ...
+
+
 class ChatTokenizer:
-    """A Hugging Face tokenizer seen the way the server needs it (the text methods of ``EngineClient``)."""
+    """A Hugging Face tokenizer as a :class:`ChatRenderer`."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        # Byte-level and SentencePiece vocabularies write one character per byte or character of the text
+        # a token stands for, so the longest entry bounds the characters of any one token.
+        return max((len(token) for token in self.tokenizer.get_vocab()), default=1)
 
     def chat_text(self, messages: Sequence[Message], options: ChatTemplateOptions = DEFAULT_TEMPLATE_OPTIONS) -> str:
         return chat_text(self.tokenizer, messages, options)

@@ -31,7 +31,7 @@ def engine(smollm) -> LLMEngine:
 def contexts(tokenizer, question: str, preference: str = "concise") -> tuple[tuple[int, ...], tuple[int, ...]]:
     messages = [{"role": "system", "content": PAPER_SYSTEM_PROMPT}, {"role": "user", "content": question}]
     pair = preference_message_pair(messages, preference)
-    return tuple(render_chat(tokenizer, pair.pref)), tuple(render_chat(tokenizer, pair.base))
+    return tuple(render_chat(tokenizer, pair.pref)), tuple(render_chat(tokenizer, pair.contrast))
 
 
 def run(engine: LLMEngine, request: GenerationRequest) -> list[int]:

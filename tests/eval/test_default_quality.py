@@ -67,7 +67,7 @@ def _answers(loaded: LoadedModel, system_prompt: str | None) -> list[tuple[list[
             tuple(render_chat(tokenizer, pair.pref)),
             SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
             MethodSettings(),
-            tuple(render_chat(tokenizer, pair.base)),
+            tuple(render_chat(tokenizer, pair.contrast)),
         )
         engine.add_request(request)
         conversations.append(messages)

@@ -61,7 +61,7 @@ def test_http_runner_decodes_each_method_with_its_contexts(server: LiveServer, f
     for q in load_questions(None, 2):
         for pref in prefs:
             pair = preference_message_pair(conversation(PAPER_SYSTEM_PROMPT, q.question), pref)
-            pref_ids, base_ids = fake.encode_chat(pair.pref), fake.encode_chat(pair.base)
+            pref_ids, base_ids = fake.encode_chat(pair.pref), fake.encode_chat(pair.contrast)
             for spec in generation.methods:
                 settings = spec.engine_settings
                 contexts = {Method.BASE: (base_ids, None), Method.PREF: (pref_ids, None)}.get(

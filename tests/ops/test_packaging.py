@@ -93,3 +93,7 @@ def test_the_wheel_carries_the_playground_files(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"server/static/{path.name}" for path in (ROOT / "server" / "static").iterdir()}
     assert expected and expected <= names
+    # Ray's package ships too, with its own console script.
+    assert {"amulet_ray/__init__.py", "amulet_ray/cli.py", "server/options.py"} <= names
+    (entry_points,) = (name for name in names if name.endswith(".dist-info/entry_points.txt"))
+    assert "amulet-ray = amulet_ray.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

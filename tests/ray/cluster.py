@@ -1,7 +1,7 @@
 """What the Ray tests share: a local Ray cluster with the application deployed, and reading its replicas.
 
 :func:`serve_application` starts Ray on 2 CPUs (this machine's cores; one torch thread per replica, the
-ingress, proxy and controller reserve none), deploys ``amulet-server --ray`` with the given options on a
+ingress, proxy and controller reserve none), deploys ``amulet-ray`` with the given options on a
 free port, and tears everything down at the end. Replicas are read through their own metrics ports.
 """
 
@@ -18,8 +18,9 @@ from typing import Any
 import httpx
 import psutil
 
-from server.ray_serve.application import REPLICA_DEPLOYMENT, build_application, parse_for_ray, replica_options
-from server.ray_serve.replica_metrics import PORT_SPAN
+from amulet_ray.application import REPLICA_DEPLOYMENT, build_application, replica_options
+from amulet_ray.config import parse_args
+from amulet_ray.replica_metrics import PORT_SPAN
 
 APP = "amulet"
 FAST_AUTOSCALING_ENV = {
@@ -94,7 +95,7 @@ def pid_listening_on(port: int) -> int:
 
 @contextlib.contextmanager
 def serve_application(argv: Sequence[str], autoscaling: Mapping[str, Any] | None = None) -> Iterator[ServeApp]:
-    """Ray on 2 CPUs with ``amulet-server --ray <argv>`` deployed (``autoscaling``: extra autoscaling options)."""
+    """Ray on 2 CPUs with ``amulet-ray <argv>`` deployed (``autoscaling``: extra autoscaling options)."""
     import ray
     from ray import serve
 
@@ -104,11 +105,10 @@ def serve_application(argv: Sequence[str], autoscaling: Mapping[str, Any] | None
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        configs = parse_for_ray(["--host", "127.0.0.1", "--ray-metrics-port", str(metrics_base), *argv])
+        configs = parse_args(["--host", "127.0.0.1", "--ray-metrics-port", str(metrics_base), *argv])
         overrides: dict[str, dict[str, Any]] = {}
         if autoscaling:
-            assert configs.ray is not None
-            derived = replica_options(configs, configs.ray, 0)["autoscaling_config"]
+            derived = replica_options(configs, 0)["autoscaling_config"]
             overrides[REPLICA_DEPLOYMENT] = {"autoscaling_config": {**derived, **autoscaling}}
         serve.run(build_application(configs, overrides, cluster_gpus=0), name=APP, route_prefix="/")
         yield ServeApp(f"http://127.0.0.1:{port}", metrics_base)

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from amulet_core.method.preference_prompts import preference_contexts, resolve_default_system_prompt
-from amulet_core.model.chat_template import render_chat
-from server.cli import parse_args
-from server.ray_serve.affinity import AffinityTable, ReplicaLoad, preferred_replica
-from server.ray_serve.prefix import PrefixKeyer, TokenizerEngine, prefix_chain
+from amulet_core.model.chat_template import ChatTokenizer, render_chat
+from amulet_ray.affinity import AffinityTable, ReplicaLoad, preferred_replica
+from amulet_ray.prefix import PrefixKeyer, prefix_chain
+from server.options import parse_args
 
 pytestmark = pytest.mark.ray
 
@@ -48,15 +48,15 @@ def _chat(user: str, preference: Any = "concise", system: str = SYSTEM) -> bytes
 
 def test_the_keyer_chains_the_pref_context_the_replica_decodes(smollm_tokenizer: Any) -> None:
     configs = parse_args([])
-    engine = TokenizerEngine(smollm_tokenizer, "SmolLM2-135M-Instruct", configs.engine.max_model_len)
-    keyer = PrefixKeyer(engine, configs)
+    renderer = ChatTokenizer(smollm_tokenizer)
+    keyer = PrefixKeyer(renderer, "SmolLM2-135M-Instruct", configs)
 
     def chain(body: bytes, path: str = "/v1/chat/completions") -> tuple[int, ...]:
         return asyncio.run(keyer.chain("POST", path, body))
 
     basil, tides = chain(_chat("How do I keep basil alive?")), chain(_chat("Why are there tides?"))
     # The pref context (system message + the preference sentence), exactly as the serving code builds it.
-    default = resolve_default_system_prompt(configs.server.default_system_prompt, engine.template_system_prompt())
+    default = resolve_default_system_prompt(configs.server.default_system_prompt, renderer.template_system_prompt())
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "How do I keep basil alive?"}]
     built = preference_contexts(messages, ["concise"], default)
     assert basil == prefix_chain(render_chat(smollm_tokenizer, built.prefs[0]), configs.engine.block_size)

@@ -20,12 +20,12 @@ from typing import Any
 import httpx
 import pytest
 
+from amulet_ray.asgi_bridge import AsgiLifespan, ForwardedRequest, call_app, get
+from amulet_ray.forwarding import ForwardingApp, ingress_app
+from amulet_ray.health import check_app_health
+from amulet_ray.replica_metrics import bind_metrics_socket, with_replica_label
 from server.app import create_app
 from server.config import ServerConfig
-from server.ray_serve.asgi_bridge import AsgiLifespan, ForwardedRequest, call_app, get
-from server.ray_serve.forwarding import ForwardingApp, ingress_app
-from server.ray_serve.health import check_app_health
-from server.ray_serve.replica_metrics import bind_metrics_socket, with_replica_label
 from tests.support.fake_engine import FakeEngine
 from tests.support.http import API_KEY, WRONG_KEY, assert_openai_error
 

@@ -1,8 +1,10 @@
-"""``amulet-server --ray`` options, the deployment options derived from them, and the shipped files, without a cluster.
+"""``amulet-ray`` options, the deployment options derived from them, and the shipped files, without a cluster.
 
-* The ``--ray*`` options parse into :class:`RayServeConfig` (bad values are usage errors, status 2); without
-  ``--ray`` the server neither needs nor imports Ray, and with ``--ray`` but no Ray installed it says how to
-  install it (status 2).
+* The ``--ray*`` options parse into :class:`RayServeConfig` (bad values are usage errors, status 2), the
+  server's own into the :class:`~server.options.Configs` every replica gets; ``amulet-server`` parses no
+  ``--ray*`` option and hands a ``--ray`` command line over to ``amulet-ray``. Without ``--ray`` the server
+  neither needs nor imports Ray (nor ``amulet_ray``), and with ``--ray`` (or ``amulet-ray``) but no Ray
+  installed it says how to install it (status 2).
 * One GPU per replica where the cluster has GPUs, a CPU replica reserving its torch threads otherwise;
   autoscaling between ``--ray-replicas`` and ``--ray-max-replicas``; the drain timeout as Ray's graceful
   shutdown budget; the prefix-affinity router.
@@ -22,9 +24,9 @@ from typing import Any
 import pytest
 import yaml
 
-from server.cli import parse_args
-from server.ray_serve.config import RayServeConfig
-from server.ray_serve.prefix import prefix_chain
+from amulet_ray.config import RayServeConfig, parse_args
+from amulet_ray.prefix import prefix_chain
+from server import options
 from tests.support import ROOT
 
 pytestmark = pytest.mark.ray
@@ -33,12 +35,31 @@ DOCKER = ROOT / "docker"
 
 
 def test_ray_options_parse_into_the_ray_config() -> None:
-    assert parse_args([]).ray is None
+    assert parse_args([], environ={}).ray == RayServeConfig()
+    assert parse_args(["--ray"], environ={}) == parse_args([], environ={})  # implied, accepted for amulet-server --ray
     configs = parse_args(
-        ["--ray", "--ray-replicas", "2", "--ray-max-replicas", "4", "--ray-routing", "pow2", "--ray-num-gpus", "0.5"]
+        ["--ray-replicas", "2", "--ray-max-replicas", "4", "--ray-routing", "pow2", "--ray-num-gpus", "0.5", "--port", "9"],
+        environ={},
     )
     assert configs.ray == RayServeConfig(replicas=2, max_replicas=4, routing="pow2", num_gpus=0.5)
     assert configs.ray.autoscaling and not RayServeConfig(replicas=2, max_replicas=2).autoscaling
+    assert configs.app == options.parse_args(["--port", "9"], environ={})  # every server option, parsed by the server
+
+
+def test_the_server_parses_no_ray_option_and_hands_ray_command_lines_over() -> None:
+    assert options.ray_requested(["--ray", "--ray-replicas", "2"]) and options.ray_requested(["--port", "1", "--ra"])
+    assert not options.ray_requested([]) and not options.ray_requested(["--ray-replicas", "2", "--help"])
+    assert not hasattr(options.parse_args([], environ={}), "ray")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"), [(["--ray-replicas", "2"], "are amulet-ray's: add --ray"), (["--ray"], "--ray is amulet-ray's")]
+)
+def test_ray_options_are_usage_errors_of_the_server(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        options.parse_args(argv, environ={})
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -54,7 +75,7 @@ def test_ray_options_parse_into_the_ray_config() -> None:
 )
 def test_bad_ray_options_are_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--ray", *argv])
+        parse_args(argv, environ={})
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -65,27 +86,28 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_without_ray_the_server_imports_no_ray_and_with_ray_missing_it_says_how_to_install_it() -> None:
     code = (
-        "import sys, server.cli as c; c.parse_args([]); c.build_parser();"
-        "from server.ray_serve.prefix import prefix_chain;"
+        "import sys, server.cli as c, server.options as o; o.parse_args([]); o.build_parser();"
+        "print(any(m == 'amulet_ray' or m.startswith('amulet_ray.') for m in sys.modules), end=' ');"
+        "import amulet_ray.cli; from amulet_ray.prefix import prefix_chain;"
         "print('ray' in sys.modules, list(prefix_chain(range(64), 16)), flush=True);"
         "sys.modules['ray'] = None; c.main(['--ray'])"  # as if Ray were not installed
     )
     result = run_python(code)
-    ray_imported, chain = result.stdout.strip().split(" ", 1)
-    assert ray_imported == "False", result.stderr[-2000:]
+    amulet_ray_imported, ray_imported, chain = result.stdout.strip().split(" ", 2)
+    assert amulet_ray_imported == "False" and ray_imported == "False", result.stderr[-2000:]
     # The routing key's hashes are the same in another process (BLAKE2b, not Python's salted hash).
     assert json.loads(chain) == list(prefix_chain(range(64), 16))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "pip install '.[ray]'" in result.stderr
+    direct = run_python("import sys, amulet_ray.cli; sys.modules['ray'] = None; amulet_ray.cli.main([])")
+    assert direct.returncode == 2 and "pip install '.[ray]'" in direct.stderr, direct.stderr[-2000:]
 
 
 def test_replicas_get_a_gpu_where_the_cluster_has_gpus_and_cpu_threads_elsewhere() -> None:
-    from server.ray_serve.application import replica_resources
+    from amulet_ray.application import replica_resources
 
     def resources(argv: list[str], gpus: float) -> dict[str, float]:
-        configs = parse_args(["--ray", *argv])
-        assert configs.ray is not None
-        return replica_resources(configs, configs.ray, gpus)
+        return replica_resources(parse_args(argv), gpus)
 
     assert resources([], 4) == {"num_cpus": 1.0, "num_gpus": 1.0}
     assert resources([], 0) == {"num_cpus": 1.0, "num_gpus": 0.0}
@@ -97,13 +119,10 @@ def test_replicas_get_a_gpu_where_the_cluster_has_gpus_and_cpu_threads_elsewhere
 def test_the_replica_deployment_autoscales_drains_and_routes_by_prefix() -> None:
     from ray.serve.request_router import RequestRouter
 
-    from server.ray_serve.application import ROUTER_CLASS, replica_options
+    from amulet_ray.application import ROUTER_CLASS, replica_options
 
-    configs = parse_args(
-        ["--ray", "--ray-replicas", "2", "--ray-max-replicas", "5", "--drain-timeout", "12", "--max-num-seqs", "24"]
-    )
-    assert configs.ray is not None
-    options = replica_options(configs, configs.ray, 0)
+    configs = parse_args(["--ray-replicas", "2", "--ray-max-replicas", "5", "--drain-timeout", "12", "--max-num-seqs", "24"])
+    options = replica_options(configs, 0)
     assert options["autoscaling_config"] == {
         "min_replicas": 2,
         "initial_replicas": 2,
@@ -117,9 +136,7 @@ def test_the_replica_deployment_autoscales_drains_and_routes_by_prefix() -> None
     assert options["request_router_config"]["request_router_kwargs"] == {"max_imbalance": 8}
     module, name = ROUTER_CLASS.split(":")
     assert issubclass(getattr(importlib.import_module(module), name), RequestRouter)
-    fixed = parse_args(["--ray", "--ray-replicas", "3"])
-    assert fixed.ray is not None
-    assert replica_options(fixed, fixed.ray, 0)["num_replicas"] == 3
+    assert replica_options(parse_args(["--ray-replicas", "3"]), 0)["num_replicas"] == 3
 
 
 def serve_apps(config: dict[str, Any]) -> list[Any]:
@@ -131,10 +148,10 @@ def serve_apps(config: dict[str, Any]) -> list[Any]:
 def test_the_shipped_serve_config_is_valid_and_builds_the_application() -> None:
     from ray.serve.deployment import Application
 
-    from server.ray_serve.application import app_builder
+    from amulet_ray.application import app_builder
 
     (app,) = serve_apps(yaml.safe_load((DOCKER / "ray-serve.yaml").read_text()))
-    assert app.import_path == "server.ray_serve.application:app_builder" and app.route_prefix == "/"
+    assert app.import_path == "amulet_ray.application:app_builder" and app.route_prefix == "/"
     deployments = {d.name: d for d in app.deployments}
     assert set(deployments) == {"AmuletReplica", "AmuletIngress"}
     scaling = deployments["AmuletReplica"].autoscaling_config

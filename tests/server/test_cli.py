@@ -1,4 +1,4 @@
-"""The CLI parses everything into the frozen configs, in one place."""
+"""``amulet-server``'s options (:mod:`server.options`) parse everything into the frozen configs, in one place."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from amulet_core.engine.config import EngineConfig
 from amulet_core.model.loading import ModelConfig
-from server.cli import parse_args
 from server.config import ServerConfig
+from server.options import build_parser, parse_args
 
 
 def test_defaults() -> None:
@@ -144,3 +144,9 @@ def test_an_empty_or_missing_api_key_file_is_a_usage_error(tmp_path: Path, conte
 def test_wait_for_model() -> None:
     assert parse_args([], environ={}).wait_for_model is False
     assert parse_args(["--wait-for-model"], environ={}).wait_for_model is True
+
+
+def test_the_help_names_the_ray_hand_over_and_no_ray_option() -> None:
+    text = build_parser().format_help()
+    assert "--ray " in text and "amulet-ray" in text
+    assert "--ray-replicas" not in text and "--ray-routing" not in text  # the --ray-* options are amulet-ray's

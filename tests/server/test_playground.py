@@ -14,8 +14,8 @@ import pytest
 
 from amulet_core.method.preference_prompts import PRESETS
 from server.app import create_app
-from server.cli import parse_args
 from server.config import ServerConfig
+from server.options import parse_args
 from server.playground import CONTENT_SECURITY_POLICY
 from tests.support.fake_engine import FakeEngine
 from tests.support.http import API_KEY, USER

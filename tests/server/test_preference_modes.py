@@ -30,7 +30,7 @@ def test_a_user_message_alone_gets_the_template_system_prompt_in_both_contexts(s
     assert echo["mode"] == "default" and echo["plausibility"] == 0.5
     pair = preference_message_pair(USER_ONLY, "concise", NEUTRAL_SYSTEM_PROMPT)
     request = fake.requests[-1]
-    assert request.prompt_ids == fake.encode_chat(pair.pref) and request.contrast_prompt_ids == fake.encode_chat(pair.base)
+    assert request.prompt_ids == fake.encode_chat(pair.pref) and request.contrast_prompt_ids == fake.encode_chat(pair.contrast)
 
 
 def test_the_conversations_own_system_prompt_is_echoed(server: LiveServer) -> None:

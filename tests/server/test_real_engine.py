@@ -29,7 +29,7 @@ from amulet_core.model.gguf_cache import default_model_cache
 from amulet_core.model.loading import ModelConfig
 from amulet_core.sampling.params import SamplingParams
 from server.app import create_app
-from server.cli import engine_lifespan
+from server.assembly import engine_lifespan
 from server.config import ServerConfig
 from tests.support import ROOT
 from tests.support.http import API_KEY
@@ -68,10 +68,10 @@ def direct(server: LiveServer, engine: AsyncEngine, settings: MethodSettings | N
         settings = MethodSettings(method=Method.BASE)
     else:
         # The server's default for conversations without a system message: the chat template's own.
-        default_system = resolve_default_system_prompt(TEMPLATE, engine.template_system_prompt())
+        default_system = resolve_default_system_prompt(TEMPLATE, engine.renderer.template_system_prompt())
         pair = preference_message_pair(MESSAGES, preference or "", default_system)
-        contexts = {Method.BASE: [pair.base], Method.PREF: [pair.pref]}.get(settings.method, [pair.pref, pair.base])
-    ids = [engine.encode_chat(c) for c in contexts]
+        contexts = {Method.BASE: [pair.contrast], Method.PREF: [pair.pref]}.get(settings.method, [pair.pref, pair.contrast])
+    ids = [engine.renderer.encode_chat(c) for c in contexts]
     request = GenerationRequest(
         request_id=f"direct-{uuid.uuid4().hex}",
         prompt_ids=ids[0],
@@ -102,11 +102,11 @@ def test_amulet_preference_matches_the_engine(engine_server: tuple[LiveServer, A
     assert text == expected
     assert text.strip()
     assert (response.model_extra or {})["preference"]["method"] == "amulet"
-    default_system = resolve_default_system_prompt(TEMPLATE, engine.template_system_prompt())
+    default_system = resolve_default_system_prompt(TEMPLATE, engine.renderer.template_system_prompt())
     pair = preference_message_pair(MESSAGES, "concise", default_system)
     assert (response.model_extra or {})["preference"]["system_prompt"] == default_system != ""
-    assert response.usage.prompt_tokens == len(engine.encode_chat(pair.pref))
-    assert (response.usage.model_extra or {})["base_prompt_tokens"] == len(engine.encode_chat(pair.base))
+    assert response.usage.prompt_tokens == len(engine.renderer.encode_chat(pair.pref))
+    assert (response.usage.model_extra or {})["base_prompt_tokens"] == len(engine.renderer.encode_chat(pair.contrast))
     streamed, chunks = ask(client, {"preference": "concise"}, stream=True)
     assert streamed == expected
     assert chunks[-1].usage.completion_tokens == response.usage.completion_tokens
@@ -136,7 +136,7 @@ def test_no_preference_is_plain_decoding(engine_server: tuple[LiveServer, AsyncE
     expected = direct(server, engine, None, None)
     text, response = ask(client, None)
     assert text == expected
-    assert response.usage.prompt_tokens == len(engine.encode_chat(MESSAGES))
+    assert response.usage.prompt_tokens == len(engine.renderer.encode_chat(MESSAGES))
 
 
 def test_models_and_context_limit(engine_server: tuple[LiveServer, AsyncEngine], client: openai.OpenAI) -> None:

@@ -27,7 +27,7 @@ def warnings_about(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:
 
 
 def test_unknown_fields_are_accepted_and_logged_once(server: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="server.request_policy"):
+    with caplog.at_level(logging.WARNING, logger="server.requests.policy"):
         for _ in range(3):
             response = chat(server, temperature=0, frobnicate_level=3, stream_options=None)
             assert response.status_code == 200, response.text
@@ -54,10 +54,10 @@ NO_EFFECT_BODIES: list[dict[str, Any]] = [
 def test_fields_with_no_effect_are_accepted_silently(
     server: LiveServer, fields: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="server.request_policy"):
+    with caplog.at_level(logging.WARNING, logger="server.requests.policy"):
         response = chat(server, **fields)
     assert response.status_code == 200, response.text
-    assert not [r for r in caplog.records if r.name == "server.request_policy"]
+    assert not [r for r in caplog.records if r.name == "server.requests.policy"]
 
 
 UNSUPPORTED: list[tuple[dict[str, Any], str]] = [

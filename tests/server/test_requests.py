@@ -53,7 +53,7 @@ def test_preset_preference_runs_amulet_with_the_default_settings(server: LiveSer
     pair = preference_message_pair(CONVERSATION, "creative", SYSTEM_PROMPT)
     assert request.method == MethodSettings(method=Method.AMULET, iterations=60, eta=10, alpha=2, lam=2, plausibility=0.5)
     assert request.prompt_ids == fake.encode_chat(pair.pref)
-    assert request.contrast_prompt_ids == fake.encode_chat(pair.base)
+    assert request.contrast_prompt_ids == fake.encode_chat(pair.contrast)
     assert pair.pref[0]["content"] == f"{SYSTEM_PROMPT} Your answer should be creative as much as possible."
     echo = answer["preference"]
     assert echo == {
@@ -85,7 +85,7 @@ def test_preset_preference_runs_amulet_with_the_default_settings(server: LiveSer
         ({"method": "la"}, "pref", True),
         ({"method": "amulet", "iterations": 5, "eta": 3.5, "alpha": 1, "lambda": 0.5, "plausibility": 0.1}, "pref", True),
         ({"method": "pref"}, "pref", False),
-        ({"method": "base"}, "base", False),
+        ({"method": "base"}, "contrast", False),
     ],
 )
 def test_preference_object(server: LiveServer, fake: FakeEngine, spec: dict[str, Any], context: str, two: bool) -> None:
@@ -93,7 +93,7 @@ def test_preference_object(server: LiveServer, fake: FakeEngine, spec: dict[str,
     answer, request = ask(server, fake, preference={"text": text, **spec})
     pair = preference_message_pair(CONVERSATION, text, SYSTEM_PROMPT)
     assert request.prompt_ids == fake.encode_chat(getattr(pair, context))
-    assert request.contrast_prompt_ids == (fake.encode_chat(pair.base) if two else None)
+    assert request.contrast_prompt_ids == (fake.encode_chat(pair.contrast) if two else None)
     given = {("lam" if k == "lambda" else k): v for k, v in spec.items()}
     expected = MethodSettings(**given)
     assert request.method == expected

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,12 @@ import pytest
 from fastapi.middleware.cors import CORSMiddleware
 
 from amulet_core.engine.protocol import GenerationOutput, GenerationRequest
-from amulet_core.model.chat_template import DEFAULT_TEMPLATE_OPTIONS
 from benchmarks.load import server_process
 from server.app import create_app
-from server.cli import build_app, parse_args
+from server.assembly import build_app
 from server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
 from server.errors import INTERNAL_ERROR_MESSAGE
+from server.options import parse_args
 from tests.support.fake_engine import FakeEngine
 from tests.support.http import API_KEY, USER, WRONG_KEY, assert_no_leak
 from tests.support.live_server import live_server
@@ -143,10 +143,10 @@ def test_cors_is_off_unless_configured() -> None:
 class BrokenEngine(FakeEngine):
     """A fake engine that fails in the places the fake does not: the tokenizer, mid-generation, stats."""
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]], options: Any = DEFAULT_TEMPLATE_OPTIONS) -> tuple[int, ...]:
-        if any("[tokenizer]" in str(m["content"]) for m in messages):
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        if "[tokenizer]" in text:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, SECRET)
-        return super().encode_chat(messages, options)
+        return super().encode_text(text)
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         count = 0

@@ -1,8 +1,9 @@
 """A deterministic EngineClient for HTTP tests: no model, instant, and it records what it was asked.
 
-* ``encode_chat`` renders ``<|role|>content\\n`` lines plus ``<|assistant|>`` and returns one token
-  id per character (its code point), so prompt lengths are easy to reason about and the fake can
-  read its own prompts back.
+* The fake is its own renderer (``renderer``): ``chat_text`` renders ``<|role|>content\\n`` lines plus
+  ``<|assistant|>`` and ``encode_text`` returns one token id per character (its code point), so prompt
+  lengths are easy to reason about and the fake can read its own prompts back; ``renderer_calls``
+  records which renderer methods ran.
 * The answer is :data:`REPLY_PIECES`, one piece per token, with multi-byte UTF-8 characters
   (ö, 你好, 🙂); ``max_tokens`` ends it with "length", ``stop`` strings cut it with "stop". A sampled
   (not greedy) request with a seed starts with ``[<seed>]``, so the choices of ``n`` differ.
@@ -96,6 +97,8 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.active = 0
+        self.renderer_calls: list[str] = []
+        """The renderer methods called (``chat_text``, ``encode_text``, ``encode_prompt`` ...), in order."""
 
     @property
     def ready(self) -> bool:
@@ -107,15 +110,33 @@ class FakeEngine:
 
     vocab_size = VOCAB_SIZE
 
+    # ---- the renderer: the fake is its own ChatRenderer (one token per character) ----
+    @property
+    def renderer(self) -> FakeEngine:
+        if not self._ready:
+            raise EngineNotReadyError("The fake model is not loaded.")
+        return self
+
+    max_token_chars = 1
+
+    def chat_text(self, messages: Sequence[dict[str, Any]], options: ChatTemplateOptions = DEFAULT_TEMPLATE_OPTIONS) -> str:
+        if not self._ready:
+            raise EngineNotReadyError("The fake model is not loaded.")
+        self.renderer_calls.append("chat_text")
+        self.template_options.append(options)
+        return render(messages, options.add_generation_prompt)
+
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        self.renderer_calls.append("encode_text")
+        return tuple(ord(c) for c in text)
+
     def encode_chat(
         self, messages: Sequence[dict[str, Any]], options: ChatTemplateOptions = DEFAULT_TEMPLATE_OPTIONS
     ) -> tuple[int, ...]:
-        if not self._ready:
-            raise EngineNotReadyError("The fake model is not loaded.")
-        self.template_options.append(options)
-        return tuple(ord(c) for c in render(messages, options.add_generation_prompt))
+        return self.encode_text(self.chat_text(messages, options))
 
     def encode_prompt(self, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
+        self.renderer_calls.append("encode_prompt")
         return ((BOS_ID,) if add_special_tokens else ()) + tuple(ord(c) for c in text)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:

@@ -24,7 +24,7 @@ from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.config import EngineConfig
 from amulet_core.model.loading import LoadedModel, ModelConfig
 from server.app import create_app
-from server.cli import engine_lifespan
+from server.assembly import engine_lifespan
 from server.config import ServerConfig
 from server.metrics import PrometheusMetrics, mount_metrics
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import httpx
 
-from server.cli import build_app, parse_args
+from server.assembly import build_app
+from server.options import parse_args
 from tests.support import ROOT
 from tests.support.live_server import live_server, wait_ready
 

@@ -35,21 +35,21 @@ def test_pair_differs_by_the_preference_text_alone(smollm_tokenizer, messages, p
     pair = preference_message_pair(messages, preference)
     sentence = preference_sentence(preference)
     pref_text = smollm_tokenizer.decode(render_chat(smollm_tokenizer, pair.pref))
-    base_text = smollm_tokenizer.decode(render_chat(smollm_tokenizer, pair.base))
+    base_text = smollm_tokenizer.decode(render_chat(smollm_tokenizer, pair.contrast))
     assert pref_text != base_text
-    system = pair.base[0]["content"]
+    system = pair.contrast[0]["content"]
     inserted = f" {sentence}" if system else sentence
     cut = pref_text.index(inserted)
     assert pref_text[:cut] + pref_text[cut + len(inserted) :] == base_text
     assert pref_text.endswith("<|im_start|>assistant\n") and base_text.endswith("<|im_start|>assistant\n")
     if messages[0]["role"] == "system":
-        assert pair.base == messages  # the base context is the conversation as given
+        assert pair.contrast == messages  # the base context is the conversation as given
     assert messages == CONVERSATIONS[CONVERSATIONS.index(messages)]  # inputs not mutated
 
 
 def test_pair_without_system_message_uses_the_default_system_prompt():
     pair = preference_message_pair([{"role": "user", "content": "Hi"}], "formal", default_system_prompt="Be kind.")
-    assert pair.base[0] == {"role": "system", "content": "Be kind."}
+    assert pair.contrast[0] == {"role": "system", "content": "Be kind."}
     assert pair.pref[0] == {"role": "system", "content": "Be kind. Your answer should be formal as much as possible."}
 
 

@@ -6,7 +6,7 @@
 * A field that changes nothing here (:data:`NO_EFFECT`: ``store``, ``metadata``, ``user`` ...) is
   accepted; the declared ones are still type-checked by the request models.
 * Any other field is unknown: accepted, unused, and its name is logged once at warning level
-  (:class:`UnknownFieldLog`), as vLLM does since its PR #10463.
+  (:class:`UnknownFieldLog`), as vLLM does.
 
 Fields the models declare are typed strictly; a wrong type is a 400, never a silent coercion.
 """
@@ -130,8 +130,9 @@ def _generic(dotted: str) -> str:
     return "".join(out)
 
 
-def apply_request_policy(body: BaseModel, unknown: UnknownFieldLog) -> None:
-    """Refuse the unsupported fields that would change the answer; log the unknown ones once.
+def apply_request_policy(body: BaseModel, unknown: UnknownFieldLog | None) -> None:
+    """Refuse the unsupported fields that would change the answer; log the unknown ones once (not at all
+    when ``unknown`` is None).
 
     Raises InvalidParameterError naming the field (its dotted path)."""
     for dotted, generic, value in _extras(body, ""):
@@ -139,5 +140,5 @@ def apply_request_policy(body: BaseModel, unknown: UnknownFieldLog) -> None:
             harmless, why = UNSUPPORTED[generic]
             if not harmless(value):
                 raise InvalidParameterError(dotted, f"'{dotted}' is not supported by this server: {why}")
-        elif generic not in NO_EFFECT:
+        elif generic not in NO_EFFECT and unknown is not None:
             unknown.note(generic)

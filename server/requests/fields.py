@@ -32,12 +32,10 @@ def check_model(requested: str | None, served: str) -> None:
 
 
 def check_choices(body: GenerationFields, max_n: int) -> None:
-    """``n`` within the server's limit, and ``stream_options`` only with ``stream``."""
+    """``n`` within the server's limit."""
     n = body.num_choices
     if not 1 <= n <= max_n:
         raise InvalidParameterError("n", f"'n' must be from 1 to {max_n} (this server's --max-n), got {n}.")
-    if body.stream_options is not None and not body.stream:
-        raise InvalidParameterError("stream_options", "'stream_options' is only allowed when 'stream' is true.")
 
 
 def renamed_param(name: str, alias: str, make: Callable[[], T]) -> T:

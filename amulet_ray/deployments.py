@@ -1,11 +1,11 @@
-"""The two Ray Serve deployment classes; :mod:`server.ray_serve.application` turns them into an application.
+"""The two Ray Serve deployment classes; :mod:`amulet_ray.application` turns them into an application.
 
-``AmuletReplica``: one engine and ``amulet-server``'s app (``server.cli.build_app``), served in-process:
+``AmuletReplica``: one engine and ``amulet-server``'s app (``server.assembly.build_app``), served in-process:
 
 * start-up runs the app's lifespan (the engine starts and loads the model) and returns once the model is
   loaded; a model that fails to load fails the replica's start (Ray retries, then reports the deployment
   failed). With ``--wait-for-model`` the replica stays up instead and its health check fails until then.
-* ``forward`` answers one :class:`~server.ray_serve.asgi_bridge.ForwardedRequest` (a streaming call), with
+* ``forward`` answers one :class:`~amulet_ray.asgi_bridge.ForwardedRequest` (a streaming call), with
   the ``x-amulet-replica`` header naming the replica.
 * ``check_health`` (Ray calls it every ``health_check_period_s``) asks the app's ``/health`` and ``/ready``:
   a stalled or dead engine (``/health`` 503) or an app that is not ready makes Ray replace the replica.
@@ -14,7 +14,7 @@
   (``server.draining.drainer``: refuse new calls with 503, abort what still runs with an error event,
   stop the engine) and the app's shutdown.
 
-``AmuletIngress``: the HTTP entry behind Ray's proxy (:class:`~server.ray_serve.forwarding.ForwardingApp`).
+``AmuletIngress``: the HTTP entry behind Ray's proxy (:class:`~amulet_ray.forwarding.ForwardingApp`).
 It loads the model's tokenizer (no weights) to key requests by prefix; where it cannot, it logs a warning
 and every request is balanced by Ray's power of two choices.
 """
@@ -25,21 +25,21 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message
 
-from server.cli import Configs, build_app
+from amulet_ray.asgi_bridge import AsgiLifespan, ForwardedRequest, call_app, get
+from amulet_ray.config import REPLICA_HEADER, ROUTING_PREFIX
+from amulet_ray.forwarding import ForwardingApp, ingress_app
+from amulet_ray.health import check_app_health
+from amulet_ray.prefix import PrefixKeyer
+from amulet_ray.replica_metrics import ReplicaMetricsServer, bind_metrics_socket
+from server.assembly import build_app
 from server.draining import drainer
-from server.ray_serve.asgi_bridge import AsgiLifespan, ForwardedRequest, call_app, get
-from server.ray_serve.config import REPLICA_HEADER, ROUTING_PREFIX
-from server.ray_serve.forwarding import ForwardingApp, ingress_app
-from server.ray_serve.health import check_app_health
-from server.ray_serve.prefix import PrefixKeyer
-from server.ray_serve.replica_metrics import ReplicaMetricsServer, bind_metrics_socket
+from server.options import LOG_FORMAT, Configs
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,10 @@ DEL_DRAIN_S = 2.0
 def configure_logging(level: str) -> None:
     """The server's loggers at ``--log-level`` in a Ray worker (Ray keeps the worker's stderr in its logs)."""
     numeric = logging.DEBUG if level == "trace" else getattr(logging, level.upper(), logging.INFO)
-    for name in ("server", "amulet_core"):
+    for name in ("server", "amulet_core", "amulet_ray"):
         logging.getLogger(name).setLevel(numeric)
     if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(format=LOG_FORMAT)
 
 
 class AmuletReplica:
@@ -63,7 +63,7 @@ class AmuletReplica:
     async def __init__(self, configs: Configs, metrics_port: int) -> None:  # type: ignore[misc]  # Ray awaits it
         configure_logging(configs.server.log_level)
         self._metrics: ReplicaMetricsServer | None = None
-        self._app = build_app(replace(configs, ray=None))
+        self._app = build_app(configs)
         self._lifespan = AsgiLifespan(self._app)
         context = serve.get_replica_context()
         self.replica = context.replica_tag

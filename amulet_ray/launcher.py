@@ -1,4 +1,5 @@
-"""``amulet-server --ray``: deploy the application on a Ray cluster, serve until a signal, then tear it down.
+"""``amulet-ray`` (and ``amulet-server --ray``): deploy the application on a Ray cluster, serve until a signal,
+then tear it down.
 
 Exit statuses as in :mod:`server.supervision`: 0 after a signal (the replicas drained), 2 when Ray Serve is
 not installed, 3 when Ray or the application could not start (the reason is logged: a replica whose model
@@ -13,8 +14,7 @@ import signal
 import threading
 from types import FrameType
 
-from server.cli import Configs
-from server.ray_serve.config import INSTALL_HINT, RayServeConfig
+from amulet_ray.config import INSTALL_HINT, RayConfigs
 from server.supervision import EXIT_STARTUP_FAILED, EXIT_USAGE
 
 logger = logging.getLogger(__name__)
@@ -38,24 +38,24 @@ def wait_for_signal() -> None:
         pass
 
 
-def serve_on_ray(configs: Configs) -> int:
-    """Start (or join) Ray, deploy :func:`~server.ray_serve.application.build_application` at ``--host:--port``,
+def serve_on_ray(configs: RayConfigs) -> int:
+    """Start (or join) Ray, deploy :func:`~amulet_ray.application.build_application` at ``--host:--port``,
     serve until SIGTERM/SIGINT, delete the application; the exit status (see the module docstring)."""
     try:
         import ray
         from ray import serve
 
-        from server.ray_serve.application import build_application
+        from amulet_ray.application import build_application
     except ImportError as exc:
-        logger.error("--ray needs Ray Serve, which is not installed (%s): %s", exc.name, INSTALL_HINT)
+        logger.error("amulet-ray needs Ray Serve, which is not installed (%s): %s", exc.name, INSTALL_HINT)
         return EXIT_USAGE
-    ray_config = configs.ray or RayServeConfig()
+    ray_config, server = configs.ray, configs.app.server
     joined = not ray.is_initialized()
     owns_cluster = joined and ray_config.address is None and not os.environ.get("RAY_ADDRESS")
     try:
         if joined:
             ray.init(address=ray_config.address)
-        serve.start(http_options={"host": configs.server.host, "port": configs.server.port})
+        serve.start(http_options={"host": server.host, "port": server.port})
         serve.run(build_application(configs), name=ray_config.app_name, route_prefix="/", blocking=False)
     except Exception as exc:
         logger.error("Ray Serve could not start the application: %s: %s", type(exc).__name__, exc)
@@ -66,8 +66,8 @@ def serve_on_ray(configs: Configs) -> int:
     logger.info(
         "Serving %s replica(s) at http://%s:%d/v1 through Ray Serve (routing: %s%s)",
         replicas,
-        configs.server.host,
-        configs.server.port,
+        server.host,
+        server.port,
         ray_config.routing,
         f"; replica metrics from port {ray_config.metrics_port}" if ray_config.metrics_port else "",
     )

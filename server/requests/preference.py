@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.method.preference_prompts import preference_contexts
+from amulet_core.method.preference_prompts import Message, PreferenceContexts, preference_contexts
 from amulet_core.method.settings import Method, MethodSettings, Mode, api_name
 from server.protocol import ChatCompletionRequest, PreferenceItem, PreferenceSpec
-from server.protocol_answers import PreferenceEcho
 
 CFG_MODE = "cfg"
 """The echo's ``mode`` for classifier-free guidance."""
@@ -124,11 +122,9 @@ def preference_plan(body: ChatCompletionRequest, max_preferences: int) -> Prefer
     return _from_spec(preference, max_preferences)
 
 
-def plan_contexts(
-    plan: PreferencePlan, messages: list[dict[str, Any]], default_system_prompt: str
-) -> tuple[list[list[dict[str, Any]]], PreferenceEcho]:
-    """The conversations to encode, decoded one first (K preference contexts, then the contrast for amulet
-    and la; the conversation as given for base), and the answer's echo."""
+def plan_contexts(plan: PreferencePlan, messages: list[Message], default_system_prompt: str) -> PlannedContexts:
+    """The conversations to render, the decoded one first (K preference contexts, then the contrast for amulet
+    and la; the conversation as given for base), and the sentences they carry."""
     built = preference_contexts(messages, plan.texts, default_system_prompt, plan.negative)
     method = plan.settings.method
     if method is Method.BASE:
@@ -137,5 +133,12 @@ def plan_contexts(
         contexts = list(built.prefs)
     else:
         contexts = [*built.prefs, built.contrast]
-    echo = PreferenceEcho.from_settings(built.sentences, built.system_prompt, plan.settings, built.negative, plan.mode)
-    return contexts, echo
+    return PlannedContexts(contexts, built)
+
+
+@dataclass(frozen=True)
+class PlannedContexts:
+    """A preference request's conversations in the engine's order, and how they were built (for the answer's echo)."""
+
+    conversations: list[list[Message]]
+    built: PreferenceContexts

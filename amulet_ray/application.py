@@ -1,24 +1,22 @@
-"""The Ray Serve application of ``amulet-server --ray``: ``AmuletIngress`` in front of ``AmuletReplica``.
+"""The Ray Serve application of ``amulet-ray``: ``AmuletIngress`` in front of ``AmuletReplica``.
 
 :func:`build_application` derives every deployment option from the parsed configs; :func:`app_builder`
-is the same for a Serve config file (``import_path: server.ray_serve.application:app_builder``, with the
-``amulet-server`` options as ``args: {argv: [...]}``), whose ``deployments:`` section may then override
+is the same for a Serve config file (``import_path: amulet_ray.application:app_builder``, with the
+``amulet-ray`` options as ``args: {argv: [...]}``), whose ``deployments:`` section may then override
 any option (replicas, autoscaling, ``ray_actor_options``) as Ray Serve applies it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Mapping
 from typing import Any
 
 import ray
 from ray import serve
 from ray.serve.deployment import Application
 
-from server.cli import Configs, parse_args
-from server.ray_serve.config import RayServeConfig
-from server.ray_serve.deployments import AmuletIngress, AmuletReplica
+from amulet_ray.config import RayConfigs, parse_args
+from amulet_ray.deployments import AmuletIngress, AmuletReplica
 
 REPLICA_DEPLOYMENT = "AmuletReplica"
 INGRESS_DEPLOYMENT = "AmuletIngress"
@@ -26,7 +24,7 @@ INGRESS_MAX_ONGOING_REQUESTS = 1024
 """The ingress only relays bytes: it takes every request the proxy has and lets the replicas' router queue them."""
 HEALTH_CHECK_PERIOD_S = 5.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
-ROUTER_CLASS = "server.ray_serve.router:PrefixAffinityRouter"
+ROUTER_CLASS = "amulet_ray.router:PrefixAffinityRouter"
 """Imported by Ray wherever a handle to the replicas routes (the ingress)."""
 CONSTRUCTOR_RETRIES = 3
 """Replica starts Ray retries before it reports the deployment failed (a model that does not load rarely will)."""
@@ -39,27 +37,29 @@ def _deployment(cls: type) -> Any:
     return serve.deployment(cls)
 
 
-def replica_resources(configs: Configs, ray_config: RayServeConfig, cluster_gpus: float) -> dict[str, float]:
+def replica_resources(configs: RayConfigs, cluster_gpus: float) -> dict[str, float]:
     """``ray_actor_options`` resources of one replica: one GPU where the cluster has GPUs (unless ``--device cpu``),
     else a CPU replica reserving its torch threads; ``--ray-num-gpus`` / ``--ray-num-cpus`` override."""
+    model, ray_config = configs.app.model, configs.ray
     gpus = ray_config.num_gpus
     if gpus is None:
-        gpus = 1.0 if cluster_gpus > 0 and configs.model.device != "cpu" else 0.0
+        gpus = 1.0 if cluster_gpus > 0 and model.device != "cpu" else 0.0
     cpus = ray_config.num_cpus
     if cpus is None:
-        cpus = 1.0 if gpus > 0 else float(configs.model.cpu_threads or 1)
+        cpus = 1.0 if gpus > 0 else float(model.cpu_threads or 1)
     return {"num_cpus": cpus, "num_gpus": gpus}
 
 
-def replica_options(configs: Configs, ray_config: RayServeConfig, cluster_gpus: float) -> dict[str, Any]:
+def replica_options(configs: RayConfigs, cluster_gpus: float) -> dict[str, Any]:
     """Every option of the ``AmuletReplica`` deployment (see :func:`build_application`)."""
+    app, ray_config = configs.app, configs.ray
     options: dict[str, Any] = {
         "name": REPLICA_DEPLOYMENT,
-        "max_ongoing_requests": ray_config.max_ongoing_requests or configs.engine.max_num_seqs,
-        "ray_actor_options": replica_resources(configs, ray_config, cluster_gpus),
+        "max_ongoing_requests": ray_config.max_ongoing_requests or app.engine.max_num_seqs,
+        "ray_actor_options": replica_resources(configs, cluster_gpus),
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
-        "graceful_shutdown_timeout_s": configs.server.drain_timeout_s + SHUTDOWN_MARGIN_S,
+        "graceful_shutdown_timeout_s": app.server.drain_timeout_s + SHUTDOWN_MARGIN_S,
         "graceful_shutdown_wait_loop_s": 0.5,
         "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
         "request_router_config": {
@@ -82,19 +82,18 @@ def replica_options(configs: Configs, ray_config: RayServeConfig, cluster_gpus: 
 
 
 def build_application(
-    configs: Configs, overrides: Mapping[str, Mapping[str, Any]] | None = None, cluster_gpus: float | None = None
+    configs: RayConfigs, overrides: Mapping[str, Mapping[str, Any]] | None = None, cluster_gpus: float | None = None
 ) -> Application:
-    """The application for ``configs`` (``configs.ray`` None: the defaults of :class:`RayServeConfig`).
+    """The application for ``configs``.
 
     ``overrides``: deployment options by deployment name, applied over the derived ones (what a Serve
     config's ``deployments:`` section does). ``cluster_gpus``: None reads the connected cluster's GPUs."""
-    ray_config = configs.ray or RayServeConfig()
     if cluster_gpus is None:
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
     overrides = overrides or {}
-    replica_configs = replace(configs, ray=None)  # replicas get no deployment options: rescaling restarts none
+    replica_configs = configs.app  # replicas get no deployment options: rescaling restarts none
     replica = _deployment(AmuletReplica).options(
-        **{**replica_options(configs, ray_config, cluster_gpus), **overrides.get(REPLICA_DEPLOYMENT, {})}
+        **{**replica_options(configs, cluster_gpus), **overrides.get(REPLICA_DEPLOYMENT, {})}
     )
     ingress_options: dict[str, Any] = {
         "name": INGRESS_DEPLOYMENT,
@@ -104,19 +103,12 @@ def build_application(
         "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
     }
     ingress = _deployment(AmuletIngress).options(**{**ingress_options, **overrides.get(INGRESS_DEPLOYMENT, {})})
-    metrics_port = ray_config.metrics_port
-    return ingress.bind(replica.bind(replica_configs, metrics_port), replica_configs, ray_config.routing)
-
-
-def parse_for_ray(argv: Sequence[str]) -> Configs:
-    """``amulet-server`` options for Ray (``--ray`` implied), parsed by the CLI's own parser."""
-    args = list(argv)
-    return parse_args(args if "--ray" in args else ["--ray", *args])
+    return ingress.bind(replica.bind(replica_configs, configs.ray.metrics_port), replica_configs, configs.ray.routing)
 
 
 def app_builder(args: Mapping[str, Any]) -> Application:
-    """Serve config entry point: ``args: {argv: ["--max-num-seqs", "32", ...]}`` (every ``amulet-server`` option)."""
+    """Serve config entry point: ``args: {argv: ["--max-num-seqs", "32", ...]}`` (every ``amulet-ray`` option)."""
     argv = args.get("argv", [])
     if isinstance(argv, str) or not all(isinstance(a, str) for a in argv):
-        raise ValueError("args.argv must be a list of strings (amulet-server options)")
-    return build_application(parse_for_ray(argv))
+        raise ValueError("args.argv must be a list of strings (amulet-ray options)")
+    return build_application(parse_args(list(argv)))

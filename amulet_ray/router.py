@@ -1,9 +1,9 @@
 """``PrefixAffinityRouter``: a Ray Serve request router (``ray.serve.request_router.RequestRouter``) for replicas.
 
 Ray Serve runs one router per deployment handle, in the process that holds the handle: here the ingress.
-Each request to ``AmuletReplica.forward`` carries a :class:`~server.ray_serve.asgi_bridge.ForwardedRequest`
-whose ``prefix_chain`` (see :mod:`server.ray_serve.prefix`) is the routing key. ``choose_replicas`` ranks
-the preferred replica (:func:`~server.ray_serve.affinity.preferred_replica`: the one that served the longest
+Each request to ``AmuletReplica.forward`` carries a :class:`~amulet_ray.asgi_bridge.ForwardedRequest`
+whose ``prefix_chain`` (see :mod:`amulet_ray.prefix`) is the routing key. ``choose_replicas`` ranks
+the preferred replica (:func:`~amulet_ray.affinity.preferred_replica`: the one that served the longest
 matching prefix last, unless busy) first and Ray's power-of-two-choices pair second, so a preferred replica
 that turns out full falls through to load balancing. A request without a chain (``--ray-routing pow2``,
 the ``x-amulet-routing: pow2`` header, or one the ingress could not render) gets the pair alone.
@@ -32,7 +32,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from server.ray_serve.affinity import DEFAULT_CAPACITY, AffinityTable, ReplicaLoad, preferred_replica
+from amulet_ray.affinity import DEFAULT_CAPACITY, AffinityTable, ReplicaLoad, preferred_replica
 
 
 def chain_of(pending_request: PendingRequest | None) -> tuple[int, ...]:

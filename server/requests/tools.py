@@ -1,5 +1,5 @@
-"""Tool calling for chat requests: what the prompt shows of the tools, what the grammar forces, and how
-the model's text becomes OpenAI tool calls (whole or streamed).
+"""Tool calling on the request side: the tools a chat request offers, what the prompt shows of them and
+what the grammar forces (the answer side, the model's text as OpenAI tool calls, is ``server.tool_calls``).
 
 The model's chat template renders the tools, the assistant ``tool_calls`` and the ``tool`` results of
 the history when it can (``tools=`` of ``apply_chat_template``). When it cannot (SmolLM2's template
@@ -12,7 +12,7 @@ Both contexts of a preference request get the same tools: they still differ by t
 from __future__ import annotations
 
 import json
-import uuid
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +20,35 @@ from typing import Any
 from amulet_core.errors import InvalidParameterError
 from amulet_core.grammar.spec import GrammarKind, GrammarSpec
 from server.protocol import ChatCompletionRequest
-from server.protocol_answers import DeltaFunctionCall, DeltaToolCall, FunctionCallOut, ToolCallOut
-from server.tool_parsers import ParsedOutput, ToolFunction, ToolParser, describe_tools_for_system_prompt
+from server.tool_parsers import (
+    ParsedOutput,
+    ToolFunction,
+    ToolParser,
+    auto_tool_parser,
+    describe_tools_for_system_prompt,
+    get_tool_parser,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ConfiguredToolParser:
+    """The server's tool-call parser (``--tool-call-parser``): the one named, or for ``auto`` the one the chat
+    template's format picks, found once (``template_text`` gives the template) and logged."""
+
+    def __init__(self, name: str, template_text: Callable[[], str | None]) -> None:
+        self._name = name
+        self._template_text = template_text
+        self._parser: ToolParser | None = None
+
+    def __call__(self) -> ToolParser:
+        if self._parser is None:
+            name = self._name
+            if name == "auto":
+                name = auto_tool_parser(self._template_text())
+                logger.info("Tool calls are parsed as '%s' (picked from the chat template; see --tool-call-parser).", name)
+            self._parser = get_tool_parser(name)
+        return self._parser
 
 
 @dataclass(frozen=True)
@@ -121,64 +148,3 @@ def with_tools_described(
     content = out[0].get("content") or ""
     out[0]["content"] = f"{content}\n\n{description}" if content else description
     return out
-
-
-def tool_calls_out(parsed: ParsedOutput) -> list[ToolCallOut]:
-    """OpenAI tool calls, each with an id unique to this answer."""
-    return [
-        ToolCallOut(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCallOut(name=c.name, arguments=c.arguments))
-        for c in parsed.tool_calls
-    ]
-
-
-@dataclass
-class ToolCallStream:
-    """One streamed choice of a request with tools: text is passed on as content until it may be a tool call
-    (the parser's start marker, or a prefix of it at the end), then held; at the finish the held text is
-    parsed and sent as content and ``delta.tool_calls`` (id and name first, then the arguments)."""
-
-    tools: ToolRequest
-    held: str = ""
-    holding: bool = False
-
-    def feed(self, text: str) -> str:
-        """The part of ``text`` that can be sent as content now."""
-        if self.holding:
-            self.held += text
-            return ""
-        pending = self.held + text
-        marker = self.tools.parser.start_marker
-        if self.tools.choice != "auto":  # the grammar makes the whole answer the call
-            self.holding, self.held = True, pending
-            return ""
-        at = pending.find(marker)
-        if at >= 0 and (marker != "{" or not pending[:at].strip()):
-            self.holding, self.held = True, pending[at:]
-            return pending[:at]
-        keep = _partial_marker(pending, marker)
-        self.held = pending[len(pending) - keep :] if keep else ""
-        return pending[: len(pending) - keep]
-
-    def finish(self) -> tuple[str, list[DeltaToolCall]]:
-        """The content still to send and the tool-call deltas (empty when the held text is no call)."""
-        parsed = self.tools.parse(self.held)
-        self.held = ""
-        if not parsed.tool_calls:
-            return parsed.content or "", []
-        deltas = []
-        for i, call in enumerate(tool_calls_out(parsed)):
-            deltas.append(
-                DeltaToolCall(
-                    index=i, id=call.id, type="function", function=DeltaFunctionCall(name=call.function.name, arguments="")
-                )
-            )
-            deltas.append(DeltaToolCall(index=i, function=DeltaFunctionCall(arguments=call.function.arguments)))
-        return parsed.content or "", deltas
-
-
-def _partial_marker(text: str, marker: str) -> int:
-    """Length of the longest end of ``text`` that is a proper prefix of ``marker``."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0

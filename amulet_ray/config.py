@@ -1,16 +1,21 @@
-"""The ``--ray*`` options of ``amulet-server`` and their frozen config; importing this needs no Ray.
+"""The options of ``amulet-ray`` and their frozen configs; importing this needs no Ray.
 
-``server.cli.build_parser`` adds the options (:func:`add_ray_arguments`) and ``server.cli.parse_args`` turns
-them into a :class:`RayServeConfig` (:func:`ray_config_from_args`), or None when ``--ray`` is not given.
-Every other ``amulet-server`` option keeps its meaning and applies to each replica; ``--host`` and
-``--port`` become the address of Ray's HTTP proxy.
+``amulet-ray`` takes every ``amulet-server`` option (:func:`server.options.build_parser`) plus the ``--ray*``
+ones (:func:`add_ray_arguments`); :func:`parse_args` turns them into :class:`RayConfigs`: the server's
+:class:`~server.options.Configs`, which every replica gets unchanged (``--host`` and ``--port`` become the
+address of Ray's HTTP proxy), and the :class:`RayServeConfig` of the replicas' placement and routing.
+``amulet-server --ray ...`` hands its whole command line to ``amulet-ray``, so ``--ray`` is accepted here too.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from server.options import RAY_FLAG, RAY_INSTALL_HINT, Configs, configs_from_args
+from server.options import build_parser as build_server_parser
 
 ROUTING_PREFIX = "prefix"
 ROUTING_POW2 = "pow2"
@@ -19,12 +24,12 @@ ROUTING_HEADER = "x-amulet-routing"
 """A request may ask for ``pow2`` (no prefix affinity) or ``prefix`` in this header, whatever the default."""
 REPLICA_HEADER = "x-amulet-replica"
 """Every answer names the Ray Serve replica (its unique id) that served it."""
-INSTALL_HINT = "pip install '.[ray]'"
+INSTALL_HINT = RAY_INSTALL_HINT
 
 
 @dataclass(frozen=True)
 class RayServeConfig:
-    """How ``amulet-server --ray`` places and routes replicas (each replica gets the other configs unchanged).
+    """How ``amulet-ray`` places and routes replicas (each replica gets the other configs unchanged).
 
     A fixed ``replicas`` count when ``max_replicas`` is None (or equal), else Ray Serve's autoscaling
     between ``replicas`` and ``max_replicas`` on queue length: ``target_ongoing_requests`` requests
@@ -83,15 +88,26 @@ class RayServeConfig:
         return self.max_replicas is not None and self.max_replicas > self.replicas
 
 
-def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--ray*`` options (a group of ``amulet-server --help``)."""
+@dataclass(frozen=True)
+class RayConfigs:
+    """Everything ``amulet-ray`` parsed."""
+
+    app: Configs
+    """The server's configs: each replica runs its engine and app with them (the ingress its server options)."""
+    ray: RayServeConfig
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``parser`` (the server's) with the ``--ray*`` options, a group of ``amulet-ray --help``."""
     defaults = RayServeConfig()
     group = parser.add_argument_group(
         "Ray Serve (scale-out)",
         f"Serve replicas of this server behind Ray Serve's HTTP proxy at --host:--port ({INSTALL_HINT}). "
         "Every other option applies to each replica.",
     )
-    group.add_argument("--ray", action="store_true", help="run on Ray Serve: replicas, prefix-affinity routing, autoscaling")
+    group.add_argument(
+        RAY_FLAG, action="store_true", help="implied; accepted so that an amulet-server --ray command line runs unchanged"
+    )
     group.add_argument("--ray-address", default=None, help="a running Ray cluster (default: $RAY_ADDRESS, else a local one)")
     group.add_argument("--ray-replicas", type=int, default=defaults.replicas, help="replicas (the minimum when autoscaling)")
     group.add_argument(
@@ -135,12 +151,11 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_imbalance,
         help="requests the preferred replica may hold above the least loaded one before it counts as busy (default: %(default)s)",
     )
+    return parser
 
 
-def ray_config_from_args(args: argparse.Namespace) -> RayServeConfig | None:
-    """The config of the parsed ``--ray*`` options, or None without ``--ray``. Raises ValueError on a bad value."""
-    if not args.ray:
-        return None
+def ray_config_from_args(args: argparse.Namespace) -> RayServeConfig:
+    """The config of the parsed ``--ray*`` options. Raises ValueError on a bad value."""
     return RayServeConfig(
         address=args.ray_address,
         replicas=args.ray_replicas,
@@ -155,3 +170,22 @@ def ray_config_from_args(args: argparse.Namespace) -> RayServeConfig | None:
         routing=args.ray_routing,
         max_imbalance=args.ray_max_imbalance,
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``amulet-ray``'s parser: every option of ``amulet-server`` (but its ``--ray`` hand-over) and the ``--ray*`` ones."""
+    parser = add_ray_arguments(build_server_parser("amulet-ray", ray_flag=False))
+    parser.description = "Replicas of amulet-server on Ray Serve behind its HTTP proxy, routed by prompt prefix."
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> RayConfigs:
+    """All of ``amulet-ray``'s configs from the command line (``--ray`` implied, accepted); exits with a usage error
+    (status 2) on bad values, as ``amulet-server`` does."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        ray = ray_config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return RayConfigs(configs_from_args(parser, args, environ), ray)

@@ -1,8 +1,8 @@
 """The routing key of a request: a hash chain over the full token blocks of its rendered pref context.
 
 The ingress renders a request exactly as a replica will, by running the serving code's own ``prepare``
-(:class:`server.serving_chat.OpenAIServingChat`, :class:`server.serving_completions.OpenAIServingCompletion`)
-over :class:`TokenizerEngine`, an ``EngineClient`` that has the model's tokenizer and chat template but no
+(:func:`server.requests.chat.prepare`, :func:`server.requests.completion.prepare`) over a
+:class:`~amulet_core.model.chat_template.ChatTokenizer`: the model's tokenizer and chat template, no
 model. The first context's token ids (the pref context of a preference request, the conversation itself
 otherwise) are cut into blocks of the engine's ``block_size`` and chained like the engine's prefix cache:
 two requests share their first k chain entries exactly when they share their first k full blocks, so the
@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
 from amulet_core.model.chat_template import ChatTokenizer
 from amulet_core.model.loading import load_tokenizer, model_display_name
-from server.cli import Configs
-from server.observer import NullObserver
+from server.options import Configs
 from server.protocol import ChatCompletionRequest
 from server.protocol_completions import CompletionRequest
-from server.request_policy import UnknownFieldLog
-from server.serving_chat import OpenAIServingChat
-from server.serving_completions import OpenAIServingCompletion
+from server.requests.admission import Admission, FixedLimits
+from server.requests.chat import prepare as prepare_chat
+from server.requests.completion import prepare as prepare_completion
+from server.requests.tools import ConfiguredToolParser
 
 logger = logging.getLogger(__name__)
 
@@ -52,73 +50,44 @@ def prefix_chain(token_ids: Sequence[int], block_size: int, max_blocks: int = MA
     return tuple(chain)
 
 
-class TokenizerEngine(ChatTokenizer):
-    """An ``EngineClient`` with the model's tokenizer and no model: it renders and encodes like ``AsyncEngine``
-    (both are a :class:`ChatTokenizer`) and refuses to generate. ``ready`` is always True."""
-
-    def __init__(self, tokenizer: Any, model_name: str, max_model_len: int) -> None:
-        super().__init__(tokenizer)
-        self.model_name = model_name
-        self.max_model_len = max_model_len
-
-    @property
-    def ready(self) -> bool:
-        return True
-
-    @property
-    def load_error(self) -> BaseException | None:
-        return None
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokenizer)
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        raise NotImplementedError("the ingress only renders requests; replicas generate")
-        yield  # pragma: no cover - makes this an async generator, like the protocol's
-
-    def stats(self) -> EngineStats:
-        return EngineStats()
-
-
-class _Unlogged(UnknownFieldLog):
-    """The ingress renders every request too: the replica that serves it logs its unknown fields, once is enough."""
-
-    def note(self, path: str) -> None:
-        return None
-
-
 class PrefixKeyer:
     """The routing key (:func:`prefix_chain` of the first context) of chat and text-completion requests.
 
-    ``chain`` never raises: a request the serving code refuses (bad JSON, an unknown model, an invalid
-    field ...) gets an empty chain, is balanced by Ray's default routing, and the replica answers its error.
+    Requests are rendered by the serving code's own ``prepare`` (:mod:`server.requests.chat`,
+    :mod:`server.requests.completion`) over a :class:`ChatTokenizer` of the model's tokenizer: the ingress
+    has no model. ``chain`` never raises: a request the serving code refuses (bad JSON, an unknown model, an
+    invalid field ...) gets an empty chain, is balanced by Ray's default routing, and the replica answers
+    its error. Unknown fields are not logged here: the replica that serves the request logs them.
     """
 
-    def __init__(self, engine: TokenizerEngine, configs: Configs, max_blocks: int = MAX_PREFIX_BLOCKS) -> None:
-        model_name = configs.server.served_model_name or engine.model_name
-        unknown = _Unlogged()
-        self._chat = OpenAIServingChat(engine, model_name, configs.server, NullObserver(), unknown)
-        self._completions = OpenAIServingCompletion(engine, model_name, configs.server, NullObserver(), unknown)
+    def __init__(self, renderer: ChatTokenizer, model_name: str, configs: Configs, max_blocks: int = MAX_PREFIX_BLOCKS) -> None:
+        served = configs.server.served_model_name or model_name
+        limits = FixedLimits(max_model_len=configs.engine.max_model_len, vocab_size=len(renderer.tokenizer))
+        parser = ConfiguredToolParser(configs.server.tool_call_parser, renderer.chat_template_text)
+        self._renderer = renderer
+        self._admission = Admission(served, configs.server, limits, parser)
         self._block_size = configs.engine.block_size
         self._max_blocks = max_blocks
 
     @classmethod
     def load(cls, configs: Configs) -> PrefixKeyer:
         """Load the tokenizer of ``configs.model`` (seconds; blocking)."""
-        name = model_display_name(configs.model)
-        return cls(TokenizerEngine(load_tokenizer(configs.model), name, configs.engine.max_model_len), configs)
+        return cls(ChatTokenizer(load_tokenizer(configs.model)), model_display_name(configs.model), configs)
+
+    def _get_renderer(self) -> ChatTokenizer:
+        return self._renderer
 
     async def chain(self, method: str, path: str, body: bytes) -> tuple[int, ...]:
         if method != "POST" or path not in (CHAT_PATH, COMPLETIONS_PATH):
             return ()
         try:
             if path == CHAT_PATH:
-                prepared = await self._chat.prepare(ChatCompletionRequest.model_validate_json(body))
-                ids = prepared.request.prompt_ids
+                chat = await prepare_chat(ChatCompletionRequest.model_validate_json(body), self._get_renderer, self._admission)
+                ids = chat.request.prompt_ids
             else:
-                requests, _ = await self._completions.prepare(CompletionRequest.model_validate_json(body))
-                ids = requests[0].prompt_ids
+                text = CompletionRequest.model_validate_json(body)
+                completion = await prepare_completion(text, self._get_renderer, self._admission)
+                ids = completion.requests[0].prompt_ids
         except Exception as exc:  # the replica answers it; here it only routes without affinity
             logger.debug("No routing key for a %s request: %s", path, type(exc).__name__)
             return ()

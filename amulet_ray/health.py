@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.ray_serve.asgi_bridge import get
+from amulet_ray.asgi_bridge import get
 
 HEALTH_PATHS = ("/health", "/ready")
 

@@ -3,7 +3,7 @@
 Nothing of the API is implemented here: every route is the replica's (``amulet-server``'s own app). The
 ingress adds only what a second hop needs:
 
-* the routing key (:class:`~server.ray_serve.prefix.PrefixKeyer`), unless the routing is ``pow2`` (the
+* the routing key (:class:`~amulet_ray.prefix.PrefixKeyer`), unless the routing is ``pow2`` (the
   ``--ray-routing`` default, or the request's ``x-amulet-routing`` header), or the API needs a key and the
   request does not carry a valid one (it is forwarded unkeyed, and the replica answers 401: the ingress
   does no work for a caller without a key);
@@ -11,7 +11,7 @@ ingress adds only what a second hop needs:
   (``replica_failed``, ``Retry-After``); once a stream has started, an error event and ``[DONE]``, as the
   server ends a stream that fails; the failure is logged under the request id the client sees;
 * ``/metrics`` is refused (404): it would show one replica picked at random; each replica serves its own
-  (:mod:`server.ray_serve.replica_metrics`).
+  (:mod:`amulet_ray.replica_metrics`).
 
 The body size limit (``--max-body-bytes``) and request ids come from the server's own middlewares (see
 :func:`ingress_app`). No Ray here: the replica is reached through ``call_replica``.
@@ -26,11 +26,11 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from amulet_ray.asgi_bridge import ForwardedRequest, header
+from amulet_ray.config import ROUTING_HEADER, ROUTING_POW2, ROUTING_PREFIX
+from amulet_ray.prefix import PrefixKeyer
 from server.app import BodySizeLimit
 from server.errors import SERVER_ERROR, APIError, describe_exception, error_payload, send_error
-from server.ray_serve.asgi_bridge import ForwardedRequest, header
-from server.ray_serve.config import ROUTING_HEADER, ROUTING_POW2, ROUTING_PREFIX
-from server.ray_serve.prefix import PrefixKeyer
 from server.request_id import REQUEST_ID_HEADER, RequestIdMiddleware, request_id_of
 from server.serving_choices import sse
 
