@@ -15,6 +15,15 @@ class InvalidParameterError(AmuletError, ValueError):
         self.param = param
         self.message = message
 
+    def rename(self, name: str, alias: str) -> None:
+        """Report this error under the request's own name ``alias`` of the parameter ``name`` (in place;
+        an error about another parameter is left as it is)."""
+        if self.param != name or alias == name:
+            return
+        self.param = alias
+        self.message = self.message.replace(f"'{name}'", f"'{alias}'")
+        self.args = (self.message,)
+
 
 class ContextLengthExceededError(InvalidParameterError):
     """The prompt (plus the tokens asked for) does not fit the model's context (HTTP 400)."""

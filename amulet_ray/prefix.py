@@ -22,7 +22,7 @@ from amulet_core.model.loading import load_tokenizer, model_display_name
 from server.options import Configs
 from server.protocol import ChatCompletionRequest
 from server.protocol_completions import CompletionRequest
-from server.requests.admission import Admission, FixedLimits
+from server.requests.admission import Admission
 from server.requests.chat import prepare as prepare_chat
 from server.requests.completion import prepare as prepare_completion
 from server.requests.tools import ConfiguredToolParser
@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 MAX_PREFIX_BLOCKS = 128
 """Longest chain a request gets (2,048 tokens at 16 a block): enough to tell prefixes apart, cheap to match."""
+UNSIZED_MAX_MODEL_LEN = 1 << 20
+"""The context length the ingress checks requests against when ``--max-model-len`` is not set (the replicas size it)."""
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 
@@ -62,10 +64,13 @@ class PrefixKeyer:
 
     def __init__(self, renderer: ChatTokenizer, model_name: str, configs: Configs, max_blocks: int = MAX_PREFIX_BLOCKS) -> None:
         served = configs.server.served_model_name or model_name
-        limits = FixedLimits(max_model_len=configs.engine.max_model_len, vocab_size=len(renderer.tokenizer))
+        vocab_size = len(renderer.tokenizer)
         parser = ConfiguredToolParser(configs.server.tool_call_parser, renderer.chat_template_text)
         self._renderer = renderer
-        self._admission = Admission(served, configs.server, limits, parser)
+        # The replicas size their max_model_len from their memory unless it is set: the ingress keys every request up
+        # to a million tokens, and the replica refuses what is longer than its own.
+        max_model_len = configs.engine.max_model_len or UNSIZED_MAX_MODEL_LEN
+        self._admission = Admission(served, configs.server, lambda: max_model_len, lambda: vocab_size, parser)
         self._block_size = configs.engine.block_size
         self._max_blocks = max_blocks
 

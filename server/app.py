@@ -152,15 +152,23 @@ def create_app(
             return error_response(describe_exception(not_ready, config.retry_after_s), request_id)
         return JSONResponse({"status": "ready", "model": model_name})
 
+    def model_card() -> ModelCard:
+        """The served model; its ``max_model_len`` is null while the model loads (the engine sizes it then)."""
+        try:
+            max_model_len: int | None = engine.max_model_len
+        except EngineNotReadyError:
+            max_model_len = None
+        return ModelCard(id=model_name, max_model_len=max_model_len)
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return ModelList(data=[ModelCard(id=model_name, max_model_len=engine.max_model_len)]).model_dump()
+        return ModelList(data=[model_card()]).model_dump()
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
         if model_id != model_name:
             raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
-        return ModelCard(id=model_name, max_model_len=engine.max_model_len).model_dump()
+        return model_card().model_dump()
 
     @app.get("/version")
     async def version() -> dict[str, Any]:

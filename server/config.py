@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from amulet_core.method.preference_prompts import TEMPLATE
+from amulet_core.method.preference_prompts import TEMPLATE, Placement
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -42,6 +42,10 @@ class ServerConfig:
     """System message given to both contexts of a preference request whose conversation has none:
     ``template`` (the model's chat template's own default), ``paper``, ``none`` or the text itself
     (amulet_core.method.preference_prompts.resolve_default_system_prompt)."""
+    preference_placement: Placement = Placement.SYSTEM
+    """Where a preference request's sentences go when it does not say (``"mode": "paper"`` keeps ``system``):
+    ``system`` (the first system message) or ``end`` (the last user message, the contexts sharing the
+    conversation before it); ``--preference-placement``."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

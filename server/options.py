@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from amulet_core.engine.config import EngineConfig
-from amulet_core.method.preference_prompts import TEMPLATE
+from amulet_core.method.preference_prompts import TEMPLATE, Placement
 from amulet_core.model.gguf_cache import MODEL_CACHE_ENV, default_model_cache
 from amulet_core.model.loading import ModelConfig
 from server.api_keys import API_KEY_ENV, API_KEY_FILE_ENV, resolve_api_keys
@@ -85,8 +85,9 @@ def build_parser(prog: str = "amulet-server", *, ray_flag: bool = True, add_help
     p.add_argument(
         "--max-model-len",
         type=int,
-        default=EngineConfig.max_model_len,
-        help="longest context, prompt plus answer, in tokens (default: %(default)s)",
+        default=None,
+        help="longest context, prompt plus answer, in tokens (default: the model's own, capped so that the KV cache "
+        "holds one amulet request of that length; the log says which)",
     )
     p.add_argument(
         "--max-queue",
@@ -103,8 +104,16 @@ def build_parser(prog: str = "amulet-server", *, ray_flag: bool = True, add_help
     p.add_argument(
         "--kv-cache-memory-gib",
         type=float,
-        default=EngineConfig.kv_cache_memory_gib,
-        help="memory for the paged KV cache, all sequences together, in GiB (default: %(default)s)",
+        default=None,
+        help="memory for the paged KV cache, all sequences together, in GiB (default: what is left once the weights "
+        "are loaded: on a GPU within --gpu-memory-utilization, on a CPU a quarter of the available RAM, at most 2 GiB)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=EngineConfig.gpu_memory_utilization,
+        help="share of the GPU's memory the server uses, weights, activations and KV cache together, when it sizes "
+        "the KV cache itself (default: %(default)s)",
     )
     p.add_argument(
         "--enforce-eager",
@@ -136,6 +145,15 @@ def build_parser(prog: str = "amulet-server", *, ray_flag: bool = True, add_help
         metavar="template|paper|none|TEXT",
         help="system message given to both contexts of a preference request whose conversation has none: the chat "
         "template's own default (template), the paper's (paper), an empty one (none) or TEXT (default: %(default)s)",
+    )
+    p.add_argument(
+        "--preference-placement",
+        default=Placement.SYSTEM.value,
+        choices=[placement.value for placement in Placement],
+        help="where a preference request's sentences go when the request does not say (its 'preference.placement'): "
+        "appended to the first system message (system, the paper's) or to the last user message (end: the contexts "
+        "then share the conversation before it, and its KV cache); a request in the paper's mode keeps system "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--api-key",
@@ -240,6 +258,7 @@ def configs_from_args(
                 max_queue=args.max_queue,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_memory_gib=args.kv_cache_memory_gib,
+                gpu_memory_utilization=args.gpu_memory_utilization,
                 cuda_graphs=not args.enforce_eager,
             ),
             server=ServerConfig(
@@ -253,6 +272,7 @@ def configs_from_args(
                 max_body_bytes=args.max_body_bytes,
                 drain_timeout_s=args.drain_timeout,
                 default_system_prompt=args.default_system_prompt,
+                preference_placement=Placement(args.preference_placement),
                 max_n=args.max_n,
                 max_preferences=args.max_preferences,
                 tool_call_parser=args.tool_call_parser,

@@ -66,6 +66,11 @@ class PreferenceSpec(BaseModel):
     negative: str | None = None
     """A preset or sentence the contrast context carries (amulet and la), instead of nothing."""
     mode: Literal["default", "paper"] | None = None
+    placement: Literal["system", "end"] | None = None
+    """Where the sentences go (amulet_core.method.preference_prompts.Placement): ``system`` (appended to the
+    first system message, the paper's) or ``end`` (appended to the last user message, so the contexts share
+    the conversation before it). Unset: the server's ``--preference-placement``, or ``system`` for
+    ``"mode": "paper"``."""
     method: Literal["amulet", "la", "pref", "base"] | None = None
     iterations: int | None = None
     eta: float | None = None
@@ -78,7 +83,7 @@ class PreferenceSpec(BaseModel):
 
     def method_fields(self) -> dict[str, Any]:
         """The given method parameters under MethodSettings' names."""
-        given = self.model_dump(exclude={"text", "weights", "negative", "mode", "coefficient"}, exclude_none=True)
+        given = self.model_dump(exclude={"text", "weights", "negative", "mode", "placement", "coefficient"}, exclude_none=True)
         if self.coefficient is not None:
             given["strength"] = self.coefficient
         return given

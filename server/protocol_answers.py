@@ -26,7 +26,7 @@ class PreferenceEcho(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
     text: str
-    """The sentence added to the system message of the (first) preference context ("" for guidance)."""
+    """The sentence added to the (first) preference context, where ``placement`` says ("" for guidance)."""
     texts: list[str]
     """Every preference context's sentence, in order."""
     weights: list[float]
@@ -38,6 +38,9 @@ class PreferenceEcho(BaseModel):
     server's default for conversations without one (``--default-system-prompt``)."""
     mode: str
     """``default``, ``paper``, or ``cfg`` for classifier-free guidance (``guidance_scale``)."""
+    placement: str
+    """Where the sentences (and the negative one) went: ``system`` (appended to the first system message) or
+    ``end`` (appended to the last user message)."""
     method: str
     iterations: int
     eta: float
@@ -56,6 +59,8 @@ class PreferenceEcho(BaseModel):
         settings: MethodSettings,
         negative: str | None = None,
         mode: str | None = None,
+        *,
+        placement: str,
     ) -> PreferenceEcho:
         return cls(
             text=sentences[0] if sentences else "",
@@ -64,6 +69,7 @@ class PreferenceEcho(BaseModel):
             negative=negative,
             system_prompt=system_prompt,
             mode=mode or settings.mode.value,
+            placement=str(placement),
             method=settings.method.value,
             iterations=settings.iterations,
             eta=settings.eta,

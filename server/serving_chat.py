@@ -97,11 +97,12 @@ class OpenAIServingChat(OpenAIServing):
 
 def preference_echo(prepared: PreparedChat) -> PreferenceEcho | None:
     """The answer's ``preference``: the effective settings and sentences; None for a plain request."""
-    plan, planned = prepared.intent.plan, prepared.rendered.planned
-    if plan is None or planned is None:
+    plan, built = prepared.intent.plan, prepared.rendered.contexts
+    if plan is None or built is None:
         return None
-    built = planned.built
-    return PreferenceEcho.from_settings(built.sentences, built.system_prompt, plan.settings, built.negative, plan.mode)
+    return PreferenceEcho.from_settings(
+        built.sentences, built.system_prompt, plan.settings, built.negative, plan.mode, placement=plan.placement.value
+    )
 
 
 class ChatChunks:

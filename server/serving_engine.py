@@ -44,7 +44,9 @@ class OpenAIServing:
         self.config = config
         self.observer = observer
         self.tool_parser = ConfiguredToolParser(config.tool_call_parser, lambda: engine.renderer.chat_template_text())
-        self.admission = Admission(model_name, config, engine, self.tool_parser, unknown_fields)
+        self.admission = Admission(
+            model_name, config, lambda: engine.max_model_len, lambda: engine.vocab_size, self.tool_parser, unknown_fields
+        )
 
     def renderer(self) -> ChatRenderer:
         """The engine's renderer; EngineNotReadyError while the model loads."""

@@ -69,7 +69,6 @@ class AsyncEngine:
         self.model_config = model_config or ModelConfig()
         self.engine_config = engine_config or EngineConfig()
         self.model_name = model_display_name(self.model_config)
-        self.max_model_len = self.engine_config.max_model_len
         self._step_observer = step_observer
         self._loader = loader
         self._inbox: queue.Queue[_Add | _Abort | None] = queue.Queue()
@@ -168,6 +167,12 @@ class AsyncEngine:
 
     # ---- client API ---------------------------------------------------------------
     @property
+    def max_model_len(self) -> int:
+        """The loaded engine's longest context (``LLMEngine.max_model_len``: sized with the KV cache once the
+        weights are loaded); raises EngineNotReadyError until then."""
+        return self.engine.max_model_len
+
+    @property
     def vocab_size(self) -> int:
         return self.engine.vocab_size
 
@@ -184,14 +189,15 @@ class AsyncEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Stream a request's outputs. Before anything is queued, raises EngineNotReadyError, an
         InvalidParameterError for a request the engine would refuse (``LLMEngine.validate``: context
-        length, ``logit_bias`` ids, a grammar that does not compile; checked on a worker thread, since
-        compiling a large schema takes a while), or EngineOverloadedError when the queue is full."""
+        length, a KV need above the whole cache, ``logit_bias`` ids, a grammar that does not compile; checked
+        on a worker thread, since compiling a large schema takes a while), or EngineOverloadedError when the
+        queue is full."""
         if self._failure is not None:
             raise EngineStalledError(self._failure)
         if not self.ready:
             raise EngineNotReadyError("The model is loading or the server is shutting down.")
-        request.max_new_tokens(self.max_model_len)  # a request that cannot fit fails here, before it is queued
-        await asyncio.to_thread(self.engine.validate, request)
+        request.max_new_tokens(self.max_model_len)  # a request too long for the context fails here, before a thread
+        await asyncio.to_thread(self.engine.validate, request)  # and one the KV cache can never hold there
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             waiting = self._unseen_adds + self._stats.waiting_requests

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from amulet_core.engine.memory import GPU_MEMORY_UTILIZATION, MIN_MODEL_LEN
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -11,11 +13,17 @@ class EngineConfig:
 
     * ``max_num_seqs``: sequences decoded together; an amulet or la request holds K + 1 (K preference
       contexts and the contrast one), a pref request K; a request of more is refused.
-    * ``max_model_len``: longest context (prompt + generated tokens) of one sequence.
+    * ``max_model_len``: longest context (prompt + generated tokens) of one sequence; None: the model's
+      own context length, capped so that the KV cache holds one full-length two-context request (see
+      :mod:`amulet_core.engine.memory`). A value above the model's context or the cache's fails at load.
     * ``max_queue``: requests that may wait for admission (those that arrived since the last
       step count as waiting); more get an overload error.
     * ``kv_cache_tokens``: KV budget in tokens (all sequences together); None sizes it from
       ``kv_cache_memory_gib``.
+    * ``kv_cache_memory_gib``: KV budget in GiB; None sizes it from the memory left once the weights
+      are loaded (a GPU: ``gpu_memory_utilization``; a CPU: a share of the available RAM, capped).
+    * ``gpu_memory_utilization``: share of a GPU's total memory the engine may use (weights,
+      activations and KV cache together) when it sizes the KV cache itself.
     * ``max_num_batched_tokens``: tokens per forward pass; longer prompts are prefilled in chunks.
       None picks it for the device (:meth:`batched_tokens`).
     * ``block_size``: tokens per KV block, the unit of paging and of the prefix cache.
@@ -24,10 +32,11 @@ class EngineConfig:
     """
 
     max_num_seqs: int = 32
-    max_model_len: int = 2048
+    max_model_len: int | None = None
     max_queue: int = 256
     kv_cache_tokens: int | None = None
-    kv_cache_memory_gib: float = 2.0
+    kv_cache_memory_gib: float | None = None
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
     max_num_batched_tokens: int | None = None
     block_size: int = 16
     enable_prefix_cache: bool = True
@@ -36,18 +45,19 @@ class EngineConfig:
     def __post_init__(self) -> None:
         checks = {
             "max_num_seqs": self.max_num_seqs >= 2,
-            "max_model_len": self.max_model_len >= 16,
+            "max_model_len": self.max_model_len is None or self.max_model_len >= MIN_MODEL_LEN,
             "max_queue": self.max_queue >= 0,
             "max_num_batched_tokens": self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 16,
             "block_size": self.block_size >= 1,
-            "kv_cache_memory_gib": self.kv_cache_memory_gib > 0,
+            "kv_cache_memory_gib": self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0,
+            "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"EngineConfig.{name} is out of range: {getattr(self, name)!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("EngineConfig.max_num_batched_tokens must be at least max_num_seqs.")
-        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.max_model_len:
+        if self.kv_cache_tokens is not None and self.max_model_len is not None and self.kv_cache_tokens < self.max_model_len:
             raise ValueError("EngineConfig.kv_cache_tokens must hold at least one full-length sequence (max_model_len).")
 
     def batched_tokens(self, device_type: str) -> int:

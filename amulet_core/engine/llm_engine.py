@@ -13,6 +13,7 @@ import torch
 from amulet_core.engine.block_manager import BlockManager
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.detokenizer import IncrementalDetokenizer
+from amulet_core.engine.memory import fitting_new_tokens, request_kv_blocks
 from amulet_core.engine.model_runner import ModelRunner, logits_width
 from amulet_core.engine.protocol import (
     EngineStats,
@@ -25,7 +26,7 @@ from amulet_core.engine.protocol import (
 )
 from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
 from amulet_core.engine.sequence import Sequence
-from amulet_core.errors import InvalidParameterError
+from amulet_core.errors import ContextLengthExceededError, InvalidParameterError
 from amulet_core.grammar.compiler import GrammarCompiler, GrammarMatcher
 from amulet_core.grammar.masks import grammar_masks
 from amulet_core.grammar.spec import GrammarSpec
@@ -67,6 +68,8 @@ class LLMEngine:
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = logits_width(loaded.model)
         self.runner = ModelRunner(loaded, config)
+        self.max_model_len = self.runner.max_model_len
+        """Longest context in tokens: ``config.max_model_len``, else the model's capped by the KV cache."""
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.batched_tokens(loaded.device.type))
         self.requests: dict[str, RequestState] = {}
@@ -95,36 +98,68 @@ class LLMEngine:
                 )
             return self._grammar_compiler
 
-    def validate(self, request: GenerationRequest) -> None:
-        """Everything that can be checked about a request without running it: that it fits the context,
-        its ``logit_bias`` ids, and that its grammar compiles (through the compiler's cache, so a repeated
-        spec costs a lookup). Thread-safe (it reads only the model's fixed sizes and the grammar cache);
-        raises InvalidParameterError naming the parameter at fault."""
-        request.max_new_tokens(self.config.max_model_len)
-        sp = request.sampling
-        for token, _ in sp.logit_bias:
-            if token >= self.vocab_size:
-                raise InvalidParameterError(
-                    "logit_bias", f"'logit_bias' token id {token} is not in this model's vocabulary (0..{self.vocab_size - 1})."
-                )
+    def new_tokens(self, request: GenerationRequest) -> int:
+        """The tokens a request may generate: :meth:`GenerationRequest.max_new_tokens` within ``max_model_len``,
+        and such that the request fits the KV cache alone at its longest (:func:`request_kv_blocks`), else it
+        would wait at the head of the queue for ever. Without ``max_tokens`` it gets as many as fit. Raises
+        ContextLengthExceededError naming ``messages`` (not one new token fits) or ``max_tokens`` (too many)."""
+        most = request.max_new_tokens(self.max_model_len)
+        contexts, bs, total = request.contexts, self.config.block_size, self.blocks.num_blocks
+        need = request_kv_blocks(contexts, most, bs)
+        if need <= total:
+            return most
+        fits = fitting_new_tokens(contexts, most, total, bs)
+        several = len(contexts) > 1
+
+        def needs(blocks: int) -> str:
+            who = f"This request's {len(contexts)} contexts need" if several else "This request needs"
+            shared = "; leading blocks they share counted once" if several else ""
+            return f"{who} {blocks} KV blocks of {bs} tokens ({blocks * bs} tokens{shared})"
+
+        cache = f"the KV cache holds {total} blocks ({total * bs} tokens) in all"
+        fewer = ", or use fewer preferences" if several else ""
+        if fits == 0:
+            alone = needs(request_kv_blocks(contexts, 1, bs))
+            raise ContextLengthExceededError(
+                "messages", f"{alone} for the messages alone, but {cache}. Shorten the messages{fewer}."
+            )
+        if request.sampling.max_tokens is None:
+            return fits
+        raise ContextLengthExceededError(
+            "max_tokens",
+            f"{needs(need)} with 'max_tokens' {most}, but {cache}. Lower 'max_tokens' to {fits} or less{fewer}.",
+        )
+
+    def validate(self, request: GenerationRequest) -> int:
+        """Everything that can be checked about a request without running it: that it fits the context and
+        the KV cache (:meth:`new_tokens`, whose count it returns), its ``logit_bias`` ids, and that its grammar
+        compiles (through the compiler's cache, so a repeated spec costs a lookup). Thread-safe (it reads only
+        the model's fixed sizes and the grammar cache); raises InvalidParameterError naming the parameter at fault."""
         if len(request.contexts) > self.config.max_num_seqs:
             raise InvalidParameterError(
                 "preference",
                 f"This request decodes {len(request.contexts)} contexts at once, but the engine runs at most "
                 f"{self.config.max_num_seqs} sequences together (max_num_seqs). Use fewer preferences.",
             )
+        new_tokens = self.new_tokens(request)
+        sp = request.sampling
+        for token, _ in sp.logit_bias:
+            if token >= self.vocab_size:
+                raise InvalidParameterError(
+                    "logit_bias", f"'logit_bias' token id {token} is not in this model's vocabulary (0..{self.vocab_size - 1})."
+                )
         if sp.grammar is not None:
             self.grammars(sp.grammar.param).check(sp.grammar)
+        return new_tokens
 
     def _matcher(self, spec: GrammarSpec | None) -> GrammarMatcher | None:
         return None if spec is None else self.grammars(spec.param).matcher(spec)
 
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a request; raises InvalidParameterError (see :meth:`validate`, and a running request's id)."""
-        max_tokens = request.max_new_tokens(self.config.max_model_len)
         if request.request_id in self.requests:
             raise InvalidParameterError("request_id", f"Request id {request.request_id!r} is already running.")
-        self.validate(request)
+        max_tokens = self.validate(request)
         sp = request.sampling
         group = SequenceGroup(request.request_id, [Sequence(list(ids)) for ids in request.contexts])
         self.requests[request.request_id] = RequestState(

@@ -8,6 +8,20 @@ import torch
 
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.decode_graphs import DecodeGraphs
+from amulet_core.engine.memory import (
+    CPU_KV_FRACTION,
+    CPU_KV_MAX_GIB,
+    DEFAULT_CONTEXT,
+    CacheSize,
+    available_ram,
+    blocks_for,
+    cpu_kv_budget,
+    gib,
+    gpu_kv_budget,
+    longest_that_runs,
+    model_context_length,
+    size_cache,
+)
 from amulet_core.engine.paged_attention import (
     DecodeGroup,
     PackedBatch,
@@ -25,20 +39,6 @@ from amulet_core.model.loading import LoadedModel
 logger = logging.getLogger(__name__)
 
 
-def kv_cache_blocks(config: EngineConfig, bytes_per_token: int) -> int:
-    """Blocks for the configured budget, capped at what max_num_seqs full-length sequences can use."""
-    tokens = config.kv_cache_tokens
-    if tokens is None:
-        tokens = int(config.kv_cache_memory_gib * (1 << 30)) // bytes_per_token
-    tokens = min(tokens, config.max_num_seqs * (config.max_model_len + config.block_size))
-    if tokens < 2 * config.max_model_len:
-        raise ValueError(
-            f"The KV cache budget ({tokens} tokens) cannot hold one two-context request of max_model_len "
-            f"{config.max_model_len}; raise the KV budget or lower max_model_len."
-        )
-    return -(-tokens // config.block_size)
-
-
 def logits_width(model: torch.nn.Module) -> int:
     """The number of token ids the model scores: its output embedding's rows (its config's vocab_size
     when it has no output embedding)."""
@@ -54,6 +54,7 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.model = loaded.model
         self.device = loaded.device
+        self.dtype = loaded.dtype
         self.block_size = config.block_size
         self.model.set_attn_implementation(register_paged_attention())
         text_config = self.model.config.get_text_config()
@@ -61,22 +62,149 @@ class ModelRunner:
         kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
         layers = text_config.num_hidden_layers
+        self.kv_shape = (layers, kv_heads, head_dim)
         per_token = PagedKVCache.bytes_per_token(layers, kv_heads, head_dim, loaded.dtype)
-        self.num_blocks = kv_cache_blocks(config, per_token)
+        context = model_context_length(text_config)
+        budget, why, step_context = self._kv_budget(config, context, per_token)
+        try:
+            size = size_cache(
+                budget, self.block_size, config.max_num_seqs, context, config.max_model_len, step_context=step_context
+            )
+        except ValueError as exc:
+            raise ValueError(f"{exc} (The KV budget: {budget} blocks = {why}.)") from None
+        self.num_blocks = size.num_blocks
+        self.max_model_len = size.max_model_len
+        logger.info(self._describe(size, why, per_token, config))
         # One block more than the block manager hands out: the scratch block that padding rows use.
         self.scratch_block = self.num_blocks
         self.cache = PagedKVCache(layers, kv_heads, head_dim, self.num_blocks + 1, self.block_size, loaded.dtype, self.device)
         self.max_num_seqs = config.max_num_seqs
-        self.max_model_len = config.max_model_len
         self.graphs: DecodeGraphs | None = None
         if config.cuda_graphs and self.device.type == "cuda":
             self.use_decode_graphs(capture=True)
-        logger.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB)",
-            self.num_blocks,
-            self.block_size,
-            self.num_blocks * self.block_size * per_token / 2**20,
+
+    # ---- sizing -------------------------------------------------------------------
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters and buffers."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _kv_budget(self, config: EngineConfig, context: int | None, per_token: int) -> tuple[int, str, int | None]:
+        """(KV blocks the budget holds, the reason in words, the longest context the largest step attended to
+        on a GPU): ``kv_cache_tokens``, else ``kv_cache_memory_gib``, else what the device has left now that the
+        weights are loaded (on a GPU after a warm-up step, :meth:`_gpu_budget`)."""
+        block_bytes = per_token * self.block_size
+        if config.kv_cache_tokens is not None:
+            return blocks_for(config.kv_cache_tokens, self.block_size), f"kv_cache_tokens {config.kv_cache_tokens}", None
+        if config.kv_cache_memory_gib is not None:
+            budget = int(config.kv_cache_memory_gib * (1 << 30))
+            return budget // block_bytes, f"--kv-cache-memory-gib {config.kv_cache_memory_gib:g}", None
+        weights = gib(self.weight_bytes())
+        if self.device.type == "cuda":
+            budget, why, attended = self._gpu_budget(config, context, weights)
+            return max(0, budget) // block_bytes, why, attended
+        available = available_ram()
+        budget = cpu_kv_budget(available)
+        why = f"min({CPU_KV_FRACTION:g} x {gib(available)} of RAM available with {weights} of weights loaded, "
+        why += f"{CPU_KV_MAX_GIB:g} GiB)"
+        return budget // block_bytes, why, None
+
+    def _gpu_budget(self, config: EngineConfig, context: int | None, weights: str) -> tuple[int, str, int]:
+        """(KV bytes, why, the context the warm-up step attended to) on a GPU. The warm-up is the largest step
+        (``max_num_batched_tokens``) at the end of the longest context; when that runs out of memory and
+        ``max_model_len`` is not set, the context is halved (down to the step's own length) and caps it."""
+        tokens = config.batched_tokens("cuda")
+        longest = config.max_model_len or context or DEFAULT_CONTEXT
+        shortest = longest if config.max_model_len is not None else min(longest, tokens)
+
+        def measure(length: int) -> tuple[int, int]:
+            return self._profile(tokens, length, config.max_num_seqs)
+
+        try:
+            attended, (peak, allocated) = longest_that_runs(measure, longest, shortest, (torch.cuda.OutOfMemoryError,))
+        except torch.cuda.OutOfMemoryError as exc:
+            raise ValueError(
+                f"A warm-up step of {tokens} tokens attending to a context of {shortest} runs out of GPU memory with "
+                f"{weights} of weights loaded; lower --max-num-batched-tokens or --max-model-len."
+            ) from exc
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = gpu_kv_budget(total, free, peak, allocated, config.gpu_memory_utilization)
+        why = (
+            f"{config.gpu_memory_utilization:g} x {gib(total)} of GPU memory - {gib(total - free)} in use with "
+            f"{weights} of weights loaded - {gib(max(0, peak - allocated))} activation peak of a {tokens}-token step "
+            f"attending to {attended} tokens"
         )
+        return budget, why, attended
+
+    def _profile(self, num_tokens: int, longest: int, logits_rows: int) -> tuple[int, int]:
+        """(peak, now) bytes the CUDA allocator held across a warm-up pass (:meth:`warm_up`), its cached
+        blocks released after."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.warm_up(num_tokens, longest, logits_rows)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        stats = torch.cuda.memory_stats(self.device)
+        return int(stats["allocated_bytes.all.peak"]), int(stats["allocated_bytes.all.current"])
+
+    @torch.inference_mode()
+    def warm_up(self, num_tokens: int, longest: int, logits_rows: int) -> None:
+        """One forward pass of the largest step, to measure its activations: ``num_tokens`` new tokens, as one
+        chunk at the end of a ``longest``-token context (the longest attention a prefill chunk does) or, when
+        the context is shorter, as full contexts side by side; the float32 log-probabilities of
+        ``logits_rows`` of them. It runs over a cache of its own of ``num_tokens`` slots (a context's earlier
+        positions read them again), freed after."""
+        layers, kv_heads, head_dim = self.kv_shape
+        bs = self.block_size
+        cache = PagedKVCache(layers, kv_heads, head_dim, blocks_for(num_tokens, bs), bs, self.dtype, self.device)
+        spans: list[SequenceSpan] = []
+        positions: list[int] = []
+        if longest >= num_tokens:  # one chunk ending a longest context; its earlier positions read the same slots
+            earlier = torch.arange(longest - num_tokens, device=self.device) % num_tokens
+            context = torch.cat([earlier, torch.arange(num_tokens, device=self.device)])
+            spans.append(SequenceSpan(0, num_tokens, context, causal_mask(num_tokens, longest, self.device)))
+            positions.extend(range(longest - num_tokens, longest))
+        else:  # whole contexts side by side
+            for start in range(0, num_tokens, longest):
+                n = min(longest, num_tokens - start)
+                context = torch.arange(start, start + n, device=self.device)
+                spans.append(SequenceSpan(start, start + n, context, causal_mask(n, n, self.device)))
+                positions.extend(range(n))
+        batch = PackedBatch(cache, torch.arange(num_tokens, device=self.device), tuple(spans))
+        keep = self._tensor(list(range(max(0, num_tokens - logits_rows), num_tokens)))
+        out = self.model(
+            input_ids=torch.zeros(1, num_tokens, dtype=torch.long, device=self.device),
+            position_ids=self._tensor(positions).unsqueeze(0),
+            logits_to_keep=keep,
+            use_cache=False,
+            amulet_batch=batch,
+        )
+        torch.log_softmax(out.logits[0].float(), dim=-1)
+        del cache, batch, out
+
+    def _describe(self, size: CacheSize, why: str, per_token: int, config: EngineConfig) -> str:
+        """The one log line that says what the cache and the context are, and why."""
+        tokens = size.num_blocks * self.block_size
+        line = (
+            f"KV cache: {gib(tokens * per_token)}, {size.num_blocks} blocks of {self.block_size} tokens "
+            f"({tokens} tokens, {per_token / 1024:.1f} KiB a token) = {why}"
+        )
+        if size.blocks_capped:
+            line += f", capped at what {config.max_num_seqs} sequences (max_num_seqs) of the longest context use"
+        model = f"the model's context {size.model_context}" if size.model_context else "no context in the model's config"
+        if config.max_model_len is not None:
+            return f"{line}; max_model_len {size.max_model_len} (set; {model})"
+        if size.step_context is not None and size.max_model_len == size.step_context:
+            return (
+                f"{line}; max_model_len {size.max_model_len}, below {model}: a {config.batched_tokens('cuda')}-token "
+                f"step attending to a longer context ran out of GPU memory"
+            )
+        if size.context_capped:
+            return (
+                f"{line}; max_model_len {size.max_model_len}, below {model}: the cache holds one two-context "
+                f"request of {size.max_model_len} tokens a context, no more (give it more memory for longer)"
+            )
+        return f"{line}; max_model_len {size.max_model_len} ({model})"
 
     def use_decode_graphs(self, capture: bool) -> None:
         """Run decode-only steps padded to fixed-shape buckets: replayed from CUDA graphs with

@@ -55,6 +55,22 @@ class GenerationRequest:
         if any(not ids for ids in self.extra_prompt_ids):
             raise InvalidParameterError("preference", "A preference context is empty.")
 
+    @classmethod
+    def from_contexts(
+        cls, request_id: str, contexts: Sequence[tuple[int, ...]], sampling: SamplingParams, method: MethodSettings
+    ) -> GenerationRequest:
+        """The request of ``contexts`` in :attr:`contexts`' order: the decoded one first, then preference
+        contexts 2..K, then the contrast one when the method has one (la and amulet)."""
+        k = 1 if method.method is Method.BASE else method.num_preferences
+        return cls(
+            request_id=request_id,
+            prompt_ids=contexts[0],
+            sampling=sampling,
+            method=method,
+            contrast_prompt_ids=contexts[-1] if method.method.has_contrast else None,
+            extra_prompt_ids=tuple(contexts[1:k]),
+        )
+
     @property
     def contexts(self) -> list[tuple[int, ...]]:
         """Token ids of every context: the decoded one first, then preference contexts 2..K, then the contrast one."""
@@ -174,7 +190,12 @@ class EngineClient(Protocol):
     """What the serving layer needs from an engine: generation, its state, and its :attr:`renderer`."""
 
     model_name: str
-    max_model_len: int
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest context in tokens (prompt and answer of each context); may raise EngineNotReadyError
+        until the model is loaded (it is sized with the KV cache from the memory the weights leave)."""
+        ...
 
     @property
     def ready(self) -> bool: ...

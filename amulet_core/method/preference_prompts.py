@@ -1,19 +1,22 @@
 """Preference prompt pairs from OpenAI-style chat messages.
 
 Rule: the contrast context is the conversation as given; the pref context is the same
-conversation with the preference sentence appended to the first system message after one
-space. When the conversation has no system message, both contexts get one whose content is
-``default_system_prompt`` (empty unless configured), so the two contexts still differ by the
-preference text alone; with an empty default the pref system message is just the sentence.
+conversation with the preference sentence appended to the first system message after one space
+(:attr:`Placement.SYSTEM`, the paper's) or to the last user message after a blank line
+(:attr:`Placement.END`, so that the contexts share every token before it). When the conversation
+has no system message, both contexts get one whose content is ``default_system_prompt`` (empty
+unless configured), so the two contexts still differ by the preference text alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from amulet_core.errors import InvalidParameterError
+from amulet_core.method.settings import Method
 
 PRESETS: tuple[str, ...] = (
     "creative",
@@ -66,6 +69,20 @@ def _append(content: str, sentence: str) -> str:
     return f"{content} {sentence}" if content else sentence
 
 
+def _append_paragraph(content: str, sentence: str) -> str:
+    return f"{content}\n\n{sentence}" if content else sentence
+
+
+class Placement(StrEnum):
+    """Where a preference sentence (or a negative one) goes in its context."""
+
+    SYSTEM = "system"
+    """Appended to the first system message (the paper's placement). The contexts differ from there on, so
+    each holds and prefills its own copy of the rest of the conversation."""
+    END = "end"
+    """Appended to the last user message: the contexts agree on every token before it and share its KV."""
+
+
 @dataclass(frozen=True)
 class MessagePair:
     """The two conversations of one request: with the preference (pref) and without it (contrast)."""
@@ -84,10 +101,10 @@ def preference_message_pair(messages: Sequence[Message], preference: str, defaul
 
 @dataclass(frozen=True)
 class PreferenceContexts:
-    """The contexts of one multi-preference request (``../design`` multi-context rule): K preference
-    conversations, each the conversation with one preference sentence appended to its first system
-    message, and the contrast conversation: as given, or carrying the negative sentence. With no
-    preference sentence (classifier-free guidance) the one preference context is the conversation as given."""
+    """The contexts of one multi-preference request: K preference conversations, each the conversation with
+    one preference sentence appended where the placement says, and the contrast conversation: as given, or
+    carrying the negative sentence. With no preference sentence (classifier-free guidance) the one
+    preference context is the conversation as given."""
 
     prefs: tuple[list[Message], ...]
     contrast: list[Message]
@@ -96,17 +113,32 @@ class PreferenceContexts:
     sentences: tuple[str, ...]
     negative: str | None
 
+    def decoded_by(self, method: Method) -> list[list[Message]]:
+        """The conversations a request of ``method`` decodes, in the engine's order: the K preference contexts
+        then the contrast one (la, amulet), the preference contexts (pref), the contrast one alone (base)."""
+        if method is Method.BASE:
+            return [self.contrast]
+        if method is Method.PREF:
+            return list(self.prefs)
+        return [*self.prefs, self.contrast]
+
 
 def preference_contexts(
     messages: Sequence[Message],
     preferences: Sequence[str],
     default_system_prompt: str = "",
     negative: str | None = None,
+    placement: Placement | str = Placement.SYSTEM,
 ) -> PreferenceContexts:
     """Build the K preference contexts and the contrast context; they differ by their sentences alone.
 
-    Preset names expand as in :func:`preference_sentence`, for ``negative`` too. With one preference and
-    no negative this is exactly :func:`preference_message_pair`."""
+    ``placement`` says where a sentence goes (:class:`Placement`): appended to the first system message
+    after one space, or to the last user message after a blank line. A conversation without a system
+    message gets one whose content is ``default_system_prompt`` in every context, whatever the placement.
+    Preset names expand as in :func:`preference_sentence`, for ``negative`` too. With one preference, no
+    negative and the system placement this is exactly :func:`preference_message_pair`. Raises
+    InvalidParameterError naming ``preference.placement`` for the end placement without a user message."""
+    placement = Placement(placement)
     conversation = [dict(m) for m in messages]
     system_index = next((i for i, m in enumerate(conversation) if m.get("role") == "system"), None)
     if system_index is None:
@@ -115,10 +147,21 @@ def preference_contexts(
     content = conversation[system_index].get("content") or ""
     if not isinstance(content, str):
         raise InvalidParameterError("messages", "The system message content must be a string.")
+    target, join = system_index, _append
+    if placement is Placement.END:
+        users = [i for i, m in enumerate(conversation) if m.get("role") == "user"]
+        if not users:
+            raise InvalidParameterError(
+                "preference.placement", "The 'end' placement appends the preference to the last user message, and there is none."
+            )
+        target, join = users[-1], _append_paragraph
+    target_content = conversation[target].get("content") or ""
+    if not isinstance(target_content, str):
+        raise InvalidParameterError("messages", "The message content must be a string.")
 
     def carrying(sentence: str) -> list[Message]:
         context = [dict(m) for m in conversation]
-        context[system_index]["content"] = _append(content, sentence)
+        context[target]["content"] = join(target_content, sentence)
         return context
 
     sentences = tuple(preference_sentence(p) for p in preferences)

@@ -5,35 +5,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from pydantic import BaseModel
 
+from amulet_core.errors import InvalidParameterError
 from server.config import ServerConfig
+from server.errors import APIError
 from server.protocol import GenerationFields
-from server.requests.fields import check_choices, check_model
 from server.requests.policy import UnknownFieldLog, apply_request_policy
 from server.tool_parsers import ToolParser
 
 
-class ModelLimits(Protocol):
-    """The served model's sizes (an ``EngineClient`` has them; so does :class:`FixedLimits`)."""
+def check_model(requested: str | None, served: str) -> None:
+    """404 for a model this server does not serve (absent means the served one)."""
+    if requested and requested != served:
+        raise APIError(
+            404,
+            f"The model '{requested}' does not exist; this server serves '{served}'.",
+            param="model",
+            code="model_not_found",
+        )
 
-    @property
-    def max_model_len(self) -> int: ...
 
-    @property
-    def vocab_size(self) -> int:
-        """May raise EngineNotReadyError while the model loads (only completions and detokenize read it)."""
-        ...
-
-
-@dataclass(frozen=True)
-class FixedLimits:
-    """Model limits known up front (the Ray ingress reads them from the configs and the tokenizer)."""
-
-    max_model_len: int
-    vocab_size: int
+def check_choices(body: GenerationFields, max_n: int) -> None:
+    """``n`` within the server's limit."""
+    n = body.num_choices
+    if not 1 <= n <= max_n:
+        raise InvalidParameterError("n", f"'n' must be from 1 to {max_n} (this server's --max-n), got {n}.")
 
 
 @dataclass(frozen=True)
@@ -46,17 +44,14 @@ class Admission:
 
     model_name: str
     config: ServerConfig
-    limits: ModelLimits
+    max_model_len: Callable[[], int]
+    """The model's context length in tokens, asked for per request: the engine sizes it with its KV cache once the
+    model is loaded, and may raise EngineNotReadyError until then."""
+    vocab_size: Callable[[], int]
+    """The model's vocabulary size (token ids run below it); may raise EngineNotReadyError while the model
+    loads: only the requests that carry token ids ask for it."""
     tool_parser: Callable[[], ToolParser]
     unknown_fields: UnknownFieldLog | None = None
-
-    @property
-    def max_model_len(self) -> int:
-        return self.limits.max_model_len
-
-    @property
-    def vocab_size(self) -> int:
-        return self.limits.vocab_size
 
     def check_common(self, body: BaseModel, model: str | None) -> None:
         """The model asked for, then the request policy (unsupported and unknown fields)."""

@@ -14,17 +14,24 @@ from dataclasses import dataclass
 
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.errors import InvalidParameterError
-from amulet_core.method.preference_prompts import TEMPLATE, Message, resolve_default_system_prompt
+from amulet_core.method.preference_prompts import (
+    TEMPLATE,
+    Message,
+    PreferenceContexts,
+    preference_contexts,
+    resolve_default_system_prompt,
+)
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.model.chat_template import ChatRenderer, ChatTemplateOptions
 from amulet_core.sampling.params import SamplingParams
 from server.protocol import ChatCompletionRequest
 from server.requests.admission import Admission
 from server.requests.encoding import encode_chat_texts
-from server.requests.fields import renamed_param, sampling_params, template_options
+from server.requests.fields import sampling_params, template_options
 from server.requests.grammar import requested_grammar
-from server.requests.preference import PlannedContexts, PreferencePlan, plan_contexts, preference_plan
-from server.requests.tools import ToolRequest, tool_request, with_tools_described, without_tool_roles
+from server.requests.preference import PreferencePlan, preference_plan
+from server.requests.tool_prompts import for_template_without_tools
+from server.requests.tools import ToolRequest, tool_request
 
 
 @dataclass(frozen=True)
@@ -39,13 +46,11 @@ class ChatIntent:
     tools: ToolRequest | None
     plan: PreferencePlan | None
     """The preference (or guidance) plan; None decodes the conversation plainly."""
+    settings: MethodSettings
+    """The method the contexts are decoded with (``base`` without a plan)."""
     sampling: SamplingParams
     max_tokens_param: str
     """The request's name for the answer's length (``max_completion_tokens`` or ``max_tokens``)."""
-
-    @property
-    def settings(self) -> MethodSettings:
-        return MethodSettings(method=Method.BASE) if self.plan is None else self.plan.settings
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,8 @@ class RenderedChat:
     """The contexts as text, the decoded one first, and how they came about."""
 
     texts: list[str]
-    planned: PlannedContexts | None
-    """None for a request without a preference (one context: the conversation)."""
+    contexts: PreferenceContexts | None
+    """How the contexts were built, for the answer's echo; None for a request without a preference."""
     tools_described: bool
     """The template does not render tools, so they were described in the system message."""
 
@@ -80,11 +85,8 @@ def admit(body: ChatCompletionRequest, admission: Admission) -> ChatIntent:
     """Phase 1: every rule a chat body must meet that needs no tokenizer (see the package docstring)."""
     admission.check_generation(body)
     tools = tool_request(body, admission.tool_parser)
-    grammar = requested_grammar(body)
-    if tools is not None and tools.choice != "auto":
-        if grammar is not None:
-            raise InvalidParameterError(grammar.param, f"'{grammar.param}' cannot be combined with a forced 'tool_choice'.")
-        grammar = tools.grammar()
+    grammar = requested_grammar(body, tools.forced_grammar if tools is not None else None)
+    messages = tuple(m.for_template() for m in body.messages)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     sampling = sampling_params(
         body,
@@ -94,37 +96,34 @@ def admit(body: ChatCompletionRequest, admission: Admission) -> ChatIntent:
         top_logprobs=body.top_logprobs or 0,
         grammar=grammar,
     )
-    messages = tuple(m.for_template() for m in body.messages)
-    options = template_options(body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
-    options.check(messages)
-    plan = preference_plan(body, admission.config.max_preferences)
-    return ChatIntent(body, messages, options, tools, plan, sampling, param)
+    options = template_options(body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs, messages)
+    plan = preference_plan(body, admission.config.max_preferences, admission.config.preference_placement)
+    settings = plan.settings if plan is not None else MethodSettings(method=Method.BASE)
+    return ChatIntent(body, messages, options, tools, plan, settings, sampling, param)
 
 
 def render(intent: ChatIntent, renderer: ChatRenderer, default_system_prompt: str) -> RenderedChat:
     """Phase 2: the contexts as text through the chat template. ``default_system_prompt`` is the server's
     setting (``template``, ``paper``, ``none`` or a text) for conversations without a system message."""
-    tools = intent.tools
     messages = list(intent.messages)
-    renders_tools = True
-    has_tool_roles = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
-    if (tools is not None or has_tool_roles) and not renderer.template_renders_tools():
-        renders_tools = False
-        messages = without_tool_roles(messages)
-    options = intent.options
-    if tools is not None and renders_tools:
-        options = dataclasses.replace(options, tools=tools.openai_tools)
-    planned = None
+    contexts = None
     conversations = [messages]
     if intent.plan is not None:
         default_system = resolve_default_system_prompt(default_system_prompt, renderer.template_system_prompt())
-        planned = plan_contexts(intent.plan, messages, default_system)
-        conversations = planned.conversations
-    if tools is not None and not renders_tools:
-        template_default = resolve_default_system_prompt(TEMPLATE, renderer.template_system_prompt())
-        conversations = [with_tools_described(c, tools.tools, template_default) for c in conversations]
+        contexts = preference_contexts(messages, intent.plan.texts, default_system, intent.plan.negative, intent.plan.placement)
+        conversations = contexts.decoded_by(intent.plan.settings.method)
+    tools, options = intent.tools, intent.options
+    has_tool_roles = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+    described = False
+    if tools is not None or has_tool_roles:
+        if renderer.template_renders_tools():
+            options = dataclasses.replace(options, tools=tools.openai_tools if tools is not None else ())
+        else:
+            described = tools is not None
+            template_default = resolve_default_system_prompt(TEMPLATE, renderer.template_system_prompt())
+            conversations = for_template_without_tools(conversations, tools.tools if tools else None, template_default)
     texts = [renderer.chat_text(c, options) for c in conversations]
-    return RenderedChat(texts, planned, tools is not None and not renders_tools)
+    return RenderedChat(texts, contexts, described)
 
 
 def encode(rendered: RenderedChat, renderer: ChatRenderer, max_model_len: int) -> list[tuple[int, ...]]:
@@ -134,16 +133,12 @@ def encode(rendered: RenderedChat, renderer: ChatRenderer, max_model_len: int) -
 
 def assemble(intent: ChatIntent, ids: list[tuple[int, ...]], max_model_len: int) -> GenerationRequest:
     """Phase 4: the engine's request, refused when a context leaves no room for the answer asked for."""
-    settings = intent.settings
-    request = GenerationRequest(
-        request_id=f"chatcmpl-{uuid.uuid4().hex}",
-        prompt_ids=ids[0],
-        sampling=intent.sampling,
-        method=settings,
-        extra_prompt_ids=tuple(ids[1 : settings.num_preferences]) if settings.method is not Method.BASE else (),
-        contrast_prompt_ids=ids[-1] if settings.method.has_contrast else None,
-    )
-    renamed_param("max_tokens", intent.max_tokens_param, lambda: request.max_new_tokens(max_model_len))
+    request = GenerationRequest.from_contexts(f"chatcmpl-{uuid.uuid4().hex}", ids, intent.sampling, intent.settings)
+    try:
+        request.max_new_tokens(max_model_len)
+    except InvalidParameterError as exc:
+        exc.rename("max_tokens", intent.max_tokens_param)
+        raise
     return request
 
 
@@ -156,7 +151,7 @@ async def prepare(body: ChatCompletionRequest, renderer: Callable[[], ChatRender
 
     def render_and_encode() -> tuple[RenderedChat, list[tuple[int, ...]]]:
         rendered = render(intent, chat_renderer, admission.config.default_system_prompt)
-        return rendered, encode(rendered, chat_renderer, admission.max_model_len)
+        return rendered, encode(rendered, chat_renderer, admission.max_model_len())
 
     rendered, ids = await asyncio.to_thread(render_and_encode)
-    return PreparedChat(intent, rendered, assemble(intent, ids, admission.max_model_len))
+    return PreparedChat(intent, rendered, assemble(intent, ids, admission.max_model_len()))

@@ -51,7 +51,7 @@ class PreparedCompletion:
     prompt_texts: list[str]
 
 
-def _prompts(prompt: str | list[str] | list[int] | list[list[int]], vocab_size: int) -> tuple[Prompt, ...]:
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]], vocab_size: Callable[[], int]) -> tuple[Prompt, ...]:
     if isinstance(prompt, str):
         return (prompt,)
     if not prompt:
@@ -59,9 +59,11 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]], vocab_size: 
     prompts: list[Prompt] = [prompt] if isinstance(prompt[0], int) else list(prompt)
     if len(prompts) > MAX_PROMPTS:
         raise InvalidParameterError("prompt", f"'prompt' takes at most {MAX_PROMPTS} prompts, got {len(prompts)}.")
-    for p in prompts:
-        if isinstance(p, list) and any(not 0 <= t < vocab_size for t in p):
-            raise InvalidParameterError("prompt", f"Token ids in 'prompt' must be from 0 to {vocab_size - 1}.")
+    ids = [p for p in prompts if isinstance(p, list)]
+    if ids:
+        vocab = vocab_size()
+        if any(not 0 <= t < vocab for p in ids for t in p):
+            raise InvalidParameterError("prompt", f"Token ids in 'prompt' must be from 0 to {vocab - 1}.")
     return tuple(prompts)
 
 
@@ -124,5 +126,5 @@ async def prepare(body: CompletionRequest, renderer: Callable[[], ChatRenderer],
     """The phases in order; encoding runs on a worker thread."""
     intent = admit(body, admission)
     chat_renderer = renderer()
-    ids, texts = await asyncio.to_thread(encode, intent, chat_renderer, admission.max_model_len)
-    return PreparedCompletion(intent, assemble(intent, ids, admission.max_model_len), texts)
+    ids, texts = await asyncio.to_thread(encode, intent, chat_renderer, admission.max_model_len())
+    return PreparedCompletion(intent, assemble(intent, ids, admission.max_model_len()), texts)

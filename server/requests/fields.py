@@ -7,35 +7,16 @@ the seed of choice j) live in SamplingParams and MethodSettings, whose errors na
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from amulet_core.errors import InvalidParameterError
 from amulet_core.grammar.spec import GrammarSpec
 from amulet_core.model.chat_template import ChatTemplateOptions
 from amulet_core.sampling.params import SamplingParams
-from server.errors import APIError
 from server.protocol import GenerationFields
 
 T = TypeVar("T")
-
-
-def check_model(requested: str | None, served: str) -> None:
-    """404 for a model this server does not serve (absent means the served one)."""
-    if requested and requested != served:
-        raise APIError(
-            404,
-            f"The model '{requested}' does not exist; this server serves '{served}'.",
-            param="model",
-            code="model_not_found",
-        )
-
-
-def check_choices(body: GenerationFields, max_n: int) -> None:
-    """``n`` within the server's limit."""
-    n = body.num_choices
-    if not 1 <= n <= max_n:
-        raise InvalidParameterError("n", f"'n' must be from 1 to {max_n} (this server's --max-n), got {n}.")
 
 
 def renamed_param(name: str, alias: str, make: Callable[[], T]) -> T:
@@ -43,11 +24,7 @@ def renamed_param(name: str, alias: str, make: Callable[[], T]) -> T:
     try:
         return make()
     except InvalidParameterError as exc:
-        if exc.param != name or alias == name:
-            raise
-        exc.param = alias
-        exc.message = exc.message.replace(f"'{name}'", f"'{alias}'")
-        exc.args = (exc.message,)
+        exc.rename(name, alias)
         raise
 
 
@@ -55,18 +32,21 @@ def template_options(
     add_generation_prompt: bool | None,
     continue_final_message: bool | None,
     chat_template_kwargs: dict[str, Any] | None,
-    tools: tuple[dict[str, Any], ...] = (),
+    messages: Sequence[dict[str, Any]] | None = None,
 ) -> ChatTemplateOptions:
     """How a conversation is rendered, from vLLM's ``add_generation_prompt`` (default: unless the last message
-    is continued), ``continue_final_message`` and ``chat_template_kwargs``, and the tools the template shows."""
+    is continued), ``continue_final_message`` and ``chat_template_kwargs``; checked against ``messages`` when
+    given (a continued message must be the assistant's)."""
     continue_final = bool(continue_final_message)
     add_prompt = (not continue_final) if add_generation_prompt is None else add_generation_prompt
-    return ChatTemplateOptions(
+    options = ChatTemplateOptions(
         add_generation_prompt=add_prompt,
         continue_final_message=continue_final,
         template_kwargs=tuple((chat_template_kwargs or {}).items()),
-        tools=tools,
     )
+    if messages is not None:
+        options.check(messages)
+    return options
 
 
 def parse_logit_bias(logit_bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:

@@ -89,9 +89,14 @@ def _spec(kind: GrammarKind, value: Any, param: str) -> GrammarSpec:
     return GrammarSpec(kind, value, param)
 
 
-def requested_grammar(body: GenerationFields) -> GrammarSpec | None:
-    """The grammar the request's fields ask for, or None for free text. More than one is a 400."""
+def requested_grammar(body: GenerationFields, forced: GrammarSpec | None = None) -> GrammarSpec | None:
+    """The grammar the request's fields ask for, or None for free text. More than one is a 400, and so is
+    one beside a ``forced`` grammar (a tool call that ``tool_choice`` requires)."""
     specs = _candidates(body)
+    if forced is not None:
+        if specs:
+            raise InvalidParameterError(specs[0].param, f"'{specs[0].param}' cannot be combined with a forced 'tool_choice'.")
+        return forced
     if len(specs) > 1:
         raise InvalidParameterError(
             specs[1].param, f"'{specs[0].param}' and '{specs[1].param}' both constrain the answer; give one."

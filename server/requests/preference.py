@@ -4,6 +4,11 @@ texts, their weights, the contrast context's negative text, and the MethodSettin
 
 The HTTP layer only translates shapes here; the rules (weights finite and positive, the method's
 parameters, A set directly) are MethodSettings'. Errors name the request's field.
+
+Placement (where the sentences go, :class:`Placement`): the object form's ``placement`` when given;
+else ``system`` for ``"mode": "paper"`` (the paper's prompts exactly, whatever the server's default);
+else the server's default (``--preference-placement``), which a string or list preference and
+classifier-free guidance (its negative sentence) take too.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.method.preference_prompts import Message, PreferenceContexts, preference_contexts
+from amulet_core.method.preference_prompts import Placement
 from amulet_core.method.settings import Method, MethodSettings, Mode, api_name
 from server.protocol import ChatCompletionRequest, PreferenceItem, PreferenceSpec
 
@@ -32,6 +37,8 @@ class PreferencePlan:
     settings: MethodSettings
     mode: str
     """The echo's mode: the settings' (``default``, ``paper``) or ``cfg``."""
+    placement: Placement
+    """Where the sentences (and the negative one) go in their contexts."""
 
 
 def _weight(value: float | None, param: str) -> float:
@@ -68,7 +75,7 @@ def _settings(fields: dict[str, object], mode: Mode, param: str) -> MethodSettin
         raise InvalidParameterError(f"{param}.{name}" if param else name, exc.message) from exc
 
 
-def _from_spec(spec: PreferenceSpec, max_preferences: int) -> PreferencePlan:
+def _from_spec(spec: PreferenceSpec, max_preferences: int, default_placement: Placement) -> PreferencePlan:
     listed = not isinstance(spec.text, str)
     texts, weights = _items([spec.text] if isinstance(spec.text, str) else spec.text, "preference.text", max_preferences)
     if spec.weights is not None:
@@ -89,11 +96,30 @@ def _from_spec(spec: PreferenceSpec, max_preferences: int) -> PreferencePlan:
         raise InvalidParameterError(
             "preference.negative", "'negative' is the contrast context of amulet and la; this method decodes none."
         )
-    return PreferencePlan(texts, spec.negative, settings, settings.mode.value)
+    if spec.placement is not None:
+        placement = Placement(spec.placement)
+    else:
+        placement = Placement.SYSTEM if settings.mode is Mode.PAPER else default_placement
+    return PreferencePlan(texts, spec.negative, settings, settings.mode.value, placement)
 
 
-def preference_plan(body: ChatCompletionRequest, max_preferences: int) -> PreferencePlan | None:
-    """The request's plan, or None when it decodes plainly (no preference, no guidance)."""
+def preference_plan(body: ChatCompletionRequest, max_preferences: int, default_placement: Placement) -> PreferencePlan | None:
+    """The request's plan, or None when it decodes plainly (no preference, no guidance). ``default_placement``
+    is the server's (``--preference-placement``), for a request that does not say (see the module docstring).
+    The ``end`` placement needs a user message to append to (a 400 naming ``preference.placement``)."""
+    plan = _plan(body, max_preferences, default_placement)
+    if plan is not None and plan.placement is Placement.END and not any(m.role == "user" for m in body.messages):
+        chosen = isinstance(body.preference, PreferenceSpec) and body.preference.placement is not None
+        source = "" if chosen else " (the server's default, --preference-placement)"
+        hint = "; the preference object's 'placement': 'system' puts it in the system message" if body.preference else ""
+        raise InvalidParameterError(
+            "preference.placement",
+            f"The 'end' placement{source} appends the preference to the last user message, and the conversation has none{hint}.",
+        )
+    return plan
+
+
+def _plan(body: ChatCompletionRequest, max_preferences: int, default_placement: Placement) -> PreferencePlan | None:
     cfg = body.guidance_scale is not None or body.negative_prompt is not None
     if cfg and body.preference is not None:
         raise InvalidParameterError(
@@ -109,36 +135,14 @@ def preference_plan(body: ChatCompletionRequest, max_preferences: int) -> Prefer
         if not body.negative_prompt:
             raise InvalidParameterError("negative_prompt", "'guidance_scale' needs a 'negative_prompt' for the contrast context.")
         settings = _settings({"method": "la", "strength": scale, "plausibility": 0.0}, Mode.DEFAULT, "")
-        return PreferencePlan((), body.negative_prompt, settings, CFG_MODE)
+        return PreferencePlan((), body.negative_prompt, settings, CFG_MODE, default_placement)
     preference = body.preference
     if preference is None:
         return None
     if isinstance(preference, str):
-        return PreferencePlan((preference,), None, MethodSettings(), Mode.DEFAULT.value)
+        return PreferencePlan((preference,), None, MethodSettings(), Mode.DEFAULT.value, default_placement)
     if isinstance(preference, list):
         texts, weights = _items(preference, "preference", max_preferences)
         settings = _settings({"weights": weights} if len(texts) > 1 else {}, Mode.DEFAULT, "preference")
-        return PreferencePlan(texts, None, settings, settings.mode.value)
-    return _from_spec(preference, max_preferences)
-
-
-def plan_contexts(plan: PreferencePlan, messages: list[Message], default_system_prompt: str) -> PlannedContexts:
-    """The conversations to render, the decoded one first (K preference contexts, then the contrast for amulet
-    and la; the conversation as given for base), and the sentences they carry."""
-    built = preference_contexts(messages, plan.texts, default_system_prompt, plan.negative)
-    method = plan.settings.method
-    if method is Method.BASE:
-        contexts = [built.contrast]
-    elif method is Method.PREF:
-        contexts = list(built.prefs)
-    else:
-        contexts = [*built.prefs, built.contrast]
-    return PlannedContexts(contexts, built)
-
-
-@dataclass(frozen=True)
-class PlannedContexts:
-    """A preference request's conversations in the engine's order, and how they were built (for the answer's echo)."""
-
-    conversations: list[list[Message]]
-    built: PreferenceContexts
+        return PreferencePlan(texts, None, settings, settings.mode.value, default_placement)
+    return _from_spec(preference, max_preferences, default_placement)

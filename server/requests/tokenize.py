@@ -30,11 +30,8 @@ class TokenizeIntent:
 def admit_tokenize(body: TokenizeRequest, admission: Admission) -> TokenizeIntent:
     """Phase 1: the policy, the model, and the rendering options (checked against the conversation)."""
     admission.check_common(body, body.model)
-    options = template_options(body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
-    messages = None
-    if body.messages is not None:
-        messages = tuple(m.for_template() for m in body.messages)
-        options.check(messages)
+    messages = None if body.messages is None else tuple(m.for_template() for m in body.messages)
+    options = template_options(body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs, messages)
     add_special = body.add_special_tokens is not False
     return TokenizeIntent(body.prompt or "", messages, options, add_special, bool(body.return_token_strs))
 
@@ -51,7 +48,7 @@ def tokenize(intent: TokenizeIntent, renderer: ChatRenderer) -> tuple[tuple[int,
 def admit_detokenize(body: DetokenizeRequest, admission: Admission) -> list[int]:
     """The ids to decode, each in the model's vocabulary."""
     admission.check_common(body, body.model)
-    vocab = admission.vocab_size
+    vocab = admission.vocab_size()
     if any(not 0 <= t < vocab for t in body.tokens):
         raise InvalidParameterError("tokens", f"Token ids must be from 0 to {vocab - 1}.")
     return list(body.tokens)

@@ -1,5 +1,6 @@
-"""Tool calling on the request side: the tools a chat request offers, what the prompt shows of them and
-what the grammar forces (the answer side, the model's text as OpenAI tool calls, is ``server.tool_calls``).
+"""Tool calling on the request side: the tools a chat request offers and what the grammar forces. How a
+conversation with tools is written for a template that cannot render them is ``server.requests.tool_prompts``;
+the answer side, the model's text as OpenAI tool calls, is ``server.tool_calls``.
 
 The model's chat template renders the tools, the assistant ``tool_calls`` and the ``tool`` results of
 the history when it can (``tools=`` of ``apply_chat_template``). When it cannot (SmolLM2's template
@@ -11,9 +12,8 @@ Both contexts of a preference request get the same tools: they still differ by t
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,6 @@ from server.tool_parsers import (
     ToolFunction,
     ToolParser,
     auto_tool_parser,
-    describe_tools_for_system_prompt,
     get_tool_parser,
 )
 
@@ -62,13 +61,8 @@ class ToolRequest:
     named: str | None
     parallel: bool
     parser: ToolParser
-
-    def grammar(self) -> GrammarSpec | None:
-        """The grammar forcing the call(s) for ``required`` and a named function; None for ``auto``."""
-        if self.choice == "auto":
-            return None
-        offered = [t for t in self.tools if t.name == self.named] if self.named else list(self.tools)
-        return GrammarSpec(GrammarKind.LARK, self.parser.forced_grammar(offered, self.parallel), "tool_choice")
+    forced_grammar: GrammarSpec | None
+    """The grammar forcing the call(s) for ``required`` and a named function; None for ``auto``."""
 
     def parse(self, text: str) -> ParsedOutput:
         return self.parser.parse(text, self.tools)
@@ -112,39 +106,9 @@ def tool_request(body: ChatCompletionRequest, parser: Callable[[], ToolParser]) 
     mode = "named" if named else (choice if isinstance(choice, str) else "auto")
     openai_tools = tuple(t.model_dump(exclude_none=True) for t in tools)
     parallel = body.parallel_tool_calls is not False
-    return ToolRequest(tuple(functions), openai_tools, mode, named, parallel and not named, parser())
-
-
-def without_tool_roles(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The history for a template that does not render tools: calls as ``<tool_call>`` text in the assistant's
-    content, tool results as user turns in ``<tool_response>`` blocks (the Hermes format)."""
-    out = []
-    for message in messages:
-        message = dict(message)
-        calls = message.pop("tool_calls", None)
-        if calls:
-            blocks = [
-                "<tool_call>\n"
-                + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
-                + "\n</tool_call>"
-                for c in calls
-            ]
-            message["content"] = "\n".join(([message["content"]] if message.get("content") else []) + blocks)
-        if message["role"] == "tool":
-            message = {"role": "user", "content": f"<tool_response>\n{message['content']}\n</tool_response>"}
-        out.append(message)
-    return out
-
-
-def with_tools_described(
-    messages: Sequence[dict[str, Any]], tools: Sequence[ToolFunction], default_system_prompt: str
-) -> list[dict[str, Any]]:
-    """The conversation with the tools described at the end of its system message; a conversation without
-    one gets ``default_system_prompt`` (the template's own default) followed by the description."""
-    description = describe_tools_for_system_prompt(tools)
-    out = [dict(m) for m in messages]
-    if not out or out[0]["role"] != "system":
-        out.insert(0, {"role": "system", "content": default_system_prompt})
-    content = out[0].get("content") or ""
-    out[0]["content"] = f"{content}\n\n{description}" if content else description
-    return out
+    chosen = parser()
+    forced = None
+    if mode != "auto":
+        offered = [f for f in functions if f.name == named] if named else functions
+        forced = GrammarSpec(GrammarKind.LARK, chosen.forced_grammar(offered, parallel and not named), "tool_choice")
+    return ToolRequest(tuple(functions), openai_tools, mode, named, parallel and not named, chosen, forced)

@@ -39,6 +39,8 @@ function preferenceFor(method) {
   if (strength !== null && (method === "amulet" || method === "la")) preference.coefficient = strength;
   const plausibility = numberOrNull("plausibility");
   if (plausibility !== null && method !== "base") preference.plausibility = plausibility;
+  const placement = $("placement").value;
+  if (placement !== "") preference.placement = placement; // left out: the server's --preference-placement
   return preference;
 }
 

@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 import httpx
 import pytest
 
-from amulet_core.method.preference_prompts import PRESETS
+from amulet_core.method.preference_prompts import PRESETS, Placement
 from server.app import create_app
 from server.config import ServerConfig
 from server.options import parse_args
@@ -38,7 +38,9 @@ class _Page(HTMLParser):
         self.inline_handlers: list[str] = []
         self.style_attributes = 0
         self.style_elements = 0
-        self.options: list[str] = []
+        self.options: dict[str, list[str]] = {}
+        """The option values of each datalist and select, by its id."""
+        self._options_of: str | None = None
         self.ids: set[str] = set()
         self.label_targets: set[str] = set()
         self.controls: list[dict[str, str | None]] = []
@@ -55,16 +57,21 @@ class _Page(HTMLParser):
             self._in_script = True
         elif tag == "style":
             self.style_elements += 1
-        elif tag == "option" and named.get("value"):
-            self.options.append(str(named["value"]))
+        elif tag in ("datalist", "select"):
+            self._options_of = str(named.get("id"))
+            self.options[self._options_of] = []
+        elif tag == "option" and self._options_of is not None:
+            self.options[self._options_of].append(named.get("value") or "")
         elif tag == "label" and named.get("for"):
             self.label_targets.add(str(named["for"]))
-        elif tag in ("input", "textarea", "select"):
+        if tag in ("input", "textarea", "select"):
             self.controls.append(named)
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "script":
             self._in_script = False
+        elif tag in ("datalist", "select"):
+            self._options_of = None
 
     def handle_data(self, data: str) -> None:
         if self._in_script and data.strip():
@@ -116,12 +123,14 @@ def test_the_page_obeys_its_own_policy(url: str) -> None:
 def test_the_page_offers_the_presets_and_labels_its_controls(url: str) -> None:
     page = _Page()
     page.feed(httpx.get(f"{url}/playground").text)
-    assert sorted(page.options) == sorted(PRESETS)
+    assert sorted(page.options["presets"]) == sorted(PRESETS)
+    assert page.options["placement"] == ["", *Placement]  # "" leaves the server's default
     for control in page.controls:
         control_id = control.get("id")
         if control_id is not None:  # controls inside a <label> are labelled by it; the rest need a for=
             assert control_id in page.label_targets or control.get("aria-label"), control
-    assert {"system", "user", "negative", "strength", "temperature", "max-tokens", "seed", "api-key"} <= page.label_targets
+    labelled = {"system", "user", "negative", "placement", "strength", "temperature", "max-tokens", "seed", "api-key"}
+    assert labelled <= page.label_targets
 
 
 @pytest.mark.parametrize(

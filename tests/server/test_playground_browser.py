@@ -172,6 +172,27 @@ def test_base_and_amulet_stream_the_apis_greedy_answers_and_copy_as_curl_and_pyt
     expect(_column(page, "base").locator(".turn-reply")).to_have_text(texts["base"])
 
 
+def test_the_placement_select_adds_the_preference_placement(page: Any, running: EngineServer) -> None:
+    _sign_in(page)
+    page.fill("#user", QUESTION)
+    page.fill("#max-tokens", "4")
+    expect(page.locator("#placement")).to_have_value("")  # the server's default: the request leaves it out
+    page.select_option("#placement", "end")
+    page.locator("#run").click()
+    _wait_finished(page, ("base", "amulet"))
+    assert _column(page, "amulet").get_attribute("data-state") == "done", _column(page, "amulet").inner_text()
+    body = json.loads(_copied(page, "amulet", "curl").split("-d '", 1)[1].rstrip("'\n"))
+    assert body["preference"]["placement"] == "end"
+    request = {key: body[key] for key in ("model", "messages", "temperature", "max_tokens", "preference")}
+    assert _column(page, "amulet").locator(".answer").text_content() == _api_answer(running.url, request)
+    page.select_option("#placement", "")
+    page.locator("#new-conversation").click()
+    page.locator("#run").click()
+    _wait_finished(page, ("base", "amulet"))
+    body = json.loads(_copied(page, "amulet", "curl").split("-d '", 1)[1].rstrip("'\n"))
+    assert "placement" not in body["preference"]
+
+
 def test_a_wrong_key_shows_the_apis_401_message(page: Any) -> None:
     _sign_in(page, WRONG_KEY)
     expect(page.locator("#status")).to_contain_text("401: Incorrect API key provided.")

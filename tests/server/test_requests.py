@@ -63,6 +63,7 @@ def test_preset_preference_runs_amulet_with_the_default_settings(server: LiveSer
         "negative": None,
         "system_prompt": SYSTEM_PROMPT,
         "mode": "default",
+        "placement": "system",
         "method": "amulet",
         "iterations": 60,
         "eta": 10.0,

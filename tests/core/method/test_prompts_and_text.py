@@ -8,8 +8,14 @@ import pytest
 
 from amulet_core.engine.detokenizer import IncrementalDetokenizer, rust_tokenizer
 from amulet_core.errors import InvalidParameterError
-from amulet_core.method.preference_prompts import PRESETS, preference_message_pair, preference_sentence
-from amulet_core.model.chat_template import render_chat
+from amulet_core.method.preference_prompts import (
+    PRESETS,
+    Placement,
+    preference_contexts,
+    preference_message_pair,
+    preference_sentence,
+)
+from amulet_core.model.chat_template import ChatTemplateOptions, render_chat
 
 CONVERSATIONS = [
     [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "What is tea?"}],
@@ -51,6 +57,83 @@ def test_pair_without_system_message_uses_the_default_system_prompt():
     pair = preference_message_pair([{"role": "user", "content": "Hi"}], "formal", default_system_prompt="Be kind.")
     assert pair.contrast[0] == {"role": "system", "content": "Be kind."}
     assert pair.pref[0] == {"role": "system", "content": "Be kind. Your answer should be formal as much as possible."}
+
+
+CONCISE = "Your answer should be concise as much as possible."
+FORMAL = "Your answer should be formal as much as possible."
+TURNS = [
+    {"role": "system", "content": "Be kind."},
+    {"role": "user", "content": "What is a tide?"},
+    {"role": "assistant", "content": "The rise and fall of the sea."},
+    {"role": "user", "content": "Why?"},
+]
+
+
+def test_end_placement_appends_to_the_last_user_message_after_a_blank_line():
+    built = preference_contexts(TURNS, ["concise", "formal"], "Unused.", placement=Placement.END)
+    assert [c[-1]["content"] for c in built.prefs] == [f"Why?\n\n{CONCISE}", f"Why?\n\n{FORMAL}"]
+    assert built.contrast == TURNS  # the conversation as given
+    for context in built.prefs:
+        assert context[:-1] == TURNS[:-1]  # every earlier message, the system one too, is untouched
+    assert (built.system_prompt, built.sentences, built.negative) == ("Be kind.", (CONCISE, FORMAL), None)
+    by_name = preference_contexts(TURNS, ["concise"], placement="end")
+    assert by_name == preference_contexts(TURNS, ["concise"], placement=Placement.END)
+    assert TURNS[-1] == {"role": "user", "content": "Why?"}  # inputs not mutated
+
+
+def test_end_placement_with_an_assistant_message_last_goes_to_the_user_message_before_it():
+    continued = [*TURNS, {"role": "assistant", "content": "Because the moon"}]  # continue_final_message
+    built = preference_contexts(continued, ["concise"], placement=Placement.END)
+    assert built.prefs[0][-2]["content"] == f"Why?\n\n{CONCISE}"
+    assert built.prefs[0][-1] == continued[-1] and built.prefs[0][:-2] == continued[:-2]
+
+
+def test_end_placement_without_a_system_message_gives_every_context_the_same_default_one():
+    built = preference_contexts(TURNS[1:], ["concise"], "Be brief.", negative="formal", placement=Placement.END)
+    for context in (*built.prefs, built.contrast):
+        assert context[0] == {"role": "system", "content": "Be brief."}
+    assert built.prefs[0][-1]["content"] == f"Why?\n\n{CONCISE}"
+    assert built.contrast[-1]["content"] == f"Why?\n\n{FORMAL}"  # the negative sentence goes where the placement says
+    assert built.contrast[:-1] == built.prefs[0][:-1]
+
+
+def test_end_placement_of_guidance_and_an_empty_user_message():
+    built = preference_contexts(TURNS, [], negative="Answer rudely.", placement=Placement.END)
+    assert built.prefs == (TURNS,) and built.contrast[-1]["content"] == "Why?\n\nAnswer rudely."
+    empty = preference_contexts([{"role": "user", "content": ""}], ["concise"], placement=Placement.END)
+    assert empty.prefs[0][-1]["content"] == CONCISE
+
+
+def test_system_placement_is_the_default_and_the_pair():
+    built = preference_contexts(TURNS, ["concise"])
+    assert built == preference_contexts(TURNS, ["concise"], placement=Placement.SYSTEM)
+    assert built.prefs[0] == preference_message_pair(TURNS, "concise").pref
+    assert built.prefs[0][0]["content"] == f"Be kind. {CONCISE}" and built.prefs[0][1:] == TURNS[1:]
+
+
+def test_end_placement_without_a_user_message_names_the_placement():
+    with pytest.raises(InvalidParameterError) as caught:
+        preference_contexts([{"role": "system", "content": "Be kind."}], ["concise"], placement=Placement.END)
+    assert caught.value.param == "preference.placement"
+    with pytest.raises(ValueError):
+        preference_contexts(TURNS, ["concise"], placement="middle")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+@pytest.mark.parametrize("messages", [TURNS, TURNS[1:]])
+def test_end_placement_shares_the_conversation_before_the_last_user_message_in_token_ids(smollm_tokenizer, messages):
+    built = preference_contexts(messages, ["concise", "formal"], "Be brief.", placement=Placement.END)
+    contexts = [render_chat(smollm_tokenizer, c) for c in (*built.prefs, built.contrast)]
+    before = render_chat(smollm_tokenizer, built.contrast[:-1], ChatTemplateOptions(add_generation_prompt=False))
+    assert contexts[-1][: len(before)] == before
+    for ids in contexts[:-1]:
+        assert _common_prefix(ids, contexts[-1]) >= len(before)
+    system = preference_contexts(messages, ["concise"], "Be brief.")  # the paper's placement differs in the system message
+    system_ids = [render_chat(smollm_tokenizer, c) for c in (system.prefs[0], system.contrast)]
+    assert _common_prefix(*system_ids) < len(before)
 
 
 def _stream(detok: IncrementalDetokenizer, ids: list[int]) -> list[str]:
