@@ -29,11 +29,16 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True, share_context_prefix: bool = True
+    ) -> None:
         if num_blocks < 1:
             raise ValueError("num_blocks must be at least 1")
         self.block_size = block_size
         self.enable_prefix_cache = enable_prefix_cache
+        self.share_context_prefix = share_context_prefix
+        """Whether a request's later contexts share the full blocks they have in common with its first one
+        (allocated once, prefilled once by the first context). Off only to compare against (tests)."""
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in eviction order; cached (hashed) free blocks are still reusable.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -79,7 +84,11 @@ class BlockManager:
         return found
 
     def _shared_with(self, tokens: Seq[int], leader: Sequence) -> int:
-        """Full blocks at the start of ``tokens`` equal to the leader's (same request, other context)."""
+        """Full blocks at the start of ``tokens`` equal to the leader's (same request, other context).
+
+        The last token of either is never shared: its logits are needed, so each context computes it."""
+        if not self.share_context_prefix:
+            return 0
         limit = min(len(tokens) - 1, len(leader.token_ids) - 1) // self.block_size
         n = 0
         while n < limit:
@@ -122,7 +131,12 @@ class BlockManager:
                 seq.num_computed = len(cached) * self.block_size
                 seq.num_cached_prompt = seq.num_computed
             elif shared and leader is not None:
-                # The leader computes these blocks no later than this sequence reads them.
+                # The leader computes these blocks no later than this sequence reads them (the scheduler
+                # holds this sequence back until then); the first ``len(cached)`` of them are the leader's
+                # own prefix-cache hit, already computed, so the cache serves this context too.
+                if cached:
+                    self.prefix_hits += 1
+                    seq.num_cached_prompt = len(cached) * self.block_size
                 for block_id in leader.block_table[:shared]:
                     self._take(block_id)
                 seq.block_table.extend(leader.block_table[:shared])

@@ -3,8 +3,11 @@
 Pure Python over :class:`Sequence` and :class:`BlockManager`; no tensors. A request is a
 group of sequences (its K preference contexts, then its contrast context for la and amulet:
 one to K + 1) that are always scheduled together, because its next token needs the logits of
-all of them from the same step. Each sequence after the first shares the leading blocks its
-tokens have in common with the first one (the leader). Within one step a
+all of them from the same step. Each sequence after the first shares the leading full blocks its
+tokens have in common with the first one (the leader): they are allocated and prefilled once, by
+the leader, and the sequence prefills only the rest of its prompt, never before the leader has
+computed the shared blocks (in the same forward pass at the earliest: a pass writes every new
+token's KV before any attention reads the cache). Within one step a
 group's sequences either all reach their last token (the group is *sampled*) or they only
 prefill chunks that stop short of their last token. Running groups go first (decode never
 starves), then waiting groups are admitted while sequences, tokens and KV blocks allow.
@@ -143,7 +146,7 @@ class Scheduler:
         for i, (seq, n) in enumerate(zip(group.seqs, remaining, strict=True)):
             take = min(n - 1, budget - used)
             if i > 0 and leader_end < seq.shared_with_leader:
-                take = 0  # its shared blocks are not computed yet
+                take = 0  # the leader has not computed its shared blocks yet, even counting this step
             if take > 0:
                 plan.chunks.append(ScheduledChunk(seq, seq.num_computed, take))
                 used += take

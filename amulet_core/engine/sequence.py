@@ -18,9 +18,11 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
     num_cached_prompt: int = 0
-    """Prompt tokens served from the prefix cache at admission (for usage and metrics)."""
+    """Prompt tokens served from the prefix cache at admission, directly or through the first context's blocks
+    it shares (for usage and metrics)."""
     shared_with_leader: int = 0
-    """Leading tokens whose blocks this sequence shares with the request's first context."""
+    """Leading tokens whose blocks this sequence shares with the request's first context, which computes them:
+    this sequence counts them computed and reads them no earlier than the pass that writes them."""
     num_hashed: int = 0
     last_hash: int | None = None
 
