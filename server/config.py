@@ -42,10 +42,11 @@ class ServerConfig:
     """System message given to both contexts of a preference request whose conversation has none:
     ``template`` (the model's chat template's own default), ``paper``, ``none`` or the text itself
     (amulet_core.method.preference_prompts.resolve_default_system_prompt)."""
-    preference_placement: Placement = Placement.SYSTEM
+    preference_placement: Placement = Placement.END
     """Where a preference request's sentences go when it does not say (``"mode": "paper"`` keeps ``system``):
-    ``system`` (the first system message) or ``end`` (the last user message, the contexts sharing the
-    conversation before it); ``--preference-placement``."""
+    ``end`` (the last user message, the contexts sharing the conversation before it; chosen by measured
+    effect, README "Where the preference goes") or ``system`` (the first system message);
+    ``--preference-placement``."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

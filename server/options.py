@@ -148,7 +148,7 @@ def build_parser(prog: str = "amulet-server", *, ray_flag: bool = True, add_help
     )
     p.add_argument(
         "--preference-placement",
-        default=Placement.SYSTEM.value,
+        default=ServerConfig.preference_placement.value,
         choices=[placement.value for placement in Placement],
         help="where a preference request's sentences go when the request does not say (its 'preference.placement'): "
         "appended to the first system message (system, the paper's) or to the last user message (end: the contexts "

@@ -8,11 +8,19 @@ from typing import Any
 import httpx
 import pytest
 
-from amulet_core.method.preference_prompts import NEUTRAL_SYSTEM_PROMPT
+from amulet_core.method.preference_prompts import NEUTRAL_SYSTEM_PROMPT, Placement
 from amulet_core.method.settings import Method
+from server.config import ServerConfig
 from tests.support.fake_engine import FakeEngine
 from tests.support.http import USER, assert_openai_error
 from tests.support.live_server import LiveServer
+
+
+@pytest.fixture(scope="module")
+def server_config() -> ServerConfig:
+    """These tests check the contexts of the system placement (the end placement's are in test_preference_placement.py)."""
+    return ServerConfig(preference_placement=Placement.SYSTEM)
+
 
 CONCISE = "Your answer should be concise as much as possible."
 FORMAL = "Your answer should be formal as much as possible."

@@ -7,11 +7,19 @@ from typing import Any
 import httpx
 import pytest
 
-from amulet_core.method.preference_prompts import NEUTRAL_SYSTEM_PROMPT, PAPER_SYSTEM_PROMPT, preference_message_pair
+from amulet_core.method.preference_prompts import NEUTRAL_SYSTEM_PROMPT, PAPER_SYSTEM_PROMPT, Placement, preference_message_pair
 from amulet_core.method.settings import Method, MethodSettings, Mode
+from server.config import ServerConfig
 from tests.support.fake_engine import FakeEngine
 from tests.support.http import assert_openai_error
 from tests.support.live_server import LiveServer
+
+
+@pytest.fixture(scope="module")
+def server_config() -> ServerConfig:
+    """These tests check the contexts of the system placement (the end placement's are in test_preference_placement.py)."""
+    return ServerConfig(preference_placement=Placement.SYSTEM)
+
 
 USER_ONLY = [{"role": "user", "content": "How do I keep basil alive?"}]
 

@@ -23,7 +23,7 @@ import pytest
 from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.method.preference_prompts import TEMPLATE, preference_message_pair, resolve_default_system_prompt
+from amulet_core.method.preference_prompts import TEMPLATE, Placement, preference_message_pair, resolve_default_system_prompt
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.model.gguf_cache import default_model_cache
 from amulet_core.model.loading import ModelConfig
@@ -48,7 +48,10 @@ def engine_server() -> Iterator[tuple[LiveServer, AsyncEngine]]:
         ModelConfig(dtype="float32", model_cache=default_model_cache()),
         EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=4, kv_cache_tokens=4096),
     )
-    app = create_app(engine, ServerConfig(), lifespan=engine_lifespan(engine, drain_timeout_s=5))
+    # The contexts below are built with the system placement, so the server is set to it.
+    app = create_app(
+        engine, ServerConfig(preference_placement=Placement.SYSTEM), lifespan=engine_lifespan(engine, drain_timeout_s=5)
+    )
     with live_server(app) as server:
         wait_ready(server.url)
         yield server, engine

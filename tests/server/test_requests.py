@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.method.preference_prompts import preference_message_pair
+from amulet_core.method.preference_prompts import Placement, preference_message_pair
 from amulet_core.method.settings import Method, MethodSettings
 from server.config import ServerConfig
 from tests.support.fake_engine import CACHED_TOKENS, FakeEngine
@@ -30,7 +30,8 @@ def fake_engine() -> FakeEngine:
 
 @pytest.fixture(scope="module")
 def server_config() -> ServerConfig:
-    return ServerConfig(default_system_prompt=SYSTEM_PROMPT)
+    # These tests check the system placement's contexts (the end placement's: test_preference_placement.py).
+    return ServerConfig(default_system_prompt=SYSTEM_PROMPT, preference_placement=Placement.SYSTEM)
 
 
 def ask(server: LiveServer, fake: FakeEngine, **body: Any) -> tuple[dict[str, Any], GenerationRequest]:

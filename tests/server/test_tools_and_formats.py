@@ -12,9 +12,18 @@ import openai
 import pytest
 
 from amulet_core.grammar.spec import GrammarKind
+from amulet_core.method.preference_prompts import Placement
+from server.config import ServerConfig
 from tests.support.fake_engine import FakeEngine
 from tests.support.http import assert_openai_error
 from tests.support.live_server import LiveServer
+
+
+@pytest.fixture(scope="module")
+def server_config() -> ServerConfig:
+    """These tests check the contexts of the system placement (the end placement's are in test_preference_placement.py)."""
+    return ServerConfig(preference_placement=Placement.SYSTEM)
+
 
 WEATHER = {
     "type": "function",
