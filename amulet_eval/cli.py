@@ -11,7 +11,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from amulet_core.errors import AmuletError, InvalidParameterError
-from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, PRESETS, TEMPLATE, preference_sentence
+from amulet_core.method.preference_prompts import (
+    PAPER_SYSTEM_PROMPT,
+    PRESETS,
+    TEMPLATE,
+    Placement,
+    preference_sentence,
+)
 from amulet_core.method.settings import Mode
 from amulet_core.model.gguf_cache import default_model_cache
 from amulet_eval.conditions import parse_condition
@@ -137,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="in-process runs: the system message a preference request without one gets, as the server's option "
         "of that name (over --base-url the server's own setting applies) (default: %(default)s)",
     )
+    g.add_argument(
+        "--preference-placement",
+        default=None,
+        choices=[p.value for p in Placement],
+        help="in-process runs: where the preference sentences (and a negative one) go, the system message or the "
+        "last user message, as the server's option of that name (over --base-url the server's own setting "
+        f"applies) (default: the server's, {Placement.END.value}; {Placement.SYSTEM.value} with --paper, as the "
+        "server's paper mode)",
+    )
     g.add_argument("--concurrency", type=int, default=8, help="answers generated at once (default: %(default)s)")
     g = p.add_argument_group("in-process engine (default)")
     g.add_argument("--model", default=None, help="HF model folder or cached id, or .gguf (default: embedded SmolLM2-135M)")
@@ -187,6 +202,14 @@ def _preference(text: str) -> str:
     preference_sentence(text)  # validates (non-empty, not too long)
     stripped = text.strip()
     return stripped.lower() if stripped.lower() in PRESETS else stripped
+
+
+def _placement(given: str | None, paper: bool) -> Placement:
+    """As the server decides: the option when given; else the paper's (system) with --paper; else the server's
+    default (end)."""
+    if given is not None:
+        return Placement(given)
+    return Placement.SYSTEM if paper else Placement.END
 
 
 def _negatives(texts: Sequence[str] | None) -> tuple[str | None, ...]:
@@ -264,6 +287,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
             "--plausibility": args.plausibility is not None,
             "--coefficient": args.coefficient is not None,
             "--negative": args.negative is not None,
+            "--preference-placement": args.preference_placement not in (None, Placement.SYSTEM.value),
         }
         given = [name for name, deviates in deviations.items() if deviates]
         if given:
@@ -287,6 +311,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
             preferences=preferences,
             system_prompt="" if args.no_system_prompt else args.system_prompt,
             default_system_prompt=args.default_system_prompt,
+            preference_placement=_placement(args.preference_placement, args.paper),
             max_tokens=args.max_tokens,
             temperature=args.temperature,
             seed=args.seed,

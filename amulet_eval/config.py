@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, PRESETS, TEMPLATE
+from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, PRESETS, TEMPLATE, Placement
 from amulet_core.method.settings import Method, MethodSettings, Mode
 from amulet_eval.conditions import parse_condition
 
@@ -133,6 +133,9 @@ class GenerationConfig:
     default_system_prompt: str = TEMPLATE
     """For conversations without a system message (``system_prompt`` empty): as the server's
     ``--default-system-prompt`` (template, paper, none or a text)."""
+    preference_placement: Placement = Placement.END
+    """Where the preference sentences (and a negative one) go in their contexts, as the server's
+    ``--preference-placement`` (its default: end; the paper's: system)."""
     max_tokens: int = 128
     temperature: float = 0.0
     seed: int = 0
@@ -150,6 +153,7 @@ class GenerationConfig:
             "model": model_name,
             "system_prompt": self.system_prompt,
             "default_system_prompt": self.default_system_prompt,
+            "preference_placement": self.preference_placement.value,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "seed": self.seed,

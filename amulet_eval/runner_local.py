@@ -16,8 +16,8 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.method.preference_prompts import (
     Message,
+    Placement,
     preference_contexts,
-    preference_message_pair,
     resolve_default_system_prompt,
 )
 from amulet_core.method.settings import Method, MethodSettings
@@ -76,22 +76,24 @@ def beam_search(
     return Generated(text, len(new), "stop" if stop is not None else "length")
 
 
-def job_contexts(job: Job, messages: list[Message], default_system: str) -> tuple[MethodSettings, list[list[Message]]]:
+def job_contexts(
+    job: Job, messages: list[Message], default_system: str, placement: Placement
+) -> tuple[MethodSettings, list[list[Message]]]:
     """The settings and the conversations of an engine job, as the server builds them for the same request
-    (server/preference_request.py): the preference contexts (one per member of the condition, their weights
+    (server/requests/preference.py): the preference contexts (one per member of the condition, their weights
     in the settings), then the contrast context for la and amulet (carrying the column's negative, if any);
     base decodes the conversation as given. cfg: the conversation as given, then the one carrying the
-    negative prompt (the row's preference is not used)."""
+    negative prompt (the row's preference is not used). The sentences go where ``placement`` says."""
     spec = job.method
     settings = spec.engine_settings
     if spec.kind == CFG_METHOD:
-        built = preference_contexts(messages, (), default_system, spec.negative)
+        built = preference_contexts(messages, (), default_system, spec.negative, placement)
         return settings, [*built.prefs, built.contrast]
     condition = job.condition
     if condition.joined:
         settings = dataclasses.replace(settings, weights=condition.weights)
     two = settings.method.has_contrast
-    built = preference_contexts(messages, condition.texts, default_system, spec.negative if two else None)
+    built = preference_contexts(messages, condition.texts, default_system, spec.negative if two else None, placement)
     if settings.method is Method.BASE:
         return settings, [built.contrast]
     return settings, [*built.prefs, built.contrast] if two else list(built.prefs)
@@ -138,11 +140,12 @@ class LocalRunner:
             if job.condition.joined:
                 raise GenerationError(f"{BEAM_METHOD} decodes one pref context; {job.preference!r} joins several.")
             llm = engine.engine
-            prompt = engine.renderer.encode_chat(preference_message_pair(messages, job.preference, default_system).pref)
+            pref = preference_contexts(messages, [job.preference], default_system, placement=gen.preference_placement).prefs[0]
+            prompt = engine.renderer.encode_chat(pref)
             return await asyncio.to_thread(
                 beam_search, llm.runner.model, llm.tokenizer, prompt, gen.max_tokens, llm.eos_token_ids
             )
-        settings, contexts = job_contexts(job, messages, default_system)
+        settings, contexts = job_contexts(job, messages, default_system, gen.preference_placement)
         ids = [engine.renderer.encode_chat(c) for c in contexts]
         contrast = ids.pop() if settings.method.has_contrast else None
         request = GenerationRequest(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, PRESETS
+from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, PRESETS, Placement
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.model.gguf_cache import default_model_cache
 from amulet_eval.cli import parse_args
@@ -120,6 +120,8 @@ def test_cli_defaults_are_the_products_and_paper_is_the_papers() -> None:
     config = parse_args([], environ={})
     gen = config.generation
     assert gen.system_prompt == PAPER_SYSTEM_PROMPT and gen.default_system_prompt == "template"
+    assert gen.preference_placement is Placement.END  # the server's default
+    assert gen.identity("m")["preference_placement"] == "end"
     assert gen.max_tokens == 128 and gen.temperature == 0.0
     assert gen.preferences == PRESETS
     assert [m.label for m in gen.methods] == ["base", "pref", "la", "amulet"]
@@ -135,6 +137,8 @@ def test_cli_defaults_are_the_products_and_paper_is_the_papers() -> None:
     assert [m.engine_settings for m in paper.methods] == [MethodSettings.paper(m) for m in ("base", "pref", "la", "amulet")]
     assert paper.methods[3].engine_settings.plausibility == 0.0 and paper.system_prompt == PAPER_SYSTEM_PROMPT
     assert paper.max_tokens == 128 and paper.temperature == 0.0
+    assert paper.preference_placement is Placement.SYSTEM  # the paper's, as the server's paper mode
+    assert paper.identity("m")["preference_placement"] == "system"
 
 
 @pytest.mark.parametrize(

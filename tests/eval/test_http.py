@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, preference_message_pair, preference_sentence
+from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, preference_contexts, preference_sentence
 from amulet_core.method.settings import Method
 from amulet_eval.cli import main
 from amulet_eval.config import EvalConfig, GenerationConfig, HttpBackend, JudgeConfig, method_specs
@@ -32,6 +32,8 @@ from tests.support.http import API_KEY
 from tests.support.live_server import LiveServer, free_port, wait_until
 
 MODEL = "fake-model"
+PLACEMENT = ServerConfig().preference_placement
+"""Where the fake server (the ``server_config`` fixture) puts the preference sentences: its default."""
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,9 @@ def test_http_runner_decodes_each_method_with_its_contexts(server: LiveServer, f
     expected = Counter()
     for q in load_questions(None, 2):
         for pref in prefs:
-            pair = preference_message_pair(conversation(PAPER_SYSTEM_PROMPT, q.question), pref)
-            pref_ids, base_ids = fake.encode_chat(pair.pref), fake.encode_chat(pair.contrast)
+            # the fake server decodes with the server's default placement, which a string preference takes
+            built = preference_contexts(conversation(PAPER_SYSTEM_PROMPT, q.question), [pref], placement=PLACEMENT)
+            pref_ids, base_ids = fake.encode_chat(built.prefs[0]), fake.encode_chat(built.contrast)
             for spec in generation.methods:
                 settings = spec.engine_settings
                 contexts = {Method.BASE: (base_ids, None), Method.PREF: (pref_ids, None)}.get(
@@ -222,5 +225,5 @@ def test_http_runner_sends_joined_preferences_negatives_and_cfg(server: LiveServ
     outcome = run_eval(config)
     assert outcome.generation.generated == len(MEMBERS) * len(LABELS)
     got = Counter((r.prompt_ids, r.extra_prompt_ids, r.contrast_prompt_ids, r.method) for r in fake.requests)
-    assert got == expected_requests(load_questions(None, 1)[0].question, fake.encode_chat, 1.5)
+    assert got == expected_requests(load_questions(None, 1)[0].question, fake.encode_chat, 1.5, PLACEMENT)
     assert set(outcome.results["run"]["preferences"]) == set(MEMBERS)

@@ -3,19 +3,25 @@ the pref context, and the contexts of joined preferences, negatives and cfg."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
+
+import pytest
 
 from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.paged_attention import register_paged_attention
 from amulet_core.engine.protocol import GenerationRequest
-from amulet_core.method.preference_prompts import preference_message_pair
+from amulet_core.method.preference_prompts import Placement, preference_contexts, preference_sentence
 from amulet_core.model.chat_template import render_chat
+from amulet_eval import runner_local
+from amulet_eval.cli import parse_args
 from amulet_eval.config import GenerationConfig, LocalBackend, method_specs
-from amulet_eval.generate import conversation, run_generation
+from amulet_eval.generate import Generated, conversation, run_generation
 from amulet_eval.questions import load_questions
 from amulet_eval.runner_local import LocalRunner, beam_search, contexts_per_request, engine_config
 from tests.eval.expected_requests import LABELS, MEMBERS, METHODS, NEG_PROMPT, NEGATIVES, PREFERENCES, expected_requests
+from tests.eval.expected_requests import conversation as placed_conversation
 
 
 def test_beam_search_under_the_engines_attention_equals_sdpa(tiny_model) -> None:
@@ -42,7 +48,8 @@ def test_local_runner_runs_beam16_on_the_pref_context(tiny_model, tmp_path: Path
     summary = run_generation(tmp_path, load_questions(None, 1), generation, runner, progress=False)
     beam = summary.rows[(0, "concise", "beam16")]
     assert beam["method_settings"] == {"kind": "beam16", "num_beams": 16}
-    pref = preference_message_pair(conversation(generation.system_prompt, question), "concise").pref
+    messages = conversation(generation.system_prompt, question)
+    pref = preference_contexts(messages, ["concise"], placement=generation.preference_placement).prefs[0]
     direct = beam_search(loaded.model, loaded.tokenizer, render_chat(loaded.tokenizer, pref), 6, loaded.eos_token_ids)
     assert beam["response"] == direct.text and beam["completion_tokens"] == direct.completion_tokens >= 1
 
@@ -71,11 +78,66 @@ def test_local_runner_decodes_joined_preferences_negatives_and_cfg(tiny_model, t
         return tuple(render_chat(loaded.tokenizer, messages))
 
     got = Counter((r.prompt_ids, r.extra_prompt_ids, r.contrast_prompt_ids, r.method) for r in seen)
-    assert got == expected_requests(questions[0].question, encode, 1.0)
+    assert got == expected_requests(questions[0].question, encode, 1.0, generation.preference_placement)
     for pref in MEMBERS:
         assert rows[(0, pref, "cfg")]["response"] == rows[(0, pref, "base")]["response"]
         assert rows[(0, pref, "cfg")]["completion_tokens"] >= 1
     assert rows[(0, "concise", "amulet-vs-concise")]["response"] == rows[(0, "concise", "pref")]["response"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "placement"),
+    [
+        ([], Placement.END),
+        (["--preference-placement", "end"], Placement.END),
+        (["--preference-placement", "system"], Placement.SYSTEM),
+        (["--paper"], Placement.SYSTEM),
+        (["--paper", "--preference-placement", "system"], Placement.SYSTEM),
+    ],
+    ids=["default", "end", "system", "paper", "paper-system"],
+)
+def test_local_runner_places_the_sentences_as_preference_placement_says(
+    tiny_model, tmp_path: Path, monkeypatch, argv: list[str], placement: Placement
+) -> None:
+    """--preference-placement decides where the in-process runner puts the preference and negative sentences, in
+    the engine's contexts and beam16's prompt alike: the server's default (end) unless given, system with --paper."""
+    loaded = tiny_model("llama")
+    cfg = ["--methods", "pref", "la", "cfg", "beam16", "--guidance-scale", "1.5", "--negative-prompt", "formal"]
+    config = parse_args([*argv, "--preferences", "concise", *cfg], environ={})
+    assert config.generation.preference_placement is placement
+    assert config.generation.identity("m")["preference_placement"] == placement.value
+    generation = dataclasses.replace(config.generation, max_tokens=2, concurrency=1)
+    seen: list[GenerationRequest] = []
+    original = AsyncEngine.generate
+
+    def recording(self: AsyncEngine, request: GenerationRequest):
+        seen.append(request)
+        return original(self, request)
+
+    beams: list[tuple[int, ...]] = []
+
+    def beam(_model, _tokenizer, prompt_ids, *_args) -> Generated:
+        beams.append(tuple(prompt_ids))
+        return Generated("x", 1, "length")
+
+    monkeypatch.setattr(AsyncEngine, "generate", recording)
+    monkeypatch.setattr(runner_local, "beam_search", beam)
+    runner = LocalRunner(LocalBackend(max_model_len=1024), generation, loader=lambda _config: loaded)
+    question = load_questions(None, 1)[0].question
+    run_generation(tmp_path, load_questions(None, 1), generation, runner, progress=False)
+
+    def encode(sentence: str | None) -> tuple[int, ...]:
+        return tuple(render_chat(loaded.tokenizer, placed_conversation(question, sentence, placement)))
+
+    plain, pref, formal = encode(None), encode(preference_sentence("concise")), encode(preference_sentence("formal"))
+    want = [(pref, None), (pref, plain), (plain, formal)]  # pref; la; cfg: as given against the negative prompt
+    assert Counter((r.prompt_ids, r.contrast_prompt_ids) for r in seen) == Counter(want)
+    assert beams == [pref]
+
+
+def test_paper_takes_no_end_placement() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--paper", "--preference-placement", "end"], environ={})
 
 
 def test_engine_room_grows_with_the_widest_condition() -> None:

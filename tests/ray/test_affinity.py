@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from amulet_core.method.preference_prompts import preference_contexts, resolve_default_system_prompt
+from amulet_core.method.preference_prompts import Placement, preference_contexts, resolve_default_system_prompt
 from amulet_core.model.chat_template import ChatTokenizer, render_chat
 from amulet_ray.affinity import AffinityTable, ReplicaLoad, preferred_replica
 from amulet_ray.prefix import PrefixKeyer, prefix_chain
@@ -58,12 +58,16 @@ def test_the_keyer_chains_the_pref_context_the_replica_decodes(smollm_tokenizer:
     # The pref context (system message + the preference sentence), exactly as the serving code builds it.
     default = resolve_default_system_prompt(configs.server.default_system_prompt, renderer.template_system_prompt())
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "How do I keep basil alive?"}]
-    built = preference_contexts(messages, ["concise"], default)
+    built = preference_contexts(messages, ["concise"], default, placement=configs.server.preference_placement)
     assert basil == prefix_chain(render_chat(smollm_tokenizer, built.prefs[0]), configs.engine.block_size)
     shared = sum(1 for x, y in zip(basil, tides, strict=False) if x == y)
     assert shared >= 3 and basil[:shared] == tides[:shared] and basil != tides
-    other_preference = chain(_chat("How do I keep basil alive?", preference="verbose"))
-    assert other_preference[:1] == basil[:1] and other_preference != basil  # same system prompt, other sentence
+    # With the end placement (the default) the key is the conversation's own: another preference, whose sentence
+    # only changes the last partial block, routes the same conversation to the same replica.
+    assert configs.server.preference_placement is Placement.END
+    assert chain(_chat("How do I keep basil alive?", preference="verbose")) == basil
+    system = _chat("How do I keep basil alive?", preference={"text": "verbose", "placement": "system"})
+    assert chain(system)[:1] == basil[:1] and chain(system) != basil  # same system prompt, other sentence there
     assert chain(_chat("How do I keep basil alive?", system="Something else entirely. " * 6))[0] != basil[0]
     # Bodies the replica refuses, other routes and methods: no key (balanced routing).
     assert chain(b"{not json") == ()
