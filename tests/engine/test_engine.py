@@ -13,6 +13,7 @@ from amulet_core.errors import ContextLengthExceededError
 from amulet_core.method.reference import reference_generate
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.sampling.params import SamplingParams
+from tests.support.oracle import reference_answer
 
 METHODS = [
     MethodSettings(method=Method.BASE),
@@ -38,15 +39,7 @@ def make_request(rid: str, settings: MethodSettings, pref, base, max_tokens=16, 
     return GenerationRequest(rid, primary, params, settings, base if two else None)
 
 
-def expected(loaded, request: GenerationRequest) -> list[int]:
-    return reference_generate(
-        loaded.model,
-        request.prompt_ids,
-        request.contrast_prompt_ids,
-        request.method,
-        request.sampling.max_tokens,
-        stop_ids=loaded.eos_token_ids,
-    )
+expected = reference_answer
 
 
 def drain(engine: LLMEngine, max_steps: int = 10_000, on_step=None) -> dict[str, list[GenerationOutput]]:

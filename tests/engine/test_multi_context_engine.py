@@ -11,10 +11,10 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest, Usage
 from amulet_core.errors import InvalidParameterError
-from amulet_core.method.reference import reference_generate
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.sampling.params import SamplingParams
 from tests.engine.test_engine import drain, tokens_of
+from tests.support.oracle import reference_answer
 
 MULTI = [
     MethodSettings(method=Method.AMULET, weights=(1.0, 1.0)),
@@ -41,16 +41,7 @@ def make(rid: str, settings: MethodSettings, seed: int, shared: int = 20, max_to
     return GenerationRequest(rid, ctx[0], params, settings, ctx[k] if has_contrast else None, tuple(ctx[1:k]))
 
 
-def expected(loaded, request: GenerationRequest, stop: bool = True) -> list[int]:
-    return reference_generate(
-        loaded.model,
-        request.prompt_ids,
-        request.contrast_prompt_ids,
-        request.method,
-        request.sampling.max_tokens,
-        stop_ids=loaded.eos_token_ids if stop else (),
-        extra_prompt_ids=request.extra_prompt_ids,
-    )
+expected = reference_answer
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -38,6 +38,7 @@ from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.model.chat_template import render_chat
 from amulet_core.sampling.params import SamplingParams
 from tests.engine.test_engine import drain, tokens_of
+from tests.support.oracle import reference_answer
 
 BS = 4
 
@@ -345,16 +346,7 @@ def amulet_request(rid: str, contexts: list[tuple[int, ...]], max_tokens: int = 
     return GenerationRequest(rid, contexts[0], params, settings, contexts[k], tuple(contexts[1:k]))
 
 
-def expected(loaded, request: GenerationRequest) -> list[int]:
-    return reference_generate(
-        loaded.model,
-        request.prompt_ids,
-        request.contrast_prompt_ids,
-        request.method,
-        request.sampling.max_tokens,
-        stop_ids=loaded.eos_token_ids,
-        extra_prompt_ids=request.extra_prompt_ids,
-    )
+expected = reference_answer
 
 
 def make_engine(loaded, share: bool, **config) -> LLMEngine:
