@@ -1,23 +1,45 @@
 """Paged KV blocks with a prefix cache keyed by a hash chain over full blocks of tokens.
 
 Pure Python: no tensors. A block holds ``block_size`` token positions of KV in the cache
-pool. A full block whose KV has been computed is registered under
-``hash((hash of the previous block, its tokens))``; a later sequence whose leading blocks
-hash the same reuses them instead of prefilling again. Freed blocks keep their contents
-and stay findable until they are handed out again (least recently freed first).
+pool. A full block whose KV has been computed is registered under a BLAKE2b hash of (the
+previous block's hash, its tokens); a later sequence whose leading blocks hash the same
+reuses them instead of prefilling again. Freed blocks keep their contents and stay findable
+until they are handed out again (least recently freed first).
+
+Tenants: the chain of a sequence with a ``cache_salt`` starts from a hash of the salt instead of
+nothing, so its blocks are found only by sequences of the same salt (and a hit, the
+``cached_tokens`` a caller sees, never reveals another salt's prompts). The hash is a cryptographic
+one rather than Python's ``hash``, so a caller cannot craft token blocks whose chain
+collides with another tenant's.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from amulet_core.engine.sequence import Sequence
 
+HASH_BYTES = 16
+
+
+def _digest(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=HASH_BYTES).digest(), "little")
+
+
+def chain_root(cache_salt: str | None) -> int | None:
+    """The hash a sequence's chain starts from: none for the unsalted cache, else the salt's (domain-separated,
+    so no salt's root equals a block's hash)."""
+    return None if cache_salt is None else _digest(b"salt\0" + cache_salt.encode("utf-8", "surrogatepass"))
+
 
 def block_hash(previous: int | None, tokens: Seq[int]) -> int:
-    return hash((previous, tuple(tokens)))
+    """The hash of a full block of ``tokens`` following the block (or root) hashed ``previous``."""
+    head = b"none" if previous is None else previous.to_bytes(HASH_BYTES, "little")
+    return _digest(b"block\0" + head + array("q", tokens).tobytes())
 
 
 @dataclass
@@ -63,15 +85,16 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # ---- prefix lookup ----------------------------------------------------------------
-    def _cached_prefix(self, tokens: Seq[int]) -> list[int]:
-        """Ids of the leading full blocks of ``tokens`` found in the cache.
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Ids of the leading full blocks of ``seq``'s tokens found in the cache under its salt.
 
         The last prompt token is never served from cache: its logits are needed.
         """
         if not self.enable_prefix_cache:
             return []
+        tokens = seq.token_ids
         found: list[int] = []
-        previous: int | None = None
+        previous = chain_root(seq.cache_salt)
         usable = (len(tokens) - 1) // self.block_size
         for i in range(usable):
             chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
@@ -107,7 +130,7 @@ class BlockManager:
         needed = 0
         leader: Sequence | None = None
         for seq in seqs:
-            cached = self._cached_prefix(seq.token_ids)
+            cached = self._cached_prefix(seq)
             in_use = sum(1 for b in cached if self.blocks[b].ref_count > 0)
             shared = self._shared_with(seq.token_ids, leader) if leader is not None else 0
             needed += self.blocks_needed(len(seq.token_ids) + 1) - max(in_use, shared)
@@ -120,7 +143,7 @@ class BlockManager:
         for seq in seqs:
             if seq.block_table:
                 raise RuntimeError("sequence already has blocks")
-            cached = self._cached_prefix(seq.token_ids)
+            cached = self._cached_prefix(seq)
             shared = self._shared_with(seq.token_ids, leader) if leader is not None else 0
             self.prefix_queries += 1
             if cached and len(cached) >= shared:
@@ -178,7 +201,8 @@ class BlockManager:
             i = seq.num_hashed
             block = self.blocks[seq.block_table[i]]
             chunk = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-            h = block_hash(seq.last_hash, chunk)
+            previous = seq.last_hash if i else chain_root(seq.cache_salt)
+            h = block_hash(previous, chunk)
             if block.hash is None:
                 block.hash, block.tokens = h, chunk
                 self._by_hash.setdefault(h, block.block_id)

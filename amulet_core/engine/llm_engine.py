@@ -161,7 +161,8 @@ class LLMEngine:
             raise InvalidParameterError("request_id", f"Request id {request.request_id!r} is already running.")
         max_tokens = self.validate(request)
         sp = request.sampling
-        group = SequenceGroup(request.request_id, [Sequence(list(ids)) for ids in request.contexts])
+        contexts = [Sequence(list(ids), cache_salt=request.cache_salt) for ids in request.contexts]
+        group = SequenceGroup(request.request_id, contexts)
         self.requests[request.request_id] = RequestState(
             request=request,
             group=group,

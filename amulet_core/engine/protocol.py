@@ -36,6 +36,9 @@ class GenerationRequest:
     method: MethodSettings = field(default_factory=lambda: MethodSettings(method=Method.BASE))
     contrast_prompt_ids: tuple[int, ...] | None = None
     extra_prompt_ids: tuple[tuple[int, ...], ...] = ()
+    cache_salt: str | None = None
+    """The tenant's prefix-cache salt: the request reuses cached blocks only of requests of the same salt
+    (None: the unsalted cache), and its ``cached_tokens`` count only those."""
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -57,7 +60,12 @@ class GenerationRequest:
 
     @classmethod
     def from_contexts(
-        cls, request_id: str, contexts: Sequence[tuple[int, ...]], sampling: SamplingParams, method: MethodSettings
+        cls,
+        request_id: str,
+        contexts: Sequence[tuple[int, ...]],
+        sampling: SamplingParams,
+        method: MethodSettings,
+        cache_salt: str | None = None,
     ) -> GenerationRequest:
         """The request of ``contexts`` in :attr:`contexts`' order: the decoded one first, then preference
         contexts 2..K, then the contrast one when the method has one (la and amulet)."""
@@ -69,6 +77,7 @@ class GenerationRequest:
             method=method,
             contrast_prompt_ids=contexts[-1] if method.method.has_contrast else None,
             extra_prompt_ids=tuple(contexts[1:k]),
+            cache_salt=cache_salt,
         )
 
     @property

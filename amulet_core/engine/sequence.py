@@ -25,6 +25,9 @@ class Sequence:
     this sequence counts them computed and reads them no earlier than the pass that writes them."""
     num_hashed: int = 0
     last_hash: int | None = None
+    cache_salt: str | None = None
+    """The tenant's salt: mixed into the first block's prefix-cache hash, so only sequences of the same salt share
+    cached blocks (None: the unsalted cache)."""
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:

@@ -198,7 +198,7 @@ def test_the_group_frees_each_block_once_and_the_prefix_stays_cached():
     assert all(b.ref_count == 0 for b in bm.blocks)
     assert bm.num_used == 0 and bm.num_free == bm.num_blocks and sorted(bm._free) == list(range(bm.num_blocks))
     for context in contexts:  # every context of a later request finds the shared blocks
-        assert bm._cached_prefix(context)[: len(shared)] == shared
+        assert bm._cached_prefix(Sequence(list(context)))[: len(shared)] == shared
 
 
 def test_an_abort_mid_prefill_drops_every_reference_and_keeps_what_the_leader_computed():
