@@ -54,7 +54,8 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
-    error: str | None = None
+    final: GenerationOutput | None = None
+    """The output that finished the choice (its error, if any)."""
 
     @property
     def text(self) -> str:
@@ -65,7 +66,7 @@ class ChoiceResult:
         self.token_ids.extend(out.token_ids)
         self.logprobs.extend(out.logprobs or ())
         if out.finished:
-            self.finish_reason, self.error = out.finish_reason, out.error
+            self.finish_reason, self.final = out.finish_reason, out
 
 
 def overall_reason(reasons: list[str | None]) -> str:
@@ -90,7 +91,7 @@ async def run_to_end(
     for result in results:
         if result.finish_reason not in ("stop", "length"):
             tracker.finish("abort" if result.finish_reason == "abort" else "error")
-            raise unfinished(result.finish_reason, result.error, request_id_of(raw_request.scope))
+            raise unfinished(result.final, request_id_of(raw_request.scope))
     tracker.finish(overall_reason([r.finish_reason for r in results]))
     return results
 
@@ -174,7 +175,7 @@ async def _events(
         else:
             reason = failed.output.finish_reason if failed else None
             tracker.finish("abort" if reason == "abort" else "error")
-            error = unfinished(reason, failed.output.error if failed else None, request_id)
+            error = unfinished(failed.output if failed else None, request_id)
             yield sse(error_payload(describe_exception(error).info, request_id))
     except ClientDisconnected:
         tracker.finish("abort")
@@ -205,11 +206,17 @@ def settle(tracker: RequestTracker, exc: BaseException) -> bool:
     return False
 
 
-def unfinished(reason: str | None, error: str | None, request_id: str | None) -> Exception:
-    """The error for a generation that ended without stop/length. A failed one is logged here with the
-    engine's reason and ``request_id``; the client gets only the stable ``generation_failed`` answer."""
-    if reason == "abort":
+def unfinished(final: GenerationOutput | None, request_id: str | None) -> Exception:
+    """The error for a generation that ended without stop/length (``final``: the output that ended it, None when
+    the engine ended it without one). One its own input failed (``client_error``: e.g. its grammar ran past
+    llguidance's limits) is that 400 error; another failed one is logged here with the engine's reason and
+    ``request_id``, and the client gets only the stable ``generation_failed`` answer."""
+    if final is not None and final.finish_reason == "abort":
         return EngineNotReadyError("The request was aborted: the server is shutting down.")
+    if final is not None and final.client_error is not None:
+        logger.info("Request %s failed on its input: %s", request_id, final.client_error.message)
+        return final.client_error
+    error = final.error if final is not None else None
     logger.error("Request %s failed: %s", request_id, error or "the engine gave no reason")
     return RequestFailedError(error or "The generation failed.")
 

@@ -7,9 +7,10 @@ policy, Kubernetes, systemd) restarts it instead of leaving it up and never read
 * ``2``: a usage error (a bad option, an unreadable or empty ``--api-key-file``).
 * ``3``: the HTTP server could not start (for example the port is taken).
 * ``4``: the model failed to load (unless ``--wait-for-model`` keeps the process up, not ready).
-* ``5``: the engine stopped making progress (a step ran past ``--engine-stall-timeout``, or its worker
-  thread died): ``/health`` turned 503, running requests ended with an ``engine_stalled`` error, new
-  ones were refused with 503, and the process exited after the drain timeout.
+* ``5``: the engine stopped making progress (a step ran past ``--engine-stall-timeout``, requests were
+  pending and none progressed for that long, or its worker thread died): ``/health`` turned 503, running
+  requests ended with an ``engine_stalled`` error, new ones were refused with 503, and the process exited
+  after the drain timeout.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ waits on the model.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import threading
@@ -21,8 +22,14 @@ import torch
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
-from amulet_core.engine.watchdog import StepWatch
-from amulet_core.errors import EngineNotReadyError, EngineOverloadedError, EngineStalledError
+from amulet_core.engine.watchdog import Clock, StepWatch
+from amulet_core.errors import (
+    EngineNotReadyError,
+    EngineOverloadedError,
+    EngineStalledError,
+    InvalidParameterError,
+    is_request_failure,
+)
 from amulet_core.model.chat_template import ChatTokenizer
 from amulet_core.model.loading import (
     LoadedModel,
@@ -36,6 +43,9 @@ from amulet_core.model.loading import (
 logger = logging.getLogger(__name__)
 
 StepObserver = Callable[[float, int], None]
+NO_PROGRESS_WAIT_S = 0.01
+"""How long the worker waits for a message before its next step when pending work did not progress in the last
+one (a request that cannot be scheduled yet): the time of a step, not a busy loop."""
 
 
 @dataclass(frozen=True)
@@ -63,9 +73,14 @@ class AsyncEngine:
         loader: Callable[[ModelConfig], LoadedModel] = load_model,
         stall_timeout_s: float | None = None,
         fault_hook: Callable[[GenerationRequest], None] | None = None,
+        clock: Clock | None = None,
+        freeze_gc_after_load: bool = False,
     ) -> None:
         """``stall_timeout_s``: see :class:`StepWatch` (None: sized from the measured step time).
-        ``fault_hook``: test-only, set as the loaded ``LLMEngine.fault_hook``."""
+        ``fault_hook``: test-only, set as the loaded ``LLMEngine.fault_hook``. ``clock``: the watch's monotonic
+        seconds (None: ``time.monotonic``; tests inject one). ``freeze_gc_after_load``: once the model is loaded,
+        move every object the process holds out of the cyclic collector's generations (``gc.freeze``), for a
+        server process that keeps its model for life (not for a process that loads many)."""
         self.model_config = model_config or ModelConfig()
         self.engine_config = engine_config or EngineConfig()
         self.model_name = model_display_name(self.model_config)
@@ -83,9 +98,10 @@ class AsyncEngine:
         """Requests handed to the worker that its last stats snapshot does not count yet."""
         self._thread: threading.Thread | None = None
         self._text: ChatTokenizer | None = None
-        self._watch = StepWatch(stall_timeout_s)
+        self._watch = StepWatch(stall_timeout_s, clock)
         self._fault_hook = fault_hook
         self._failure: str | None = None
+        self._freeze_gc_after_load = freeze_gc_after_load
 
     # ---- lifecycle ----------------------------------------------------------------
     def start(self) -> AsyncEngine:
@@ -116,8 +132,9 @@ class AsyncEngine:
         return self._load_error
 
     def failure(self) -> str | None:
-        """Why the loaded engine can serve no more (its worker thread died, or a step has run past the stall
-        timeout), or None while it is healthy (or not loaded). Polled by the server's watchdog."""
+        """Why the loaded engine can serve no more (its worker thread died, a step has run past the stall timeout,
+        or requests are waiting or running and none has progressed for that long: see :class:`StepWatch`), or
+        None while it is healthy (or not loaded). Polled by the server's watchdog."""
         if self._failure is not None:
             return self._failure
         thread = self._thread
@@ -128,6 +145,13 @@ class AsyncEngine:
         stalled = self._watch.stalled_for()
         if stalled is not None:
             return f"no engine step completed for {stalled:.0f} s (stall timeout {self._watch.timeout_s:.0f} s)"
+        starved = self._watch.no_progress_for()
+        if starved is not None:
+            stats = self._stats
+            return (
+                f"no token was generated or prefilled for {starved:.0f} s with {stats.waiting_requests} request(s) waiting "
+                f"and {stats.running_requests} running (stall timeout {self._watch.timeout_s:.0f} s)"
+            )
         return None
 
     def fail(self, reason: str) -> None:
@@ -230,6 +254,12 @@ class AsyncEngine:
             self._engine = LLMEngine(self._loader(self.model_config), self.engine_config)
             self._engine.fault_hook = self._fault_hook
             self._stats = self._engine.stats()
+            if self._freeze_gc_after_load:
+                # The loaded model's hundreds of thousands of objects live as long as the process: out of the
+                # collector's generations, a full collection (set off by a request's parsing) no longer walks
+                # them while it holds the interpreter lock (/health under hostile load: benchmarks/health_latency.py).
+                gc.collect()
+                gc.freeze()
         except BaseException as exc:  # reported through load_error / wait_ready
             logger.exception("model load failed")
             self._load_error = exc
@@ -237,9 +267,15 @@ class AsyncEngine:
             return
         self._loaded.set()
         engine = self._engine
+        progressed = True
         while True:
             try:
-                message = self._inbox.get(block=not engine.has_work())
+                if not engine.has_work():  # idle: wait for a message
+                    message = self._inbox.get()
+                elif progressed:
+                    message = self._inbox.get_nowait()
+                else:  # pending work that did not progress: look again soon, without spinning a core
+                    message = self._inbox.get(timeout=NO_PROGRESS_WAIT_S)
             except queue.Empty:
                 message = _Empty
             stop = False
@@ -262,8 +298,11 @@ class AsyncEngine:
                         outputs.append(aborted)
                 self._deliver(outputs)
                 return
+            steps = engine.steps
             if engine.has_work():
                 outputs.extend(self._step(engine))
+            progressed = bool(outputs) or engine.steps != steps  # a token generated or prefilled, a request ended
+            self._watch.round_done(engine.has_work(), progressed)
             with self._lock:
                 self._stats = engine.stats()
                 self._unseen_adds -= adds
@@ -275,8 +314,13 @@ class AsyncEngine:
             return [output] if output is not None else []
         try:
             engine.add_request(message.request)
-        except Exception as exc:
-            return [GenerationOutput(message.request.request_id, finish_reason="error", error=str(exc))]
+        except BaseException as exc:  # a Rust panic (starting its grammar) is a BaseException: it fails this request only
+            if not is_request_failure(exc):
+                raise
+            logger.warning("request %s could not start: %s: %s", message.request.request_id, type(exc).__name__, exc)
+            client_error = exc if isinstance(exc, InvalidParameterError) else None
+            rid = message.request.request_id
+            return [GenerationOutput(rid, finish_reason="error", error=str(exc), client_error=client_error)]
         return []
 
     def _step(self, engine: LLMEngine) -> list[GenerationOutput]:
@@ -284,7 +328,9 @@ class AsyncEngine:
         self._watch.started()
         try:
             outputs = engine.step()
-        except Exception as exc:  # keep serving: fail what was in flight, not the worker
+        except BaseException as exc:  # keep serving: fail what was in flight, not the worker (a Rust panic too)
+            if not is_request_failure(exc):
+                raise
             logger.exception("engine step failed")
             message = f"Engine step failed: {type(exc).__name__}"
             aborted = [engine.abort(rid) for rid in list(engine.requests)]

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from amulet_core.errors import is_request_failure
+
 
 def rust_tokenizer(tokenizer: Any) -> Any | None:
     """The ``tokenizers.Tokenizer`` that decodes for a transformers fast tokenizer whose class keeps the
@@ -80,7 +82,9 @@ class IncrementalDetokenizer:
         if self._stream is not None:
             try:
                 piece = self._stream.step(self._backend, token_id)
-            except Exception:  # e.g. the library's "invalid prefix": carry on with the Python window
+            except BaseException as exc:  # e.g. the library's "invalid prefix", or a panic: carry on with the Python window
+                if not is_request_failure(exc):
+                    raise
                 self._stream = None
                 self._prefix_offset = self._read_offset = self._consumed
             else:

@@ -26,7 +26,7 @@ from amulet_core.engine.protocol import (
 )
 from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
 from amulet_core.engine.sequence import Sequence
-from amulet_core.errors import ContextLengthExceededError, InvalidParameterError
+from amulet_core.errors import ContextLengthExceededError, InvalidParameterError, is_request_failure
 from amulet_core.grammar.compiler import GrammarCompiler, GrammarMatcher
 from amulet_core.grammar.masks import grammar_masks
 from amulet_core.grammar.spec import GrammarSpec
@@ -89,7 +89,9 @@ class LLMEngine:
             if self._grammar_compiler is None and self._grammar_unavailable is None:
                 try:
                     self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, eos_token_ids=self.eos_token_ids)
-                except Exception as exc:  # e.g. a slow tokenizer: no structured output with this model
+                except BaseException as exc:  # e.g. a slow tokenizer (or a panic): no structured output with this model
+                    if not is_request_failure(exc):
+                        raise
                     logger.exception("the grammar compiler could not be built")
                     self._grammar_unavailable = f"{type(exc).__name__}: {exc}"
             if self._grammar_compiler is None:
@@ -245,14 +247,18 @@ class LLMEngine:
                 rows, matchers = [i for i, _ in constrained], [m for _, m in constrained]
                 masks = grammar_masks(rows, matchers, logits.shape[-1], logits.device)
             logprobs = method_logprobs(logits, specs, masks)
-        except Exception as exc:  # the batched closed form or the masks failed: no row has a distribution
+        except BaseException as exc:  # the batched closed form or the masks failed: no row has a distribution
+            if not is_request_failure(exc):
+                raise
             logger.exception("method application failed")
             return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
         try:
             params = [s.request.sampling for s in states]
             histories = [self._history(s) if s.request.sampling.needs_history else None for s in states]
             samples = sample_tokens(logprobs, params, [s.generator for s in states], histories)
-        except Exception as exc:  # the batched sampler failed: no row has a token
+        except BaseException as exc:  # the batched sampler failed: no row has a token
+            if not is_request_failure(exc):
+                raise
             logger.exception("sampling failed")
             return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
         outputs = []
@@ -263,10 +269,17 @@ class LLMEngine:
                     state.prefill_s = now - state.scheduled_at
                 if self.fault_hook is not None:
                     self.fault_hook(state.request)
+                if state.matcher is not None and state.matcher.failure is not None:
+                    raise state.matcher.failure  # its grammar failed filling this step's mask
                 if sample.error is not None:
                     raise ValueError(self._no_token(state, sample.error))
                 outputs.append(self._accept(state, sample))
-            except Exception as exc:
+            except InvalidParameterError as exc:  # the request's own input failed it (its grammar): a client error
+                logger.info("request %s failed: %s", state.request.request_id, exc.message)
+                outputs.append(self._finish(state, "error", exc.message, client_error=exc))
+            except BaseException as exc:  # a Rust panic (tokenizers, llguidance) is a BaseException: this request's too
+                if not is_request_failure(exc):
+                    raise
                 logger.exception("request %s failed", state.request.request_id)
                 outputs.append(self._finish(state, "error", f"Decoding failed: {type(exc).__name__}: {exc}"))
         return outputs
@@ -320,6 +333,7 @@ class LLMEngine:
         text: str = "",
         token_ids: tuple[int, ...] = (),
         logprobs: tuple[TokenLogprob, ...] | None = None,
+        client_error: InvalidParameterError | None = None,
     ) -> GenerationOutput:
         self.requests.pop(state.request.request_id, None)
         self.scheduler.remove(state.group)
@@ -338,4 +352,4 @@ class LLMEngine:
         timings = None
         if state.scheduled_at is not None:
             timings = RequestTimings(state.scheduled_at - state.arrival, state.prefill_s or 0.0)
-        return GenerationOutput(request.request_id, text, token_ids, logprobs, reason, usage, error, timings)
+        return GenerationOutput(request.request_id, text, token_ids, logprobs, reason, usage, error, timings, client_error)

@@ -162,7 +162,12 @@ class RequestTimings:
 
 @dataclass(frozen=True)
 class GenerationOutput:
-    """One event of a request's stream: new tokens and their text, and finally the finish."""
+    """One event of a request's stream: new tokens and their text, and finally the finish.
+
+    A request that ended with finish reason ``"error"`` says why in ``error`` (for the server's log). When its own
+    input made it fail (its grammar ran past llguidance's limits while generating: a
+    :class:`~amulet_core.errors.GrammarLimitExceededError`), ``client_error`` is the error to answer the client
+    with (a 400 naming the field at fault); without one the engine failed it (a server error)."""
 
     request_id: str
     text: str = ""
@@ -172,6 +177,7 @@ class GenerationOutput:
     usage: Usage | None = None
     error: str | None = None
     timings: RequestTimings | None = None
+    client_error: InvalidParameterError | None = None
 
     @property
     def finished(self) -> bool:

@@ -20,21 +20,25 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import llguidance
 import torch
 
-from amulet_core.errors import InvalidParameterError
+from amulet_core.errors import GrammarLimitExceededError, InvalidParameterError, is_request_failure
 from amulet_core.grammar.spec import GrammarKind, GrammarSpec
+
+T = TypeVar("T")
 
 JSON_OPTIONS = MappingProxyType({"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"})
 """llguidance's JSON compile options for ``json_object`` and ``json_schema`` (defaults a schema's ``x-guidance`` overrides)."""
 MAX_ERROR_CHARS = 1000
 """llguidance's error messages are cut to this length in the errors raised here."""
+NON_VERBOSE_TAG = "<non-verbose/>"
+"""What llguidance puts in its error messages in place of the parser state (``verbose_errors=False``)."""
 
 
 def _limits() -> llguidance.LLParserLimits:
@@ -86,12 +90,24 @@ class GrammarMatcher:
 
     Built by ``GrammarCompiler.matcher``. Each step: :meth:`fill_mask` (the allowed next tokens), then,
     for the chosen token, :meth:`accept`. Once :attr:`is_finished`, nothing but EOS may follow.
+
+    A grammar that compiled can still fail while the answer is generated: it runs past llguidance's limits
+    (more Earley items in a row than allowed, a lexer out of fuel), or llguidance raises or panics on it (a
+    Rust panic is a ``BaseException``). The matcher then holds that :attr:`failure`, a
+    :class:`GrammarLimitExceededError` naming ``param`` (the request's field the grammar came from), and
+    :meth:`accept` raises it: the request ends with it, and no other request is touched. To tell such a failure
+    from a token the grammar never allowed (the caller's fault), :meth:`accept` reads the row :meth:`fill_mask`
+    last wrote: that bitmask must stay as it is until the step's token is accepted.
     """
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, param: str = "response_format") -> None:
         self._matcher = matcher
         self.vocab_size = vocab_size
         """Token ids the bitmask covers (the llguidance tokenizer's vocabulary; ids past the tokenizer's are never allowed)."""
+        self.param = param
+        self.failure: GrammarLimitExceededError | None = None
+        """Why the grammar failed while generating (see the class docstring), or None."""
+        self._last_mask: torch.Tensor | None = None
 
     @property
     def mask_words(self) -> int:
@@ -101,7 +117,9 @@ class GrammarMatcher:
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into row ``row`` of ``bitmask``: a contiguous CPU int32 ``[N, mask_words]``
         tensor; bit ``t % 32`` of word ``t // 32`` is set where token ``t`` is allowed. A finished matcher
-        allows EOS only; one in an error state too (see :attr:`error`)."""
+        allows EOS only. When the grammar fails here (:attr:`failure`), or had failed before, every token is
+        allowed: the request ends with its failure, whatever is sampled for it. Raises ValueError for a
+        bitmask of the wrong kind (the caller's fault, not the grammar's)."""
         if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or bitmask.dim() != 2:
             raise ValueError("the bitmask must be a 2-D int32 CPU tensor")
         if bitmask.shape[1] != self.mask_words or not 0 <= row < bitmask.shape[0]:
@@ -109,21 +127,62 @@ class GrammarMatcher:
         target = bitmask[row]
         if not target.is_contiguous():
             raise ValueError("the bitmask row must be contiguous")
-        self._matcher.unsafe_compute_mask_ptr(target.data_ptr(), target.numel() * target.element_size())
+        size = target.numel() * target.element_size()
+        self._last_mask = None
+        if self.failure is None:
+            self._call(lambda: self._matcher.unsafe_compute_mask_ptr(target.data_ptr(), size))
+            if self.failure is None and self._matcher.is_error():  # a limit hit while computing the mask
+                self._fail(self._matcher.get_error())
+        if self.failure is not None:
+            target.fill_(-1)
+            return
+        self._last_mask = target
 
     def accept(self, token: int) -> bool:
-        """Consume ``token``; False when it breaks the grammar (the matcher is then in an error state)."""
-        return bool(self._matcher.consume_token(token))
+        """Consume ``token``; False when it breaks the grammar (a token the last mask did not allow: the matcher is
+        then in an error state). Raises :attr:`failure` when the grammar failed, now (a token the last mask
+        allowed that the grammar cannot take: it ran past a limit) or before."""
+        if self.failure is None and self._call(lambda: self._matcher.consume_token(token)):
+            return True
+        if self.failure is None and self._allowed_before(token):
+            self._fail(self._matcher.get_error() or "llguidance refused a token its mask allowed")
+        if self.failure is not None:
+            raise self.failure
+        return False
 
     @property
     def is_finished(self) -> bool:
-        """The grammar is complete and nothing but EOS may follow (False in an error state)."""
-        return bool(self._matcher.is_stopped()) and not self._matcher.is_error()
+        """The grammar is complete and nothing but EOS may follow (False in an error state, or after a failure)."""
+        return self.failure is None and bool(self._call(lambda: self._matcher.is_stopped() and not self._matcher.is_error()))
 
     @property
     def error(self) -> str | None:
-        """Why the matcher failed (a token broke the grammar), or None."""
+        """Why the matcher failed (a token broke the grammar, or :attr:`failure`), or None."""
+        if self.failure is not None:
+            return self.failure.message
         return _short(self._matcher.get_error()) if self._matcher.is_error() else None
+
+    def _allowed_before(self, token: int) -> bool:
+        """Whether the last mask :meth:`fill_mask` wrote allowed ``token``."""
+        mask = self._last_mask
+        if mask is None or not 0 <= token < self.vocab_size:
+            return False
+        return bool((int(mask[token // 32]) >> (token % 32)) & 1)
+
+    def _call(self, call: Callable[[], T]) -> T | None:
+        """One llguidance call's result; None, with :attr:`failure` set, when it raised (a Rust panic included)."""
+        try:
+            return call()
+        except BaseException as exc:
+            if not is_request_failure(exc):
+                raise
+            self._fail(f"llguidance failed on it ({type(exc).__name__}: {exc})")
+            return None
+
+    def _fail(self, reason: str) -> None:
+        reason = _short(reason.replace(NON_VERBOSE_TAG, ""))
+        message = f"The grammar of '{self.param}' ran past the structured-output engine's limits while generating: {reason}"
+        self.failure = GrammarLimitExceededError(self.param, message)
 
 
 @dataclass(frozen=True)
@@ -192,9 +251,19 @@ class GrammarCompiler:
         self._compiled(spec)
 
     def matcher(self, spec: GrammarSpec) -> GrammarMatcher:
-        """A fresh matcher at the start of ``spec``'s grammar, for one request (checks ``spec`` first)."""
+        """A fresh matcher at the start of ``spec``'s grammar, for one request (checks ``spec`` first). Raises
+        InvalidParameterError as :meth:`check` does, and GrammarLimitExceededError when llguidance fails to copy
+        the compiled grammar (a panic included)."""
         pristine = self._compiled(spec)
-        return GrammarMatcher(pristine.deep_copy(), self.vocab_size)
+        try:
+            copy = pristine.deep_copy()
+        except BaseException as exc:
+            if not is_request_failure(exc):
+                raise
+            raise GrammarLimitExceededError(
+                spec.param, f"The grammar of '{spec.param}' could not be started: llguidance failed on it ({type(exc).__name__})."
+            ) from None
+        return GrammarMatcher(copy, self.vocab_size, spec.param)
 
     def _compiled(self, spec: GrammarSpec) -> llguidance.LLMatcher:
         key = (spec.kind, spec.source)
@@ -218,9 +287,13 @@ class GrammarCompiler:
     def _compile(self, spec: GrammarSpec) -> _Compiled:
         try:
             text = grammar_text(spec)
+            matcher = llguidance.LLMatcher(self._tokenizer, text, log_level=0, limits=_limits())
         except InvalidParameterError as exc:
             return _Compiled(None, exc.message)
-        matcher = llguidance.LLMatcher(self._tokenizer, text, log_level=0, limits=_limits())
+        except BaseException as exc:  # llguidance raised or panicked on this source: the request's fault, not the server's
+            if not is_request_failure(exc):
+                raise
+            return _Compiled(None, f"Invalid {spec.kind.value} grammar: llguidance failed on it ({type(exc).__name__}).")
         if matcher.is_error():
             return _Compiled(None, f"Invalid {spec.kind.value} grammar: {_short(matcher.get_error())}")
         return _Compiled(matcher, None)

@@ -28,7 +28,9 @@ class MaskFiller(Protocol):
         ...
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the allowed next tokens into row ``row`` of a CPU int32 ``[N, mask_words]`` bitmask."""
+        """Write the allowed next tokens into row ``row`` of a CPU int32 ``[N, mask_words]`` bitmask. A filler whose
+        own request's grammar fails here does not raise (that would fail every row of the step): it records the
+        failure for its request and allows every token (see ``GrammarMatcher.failure``)."""
         ...
 
 
