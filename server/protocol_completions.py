@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 from amulet_core.errors import InvalidParameterError
 from server.protocol import GenerationFields
 from server.protocol_answers import PreferenceEcho, UsageInfo
+from server.protocol_limits import PromptInput
 
 MAX_COMPLETION_LOGPROBS = 20
 """Top alternatives per token for the integer ``logprobs`` (OpenAI allows 5, vLLM 20)."""
@@ -19,7 +20,7 @@ class CompletionRequest(GenerationFields):
     """``POST /v1/completions``: ``prompt`` is a string, a list of strings, a list of token ids or a list
     of such lists; every prompt gets ``n`` choices, numbered ``prompt_index * n + j``."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: PromptInput
     echo: bool | None = False
     logprobs: int | None = None
     suffix: str | None = None

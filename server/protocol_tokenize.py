@@ -6,21 +6,22 @@ from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
-from server.protocol import ChatMessage, _Request
+from server.protocol import ChatMessage, RequestBody
+from server.protocol_limits import MAX_MESSAGES, MAX_TEMPLATE_KWARGS, TokenIds
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(RequestBody):
     """Either ``prompt`` (raw text) or ``messages`` (through the chat template), as in vLLM."""
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, max_length=MAX_MESSAGES)
     add_special_tokens: bool | None = None
     """For a prompt: add the tokenizer's special tokens (default true). Chat templates add their own."""
     add_generation_prompt: bool | None = None
     """Default: true, unless ``continue_final_message`` continues the last message."""
     continue_final_message: bool | None = False
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, max_length=MAX_TEMPLATE_KWARGS)
     return_token_strs: bool | None = False
 
     @model_validator(mode="after")
@@ -37,9 +38,9 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
-    tokens: list[int] = Field(max_length=1_000_000)
+    tokens: TokenIds
 
 
 class DetokenizeResponse(BaseModel):

@@ -19,7 +19,9 @@ from amulet_core.model.chat_template import ChatRenderer
 from server.config import ServerConfig
 from server.observer import RequestObserver, RequestRecord
 from server.requests.admission import Admission
+from server.requests.limits import RequestLimits
 from server.requests.policy import UnknownFieldLog
+from server.requests.preparation import PreparationPool
 from server.requests.tools import ConfiguredToolParser
 
 logger = logging.getLogger(__name__)
@@ -29,7 +31,10 @@ _END = object()
 
 class OpenAIServing:
     """What every endpoint over an engine holds: the engine, the name it serves the model under, the server's
-    settings, the observer of finished requests, and the :class:`Admission` of its requests."""
+    settings, the observer of finished requests, and the :class:`Admission` of its requests.
+
+    ``preparation``: the pool that renders and tokenizes requests, shared by the app's endpoints when given;
+    without one, this endpoint makes its own from ``limits`` (default: the config's ``request_limits``)."""
 
     def __init__(
         self,
@@ -38,14 +43,27 @@ class OpenAIServing:
         config: ServerConfig,
         observer: RequestObserver,
         unknown_fields: UnknownFieldLog,
+        *,
+        limits: RequestLimits | None = None,
+        preparation: PreparationPool | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.config = config
         self.observer = observer
         self.tool_parser = ConfiguredToolParser(config.tool_call_parser, lambda: engine.renderer.chat_template_text())
+        limits = limits if limits is not None else preparation.limits if preparation is not None else config.request_limits
+        if preparation is None:
+            preparation = PreparationPool(limits, config.retry_after_s)
         self.admission = Admission(
-            model_name, config, lambda: engine.max_model_len, lambda: engine.vocab_size, self.tool_parser, unknown_fields
+            model_name,
+            config,
+            lambda: engine.max_model_len,
+            lambda: engine.vocab_size,
+            self.tool_parser,
+            unknown_fields,
+            limits=limits,
+            preparation=preparation,
         )
 
     def renderer(self) -> ChatRenderer:

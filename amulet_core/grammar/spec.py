@@ -11,6 +11,14 @@ from enum import StrEnum
 
 from amulet_core.errors import InvalidParameterError
 
+MAX_GRAMMAR_CHARS = 100_000
+"""Characters of a grammar's source as a request gives it (a JSON schema, a regex, a Lark grammar, the JSON
+list of a choice); a server caps the text it takes from clients with it (grammars it writes itself, such as
+a forced tool call's, are bounded by what they are written from)."""
+MAX_CHOICES = 1024
+"""Strings of a choice grammar: llguidance refuses a grammar row of more than 2,000 items while generating,
+and a few thousand choices take seconds to compile."""
+
 
 class GrammarKind(StrEnum):
     """What a :class:`GrammarSpec`'s ``source`` is."""
@@ -51,3 +59,13 @@ class GrammarSpec:
             raise InvalidParameterError(self.param, f"Unknown grammar kind {self.kind!r}: use one of {kinds}.") from None
         if not isinstance(self.source, str):
             raise InvalidParameterError(self.param, f"The {self.kind.value} grammar must be given as text.")
+
+
+def check_grammar_size(kind: GrammarKind | str, source: str, param: str) -> None:
+    """InvalidParameterError naming ``param`` when a client's grammar ``source`` is longer than
+    :data:`MAX_GRAMMAR_CHARS` (``kind``: what it is, for the message)."""
+    if len(source) > MAX_GRAMMAR_CHARS:
+        what = GrammarKind(kind).value.replace("_", " ")
+        raise InvalidParameterError(
+            param, f"The {what} grammar in '{param}' is {len(source)} characters long, more than the {MAX_GRAMMAR_CHARS} allowed."
+        )

@@ -22,6 +22,13 @@ MAX_LOGIT_BIAS = 1024
 MAX_ABS_LOGIT_BIAS = 100.0
 MAX_ABS_PENALTY = 2.0
 """``presence_penalty`` and ``frequency_penalty`` lie in [-2, 2] (OpenAI's range)."""
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
+"""``repetition_penalty`` lies in [0.01, 100] (1 = off). It divides positive scores and multiplies the
+others in float32: a factor that underflows float32 (1e-46 is 0 there) turns a positive score (a
+``logit_bias``) into +inf, and the row's distribution into NaN. Within these bounds, and with the other
+bounds here (``logit_bias`` +-100, penalties +-2, temperature >= MIN_TEMPERATURE), every score stays finite:
+at most (100 + 0) / 0.01 = 1e4 before the temperature, 1e9 after it."""
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 """The seeds a torch generator accepts; torch reads a seed modulo 2**64."""
 
@@ -69,7 +76,7 @@ class SamplingParams:
     The logits processors (``amulet_core.sampling.processors``) act on the method's log-probabilities, in
     this order: ``logit_bias`` (token id, bias in [-100, 100]) is added; while fewer than ``min_tokens``
     tokens are generated the stop token ids (EOS unless ``ignore_eos``, and ``stop_token_ids``) are
-    impossible, and stop strings do not end the request; ``repetition_penalty`` (> 0, 1 = off; vLLM's rule
+    impossible, and stop strings do not end the request; ``repetition_penalty`` (0.01 to 100, 1 = off; vLLM's rule
     over prompt and output tokens) divides positive scores and multiplies the others; ``frequency_penalty``
     times a token's count and ``presence_penalty`` for a token that occurs are subtracted (both over the
     generated tokens only, as OpenAI). Sampled rows then apply temperature, ``min_p`` (drop tokens less
@@ -134,8 +141,12 @@ class SamplingParams:
             if not _is_number(v) or not -MAX_ABS_PENALTY <= v <= MAX_ABS_PENALTY:
                 raise InvalidParameterError(name, f"'{name}' must be a number from -2 to 2, got {v!r}.")
         r = self.repetition_penalty
-        if not _is_number(r) or r <= 0:
-            raise InvalidParameterError("repetition_penalty", f"'repetition_penalty' must be a number > 0 (1 = off), got {r!r}.")
+        if not _is_number(r) or not MIN_REPETITION_PENALTY <= r <= MAX_REPETITION_PENALTY:
+            raise InvalidParameterError(
+                "repetition_penalty",
+                f"'repetition_penalty' must be a number from {MIN_REPETITION_PENALTY} to {MAX_REPETITION_PENALTY:g} "
+                f"(1 = off), got {r!r}.",
+            )
         m = self.min_p
         if not _is_number(m) or not 0 <= m <= 1:
             raise InvalidParameterError("min_p", f"'min_p' must be a number from 0 to 1, got {m!r}.")

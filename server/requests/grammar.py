@@ -12,29 +12,40 @@ import json
 from typing import Any
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.grammar.spec import GrammarKind, GrammarSpec
+from amulet_core.grammar.spec import MAX_CHOICES, MAX_GRAMMAR_CHARS, GrammarKind, GrammarSpec, check_grammar_size
 from server.protocol import GenerationFields
+from server.requests.json_values import check_json_depth, load_json
 
-MAX_SCHEMA_CHARS = 100_000
+MAX_SCHEMA_CHARS = MAX_GRAMMAR_CHARS
+"""Characters of a JSON schema (as given, and as written out compactly): every client grammar's cap."""
 
 
-def _schema_text(schema: dict[str, Any] | str, param: str) -> str:
+def schema_text(schema: dict[str, Any] | str, param: str) -> str:
+    """A JSON schema (an object, or JSON text of one) as the JSON text a GrammarSpec takes. InvalidParameterError
+    naming ``param`` when it is not an object, is longer than :data:`MAX_SCHEMA_CHARS` (the text is measured
+    before it is read) or nests deeper than ``json_values.MAX_JSON_DEPTH``."""
     if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except ValueError as exc:
-            raise InvalidParameterError(param, f"'{param}' is not valid JSON: {exc}") from None
+        check_grammar_size(GrammarKind.JSON_SCHEMA, schema, param)
+        schema = load_json(schema, param)
+    else:
+        check_json_depth(schema, param)
     if not isinstance(schema, dict):
         raise InvalidParameterError(param, f"'{param}' must be a JSON schema object.")
     text = json.dumps(schema, ensure_ascii=False, sort_keys=True)
-    if len(text) > MAX_SCHEMA_CHARS:
-        raise InvalidParameterError(param, f"'{param}' is longer than {MAX_SCHEMA_CHARS} characters.")
+    check_grammar_size(GrammarKind.JSON_SCHEMA, text, param)
     return text
 
 
 def _choice_text(choices: list[str], param: str) -> str:
     if not choices or any(not c for c in choices):
         raise InvalidParameterError(param, f"'{param}' needs at least one non-empty string.")
+    if len(choices) > MAX_CHOICES:
+        raise InvalidParameterError(param, f"'{param}' takes at most {MAX_CHOICES} choices, got {len(choices)}.")
+    size = sum(len(c) for c in choices)
+    if size > MAX_GRAMMAR_CHARS:
+        raise InvalidParameterError(
+            param, f"The choices of '{param}' are {size} characters long in all, more than the {MAX_GRAMMAR_CHARS} allowed."
+        )
     return json.dumps(choices, ensure_ascii=False)
 
 
@@ -48,7 +59,7 @@ def _candidates(body: GenerationFields) -> list[GrammarSpec]:
             raise InvalidParameterError("response_format.json_schema", "'json_schema' is required for this type.")
         schema = rf.json_schema.schema_ if rf.json_schema.schema_ is not None else {"type": "object"}
         param = "response_format.json_schema.schema"
-        specs.append(GrammarSpec(GrammarKind.JSON_SCHEMA, _schema_text(schema, param), "response_format"))
+        specs.append(GrammarSpec(GrammarKind.JSON_SCHEMA, schema_text(schema, param), "response_format"))
     so = body.structured_outputs
     if so is not None:
         given: list[tuple[GrammarKind, Any]] = [
@@ -79,13 +90,14 @@ def _candidates(body: GenerationFields) -> list[GrammarSpec]:
 
 def _spec(kind: GrammarKind, value: Any, param: str) -> GrammarSpec:
     if kind is GrammarKind.JSON_SCHEMA:
-        return GrammarSpec(kind, _schema_text(value, param), param)
+        return GrammarSpec(kind, schema_text(value, param), param)
     if kind is GrammarKind.CHOICE:
         return GrammarSpec(kind, _choice_text(value, param), param)
     if kind is GrammarKind.JSON_OBJECT:
         return GrammarSpec(kind, "", param)
     if not value:
         raise InvalidParameterError(param, f"'{param}' must not be empty.")
+    check_grammar_size(kind, value, param)
     return GrammarSpec(kind, value, param)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from amulet_core.errors import InvalidParameterError
 from amulet_core.method.preference_prompts import Message
 from amulet_core.model.chat_template import ChatRenderer, ChatTemplateOptions
+from server.protocol import template_messages
 from server.protocol_tokenize import DetokenizeRequest, TokenizeRequest
 from server.requests.admission import Admission
 from server.requests.fields import template_options
@@ -30,7 +31,7 @@ class TokenizeIntent:
 def admit_tokenize(body: TokenizeRequest, admission: Admission) -> TokenizeIntent:
     """Phase 1: the policy, the model, and the rendering options (checked against the conversation)."""
     admission.check_common(body, body.model)
-    messages = None if body.messages is None else tuple(m.for_template() for m in body.messages)
+    messages = None if body.messages is None else template_messages(body.messages)
     options = template_options(body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs, messages)
     add_special = body.add_special_tokens is not False
     return TokenizeIntent(body.prompt or "", messages, options, add_special, bool(body.return_token_strs))
@@ -49,6 +50,6 @@ def admit_detokenize(body: DetokenizeRequest, admission: Admission) -> list[int]
     """The ids to decode, each in the model's vocabulary."""
     admission.check_common(body, body.model)
     vocab = admission.vocab_size()
-    if any(not 0 <= t < vocab for t in body.tokens):
+    if body.tokens and (min(body.tokens) < 0 or max(body.tokens) >= vocab):
         raise InvalidParameterError("tokens", f"Token ids must be from 0 to {vocab - 1}.")
     return list(body.tokens)

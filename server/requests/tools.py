@@ -12,14 +12,16 @@ Both contexts of a preference request get the same tools: they still differ by t
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.grammar.spec import GrammarKind, GrammarSpec
+from amulet_core.grammar.spec import MAX_GRAMMAR_CHARS, GrammarKind, GrammarSpec
 from server.protocol import ChatCompletionRequest
+from server.requests.json_values import check_json_depth
 from server.tool_parsers import (
     ParsedOutput,
     ToolFunction,
@@ -29,6 +31,12 @@ from server.tool_parsers import (
 )
 
 logger = logging.getLogger(__name__)
+
+MAX_TOOL_SCHEMA_CHARS = MAX_GRAMMAR_CHARS
+"""Characters of one tool's ``parameters`` schema, written out as JSON (as a JSON schema grammar is capped)."""
+MAX_TOOLS_CHARS = 2 * MAX_GRAMMAR_CHARS
+"""Characters of all the tools' schemas and descriptions together: they are described to the model and,
+for ``tool_choice`` ``required`` or a named function, written into one grammar."""
 
 
 class ConfiguredToolParser:
@@ -68,8 +76,15 @@ class ToolRequest:
         return self.parser.parse(text, self.tools)
 
 
-def _check_parameters(parameters: Any, index: int) -> None:
+def _check_parameters(parameters: Any, index: int) -> int:
+    """Refuse a ``parameters`` that is not an object schema, nests too deep or is too long; its length as JSON."""
     param = f"tools[{index}].function.parameters"
+    check_json_depth(parameters, param)
+    size = len(json.dumps(parameters, ensure_ascii=False))
+    if size > MAX_TOOL_SCHEMA_CHARS:
+        raise InvalidParameterError(
+            param, f"'{param}' is {size} characters long as JSON, more than the {MAX_TOOL_SCHEMA_CHARS} allowed."
+        )
     if parameters.get("type", "object") != "object":
         raise InvalidParameterError(param, f"'{param}' must be a JSON schema of type 'object'.")
     if not isinstance(parameters.get("properties", {}), dict):
@@ -77,6 +92,7 @@ def _check_parameters(parameters: Any, index: int) -> None:
     required = parameters.get("required", [])
     if not isinstance(required, list) or any(not isinstance(r, str) for r in required):
         raise InvalidParameterError(param, f"'{param}.required' must be a list of property names.")
+    return size
 
 
 def tool_request(body: ChatCompletionRequest, parser: Callable[[], ToolParser]) -> ToolRequest | None:
@@ -94,10 +110,16 @@ def tool_request(body: ChatCompletionRequest, parser: Callable[[], ToolParser]) 
     if len(set(names)) != len(names):
         raise InvalidParameterError("tools", "Tool names must be unique.")
     functions = []
+    total = 0
     for i, tool in enumerate(tools):
         parameters = tool.function.parameters if tool.function.parameters is not None else {"type": "object"}
-        _check_parameters(parameters, i)
+        total += _check_parameters(parameters, i) + len(tool.function.description or "")
         functions.append(ToolFunction(tool.function.name, tool.function.description, parameters))
+    if total > MAX_TOOLS_CHARS:
+        raise InvalidParameterError(
+            "tools",
+            f"The tools' schemas and descriptions are {total} characters long in all, more than the {MAX_TOOLS_CHARS} allowed.",
+        )
     named = None
     if choice is not None and not isinstance(choice, str):
         named = choice.function.name

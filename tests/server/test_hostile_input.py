@@ -5,6 +5,13 @@
 * hand-written cases that tests/server/test_errors.py does not cover, over the fake engine: bodies
   that are not JSON, not UTF-8 or nested without end; wrong types; huge numbers; NaN and
   infinities; Amulet parameters out of range; a 1 MB message; unknown roles and keys;
+* by category (issue 27), each asserting the status, the error's ``param`` and that the server still
+  answers: client JSON nested without end (schemas given as text, tool-call arguments, in chat and in
+  /tokenize: never a RecursionError's 500); numeric extremes that would overflow float32 scores
+  (``repetition_penalty``); grammar sizes (regex, Lark, choices, JSON schemas, tool schemas); list sizes (every
+  capped list one item over its cap, and bodies of about a million items refused by their shape); the
+  fan-out budget (prompts x ``n`` x contexts); unknown fields (20,000 of them, with newlines in their names:
+  a bounded, escaped log);
 * with the real engine (SmolLM2 and its tokenizer): prompts longer than max_model_len (one of
   1 MB), odd text (control characters, NUL, bidi and zero-width characters), and extreme but
   valid sampling values decoded in one batch with an ordinary request, which must not be hurt.
@@ -13,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,9 +33,10 @@ from amulet_core.method.settings import MAX_COEFFICIENT, MAX_ITERATIONS
 from amulet_core.model.loading import LoadedModel
 from server.app import create_app
 from server.config import ServerConfig
+from server.protocol_limits import MAX_JSON_CONTAINERS
 from tests.support.fake_engine import FakeEngine
 from tests.support.http import USER, assert_openai_error
-from tests.support.live_server import EngineServer, LiveServer, engine_server
+from tests.support.live_server import EngineServer, LiveServer, engine_server, live_server
 
 USER_JSON = json.dumps(USER)
 FAKE_MAX_MODEL_LEN = 512
@@ -189,6 +198,286 @@ def test_valid_odd_text_is_served(server: LiveServer, fake: FakeEngine) -> None:
     assert odd in "".join(chr(i) for i in fake.requests[-1].prompt_ids)
 
 
+# ---------------------------------------------------------------- by category (issue 27)
+
+
+def deep_schema(levels: int) -> dict[str, Any]:
+    """A JSON schema of ``levels`` nested objects, ``2 * levels`` JSON levels (the body parser's own limit is about 200)."""
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+DEEP_TEXT = "[" * 20_000
+"""JSON text nested 20,000 levels deep: Python's json raises RecursionError on it."""
+MANY_ARRAYS = "[" * 100_000
+"""More arrays than a whole request body may hold (MAX_JSON_CONTAINERS): refused unread."""
+
+
+def assistant_call(arguments: str) -> dict[str, Any]:
+    return {
+        "role": "assistant",
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}],
+    }
+
+
+def tool(name: str = "f", **function: Any) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, **function}}
+
+
+RECURSION: list[tuple[str, dict[str, Any], str]] = [
+    ("guided_json as text", {"guided_json": DEEP_TEXT}, "guided_json"),
+    ("guided_json as text of objects", {"guided_json": '{"a":' * 15_000}, "guided_json"),
+    ("structured_outputs.json as text", {"structured_outputs": {"json": DEEP_TEXT}}, "structured_outputs"),
+    ("guided_json as an object", {"guided_json": deep_schema(40)}, "guided_json"),
+    (
+        "response_format's schema",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": deep_schema(40)}}},
+        "response_format.json_schema.schema",
+    ),
+    ("a tool's parameters", {"tools": [tool(parameters=deep_schema(40))]}, "tools[0].function.parameters"),
+    (
+        "an assistant's tool-call arguments",
+        {"messages": [*USER, assistant_call(DEEP_TEXT), *USER]},
+        "messages[1].tool_calls[0].function.arguments",
+    ),
+    (
+        "tool-call arguments of 100,000 arrays",
+        {"messages": [assistant_call(MANY_ARRAYS), *USER]},
+        "messages[0].tool_calls[0].function.arguments",
+    ),
+    (
+        "tool-call arguments nested within the parser's reach",
+        {"messages": [assistant_call("[" * 500 + "]" * 500), *USER]},
+        "messages[0].tool_calls[0].function.arguments",
+    ),
+]
+
+
+@pytest.mark.parametrize(("extra", "param"), [c[1:] for c in RECURSION], ids=[c[0] for c in RECURSION])
+def test_json_nested_without_end_is_400_naming_the_field(server: LiveServer, extra: dict[str, Any], param: str) -> None:
+    body = {"messages": USER, "max_tokens": 2} | extra
+    error = assert_openai_error(httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60), 400)
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert "nested" in error["message"] or f"more than {MAX_JSON_CONTAINERS} JSON objects and arrays" in error["message"]
+    still_serving(server)
+
+
+def test_tokenize_with_deep_tool_call_arguments_is_400(server: LiveServer) -> None:
+    body = {"messages": [*USER, assistant_call(DEEP_TEXT)]}
+    error = assert_openai_error(httpx.post(f"{server.url}/tokenize", json=body, timeout=60), 400)
+    assert error["param"] == "messages[1].tool_calls[0].function.arguments"
+    still_serving(server)
+
+
+NUMERIC_EXTREMES: list[tuple[str, str | None]] = [
+    # A factor that underflows float32 (1e-46 is 0 there) divides a biased (positive) score into +inf.
+    ('"repetition_penalty": 1e-45, "logit_bias": {"5": 100}', "repetition_penalty"),
+    ('"repetition_penalty": 1e-46, "logit_bias": {"5": 100}', "repetition_penalty"),
+    ('"repetition_penalty": 0.001', "repetition_penalty"),
+    ('"repetition_penalty": 1e39', "repetition_penalty"),
+    ('"repetition_penalty": 100.5', "repetition_penalty"),
+    ('"repetition_penalty": -1', "repetition_penalty"),
+    ('"logit_bias": {"5": 1e39}', "logit_bias"),
+    ('"logit_bias": {"5": -101}', "logit_bias"),
+    ('"presence_penalty": 3e38', "presence_penalty"),
+    ('"frequency_penalty": -1e-400', None),  # underflows to -0.0 in JSON: a valid 0
+    ('"temperature": 101', "temperature"),
+]
+
+
+@pytest.mark.parametrize(("extra", "param"), NUMERIC_EXTREMES, ids=[e for e, _ in NUMERIC_EXTREMES])
+def test_factors_that_would_overflow_float32_are_400(server: LiveServer, extra: str, param: str | None) -> None:
+    response = post_raw(server, body_with(extra + ', "max_tokens": 2'))
+    if param is None:
+        assert response.status_code == 200, response.text
+    else:
+        error = assert_openai_error(response, 400)
+        assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    still_serving(server)
+
+
+def test_the_bounds_of_repetition_penalty_are_served(server: LiveServer) -> None:
+    for value in (0.01, 100):
+        body = {"messages": USER, "max_tokens": 2, "repetition_penalty": value, "logit_bias": {"5": 100}}
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+
+
+LONG = 100_001
+"""One character more than a grammar's text may have (amulet_core.grammar.spec.MAX_GRAMMAR_CHARS)."""
+GRAMMAR_SIZES: list[tuple[str, dict[str, Any], str]] = [
+    ("guided_regex", {"guided_regex": "a" * LONG}, "guided_regex"),
+    ("guided_grammar", {"guided_grammar": 'start: "' + "a" * LONG + '"'}, "guided_grammar"),
+    ("structured_outputs.regex", {"structured_outputs": {"regex": "a" * LONG}}, "structured_outputs"),
+    ("structured_outputs.grammar", {"structured_outputs": {"grammar": 'start: "' + "a" * LONG + '"'}}, "structured_outputs"),
+    ("guided_json text", {"guided_json": '{"type": "object"}' + " " * LONG}, "guided_json"),
+    ("guided_json object", {"guided_json": {"type": "object", "description": "a" * LONG}}, "guided_json"),
+    ("guided_choice of 1,025", {"guided_choice": [f"c{i}" for i in range(1025)]}, "guided_choice"),
+    ("guided_choice of 120,000 characters", {"guided_choice": ["a" * 60_000, "b" * 60_000]}, "guided_choice"),
+    (
+        "structured_outputs.choice of 1,025",
+        {"structured_outputs": {"choice": [f"c{i}" for i in range(1025)]}},
+        "structured_outputs.choice",
+    ),
+    (
+        "a tool schema",
+        {"tools": [tool(parameters={"type": "object", "description": "a" * LONG})]},
+        "tools[0].function.parameters",
+    ),
+    ("the tools together", {"tools": [tool(f"f{i}", description="a" * 70_000) for i in range(3)]}, "tools"),
+]
+
+
+@pytest.mark.parametrize(("extra", "param"), [c[1:] for c in GRAMMAR_SIZES], ids=[c[0] for c in GRAMMAR_SIZES])
+def test_grammars_over_their_caps_are_400_naming_the_field(server: LiveServer, extra: dict[str, Any], param: str) -> None:
+    body = {"messages": USER, "max_tokens": 2} | extra
+    error = assert_openai_error(httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60), 400)
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    still_serving(server)
+
+
+def test_grammars_at_their_caps_are_served(server: LiveServer) -> None:
+    for extra in (
+        {"guided_choice": [f"c{i}" for i in range(1024)]},
+        {"guided_regex": "a" * (LONG - 1)},
+        {"structured_outputs": {"choice": ["a" * 50_000, "b" * 50_000]}},
+    ):
+        body = {"messages": USER, "max_tokens": 2} | extra
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text[:300]
+
+
+def text_part(text: str = "a") -> dict[str, str]:
+    return {"type": "text", "text": text}
+
+
+LIST_SIZES: list[tuple[str, str, dict[str, Any], str]] = [
+    # (name, route, body, param): every capped list or object one item over its cap.
+    ("messages", "/v1/chat/completions", {"messages": USER * 4097}, "messages"),
+    (
+        "content parts",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [text_part()] * 257}]},
+        "messages[0].content",
+    ),
+    (
+        "tool calls",
+        "/v1/chat/completions",
+        {"messages": [{"role": "assistant", "tool_calls": [assistant_call("{}")["tool_calls"][0]] * 129}, *USER]},
+        "messages[0].tool_calls",
+    ),
+    ("tools", "/v1/chat/completions", {"messages": USER, "tools": [tool(f"f{i}") for i in range(129)]}, "tools"),
+    ("stop", "/v1/chat/completions", {"messages": USER, "stop": ["x"] * 17}, "stop"),
+    ("stop_token_ids", "/v1/chat/completions", {"messages": USER, "stop_token_ids": [1] * 257}, "stop_token_ids"),
+    ("logit_bias", "/v1/chat/completions", {"messages": USER, "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
+    ("preference list", "/v1/chat/completions", {"messages": USER, "preference": ["concise"] * 9}, "preference"),
+    ("preference.text", "/v1/chat/completions", {"messages": USER, "preference": {"text": ["concise"] * 9}}, "preference.text"),
+    (
+        "preference.weights",
+        "/v1/chat/completions",
+        {"messages": USER, "preference": {"text": ["concise", "formal"], "weights": [1] * 9}},
+        "preference.weights",
+    ),
+    ("metadata", "/v1/chat/completions", {"messages": USER, "metadata": {str(i): "x" for i in range(17)}}, "metadata"),
+    (
+        "chat_template_kwargs",
+        "/v1/chat/completions",
+        {"messages": USER, "chat_template_kwargs": {str(i): 1 for i in range(65)}},
+        "chat_template_kwargs",
+    ),
+    ("prompts", "/v1/completions", {"prompt": ["a"] * 257}, "prompt"),
+    ("prompt token ids", "/v1/completions", {"prompt": [1] * 131_073}, "prompt"),
+    ("tokenize messages", "/tokenize", {"messages": USER * 4097}, "messages"),
+    ("detokenize tokens", "/detokenize", {"tokens": [1] * 131_073}, "tokens"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "param"), [c[1:] for c in LIST_SIZES], ids=[c[0] for c in LIST_SIZES])
+def test_lists_over_their_caps_are_400_naming_the_field(server: LiveServer, route: str, body: dict[str, Any], param: str) -> None:
+    error = assert_openai_error(httpx.post(f"{server.url}{route}", json=body, timeout=60), 400)
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    still_serving(server)
+
+
+def million_items(field: str, item: str) -> bytes:
+    return body_with(f'"{field}": [' + ",".join([item] * 1_000_000) + "]")
+
+
+MILLION_ITEMS: list[tuple[str, bytes]] = [
+    ("stop: numbers", million_items("stop", "1")),
+    ("stop_token_ids: strings", million_items("stop_token_ids", '"a"')),
+    ("guided_choice: empty lists", million_items("guided_choice", "[]")),
+    ("messages: numbers", b'{"messages": [' + b",".join([b"1"] * 1_000_000) + b"]}"),
+    ("logit_bias: 250,000 invalid values", body_with('"logit_bias": {' + ",".join(f'"{i}":"a"' for i in range(250_000)) + "}")),
+]
+
+
+@pytest.mark.parametrize("content", [c for _, c in MILLION_ITEMS], ids=[name for name, _ in MILLION_ITEMS])
+def test_a_million_items_are_refused_by_the_bodys_shape(server: LiveServer, content: bytes) -> None:
+    assert len(content) < 4 * 1024 * 1024  # within the body limit: refused for its shape, not its size
+    error = assert_openai_error(post_raw(server, content), 400)
+    assert (error["param"], error["code"]) == (None, "request_too_complex")
+    still_serving(server)
+
+
+FANOUT: list[tuple[str, str, dict[str, Any], str]] = [
+    ("65 prompts", "/v1/completions", {"prompt": ["a"] * 65}, "prompt"),
+    ("16 prompts x n = 8", "/v1/completions", {"prompt": ["a"] * 16, "n": 8}, "n"),
+    ("33 token-id prompts x n = 2", "/v1/completions", {"prompt": [[5]] * 33, "n": 2}, "n"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "param"), [c[1:] for c in FANOUT], ids=[c[0] for c in FANOUT])
+def test_a_request_over_the_fanout_budget_is_400(
+    server: LiveServer, fake: FakeEngine, route: str, body: dict[str, Any], param: str
+) -> None:
+    error = assert_openai_error(httpx.post(f"{server.url}{route}", json=body | {"max_tokens": 2}, timeout=60), 400)
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert "64" in error["message"] and "sequences" in error["message"]
+    assert not fake.requests  # refused before anything reached the engine
+    still_serving(server)
+
+
+def test_the_fanout_budget_counts_preference_contexts() -> None:
+    """Eight preferences (--max-preferences 8) decode 9 contexts: n = 7 is 63 sequences, n = 8 is 72, over 64."""
+    engine = FakeEngine(max_model_len=FAKE_MAX_MODEL_LEN)
+    with live_server(create_app(engine, ServerConfig(max_preferences=8))) as running:
+        url = f"{running.url}/v1/chat/completions"
+        body = {"messages": USER, "max_tokens": 2, "preference": ["concise"] * 8}
+        assert httpx.post(url, json=body | {"n": 7}, timeout=60).status_code == 200
+        engine.reset()
+        error = assert_openai_error(httpx.post(url, json=body | {"n": 8}, timeout=60), 400)
+        assert error["param"] == "n" and "72 sequences" in error["message"]
+        assert not engine.requests
+        still_serving(running)
+
+
+def policy_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "server.requests.policy"]
+
+
+def test_unknown_fields_are_logged_bounded_and_escaped(caplog: pytest.LogCaptureFixture) -> None:
+    """20,000 unknown fields, their names long and with newlines and escape sequences: accepted, and the log
+    gets at most the first 64 names (cut short, escaped: no raw newline), then one line saying more are not
+    logged; another such request logs nothing."""
+    with live_server(create_app(FakeEngine(), ServerConfig())) as running, caplog.at_level(logging.WARNING):
+        url = f"{running.url}/v1/chat/completions"
+        names = [f"field{i}\nINJECTED\x1b[31m" + "x" * 100 for i in range(20_000)]
+        response = httpx.post(url, json={"messages": USER, "max_tokens": 2} | dict.fromkeys(names, 1), timeout=60)
+        assert response.status_code == 200, response.text[:300]
+        lines = policy_lines(caplog)
+        assert len(lines) == 65 and "not logged" in lines[-1]
+        for line in lines:
+            assert "\n" not in line and "\x1b" not in line and len(line) < 300
+        assert "\\n" in lines[0] and "field0" in lines[0]  # escaped, still readable
+        caplog.clear()
+        more = {"messages": USER, "max_tokens": 2} | {f"other{i}": 1 for i in range(20_000)}
+        assert httpx.post(url, json=more, timeout=60).status_code == 200
+        assert policy_lines(caplog) == []
+        still_serving(running)
+
+
 # ---------------------------------------------------------------- schemathesis, from the OpenAPI schema
 
 
@@ -235,12 +524,25 @@ def fuzz(operation: Any, mode: Any, max_examples: int, fake: FakeEngine, statuse
     run()
 
 
+def as_localhost(app: Any) -> Any:
+    """``app`` reached as ``localhost`` (schemathesis' ASGI client names the host ``testserver``, which the
+    server's trusted-hosts guard refuses)."""
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = [(k, b"localhost" if k.lower() == b"host" else v) for k, v in scope["headers"]]
+            scope = {**scope, "headers": headers}
+        await app(scope, receive, send)
+
+    return asgi
+
+
 def test_schemathesis_finds_no_server_error() -> None:
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis.errors import Unsatisfiable
 
     fake = FakeEngine(max_model_len=FAKE_MAX_MODEL_LEN)
-    app = create_app(fake, ServerConfig(max_body_bytes=64 * 1024))
+    app = as_localhost(create_app(fake, ServerConfig(max_body_bytes=64 * 1024)))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = {op.label: op for op in (result.ok() for result in schema.get_all_operations())}
     assert {"POST /v1/chat/completions", "GET /v1/models/{model_id}"} <= set(operations)
