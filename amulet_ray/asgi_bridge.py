@@ -30,13 +30,15 @@ CLEANUP_TIMEOUT_S = 10.0
 class ForwardedRequest:
     """One HTTP request as the ingress received it (picklable: it travels through a Ray handle).
 
-    ``prefix_chain`` is the routing key read by the request router; the replica ignores it."""
+    ``prefix_chain`` is the routing key read by the request router; the replica ignores it. Its ``repr`` (what
+    Ray's and the server's logs and tracebacks show) leaves out the query, the headers (``Authorization``) and
+    the body (the caller's text)."""
 
     method: str
     path: str
-    query_string: bytes = b""
-    headers: Headers = ()
-    body: bytes = b""
+    query_string: bytes = field(default=b"", repr=False)
+    headers: Headers = field(default=(), repr=False)
+    body: bytes = field(default=b"", repr=False)
     client: tuple[str, int] | None = None
     root_path: str = ""
     """The route prefix the application is served under (``path`` includes it, as in ASGI)."""
@@ -124,10 +126,14 @@ async def _finish(task: asyncio.Future[None]) -> None:
         await task
 
 
+LOCAL_HOST_HEADERS: Headers = ((b"host", b"localhost"),)
+"""An in-process call's headers: it comes from this process, so it names the local host (which the server trusts)."""
+
+
 async def get(app: ASGIApp, path: str, state: dict[str, Any] | None = None) -> tuple[int, bytes]:
-    """``GET path`` on the app in-process: the status and the whole body."""
+    """``GET path`` on the app in-process (a health check, the metrics): the status and the whole body."""
     status, body = 0, b""
-    async for batch in call_app(app, ForwardedRequest("GET", path), state=state):
+    async for batch in call_app(app, ForwardedRequest("GET", path, headers=LOCAL_HOST_HEADERS), state=state):
         for message in batch:
             if message["type"] == "http.response.start":
                 status = int(message["status"])

@@ -142,5 +142,5 @@ class AmuletIngress:
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         server = self._configs.server
-        forwarding = ForwardingApp(self._call_replica, self._keyer, self._routing, server.retry_after_s, server.api_keys)
-        return ingress_app(forwarding, server.max_body_bytes)
+        forwarding = ForwardingApp(self._call_replica, self._keyer, self._routing, server.retry_after_s)
+        return ingress_app(forwarding, server)

@@ -3,34 +3,39 @@
 Nothing of the API is implemented here: every route is the replica's (``amulet-server``'s own app). The
 ingress adds only what a second hop needs:
 
+* the server's own guards, before anything is read, keyed or forwarded (:func:`ingress_app`): trusted Host
+  names, the API key (deny by default, on the routed path: the same open routes as the server, whatever
+  the Ray ``route_prefix``), a JSON content type, the body's size limit and read deadline; a request
+  refused there never reaches a replica (each replica's app checks them again);
 * the routing key (:class:`~amulet_ray.prefix.PrefixKeyer`), unless the routing is ``pow2`` (the
-  ``--ray-routing`` default, or the request's ``x-amulet-routing`` header), or the API needs a key and the
-  request does not carry a valid one (it is forwarded unkeyed, and the replica answers 401: the ingress
-  does no work for a caller without a key);
+  ``--ray-routing`` default, or the request's ``x-amulet-routing`` header);
 * a clean end when the replica dies mid-request: before the answer has started, a 503 OpenAI error
   (``replica_failed``, ``Retry-After``); once a stream has started, an error event and ``[DONE]``, as the
   server ends a stream that fails; the failure is logged under the request id the client sees;
 * ``/metrics`` is refused (404): it would show one replica picked at random; each replica serves its own
   (:mod:`amulet_ray.replica_metrics`).
 
-The body size limit (``--max-body-bytes``) and request ids come from the server's own middlewares (see
-:func:`ingress_app`). No Ray here: the replica is reached through ``call_replica``.
+Request ids come from the server's own middleware too. No Ray here: the replica is reached through ``call_replica``.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from amulet_ray.asgi_bridge import ForwardedRequest, header
 from amulet_ray.config import ROUTING_HEADER, ROUTING_POW2, ROUTING_PREFIX
 from amulet_ray.prefix import PrefixKeyer
-from server.app import BodySizeLimit
+from server.access import open_routes, routed_path
+from server.app import cors_options
+from server.auth import ApiKeyAuth
+from server.config import ServerConfig
 from server.errors import SERVER_ERROR, APIError, describe_exception, error_payload, send_error
+from server.http_guards import JsonContentType, RequestBodyLimits, TrustedHosts, trusted_hosts
 from server.request_id import REQUEST_ID_HEADER, RequestIdMiddleware, request_id_of
 from server.serving_choices import sse
 
@@ -66,23 +71,11 @@ class ForwardingApp:
         keyer: PrefixKeyer | None,
         default_routing: str,
         retry_after_s: int,
-        api_keys: tuple[str, ...] = (),
     ) -> None:
         self._call_replica = call_replica
         self._keyer = keyer
         self._default_routing = default_routing
         self._retry_after_s = retry_after_s
-        self._authorizations = tuple(f"Bearer {key}".encode() for key in api_keys)
-
-    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        """No key needed, or one of the keys given (compared with each in constant time, as the server does)."""
-        if not self._authorizations:
-            return True
-        given = header(headers, b"authorization") or b""
-        matched = False
-        for expected in self._authorizations:
-            matched |= hmac.compare_digest(given, expected)
-        return matched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -91,7 +84,7 @@ class ForwardingApp:
         if scope["type"] != "http":
             return
         root_path: str = scope.get("root_path", "")
-        route = scope["path"][len(root_path) :] if scope["path"].startswith(root_path) else scope["path"]
+        route = routed_path(scope)
         if route == METRICS_PATH:
             message = "Behind Ray Serve each replica serves its own metrics on its own port (--ray-metrics-port)."
             await send_error(scope, receive, send, APIError(404, message, code="not_found"))
@@ -101,11 +94,7 @@ class ForwardingApp:
             return
         chain: tuple[int, ...] = ()
         keyer = self._keyer
-        if (
-            keyer is not None
-            and wants_prefix_routing(scope["headers"], self._default_routing)
-            and self._authorized(scope["headers"])
-        ):
+        if keyer is not None and wants_prefix_routing(scope["headers"], self._default_routing):
             chain = await keyer.chain(scope["method"], route, body)
         client = scope.get("client")
         forwarded = ForwardedRequest(
@@ -205,7 +194,13 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-def ingress_app(app: ForwardingApp, max_body_bytes: int) -> ASGIApp:
-    """``app`` inside the server's body size limit and request-id middlewares (an answer the replica gave keeps
-    the replica's ``x-request-id``; one the ingress gives gets its own, which its log line names)."""
-    return RequestIdMiddleware(BodySizeLimit(app, max_body_bytes))
+def ingress_app(app: ForwardingApp, config: ServerConfig) -> ASGIApp:
+    """``app`` inside the server's own guards, in the server's order (see the module docstring), and its
+    request-id middleware (an answer the replica gave keeps the replica's ``x-request-id``; one the ingress
+    gives gets its own, which its log line names)."""
+    guarded: ASGIApp = JsonContentType(RequestBodyLimits(app, config.max_body_bytes, config.body_read_timeout_s))
+    if config.api_keys:
+        guarded = ApiKeyAuth(guarded, config.api_keys, open_routes(config))
+    if config.cors_origins:  # preflights are answered here, without the key, as the server answers them
+        guarded = CORSMiddleware(guarded, **cors_options(config))
+    return RequestIdMiddleware(TrustedHosts(guarded, trusted_hosts(config)))

@@ -71,7 +71,9 @@ class ReplicaMetricsServer:
         self._replica = replica
         self._sock = sock
         self.port: int = sock.getsockname()[1]
-        config = uvicorn.Config(self._asgi, log_level="warning", lifespan="off", access_log=False, interface="asgi3")
+        config = uvicorn.Config(
+            self._asgi, log_level="warning", lifespan="off", access_log=False, interface="asgi3", server_header=False
+        )
         self._server = uvicorn.Server(config)
         self._task: asyncio.Future[None] | None = None
 

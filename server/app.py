@@ -1,11 +1,16 @@
-"""The FastAPI application: thin routes over the serving classes, plus auth, body-size, draining and CORS layers.
+"""The FastAPI application: thin routes over the serving classes, inside the layers that guard them.
 
-Everything is built inside :func:`create_app`; there is no module-level app or state.
+Everything is built inside :func:`create_app`; there is no module-level app or state. The layers, outermost
+first: request ids; trusted Host names (:mod:`server.http_guards`); CORS when configured (so preflights never
+need the key); draining and the in-flight count (:mod:`server.lifecycle`); the API key, deny by default
+(:mod:`server.auth`, :mod:`server.access`); a JSON content type on request bodies; the body's size and read
+deadline. ``/docs`` and ``/redoc`` (third-party script) are served only with ``docs`` on.
 """
 
 from __future__ import annotations
 
-import hmac
+import logging
+import weakref
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as distribution_version
@@ -17,12 +22,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from amulet_core.engine.protocol import EngineClient
 from amulet_core.errors import EngineNotReadyError
+from server.access import open_routes
+from server.auth import ApiKeyAuth
 from server.config import ServerConfig
-from server.errors import SERVER_ERROR, APIError, describe_exception, error_response, install_error_handlers, send_error
+from server.errors import SERVER_ERROR, APIError, describe_exception, error_response, install_error_handlers
+from server.http_guards import JsonContentType, RequestBodyLimits, TrustedHosts, trusted_hosts
 from server.lifecycle import LifecycleMiddleware, ServerLifecycle, draining_error
 from server.observer import NullObserver, RequestObserver
 from server.playground import mount_playground
@@ -32,11 +39,14 @@ from server.protocol_completions import CompletionRequest
 from server.protocol_tokenize import DetokenizeRequest, TokenizeRequest, VersionResponse
 from server.request_id import REQUEST_ID_HEADER, RequestIdMiddleware, request_id_of
 from server.requests.policy import UnknownFieldLog
+from server.requests.preparation import PreparationPool
 from server.serving_chat import OpenAIServingChat
 from server.serving_completions import OpenAIServingCompletion
 from server.serving_tokenize import OpenAIServingTokenization
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
+logger = logging.getLogger(__name__)
+MODEL_LOAD_FAILED_MESSAGE = "The model failed to load; the server log has the details."
 
 
 def package_version() -> str:
@@ -46,10 +56,6 @@ def package_version() -> str:
     except PackageNotFoundError:
         return "0+unknown"
 
-
-PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
-"""Only the API needs the key; /health, /ready, /version, /metrics, the docs and the playground page stay open
-(as in vLLM; the page's own API calls send the key the user types)."""
 
 _ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 HAND_PARSED: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest)
@@ -73,7 +79,9 @@ _ERROR_RESPONSES: dict[str, Any] = {
         (400, "Invalid request (OpenAI error object)"),
         (401, "Missing or wrong API key"),
         (404, "Unknown model"),
+        (408, "Request body not received in time"),
         (413, "Request body too large"),
+        (415, "Request body not declared application/json"),
         (429, "Queue full; see Retry-After"),
         (500, "Generation failed"),
         (503, "Model loading or server shutting down; see Retry-After"),
@@ -82,8 +90,8 @@ _ERROR_RESPONSES: dict[str, Any] = {
 
 
 async def parse_body(model: type[RequestT], request: Request) -> RequestT:
-    """The request body as ``model``, parsed strictly from JSON whatever the content type (curl -d sends
-    form encoding by default); pydantic's errors go through the same 400 handler as every invalid request."""
+    """The request body as ``model``, parsed strictly from JSON (:class:`~server.http_guards.JsonContentType` has
+    checked that it is declared so); pydantic's errors go through the same 400 handler as every invalid request."""
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -113,10 +121,18 @@ def create_app(
     model_name = config.served_model_name or engine.model_name
     observer = observer or NullObserver()
     unknown_fields = UnknownFieldLog()
-    chat = OpenAIServingChat(engine, model_name, config, observer, unknown_fields)
-    completions = OpenAIServingCompletion(engine, model_name, config, observer, unknown_fields)
-    tokenization = OpenAIServingTokenization(engine, model_name, config, observer, unknown_fields)
-    app = FastAPI(title="Amulet Serve", summary="OpenAI-compatible API with Amulet preference decoding", lifespan=lifespan)
+    pool = PreparationPool(config.request_limits, config.retry_after_s)  # one for every endpoint
+    chat = OpenAIServingChat(engine, model_name, config, observer, unknown_fields, preparation=pool)
+    completions = OpenAIServingCompletion(engine, model_name, config, observer, unknown_fields, preparation=pool)
+    tokenization = OpenAIServingTokenization(engine, model_name, config, observer, unknown_fields, preparation=pool)
+    app = FastAPI(
+        title="Amulet Serve",
+        summary="OpenAI-compatible API with Amulet preference decoding",
+        lifespan=lifespan,
+        docs_url="/docs" if config.docs else None,
+        redoc_url="/redoc" if config.docs else None,
+    )
+    weakref.finalize(app, pool.close)  # its idle threads end with the app
     install_error_handlers(app, config.retry_after_s)
     lifecycle = ServerLifecycle()
     app.state.lifecycle = lifecycle
@@ -138,6 +154,8 @@ def create_app(
             return error_response(describe_exception(unhealthy), request_id_of(request.scope))
         return JSONResponse({"status": "ok"})
 
+    load_error_logged = False
+
     @app.get("/ready")
     @app.get("/health/ready")
     async def ready(request: Request) -> Response:
@@ -147,7 +165,12 @@ def create_app(
             return error_response(describe_exception(draining_error(config.retry_after_s)), request_id)
         if not engine.ready:
             failed = engine.load_error
-            message = f"The model failed to load: {failed}" if failed is not None else "The model is not loaded yet."
+            if failed is not None:  # its text (paths, library messages) goes to the log, not to callers
+                nonlocal load_error_logged
+                if not load_error_logged:
+                    load_error_logged = True
+                    logger.error("Not ready: the model failed to load: %s: %s", type(failed).__name__, failed)
+            message = MODEL_LOAD_FAILED_MESSAGE if failed is not None else "The model is not loaded yet."
             not_ready = EngineNotReadyError(message)
             return error_response(describe_exception(not_ready, config.retry_after_s), request_id)
         return JSONResponse({"status": "ready", "model": model_name})
@@ -194,104 +217,29 @@ def create_app(
     if config.playground:
         mount_playground(app)
 
-    app.add_middleware(BodySizeLimit, max_body_bytes=config.max_body_bytes)
-    if config.api_keys:
-        app.add_middleware(ApiKeyAuth, api_keys=config.api_keys)
-    app.add_middleware(
-        LifecycleMiddleware, lifecycle=lifecycle, refused_prefixes=PROTECTED_PREFIXES, retry_after_s=config.retry_after_s
-    )
-    app.add_middleware(RequestIdMiddleware)  # outside every layer that may answer on its own
-    if config.cors_origins:  # added last, so outermost: preflights never need the key
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(config.cors_origins),
-            allow_methods=["*"],
-            allow_headers=["*"],
-            expose_headers=[REQUEST_ID_HEADER],
-        )
+    add_guards(app, config, lifecycle)
     return app
 
 
-class ApiKeyAuth:
-    """Requires ``Authorization: Bearer <key>`` under /v1 with any of ``api_keys`` (several during a rotation).
-
-    The header is compared with every key in constant time (no early exit, so the timing tells neither
-    which key matched nor how much of one did); keys are never logged."""
-
-    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]) -> None:
-        if not api_keys:
-            raise ValueError("ApiKeyAuth needs at least one key")
-        self.app = app
-        self._expected = tuple(f"Bearer {key}".encode() for key in api_keys)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIXES):
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(b"authorization")
-        if given is not None and _matches_any(given, self._expected):
-            await self.app(scope, receive, send)
-            return
-        message = "Missing API key: send it as 'Authorization: Bearer <key>'." if given is None else "Incorrect API key provided."
-        error = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        await send_error(scope, receive, send, error)
+def cors_options(config: ServerConfig) -> dict[str, Any]:
+    """Starlette's ``CORSMiddleware`` options for ``--cors-origins`` (the server's, and the Ray ingress's)."""
+    return {
+        "allow_origins": list(config.cors_origins),
+        "allow_methods": ["*"],
+        "allow_headers": ["*"],
+        "expose_headers": [REQUEST_ID_HEADER],
+    }
 
 
-def _matches_any(given: bytes, expected: tuple[bytes, ...]) -> bool:
-    """Whether ``given`` equals one of ``expected``, comparing with each (constant time per key, no early exit)."""
-    matched = False
-    for candidate in expected:
-        matched |= hmac.compare_digest(given, candidate)
-    return matched
-
-
-class BodySizeLimit:
-    """Refuses request bodies over ``max_body_bytes`` with 413, before the app reads them.
-
-    A declared Content-Length is checked up front; a chunked body is read up to the limit and
-    replayed to the app, so nothing bigger than the limit is ever held in memory.
-    """
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
-        self.limit = max_body_bytes
-
-    def _too_large(self) -> APIError:
-        return APIError(413, f"The request body is larger than the limit of {self.limit} bytes.", code="request_too_large")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await send_error(scope, receive, send, self._too_large())
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left while sending
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                await send_error(scope, receive, send, self._too_large())
-                return
-            if not message.get("more_body", False):
-                break
-        await self.app(scope, _replay(b"".join(chunks), receive), send)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive that gives the buffered body once, then the client's own events (disconnect)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
+def add_guards(app: FastAPI, config: ServerConfig, lifecycle: ServerLifecycle) -> None:
+    """The layers around the routes (see the module docstring); each ``add_middleware`` wraps the ones before it."""
+    routes = open_routes(config)
+    app.add_middleware(RequestBodyLimits, max_body_bytes=config.max_body_bytes, read_timeout_s=config.body_read_timeout_s)
+    app.add_middleware(JsonContentType)
+    if config.api_keys:
+        app.add_middleware(ApiKeyAuth, api_keys=config.api_keys, open_routes=routes)
+    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle, open_routes=routes, retry_after_s=config.retry_after_s)
+    if config.cors_origins:  # outside the key check: preflights never need the key
+        app.add_middleware(CORSMiddleware, **cors_options(config))
+    app.add_middleware(TrustedHosts, allowed=trusted_hosts(config))
+    app.add_middleware(RequestIdMiddleware)  # outside every layer that may answer on its own

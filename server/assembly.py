@@ -68,6 +68,7 @@ def build_app(configs: Configs) -> FastAPI:
         step_observer=metrics.step_observed,
         stall_timeout_s=configs.engine_stall_timeout_s,
         fault_hook=fault_hook_for_tests(configs.test_engine_fault),
+        freeze_gc_after_load=True,
     )
     lifespan = engine_lifespan(
         engine,

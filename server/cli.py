@@ -8,6 +8,9 @@ Shutdown drains (:class:`DrainingServer`): on SIGTERM (or Ctrl-C) new API calls 
 still runs then is aborted (its stream ends with an error event) and the process exits 0.
 A second signal stops at once.
 
+Without an API key, an address other than loopback (``--host 0.0.0.0``) is refused at once (status 2) unless
+``--allow-open-api`` is given (:mod:`server.access_options`).
+
 A model that fails to load makes the process exit with status 4 (``--wait-for-model`` keeps it up,
 not ready, instead), a stalled or dead engine worker with status 5 (``--engine-stall-timeout``);
 see :mod:`server.supervision` for every exit status.
@@ -22,10 +25,12 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 
 from server.assembly import build_app
+from server.config import ServerConfig
 from server.draining import DrainingServer, drainer
 from server.lifecycle import ServerLifecycle
 from server.options import configure_logging, parse_args, ray_requested
@@ -33,6 +38,20 @@ from server.supervision import EXIT_STARTUP_FAILED
 
 FLUSH_TIMEOUT_S = 5
 """After draining, how long uvicorn may take to send the last bytes before it cuts connections."""
+
+
+def uvicorn_config(app: Any, server: ServerConfig) -> uvicorn.Config:
+    """uvicorn's settings for ``app``: the address, the connection limit (``--max-connections``: 503 beyond it)
+    and no ``server`` header (it would tell every caller which server and version answer)."""
+    return uvicorn.Config(
+        app,
+        host=server.host,
+        port=server.port,
+        log_level=server.log_level,
+        timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
+        limit_concurrency=server.max_connections,
+        server_header=False,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -45,13 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     configs = parse_args(args)
     configure_logging(configs.server.log_level)
     app = build_app(configs)
-    config = uvicorn.Config(
-        app,
-        host=configs.server.host,
-        port=configs.server.port,
-        log_level=configs.server.log_level,
-        timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
-    )
+    config = uvicorn_config(app, configs.server)
     lifecycle: ServerLifecycle = app.state.lifecycle
     server = DrainingServer(config, drainer(lifecycle, app.state.engine, configs.server.drain_timeout_s), lifecycle)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before the server had started

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from amulet_core.method.preference_prompts import TEMPLATE, Placement
+from server.requests.limits import RequestLimits
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_BODY_READ_TIMEOUT_S = 60.0
+DEFAULT_MAX_CONNECTIONS = 512
+ANY_HOST = "*"
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,21 @@ class ServerConfig:
     served_model_name: str | None = None
     log_level: str = "info"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_read_timeout_s: float = DEFAULT_BODY_READ_TIMEOUT_S
+    """A request body must arrive whole within this many seconds of the first read, else 408."""
+    max_connections: int | None = DEFAULT_MAX_CONNECTIONS
+    """uvicorn's ``limit_concurrency``: beyond this many open connections (or running requests) a new request
+    gets 503 at once; None: no limit."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host header names answered besides localhost, 127.0.0.1, [::1] and ``host`` (``*``: any; ``*.example.com``:
+    its subdomains). Others get 400: a web page cannot reach the server through a DNS name rebound to it."""
+    allow_open_api: bool = False
+    """Let ``amulet-server`` listen on an address other than loopback without an API key (checked by the CLI)."""
+    docs: bool = False
+    """Serve ``/docs`` (Swagger UI) and ``/redoc``, whose pages load their script from cdn.jsdelivr.net, and leave
+    them and ``/openapi.json`` open without a key; off by default (``/openapi.json`` is then behind the key)."""
+    request_limits: RequestLimits = field(default_factory=RequestLimits)
+    """The fan-out budget of one request and the size of the pool that renders and tokenizes requests."""
     drain_timeout_s: float = 30.0
     retry_after_s: int = 1
     """Value of the Retry-After header on 429 (queue full) and 503 (not ready) answers."""
@@ -53,6 +73,12 @@ class ServerConfig:
             raise ValueError(f"port must be from 0 to 65535, got {self.port}")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
+        if not (math.isfinite(self.body_read_timeout_s) and self.body_read_timeout_s > 0):
+            raise ValueError(f"body_read_timeout_s must be above 0, got {self.body_read_timeout_s}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
+        if any(not name.strip() for name in self.allowed_hosts):
+            raise ValueError("allowed_hosts must not hold an empty name")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be at least 0, got {self.drain_timeout_s}")
         if not 1 <= self.max_preferences <= 8:

@@ -1,9 +1,10 @@
 """Graceful shutdown support: count the HTTP requests in flight, and refuse new API calls while draining.
 
 The CLI's signal handling (see ``server.draining.DrainingServer``) marks the server draining on SIGTERM:
-from then on every new ``/v1`` call is answered 503 with ``Retry-After`` (and ``Connection: close``)
-and ``/ready`` answers 503, while the requests already running finish; the CLI waits for
-:meth:`ServerLifecycle.wait_idle` (up to ``--drain-timeout``) before it lets uvicorn stop.
+from then on every new request but those to the open routes (:mod:`server.access`: probes, metrics, the
+playground's files) is answered 503 with ``Retry-After`` (and ``Connection: close``) and ``/ready`` answers
+503, while the requests already running finish; the CLI waits for :meth:`ServerLifecycle.wait_idle` (up to
+``--drain-timeout``) before it lets uvicorn stop.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from amulet_core.errors import EngineStalledError
+from server.access import routed_path
 from server.errors import SERVER_ERROR, APIError, send_error
 
 DRAINING_CODE = "server_shutting_down"
@@ -66,19 +68,20 @@ def draining_error(retry_after_s: int) -> APIError:
 
 class LifecycleMiddleware:
     """Counts every HTTP request while the app serves it (a stream counts until its last byte is sent),
-    and answers 503 to new requests under ``refused_prefixes`` once the server is draining."""
+    and answers 503 to new requests outside ``open_routes`` (matched on the routed path, whatever the route
+    prefix) once the server is draining."""
 
-    def __init__(self, app: ASGIApp, lifecycle: ServerLifecycle, refused_prefixes: tuple[str, ...], retry_after_s: int) -> None:
+    def __init__(self, app: ASGIApp, lifecycle: ServerLifecycle, open_routes: frozenset[str], retry_after_s: int) -> None:
         self.app = app
         self.lifecycle = lifecycle
-        self.refused_prefixes = refused_prefixes
+        self.open_routes = open_routes
         self.retry_after_s = retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.lifecycle.draining and scope["path"].startswith(self.refused_prefixes):
+        if self.lifecycle.draining and routed_path(scope) not in self.open_routes:
             failure = self.lifecycle.engine_failure
             error = EngineStalledError(failure) if failure is not None else draining_error(self.retry_after_s)
             await send_error(scope, receive, send, error)

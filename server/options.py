@@ -17,8 +17,9 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.method.preference_prompts import TEMPLATE, Placement
 from amulet_core.model.gguf_cache import MODEL_CACHE_ENV, default_model_cache
 from amulet_core.model.loading import ModelConfig
+from server.access_options import access_settings, add_access_arguments, open_api_refusal
 from server.api_keys import API_KEY_ENV, API_KEY_FILE_ENV, resolve_api_keys
-from server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
+from server.config import ServerConfig
 from server.supervision import TEST_FAULTS
 from server.tool_parsers import TOOL_PARSERS
 
@@ -158,8 +159,8 @@ def build_parser(prog: str = "amulet-server", *, ray_flag: bool = True, add_help
     p.add_argument(
         "--api-key",
         default=None,
-        help=f"require 'Authorization: Bearer <key>' on /v1; visible in 'ps', prefer --api-key-file or ${API_KEY_ENV} "
-        f"(default: ${API_KEY_ENV}; unset = open)",
+        help=f"require 'Authorization: Bearer <key>' on every route but /health, /ready, /metrics and the playground's "
+        f"page; visible in 'ps', prefer --api-key-file or ${API_KEY_ENV} (default: ${API_KEY_ENV}; unset = open)",
     )
     p.add_argument(
         "--api-key-file",
@@ -178,12 +179,7 @@ def build_parser(prog: str = "amulet-server", *, ray_flag: bool = True, add_help
         help="do not serve the browser playground at / (the API is unchanged)",
     )
     p.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS, or '*' (default: CORS off)")
-    p.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=DEFAULT_MAX_BODY_BYTES,
-        help="largest request body accepted; bigger ones get 413 (default: %(default)s)",
-    )
+    add_access_arguments(p)
     p.add_argument(
         "--drain-timeout",
         type=float,
@@ -195,8 +191,9 @@ def build_parser(prog: str = "amulet-server", *, ray_flag: bool = True, add_help
         type=float,
         default=None,
         metavar="SECONDS",
-        help="a step running longer is a stall: /health turns 503, running requests fail, the process exits with "
-        "status 5 after the drain timeout (default: max(60, 20 x the measured step time))",
+        help="a step running longer, or requests pending this long with no token generated or prefilled, is a "
+        "stall: /health turns 503, running requests fail, the process exits with status 5 after the drain timeout "
+        "(default: max(60, 20 x the measured step time))",
     )
     p.add_argument("--test-engine-fault", choices=TEST_FAULTS, default=None, help=argparse.SUPPRESS)  # test-only
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
@@ -244,6 +241,9 @@ def configs_from_args(
         if args.engine_stall_timeout is not None and not args.engine_stall_timeout > 0:
             raise ValueError(f"--engine-stall-timeout must be above 0, got {args.engine_stall_timeout}")
         api_keys = resolve_api_keys(args.api_key, args.api_key_file, env)
+        refusal = open_api_refusal(args.host, api_keys, args.allow_open_api)
+        if refusal is not None:
+            raise ValueError(refusal)
         return Configs(
             model=ModelConfig(
                 model=args.model,
@@ -269,7 +269,7 @@ def configs_from_args(
                 cors_origins=origins,
                 served_model_name=args.served_model_name,
                 log_level=args.log_level,
-                max_body_bytes=args.max_body_bytes,
+                **access_settings(args),
                 drain_timeout_s=args.drain_timeout,
                 default_system_prompt=args.default_system_prompt,
                 preference_placement=Placement(args.preference_placement),

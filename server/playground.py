@@ -28,6 +28,9 @@ _ASSETS: dict[str, tuple[str, str]] = {
 }
 """Path under ``/playground`` -> (file in server/static, media type). Nothing else is served."""
 
+PLAYGROUND_ROUTES: tuple[str, ...] = ("/", *(PLAYGROUND_PATH + suffix for suffix in _ASSETS))
+"""Every route :func:`mount_playground` adds (open without a key: :mod:`server.access`)."""
+
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Content-Type-Options": "nosniff",

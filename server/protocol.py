@@ -3,24 +3,52 @@
 Requests are validated strictly from JSON (``model_validate_json``): numbers are not parsed out of
 strings, and a wrong type is a 400. Fields the models do not declare are kept (``model_extra``) for
 :mod:`server.requests.policy`, which refuses the known ones that would change the answer and logs the
-unknown ones. ``preference`` is this server's extension.
+unknown ones. ``preference`` is this server's extension. Every list and object field is capped, and its
+count is checked before its items (:mod:`server.protocol_limits`).
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from amulet_core.errors import InvalidParameterError
-from amulet_core.sampling.params import SEED_MAX, SEED_MIN
+from amulet_core.method.settings import MAX_PREFERENCES
+from amulet_core.sampling.params import MAX_LOGIT_BIAS, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS, SEED_MAX, SEED_MIN
+from server.protocol_limits import (
+    MAX_CHOICES,
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    MAX_METADATA_ENTRIES,
+    MAX_TEMPLATE_KWARGS,
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
+    check_json_structure,
+    entries_at_most,
+    items_at_most,
+)
+from server.requests.json_values import NotJson, read_json
+
+MAX_CACHE_SALT_CHARS = 256
+"""Characters of a ``cache_salt``."""
 
 
 class _Request(BaseModel):
     """Request objects: strictly typed, and tolerant of fields they do not declare (see request_policy)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
+
+
+class RequestBody(_Request):
+    """A whole request body: its JSON structure is bounded before it is parsed (``model_validate_json`` runs
+    :func:`~server.protocol_limits.check_json_structure` first, an APIError 400 for a body of more objects,
+    arrays or values than any valid request has)."""
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, **kwargs: Any) -> Self:
+        check_json_structure(json_data)
+        return super().model_validate_json(json_data, **kwargs)
 
 
 class TextPart(_Request):
@@ -48,7 +76,7 @@ class PreferenceItem(BaseModel):
     weight: float | None = None
 
 
-PreferenceList = list[str | PreferenceItem]
+PreferenceList = Annotated[list[str | PreferenceItem], Field(max_length=MAX_PREFERENCES)]
 """Several preferences at once: presets, sentences or ``{"text", "weight"}`` objects."""
 
 
@@ -60,8 +88,8 @@ class PreferenceSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False)
 
-    text: str | PreferenceList
-    weights: list[float] | None = None
+    text: Annotated[str | PreferenceList, items_at_most(MAX_PREFERENCES)]
+    weights: list[float] | None = Field(default=None, max_length=MAX_PREFERENCES)
     """One weight per preference in ``text`` (default: 1 each); instead of per-item weights."""
     negative: str | None = None
     """A preset or sentence the contrast context carries (amulet and la), instead of nothing."""
@@ -114,13 +142,13 @@ class StructuredOutputs(_Request):
 
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
     regex: str | None = None
-    choice: list[str] | None = None
+    choice: list[str] | None = Field(default=None, max_length=MAX_CHOICES)
     grammar: str | None = None
     """An llguidance Lark grammar."""
     json_object: bool | None = None
 
 
-class GenerationFields(_Request):
+class GenerationFields(RequestBody):
     """The fields the chat and text completion requests share: sampling (OpenAI's and vLLM's), streaming,
     the ``preference`` extension, and OpenAI's fields that change nothing here (accepted, typed, unused)."""
 
@@ -131,8 +159,10 @@ class GenerationFields(_Request):
     min_p: float | None = None
     max_tokens: int | None = None
     min_tokens: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: Annotated[
+        str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None, items_at_most(MAX_STOP_SEQUENCES)
+    ] = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
@@ -140,20 +170,32 @@ class GenerationFields(_Request):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[
+        Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None, entries_at_most(MAX_LOGIT_BIAS)
+    ] = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    preference: str | PreferenceList | PreferenceSpec | None = None
+    preference: Annotated[str | PreferenceList | PreferenceSpec | None, items_at_most(MAX_PREFERENCES)] = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
-    guided_choice: list[str] | None = None
+    guided_choice: list[str] | None = Field(default=None, max_length=MAX_CHOICES)
     guided_grammar: str | None = None
+    cache_salt: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_CACHE_SALT_CHARS,
+        description="Keeps this request's prompt out of the prefix cache of requests with another salt (or none): it "
+        "reuses, and reports as cached_tokens, only blocks cached by requests of the same salt (and the same API key "
+        "when the server has several).",
+    )
     # Accepted, no effect here (request_policy.NO_EFFECT_FIELDS says why).
     user: str | None = None
     store: bool | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Annotated[
+        Annotated[dict[str, str], Field(max_length=MAX_METADATA_ENTRIES)] | None, entries_at_most(MAX_METADATA_ENTRIES)
+    ] = None
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
@@ -220,10 +262,12 @@ class ChatMessage(_Request):
     """A chat message. Keys clients echo back from answers (``refusal``, ``annotations`` ...) are accepted."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Annotated[
+        str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None, items_at_most(MAX_CONTENT_PARTS)
+    ] = None
     name: str | None = None
     """Given to the chat template with the message (templates that know ``name`` render it)."""
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOL_CALLS)
     tool_call_id: str | None = None
 
     @model_validator(mode="after")
@@ -244,9 +288,10 @@ class ChatMessage(_Request):
             return self.content
         return "\n".join(part.text for part in self.content)
 
-    def for_template(self) -> dict[str, Any]:
+    def for_template(self, param: str = "messages[0]") -> dict[str, Any]:
         """The message as the chat template sees it (``developer`` is a system message; tool calls carry their
-        arguments as an object, as chat templates expect)."""
+        arguments as an object, as chat templates expect). ``param`` names the message in errors: arguments
+        nested too deep are an InvalidParameterError naming ``<param>.tool_calls[j].function.arguments``."""
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
         if self.name is not None:
             message["name"] = self.name
@@ -254,35 +299,49 @@ class ChatMessage(_Request):
             message["tool_call_id"] = self.tool_call_id
         if self.tool_calls:
             message["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _arguments(c)}}
-                for c in self.tool_calls
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {
+                        "name": c.function.name,
+                        "arguments": _arguments(c, f"{param}.tool_calls[{j}].function.arguments"),
+                    },
+                }
+                for j, c in enumerate(self.tool_calls)
             ]
         return message
 
 
-def _arguments(call: ToolCall) -> Any:
-    """A tool call's arguments as a JSON value (the text itself when it is not JSON)."""
+def template_messages(messages: list[ChatMessage]) -> tuple[dict[str, Any], ...]:
+    """Every message as the chat template sees it (:meth:`ChatMessage.for_template`), errors naming ``messages[i]``."""
+    return tuple(m.for_template(f"messages[{i}]") for i, m in enumerate(messages))
+
+
+def _arguments(call: ToolCall, param: str) -> Any:
+    """A tool call's arguments as a JSON value (the text itself when it is not JSON); arguments nested deeper
+    than the chat template and ``json`` can take, or of more values than a request body may hold, are an
+    InvalidParameterError naming ``param`` (:func:`~server.requests.json_values.read_json`)."""
     try:
-        return json.loads(call.function.arguments)
-    except ValueError:
+        return read_json(call.function.arguments, param)
+    except NotJson:
         return call.function.arguments
 
 
 class ChatCompletionRequest(GenerationFields):
     """``POST /v1/chat/completions``. ``top_k``, ``min_p``, ... and ``preference`` are extensions."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, max_length=MAX_TEMPLATE_KWARGS)
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     guidance_scale: float | None = None
     """Classifier-free guidance (transformers' name): A of ``A * l_pos + (1 - A) * l_neg``; needs ``negative_prompt``."""
     negative_prompt: str | None = None
     """The sentence the contrast context carries for classifier-free guidance."""
-    tools: list[ChatTool] | None = None
+    tools: list[ChatTool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # Accepted, no effect here.

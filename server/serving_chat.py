@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 
 from amulet_core.engine.parallel_sampling import ChoiceOutput, generate_choices
 from amulet_core.engine.protocol import EngineClient, Usage
+from server.auth import tenant_of
 from server.config import ServerConfig
 from server.observer import RequestObserver
 from server.protocol import ChatCompletionRequest
@@ -33,6 +34,7 @@ from server.protocol_answers import (
 from server.requests.chat import PreparedChat
 from server.requests.chat import prepare as prepare_chat
 from server.requests.policy import UnknownFieldLog
+from server.requests.preparation import PreparationPool
 from server.serving_choices import CLIENT_CLOSED_REQUEST, run_to_end, sse, stream_response
 from server.serving_engine import OpenAIServing, RequestTracker
 from server.tool_calls import ToolCallStream, tool_calls_out
@@ -51,12 +53,14 @@ class OpenAIServingChat(OpenAIServing):
         config: ServerConfig,
         observer: RequestObserver,
         unknown_fields: UnknownFieldLog,
+        *,
+        preparation: PreparationPool | None = None,
     ) -> None:
-        super().__init__(engine, model_name, config, observer, unknown_fields)
+        super().__init__(engine, model_name, config, observer, unknown_fields, preparation=preparation)
         self._told_tools_described = False
 
-    async def prepare(self, body: ChatCompletionRequest) -> PreparedChat:
-        prepared = await prepare_chat(body, self.renderer, self.admission)
+    async def prepare(self, body: ChatCompletionRequest, tenant: str | None = None) -> PreparedChat:
+        prepared = await prepare_chat(body, self.renderer, self.admission, tenant)
         if prepared.rendered.tools_described and not self._told_tools_described:
             self._told_tools_described = True
             logger.warning("The chat template does not render tools: they are described in the system message (Hermes format).")
@@ -64,7 +68,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create(self, body: ChatCompletionRequest, raw_request: Request) -> Response:
         arrival = time.monotonic()
-        prepared = await self.prepare(body)
+        prepared = await self.prepare(body, tenant_of(raw_request.scope))
         n = body.num_choices
         tracker = RequestTracker(self.observer, [prepared.request], n, arrival)
         outputs = generate_choices(self.engine, [prepared.request], n)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from amulet_core.engine.parallel_sampling import ChoiceOutput, generate_choices
 from amulet_core.engine.protocol import GenerationRequest, TokenLogprob, Usage
+from server.auth import tenant_of
 from server.protocol_answers import MIN_LOGPROB, UsageInfo
 from server.protocol_completions import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from server.requests.completion import prepare as prepare_completion
@@ -36,7 +37,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def create(self, body: CompletionRequest, raw_request: Request) -> Response:
         arrival = time.monotonic()
-        requests, prompt_texts = await self.prepare(body)
+        requests, prompt_texts = await self.prepare(body, tenant_of(raw_request.scope))
         n = body.num_choices
         total = n * len(requests)
         tracker = RequestTracker(self.observer, requests, n, arrival)
@@ -67,9 +68,10 @@ class OpenAIServingCompletion(OpenAIServing):
         )
         return JSONResponse(response.model_dump(exclude={"preference"}))
 
-    async def prepare(self, body: CompletionRequest) -> tuple[list[GenerationRequest], list[str]]:
-        """One GenerationRequest per prompt (:mod:`server.requests.completion`) and each prompt's text."""
-        prepared = await prepare_completion(body, self.renderer, self.admission)
+    async def prepare(self, body: CompletionRequest, tenant: str | None = None) -> tuple[list[GenerationRequest], list[str]]:
+        """One GenerationRequest per prompt (:mod:`server.requests.completion`) and each prompt's text; ``tenant``
+        is the caller's (:func:`server.auth.tenant_of`)."""
+        prepared = await prepare_completion(body, self.renderer, self.admission, tenant)
         return prepared.requests, prepared.prompt_texts
 
 

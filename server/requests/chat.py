@@ -6,7 +6,6 @@ engine beyond :class:`~amulet_core.model.chat_template.ChatRenderer` and ``Gener
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import uuid
 from collections.abc import Callable
@@ -24,12 +23,13 @@ from amulet_core.method.preference_prompts import (
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.model.chat_template import ChatRenderer, ChatTemplateOptions
 from amulet_core.sampling.params import SamplingParams
-from server.protocol import ChatCompletionRequest
+from server.protocol import ChatCompletionRequest, template_messages
 from server.requests.admission import Admission
 from server.requests.encoding import encode_chat_texts
 from server.requests.fields import sampling_params, template_options
 from server.requests.grammar import requested_grammar
 from server.requests.preference import PreferencePlan, preference_plan
+from server.requests.tenancy import effective_cache_salt
 from server.requests.tool_prompts import for_template_without_tools
 from server.requests.tools import ToolRequest, tool_request
 
@@ -86,7 +86,7 @@ def admit(body: ChatCompletionRequest, admission: Admission) -> ChatIntent:
     admission.check_generation(body)
     tools = tool_request(body, admission.tool_parser)
     grammar = requested_grammar(body, tools.forced_grammar if tools is not None else None)
-    messages = tuple(m.for_template() for m in body.messages)
+    messages = template_messages(body.messages)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     sampling = sampling_params(
         body,
@@ -99,6 +99,8 @@ def admit(body: ChatCompletionRequest, admission: Admission) -> ChatIntent:
     options = template_options(body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs, messages)
     plan = preference_plan(body, admission.config.max_preferences, admission.config.preference_placement)
     settings = plan.settings if plan is not None else MethodSettings(method=Method.BASE)
+    source = "guidance_scale" if plan is not None and body.preference is None else "preference"
+    admission.check_fanout(body.num_choices, method=settings, source=source)
     return ChatIntent(body, messages, options, tools, plan, settings, sampling, param)
 
 
@@ -131,9 +133,13 @@ def encode(rendered: RenderedChat, renderer: ChatRenderer, max_model_len: int) -
     return encode_chat_texts(rendered.texts, renderer, max_model_len)
 
 
-def assemble(intent: ChatIntent, ids: list[tuple[int, ...]], max_model_len: int) -> GenerationRequest:
-    """Phase 4: the engine's request, refused when a context leaves no room for the answer asked for."""
-    request = GenerationRequest.from_contexts(f"chatcmpl-{uuid.uuid4().hex}", ids, intent.sampling, intent.settings)
+def assemble(
+    intent: ChatIntent, ids: list[tuple[int, ...]], max_model_len: int, cache_salt: str | None = None
+) -> GenerationRequest:
+    """Phase 4: the engine's request, of prefix-cache salt ``cache_salt`` (:mod:`server.requests.tenancy`),
+    refused when a context leaves no room for the answer asked for."""
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    request = GenerationRequest.from_contexts(request_id, ids, intent.sampling, intent.settings, cache_salt)
     try:
         request.max_new_tokens(max_model_len)
     except InvalidParameterError as exc:
@@ -142,10 +148,13 @@ def assemble(intent: ChatIntent, ids: list[tuple[int, ...]], max_model_len: int)
     return request
 
 
-async def prepare(body: ChatCompletionRequest, renderer: Callable[[], ChatRenderer], admission: Admission) -> PreparedChat:
-    """The four phases in order; rendering and encoding run on a worker thread (templates and tokenizers take
-    a while on long prompts). ``renderer`` is asked for only once the body is admitted (the engine's raises
-    EngineNotReadyError while the model loads)."""
+async def prepare(
+    body: ChatCompletionRequest, renderer: Callable[[], ChatRenderer], admission: Admission, tenant: str | None = None
+) -> PreparedChat:
+    """The four phases in order; rendering and encoding run off the event loop, on the admission's preparation
+    pool (templates and tokenizers take a while on long prompts; a full pool is a 429). ``renderer`` is asked
+    for only once the body is admitted (the engine's raises EngineNotReadyError while the model loads). ``tenant``:
+    the caller's, which salts the prefix cache with the body's ``cache_salt``."""
     intent = admit(body, admission)
     chat_renderer = renderer()
 
@@ -153,5 +162,6 @@ async def prepare(body: ChatCompletionRequest, renderer: Callable[[], ChatRender
         rendered = render(intent, chat_renderer, admission.config.default_system_prompt)
         return rendered, encode(rendered, chat_renderer, admission.max_model_len())
 
-    rendered, ids = await asyncio.to_thread(render_and_encode)
-    return PreparedChat(intent, rendered, assemble(intent, ids, admission.max_model_len()))
+    rendered, ids = await admission.off_loop(render_and_encode)
+    salt = effective_cache_salt(tenant, body.cache_salt)
+    return PreparedChat(intent, rendered, assemble(intent, ids, admission.max_model_len(), salt))

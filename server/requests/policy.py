@@ -6,7 +6,8 @@
 * A field that changes nothing here (:data:`NO_EFFECT`: ``store``, ``metadata``, ``user`` ...) is
   accepted; the declared ones are still type-checked by the request models.
 * Any other field is unknown: accepted, unused, and its name is logged once at warning level
-  (:class:`UnknownFieldLog`), as vLLM does.
+  (:class:`UnknownFieldLog`), as vLLM does: escaped and cut short, and only the first
+  :data:`MAX_LOGGED_UNKNOWN_FIELDS` names the server meets, then one line saying that more are not logged.
 
 Fields the models declare are typed strictly; a wrong type is a 400, never a silent coercion.
 """
@@ -14,6 +15,7 @@ Fields the models declare are typed strictly; a wrong type is a 400, never a sil
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -70,7 +72,6 @@ NO_EFFECT: dict[str, str] = {
     "prediction": "predicted outputs only change the latency",
     "stream_options.include_obfuscation": "no obfuscation padding is added",
     "request_id": "the server names its requests",
-    "cache_salt": "the prefix cache is not shared across tenants",
     "spaces_between_special_tokens": "special tokens are decoded as the tokenizer does",
     "messages[].refusal": "echoed back from answers",
     "messages[].annotations": "echoed back from answers",
@@ -82,24 +83,56 @@ NO_EFFECT: dict[str, str] = {
 """Known fields that change nothing here (accepted without a log line), and why."""
 
 
-class UnknownFieldLog:
-    """Logs each unknown field name once, at warning level (one instance per app)."""
+MAX_LOGGED_UNKNOWN_FIELDS = 64
+"""Distinct unknown field names a server logs in its lifetime; after them, one line says more are not logged."""
+MAX_LOGGED_NAME_CHARS = 80
+"""Characters of an unknown field's name that are logged (the rest is cut, the cut marked with ``...``)."""
 
-    def __init__(self) -> None:
+
+def shown_name(path: str, max_chars: int = MAX_LOGGED_NAME_CHARS) -> str:
+    """A client's field name as it may go into a log line: cut to ``max_chars`` characters, then quoted and
+    escaped as Python's ``repr`` does (no raw newline, escape sequence or bidi control reaches the log)."""
+    return repr(path if len(path) <= max_chars else path[:max_chars] + "...")
+
+
+class UnknownFieldLog:
+    """Logs each unknown field name once, at warning level (one instance per app), in bounded memory: at most
+    ``capacity`` names (each :func:`shown_name`, so at most ``max_name_chars`` long) are ever kept and logged;
+    the first name past them is answered by one line saying that more are not logged, and nothing after."""
+
+    def __init__(self, capacity: int = MAX_LOGGED_UNKNOWN_FIELDS, max_name_chars: int = MAX_LOGGED_NAME_CHARS) -> None:
+        self.capacity = capacity
+        self.max_name_chars = max_name_chars
         self._seen: set[str] = set()
+        self._full = False
         self._lock = threading.Lock()
 
     @property
     def seen(self) -> frozenset[str]:
+        """The names logged so far, as they were logged (quoted and escaped)."""
         with self._lock:
             return frozenset(self._seen)
 
+    @property
+    def full(self) -> bool:
+        """Whether no further name will be logged."""
+        return self._full
+
     def note(self, path: str) -> None:
+        if self._full:
+            return
+        name = shown_name(path, self.max_name_chars)
         with self._lock:
-            if path in self._seen:
+            if self._full or name in self._seen:
                 return
-            self._seen.add(path)
-        logger.warning("Ignoring the unknown request field '%s' (accepted, unused; logged once).", path)
+            if len(self._seen) >= self.capacity:
+                self._full = True
+            else:
+                self._seen.add(name)
+        if self._full:
+            logger.warning("More unknown request fields were sent; they are not logged (the first %d were).", self.capacity)
+        else:
+            logger.warning("Ignoring the unknown request field %s (accepted, unused; logged once).", name)
 
 
 def _extras(model: BaseModel, path: str) -> list[tuple[str, str, Any]]:
@@ -117,17 +150,12 @@ def _extras(model: BaseModel, path: str) -> list[tuple[str, str, Any]]:
     return found
 
 
+_LIST_INDEX = re.compile(r"\[\d+\]")
+
+
 def _generic(dotted: str) -> str:
-    out, skip = [], False
-    for ch in dotted:
-        if ch == "[":
-            out.append("[]")
-            skip = True
-        elif ch == "]":
-            skip = False
-        elif not skip:
-            out.append(ch)
-    return "".join(out)
+    """``messages[3].content[0].x`` as ``messages[].content[].x`` (the indices this module writes)."""
+    return _LIST_INDEX.sub("[]", dotted)
 
 
 def apply_request_policy(body: BaseModel, unknown: UnknownFieldLog | None) -> None:
@@ -140,5 +168,5 @@ def apply_request_policy(body: BaseModel, unknown: UnknownFieldLog | None) -> No
             harmless, why = UNSUPPORTED[generic]
             if not harmless(value):
                 raise InvalidParameterError(dotted, f"'{dotted}' is not supported by this server: {why}")
-        elif generic not in NO_EFFECT and unknown is not None:
+        elif generic not in NO_EFFECT and unknown is not None and not unknown.full:
             unknown.note(generic)

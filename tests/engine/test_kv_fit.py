@@ -158,7 +158,9 @@ def test_the_models_endpoint_reports_no_max_model_len_while_the_model_loads(tiny
     from server.config import ServerConfig
 
     engine = AsyncEngine(loader=lambda _: tiny_model("llama"))  # never started: loading for ever
-    with TestClient(create_app(engine, ServerConfig())) as client:
+    from tests.support.http import IN_PROCESS_HOST
+
+    with TestClient(create_app(engine, ServerConfig(allowed_hosts=(IN_PROCESS_HOST,)))) as client:
         assert client.get("/v1/models").json()["data"][0]["max_model_len"] is None
         assert client.get("/v1/models/SmolLM2-135M-Instruct").json()["max_model_len"] is None
 

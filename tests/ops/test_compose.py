@@ -8,6 +8,7 @@ Docker engine is needed: ``config`` only parses and validates.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
 import subprocess
@@ -24,6 +25,8 @@ COMPOSE = ROOT / "docker-compose.yml"
 CPU_OVERRIDE = ROOT / "docker-compose.cpu.yml"
 PROMETHEUS_CONFIG = ROOT / "docker" / "prometheus.yml"
 GRAFANA = ROOT / "docker" / "grafana"
+REQUIRED_VARIABLES = {"AMULET_API_KEY": "sk-compose-test", "GRAFANA_ADMIN_PASSWORD": "compose-test-password"}
+"""What ``docker compose up`` refuses to start without (tests/ops/test_deploy_files.py checks that they are required)."""
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,13 @@ class ComposeTool:
     supports_reset: bool
     """Compose v2 understands the ``!reset`` tag; Compose v1 (Debian's docker-compose) does not."""
 
-    def config(self, *files: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    def config(self, *files: Path, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """``compose config`` of ``files``, with the variables compose requires set (``env`` instead, when given)."""
         args = [*self.argv, "--project-directory", str(ROOT)]
         for f in files:
             args += ["-f", str(f)]
-        return subprocess.run([*args, "config"], cwd=cwd, capture_output=True, text=True, timeout=120)
+        environment = {**os.environ, **REQUIRED_VARIABLES} if env is None else env
+        return subprocess.run([*args, "config"], cwd=cwd, capture_output=True, text=True, timeout=120, env=environment)
 
 
 def _version_major(argv: list[str]) -> int | None:
@@ -124,6 +129,18 @@ def test_compose_file_validates(compose: ComposeTool) -> None:
 
 
 @pytest.mark.system
+@pytest.mark.parametrize("missing", sorted(REQUIRED_VARIABLES))
+def test_compose_refuses_to_start_without_the_key_or_the_grafana_password(compose: ComposeTool, missing: str) -> None:
+    env = {key: value for key, value in os.environ.items() if key not in REQUIRED_VARIABLES}
+    env |= {key: value for key, value in REQUIRED_VARIABLES.items() if key != missing}
+    result = compose.config(COMPOSE, env=env)
+    assert result.returncode != 0
+    assert f"set {missing}" in result.stderr + result.stdout
+    env[missing] = ""  # empty is refused too
+    assert compose.config(COMPOSE, env=env).returncode != 0
+
+
+@pytest.mark.system
 def test_compose_validator_rejects_a_broken_file(compose: ComposeTool, tmp_path: Path) -> None:
     broken = _load(COMPOSE)
     broken["services"]["server"]["gpu_count_typo"] = 1
@@ -154,7 +171,7 @@ def test_cpu_override_drops_the_gpu_and_builds_the_cpu_image(compose: ComposeToo
 def test_server_service_reserves_one_nvidia_gpu_and_publishes_8000() -> None:
     server = _load(COMPOSE)["services"]["server"]
     assert server["build"]["context"] == "."
-    assert "8000:8000" in [str(p) for p in server["ports"]]
+    assert [str(p) for p in server["ports"]] == ["127.0.0.1:8000:8000"]
     devices = server["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert any(str(v).endswith(":/data/hf") for v in server["volumes"]), "HF cache volume must be mounted at HF_HOME"
@@ -172,7 +189,9 @@ def test_prometheus_config_scrapes_the_server_metrics() -> None:
     services = _load(COMPOSE)["services"]
     mounts = [str(v) for v in services["prometheus"]["volumes"]]
     assert "./docker/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
-    assert "9090:9090" in [str(p) for p in services["prometheus"]["ports"]]
+    assert [str(p) for p in services["prometheus"]["ports"]] == ["127.0.0.1:9090:9090"]
+    command = services["server"]["command"]
+    assert command[command.index("--allowed-hosts") + 1] == "server"  # the Host of Prometheus's scrapes
 
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     jobs = [
@@ -195,9 +214,9 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboard() -> None:
     grafana = _load(COMPOSE)["services"]["grafana"]
     mounts = dict(str(v).split(":")[:2] for v in grafana["volumes"])
     assert mounts["./docker/grafana/provisioning"] == "/etc/grafana/provisioning"
-    assert "3000:3000" in [str(p) for p in grafana["ports"]]
-    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
-    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert [str(p) for p in grafana["ports"]] == ["127.0.0.1:3000:3000"]
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
 
     datasources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
     (source,) = datasources["datasources"]

@@ -133,7 +133,7 @@ def test_from_the_failure_on_every_api_call_is_refused_as_stalled() -> None:
 
     async def call() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             return await client.post("/v1/chat/completions", json=CHAT)
 
     refused = asyncio.run(call())

@@ -94,8 +94,14 @@ def pid_listening_on(port: int) -> int:
 
 
 @contextlib.contextmanager
-def serve_application(argv: Sequence[str], autoscaling: Mapping[str, Any] | None = None) -> Iterator[ServeApp]:
-    """Ray on 2 CPUs with ``amulet-ray <argv>`` deployed (``autoscaling``: extra autoscaling options)."""
+def serve_application(
+    argv: Sequence[str],
+    autoscaling: Mapping[str, Any] | None = None,
+    route_prefix: str = "/",
+    environ: Mapping[str, str] | None = None,
+) -> Iterator[ServeApp]:
+    """Ray on 2 CPUs with ``amulet-ray <argv>`` deployed (``autoscaling``: extra autoscaling options) under
+    ``route_prefix`` (``ServeApp.url`` includes it); ``environ``: what the options read instead of the process's."""
     import ray
     from ray import serve
 
@@ -105,13 +111,13 @@ def serve_application(argv: Sequence[str], autoscaling: Mapping[str, Any] | None
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        configs = parse_args(["--host", "127.0.0.1", "--ray-metrics-port", str(metrics_base), *argv])
+        configs = parse_args(["--host", "127.0.0.1", "--ray-metrics-port", str(metrics_base), *argv], environ)
         overrides: dict[str, dict[str, Any]] = {}
         if autoscaling:
             derived = replica_options(configs, 0)["autoscaling_config"]
             overrides[REPLICA_DEPLOYMENT] = {"autoscaling_config": {**derived, **autoscaling}}
-        serve.run(build_application(configs, overrides, cluster_gpus=0), name=APP, route_prefix="/")
-        yield ServeApp(f"http://127.0.0.1:{port}", metrics_base)
+        serve.run(build_application(configs, overrides, cluster_gpus=0), name=APP, route_prefix=route_prefix)
+        yield ServeApp(f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}", metrics_base)
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()

@@ -5,8 +5,12 @@ by a direct call (or one that fails where a dead replica would).
 * Answers pass through unchanged (JSON and SSE), with the replica's header and request id.
 * A replica that dies before answering gives a 503 ``replica_failed`` with ``Retry-After``; one that dies
   mid-stream ends the stream with an error event and ``[DONE]``, as the server ends a failed stream.
-* The routing key is computed unless the request (or the default) asks for ``pow2``, or lacks a valid API key;
-  ``/metrics`` is refused; the body limit applies at the ingress; a caller that leaves makes the app abort.
+* The routing key is computed unless the request (or the default) asks for ``pow2``; ``/metrics`` is refused;
+  a caller that leaves makes the app abort.
+* The server's guards apply at the ingress, before anything is keyed or forwarded: the API key (deny by
+  default, on the routed path: a route prefix skips nothing), one Authorization header, trusted Host names,
+  a JSON content type, the body limit. Behind a route prefix the replica still checks the key and drains.
+* A forwarded request's repr shows neither its headers (the key) nor its body.
 * The replica's health check (what Ray acts on) fails on an engine failure or an app that is not ready.
 """
 
@@ -68,10 +72,18 @@ class Replica:
 
 
 def ingress(
-    replica: Replica, keyer: Any = None, routing: str = "prefix", max_body: int = 4096, api_keys: tuple[str, ...] = ()
+    replica: Replica,
+    keyer: Any = None,
+    routing: str = "prefix",
+    max_body: int = 4096,
+    api_key: str | None = None,
+    root_path: str = "",
 ) -> httpx.AsyncClient:
-    app = ingress_app(ForwardingApp(replica, keyer, routing, retry_after_s=2, api_keys=api_keys), max_body)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingress")
+    """The ingress in front of ``replica``, as a client; ``root_path``: served under that Ray route prefix."""
+    config = ServerConfig(max_body_bytes=max_body, api_key=api_key)
+    app = ingress_app(ForwardingApp(replica, keyer, routing, retry_after_s=2), config)
+    transport = httpx.ASGITransport(app=app, root_path=root_path)
+    return httpx.AsyncClient(transport=transport, base_url="http://localhost")
 
 
 def run(coro: Any) -> Any:
@@ -112,23 +124,101 @@ def test_pow2_routing_computes_no_key_unless_a_request_asks_for_prefix() -> None
     assert [r.prefix_chain for r in replica.sent] == [(), (11, 22, 33)]
 
 
-def test_without_a_valid_api_key_the_ingress_computes_no_key_and_the_replica_answers_401() -> None:
+def test_the_ingress_refuses_a_request_without_a_valid_key_before_keying_or_forwarding_it() -> None:
     keyer = FakeKeyer()
     replica = Replica(create_app(FakeEngine(), ServerConfig(api_key=API_KEY)))
+    good = {"Authorization": f"Bearer {API_KEY}"}
 
     async def scenario() -> list[httpx.Response]:
-        async with ingress(replica, keyer, api_keys=(API_KEY,)) as client:
+        async with ingress(replica, keyer, api_key=API_KEY) as client:
             return [
                 await client.post("/v1/chat/completions", json=CHAT),
                 await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {WRONG_KEY}"}),
-                await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {API_KEY}"}),
+                await client.get("/version"),
+                await client.get("/openapi.json"),
+                await client.post("/v1/chat/completions", json=CHAT, headers=[("Authorization", f"Bearer {API_KEY}")] * 2),
+                await client.get("/health"),  # open: forwarded without a key
+                await client.post("/v1/chat/completions", json=CHAT, headers=good),
             ]
 
-    missing, wrong, right = run(scenario())
-    assert assert_openai_error(missing, 401)["code"] == "invalid_api_key" and wrong.status_code == 401
-    assert right.status_code == 200
-    assert keyer.calls == ["/v1/chat/completions"]  # only for the request with the key
-    assert [r.prefix_chain for r in replica.sent] == [(), (), (11, 22, 33)]
+    *refused, duplicated, health, right = run(scenario())
+    for response in refused:
+        assert assert_openai_error(response, 401)["code"] == "invalid_api_key"
+    assert assert_openai_error(duplicated, 400)["code"] == "duplicate_authorization_header"
+    assert health.status_code == 200 and right.status_code == 200
+    assert keyer.calls == ["/health", "/v1/chat/completions"]  # nothing done for a refused caller
+    assert [r.path for r in replica.sent] == ["/health", "/v1/chat/completions"]
+
+
+def test_behind_a_route_prefix_the_key_and_draining_still_apply() -> None:
+    keyer = FakeKeyer()
+    replica_app = create_app(FakeEngine(), ServerConfig(api_key=API_KEY))
+    replica = Replica(replica_app)
+    good = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def scenario() -> list[httpx.Response]:
+        async with ingress(replica, keyer, api_key=API_KEY, root_path="/api") as client:
+            answers = [
+                await client.post("/api/v1/chat/completions", json=CHAT),
+                await client.get("/api/v1/models"),
+                await client.get("/api/health"),
+                await client.post("/api/v1/chat/completions", json=CHAT, headers=good),
+            ]
+            replica_app.state.lifecycle.start_draining()
+            answers.append(await client.post("/api/v1/chat/completions", json=CHAT, headers=good))
+            answers.append(await client.get("/api/health"))
+            return answers
+
+    chat, models, health, keyed, drained, health_draining = run(scenario())
+    assert assert_openai_error(chat, 401)["code"] == "invalid_api_key" and models.status_code == 401
+    assert health.status_code == 200 and keyed.status_code == 200
+    assert keyed.json()["object"] == "chat.completion"
+    assert keyer.calls == ["/health", "/v1/chat/completions", "/v1/chat/completions", "/health"]  # the routed paths
+    assert assert_openai_error(drained, 503)["code"] == "server_shutting_down" and health_draining.status_code == 200
+    assert [r.root_path for r in replica.sent] == ["/api"] * 4
+
+
+def test_a_replica_refuses_a_prefixed_request_that_reached_it_without_the_key() -> None:
+    """The replica's own check reads the routed path too (Ray's proxy sets ``root_path`` to the route prefix)."""
+    direct = ForwardedRequest("GET", "/api/v1/models", headers=((b"host", b"localhost"),), root_path="/api")
+
+    async def status(app: Any) -> int:
+        async for batch in call_app(app, direct):
+            return int(batch[0]["status"])
+        return 0
+
+    assert run(status(create_app(FakeEngine(), ServerConfig(api_key=API_KEY)))) == 401
+    assert run(status(create_app(FakeEngine(), ServerConfig()))) == 200
+
+
+def test_the_ingress_checks_the_host_and_the_content_type_before_forwarding() -> None:
+    keyer = FakeKeyer()
+    replica = Replica(create_app(FakeEngine(), ServerConfig()))
+
+    async def scenario() -> list[httpx.Response]:
+        async with ingress(replica, keyer) as client:
+            return [
+                await client.post("/v1/chat/completions", json=CHAT, headers={"Host": "rebound.example"}),
+                await client.post("/v1/chat/completions", content=json.dumps(CHAT).encode()),
+                await client.post(
+                    "/v1/chat/completions", content=json.dumps(CHAT).encode(), headers={"Content-Type": "text/plain"}
+                ),
+            ]
+
+    host, untyped, plain = run(scenario())
+    assert assert_openai_error(host, 400)["code"] == "invalid_host"
+    assert assert_openai_error(untyped, 415)["code"] == assert_openai_error(plain, 415)["code"] == "unsupported_media_type"
+    assert replica.sent == [] and keyer.calls == []
+
+
+def test_a_forwarded_requests_repr_shows_neither_its_headers_nor_its_body() -> None:
+    secret_body = b'{"messages": [{"role": "user", "content": "my private question"}]}'
+    request = ForwardedRequest(
+        "POST", "/v1/chat/completions", b"token=abc", ((b"authorization", f"Bearer {API_KEY}".encode()),), secret_body
+    )
+    text = repr(request) + str(request)
+    assert "POST" in text and "/v1/chat/completions" in text
+    assert API_KEY not in text and "private question" not in text and "token=abc" not in text
 
 
 def test_a_replica_that_dies_before_answering_gives_a_clean_503() -> None:
@@ -166,7 +256,10 @@ def test_metrics_are_refused_and_the_body_limit_applies_at_the_ingress() -> None
 
     async def scenario() -> tuple[httpx.Response, httpx.Response]:
         async with ingress(replica, max_body=64) as client:
-            return await client.get("/metrics"), await client.post("/v1/chat/completions", content=b"x" * 100)
+            too_large = await client.post(
+                "/v1/chat/completions", content=b"x" * 100, headers={"Content-Type": "application/json"}
+            )
+            return await client.get("/metrics"), too_large
 
     metrics, too_large = run(scenario())
     assert assert_openai_error(metrics, 404)["code"] == "not_found"
@@ -178,7 +271,7 @@ def test_a_caller_that_leaves_makes_the_app_abort_the_generation() -> None:
     fake = FakeEngine()
     app = create_app(fake, ServerConfig())
     body = json.dumps({**CHAT, "stream": True, "max_tokens": 400, "messages": [{"role": "user", "content": "[slow] Hi"}]})
-    headers = ((b"content-type", b"application/json"),)
+    headers = ((b"content-type", b"application/json"), (b"host", b"localhost"))
     request = ForwardedRequest("POST", "/v1/chat/completions", headers=headers, body=body.encode())
 
     async def scenario() -> None:

@@ -145,7 +145,9 @@ def serve_apps(config: dict[str, Any]) -> list[Any]:
     return list(ServeDeploySchema.model_validate(config).applications)
 
 
-def test_the_shipped_serve_config_is_valid_and_builds_the_application() -> None:
+def test_the_shipped_serve_config_is_valid_and_builds_the_application_with_a_key_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from ray.serve.deployment import Application
 
     from amulet_ray.application import app_builder
@@ -156,15 +158,40 @@ def test_the_shipped_serve_config_is_valid_and_builds_the_application() -> None:
     assert set(deployments) == {"AmuletReplica", "AmuletIngress"}
     scaling = deployments["AmuletReplica"].autoscaling_config
     assert scaling["min_replicas"] < scaling["max_replicas"]
+    monkeypatch.delenv("AMULET_API_KEY", raising=False)
+    monkeypatch.delenv("AMULET_API_KEY_FILE", raising=False)
+    with pytest.raises(SystemExit) as refused:  # --host 0.0.0.0 without a key: closed by default
+        app_builder(app.args)
+    assert refused.value.code == 2 and "--allow-open-api" in capsys.readouterr().err
+    monkeypatch.setenv("AMULET_API_KEY", "sk-serve-config")
     assert isinstance(app_builder(app.args), Application)
     with pytest.raises(ValueError):
         app_builder({"argv": "--ray-replicas 2"})
 
 
-def test_the_kuberay_manifest_runs_the_same_application_with_a_gpu_per_replica() -> None:
-    service, monitor = yaml.safe_load_all((DOCKER / "kuberay-rayservice.yaml").read_text())
-    assert service["kind"] == "RayService" and service["apiVersion"] == "ray.io/v1"
+def test_amulet_ray_refuses_an_open_api_on_every_interface(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--host", "0.0.0.0"], environ={})
+    assert refused.value.code == 2 and "refusing to serve the API without a key" in capsys.readouterr().err
+    assert parse_args(["--host", "0.0.0.0"], environ={"AMULET_API_KEY": "sk-x"}).app.server.api_keys == ("sk-x",)
+    assert parse_args(["--host", "0.0.0.0", "--allow-open-api"], environ={}).app.server.allow_open_api
+
+
+def test_the_kuberay_manifest_runs_the_same_application_with_a_gpu_per_replica(tmp_path: Path) -> None:
+    from ray.serve.deployment import Application
+
+    from amulet_ray.application import app_builder
+
+    documents = {d["kind"]: d for d in yaml.safe_load_all((DOCKER / "kuberay-rayservice.yaml").read_text())}
+    assert set(documents) == {"RayService", "PodMonitor", "NetworkPolicy"}
+    service, monitor = documents["RayService"], documents["PodMonitor"]
+    assert service["apiVersion"] == "ray.io/v1"
     (app,) = serve_apps(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    argv = list(app.args["argv"])
+    keys = tmp_path / "api-keys"  # the Secret's file, here
+    keys.write_text("sk-from-the-secret\n")
+    argv[argv.index("--api-key-file") + 1] = str(keys)
+    assert isinstance(app_builder({"argv": argv}), Application)
     (shipped,) = serve_apps(yaml.safe_load((DOCKER / "ray-serve.yaml").read_text()))
     assert app.import_path == shipped.import_path
     replica = next(d for d in app.deployments if d.name == "AmuletReplica")

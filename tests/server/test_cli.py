@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.model.loading import ModelConfig
 from server.config import ServerConfig
 from server.options import build_parser, parse_args
+from tests.support import ROOT
 
 
 def test_defaults() -> None:
@@ -109,6 +113,9 @@ def test_api_key_from_the_environment() -> None:
         ["--max-body-bytes", "0"],
         ["--port", "x"],
         ["--kv-cache-memory-gib", "0"],
+        ["--body-read-timeout", "0"],
+        ["--body-read-timeout", "nan"],
+        ["--max-connections", "-1"],
     ],
 )
 def test_bad_values_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -150,3 +157,48 @@ def test_the_help_names_the_ray_hand_over_and_no_ray_option() -> None:
     text = build_parser().format_help()
     assert "--ray " in text and "amulet-ray" in text
     assert "--ray-replicas" not in text and "--ray-routing" not in text  # the --ray-* options are amulet-ray's
+
+
+def test_the_access_options() -> None:
+    defaults = parse_args([], environ={}).server
+    assert (defaults.allowed_hosts, defaults.docs, defaults.allow_open_api) == ((), False, False)
+    assert (defaults.max_connections, defaults.body_read_timeout_s) == (512, 60.0)
+    server = parse_args(
+        ["--allowed-hosts", "api.example, *.corp.example,", "--docs", "--body-read-timeout", "5", "--max-connections", "64"],
+        environ={},
+    ).server
+    assert server.allowed_hosts == ("api.example", "*.corp.example") and server.docs
+    assert (server.body_read_timeout_s, server.max_connections) == (5.0, 64)
+    assert parse_args(["--max-connections", "0"], environ={}).server.max_connections is None  # no limit
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "box.lan"])
+def test_an_api_without_a_key_on_an_address_others_reach_is_refused(host: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--host", host], environ={})
+    assert refused.value.code == 2
+    message = capsys.readouterr().err
+    assert "refusing to serve the API without a key" in message and "--allow-open-api" in message
+    assert "AMULET_API_KEY" in message and "--api-key-file" in message
+    assert parse_args(["--host", host, "--allow-open-api"], environ={}).server.allow_open_api
+    assert parse_args(["--host", host], environ={"AMULET_API_KEY": "sk-k"}).server.api_keys == ("sk-k",)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])
+def test_loopback_needs_no_key(host: str) -> None:
+    assert parse_args(["--host", host], environ={}).server.api_keys == ()
+
+
+def test_amulet_server_stops_at_once_with_the_reason() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("AMULET_API_KEY", "AMULET_API_KEY_FILE")}
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "--host", "0.0.0.0", "--port", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "refusing to serve the API without a key on --host 0.0.0.0" in done.stderr

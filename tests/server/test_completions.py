@@ -155,5 +155,5 @@ def test_tokenize_and_detokenize(server: LiveServer, fake: FakeEngine) -> None:
 
 
 def test_version(server: LiveServer) -> None:
-    version = httpx.get(f"{server.url}/version").json()["version"]
+    version = httpx.get(f"{server.url}/version", headers={"Authorization": f"Bearer {API_KEY}"}).json()["version"]
     assert version and version[0].isdigit()

@@ -119,8 +119,8 @@ def test_bad_values_are_400_naming_the_field(server: LiveServer, fake: FakeEngin
 
 def test_nan_weight_is_400(server: LiveServer) -> None:
     body = b'{"messages": [{"role": "user", "content": "Hi"}], "preference": [{"text": "a", "weight": NaN}]}'
-    error = assert_openai_error(httpx.post(f"{server.url}/v1/chat/completions", content=body), 400)
-    assert error["param"] == "preference[0].weight"
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert assert_openai_error(response, 400)["param"] == "preference[0].weight"
 
 
 def test_guidance_is_refused_by_text_completions(server: LiveServer) -> None:

@@ -137,11 +137,11 @@ def test_the_page_offers_the_presets_and_labels_its_controls(url: str) -> None:
     "path", ["/playground/../server/app.py", "/playground/app.py", "/playground/playground.html", "/static/x"]
 )
 def test_only_the_three_files_are_served(url: str, path: str) -> None:
-    assert httpx.get(f"{url}{path}").status_code == 404
+    assert httpx.get(f"{url}{path}", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 404
 
 
 def test_the_page_is_not_in_the_api_schema(url: str) -> None:
-    paths = httpx.get(f"{url}/openapi.json").json()["paths"]
+    paths = httpx.get(f"{url}/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"}).json()["paths"]
     assert "/playground" not in paths and "/" not in paths
 
 

@@ -2,7 +2,8 @@
 
 The examples address ``http://localhost:8000``; the test points them at a server on a free port
 (over the fake engine) and runs each bash block with the real ``curl``. Set ``AMULET_README`` to
-check another file.
+check another file. Every curl in README.md and docker/README.md that sends a body declares it JSON
+(``-H 'Content-Type: application/json'``: the server answers 415 otherwise, and curl ``-d`` sends a form).
 """
 
 from __future__ import annotations
@@ -98,3 +99,29 @@ def test_readme_curl_examples_run(server: LiveServer) -> None:
             check_output(done.stdout)
         except (AssertionError, ValueError) as exc:
             raise AssertionError(f"unexpected output of\n{block}\n---\n{done.stdout}") from exc
+
+
+JSON_HEADER = re.compile(r"""-H\s+(['"])Content-Type:\s*application/json\1""", re.IGNORECASE)
+BODY_OPTION = re.compile(r"\s(-d|--data(-raw|-binary)?|--json)\s")
+
+
+def curl_commands(markdown: str) -> list[str]:
+    """Every curl command of the document's bash blocks, continuation lines joined."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", markdown, re.MULTILINE | re.DOTALL):
+        joined = re.sub(r"\\\n", " ", block)
+        for part in re.split(r"&&|\n", joined):
+            if part.strip().startswith("curl"):
+                commands.append(part.strip())
+    return commands
+
+
+@pytest.mark.parametrize(
+    "document", [ROOT / "README.md", ROOT / "docker" / "README.md"], ids=lambda p: p.parent.name + "/" + p.name
+)
+def test_every_curl_sending_a_body_declares_json(document: Path) -> None:
+    commands = curl_commands(document.read_text(encoding="utf-8"))
+    with_body = [c for c in commands if BODY_OPTION.search(c + " ")]
+    assert with_body, f"no curl with a body in {document}"
+    for command in with_body:
+        assert "--json" in command or JSON_HEADER.search(command), f"no -H 'Content-Type: application/json' in: {command}"

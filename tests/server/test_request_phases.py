@@ -160,8 +160,10 @@ def test_a_chat_body_passes_each_module_once_from_the_endpoint_to_the_generation
         "server.requests.grammar",
         "server.requests.fields",  # SamplingParams, the template options
         "server.requests.preference",  # the plan and its MethodSettings
+        "server.requests.admission",  # the fan-out budget; rendering and encoding go to the preparation pool
         "amulet_core.method.preference_prompts",  # render: the K + 1 conversations
         "server.requests.tool_prompts",  # the tools written into them (the fake template renders none)
         "server.requests.encoding",  # encode: the length in characters, then the tokenizer
+        "server.requests.tenancy",  # the prefix cache's salt
         "amulet_core.engine.protocol",  # assemble: the GenerationRequest
     ], "\n".join(entered)

@@ -44,7 +44,7 @@ NO_EFFECT_BODIES: list[dict[str, Any]] = [
     {"stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}},
     {"parallel_tool_calls": True, "reasoning_effort": "low", "prediction": {"type": "content", "content": "x"}},
     {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "modalities": ["text"]},
-    {"use_beam_search": False, "include_stop_str_in_output": False, "best_of": 1, "echo": False, "cache_salt": "s"},
+    {"use_beam_search": False, "include_stop_str_in_output": False, "best_of": 1, "echo": False},
     {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}}]}]},
     {"messages": [*USER, {"role": "assistant", "content": "Hello", "refusal": None, "annotations": []}, *USER]},
 ]

@@ -4,6 +4,10 @@
   the app at DEBUG, not by ``amulet-server --log-level trace`` (a real subprocess, key from
   ``$AMULET_API_KEY``), not in error answers.
 * Request bodies are bounded by default (4 MiB), with or without a key, before anything reads them.
+* ``amulet-server`` sends no ``server`` header.
+
+tests/server/test_access.py covers what is closed by default (the key on every route but the open ones,
+content type, Host names, docs, /ready, the body deadline, the connection limit).
 * CORS is off unless configured: no CORS headers, preflights are not answered.
 * Errors never carry stack traces or exception text to clients; the server log keeps them.
 """
@@ -32,6 +36,7 @@ from tests.support.http import API_KEY, USER, WRONG_KEY, assert_no_leak
 from tests.support.live_server import live_server
 
 SECRET = "secret-internal-detail /srv/weights/model.bin"
+JSON = {"Content-Type": "application/json"}
 
 
 # ---------------------------------------------------------------- the API key
@@ -67,7 +72,7 @@ def test_the_key_is_not_logged_by_the_app(caplog: pytest.LogCaptureFixture) -> N
             headers = {"Authorization": f"Bearer {key}"}
             httpx.post(url, json={"messages": USER, "stream": True}, headers=headers)
             httpx.post(url, json={"messages": [{"role": "user", "content": "[crash]"}], "stream": True}, headers=headers)
-            httpx.post(url, content=b"{bad json", headers=headers)
+            httpx.post(url, content=b"{bad json", headers=headers | JSON)
     text = "\n".join(f"{r.getMessage()} {r.exc_text or ''} {r.__dict__}" for r in caplog.records)
     assert any("secret internal detail" in (r.exc_text or "") for r in caplog.records)  # the app did log
     assert API_KEY not in text and WRONG_KEY not in text
@@ -87,7 +92,8 @@ def test_the_key_is_not_logged_by_the_server_at_trace_level(tmp_path: Path, tiny
         assert httpx.post(url, json=body | {"temperature": -1}, headers=good, timeout=120).status_code == 400
         assert httpx.post(url, json=body, headers=bad, timeout=120).status_code == 401
         assert httpx.get(f"{server.url}/v1/models", headers=bad).status_code == 401
-        assert httpx.get(f"{server.url}/v1/models", headers=good).status_code == 200
+        models = httpx.get(f"{server.url}/v1/models", headers=good)
+        assert models.status_code == 200 and "server" not in models.headers  # amulet-server's uvicorn names no server
     log = server.log()
     assert "ASGI" in log and "chat/completions" in log  # trace logging was on
     assert API_KEY not in log and WRONG_KEY not in log
@@ -100,14 +106,20 @@ def test_bodies_are_bounded_by_default() -> None:
     assert parse_args([], environ={}).server.max_body_bytes == DEFAULT_MAX_BODY_BYTES == 4 * 1024 * 1024
     fake = FakeEngine()
     oversized = b'{"messages": [{"role": "user", "content": "' + b"x" * DEFAULT_MAX_BODY_BYTES + b'"}]}'
-    for config, headers in ((ServerConfig(), {}), (ServerConfig(api_key=API_KEY), {"Authorization": f"Bearer {API_KEY}"})):
+    for config, headers in (
+        (ServerConfig(), JSON),
+        (ServerConfig(api_key=API_KEY), JSON | {"Authorization": f"Bearer {API_KEY}"}),
+    ):
         with live_server(create_app(fake, config)) as server:
             for path in ("/v1/chat/completions", "/v1/models", "/health"):
                 response = httpx.post(f"{server.url}{path}", content=oversized, headers=headers, timeout=60)
                 assert response.status_code == 413, (path, response.status_code)
                 assert response.json()["error"]["code"] == "request_too_large"
             if config.api_key:  # without the key the body is refused before anything reads it
-                assert httpx.post(f"{server.url}/v1/chat/completions", content=oversized, timeout=60).status_code == 401
+                assert (
+                    httpx.post(f"{server.url}/v1/chat/completions", content=oversized, headers=JSON, timeout=60).status_code
+                    == 401
+                )
     assert fake.requests == []
 
 

@@ -10,6 +10,9 @@ USER = [{"role": "user", "content": "Hi"}]
 API_KEY = "sk-test-secret-7f3a9c"
 """The key a test server is configured with (distinctive, so a leak of it into a log or an answer is found)."""
 WRONG_KEY = "sk-wrong-guess-0000"
+IN_PROCESS_HOST = "testserver"
+"""The Host name Starlette's TestClient and schemathesis's ASGI client send: an app they call in-process trusts it
+only when its config says so (``ServerConfig(allowed_hosts=(IN_PROCESS_HOST,))``), as a deployment names its own."""
 
 
 def assert_openai_error(response: httpx.Response, status: int | None = None) -> dict[str, Any]:

@@ -36,9 +36,13 @@ START_TIMEOUT_S = 30.0
 class LiveServer:
     """A uvicorn server serving ``app`` from its own thread and event loop."""
 
-    def __init__(self, app: Any, send_buffer: int | None = None) -> None:
+    def __init__(
+        self, app: Any, send_buffer: int | None = None, make_config: Callable[[Any], uvicorn.Config] | None = None
+    ) -> None:
         """``send_buffer``: the kernel send buffer of the listening socket, inherited by accepted connections
-        (a small one acts like a slow network: a client that does not read soon blocks the server's writes)."""
+        (a small one acts like a slow network: a client that does not read soon blocks the server's writes).
+        ``make_config``: uvicorn's settings for ``app`` (e.g. ``amulet-server``'s own, ``server.cli.uvicorn_config``;
+        its address is ignored: the server listens on the socket bound here); default: plain uvicorn's."""
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if send_buffer is not None:
@@ -46,7 +50,10 @@ class LiveServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port: int = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        if make_config is None:
+            config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        else:
+            config = make_config(app)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -88,8 +95,10 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(app: Any, send_buffer: int | None = None) -> Iterator[LiveServer]:
-    server = LiveServer(app, send_buffer).start()
+def live_server(
+    app: Any, send_buffer: int | None = None, make_config: Callable[[Any], uvicorn.Config] | None = None
+) -> Iterator[LiveServer]:
+    server = LiveServer(app, send_buffer, make_config).start()
     try:
         yield server
     finally:

@@ -82,9 +82,9 @@ def test_a_half_written_folder_is_not_complete_and_is_replaced(tmp_path: Path, t
     folder.mkdir()
     (folder / "config.json").write_text("{")  # a crash mid-write (by an older layout): no marker
     assert not is_complete(folder)
-    # the rename fails on the non-empty folder; the half-written one is not taken for a finished copy
-    assert not save_converted(loaded.model, loaded.tokenizer, folder)
-    assert not is_complete(folder) and not list(tmp_path.glob(".*.tmp"))
+    # the half-written one is not taken for a finished copy: it is replaced by a verified one
+    assert save_converted(loaded.model, loaded.tokenizer, folder)
+    assert is_complete(folder) and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_another_process_finishing_first_is_fine(
