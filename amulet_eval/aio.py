@@ -1,10 +1,10 @@
-"""A bounded worker pool for coroutines: the first failure (or Ctrl-C) cancels the rest."""
+"""Running coroutines: a bounded worker pool (the first failure or Ctrl-C cancels the rest) and the event loop's entry."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -24,3 +24,12 @@ async def run_pool(items: Sequence[T], width: int, work: Callable[[T], Awaitable
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, where ``main`` cancelled from outside ends as KeyboardInterrupt: only a Ctrl-C does that
+    (amulet_eval.interrupt cancels the running loop's tasks; asyncio's own handler ends the same way)."""
+    try:
+        return asyncio.run(main)
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None

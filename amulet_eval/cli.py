@@ -37,6 +37,7 @@ from amulet_eval.config import (
     method_specs,
 )
 from amulet_eval.generate import GenerationError, SettingsMismatchError
+from amulet_eval.interrupt import INTERRUPTED, CtrlC, exit_now
 from amulet_eval.judge import JudgeError
 from amulet_eval.questions import QuestionSetError
 from amulet_eval.report import command_line
@@ -363,15 +364,17 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the evaluation; 0 when done, 2 on an error, INTERRUPTED after Ctrl-C (amulet_eval.interrupt)."""
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from amulet_eval.pipeline import run_eval
-
     try:
-        outcome = run_eval(config)
+        with CtrlC():
+            from amulet_eval.pipeline import run_eval
+
+            outcome = run_eval(config)
     except KeyboardInterrupt:
         print(f"\namulet-eval: interrupted; every answer finished so far is kept in {config.out_dir}.", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except (QuestionSetError, SettingsMismatchError, GenerationError, JudgeError, AmuletError) as exc:
         print(f"amulet-eval: error: {exc}", file=sys.stderr)
         return 2
@@ -383,4 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == INTERRUPTED:
+        exit_now(code)
+    sys.exit(code)

@@ -29,8 +29,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     from amulet_eval.cli import main as cli_main
+    from amulet_eval.interrupt import INTERRUPTED, exit_now
 
-    return cli_main(argv)
+    code = cli_main(argv)
+    if code == INTERRUPTED:
+        exit_now(code)  # without the interpreter's teardown, which alone takes seconds (amulet_eval.interrupt)
+    return code
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ is appended (and synced) as soon as it is done, so Ctrl-C loses nothing already 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from amulet_eval.aio import run_pool
+from amulet_eval.aio import run, run_pool
 from amulet_eval.conditions import Condition, parse_condition
 from amulet_eval.config import GenerationConfig, MethodSpec
 from amulet_eval.questions import Question
@@ -174,4 +173,4 @@ def run_generation(
         rows.update((row_key(r), r) for r in made)
         return GenerationSummary(rows, len(made), len(done), skipped_lines)
 
-    return asyncio.run(main())
+    return run(main())

@@ -8,7 +8,6 @@ Verdicts are appended to ``judgments.jsonl`` as they come, so a rerun asks only 
 
 from __future__ import annotations
 
-import asyncio
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from amulet_eval.aio import run_pool
+from amulet_eval.aio import run, run_pool
 from amulet_eval.conditions import condition_sentence
 from amulet_eval.config import BASELINE, JudgeConfig
 from amulet_eval.generate import Key
@@ -168,4 +167,4 @@ def run_judge(
 ) -> list[Row]:
     """Judge the pairs of this run (asking only for verdicts not yet in judgments.jsonl); returns all their verdicts."""
     pairs = judge_pairs(rows, methods, config.all_pairs)
-    return asyncio.run(_judge_all(config, rows, pairs, out_dir / JUDGMENTS_FILE, progress))
+    return run(_judge_all(config, rows, pairs, out_dir / JUDGMENTS_FILE, progress))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -193,13 +194,20 @@ def draw_charts(results: Mapping[str, Any], out_dir: Path) -> list[str]:
     return [str(p.relative_to(out_dir)) for p in made]
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a stop in the middle (Ctrl-C) leaves the previous file, never half of one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
 def write_report(results: dict[str, Any], out_dir: Path, with_charts: bool = True) -> dict[str, Path]:
     """Write results.json, report.md and the charts; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     chart_files = draw_charts(results, out_dir) if with_charts else []
     results = {**results, "charts": chart_files}
-    (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out_dir / REPORT_FILE).write_text(render_markdown(results, chart_files), encoding="utf-8")
+    replace_text(out_dir / RESULTS_FILE, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    replace_text(out_dir / REPORT_FILE, render_markdown(results, chart_files))
     paths = {"results": out_dir / RESULTS_FILE, "report": out_dir / REPORT_FILE}
     paths.update({Path(f).stem: out_dir / f for f in chart_files})
     return paths

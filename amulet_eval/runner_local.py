@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import threading
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.config import EngineConfig
@@ -27,6 +29,9 @@ from amulet_eval.conditions import parse_condition
 from amulet_eval.config import BEAM_METHOD, BEAM_WIDTH, CFG_METHOD, GenerationConfig, LocalBackend
 from amulet_eval.generate import Generated, GenerationError, Job, conversation
 
+LOAD_POLL_S = 0.05
+"""How often :meth:`LocalRunner.start` looks whether the model has loaded (a wait that Ctrl-C can cancel)."""
+
 
 def contexts_per_request(generation: GenerationConfig) -> int:
     """The most contexts one request of this run decodes: K + 1 for the widest condition (K preference contexts and
@@ -40,6 +45,17 @@ def engine_config(backend: LocalBackend, concurrency: int, contexts: int = 2) ->
     return EngineConfig(max_num_seqs=seqs, max_model_len=backend.max_model_len, max_num_batched_tokens=max(512, seqs))
 
 
+class StopWhenSet(StoppingCriteria):
+    """Ends a ``generate`` call at its next step once ``event`` is set (a cancelled beam16 job)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        done = torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, done)
+
+
 @torch.inference_mode()
 def beam_search(
     model: Any,
@@ -48,8 +64,10 @@ def beam_search(
     max_new_tokens: int,
     eos_ids: frozenset[int],
     num_beams: int = BEAM_WIDTH,
+    cancel: threading.Event | None = None,
 ) -> Generated:
-    """Beam search on one prompt with transformers ``generate`` (the paper's beam baseline).
+    """Beam search on one prompt with transformers ``generate`` (the paper's beam baseline); ``cancel``, once set,
+    ends it at its next step (what it has then is returned).
 
     The engine switches the model to its paged attention; a call without the engine's batch falls
     back to SDPA, which is exact here: every beam shares the one unpadded prompt.
@@ -67,6 +85,7 @@ def beam_search(
         do_sample=False,
         eos_token_id=eos or None,
         pad_token_id=pad,
+        stopping_criteria=StoppingCriteriaList([StopWhenSet(cancel)]) if cancel is not None else None,
     )
     new = out[0, ids.shape[1] :].tolist()
     stop = next((i for i, t in enumerate(new) if t in eos_ids), None)
@@ -123,7 +142,9 @@ class LocalRunner:
         config = engine_config(self.backend, self.generation.concurrency, contexts_per_request(self.generation))
         engine = AsyncEngine(self.model_config, config, loader=self._loader).start()
         self._engine = engine
-        await asyncio.to_thread(engine.wait_ready)
+        while not engine.load_finished:  # not a thread waiting on the load: Ctrl-C ends this wait at once
+            await asyncio.sleep(LOAD_POLL_S)
+        engine.wait_ready(0)  # raises the load's error
 
     @property
     def engine(self) -> AsyncEngine:
@@ -142,9 +163,13 @@ class LocalRunner:
             llm = engine.engine
             pref = preference_contexts(messages, [job.preference], default_system, placement=gen.preference_placement).prefs[0]
             prompt = engine.renderer.encode_chat(pref)
-            return await asyncio.to_thread(
-                beam_search, llm.runner.model, llm.tokenizer, prompt, gen.max_tokens, llm.eos_token_ids
-            )
+            cancel = threading.Event()
+            try:
+                return await asyncio.to_thread(
+                    beam_search, llm.runner.model, llm.tokenizer, prompt, gen.max_tokens, llm.eos_token_ids, cancel=cancel
+                )
+            finally:
+                cancel.set()  # cancelled (Ctrl-C): the search thread ends at its next step instead of running on
         settings, contexts = job_contexts(job, messages, default_system, gen.preference_placement)
         ids = [engine.renderer.encode_chat(c) for c in contexts]
         contrast = ids.pop() if settings.method.has_contrast else None
@@ -167,6 +192,12 @@ class LocalRunner:
         raise GenerationError(f"The engine ended {job.key} without a finish.")
 
     async def close(self) -> None:
-        if self._engine is not None:
-            await asyncio.to_thread(self._engine.close)
-            self._engine = None
+        """Stop the engine: its open requests are aborted and its worker ends after the step under way. Stopped while
+        the model still loads (Ctrl-C), the worker ends once the load does, and nothing waits for it."""
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        if engine.load_finished:
+            await asyncio.to_thread(engine.close)
+        else:
+            threading.Thread(target=engine.close, name="amulet-eval-engine-close", daemon=True).start()

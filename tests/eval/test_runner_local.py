@@ -3,7 +3,9 @@ the pref context, and the contexts of joined preferences, negatives and cfg."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from amulet_core.engine.paged_attention import register_paged_attention
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.method.preference_prompts import Placement, preference_contexts, preference_sentence
 from amulet_core.model.chat_template import render_chat
+from amulet_core.model.loading import LoadedModel
 from amulet_eval import runner_local
 from amulet_eval.cli import parse_args
 from amulet_eval.config import GenerationConfig, LocalBackend, method_specs
@@ -52,6 +55,53 @@ def test_local_runner_runs_beam16_on_the_pref_context(tiny_model, tmp_path: Path
     pref = preference_contexts(messages, ["concise"], placement=generation.preference_placement).prefs[0]
     direct = beam_search(loaded.model, loaded.tokenizer, render_chat(loaded.tokenizer, pref), 6, loaded.eos_token_ids)
     assert beam["response"] == direct.text and beam["completion_tokens"] == direct.completion_tokens >= 1
+
+
+def test_a_cancelled_beam_search_stops_at_its_next_step(tiny_model) -> None:
+    """beam16 runs on a worker thread, which a cancelled job cannot interrupt: its event ends the search instead."""
+    loaded = tiny_model("llama")
+    prompt = render_chat(loaded.tokenizer, [{"role": "user", "content": "Name a fruit."}])
+    eos = frozenset()  # no end of sequence: only the token limit or the event ends the search
+    whole = beam_search(loaded.model, loaded.tokenizer, prompt, 12, eos, num_beams=4, cancel=threading.Event())
+    cancel = threading.Event()
+    cancel.set()
+    cut = beam_search(loaded.model, loaded.tokenizer, prompt, 12, eos, num_beams=4, cancel=cancel)
+    assert whole.completion_tokens == 12 and cut.completion_tokens == 1
+
+
+def test_ctrl_c_while_the_model_loads_waits_for_nothing(tiny_model) -> None:
+    """Cancelling the runner's start while the model loads (Ctrl-C) ends the wait, and closing it does not wait for
+    the load either: the run ends while the loader still runs; the engine's worker ends once the load does."""
+    loaded = tiny_model("llama")
+    loading, release, loaded_now = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_loader(_config) -> LoadedModel:
+        loading.set()
+        release.wait(60)
+        loaded_now.set()
+        return loaded
+
+    generation = GenerationConfig(method_specs(("base",)), ("concise",), max_tokens=2, concurrency=1)
+    runner = LocalRunner(LocalBackend(max_model_len=1024), generation, loader=slow_loader)
+    before = set(threading.enumerate())
+
+    async def interrupted_start() -> None:
+        start = asyncio.create_task(runner.start())
+        while not loading.is_set():
+            await asyncio.sleep(0.01)
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        await runner.close()
+
+    try:
+        asyncio.run(interrupted_start())
+        assert not loaded_now.is_set()  # the run ended with the load still under way
+        [worker] = [t for t in set(threading.enumerate()) - before if t.name == "amulet-engine"]
+    finally:
+        release.set()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
 
 
 def test_local_runner_decodes_joined_preferences_negatives_and_cfg(tiny_model, tmp_path: Path, monkeypatch) -> None:
@@ -116,7 +166,7 @@ def test_local_runner_places_the_sentences_as_preference_placement_says(
 
     beams: list[tuple[int, ...]] = []
 
-    def beam(_model, _tokenizer, prompt_ids, *_args) -> Generated:
+    def beam(_model, _tokenizer, prompt_ids, *_args, **_kwargs) -> Generated:
         beams.append(tuple(prompt_ids))
         return Generated("x", 1, "length")
 
