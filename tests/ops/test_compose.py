@@ -23,6 +23,7 @@ from tests.support import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 CPU_OVERRIDE = ROOT / "docker-compose.cpu.yml"
+PODMAN_OVERRIDE = ROOT / "docker-compose.podman.yml"
 PROMETHEUS_CONFIG = ROOT / "docker" / "prometheus.yml"
 GRAFANA = ROOT / "docker" / "grafana"
 REQUIRED_VARIABLES = {"AMULET_API_KEY": "sk-compose-test", "GRAFANA_ADMIN_PASSWORD": "compose-test-password"}
@@ -258,3 +259,38 @@ def test_the_server_restarts_and_is_health_checked_like_the_image() -> None:
     for flag, key in (("interval", "interval"), ("timeout", "timeout"), ("start-period", "start_period"), ("retries", "retries")):
         assert str(check[key]) == flags[flag], key
     assert "CMD-SHELL" not in check["test"]
+
+
+@pytest.mark.system
+def test_podman_override_runs_the_local_images_and_validates(compose: ComposeTool) -> None:
+    """docker-compose.podman.yml (what tests/ops/test_compose_up.py runs) only swaps in the images built by
+    docker/build-images.sh: same ports, key, volumes, restart policy and healthcheck as the shipped file."""
+    base, override = _load(COMPOSE), _load(PODMAN_OVERRIDE)
+    assert set(override["services"]) == {"server", "prometheus"}
+    assert override["services"]["server"] == {"build": {"args": {"VARIANT": "cpu"}}, "image": "localhost/amulet-serve:cpu"}
+    assert override["services"]["prometheus"] == {"image": "localhost/amulet-prometheus:debian"}
+    merged = _merge(base, override)
+    for name in ("server", "prometheus"):
+        kept = {k: v for k, v in base["services"][name].items() if k not in {"image", "build"}}
+        assert {k: merged["services"][name][k] for k in kept} == kept
+    _assert_valid(compose.config(COMPOSE, PODMAN_OVERRIDE))
+
+
+def test_dockerfile_base_images_and_pip_settings_are_build_arguments() -> None:
+    """Offline-friendly: the public bases are defaults, not fixed; every pip step sees build-local/ and pip's
+    settings (unset by default)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG CPU_IMAGE=python:3\.11-slim$", dockerfile, flags=re.MULTILINE)
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+$", dockerfile, flags=re.MULTILINE)
+    assert re.search(r"^FROM \$\{CPU_IMAGE\} AS base-cpu$", dockerfile, flags=re.MULTILINE)
+    assert re.search(r"^FROM \$\{CUDA_IMAGE\} AS base-gpu$", dockerfile, flags=re.MULTILINE)
+    for stage in re.split(r"^FROM ", dockerfile, flags=re.MULTILINE)[1:]:
+        if "pip install" in stage:
+            assert re.search(r"^ARG PIP_CERT$", stage, flags=re.MULTILINE), stage.splitlines()[0]
+            assert re.search(r"^ARG PIP_INDEX_URL$", stage, flags=re.MULTILINE), stage.splitlines()[0]
+    for dockerfile_text in (dockerfile, (ROOT / "docker" / "Dockerfile.ray").read_text()):
+        runs = re.findall(r"^RUN (?:.*\\\n)*.*$", dockerfile_text, flags=re.MULTILINE)
+        for run in (r for r in runs if "pip install" in r):
+            assert run.startswith("RUN --mount=type=bind,source=build-local,target=/build-local"), run
+    assert (ROOT / "build-local" / "README.md").is_file()  # the bind mount's source must exist in every checkout
+    assert "build-local" not in (ROOT / ".dockerignore").read_text().split()

@@ -1,8 +1,9 @@
 """The shipped deployments are closed by default, read as text (no Docker engine or Kubernetes cluster needed):
 
-* docker-compose.yml (alone and with docker-compose.cpu.yml): every published port is bound to loopback;
-  the server cannot start without an API key (a required variable, not an empty default); Grafana takes
-  its admin password from a required variable or a secret and has no anonymous Admin or Editor;
+* docker-compose.yml (alone, with docker-compose.cpu.yml and with docker-compose.podman.yml): every published
+  port is bound to loopback; the server cannot start without an API key (a required variable, not an empty
+  default); Grafana takes its admin password from a required variable or a secret and has no anonymous Admin
+  or Editor;
 * docker/kuberay-rayservice.yaml: Ray's dashboard is not bound to every interface; a NetworkPolicy covers
   the Ray pods and opens nothing to everyone but the serving port; the API key is read from a Kubernetes
   Secret mounted as a file on every pod.
@@ -27,6 +28,7 @@ from tests.support import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 CPU_OVERRIDE = ROOT / "docker-compose.cpu.yml"
+PODMAN_OVERRIDE = ROOT / "docker-compose.podman.yml"
 KUBERAY = ROOT / "docker" / "kuberay-rayservice.yaml"
 SERVING_PORT = 8000
 REQUIRED_VARIABLE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*:?\?[^}]+\}$")
@@ -237,6 +239,7 @@ def shipped_compose() -> dict[str, Any]:
 def test_the_shipped_compose_files_are_closed() -> None:
     assert compose_problems(shipped_compose()) == []
     assert compose_problems(merged(shipped_compose(), load_compose(CPU_OVERRIDE.read_text()))) == []
+    assert compose_problems(merged(shipped_compose(), load_compose(PODMAN_OVERRIDE.read_text()))) == []
 
 
 def test_the_shipped_kuberay_manifest_is_closed() -> None:
