@@ -6,6 +6,11 @@ conversation with the preference sentence appended to the first system message a
 (:attr:`Placement.END`, so that the contexts share every token before it). When the conversation
 has no system message, both contexts get one whose content is ``default_system_prompt`` (empty
 unless configured), so the two contexts still differ by the preference text alone.
+
+A chat template without a system role (Gemma 2, Mistral v0.1/v0.2) is given the same conversations: the
+renderer (:class:`~amulet_core.model.chat_template.ChatTokenizer`) folds the system text into the first
+user turn, as Gemma 3's template does itself, so the ``system`` placement's sentence lands at the end of
+that text, and the ``end`` placement's after the last user message as everywhere.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 :class:`ChatTemplateOptions` says how a conversation is rendered; :func:`chat_text` renders one to text
 and :func:`render_chat` to token ids. :class:`ChatTokenizer` holds a Hugging Face tokenizer and offers
-the text side of serving: render, encode and decode, the template's own default system prompt and
-whether it renders tools (each probed once). The engine's
+the text side of serving: render, encode and decode, the template's own default system prompt,
+whether it renders tools and whether it takes a system message (each probed once). A template without
+a system role (Gemma 2, Mistral v0.1/v0.2) gets the system text folded into the first user turn
+(:func:`fold_system_into_first_user`), the way Gemma 3's template does it itself. The engine's
 :class:`~amulet_core.engine.async_engine.AsyncEngine` renders with one, and so does a process that
 renders requests without running the model (the Ray ingress).
 """
@@ -105,7 +107,11 @@ _PROBE_TOOL = "probe_tool_x1e"
 
 def template_renders_tools(tokenizer: Any) -> bool:
     """Whether the chat template writes a request's ``tools`` and an assistant message's ``tool_calls`` into the
-    prompt (Qwen2.5's and Llama 3.1's do; SmolLM2's does not): both probes' names must appear."""
+    prompt (Qwen2.5's and Llama 3.1's do; SmolLM2's does not): both probes' names must appear.
+
+    The probe's call id is one character, so a template that takes only ids of its own shape (Mistral v0.3's:
+    nine alphanumerics, where this server writes ``call_`` and 24 hex digits) counts as not rendering tools
+    and gets the described fallback (``server.requests.tool_prompts``), which takes any id."""
     tool = {"type": "function", "function": {"name": _PROBE_TOOL, "description": "probe", "parameters": {"type": "object"}}}
     call = {"id": "c", "type": "function", "function": {"name": _PROBE_TOOL + "_call", "arguments": {}}}
     messages = [
@@ -144,6 +150,43 @@ def template_default_system_prompt(tokenizer: Any) -> str | None:
         return None
     found = without[len(before) : len(without) - len(after)]
     return found or None
+
+
+def template_accepts_system(tokenizer: Any) -> bool:
+    """Whether the chat template renders a system message (Gemma 2's and Mistral v0.2's raise on one)."""
+    probe = "system_probe_7c3"  # no edge characters a template's ``trim`` would take off (Llama 3.1 trims)
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": probe}, {"role": "user", "content": "user_probe_7c3"}], tokenize=False
+        )
+    except Exception:  # "System role not supported", "Conversation roles must alternate ..."
+        return False
+    return probe in text
+
+
+def fold_system_into_first_user(messages: Sequence[Message]) -> list[Message]:
+    """The conversation for a template without a system role: the text of its system messages (joined by a
+    blank line) put before the first user message's text after a blank line, the system messages dropped.
+    An empty system text is dropped alone; a conversation whose system or first user content is not a
+    string, or that has no user message, is returned as is (the template then refuses it by name)."""
+    systems = [m for m in messages if m.get("role") == "system"]
+    first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
+    if not systems or first_user is None:
+        return [dict(m) for m in messages]
+    texts = [m.get("content") or "" for m in systems]
+    user_content = messages[first_user].get("content") or ""
+    if not all(isinstance(t, str) for t in texts) or not isinstance(user_content, str):
+        return [dict(m) for m in messages]
+    prefix = "\n\n".join(t for t in texts if t)
+    out = []
+    for i, message in enumerate(messages):
+        if message.get("role") == "system":
+            continue
+        message = dict(message)
+        if i == first_user and prefix:
+            message["content"] = f"{prefix}\n\n{user_content}" if user_content else prefix
+        out.append(message)
+    return out
 
 
 class ChatRenderer(Protocol):
@@ -209,7 +252,15 @@ class ChatTokenizer:
         return max((len(token) for token in self.tokenizer.get_vocab()), default=1)
 
     def chat_text(self, messages: Sequence[Message], options: ChatTemplateOptions = DEFAULT_TEMPLATE_OPTIONS) -> str:
+        if not self.accepts_system and any(m.get("role") == "system" for m in messages):
+            messages = fold_system_into_first_user(messages)
         return chat_text(self.tokenizer, messages, options)
+
+    @cached_property
+    def accepts_system(self) -> bool:
+        """Whether the chat template renders a system message; when it does not, :meth:`chat_text` folds the
+        system text into the first user turn."""
+        return template_accepts_system(self.tokenizer)
 
     def encode_text(self, text: str) -> tuple[int, ...]:
         """Token ids of rendered chat text (no special tokens added: the template wrote its own)."""

@@ -28,8 +28,10 @@ def for_template_without_tools(
 
 def without_tool_roles(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The history for a template that does not render tools: calls as ``<tool_call>`` text in the assistant's
-    content, tool results as user turns in ``<tool_response>`` blocks (the Hermes format)."""
-    out = []
+    content, tool results as user turns in ``<tool_response>`` blocks (the Hermes format); consecutive results
+    share one user turn, so templates that want user and assistant turns to alternate (Gemma, Mistral) take it."""
+    out: list[dict[str, Any]] = []
+    previous_was_result = False
     for message in messages:
         message = dict(message)
         calls = message.pop("tool_calls", None)
@@ -41,8 +43,14 @@ def without_tool_roles(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any
                 for c in calls
             ]
             message["content"] = "\n".join(([message["content"]] if message.get("content") else []) + blocks)
-        if message["role"] == "tool":
-            message = {"role": "user", "content": f"<tool_response>\n{message['content']}\n</tool_response>"}
+        is_result = message["role"] == "tool"
+        if is_result:
+            block = f"<tool_response>\n{message['content']}\n</tool_response>"
+            if previous_was_result:  # one user turn for consecutive results: some templates want roles to alternate
+                out[-1]["content"] += "\n" + block
+                continue
+            message = {"role": "user", "content": block}
+        previous_was_result = is_result
         out.append(message)
     return out
 
