@@ -9,7 +9,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from server.api_keys import API_KEY_ENV, API_KEY_FILE_ENV
-from server.config import ANY_HOST, DEFAULT_BODY_READ_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS
+from server.config import (
+    ANY_HOST,
+    DEFAULT_BODY_READ_TIMEOUT_S,
+    DEFAULT_KEEP_ALIVE_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+)
 from server.requests.limits import (
     DEFAULT_MAX_SEQUENCES,
     DEFAULT_PREPARATION_QUEUE,
@@ -21,8 +27,9 @@ ALLOW_OPEN_API_FLAG = "--allow-open-api"
 
 
 def add_access_arguments(p: argparse.ArgumentParser) -> None:
-    """``--max-body-bytes``, ``--body-read-timeout``, ``--max-connections``, ``--max-sequences-per-request``,
-    ``--preparation-threads``, ``--preparation-queue``, ``--allowed-hosts``, ``--allow-open-api`` and ``--docs``."""
+    """``--max-body-bytes``, ``--body-read-timeout``, ``--keep-alive-timeout``, ``--max-connections``,
+    ``--max-sequences-per-request``, ``--preparation-threads``, ``--preparation-queue``, ``--allowed-hosts``,
+    ``--allow-open-api`` and ``--docs``."""
     p.add_argument(
         "--max-body-bytes",
         type=int,
@@ -35,6 +42,14 @@ def add_access_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_BODY_READ_TIMEOUT_S,
         metavar="SECONDS",
         help="a request body must arrive whole within this time, else 408 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=DEFAULT_KEEP_ALIVE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long an idle keep-alive connection stays open; keep it above the idle timeout of the clients and "
+        "load balancers in front (default: %(default)s)",
     )
     p.add_argument(
         "--max-connections",
@@ -92,6 +107,7 @@ def access_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "max_body_bytes": args.max_body_bytes,
         "body_read_timeout_s": args.body_read_timeout,
+        "keep_alive_timeout_s": args.keep_alive_timeout,
         "max_connections": args.max_connections or None,
         "allowed_hosts": tuple(name.strip() for name in args.allowed_hosts.split(",") if name.strip()),
         "allow_open_api": args.allow_open_api,

@@ -41,8 +41,9 @@ FLUSH_TIMEOUT_S = 5
 
 
 def uvicorn_config(app: Any, server: ServerConfig) -> uvicorn.Config:
-    """uvicorn's settings for ``app``: the address, the connection limit (``--max-connections``: 503 beyond it)
-    and no ``server`` header (it would tell every caller which server and version answer)."""
+    """uvicorn's settings for ``app``: the address, the connection limit (``--max-connections``: 503 beyond it),
+    the keep-alive timeout (``--keep-alive-timeout``) and no ``server`` header (it would tell every caller which
+    server and version answer)."""
     return uvicorn.Config(
         app,
         host=server.host,
@@ -50,6 +51,7 @@ def uvicorn_config(app: Any, server: ServerConfig) -> uvicorn.Config:
         log_level=server.log_level,
         timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
         limit_concurrency=server.max_connections,
+        timeout_keep_alive=server.keep_alive_timeout_s,
         server_header=False,
     )
 

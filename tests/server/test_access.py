@@ -354,3 +354,21 @@ def test_beyond_max_connections_a_request_gets_503_and_no_server_header() -> Non
                 sock.close()
         wait_until(lambda: httpx.get(f"{running.url}/health").status_code == 200, what="the connections to close")
         still_serving(running.url)
+
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_pool_expiry() -> None:
+    """uvicorn closes an idle connection after 5 s by default, the same as httpx's (and so the OpenAI SDK's)
+    pool expiry: a client then sends on a connection the server is closing and gets "server disconnected
+    without sending a response". The server keeps idle connections longer (``--keep-alive-timeout``)."""
+    config = ServerConfig(log_level="warning")
+    assert uvicorn_config(FastAPI(), config).timeout_keep_alive == config.keep_alive_timeout_s > 15
+    events: list[str] = []
+    with (
+        serve(create_app(FakeEngine(), config), config) as running,
+        httpx.Client(base_url=running.url, limits=httpx.Limits(keepalive_expiry=60)) as client,
+    ):
+        assert client.get("/health").status_code == 200
+        time.sleep(6)  # idle past uvicorn's default; the server must not have closed the connection
+        answer = client.get("/health", extensions={"trace": lambda name, info: events.append(name)})
+        assert answer.status_code == 200
+        assert not any(name.startswith("connection.connect_tcp") for name in events), events  # the same connection

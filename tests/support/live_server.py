@@ -25,7 +25,7 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.model.loading import LoadedModel, ModelConfig
 from server.app import create_app
 from server.assembly import engine_lifespan
-from server.config import ServerConfig
+from server.config import DEFAULT_KEEP_ALIVE_TIMEOUT_S, ServerConfig
 from server.metrics import PrometheusMetrics, mount_metrics
 
 T = TypeVar("T")
@@ -42,7 +42,8 @@ class LiveServer:
         """``send_buffer``: the kernel send buffer of the listening socket, inherited by accepted connections
         (a small one acts like a slow network: a client that does not read soon blocks the server's writes).
         ``make_config``: uvicorn's settings for ``app`` (e.g. ``amulet-server``'s own, ``server.cli.uvicorn_config``;
-        its address is ignored: the server listens on the socket bound here); default: plain uvicorn's."""
+        its address is ignored: the server listens on the socket bound here); default: plain uvicorn's, with the
+        server's keep-alive timeout."""
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if send_buffer is not None:
@@ -51,7 +52,13 @@ class LiveServer:
         self.port: int = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         if make_config is None:
-            config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+            config = uvicorn.Config(
+                app,
+                log_level="warning",
+                lifespan="on",
+                timeout_graceful_shutdown=5,
+                timeout_keep_alive=DEFAULT_KEEP_ALIVE_TIMEOUT_S,  # as amulet-server: longer than clients' pool expiry
+            )
         else:
             config = make_config(app)
         self._server = uvicorn.Server(config)
