@@ -29,6 +29,12 @@ class EngineConfig:
     * ``block_size``: tokens per KV block, the unit of paging and of the prefix cache.
     * ``cuda_graphs``: on a CUDA device, replay decode-only steps from CUDA graphs captured per
       (batch, context length) bucket on first use (``--enforce-eager`` turns this off).
+    * ``deterministic``: batch-invariant forward passes (:mod:`amulet_core.engine.invariant_attention`,
+      :mod:`amulet_core.engine.invariant_ops`): a token's logits have the same bits whether its prompt was
+      prefilled cold, after a prefix-cache hit or in chunks, and whatever else the step holds, so a greedy
+      request always gets the same answer (measured alike at 1, 2 and 4 threads). On a CPU the linear weights
+      are also kept packed for oneDNN (a copy, when a quarter of the available RAM holds it). None: on for a
+      CPU, off elsewhere (on a GPU it is implemented but unmeasured).
     """
 
     max_num_seqs: int = 32
@@ -41,6 +47,7 @@ class EngineConfig:
     block_size: int = 16
     enable_prefix_cache: bool = True
     cuda_graphs: bool = True
+    deterministic: bool | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -59,6 +66,10 @@ class EngineConfig:
             raise ValueError("EngineConfig.max_num_batched_tokens must be at least max_num_seqs.")
         if self.kv_cache_tokens is not None and self.max_model_len is not None and self.kv_cache_tokens < self.max_model_len:
             raise ValueError("EngineConfig.kv_cache_tokens must hold at least one full-length sequence (max_model_len).")
+
+    def deterministic_on(self, device_type: str) -> bool:
+        """``deterministic``, or when None whether the device is a CPU."""
+        return device_type == "cpu" if self.deterministic is None else self.deterministic
 
     def batched_tokens(self, device_type: str) -> int:
         """``max_num_batched_tokens``, or when None the device's default: 4096 on CUDA (64 concurrent

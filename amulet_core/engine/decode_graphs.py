@@ -15,15 +15,20 @@ share that pool and be replayed in any order.
 
 ``capture=False`` runs the same padded, fixed-shape forward eagerly, on any device: the CPU tests use
 it to check that padding and bucketing leave each real row's logits and the engine's tokens unchanged.
+With ``invariant`` weights the forward is the batch-invariant one (its padding rows then change no bit of
+the real rows).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
+from amulet_core.engine.invariant_attention import InvariantPlan, decode_plan
+from amulet_core.engine.invariant_ops import PackedWeights, batch_invariant
 from amulet_core.engine.paged_attention import PackedBatch, PagedKVCache, decode_group, padded_block_tables
 from amulet_core.engine.scheduler import ScheduledChunk
 
@@ -72,8 +77,11 @@ class DecodeGraphs:
         max_model_len: int,
         device: torch.device,
         capture: bool,
+        invariant: PackedWeights | None = None,
     ) -> None:
         self.model = model
+        self.invariant = invariant
+        """The batch-invariant forward's weights (None: the SDPA forward)."""
         self.cache = cache
         self.block_size = cache.block_size
         self.scratch_block = scratch_block
@@ -135,14 +143,19 @@ class DecodeGraphs:
         """The padded forward pass of one bucket, reading only the static inputs."""
         token_ids, positions, slots, lengths = self.rows[:, :size]
         tables = self.tables[:size, : length // self.block_size]
-        batch = PackedBatch(self.cache, slots, (), decode_group(tables, lengths, self.block_size, length))
-        out = self.model(
-            input_ids=token_ids.unsqueeze(0),
-            position_ids=positions.unsqueeze(0),
-            logits_to_keep=0,
-            use_cache=False,
-            amulet_batch=batch,
-        )
+        if self.invariant is not None:
+            plan = InvariantPlan(decode_plan(tables, lengths, self.block_size, length), ())
+            batch = PackedBatch(self.cache, slots, (), invariant=plan)
+        else:
+            batch = PackedBatch(self.cache, slots, (), decode_group(tables, lengths, self.block_size, length))
+        with batch_invariant(self.invariant) if self.invariant is not None else nullcontext():
+            out = self.model(
+                input_ids=token_ids.unsqueeze(0),
+                position_ids=positions.unsqueeze(0),
+                logits_to_keep=0,
+                use_cache=False,
+                amulet_batch=batch,
+            )
         self.logits[:size].copy_(out.logits[0])
 
     def _capture(self, bucket: tuple[int, int]) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.decode_graphs import DecodeGraphs
+from amulet_core.engine.invariant_attention import step_plan
+from amulet_core.engine.invariant_ops import batch_invariant, invariant_weights
 from amulet_core.engine.memory import (
     CPU_KV_FRACTION,
     CPU_KV_MAX_GIB,
@@ -65,6 +68,9 @@ class ModelRunner:
         self.kv_shape = (layers, kv_heads, head_dim)
         per_token = PagedKVCache.bytes_per_token(layers, kv_heads, head_dim, loaded.dtype)
         context = model_context_length(text_config)
+        self.deterministic = config.deterministic_on(self.device.type)
+        """Batch-invariant forward passes (EngineConfig.deterministic)."""
+        self.invariant_weights = invariant_weights(self.model, available_ram()) if self.deterministic else None
         budget, why, step_context = self._kv_budget(config, context, per_token)
         try:
             size = size_cache(
@@ -171,14 +177,18 @@ class ModelRunner:
                 spans.append(SequenceSpan(start, start + n, context, causal_mask(n, n, self.device)))
                 positions.extend(range(n))
         batch = PackedBatch(cache, torch.arange(num_tokens, device=self.device), tuple(spans))
+        if self.deterministic:
+            plan = step_plan([], [], [(s.query_start, s.query_end, s.context_slots) for s in spans], bs, self.device)
+            batch = PackedBatch(cache, batch.slot_mapping, (), invariant=plan)
         keep = self._tensor(list(range(max(0, num_tokens - logits_rows), num_tokens)))
-        out = self.model(
-            input_ids=torch.zeros(1, num_tokens, dtype=torch.long, device=self.device),
-            position_ids=self._tensor(positions).unsqueeze(0),
-            logits_to_keep=keep,
-            use_cache=False,
-            amulet_batch=batch,
-        )
+        with self._ops():
+            out = self.model(
+                input_ids=torch.zeros(1, num_tokens, dtype=torch.long, device=self.device),
+                position_ids=self._tensor(positions).unsqueeze(0),
+                logits_to_keep=keep,
+                use_cache=False,
+                amulet_batch=batch,
+            )
         torch.log_softmax(out.logits[0].float(), dim=-1)
         del cache, batch, out
 
@@ -210,9 +220,12 @@ class ModelRunner:
         """Run decode-only steps padded to fixed-shape buckets: replayed from CUDA graphs with
         ``capture`` (a CUDA device), else eagerly (any device; what the CPU tests check padding with)."""
         vocab = logits_width(self.model)
-        self.graphs = DecodeGraphs(
-            self.model, self.cache, self.scratch_block, vocab, self.max_num_seqs, self.max_model_len, self.device, capture
-        )
+        sizes = (self.scratch_block, vocab, self.max_num_seqs, self.max_model_len)
+        self.graphs = DecodeGraphs(self.model, self.cache, *sizes, self.device, capture, self.invariant_weights)
+
+    def _ops(self) -> AbstractContextManager[object]:
+        """The context a forward pass runs in: batch-invariant linear layers and activations when deterministic."""
+        return batch_invariant(self.invariant_weights) if self.deterministic else nullcontext()
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         """A flat Python list of ints on the device, in one copy."""
@@ -284,15 +297,24 @@ class ModelRunner:
             positions.extend(range(start, end))
             context = self._slot_list(seq, 0, end)
             slot_mapping.extend(context[start:])
-            spans.append(SequenceSpan(offset, offset + n, self._tensor(context), causal_mask(n, end, self.device)))
+            mask = None if self.deterministic else causal_mask(n, end, self.device)
+            spans.append(SequenceSpan(offset, offset + n, self._tensor(context), mask))
             last_index[id(seq)] = offset + n - 1
-        batch = PackedBatch(self.cache, self._tensor(slot_mapping), tuple(spans), self._decode_group(decode_chunks))
+        slots = self._tensor(slot_mapping)
+        if self.deterministic:
+            tables, lengths = [c.seq.block_table for c in decode_chunks], [c.start + 1 for c in decode_chunks]
+            contexts = [(s.query_start, s.query_end, s.context_slots) for s in spans]
+            plan = step_plan(tables, lengths, contexts, self.block_size, self.device)
+            batch = PackedBatch(self.cache, slots, (), invariant=plan)
+        else:
+            batch = PackedBatch(self.cache, slots, tuple(spans), self._decode_group(decode_chunks))
         keep = self._tensor([last_index[id(seq)] for seq in logits_for])
-        out = self.model(
-            input_ids=self._tensor(input_ids).unsqueeze(0),
-            position_ids=self._tensor(positions).unsqueeze(0),
-            logits_to_keep=keep,
-            use_cache=False,
-            amulet_batch=batch,
-        )
+        with self._ops():
+            out = self.model(
+                input_ids=self._tensor(input_ids).unsqueeze(0),
+                position_ids=self._tensor(positions).unsqueeze(0),
+                logits_to_keep=keep,
+                use_cache=False,
+                amulet_batch=batch,
+            )
         return out.logits[0].float()

@@ -4,7 +4,8 @@ The engine packs every scheduled token of every sequence into one row (batch siz
 like varlen flash-attention) and passes a :class:`PackedBatch` through the model's
 ``**kwargs``; transformers hands it to the registered attention function, which writes the
 new keys and values into the paged pool and attends, sequence by sequence, over that
-sequence's cached context. Model files stay transformers' own.
+sequence's cached context (with SDPA, or batch-invariantly when the batch carries an
+:class:`~amulet_core.engine.invariant_attention.InvariantPlan`). Model files stay transformers' own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from amulet_core.engine.invariant_attention import InvariantPlan, invariant_attention
 
 ATTENTION_NAME = "amulet_paged"
 
@@ -76,6 +79,8 @@ class PackedBatch:
     spans: tuple[SequenceSpan, ...]
     """Sequences with several new tokens (prefill chunks), packed after the decode group."""
     decode: DecodeGroup | None = None
+    invariant: InvariantPlan | None = None
+    """When set, attention is batch-invariant over this plan (``spans`` and ``decode`` are not read)."""
 
 
 def padded_block_tables(tables: Iterable[list[int]], blocks: int, pad_block: int) -> list[int]:
@@ -134,8 +139,12 @@ def paged_attention_forward(
     v_cache = amulet_batch.cache.values[layer]
     k_cache.index_copy_(1, amulet_batch.slot_mapping, key[0])
     v_cache.index_copy_(1, amulet_batch.slot_mapping, value[0])
-    gqa = query.shape[1] != key.shape[1]
     window = kwargs.get("sliding_window")
+    if amulet_batch.invariant is not None:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        plan, limit = amulet_batch.invariant, window if isinstance(window, int) else None
+        return invariant_attention(query, k_cache, v_cache, plan, scale, limit), None
+    gqa = query.shape[1] != key.shape[1]
     outputs = []
     decode = amulet_batch.decode
     if decode is not None:
