@@ -45,7 +45,7 @@ def add_access_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--keep-alive-timeout",
-        type=float,
+        type=int,
         default=DEFAULT_KEEP_ALIVE_TIMEOUT_S,
         metavar="SECONDS",
         help="how long an idle keep-alive connection stays open; keep it above the idle timeout of the clients and "

@@ -11,7 +11,7 @@ from server.requests.limits import RequestLimits
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_BODY_READ_TIMEOUT_S = 60.0
 DEFAULT_MAX_CONNECTIONS = 512
-DEFAULT_KEEP_ALIVE_TIMEOUT_S = 75.0
+DEFAULT_KEEP_ALIVE_TIMEOUT_S = 75
 """Longer than the idle-pool expiry of common clients (httpx and the OpenAI SDK 5 s, aiohttp 15 s) and than a
 cloud load balancer's idle timeout (60 s): the server never closes an idle connection at the moment the client
 sends a request on it (which the client sees as "server disconnected without sending a response")."""
@@ -41,7 +41,7 @@ class ServerConfig:
     max_connections: int | None = DEFAULT_MAX_CONNECTIONS
     """uvicorn's ``limit_concurrency``: beyond this many open connections (or running requests) a new request
     gets 503 at once; None: no limit."""
-    keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S
+    keep_alive_timeout_s: int = DEFAULT_KEEP_ALIVE_TIMEOUT_S
     """How long an idle keep-alive connection stays open (uvicorn's ``timeout_keep_alive``)."""
     allowed_hosts: tuple[str, ...] = ()
     """Host header names answered besides localhost, 127.0.0.1, [::1] and ``host`` (``*``: any; ``*.example.com``:
@@ -81,8 +81,8 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
         if not (math.isfinite(self.body_read_timeout_s) and self.body_read_timeout_s > 0):
             raise ValueError(f"body_read_timeout_s must be above 0, got {self.body_read_timeout_s}")
-        if not (math.isfinite(self.keep_alive_timeout_s) and self.keep_alive_timeout_s > 0):
-            raise ValueError(f"keep_alive_timeout_s must be above 0, got {self.keep_alive_timeout_s}")
+        if self.keep_alive_timeout_s < 1:
+            raise ValueError(f"keep_alive_timeout_s must be at least 1, got {self.keep_alive_timeout_s}")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
         if any(not name.strip() for name in self.allowed_hosts):

@@ -59,6 +59,7 @@ def test_every_option() -> None:
             "--max-num-batched-tokens",
             "1024",
             "--enforce-eager",
+            "--no-deterministic",
             "--api-key",
             "k1",
             "--cors-origins",
@@ -78,10 +79,18 @@ def test_every_option() -> None:
     )
     assert configs.model == ModelConfig(model="/models/qwen", device="cpu", dtype="float32", model_cache="/srv/converted")
     assert configs.engine == EngineConfig(
-        max_num_seqs=8, max_model_len=1024, max_queue=5, kv_cache_memory_gib=4.0, max_num_batched_tokens=1024, cuda_graphs=False
+        max_num_seqs=8,
+        max_model_len=1024,
+        max_queue=5,
+        kv_cache_memory_gib=4.0,
+        max_num_batched_tokens=1024,
+        cuda_graphs=False,
+        deterministic=False,
     )
     defaults = parse_args([], environ={}).engine
     assert defaults.cuda_graphs and defaults.max_num_batched_tokens is None
+    assert defaults.deterministic is None and defaults.deterministic_on("cpu") and not defaults.deterministic_on("cuda")
+    assert parse_args(["--deterministic"], environ={}).engine.deterministic_on("cuda")
     assert (defaults.batched_tokens("cpu"), defaults.batched_tokens("cuda")) == (512, 4096)
     assert configs.engine.batched_tokens("cuda") == 1024
     assert configs.server == ServerConfig(
