@@ -7,18 +7,17 @@ Docker engine is needed: ``config`` only parses and validates.
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
+from tests.ops.compose_files import load_compose, merge_compose
 from tests.support import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -89,37 +88,6 @@ def compose() -> ComposeTool:
     return tool
 
 
-class _Reset:
-    """Marker for Compose's ``!reset`` tag (removes the value it is set on when files are merged)."""
-
-
-class _ComposeLoader(yaml.SafeLoader):
-    pass
-
-
-_ComposeLoader.add_constructor("!reset", lambda loader, node: _Reset())
-
-
-def _load(path: Path) -> dict[str, Any]:
-    with path.open() as f:
-        return yaml.load(f, Loader=_ComposeLoader)  # a SafeLoader subclass
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Compose's merge for what an override of mappings and ``!reset`` uses (lists are not emulated)."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, _Reset):
-            merged.pop(key, None)
-        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        elif isinstance(value, list):
-            raise NotImplementedError(f"list merge of {key!r} is not emulated; use !reset or a mapping")
-        else:
-            merged[key] = value
-    return merged
-
-
 def _assert_valid(result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode == 0, f"compose config failed:\n{result.stderr}"
 
@@ -143,7 +111,7 @@ def test_compose_refuses_to_start_without_the_key_or_the_grafana_password(compos
 
 @pytest.mark.system
 def test_compose_validator_rejects_a_broken_file(compose: ComposeTool, tmp_path: Path) -> None:
-    broken = _load(COMPOSE)
+    broken = load_compose(COMPOSE)
     broken["services"]["server"]["gpu_count_typo"] = 1
     path = tmp_path / "docker-compose.yml"
     path.write_text(yaml.safe_dump(broken))
@@ -152,9 +120,9 @@ def test_compose_validator_rejects_a_broken_file(compose: ComposeTool, tmp_path:
 
 @pytest.mark.system
 def test_cpu_override_drops_the_gpu_and_builds_the_cpu_image(compose: ComposeTool, tmp_path: Path) -> None:
-    override = _load(CPU_OVERRIDE)
+    override = load_compose(CPU_OVERRIDE)
     assert override["services"]["server"]["build"]["args"]["VARIANT"] == "cpu"
-    merged = _merge(_load(COMPOSE), override)
+    merged = merge_compose(load_compose(COMPOSE), override)
     server = merged["services"]["server"]
     assert not server.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
     assert server["build"]["context"] == "."
@@ -170,7 +138,7 @@ def test_cpu_override_drops_the_gpu_and_builds_the_cpu_image(compose: ComposeToo
 
 
 def test_server_service_reserves_one_nvidia_gpu_and_publishes_8000() -> None:
-    server = _load(COMPOSE)["services"]["server"]
+    server = load_compose(COMPOSE)["services"]["server"]
     assert server["build"]["context"] == "."
     assert [str(p) for p in server["ports"]] == ["127.0.0.1:8000:8000"]
     devices = server["deploy"]["resources"]["reservations"]["devices"]
@@ -179,7 +147,7 @@ def test_server_service_reserves_one_nvidia_gpu_and_publishes_8000() -> None:
 
 
 def test_every_bind_mount_source_exists() -> None:
-    for name, service in _load(COMPOSE)["services"].items():
+    for name, service in load_compose(COMPOSE)["services"].items():
         for volume in service.get("volumes", []):
             source = str(volume).split(":")[0]
             if source.startswith((".", "/")):
@@ -187,7 +155,7 @@ def test_every_bind_mount_source_exists() -> None:
 
 
 def test_prometheus_config_scrapes_the_server_metrics() -> None:
-    services = _load(COMPOSE)["services"]
+    services = load_compose(COMPOSE)["services"]
     mounts = [str(v) for v in services["prometheus"]["volumes"]]
     assert "./docker/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
     assert [str(p) for p in services["prometheus"]["ports"]] == ["127.0.0.1:9090:9090"]
@@ -212,7 +180,7 @@ def test_prometheus_config_passes_promtool(prometheus_binary: str) -> None:
 
 
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboard() -> None:
-    grafana = _load(COMPOSE)["services"]["grafana"]
+    grafana = load_compose(COMPOSE)["services"]["grafana"]
     mounts = dict(str(v).split(":")[:2] for v in grafana["volumes"])
     assert mounts["./docker/grafana/provisioning"] == "/etc/grafana/provisioning"
     assert [str(p) for p in grafana["ports"]] == ["127.0.0.1:3000:3000"]
@@ -237,7 +205,7 @@ def test_dockerfile_variants_match_compose_build_args() -> None:
     stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", dockerfile, flags=re.MULTILINE | re.IGNORECASE))
     assert re.search(r"^FROM\s+base-\$\{VARIANT\}", dockerfile, flags=re.MULTILINE)
     for compose_file in (COMPOSE, CPU_OVERRIDE):
-        variant = _load(compose_file)["services"]["server"]["build"]["args"]["VARIANT"]
+        variant = load_compose(compose_file)["services"]["server"]["build"]["args"]["VARIANT"]
         assert f"base-{variant}" in stages, f"{compose_file.name}: no Dockerfile stage base-{variant}"
     assert re.search(r"^HEALTHCHECK .*\n?.*127\.0\.0\.1:8000/health", dockerfile, flags=re.MULTILINE)
     assert 'CMD ["amulet-server", "--host", "0.0.0.0", "--port", "8000"]' in dockerfile
@@ -248,7 +216,7 @@ def test_dockerfile_variants_match_compose_build_args() -> None:
 def test_the_server_restarts_and_is_health_checked_like_the_image() -> None:
     """Crash-only: Docker restarts a server that exits (model load failure, stalled engine), and checks /health the
     same way, at the same pace, as the Dockerfile's HEALTHCHECK."""
-    server = _load(COMPOSE)["services"]["server"]
+    server = load_compose(COMPOSE)["services"]["server"]
     assert server["restart"] == "unless-stopped"
     check = server["healthcheck"]
     assert "http://127.0.0.1:8000/health" in " ".join(check["test"])
@@ -265,11 +233,11 @@ def test_the_server_restarts_and_is_health_checked_like_the_image() -> None:
 def test_podman_override_runs_the_local_images_and_validates(compose: ComposeTool) -> None:
     """docker-compose.podman.yml (what tests/ops/test_compose_up.py runs) only swaps in the images built by
     docker/build-images.sh: same ports, key, volumes, restart policy and healthcheck as the shipped file."""
-    base, override = _load(COMPOSE), _load(PODMAN_OVERRIDE)
+    base, override = load_compose(COMPOSE), load_compose(PODMAN_OVERRIDE)
     assert set(override["services"]) == {"server", "prometheus"}
     assert override["services"]["server"] == {"build": {"args": {"VARIANT": "cpu"}}, "image": "localhost/amulet-serve:cpu"}
     assert override["services"]["prometheus"] == {"image": "localhost/amulet-prometheus:debian"}
-    merged = _merge(base, override)
+    merged = merge_compose(base, override)
     for name in ("server", "prometheus"):
         kept = {k: v for k, v in base["services"][name].items() if k not in {"image", "build"}}
         assert {k: merged["services"][name][k] for k in kept} == kept

@@ -14,7 +14,6 @@ the files with each old flaw put back (the flaw is found), as the files were bef
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import re
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.ops.compose_files import load_compose, merge_compose, parse_compose
 from tests.support import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -34,34 +34,6 @@ SERVING_PORT = 8000
 REQUIRED_VARIABLE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*:?\?[^}]+\}$")
 """A Compose variable that must be set: ``${NAME:?message}`` (or ``${NAME?message}``)."""
 PRIVILEGED_GRAFANA_ROLES = {"admin", "editor", "grafana admin"}
-
-
-class _Reset:
-    pass
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-_Loader.add_constructor("!reset", lambda loader, node: _Reset())
-
-
-def load_compose(text: str) -> dict[str, Any]:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
-
-
-def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Compose's merge of mappings (and ``!reset``), which is all the CPU override uses."""
-    result = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, _Reset):
-            result.pop(key, None)
-        elif isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = merged(result[key], value)
-        else:
-            result[key] = copy.deepcopy(value)
-    return result
 
 
 def _environment(service: dict[str, Any]) -> dict[str, str]:
@@ -233,13 +205,13 @@ def kuberay_problems(documents: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def shipped_compose() -> dict[str, Any]:
-    return load_compose(COMPOSE.read_text())
+    return load_compose(COMPOSE)
 
 
 def test_the_shipped_compose_files_are_closed() -> None:
     assert compose_problems(shipped_compose()) == []
-    assert compose_problems(merged(shipped_compose(), load_compose(CPU_OVERRIDE.read_text()))) == []
-    assert compose_problems(merged(shipped_compose(), load_compose(PODMAN_OVERRIDE.read_text()))) == []
+    assert compose_problems(merge_compose(shipped_compose(), load_compose(CPU_OVERRIDE))) == []
+    assert compose_problems(merge_compose(shipped_compose(), load_compose(PODMAN_OVERRIDE))) == []
 
 
 def test_the_shipped_kuberay_manifest_is_closed() -> None:
@@ -350,7 +322,7 @@ services:
 
 
 def test_the_compose_file_as_it_was_fails_every_check() -> None:
-    old = load_compose(OLD_COMPOSE)
+    old = parse_compose(OLD_COMPOSE)
     assert len(compose_open_ports(old)) == 3
     assert compose_missing_key(old) and compose_anonymous_admin(old)
 

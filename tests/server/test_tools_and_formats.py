@@ -15,6 +15,7 @@ from amulet_core.grammar.spec import GrammarKind
 from amulet_core.method.preference_prompts import Placement
 from server.config import ServerConfig
 from tests.support.fake_engine import FakeEngine
+from tests.support.http import WEATHER_TOOL as WEATHER
 from tests.support.http import assert_openai_error
 from tests.support.live_server import LiveServer
 
@@ -25,14 +26,6 @@ def server_config() -> ServerConfig:
     return ServerConfig(preference_placement=Placement.SYSTEM)
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 

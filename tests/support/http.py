@@ -1,4 +1,5 @@
-"""What the HTTP tests share: a one-line conversation, the API key they configure, and the OpenAI error shape."""
+"""What the HTTP tests share: a one-line conversation, a function tool, the API key they configure, and the OpenAI
+error shape."""
 
 from __future__ import annotations
 
@@ -7,6 +8,15 @@ from typing import Any
 import httpx
 
 USER = [{"role": "user", "content": "Hi"}]
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+"""A chat-completions function tool with one required string argument."""
 API_KEY = "sk-test-secret-7f3a9c"
 """The key a test server is configured with (distinctive, so a leak of it into a log or an answer is found)."""
 WRONG_KEY = "sk-wrong-guess-0000"

@@ -37,6 +37,7 @@ from server.requests.tool_prompts import for_template_without_tools
 from server.tool_parsers import ToolFunction
 from tests.engine.device import build_tiny_template_family_model
 from tests.engine.test_engine import drain, tokens_of
+from tests.support.http import WEATHER_TOOL as WEATHER
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -76,14 +77,6 @@ CONVERSATIONS = {"single": SINGLE, "history": HISTORY}
 SENTENCE = "Your answer should be concise as much as possible."
 JOINS = {Placement.SYSTEM: " ", Placement.END: "\n\n"}
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 TOOL_ROUND_TRIP: list[dict[str, Any]] = [
     {"role": "user", "content": "What is the weather in Paris?"},
     {
