@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from amulet_core.method.preference_prompts import TEMPLATE, Placement
+from server.reasoning_parsers import REASONING_PARSERS
 from server.requests.limits import RequestLimits
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -58,6 +59,9 @@ class ServerConfig:
     """Value of the Retry-After header on 429 (queue full) and 503 (not ready) answers."""
     tool_call_parser: str = "auto"
     """How tool calls are read from the model's text: ``hermes``, ``llama3_json`` or ``auto`` (from the chat template)."""
+    reasoning_parser: str | None = None
+    """How a reasoning model's thinking is told from its answer (``deepseek_r1``, ``qwen3``: ``<think>`` blocks,
+    :mod:`server.reasoning_parsers`); None leaves the thinking in ``content``."""
     max_preferences: int = 4
     """Most preferences one request may combine (each is a context decoded with the answer)."""
     max_n: int = 8
@@ -89,6 +93,8 @@ class ServerConfig:
             raise ValueError("allowed_hosts must not hold an empty name")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be at least 0, got {self.drain_timeout_s}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS} or None, got {self.reasoning_parser!r}")
         if not 1 <= self.max_preferences <= 8:
             raise ValueError(f"max_preferences must be from 1 to 8, got {self.max_preferences}")
         if self.max_n < 1:

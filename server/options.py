@@ -20,6 +20,7 @@ from amulet_core.model.loading import ModelConfig
 from server.access_options import access_settings, add_access_arguments, open_api_refusal
 from server.api_keys import API_KEY_ENV, API_KEY_FILE_ENV, resolve_api_keys
 from server.config import ServerConfig
+from server.reasoning_parsers import REASONING_PARSERS
 from server.supervision import TEST_FAULTS
 from server.tool_parsers import TOOL_PARSERS
 
@@ -135,6 +136,13 @@ def build_parser(prog: str = "amulet-server", *, ray_flag: bool = True, add_help
         default="auto",
         choices=("auto", *TOOL_PARSERS),
         help="format of the model's tool calls; auto picks it from the chat template (default: %(default)s)",
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=REASONING_PARSERS,
+        help="a reasoning model's <think> blocks go to reasoning_content, apart from the answer (default: none, the "
+        "thinking stays in content)",
     )
     p.add_argument(
         "--max-preferences",
@@ -285,6 +293,7 @@ def configs_from_args(
                 max_n=args.max_n,
                 max_preferences=args.max_preferences,
                 tool_call_parser=args.tool_call_parser,
+                reasoning_parser=args.reasoning_parser,
                 playground=not args.no_playground,
             ),
             wait_for_model=args.wait_for_model,

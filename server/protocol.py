@@ -344,8 +344,10 @@ class ChatCompletionRequest(GenerationFields):
     tools: list[ChatTool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = Field(default=None, min_length=1, max_length=32)
+    """Given to the chat template as ``reasoning_effort`` (templates that read it, like gpt-oss's, think less or
+    more; others ignore it); ``chat_template_kwargs.enable_thinking`` turns a Qwen3 model's thinking off."""
     # Accepted, no effect here.
-    reasoning_effort: str | None = None
     prediction: dict[str, Any] | None = None
 
     @model_validator(mode="after")

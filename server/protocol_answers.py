@@ -145,6 +145,8 @@ class ToolCallOut(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """A reasoning model's thinking (``--reasoning-parser``); left out of answers that have none."""
     tool_calls: list[ToolCallOut] | None = None
 
 
@@ -180,6 +182,7 @@ class DeltaToolCall(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

@@ -31,6 +31,7 @@ from server.protocol_answers import (
     PreferenceEcho,
     UsageInfo,
 )
+from server.reasoning_parsers import ReasoningParser, ReasoningSplit
 from server.requests.chat import PreparedChat
 from server.requests.chat import prepare as prepare_chat
 from server.requests.policy import UnknownFieldLog
@@ -66,6 +67,12 @@ class OpenAIServingChat(OpenAIServing):
             logger.warning("The chat template does not render tools: they are described in the system message (Hermes format).")
         return prepared
 
+    def reasoning_parser(self, prepared: PreparedChat) -> ReasoningParser | None:
+        """How the answers to ``prepared`` split into thinking and answer (None: ``--reasoning-parser`` unset)."""
+        if self.config.reasoning_parser is None:
+            return None
+        return ReasoningParser.for_prompt(prepared.rendered.texts[0])
+
     async def create(self, body: ChatCompletionRequest, raw_request: Request) -> Response:
         arrival = time.monotonic()
         prepared = await self.prepare(body, tenant_of(raw_request.scope))
@@ -73,19 +80,24 @@ class OpenAIServingChat(OpenAIServing):
         tracker = RequestTracker(self.observer, [prepared.request], n, arrival)
         outputs = generate_choices(self.engine, [prepared.request], n)
         if body.stream:
-            chunks = ChatChunks(prepared, self.model_name)
+            chunks = ChatChunks(prepared, self.model_name, self.reasoning_parser(prepared))
             return await stream_response(outputs, n, chunks, body.include_usage, raw_request, tracker, self.config.retry_after_s)
         results = await run_to_end(outputs, n, raw_request, tracker)
         if results is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         want_logprobs = prepared.request.sampling.logprobs
+        reasoning = self.reasoning_parser(prepared)
         choices = []
         for r in results:
-            message, reason = AssistantMessage(content=r.text), r.finish_reason or "stop"
-            if prepared.tools is not None:
-                parsed = prepared.tools.parse(r.text)
+            split = reasoning.split(r.text) if reasoning is not None else ReasoningSplit(None, r.text)
+            message, reason = (
+                AssistantMessage(content=split.content, reasoning_content=split.reasoning),
+                r.finish_reason or "stop",
+            )
+            if prepared.tools is not None and (split.content is not None or reasoning is None):
+                parsed = prepared.tools.parse(split.content or "")
                 calls = tool_calls_out(parsed)
-                message = AssistantMessage(content=parsed.content, tool_calls=calls or None)
+                message = AssistantMessage(content=parsed.content, reasoning_content=split.reasoning, tool_calls=calls or None)
                 reason = "tool_calls" if calls and reason == "stop" else reason
             logprobs = ChoiceLogprobs.from_engine(r.logprobs) if want_logprobs else None
             choices.append(ChatChoice(index=r.index, message=message, logprobs=logprobs, finish_reason=reason))
@@ -113,7 +125,7 @@ class ChatChunks:
     """``chat.completion.chunk`` events (a ChunkFormat): each choice opens with its role and the preference
     echo, then text deltas, then its finish (with the echo again); usage comes last when asked for."""
 
-    def __init__(self, prepared: PreparedChat, model_name: str) -> None:
+    def __init__(self, prepared: PreparedChat, model_name: str, reasoning: ReasoningParser | None = None) -> None:
         self.prepared = prepared
         self.preference = preference_echo(prepared)
         self.model_name = model_name
@@ -122,6 +134,8 @@ class ChatChunks:
         self.include_usage = prepared.body.include_usage
         tools = prepared.tools
         self.tool_streams = [ToolCallStream(tools) for _ in range(prepared.body.num_choices)] if tools else []
+        n = prepared.body.num_choices
+        self.reasoning_streams = [reasoning.stream() for _ in range(n)] if reasoning is not None else []
 
     def _chunk(self, choice: ChunkChoice | None, preference: PreferenceEcho | None = None, usage: UsageInfo | None = None) -> str:
         payload: dict[str, Any] = ChatCompletionChunk(
@@ -148,14 +162,27 @@ class ChatChunks:
 
     def delta(self, choice: ChoiceOutput) -> list[str]:
         out = choice.output
-        text = self.tool_streams[choice.index].feed(out.text) if self.tool_streams else out.text
-        if not (text or (self.want_logprobs and out.logprobs)):
-            return []
+        split = self.reasoning_streams[choice.index].feed(out.text) if self.reasoning_streams else ReasoningSplit(None, out.text)
         lps = ChoiceLogprobs.from_engine(list(out.logprobs)) if self.want_logprobs and out.logprobs else None
-        return [self._chunk(ChunkChoice(index=choice.index, delta=DeltaMessage(content=text), logprobs=lps))]
+        return self._split_events(choice.index, split, lps)
+
+    def _split_events(self, index: int, split: ReasoningSplit, lps: ChoiceLogprobs | None = None) -> list[str]:
+        """The chunks of a piece of thinking and answer (the log-probabilities ride on the first)."""
+        events = []
+        if split.reasoning:
+            events.append(
+                self._chunk(ChunkChoice(index=index, delta=DeltaMessage(reasoning_content=split.reasoning), logprobs=lps))
+            )
+            lps = None
+        text = split.content or ""
+        if self.tool_streams and text:
+            text = self.tool_streams[index].feed(text)
+        if text or lps is not None:
+            events.append(self._chunk(ChunkChoice(index=index, delta=DeltaMessage(content=text), logprobs=lps)))
+        return events
 
     def finish(self, index: int, reason: str) -> list[str]:
-        events = []
+        events = self._split_events(index, self.reasoning_streams[index].finish()) if self.reasoning_streams else []
         if self.tool_streams:
             content, calls = self.tool_streams[index].finish()
             if content:

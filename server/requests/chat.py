@@ -96,7 +96,11 @@ def admit(body: ChatCompletionRequest, admission: Admission) -> ChatIntent:
         top_logprobs=body.top_logprobs or 0,
         grammar=grammar,
     )
-    options = template_options(body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs, messages)
+    template_kwargs = body.chat_template_kwargs
+    if body.reasoning_effort is not None and "reasoning_effort" not in (template_kwargs or {}):
+        # for templates that read it (gpt-oss's); others ignore an unknown variable
+        template_kwargs = {**(template_kwargs or {}), "reasoning_effort": body.reasoning_effort}
+    options = template_options(body.add_generation_prompt, body.continue_final_message, template_kwargs, messages)
     plan = preference_plan(body, admission.config.max_preferences, admission.config.preference_placement)
     settings = plan.settings if plan is not None else MethodSettings(method=Method.BASE)
     source = "guidance_scale" if plan is not None and body.preference is None else "preference"

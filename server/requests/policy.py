@@ -68,7 +68,6 @@ NO_EFFECT: dict[str, str] = {
     "prompt_cache_key": "the prefix cache needs no key",
     "prompt_cache_retention": "the prefix cache needs no key",
     "priority": "requests are served first come, first served",
-    "reasoning_effort": "the model does not reason in a hidden channel",
     "prediction": "predicted outputs only change the latency",
     "stream_options.include_obfuscation": "no obfuscation padding is added",
     "request_id": "the server names its requests",
