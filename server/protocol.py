@@ -344,6 +344,10 @@ class ChatCompletionRequest(GenerationFields):
     tools: list[ChatTool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    preference_in_reasoning: bool = False
+    """With ``--reasoning-parser``: decode a reasoning model's thinking with the preference's contrast (and the
+    grammar) too; by default they begin with the answer, after ``</think>``, and the thinking is decoded from
+    the preference context alone."""
     reasoning_effort: str | None = Field(default=None, min_length=1, max_length=32)
     """Given to the chat template as ``reasoning_effort`` (templates that read it, like gpt-oss's, think less or
     more; others ignore it); ``chat_template_kwargs.enable_thinking`` turns a Qwen3 model's thinking off."""

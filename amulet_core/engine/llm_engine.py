@@ -28,7 +28,7 @@ from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
 from amulet_core.engine.sequence import Sequence
 from amulet_core.errors import ContextLengthExceededError, InvalidParameterError, is_request_failure
 from amulet_core.grammar.compiler import GrammarCompiler, GrammarMatcher
-from amulet_core.grammar.masks import grammar_masks
+from amulet_core.grammar.masks import MaskFiller, WithTokenAllowed, grammar_masks
 from amulet_core.grammar.spec import GrammarSpec
 from amulet_core.method.rows import RowSpec, method_logprobs
 from amulet_core.model.loading import LoadedModel
@@ -58,6 +58,37 @@ class RequestState:
     """K: the group's first K sequences are its preference contexts (1 for base)."""
     weights: tuple[float, ...] = (1.0,)
     """The K preference contexts' normalised weights."""
+    thinking: bool = False
+    """Inside the request's thinking (``request.thinking``): no contrast, no grammar."""
+
+    @property
+    def step_coefficient(self) -> float | None:
+        """A of this step's closed form: 1 (the preference contexts alone) while thinking."""
+        return 1.0 if self.thinking and self.coefficient is not None else self.coefficient
+
+    def mask_filler(self) -> MaskFiller | None:
+        """What constrains this step's token: the grammar (none while thinking), which before the first token also
+        lets the model open its thinking."""
+        if self.matcher is None or self.thinking:
+            return None
+        span = self.request.thinking
+        if span is not None and span.start_token_id is not None and not self.output_ids:
+            return WithTokenAllowed(self.matcher, span.start_token_id)
+        return self.matcher
+
+    def note_thinking(self, token: int) -> bool:
+        """Follow the thinking with the sampled ``token``; whether the token belongs to the thinking (its start
+        or end token included), so that the grammar does not see it."""
+        span = self.request.thinking
+        if span is None:
+            return False
+        if self.thinking:
+            self.thinking = token != span.end_token_id
+            return True
+        if not self.output_ids and token == span.start_token_id:
+            self.thinking = True
+            return True
+        return False
 
 
 class LLMEngine:
@@ -177,6 +208,7 @@ class LLMEngine:
             matcher=self._matcher(sp.grammar),
             num_prefs=len(request.contexts) - (request.contrast_prompt_ids is not None),
             weights=request.method.normalized_weights,
+            thinking=request.thinking is not None and request.thinking.open_at_start,
         )
         self.scheduler.add(group)
 
@@ -235,13 +267,14 @@ class LLMEngine:
             # The group's rows in order: preference contexts 1..K, then the contrast context (la, amulet).
             k = state.num_prefs
             contrast = row + k if len(state.group.seqs) > k else None
-            specs.append(RowSpec.of(range(row, row + k), state.weights, contrast, state.request.method, state.coefficient))
+            specs.append(RowSpec.of(range(row, row + k), state.weights, contrast, state.request.method, state.step_coefficient))
             row += len(state.group.seqs)
         try:
             # The grammars mask the distribution each method produced (for la and amulet the combined
             # one, once; their plausibility mask counts from the most likely allowed token), all
             # constrained rows at once, before the processors and the sampler.
-            constrained = [(i, s.matcher) for i, s in enumerate(states) if s.matcher is not None]
+            fillers = [s.mask_filler() for s in states]
+            constrained = [(i, f) for i, f in enumerate(fillers) if f is not None]
             masks = None
             if constrained:
                 rows, matchers = [i for i, _ in constrained], [m for _, m in constrained]
@@ -304,7 +337,8 @@ class LLMEngine:
     def _accept(self, state: RequestState, sample: RowSample) -> GenerationOutput:
         sp = state.request.sampling
         token = sample.token
-        if state.matcher is not None and not state.matcher.accept(token):
+        in_thinking = state.note_thinking(token)
+        if state.matcher is not None and not in_thinking and not state.matcher.accept(token):
             param = sp.grammar.param if sp.grammar is not None else "grammar"
             raise ValueError(f"token {token} breaks the grammar of '{param}': {state.matcher.error}")
         state.output_ids.append(token)

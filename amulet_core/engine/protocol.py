@@ -19,6 +19,20 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass(frozen=True)
+class ThinkingSpan:
+    """A reasoning model's thinking, between two special tokens: decoded without the method's contrast (each
+    row's closed form with A = 1, the preference contexts' own distribution) and without the grammar, which
+    both begin with the token after ``end_token_id``.
+
+    ``open_at_start``: the prompt left the thinking open (its generation prompt ends with the start token);
+    otherwise ``start_token_id`` as the first generated token opens it (None: only an open prompt does)."""
+
+    end_token_id: int
+    start_token_id: int | None = None
+    open_at_start: bool = False
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One request as the engine sees it: token ids of its context(s), method and sampling.
 
@@ -39,6 +53,8 @@ class GenerationRequest:
     cache_salt: str | None = None
     """The tenant's prefix-cache salt: the request reuses cached blocks only of requests of the same salt
     (None: the unsalted cache), and its ``cached_tokens`` count only those."""
+    thinking: ThinkingSpan | None = None
+    """Where a reasoning model's thinking is (None: the method and the grammar apply from the first token)."""
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -66,6 +82,7 @@ class GenerationRequest:
         sampling: SamplingParams,
         method: MethodSettings,
         cache_salt: str | None = None,
+        thinking: ThinkingSpan | None = None,
     ) -> GenerationRequest:
         """The request of ``contexts`` in :attr:`contexts`' order: the decoded one first, then preference
         contexts 2..K, then the contrast one when the method has one (la and amulet)."""
@@ -78,6 +95,7 @@ class GenerationRequest:
             contrast_prompt_ids=contexts[-1] if method.method.has_contrast else None,
             extra_prompt_ids=tuple(contexts[1:k]),
             cache_salt=cache_salt,
+            thinking=thinking,
         )
 
     @property

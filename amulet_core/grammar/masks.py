@@ -34,6 +34,25 @@ class MaskFiller(Protocol):
         ...
 
 
+class WithTokenAllowed:
+    """A :class:`MaskFiller` that allows one more token than its grammar does (a reasoning model's token that
+    opens its thinking, before the grammar's answer begins)."""
+
+    def __init__(self, filler: MaskFiller, token: int) -> None:
+        self.filler = filler
+        self.word, bit = divmod(token, 32)
+        self.bit = (1 << bit) - (1 << 32) if bit == 31 else 1 << bit  # as a signed int32
+
+    @property
+    def mask_words(self) -> int:
+        return self.filler.mask_words
+
+    def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.filler.fill_mask(bitmask, row)
+        if self.word < bitmask.shape[1]:
+            bitmask[row, self.word] |= self.bit
+
+
 CPU_CHUNK_FLOATS = 1 << 18
 """On the CPU the masks are expanded a few rows at a time, at most this many floats (1 MiB) at once: a
 ``[rows, V]`` temporary more per step made glibc's heap grow and shrink every step, and the page faults

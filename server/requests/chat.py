@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from amulet_core.engine.protocol import GenerationRequest
+from amulet_core.engine.protocol import GenerationRequest, ThinkingSpan
 from amulet_core.errors import InvalidParameterError
 from amulet_core.method.preference_prompts import (
     TEMPLATE,
@@ -24,6 +24,7 @@ from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.model.chat_template import ChatRenderer, ChatTemplateOptions
 from amulet_core.sampling.params import SamplingParams
 from server.protocol import ChatCompletionRequest, template_messages
+from server.reasoning_parsers import THINK_END, THINK_START, ReasoningParser
 from server.requests.admission import Admission
 from server.requests.encoding import encode_chat_texts
 from server.requests.fields import sampling_params, template_options
@@ -132,18 +133,35 @@ def render(intent: ChatIntent, renderer: ChatRenderer, default_system_prompt: st
     return RenderedChat(texts, contexts, described)
 
 
+def thinking_span(intent: ChatIntent, rendered: RenderedChat, renderer: ChatRenderer, parser: str | None) -> ThinkingSpan | None:
+    """Where the answer's thinking is, for the engine to decode it without the contrast and the grammar: with a
+    reasoning parser, unless the request asks for them in the thinking too, and where ``</think>`` is one token
+    of the tokenizer (else None: they apply from the first token)."""
+    if parser is None or intent.body.preference_in_reasoning:
+        return None
+    end, start = renderer.encode_text(THINK_END), renderer.encode_text(THINK_START)
+    if len(end) != 1:
+        return None
+    opened = ReasoningParser.for_prompt(rendered.texts[0]).starts_in_reasoning
+    return ThinkingSpan(end[0], start[0] if len(start) == 1 else None, opened)
+
+
 def encode(rendered: RenderedChat, renderer: ChatRenderer, max_model_len: int) -> list[tuple[int, ...]]:
     """Phase 3: the contexts' token ids; one too long for the context is refused by its characters first."""
     return encode_chat_texts(rendered.texts, renderer, max_model_len)
 
 
 def assemble(
-    intent: ChatIntent, ids: list[tuple[int, ...]], max_model_len: int, cache_salt: str | None = None
+    intent: ChatIntent,
+    ids: list[tuple[int, ...]],
+    max_model_len: int,
+    cache_salt: str | None = None,
+    thinking: ThinkingSpan | None = None,
 ) -> GenerationRequest:
-    """Phase 4: the engine's request, of prefix-cache salt ``cache_salt`` (:mod:`server.requests.tenancy`),
-    refused when a context leaves no room for the answer asked for."""
+    """Phase 4: the engine's request, of prefix-cache salt ``cache_salt`` (:mod:`server.requests.tenancy`) and
+    reasoning span ``thinking``, refused when a context leaves no room for the answer asked for."""
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    request = GenerationRequest.from_contexts(request_id, ids, intent.sampling, intent.settings, cache_salt)
+    request = GenerationRequest.from_contexts(request_id, ids, intent.sampling, intent.settings, cache_salt, thinking)
     try:
         request.max_new_tokens(max_model_len)
     except InvalidParameterError as exc:
@@ -162,10 +180,11 @@ async def prepare(
     intent = admit(body, admission)
     chat_renderer = renderer()
 
-    def render_and_encode() -> tuple[RenderedChat, list[tuple[int, ...]]]:
+    def render_and_encode() -> tuple[RenderedChat, list[tuple[int, ...]], ThinkingSpan | None]:
         rendered = render(intent, chat_renderer, admission.config.default_system_prompt)
-        return rendered, encode(rendered, chat_renderer, admission.max_model_len())
+        thinking = thinking_span(intent, rendered, chat_renderer, admission.config.reasoning_parser)
+        return rendered, encode(rendered, chat_renderer, admission.max_model_len()), thinking
 
-    rendered, ids = await admission.off_loop(render_and_encode)
+    rendered, ids, thinking = await admission.off_loop(render_and_encode)
     salt = effective_cache_salt(tenant, body.cache_salt)
-    return PreparedChat(intent, rendered, assemble(intent, ids, admission.max_model_len(), salt))
+    return PreparedChat(intent, rendered, assemble(intent, ids, admission.max_model_len(), salt, thinking))

@@ -8,7 +8,9 @@
   are cut across tokens), with the official OpenAI SDK: ``message.reasoning_content`` and the streamed
   ``delta.reasoning_content`` hold the thinking, ``content`` the answer; tool calls are read from the answer
   alone; without the parser the text is untouched and answers carry no ``reasoning_content``;
-* ``reasoning_effort`` reaches the chat template.
+* ``reasoning_effort`` reaches the chat template;
+* the engine is told where the thinking is (``GenerationRequest.thinking``: no contrast, no grammar inside it;
+  tests/engine/test_thinking_span.py) when ``</think>`` is one token.
 """
 
 from __future__ import annotations
@@ -18,15 +20,19 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import openai
 import pytest
 
+from amulet_core.engine.protocol import ThinkingSpan
 from amulet_core.model.chat_template import ChatTemplateOptions, ChatTokenizer
 from server.app import create_app
 from server.config import ServerConfig
+from server.protocol import ChatCompletionRequest
 from server.reasoning_parsers import ReasoningParser, ReasoningSplit
+from server.requests.chat import RenderedChat, thinking_span
 from tests.support.fake_engine import FakeEngine
 from tests.support.http import WEATHER_TOOL
 from tests.support.live_server import LiveServer, live_server
@@ -183,3 +189,29 @@ def test_reasoning_effort_reaches_the_template(client: openai.OpenAI, engine: Fa
     engine.reset()
     client.chat.completions.create(model="fake-model", messages=ask("ok"), reasoning_effort="low")  # type: ignore[arg-type]
     assert ("reasoning_effort", "low") in engine.template_options[-1].template_kwargs
+
+
+def test_the_engine_is_told_where_the_thinking_is(smollm_tokenizer: Any) -> None:
+    """With ``</think>`` one token of the tokenizer, the request carries its span (from the prompt); without
+    the parser, with ``preference_in_reasoning`` or where the tag is several tokens, none."""
+    tokenizer = copy.deepcopy(smollm_tokenizer)
+    tokenizer.chat_template = QWEN3_TEMPLATE.read_text()
+    several = ChatTokenizer(copy.deepcopy(tokenizer))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    renderer = ChatTokenizer(tokenizer)
+    start, end = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    question = [{"role": "user", "content": "Hi"}]
+
+    def intent(**fields: Any) -> Any:
+        return SimpleNamespace(body=ChatCompletionRequest(messages=question, **fields))
+
+    def rendered(text: str) -> RenderedChat:
+        return RenderedChat([text], None, False)
+
+    opens = rendered(renderer.chat_text(question))
+    assert thinking_span(intent(), opens, renderer, "qwen3") == ThinkingSpan(end, start, open_at_start=False)
+    opened = rendered("<｜User｜>Hi<｜Assistant｜><think>\n")
+    assert thinking_span(intent(), opened, renderer, "deepseek_r1") == ThinkingSpan(end, start, open_at_start=True)
+    assert thinking_span(intent(), opens, renderer, None) is None
+    assert thinking_span(intent(preference_in_reasoning=True), opens, renderer, "qwen3") is None
+    assert thinking_span(intent(), opens, several, "qwen3") is None
