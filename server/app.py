@@ -26,6 +26,10 @@ from pydantic import BaseModel, ValidationError
 from amulet_core.engine.protocol import EngineClient
 from amulet_core.errors import EngineNotReadyError
 from server.access import open_routes
+from server.anthropic.errors import MESSAGES_PATH
+from server.anthropic.openapi import messages_openapi_extra
+from server.anthropic.protocol import MessagesRequest
+from server.anthropic.serving import AnthropicServingMessages
 from server.auth import ApiKeyAuth
 from server.config import ServerConfig
 from server.errors import SERVER_ERROR, APIError, describe_exception, error_response, install_error_handlers
@@ -204,6 +208,12 @@ def create_app(
     @app.post("/v1/completions", openapi_extra=_openapi_extra(CompletionRequest))
     async def text_completions(request: Request) -> Response:
         return await completions.create(await parse_body(CompletionRequest, request), request)
+
+    anthropic_messages = AnthropicServingMessages(chat)  # Anthropic's Messages API, over the chat endpoint
+
+    @app.post(MESSAGES_PATH, openapi_extra=messages_openapi_extra())
+    async def messages(request: Request) -> Response:
+        return await anthropic_messages.create(await parse_body(MessagesRequest, request), request)
 
     @app.post("/tokenize", openapi_extra=_openapi_extra(TokenizeRequest))
     async def tokenize(request: Request) -> dict[str, Any]:

@@ -1,10 +1,12 @@
-"""The API key check: every route but the open ones (:mod:`server.access`) needs ``Authorization: Bearer <key>``.
+"""The API key check: every route but the open ones (:mod:`server.access`) needs ``Authorization: Bearer <key>``
+or, as Anthropic's clients send it, ``x-api-key: <key>``.
 
 Used by the server's app and, before anything is forwarded, by the Ray ingress (:mod:`amulet_ray.forwarding`).
 
 * Deny by default: the routed path (less any route prefix) is matched against the open routes exactly.
-* A request with more than one ``Authorization`` header is refused (400): which one counts would be up to
-  whoever reads the headers, and a proxy and the server could read different ones.
+* A request with more than one ``Authorization`` header (or more than one ``x-api-key``) is refused (400): which
+  one counts would be up to whoever reads the headers, and a proxy and the server could read different ones. For
+  the same reason a request with both headers must send the same key in each (else 400).
 * The header is compared with every key in constant time (no early exit, so the timing tells neither
   which key matched nor how much of one did); keys are never logged.
 * With several keys, the caller's tenant (:func:`tenant_id` of the key it sent, a stable id that is not the
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -29,6 +31,7 @@ TENANT_STATE_KEY = "tenant"
 """Key of the caller's tenant id in ``scope["state"]`` (set only when several API keys are configured)."""
 _TENANT_DOMAIN = b"amulet-serve tenant\x00"
 UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}
+_BEARER = b"Bearer "
 
 
 def tenant_id(key: str) -> str:
@@ -60,19 +63,43 @@ class ApiKeyAuth:
         if scope["type"] != "http":  # a websocket: the API has none, and nothing unauthenticated gets in
             await send({"type": "websocket.close", "code": 1008})
             return
-        given = [value for name, value in scope["headers"] if name.lower() == b"authorization"]
-        if len(given) > 1:
-            message = "Send one Authorization header; this request has several."
-            await send_error(scope, receive, send, APIError(400, message, code="duplicate_authorization_header"))
+        given = _credential(scope["headers"])
+        if isinstance(given, APIError):
+            await send_error(scope, receive, send, given)
             return
-        matched = _match(given[0], self._expected) if given else None
+        matched = _match(given, self._expected) if given is not None else None
         if matched is None:
-            message = "Missing API key: send it as 'Authorization: Bearer <key>'." if not given else "Incorrect API key provided."
+            message = MISSING_KEY_MESSAGE if given is None else "Incorrect API key provided."
             await send_error(scope, receive, send, APIError(401, message, code="invalid_api_key", headers=UNAUTHORIZED_HEADERS))
             return
         if self._tenants is not None:
             scope.setdefault("state", {})[TENANT_STATE_KEY] = self._tenants[matched]
         await self.app(scope, receive, send)
+
+
+MISSING_KEY_MESSAGE = "Missing API key: send it as 'Authorization: Bearer <key>' or as 'x-api-key: <key>'."
+
+
+def _credential(headers: Iterable[tuple[bytes, bytes]]) -> bytes | APIError | None:
+    """What the request authenticates with, as an ``Authorization`` value (``x-api-key: k`` reads ``Bearer k``); None
+    without either header; the 400 APIError for a repeated header or two headers of different keys."""
+    authorization: list[bytes] = []
+    api_key: list[bytes] = []
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"authorization":
+            authorization.append(value)
+        elif lowered == b"x-api-key":
+            api_key.append(_BEARER + value)
+    if len(authorization) > 1 or len(api_key) > 1:
+        header = "Authorization" if len(authorization) > 1 else "x-api-key"
+        message = f"Send one {header} header; this request has several."
+        return APIError(400, message, code="duplicate_authorization_header")
+    if authorization and api_key and not hmac.compare_digest(authorization[0], api_key[0]):
+        message = "The Authorization and x-api-key headers carry different keys; send one key."
+        return APIError(400, message, code="conflicting_api_keys")
+    given = authorization or api_key
+    return given[0] if given else None
 
 
 def _match(given: bytes, expected: tuple[bytes, ...]) -> int | None:

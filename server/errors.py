@@ -6,6 +6,9 @@ handlers and the error events of a stream both use it, so a failure reads the sa
 Server-side failures (5xx) carry a stable message and code per kind (``generation_failed``,
 ``internal_error``, ``engine_not_ready`` ...), never exception text, plus the request's id
 (``request_id``, also in the ``x-request-id`` header) that the server's log line of the failure names.
+
+On the Anthropic Messages route (``/v1/messages``) the same description is answered in Anthropic's error shape
+(:mod:`server.anthropic.errors`): :func:`error_response` picks it by the request's path, for every layer.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from amulet_core.errors import (
     InvalidParameterError,
     RequestFailedError,
 )
+from server.anthropic.errors import error_body as anthropic_error_body
+from server.anthropic.errors import is_messages_route
 from server.protocol_answers import ErrorInfo, ErrorResponse
 from server.request_id import REQUEST_ID_HEADER, request_id_of
 
@@ -101,18 +106,23 @@ def error_payload(info: ErrorInfo, request_id: str | None = None) -> dict[str, A
     return payload
 
 
-def error_response(desc: ErrorDescription, request_id: str | None = None) -> JSONResponse:
+def error_response(desc: ErrorDescription, request_id: str | None = None, scope: Mapping[str, Any] | None = None) -> JSONResponse:
     """The JSON answer of ``desc`` (a 5xx one names ``request_id``, see :func:`error_payload`), with the
-    ``x-request-id`` header (also for answers sent from outside :class:`RequestIdMiddleware`)."""
+    ``x-request-id`` header (also for answers sent from outside :class:`RequestIdMiddleware`). For a request
+    (``scope``) to the Anthropic Messages API, Anthropic's error object (:mod:`server.anthropic.errors`)."""
     headers = dict(desc.headers)
     if request_id is not None:
         headers[REQUEST_ID_HEADER] = request_id
-    return JSONResponse(error_payload(desc.info, request_id), status_code=desc.status, headers=headers or None)
+    if scope is not None and is_messages_route(scope):
+        payload = anthropic_error_body(desc.status, desc.info, request_id)
+    else:
+        payload = error_payload(desc.info, request_id)
+    return JSONResponse(payload, status_code=desc.status, headers=headers or None)
 
 
 async def send_error(scope: Scope, receive: Receive, send: Send, exc: BaseException) -> None:
     """Answer an ASGI request with the error of ``exc`` (for middlewares, before the app runs)."""
-    await error_response(describe_exception(exc), request_id_of(scope))(scope, receive, send)
+    await error_response(describe_exception(exc), request_id_of(scope), scope)(scope, receive, send)
 
 
 # pydantic names union branches inside `loc` ("str", "list[str]", "PreferenceSpec"); they are not params.
@@ -159,22 +169,22 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> ErrorInfo
 def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
     """Route every failure through the OpenAI error shape (never FastAPI's 422 or an HTML page)."""
 
-    async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(ErrorDescription(400, describe_validation_errors(exc.errors())))
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(ErrorDescription(400, describe_validation_errors(exc.errors())), scope=request.scope)
 
-    async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
         info = ErrorInfo(message=str(exc.detail), type=INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR, code=code)
-        return error_response(ErrorDescription(exc.status_code, info, dict(exc.headers or {})))
+        return error_response(ErrorDescription(exc.status_code, info, dict(exc.headers or {})), scope=request.scope)
 
     async def on_known(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(describe_exception(exc, retry_after_s), request_id_of(request.scope))
+        return error_response(describe_exception(exc, retry_after_s), request_id_of(request.scope), request.scope)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Starlette re-raises after answering, so the server logs the traceback; the client sees none.
         request_id = request_id_of(request.scope)
         logger.error("Request %s failed with an internal error: %s", request_id, type(exc).__name__)
-        return error_response(describe_exception(exc, retry_after_s), request_id)
+        return error_response(describe_exception(exc, retry_after_s), request_id, request.scope)
 
     app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, on_http)  # type: ignore[arg-type]
