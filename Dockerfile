@@ -82,7 +82,9 @@ ARG PIP_DEFAULT_TIMEOUT
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/data/hf \
-    AMULET_MODEL_CACHE=/data/hf/amulet-models
+    AMULET_MODEL_CACHE=/data/hf/amulet-models \
+    AMULET_DATA_DIR=/data/hf/amulet-data
+# Stored responses (SQLite) live on the same volume as the model cache, so they survive a recreated container.
 
 # Dependencies first (the lock file: exact versions, the serving set only — no evaluation or test
 # libraries), so code edits do not reinstall them. torch is installed above; the lock leaves it out.

@@ -44,9 +44,13 @@ from server.protocol_tokenize import DetokenizeRequest, TokenizeRequest, Version
 from server.request_id import REQUEST_ID_HEADER, RequestIdMiddleware, request_id_of
 from server.requests.policy import UnknownFieldLog
 from server.requests.preparation import PreparationPool
+from server.responses.routes import mount_responses
+from server.responses.serving import OpenAIServingResponses
 from server.serving_chat import OpenAIServingChat
 from server.serving_completions import OpenAIServingCompletion
 from server.serving_tokenize import OpenAIServingTokenization
+from server.store.lifespan import store_lifespan
+from server.store.responses import open_response_store
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 logger = logging.getLogger(__name__)
@@ -129,14 +133,17 @@ def create_app(
     chat = OpenAIServingChat(engine, model_name, config, observer, unknown_fields, preparation=pool)
     completions = OpenAIServingCompletion(engine, model_name, config, observer, unknown_fields, preparation=pool)
     tokenization = OpenAIServingTokenization(engine, model_name, config, observer, unknown_fields, preparation=pool)
+    response_store = open_response_store(config.store)  # opened at start-up, closed at shutdown (store_lifespan)
+    responses = OpenAIServingResponses(chat, response_store)
     app = FastAPI(
         title="Amulet Serve",
         summary="OpenAI-compatible API with Amulet preference decoding",
-        lifespan=lifespan,
+        lifespan=store_lifespan(lifespan, response_store.database),
         docs_url="/docs" if config.docs else None,
         redoc_url="/redoc" if config.docs else None,
     )
     weakref.finalize(app, pool.close)  # its idle threads end with the app
+    weakref.finalize(app, response_store.database.close)  # an app never started closes its database too
     install_error_handlers(app, config.retry_after_s)
     lifecycle = ServerLifecycle()
     app.state.lifecycle = lifecycle
@@ -223,6 +230,8 @@ def create_app(
     @app.post("/detokenize", openapi_extra=_openapi_extra(DetokenizeRequest))
     async def detokenize(request: Request) -> dict[str, Any]:
         return (await tokenization.detokenize(await parse_body(DetokenizeRequest, request))).model_dump()
+
+    mount_responses(app, responses)
 
     if config.playground:
         mount_playground(app)

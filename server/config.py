@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from amulet_core.method.preference_prompts import TEMPLATE, Placement
 from server.reasoning_parsers import REASONING_PARSERS
 from server.requests.limits import RequestLimits
+from server.store.config import StoreConfig
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_BODY_READ_TIMEOUT_S = 60.0
@@ -77,6 +78,8 @@ class ServerConfig:
     ``end`` (the last user message, the contexts sharing the conversation before it; chosen by measured
     effect, README "Where the preference goes") or ``system`` (the first system message);
     ``--preference-placement``."""
+    store: StoreConfig = field(default_factory=StoreConfig)
+    """The database of stored responses (``--data-dir``, ``--database-url``, ``--response-ttl``); by default in memory."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

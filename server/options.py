@@ -21,6 +21,7 @@ from server.access_options import access_settings, add_access_arguments, open_ap
 from server.api_keys import API_KEY_ENV, API_KEY_FILE_ENV, resolve_api_keys
 from server.config import ServerConfig
 from server.reasoning_parsers import REASONING_PARSERS
+from server.store.options import add_store_arguments, store_config
 from server.supervision import TEST_FAULTS
 from server.tool_parsers import TOOL_PARSERS
 
@@ -196,6 +197,7 @@ def build_parser(prog: str = "amulet-server", *, ray_flag: bool = True, add_help
     )
     p.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS, or '*' (default: CORS off)")
     add_access_arguments(p)
+    add_store_arguments(p)
     p.add_argument(
         "--drain-timeout",
         type=float,
@@ -295,6 +297,7 @@ def configs_from_args(
                 tool_call_parser=args.tool_call_parser,
                 reasoning_parser=args.reasoning_parser,
                 playground=not args.no_playground,
+                store=store_config(args, env),
             ),
             wait_for_model=args.wait_for_model,
             engine_stall_timeout_s=args.engine_stall_timeout,

@@ -26,6 +26,7 @@ from amulet_core.model.gguf_cache import MODEL_CACHE_ENV, default_model_cache
 from amulet_core.model.loading import LoadedModel, ModelConfig, embedded_model_file, load_model
 from server.app import create_app
 from server.config import ServerConfig
+from server.store.options import DATA_DIR_ENV
 from tests.support import ENSURE_PACKAGE
 from tests.support.fake_engine import FakeEngine, RecordingObserver
 from tests.support.live_server import LiveServer, live_server
@@ -46,6 +47,10 @@ def pytest_configure(config: pytest.Config) -> None:
     cache = Path(tempfile.mkdtemp(prefix="amulet-test-model-cache-"))
     os.environ[MODEL_CACHE_ENV] = str(cache)
     config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+    # Stored responses of servers started from the command line go to a folder of the run's (never the user's).
+    data = Path(tempfile.mkdtemp(prefix="amulet-test-data-"))
+    os.environ[DATA_DIR_ENV] = str(data)
+    config.add_cleanup(lambda: shutil.rmtree(data, ignore_errors=True))
 
 
 FIXTURE_MARKS = {"smollm": "smollm", "compose": "system", "prometheus_binary": "system"}

@@ -14,14 +14,15 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.model.loading import ModelConfig
 from server.config import ServerConfig
 from server.options import build_parser, parse_args
+from server.store.config import StoreConfig
 from tests.support import ROOT
 
 
 def test_defaults() -> None:
-    configs = parse_args([], environ={"XDG_CACHE_HOME": "/xdg"})
+    configs = parse_args([], environ={"XDG_CACHE_HOME": "/xdg", "XDG_DATA_HOME": "/xdg-data"})
     assert configs.model == ModelConfig(model_cache="/xdg/amulet-serve/models")
     assert configs.engine == EngineConfig()
-    assert configs.server == ServerConfig()
+    assert configs.server == ServerConfig(store=StoreConfig(data_dir="/xdg-data/amulet-serve"))
     assert configs.server.host == "127.0.0.1" and configs.server.port == 8000
     assert configs.server.api_key is None and configs.server.cors_origins == ()
 
@@ -60,6 +61,8 @@ def test_every_option() -> None:
             "1024",
             "--enforce-eager",
             "--no-deterministic",
+            "--data-dir",
+            "/srv/data",
             "--api-key",
             "k1",
             "--cors-origins",
@@ -103,6 +106,7 @@ def test_every_option() -> None:
         max_body_bytes=1000,
         drain_timeout_s=2.5,
         default_system_prompt="Be helpful.",
+        store=StoreConfig(data_dir="/srv/data"),
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         configs.server.port = 1  # type: ignore[misc]

@@ -1,0 +1,82 @@
+"""The Responses API's routes on an app: create, retrieve, delete and list a response's input items."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from server.errors import APIError
+from server.responses.protocol import ResponsesRequest
+from server.responses.serving import MAX_LISTED_ITEMS, OpenAIServingResponses
+
+_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+_STATUSES = {
+    400: "Invalid request (OpenAI error object)",
+    401: "Missing or wrong API key",
+    404: "Unknown model, or unknown previous_response_id",
+    429: "Queue full; see Retry-After",
+    500: "Generation failed",
+    503: "Model loading, server shutting down or response store unavailable; see Retry-After",
+}
+
+
+def _inlined(schema: Any, definitions: dict[str, Any]) -> Any:
+    """``schema`` with its ``#/$defs/...`` references replaced by their definitions (the models are not recursive)."""
+    if isinstance(schema, list):
+        return [_inlined(item, definitions) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        return _inlined(definitions[ref.removeprefix("#/$defs/")], definitions)
+    return {key: _inlined(value, definitions) for key, value in schema.items() if key != "$defs"}
+
+
+def _openapi_extra() -> dict[str, Any]:
+    """The hand-parsed body and the error answers of ``POST /v1/responses`` for ``/openapi.json``."""
+    schema = ResponsesRequest.model_json_schema()
+    body = _inlined(schema, schema.get("$defs", {}))
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "responses": {str(status): {"description": text, "content": _ERROR} for status, text in _STATUSES.items()},
+    }
+
+
+async def _body(request: Request) -> ResponsesRequest:
+    try:
+        return ResponsesRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+def mount_responses(app: FastAPI, serving: OpenAIServingResponses) -> None:
+    """``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}`` and ``GET /v1/responses/{id}/input_items``."""
+
+    @app.post("/v1/responses", openapi_extra=_openapi_extra())
+    async def create_response(request: Request) -> Response:
+        return await serving.create(await _body(request), request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str, request: Request, stream: bool = False) -> dict[str, Any]:
+        if stream:
+            raise APIError(400, "Streaming a stored response again is not supported; retrieve it whole.", param="stream")
+        return await serving.retrieve(response_id, request)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
+        return await serving.delete(response_id, request)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def list_input_items(
+        response_id: str,
+        request: Request,
+        limit: Annotated[int, Query(ge=1, le=MAX_LISTED_ITEMS)] = 20,
+        order: Literal["asc", "desc"] = "desc",
+        after: Annotated[str | None, Query(max_length=256)] = None,
+        before: Annotated[str | None, Query(max_length=256)] = None,
+    ) -> dict[str, Any]:
+        return await serving.input_items(response_id, request, limit=limit, order=order, after=after, before=before)
