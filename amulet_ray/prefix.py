@@ -19,6 +19,9 @@ from collections.abc import Sequence
 
 from amulet_core.model.chat_template import ChatTokenizer
 from amulet_core.model.loading import load_tokenizer, model_display_name
+from server.anthropic.conversion import to_chat
+from server.anthropic.errors import MESSAGES_PATH
+from server.anthropic.protocol import MessagesRequest
 from server.options import Configs
 from server.protocol import ChatCompletionRequest
 from server.protocol_completions import CompletionRequest
@@ -26,6 +29,9 @@ from server.requests.admission import Admission
 from server.requests.chat import prepare as prepare_chat
 from server.requests.completion import prepare as prepare_completion
 from server.requests.tools import ConfiguredToolParser
+from server.responses.chat_request import chat_request
+from server.responses.items import input_items
+from server.responses.protocol import ResponsesRequest
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +41,8 @@ UNSIZED_MAX_MODEL_LEN = 1 << 20
 """The context length the ingress checks requests against when ``--max-model-len`` is not set (the replicas size it)."""
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
+RESPONSES_PATH = "/v1/responses"
+KEYED_PATHS = (CHAT_PATH, COMPLETIONS_PATH, MESSAGES_PATH, RESPONSES_PATH)
 
 
 def prefix_chain(token_ids: Sequence[int], block_size: int, max_blocks: int = MAX_PREFIX_BLOCKS) -> tuple[int, ...]:
@@ -53,7 +61,8 @@ def prefix_chain(token_ids: Sequence[int], block_size: int, max_blocks: int = MA
 
 
 class PrefixKeyer:
-    """The routing key (:func:`prefix_chain` of the first context) of chat and text-completion requests.
+    """The routing key (:func:`prefix_chain` of the first context) of chat, text-completion, Messages and Responses
+    requests (those two as the chat requests the replica makes of them).
 
     Requests are rendered by the serving code's own ``prepare`` (:mod:`server.requests.chat`,
     :mod:`server.requests.completion`) over a :class:`ChatTokenizer` of the model's tokenizer: the ingress
@@ -83,11 +92,11 @@ class PrefixKeyer:
         return self._renderer
 
     async def chain(self, method: str, path: str, body: bytes) -> tuple[int, ...]:
-        if method != "POST" or path not in (CHAT_PATH, COMPLETIONS_PATH):
+        if method != "POST" or path not in KEYED_PATHS:
             return ()
         try:
-            if path == CHAT_PATH:
-                chat = await prepare_chat(ChatCompletionRequest.model_validate_json(body), self._get_renderer, self._admission)
+            if path != COMPLETIONS_PATH:
+                chat = await prepare_chat(chat_request_of(path, body), self._get_renderer, self._admission)
                 ids = chat.request.prompt_ids
             else:
                 text = CompletionRequest.model_validate_json(body)
@@ -97,3 +106,17 @@ class PrefixKeyer:
             logger.debug("No routing key for a %s request: %s", path, type(exc).__name__)
             return ()
         return prefix_chain(ids, self._block_size, self._max_blocks)
+
+
+def chat_request_of(path: str, body: bytes) -> ChatCompletionRequest:
+    """The chat request a replica makes of a chat, Messages or Responses body (raises for one it would refuse). A
+    Responses request that continues a stored one is not keyed here (its conversation is in the replica's store):
+    it raises LookupError."""
+    if path == MESSAGES_PATH:
+        return to_chat(MessagesRequest.model_validate_json(body)).body
+    if path == RESPONSES_PATH:
+        responses = ResponsesRequest.model_validate_json(body)
+        if responses.previous_response_id is not None:
+            raise LookupError("the conversation is stored")
+        return chat_request(responses, input_items(responses))
+    return ChatCompletionRequest.model_validate_json(body)

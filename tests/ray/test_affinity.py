@@ -76,6 +76,15 @@ def test_the_keyer_chains_the_pref_context_the_replica_decodes(smollm_tokenizer:
     assert asyncio.run(keyer.chain("GET", "/v1/chat/completions", b"")) == ()
     completion = chain(json.dumps({"prompt": SYSTEM + "Tides?", "max_tokens": 4}).encode(), "/v1/completions")
     assert len(completion) >= 2
+    # Messages and Responses bodies key as the chat requests the replica makes of them.
+    question = "How do I keep basil alive?"
+    user = [{"role": "user", "content": question}]
+    messages = {"model": "SmolLM2-135M-Instruct", "max_tokens": 8, "system": SYSTEM, "messages": user}
+    assert chain(json.dumps({**messages, "preference": "concise"}).encode(), "/v1/messages") == basil
+    responses = {"instructions": SYSTEM, "input": question, "preference": "concise"}
+    assert chain(json.dumps(responses).encode(), "/v1/responses") == basil
+    continued = {**responses, "previous_response_id": "resp_1"}  # its conversation is in the replica's store
+    assert chain(json.dumps(continued).encode(), "/v1/responses") == ()
 
 
 def _loads(**ongoing: int | None) -> list[ReplicaLoad]:
