@@ -37,6 +37,9 @@ from server.http_guards import JsonContentType, RequestBodyLimits, TrustedHosts,
 from server.lifecycle import LifecycleMiddleware, ServerLifecycle, draining_error
 from server.observer import NullObserver, RequestObserver
 from server.playground import mount_playground
+from server.profiles.protocol import ProfileCreate, ProfileUpdate
+from server.profiles.routes import mount_preference_profiles
+from server.profiles.service import PreferenceProfiles
 from server.protocol import ChatCompletionRequest
 from server.protocol_answers import ErrorResponse, ModelCard, ModelList
 from server.protocol_completions import CompletionRequest
@@ -50,6 +53,7 @@ from server.serving_chat import OpenAIServingChat
 from server.serving_completions import OpenAIServingCompletion
 from server.serving_tokenize import OpenAIServingTokenization
 from server.store.lifespan import store_lifespan
+from server.store.profiles import ProfileStore
 from server.store.responses import open_response_store
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -66,7 +70,14 @@ def package_version() -> str:
 
 
 _ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
-HAND_PARSED: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest)
+HAND_PARSED: tuple[type[BaseModel], ...] = (
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenizeRequest,
+    DetokenizeRequest,
+    ProfileCreate,
+    ProfileUpdate,
+)
 """Request models of the routes that parse their bodies by hand (see ``parse_body``)."""
 
 
@@ -130,10 +141,13 @@ def create_app(
     observer = observer or NullObserver()
     unknown_fields = UnknownFieldLog()
     pool = PreparationPool(config.request_limits, config.retry_after_s)  # one for every endpoint
-    chat = OpenAIServingChat(engine, model_name, config, observer, unknown_fields, preparation=pool)
-    completions = OpenAIServingCompletion(engine, model_name, config, observer, unknown_fields, preparation=pool)
-    tokenization = OpenAIServingTokenization(engine, model_name, config, observer, unknown_fields, preparation=pool)
     response_store = open_response_store(config.store)  # opened at start-up, closed at shutdown (store_lifespan)
+    profiles = PreferenceProfiles(ProfileStore(response_store.database), config)  # on the same database
+    chat = OpenAIServingChat(engine, model_name, config, observer, unknown_fields, preparation=pool, profiles=profiles)
+    completions = OpenAIServingCompletion(
+        engine, model_name, config, observer, unknown_fields, preparation=pool, profiles=profiles
+    )
+    tokenization = OpenAIServingTokenization(engine, model_name, config, observer, unknown_fields, preparation=pool)
     responses = OpenAIServingResponses(chat, response_store)
     app = FastAPI(
         title="Amulet Serve",
@@ -232,6 +246,7 @@ def create_app(
         return (await tokenization.detokenize(await parse_body(DetokenizeRequest, request))).model_dump()
 
     mount_responses(app, responses)
+    mount_preference_profiles(app, profiles)
 
     if config.playground:
         mount_playground(app)

@@ -32,6 +32,8 @@ from server.requests.json_values import NotJson, read_json
 
 MAX_CACHE_SALT_CHARS = 256
 """Characters of a ``cache_salt``."""
+MAX_PROFILE_REF_CHARS = 128
+"""Characters of a ``preference.profile`` (a stored profile's id or name)."""
 
 
 class _Request(BaseModel):
@@ -88,7 +90,11 @@ class PreferenceSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False)
 
-    text: Annotated[str | PreferenceList, items_at_most(MAX_PREFERENCES)]
+    profile: str | None = Field(default=None, min_length=1, max_length=MAX_PROFILE_REF_CHARS)
+    """A stored preference profile (``POST /v1/preference_profiles``), by id or name: its preference, with the
+    other fields given here overriding its own (:mod:`server.profiles.service`); resolved before admission."""
+    text: Annotated[str | PreferenceList | None, items_at_most(MAX_PREFERENCES)] = None
+    """The preference(s); required unless ``profile`` gives them."""
     weights: list[float] | None = Field(default=None, max_length=MAX_PREFERENCES)
     """One weight per preference in ``text`` (default: 1 each); instead of per-item weights."""
     negative: str | None = None
@@ -111,7 +117,9 @@ class PreferenceSpec(BaseModel):
 
     def method_fields(self) -> dict[str, Any]:
         """The given method parameters under MethodSettings' names."""
-        given = self.model_dump(exclude={"text", "weights", "negative", "mode", "placement", "coefficient"}, exclude_none=True)
+        given = self.model_dump(
+            exclude={"profile", "text", "weights", "negative", "mode", "placement", "coefficient"}, exclude_none=True
+        )
         if self.coefficient is not None:
             given["strength"] = self.coefficient
         return given

@@ -19,6 +19,7 @@ from amulet_core.engine.protocol import EngineClient, Usage
 from server.auth import tenant_of
 from server.config import ServerConfig
 from server.observer import RequestObserver
+from server.profiles.service import PreferenceProfiles
 from server.protocol import ChatCompletionRequest
 from server.protocol_answers import (
     AssistantMessage,
@@ -56,11 +57,13 @@ class OpenAIServingChat(OpenAIServing):
         unknown_fields: UnknownFieldLog,
         *,
         preparation: PreparationPool | None = None,
+        profiles: PreferenceProfiles | None = None,
     ) -> None:
-        super().__init__(engine, model_name, config, observer, unknown_fields, preparation=preparation)
+        super().__init__(engine, model_name, config, observer, unknown_fields, preparation=preparation, profiles=profiles)
         self._told_tools_described = False
 
     async def prepare(self, body: ChatCompletionRequest, tenant: str | None = None) -> PreparedChat:
+        body = await self.resolve_profile(body, tenant)
         prepared = await prepare_chat(body, self.renderer, self.admission, tenant)
         if prepared.rendered.tools_described and not self._told_tools_described:
             self._told_tools_described = True

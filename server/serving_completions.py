@@ -71,6 +71,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def prepare(self, body: CompletionRequest, tenant: str | None = None) -> tuple[list[GenerationRequest], list[str]]:
         """One GenerationRequest per prompt (:mod:`server.requests.completion`) and each prompt's text; ``tenant``
         is the caller's (:func:`server.auth.tenant_of`)."""
+        body = await self.resolve_profile(body, tenant)
         prepared = await prepare_completion(body, self.renderer, self.admission, tenant)
         return prepared.requests, prepared.prompt_texts
 

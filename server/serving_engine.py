@@ -8,16 +8,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 
 from amulet_core.engine.parallel_sampling import ChoiceOutput
 from amulet_core.engine.protocol import EngineClient, GenerationRequest, Usage
-from amulet_core.errors import EngineNotReadyError
+from amulet_core.errors import EngineNotReadyError, InvalidParameterError
 from amulet_core.model.chat_template import ChatRenderer
 from server.config import ServerConfig
 from server.observer import RequestObserver, RequestRecord
+from server.profiles.service import PreferenceProfiles
+from server.protocol import GenerationFields, PreferenceSpec
 from server.requests.admission import Admission
 from server.requests.limits import RequestLimits
 from server.requests.policy import UnknownFieldLog
@@ -27,6 +29,7 @@ from server.requests.tools import ConfiguredToolParser
 logger = logging.getLogger(__name__)
 
 _END = object()
+BodyT = TypeVar("BodyT", bound=GenerationFields)
 
 
 class OpenAIServing:
@@ -34,7 +37,8 @@ class OpenAIServing:
     settings, the observer of finished requests, and the :class:`Admission` of its requests.
 
     ``preparation``: the pool that renders and tokenizes requests, shared by the app's endpoints when given;
-    without one, this endpoint makes its own from ``limits`` (default: the config's ``request_limits``)."""
+    without one, this endpoint makes its own from ``limits`` (default: the config's ``request_limits``).
+    ``profiles``: the stored preference profiles a request may name (:meth:`resolve_profile`); none without."""
 
     def __init__(
         self,
@@ -46,8 +50,10 @@ class OpenAIServing:
         *,
         limits: RequestLimits | None = None,
         preparation: PreparationPool | None = None,
+        profiles: PreferenceProfiles | None = None,
     ) -> None:
         self.engine = engine
+        self.profiles = profiles
         self.model_name = model_name
         self.config = config
         self.observer = observer
@@ -65,6 +71,17 @@ class OpenAIServing:
             limits=limits,
             preparation=preparation,
         )
+
+    async def resolve_profile(self, body: BodyT, tenant: str | None) -> BodyT:
+        """``body`` with a ``"preference": {"profile": ...}`` replaced by the caller's stored profile (the request's
+        other preference fields over it); ``body`` itself without one. Every endpoint's preparation runs this first,
+        before admission: the database is read off the event loop, and the rest sees a plain preference."""
+        preference = body.preference
+        if not isinstance(preference, PreferenceSpec) or preference.profile is None:
+            return body
+        if self.profiles is None:
+            raise InvalidParameterError("preference.profile", "This server keeps no preference profiles.")
+        return body.model_copy(update={"preference": await self.profiles.resolve(preference, tenant)})
 
     def renderer(self) -> ChatRenderer:
         """The engine's renderer; EngineNotReadyError while the model loads."""

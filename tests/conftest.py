@@ -53,7 +53,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(lambda: shutil.rmtree(data, ignore_errors=True))
 
 
-FIXTURE_MARKS = {"smollm": "smollm", "compose": "system", "prometheus_binary": "system"}
+FIXTURE_MARKS = {"smollm": "smollm", "compose": "system", "prometheus_binary": "system", "postgres_url": "system"}
 """A test that takes the fixture (even indirectly) gets the mark."""
 
 
@@ -184,3 +184,12 @@ def observer(fake: FakeEngine, recording_observer: RecordingObserver) -> Recordi
 def server(fake_server: LiveServer, fake: FakeEngine) -> LiveServer:
     """The module's live server, over its fake engine reset for the test."""
     return fake_server
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster for the whole run (tests/support/postgres.py); marks its tests ``system``."""
+    from tests.support.postgres import throwaway_postgres
+
+    with throwaway_postgres() as url:
+        yield url

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from amulet_core.errors import InvalidParameterError
 from amulet_core.method.preference_prompts import Placement
 from amulet_core.method.settings import Method, MethodSettings, Mode, api_name
-from server.protocol import ChatCompletionRequest, PreferenceItem, PreferenceSpec
+from server.protocol import ChatCompletionRequest, PreferenceItem, PreferenceList, PreferenceSpec
 
+Preference = str | PreferenceList | PreferenceSpec
+"""What the ``preference`` field takes."""
 CFG_MODE = "cfg"
 """The echo's ``mode`` for classifier-free guidance."""
 
@@ -76,10 +78,15 @@ def _settings(fields: dict[str, object], mode: Mode, param: str) -> MethodSettin
 
 
 def _from_spec(spec: PreferenceSpec, max_preferences: int, default_placement: Placement) -> PreferencePlan:
-    listed = not isinstance(spec.text, str)
-    texts, weights = _items([spec.text] if isinstance(spec.text, str) else spec.text, "preference.text", max_preferences)
+    if spec.profile is not None:  # resolved before admission (OpenAIServing.resolve_profile) wherever profiles are kept
+        raise InvalidParameterError("preference.profile", "This server keeps no preference profiles here.")
+    if spec.text is None:
+        raise InvalidParameterError("preference.text", "'preference.text' is required (or a 'profile' that gives it).")
+    given = spec.text
+    listed = not isinstance(given, str)
+    texts, weights = _items([given] if isinstance(given, str) else given, "preference.text", max_preferences)
     if spec.weights is not None:
-        if not listed or any(isinstance(i, PreferenceItem) and i.weight is not None for i in spec.text):
+        if not listed or any(isinstance(i, PreferenceItem) and i.weight is not None for i in given):
             raise InvalidParameterError(
                 "preference.weights", "'weights' goes with a list of preferences in 'text' that carry no weight of their own."
             )
@@ -136,9 +143,14 @@ def _plan(body: ChatCompletionRequest, max_preferences: int, default_placement: 
             raise InvalidParameterError("negative_prompt", "'guidance_scale' needs a 'negative_prompt' for the contrast context.")
         settings = _settings({"method": "la", "strength": scale, "plausibility": 0.0}, Mode.DEFAULT, "")
         return PreferencePlan((), body.negative_prompt, settings, CFG_MODE, default_placement)
-    preference = body.preference
-    if preference is None:
+    if body.preference is None:
         return None
+    return plan_of(body.preference, max_preferences, default_placement)
+
+
+def plan_of(preference: Preference, max_preferences: int, default_placement: Placement) -> PreferencePlan:
+    """The plan of a ``preference`` value alone (a string, a list or the object form), with its errors naming
+    ``preference...``; what a request's preference and a stored profile's are both checked by."""
     if isinstance(preference, str):
         return PreferencePlan((preference,), None, MethodSettings(), Mode.DEFAULT.value, default_placement)
     if isinstance(preference, list):

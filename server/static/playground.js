@@ -14,6 +14,7 @@ const state = {
   turns: [], // finished turns: {user, replies: {method: text}}
   columns: new Map(), // method -> column elements and the last request body
   controller: null, // AbortController of the running streams
+  profiles: new Map(), // id -> stored preference profile (GET /v1/preference_profiles)
 };
 
 // ---- settings -> request -------------------------------------------------------------------------------
@@ -350,6 +351,63 @@ function addPreferenceRow(text = "", weight = 1) {
   return row;
 }
 
+// ---- stored preference profiles (/v1/preference_profiles) -------------------------------------------------
+
+/** The form's fields from a profile's preference (a string, a list, or the object form). */
+function fillFromPreference(preference) {
+  const spec = typeof preference === "string" || Array.isArray(preference) ? { text: preference } : preference;
+  const items = Array.isArray(spec.text) ? spec.text : [spec.text];
+  $("preferences").replaceChildren();
+  items.forEach((item, i) => {
+    const text = typeof item === "string" ? item : item.text;
+    const own = typeof item === "string" ? null : item.weight;
+    addPreferenceRow(text, own ?? spec.weights?.[i] ?? 1);
+  });
+  $("negative").value = spec.negative ?? "";
+  $("strength").value = spec.coefficient ?? "";
+  $("plausibility").value = spec.plausibility ?? "";
+  $("placement").value = spec.placement ?? "";
+}
+
+async function loadProfiles(selected = "") {
+  try {
+    const response = await fetch("/v1/preference_profiles", { headers: apiHeaders() });
+    if (!response.ok) {
+      setStatus(`Profiles: ${await errorMessage(response)}`);
+      return;
+    }
+    state.profiles = new Map((await response.json()).data.map((profile) => [profile.id, profile]));
+    const options = [...state.profiles.values()].map((profile) => new Option(profile.name, profile.id));
+    $("profile").replaceChildren(new Option("none", ""), ...options);
+    $("profile").value = state.profiles.has(selected) ? selected : "";
+  } catch (error) {
+    setStatus(`The server did not answer: ${error.message}`);
+  }
+}
+
+function pickProfile() {
+  const profile = state.profiles.get($("profile").value);
+  if (profile === undefined) return;
+  fillFromPreference(profile.preference);
+  $("profile-name").value = profile.name;
+  setStatus(`Profile ${profile.name} loaded.`);
+}
+
+async function saveProfile() {
+  const name = $("profile-name").value.trim();
+  if (preferenceRows().length === 0) return setStatus("Give a preference to save.");
+  if (name === "") return setStatus("Give the profile a name.");
+  const preference = preferenceFor("amulet");
+  delete preference.method; // the columns pick the method
+  const response = await fetch("/v1/preference_profiles", {
+    method: "POST", headers: apiHeaders(), body: JSON.stringify({ name, preference }),
+  });
+  if (!response.ok) return setStatus(`Saving the profile: ${await errorMessage(response)}`);
+  const profile = await response.json();
+  await loadProfiles(profile.id);
+  setStatus(`Profile ${profile.name} saved.`);
+}
+
 async function loadModel() {
   try {
     const response = await fetch("/v1/models", { headers: apiHeaders() });
@@ -370,7 +428,11 @@ function init() {
   $("api-key").addEventListener("change", () => {
     sessionStorage.setItem(API_KEY_STORAGE, $("api-key").value.trim());
     loadModel();
+    loadProfiles();
   });
+  $("profile").addEventListener("change", pickProfile);
+  $("refresh-profiles").addEventListener("click", () => loadProfiles($("profile").value));
+  $("save-profile").addEventListener("click", saveProfile);
   addPreferenceRow("concise");
   $("add-preference").addEventListener("click", () => addPreferenceRow().querySelector(".pref-text").focus());
   $("settings").addEventListener("submit", run);
@@ -384,6 +446,7 @@ function init() {
   }
   showColumns(selectedMethods().filter((m) => METHODS.includes(m)));
   loadModel();
+  loadProfiles();
 }
 
 document.addEventListener("DOMContentLoaded", init);

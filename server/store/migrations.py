@@ -3,8 +3,8 @@
 Opening a database applies the missing ones in order, each in its own transaction with its row in
 ``schema_migrations`` (under a lock, so that servers starting together against one PostgreSQL database apply
 each once). A database that has had a migration this server does not know was written by a newer version: it
-is refused rather than used with a schema the code does not expect. To add a table (the stored preference
-profiles, say), append a :class:`Migration` with the next number; never edit one that has shipped.
+is refused rather than used with a schema the code does not expect. To add a table (as 2 added the stored
+preference profiles), append a :class:`Migration` with the next number; never edit one that has shipped.
 """
 
 from __future__ import annotations
@@ -41,6 +41,21 @@ def _responses(seq: str) -> tuple[str, ...]:
     )
 
 
+def _preference_profiles(seq: str) -> tuple[str, ...]:
+    return (
+        f"""CREATE TABLE preference_profiles (
+            seq {seq},
+            id TEXT NOT NULL UNIQUE,
+            owner TEXT NOT NULL,
+            name TEXT NOT NULL,
+            preference TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            UNIQUE (owner, name)
+        )""",
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -48,6 +63,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         "server); seq orders them for the per-key cap",
         sqlite=_responses("INTEGER PRIMARY KEY AUTOINCREMENT"),
         postgresql=_responses("BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"),
+    ),
+    Migration(
+        2,
+        "stored preference profiles (POST /v1/preference_profiles): one row per profile, owned by an API key's tenant "
+        "('' on an open server), its name unique per owner; seq orders a listing",
+        sqlite=_preference_profiles("INTEGER PRIMARY KEY AUTOINCREMENT"),
+        postgresql=_preference_profiles("BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"),
     ),
 )
 """Every migration, in order (``version`` 1, 2, ...)."""
