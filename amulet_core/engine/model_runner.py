@@ -70,7 +70,10 @@ class ModelRunner:
         context = model_context_length(text_config)
         self.deterministic = config.deterministic_on(self.device.type)
         """Batch-invariant forward passes (EngineConfig.deterministic)."""
-        self.invariant_weights = invariant_weights(self.model, available_ram()) if self.deterministic else None
+        self.invariant_weights = None
+        if self.deterministic:
+            int4 = config.int4_weights_on(self.device.type, self.dtype)
+            self.invariant_weights = invariant_weights(self.model, available_ram(), int4=int4)
         budget, why, step_context = self._kv_budget(config, context, per_token)
         try:
             size = size_cache(

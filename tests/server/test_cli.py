@@ -61,6 +61,7 @@ def test_every_option() -> None:
             "1024",
             "--enforce-eager",
             "--no-deterministic",
+            "--no-int4-weights",
             "--data-dir",
             "/srv/data",
             "--api-key",
@@ -89,6 +90,7 @@ def test_every_option() -> None:
         max_num_batched_tokens=1024,
         cuda_graphs=False,
         deterministic=False,
+        int4_weights=False,
     )
     defaults = parse_args([], environ={}).engine
     assert defaults.cuda_graphs and defaults.max_num_batched_tokens is None
