@@ -6,6 +6,7 @@ Nothing here downloads: Hugging Face ids resolve only from local files and the l
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -175,6 +176,30 @@ def load_tokenizer(config: ModelConfig) -> Any:
         raise ModelLoadError(f"Could not load the tokenizer of {source!r} offline: {exc}.") from exc
 
 
+def refuse_prequantized(source: str, kwargs: dict[str, Any], name: str) -> None:
+    """Raise ModelLoadError for a checkpoint whose config says it is already quantized (AWQ, GPTQ, bitsandbytes,
+    FP8 / compressed-tensors ...): its weights need a quantization library and kernels this server does not
+    install, and the dtype cast would fail or be wrong. A GGUF file is not such a checkpoint (it is read as
+    dequantized weights, its 4-bit layers found again by the engine: ``amulet_core.engine.int4_weights``)."""
+    if "gguf_file" in kwargs:
+        return
+    folder = Path(source)
+    config_file = folder / "config.json" if folder.is_dir() else None
+    if config_file is None or not config_file.is_file():
+        return  # a cached id: transformers reads its config (and fails clearly on a quantizer it lacks)
+    try:
+        quantization = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError):
+        return  # from_pretrained reports an unreadable config
+    if isinstance(quantization, dict):
+        method = quantization.get("quant_method", "unknown")
+        raise ModelLoadError(
+            f"Model {name!r} is a pre-quantized checkpoint (quant_method={method!r}); Amulet Serve does not serve "
+            "pre-quantized checkpoints (AWQ, GPTQ, bitsandbytes, FP8) yet. Serve the unquantized model, or a Q4_0/Q4_1 "
+            "GGUF file, whose 4-bit weights the CPU engine multiplies as they are (--int4-weights)."
+        )
+
+
 def load_model(config: ModelConfig) -> LoadedModel:
     """Load model and tokenizer offline on the configured device and dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -183,6 +208,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device)
     source, kwargs, convert_to = _cached_source(config)
     name = model_display_name(config)
+    refuse_prequantized(source, kwargs, name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         # a copy to keep is saved exact (float32), then cast as the GGUF load would have

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,3 +19,19 @@ def test_attention_soft_capping_is_refused(tmp_path: Path, smollm_tokenizer) -> 
     loaded.tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="attn_logit_softcapping"):
         load_model(ModelConfig(model=str(tmp_path), device="cpu", dtype="float32", model_cache="none"))
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "bitsandbytes", "fp8", "compressed-tensors"])
+def test_a_prequantized_checkpoint_is_refused_naming_its_format(tmp_path: Path, tiny_model, method: str) -> None:
+    """Its weights need a quantization library and kernels the server does not have: refused before loading."""
+    loaded = tiny_model("llama")
+    loaded.model.save_pretrained(tmp_path)
+    loaded.tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=f"pre-quantized checkpoint \\(quant_method='{method}'\\)"):
+        load_model(ModelConfig(model=str(tmp_path), device="cpu", dtype="float32", model_cache="none"))
+    del config["quantization_config"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_model(ModelConfig(model=str(tmp_path), device="cpu", dtype="float32", model_cache="none")).model is not None
