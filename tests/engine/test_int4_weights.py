@@ -13,9 +13,15 @@ import torch
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.int4_weights import GROUP, INT4_KERNEL, four_bit_codes, int4_layers, int4_linear, int4_weight
 from amulet_core.engine.invariant_ops import batch_invariant, invariant_weights
-from amulet_core.method.settings import Method
+from amulet_core.engine.llm_engine import LLMEngine
+from amulet_core.engine.protocol import GenerationRequest
+from amulet_core.method.preference_prompts import Placement, preference_contexts
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.model.chat_template import ChatTokenizer
 from amulet_core.model.loading import LoadedModel
+from amulet_core.sampling.params import SamplingParams
 from tests.engine.test_determinism import Recorder, alone, assert_same, contexts, engine_for, greedy, random_request
+from tests.engine.test_engine import drain
 
 pytestmark = pytest.mark.skipif(not INT4_KERNEL, reason="this torch has no int4 CPU kernel")
 
@@ -159,3 +165,21 @@ def test_the_embedded_smollm_in_bfloat16_has_int4_layers(smollm):
     layers = int4_layers(model)
     assert len(layers) == 7 * 30
     assert model.get_output_embeddings() not in layers
+
+
+def test_the_embedded_smollm_with_int4_weights_answers_paris_with_a_preference(smollm):
+    """Quality kept (issue 29 item 3): in bfloat16 with the int4 kernel (the CPU default there), greedy ``amulet``
+    with the concise preference still answers the README's question."""
+    model = copy.deepcopy(smollm.model).to(torch.bfloat16)
+    loaded = LoadedModel(model, smollm.tokenizer, smollm.name, smollm.device, torch.bfloat16, smollm.eos_token_ids)
+    engine = LLMEngine(loaded, EngineConfig(max_model_len=512, kv_cache_tokens=4096))
+    assert engine.runner.invariant_weights is not None and engine.runner.invariant_weights.int4_layers == 7 * 30
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    built = preference_contexts(question, ["concise"], "You are a helpful assistant.", placement=Placement.END)
+    renderer = ChatTokenizer(smollm.tokenizer)
+    contexts = [renderer.encode_chat(c) for c in built.decoded_by(Method.AMULET)]
+    sampling = SamplingParams(max_tokens=24, temperature=0)
+    request = GenerationRequest.from_contexts("paris", contexts, sampling, MethodSettings(method=Method.AMULET))
+    engine.add_request(request)
+    text = "".join(o.text for o in drain(engine)["paris"])
+    assert "Paris" in text, text
