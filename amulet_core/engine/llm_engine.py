@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
@@ -24,11 +23,12 @@ from amulet_core.engine.protocol import (
     TokenLogprob,
     Usage,
 )
+from amulet_core.engine.request_state import RequestState
 from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
 from amulet_core.engine.sequence import Sequence
 from amulet_core.errors import ContextLengthExceededError, InvalidParameterError, is_request_failure
 from amulet_core.grammar.compiler import GrammarCompiler, GrammarMatcher
-from amulet_core.grammar.masks import MaskFiller, WithTokenAllowed, grammar_masks
+from amulet_core.grammar.masks import grammar_masks
 from amulet_core.grammar.spec import GrammarSpec
 from amulet_core.method.rows import RowSpec, method_logprobs
 from amulet_core.model.loading import LoadedModel
@@ -36,59 +36,6 @@ from amulet_core.sampling.processors import RowHistory
 from amulet_core.sampling.sampler import RowSample, make_generator, sample_tokens
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class RequestState:
-    request: GenerationRequest
-    group: SequenceGroup
-    coefficient: float | None
-    generator: torch.Generator | None
-    detokenizer: IncrementalDetokenizer
-    stop_ids: frozenset[int]
-    max_tokens: int
-    arrival: float
-    output_ids: list[int] = field(default_factory=list)
-    scheduled_at: float | None = None
-    prefill_s: float | None = None
-    cached_prompt_tokens: int | None = None
-    matcher: GrammarMatcher | None = None
-    """The request's place in its grammar (``sampling.grammar``); dropped when the request finishes."""
-    num_prefs: int = 1
-    """K: the group's first K sequences are its preference contexts (1 for base)."""
-    weights: tuple[float, ...] = (1.0,)
-    """The K preference contexts' normalised weights."""
-    thinking: bool = False
-    """Inside the request's thinking (``request.thinking``): no contrast, no grammar."""
-
-    @property
-    def step_coefficient(self) -> float | None:
-        """A of this step's closed form: 1 (the preference contexts alone) while thinking."""
-        return 1.0 if self.thinking and self.coefficient is not None else self.coefficient
-
-    def mask_filler(self) -> MaskFiller | None:
-        """What constrains this step's token: the grammar (none while thinking), which before the first token also
-        lets the model open its thinking."""
-        if self.matcher is None or self.thinking:
-            return None
-        span = self.request.thinking
-        if span is not None and span.start_token_id is not None and not self.output_ids:
-            return WithTokenAllowed(self.matcher, span.start_token_id)
-        return self.matcher
-
-    def note_thinking(self, token: int) -> bool:
-        """Follow the thinking with the sampled ``token``; whether the token belongs to the thinking (its start
-        or end token included), so that the grammar does not see it."""
-        span = self.request.thinking
-        if span is None:
-            return False
-        if self.thinking:
-            self.thinking = token != span.end_token_id
-            return True
-        if not self.output_ids and token == span.start_token_id:
-            self.thinking = True
-            return True
-        return False
 
 
 class LLMEngine:
