@@ -53,7 +53,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(lambda: shutil.rmtree(data, ignore_errors=True))
 
 
-FIXTURE_MARKS = {"smollm": "smollm", "compose": "system", "prometheus_binary": "system", "postgres_url": "system"}
+FIXTURE_MARKS = {
+    "smollm": "smollm",
+    "compose": "system",
+    "prometheus_binary": "system",
+    "postgres_url": "system",
+    "chromium_path": "browser",
+}
 """A test that takes the fixture (even indirectly) gets the mark."""
 
 
@@ -193,3 +199,15 @@ def postgres_url() -> Iterator[str]:
 
     with throwaway_postgres() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    """Debian's headless Chromium (installed when missing) for the Playwright tests; skips where it cannot be."""
+    result = subprocess.run(
+        ["bash", str(ENSURE_PACKAGE), "chromium", "chromium", "fonts-liberation"], capture_output=True, text=True, timeout=900
+    )
+    if result.returncode == 3:
+        pytest.skip(f"Chromium cannot be installed here: {result.stderr.strip()}")
+    assert result.returncode == 0, f"installing Chromium failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout.strip().splitlines()[-1]

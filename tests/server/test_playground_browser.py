@@ -26,7 +26,7 @@ import pytest
 
 from amulet_core.engine.config import EngineConfig
 from server.config import ServerConfig
-from tests.support import ENSURE_PACKAGE, ROOT
+from tests.support import ROOT
 from tests.support.http import API_KEY, WRONG_KEY
 from tests.support.live_server import EngineServer, engine_server, wait_until
 
@@ -39,17 +39,6 @@ SCREENSHOT = ROOT / "docs" / "playground.png"
 QUESTION = "How do I keep basil alive?"
 ANSWER_TIMEOUT_MS = 300_000
 """Generous: two 48-token answers take seconds on a quiet machine, CI machines are busy."""
-
-
-@pytest.fixture(scope="module")
-def chromium_path() -> str:
-    result = subprocess.run(
-        ["bash", str(ENSURE_PACKAGE), "chromium", "chromium", "fonts-liberation"], capture_output=True, text=True, timeout=900
-    )
-    if result.returncode == 3:
-        pytest.skip(f"Chromium cannot be installed here: {result.stderr.strip()}")
-    assert result.returncode == 0, f"installing Chromium failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")

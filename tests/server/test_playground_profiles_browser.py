@@ -5,7 +5,6 @@ columns then send its preference, and the form saves as a new profile. The page'
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from amulet_core.method.preference_prompts import Placement
 from server.app import create_app
 from server.config import ServerConfig
 from server.store.config import StoreConfig
-from tests.support import ENSURE_PACKAGE
 from tests.support.fake_engine import FakeEngine
 from tests.support.http import API_KEY
 from tests.support.live_server import LiveServer, live_server
@@ -29,17 +27,6 @@ pytestmark = [pytest.mark.browser]
 
 STORED = {"text": ["be terse", {"text": "be kind", "weight": 2.0}], "negative": "ramble", "coefficient": 4.0}
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-@pytest.fixture(scope="module")
-def chromium_path() -> str:
-    result = subprocess.run(
-        ["bash", str(ENSURE_PACKAGE), "chromium", "chromium", "fonts-liberation"], capture_output=True, text=True, timeout=900
-    )
-    if result.returncode == 3:
-        pytest.skip(f"Chromium cannot be installed here: {result.stderr.strip()}")
-    assert result.returncode == 0, f"installing Chromium failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
