@@ -14,14 +14,13 @@ import weakref
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as distribution_version
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from amulet_core.engine.protocol import EngineClient
 from amulet_core.errors import EngineNotReadyError
@@ -44,6 +43,7 @@ from server.protocol import ChatCompletionRequest
 from server.protocol_answers import ErrorResponse, ModelCard, ModelList
 from server.protocol_completions import CompletionRequest
 from server.protocol_tokenize import DetokenizeRequest, TokenizeRequest, VersionResponse
+from server.request_body import parse_body
 from server.request_id import REQUEST_ID_HEADER, RequestIdMiddleware, request_id_of
 from server.requests.policy import UnknownFieldLog
 from server.requests.preparation import PreparationPool
@@ -56,7 +56,6 @@ from server.store.lifespan import store_lifespan
 from server.store.profiles import ProfileStore
 from server.store.responses import open_response_store
 
-RequestT = TypeVar("RequestT", bound=BaseModel)
 logger = logging.getLogger(__name__)
 MODEL_LOAD_FAILED_MESSAGE = "The model failed to load; the server log has the details."
 
@@ -106,15 +105,6 @@ _ERROR_RESPONSES: dict[str, Any] = {
         (503, "Model loading or server shutting down; see Retry-After"),
     )
 }
-
-
-async def parse_body(model: type[RequestT], request: Request) -> RequestT:
-    """The request body as ``model``, parsed strictly from JSON (:class:`~server.http_guards.JsonContentType` has
-    checked that it is declared so); pydantic's errors go through the same 400 handler as every invalid request."""
-    try:
-        return model.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
 
 
 def _openapi_schema(app: FastAPI) -> dict[str, Any]:
@@ -224,26 +214,26 @@ def create_app(
 
     @app.post("/v1/chat/completions", openapi_extra=_openapi_extra(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        return await chat.create(await parse_body(ChatCompletionRequest, request), request)
+        return await chat.create(await parse_body(ChatCompletionRequest, request, pool), request)
 
     @app.post("/v1/completions", openapi_extra=_openapi_extra(CompletionRequest))
     async def text_completions(request: Request) -> Response:
-        return await completions.create(await parse_body(CompletionRequest, request), request)
+        return await completions.create(await parse_body(CompletionRequest, request, pool), request)
 
     anthropic_messages = AnthropicServingMessages(chat)  # Anthropic's Messages API, over the chat endpoint
 
     @app.post(MESSAGES_PATH, openapi_extra=messages_openapi_extra())
     async def messages(request: Request) -> Response:
-        return await anthropic_messages.create(await parse_body(MessagesRequest, request), request)
+        return await anthropic_messages.create(await parse_body(MessagesRequest, request, pool), request)
 
     @app.post("/tokenize", openapi_extra=_openapi_extra(TokenizeRequest))
     async def tokenize(request: Request) -> dict[str, Any]:
-        answer = await tokenization.tokenize(await parse_body(TokenizeRequest, request))
+        answer = await tokenization.tokenize(await parse_body(TokenizeRequest, request, pool))
         return answer.model_dump(exclude_none=True)
 
     @app.post("/detokenize", openapi_extra=_openapi_extra(DetokenizeRequest))
     async def detokenize(request: Request) -> dict[str, Any]:
-        return (await tokenization.detokenize(await parse_body(DetokenizeRequest, request))).model_dump()
+        return (await tokenization.detokenize(await parse_body(DetokenizeRequest, request, pool))).model_dump()
 
     mount_responses(app, responses)
     mount_preference_profiles(app, profiles)

@@ -3,18 +3,17 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from server.auth import tenant_of
 from server.profiles.protocol import ProfileCreate, ProfileUpdate
 from server.profiles.service import PreferenceProfiles
+from server.request_body import parse_body
 
 PROFILES_PATH = "/v1/preference_profiles"
-BodyT = TypeVar("BodyT", bound=BaseModel)
 _ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 _STATUSES = {
     400: "Invalid profile (OpenAI error object naming the field)",
@@ -37,19 +36,12 @@ def _openapi_extra(model: type[BaseModel] | None) -> dict[str, Any]:
     return extra
 
 
-async def _body(model: type[BodyT], request: Request) -> BodyT:
-    try:
-        return model.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
-
-
 def mount_preference_profiles(app: FastAPI, profiles: PreferenceProfiles) -> None:
     """The routes above, over ``profiles``."""
 
     @app.post(PROFILES_PATH, openapi_extra=_openapi_extra(ProfileCreate))
     async def create_profile(request: Request) -> dict[str, Any]:
-        return await profiles.create(await _body(ProfileCreate, request), tenant_of(request.scope))
+        return await profiles.create(await parse_body(ProfileCreate, request), tenant_of(request.scope))
 
     @app.get(PROFILES_PATH, openapi_extra=_openapi_extra(None))
     async def list_profiles(request: Request) -> dict[str, Any]:
@@ -61,7 +53,7 @@ def mount_preference_profiles(app: FastAPI, profiles: PreferenceProfiles) -> Non
 
     @app.patch(PROFILES_PATH + "/{ref}", openapi_extra=_openapi_extra(ProfileUpdate))
     async def update_profile(ref: str, request: Request) -> dict[str, Any]:
-        return await profiles.update(ref, await _body(ProfileUpdate, request), tenant_of(request.scope))
+        return await profiles.update(ref, await parse_body(ProfileUpdate, request), tenant_of(request.scope))
 
     @app.delete(PROFILES_PATH + "/{ref}", openapi_extra=_openapi_extra(None))
     async def delete_profile(ref: str, request: Request) -> dict[str, Any]:

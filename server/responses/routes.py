@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import ValidationError
 
 from server.errors import APIError
+from server.request_body import parse_body
 from server.responses.protocol import ResponsesRequest
 from server.responses.serving import MAX_LISTED_ITEMS, OpenAIServingResponses
 
@@ -46,19 +45,12 @@ def _openapi_extra() -> dict[str, Any]:
     }
 
 
-async def _body(request: Request) -> ResponsesRequest:
-    try:
-        return ResponsesRequest.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
-
-
 def mount_responses(app: FastAPI, serving: OpenAIServingResponses) -> None:
     """``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}`` and ``GET /v1/responses/{id}/input_items``."""
 
     @app.post("/v1/responses", openapi_extra=_openapi_extra())
     async def create_response(request: Request) -> Response:
-        return await serving.create(await _body(request), request)
+        return await serving.create(await parse_body(ResponsesRequest, request, serving.chat.admission.preparation), request)
 
     @app.get("/v1/responses/{response_id}")
     async def retrieve_response(response_id: str, request: Request, stream: bool = False) -> dict[str, Any]:
