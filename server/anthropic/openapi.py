@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from server.anthropic.errors import ERROR_TYPES, error_type
 from server.anthropic.protocol import MessagesRequest
+from server.openapi_schemas import self_contained
 
 
 class AnthropicErrorDetail(BaseModel):
@@ -25,25 +26,6 @@ class AnthropicErrorResponse(BaseModel):
 
 
 _STATUSES = (400, 401, 404, 408, 413, 415, 429, 500, 503)
-
-
-def inlined(schema: Any, definitions: dict[str, Any]) -> Any:
-    """``schema`` with every ``#/$defs/...`` reference replaced by its definition (the models are not recursive)."""
-    if isinstance(schema, list):
-        return [inlined(item, definitions) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/$defs/"):
-        rest = {key: value for key, value in schema.items() if key != "$ref"}
-        return inlined(definitions[ref.removeprefix("#/$defs/")] | rest, definitions)
-    return {key: inlined(value, definitions) for key, value in schema.items() if key != "$defs"}
-
-
-def self_contained(model: type[BaseModel]) -> dict[str, Any]:
-    """The JSON schema of ``model`` with its definitions inlined."""
-    schema = model.model_json_schema()
-    return dict(inlined(schema, schema.get("$defs", {})))
 
 
 def messages_openapi_extra() -> dict[str, Any]:

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 
 from server.errors import APIError
+from server.openapi_schemas import self_contained
 from server.request_body import parse_body
 from server.responses.protocol import ResponsesRequest
 from server.responses.serving import MAX_LISTED_ITEMS, OpenAIServingResponses
@@ -23,22 +24,9 @@ _STATUSES = {
 }
 
 
-def _inlined(schema: Any, definitions: dict[str, Any]) -> Any:
-    """``schema`` with its ``#/$defs/...`` references replaced by their definitions (the models are not recursive)."""
-    if isinstance(schema, list):
-        return [_inlined(item, definitions) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/$defs/"):
-        return _inlined(definitions[ref.removeprefix("#/$defs/")], definitions)
-    return {key: _inlined(value, definitions) for key, value in schema.items() if key != "$defs"}
-
-
 def _openapi_extra() -> dict[str, Any]:
     """The hand-parsed body and the error answers of ``POST /v1/responses`` for ``/openapi.json``."""
-    schema = ResponsesRequest.model_json_schema()
-    body = _inlined(schema, schema.get("$defs", {}))
+    body = self_contained(ResponsesRequest)
     return {
         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
         "responses": {str(status): {"description": text, "content": _ERROR} for status, text in _STATUSES.items()},
