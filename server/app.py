@@ -25,9 +25,9 @@ from pydantic import BaseModel
 from amulet_core.engine.protocol import EngineClient
 from amulet_core.errors import EngineNotReadyError
 from server.access import open_routes
-from server.anthropic.errors import MESSAGES_PATH
-from server.anthropic.openapi import messages_openapi_extra
-from server.anthropic.protocol import MessagesRequest
+from server.anthropic.errors import COUNT_TOKENS_PATH, MESSAGES_PATH
+from server.anthropic.openapi import count_tokens_openapi_extra, messages_openapi_extra
+from server.anthropic.protocol import CountTokensRequest, MessagesRequest
 from server.anthropic.serving import AnthropicServingMessages
 from server.auth import ApiKeyAuth
 from server.config import ServerConfig
@@ -225,6 +225,10 @@ def create_app(
     @app.post(MESSAGES_PATH, openapi_extra=messages_openapi_extra())
     async def messages(request: Request) -> Response:
         return await anthropic_messages.create(await parse_body(MessagesRequest, request, pool), request)
+
+    @app.post(COUNT_TOKENS_PATH, openapi_extra=count_tokens_openapi_extra())
+    async def count_message_tokens(request: Request) -> dict[str, int]:
+        return await anthropic_messages.count_tokens(await parse_body(CountTokensRequest, request, pool), request)
 
     @app.post("/tokenize", openapi_extra=_openapi_extra(TokenizeRequest))
     async def tokenize(request: Request) -> dict[str, Any]:

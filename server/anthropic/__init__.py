@@ -1,4 +1,5 @@
-"""The Anthropic Messages API (``POST /v1/messages``) over the chat completions machinery.
+"""The Anthropic Messages API (``POST /v1/messages``, and ``/v1/messages/count_tokens``) over the chat completions
+machinery.
 
 A Messages request is converted into a :class:`~server.protocol.ChatCompletionRequest` (:mod:`.conversion`) and
 goes through the same preparation and admission as a chat request; the answer is written in Anthropic's shapes,

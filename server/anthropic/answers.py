@@ -1,5 +1,7 @@
-"""A Messages answer: its content blocks (text, then ``tool_use`` blocks parsed by the chat's tool parser), its
+"""A Messages answer: its content blocks (with ``--reasoning-parser``, a ``thinking`` block first, the model's
+thinking; then text, then ``tool_use`` blocks parsed by the chat's tool parser from the text after the thinking), its
 ``stop_reason`` and ``stop_sequence``, and its usage, in Anthropic's shapes (whole here; streamed in :mod:`.events`).
+A thinking block's ``signature`` is empty: this server signs nothing (and ignores the thinking blocks sent back).
 
 ``usage.input_tokens`` counts the prompt tokens that were not read from the prefix cache; those are
 ``cache_read_input_tokens`` (Anthropic's split: the prompt is their sum). ``preference`` is this server's extension,
@@ -19,6 +21,12 @@ from pydantic import BaseModel
 from amulet_core.engine.protocol import Usage
 from server.protocol_answers import PreferenceEcho
 from server.requests.tools import ToolRequest
+
+
+class ThinkingContent(BaseModel):
+    type: Literal["thinking"] = "thinking"
+    thinking: str
+    signature: str = ""
 
 
 class TextContent(BaseModel):
@@ -56,7 +64,7 @@ class AnthropicMessage(BaseModel):
     id: str
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
-    content: list[TextContent | ToolUseContent]
+    content: list[ThinkingContent | TextContent | ToolUseContent]
     model: str
     stop_reason: str | None
     stop_sequence: str | None
@@ -77,7 +85,8 @@ def message_id(request_id: str) -> str:
 
 
 def split_content(text: str, tools: ToolRequest | None) -> tuple[str, list[ToolUseContent]]:
-    """The answer's text and its tool calls (none without tools), each call with an id unique to this answer."""
+    """The answer's text (after any thinking) and its tool calls (none without tools), each call with an id unique
+    to this answer."""
     if tools is None:
         return text, []
     parsed = tools.parse(text)
@@ -126,9 +135,13 @@ def message_of(
     stop_sequence: str | None,
     usage: Usage,
     preference: PreferenceEcho | None,
+    thinking: str | None = None,
 ) -> AnthropicMessage:
-    """The whole answer: a text block (when there is text), then the tool calls."""
-    content: list[TextContent | ToolUseContent] = [TextContent(text=text)] if text else []
+    """The whole answer: a thinking block (when there is thinking), a text block (when there is text), then the tool
+    calls."""
+    content: list[ThinkingContent | TextContent | ToolUseContent] = [ThinkingContent(thinking=thinking)] if thinking else []
+    if text:
+        content.append(TextContent(text=text))
     content.extend(calls)
     return AnthropicMessage(
         id=message_id(request_id),

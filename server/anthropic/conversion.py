@@ -5,6 +5,9 @@ through the chat's preparation and admission unchanged: the same rendering, pref
   and each ``tool_result`` block a ``tool`` message (in their order); an assistant message's text blocks are its
   content and its ``tool_use`` blocks its ``tool_calls``; thinking blocks of the history are dropped. A last
   assistant message is continued (Anthropic's prefill: ``continue_final_message``).
+* ``thinking`` is the chat template's ``enable_thinking`` (``enabled``: true, ``disabled``: false; ``adaptive``
+  leaves the template's default), for reasoning models (``--reasoning-parser``; without it ``enabled`` is refused
+  where the request is served, :mod:`.serving`).
 * ``max_tokens``, ``temperature``, ``top_p``, ``top_k``; ``stop_sequences`` are ``stop``; ``tools`` (``input_schema``
   is the function's ``parameters``) and ``tool_choice`` (``auto``, ``any`` = ``required``, ``tool`` = a named
   function, ``none``; ``disable_parallel_tool_use``); ``output_config.format`` is a JSON schema ``response_format``.
@@ -26,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from amulet_core.errors import InvalidParameterError
-from server.anthropic.protocol import MessageParam, MessagesRequest, TextBlock, ToolResultBlock, ToolUseBlock
+from server.anthropic.protocol import MessageParam, MessagesBody, TextBlock, ToolResultBlock, ToolUseBlock
 from server.errors import describe_validation_errors
 from server.protocol import ChatCompletionRequest
 from server.requests.json_values import check_json_depth
@@ -51,7 +54,7 @@ KNOWN_NO_EFFECT = frozenset(
 """Keys of Anthropic's request objects (content blocks, tools ...) that change nothing here: not logged as unknown."""
 
 
-def unknown_nested_fields(body: MessagesRequest) -> list[str]:
+def unknown_nested_fields(body: MessagesBody) -> list[str]:
     """The generic paths (``messages[].content[].x``) of the keys the request's objects do not declare, less the
     known ones that change nothing. (The top-level ones go on to the chat request, whose policy logs them.)"""
     found: list[str] = []
@@ -132,7 +135,7 @@ class ChatConversion:
     names: MessagesNames
 
 
-def _system_text(body: MessagesRequest) -> str | None:
+def _system_text(body: MessagesBody) -> str | None:
     if body.system is None or isinstance(body.system, str):
         return body.system
     return "\n".join(block.text for block in body.system)
@@ -177,7 +180,7 @@ def _user(message: MessageParam, where: str) -> list[tuple[dict[str, Any], str]]
     return out or [({"role": "user", "content": ""}, where)]
 
 
-def chat_messages(body: MessagesRequest) -> tuple[list[dict[str, Any]], list[str]]:
+def chat_messages(body: MessagesBody) -> tuple[list[dict[str, Any]], list[str]]:
     """The conversation as chat messages, and the Messages name of each."""
     messages: list[dict[str, Any]] = []
     origins: list[str] = []
@@ -194,7 +197,7 @@ def chat_messages(body: MessagesRequest) -> tuple[list[dict[str, Any]], list[str
     return messages, origins
 
 
-def _tool_fields(body: MessagesRequest) -> dict[str, Any]:
+def _tool_fields(body: MessagesBody) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     if body.tools is not None:
         fields["tools"] = [
@@ -216,7 +219,7 @@ def _tool_fields(body: MessagesRequest) -> dict[str, Any]:
     return fields
 
 
-def _passed_on(body: MessagesRequest) -> dict[str, Any]:
+def _passed_on(body: MessagesBody) -> dict[str, Any]:
     """The fields ``extra_body`` carries, once the ones the Messages API names otherwise are refused."""
     extras = dict(body.model_extra or {})
     for name, value in extras.items():
@@ -233,14 +236,29 @@ def _prefilled(last: MessageParam) -> bool:
     return isinstance(last.content, str) or not any(isinstance(block, ToolUseBlock) for block in last.content)
 
 
-def to_chat(body: MessagesRequest) -> ChatConversion:
+def _thinking_fields(body: MessagesBody, chat: dict[str, Any]) -> dict[str, Any]:
+    """``thinking`` as ``chat_template_kwargs.enable_thinking`` (``enabled``: true, ``disabled``: false), with the
+    other template variables ``extra_body`` carries."""
+    thinking = body.thinking
+    if thinking is None or thinking.type == "adaptive":
+        return {}
+    if thinking.budget_tokens is not None and body.max_tokens is not None and thinking.budget_tokens >= body.max_tokens:
+        raise InvalidParameterError(
+            "thinking.budget_tokens", "'max_tokens' must be greater than 'thinking.budget_tokens' (they share it)."
+        )
+    enabled = thinking.type == "enabled"
+    kwargs = chat.get("chat_template_kwargs")
+    kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
+    if kwargs.get("enable_thinking", enabled) != enabled:
+        raise InvalidParameterError("thinking", "'thinking' and 'chat_template_kwargs.enable_thinking' disagree; send one.")
+    return {"chat_template_kwargs": {**kwargs, "enable_thinking": enabled}}
+
+
+def to_chat(body: MessagesBody) -> ChatConversion:
     """The chat request of a Messages request (see the module docstring). Raises InvalidParameterError naming the
     Messages request's field."""
-    if body.thinking is not None and body.thinking.type == "enabled":
-        raise InvalidParameterError(
-            "thinking", "'thinking' of type 'enabled' is not supported: this server writes no thinking blocks."
-        )
     chat = _passed_on(body)
+    chat.update(_thinking_fields(body, chat))
     messages, origins = chat_messages(body)
     if _prefilled(body.messages[-1]) and not any(name in chat for name in CONTINUE_FIELDS):
         chat.update(add_generation_prompt=False, continue_final_message=True)  # the answer continues it

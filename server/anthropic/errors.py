@@ -15,6 +15,7 @@ from typing import Any
 from server.protocol_answers import ErrorInfo
 
 MESSAGES_PATH = "/v1/messages"
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 
 ERROR_TYPES = {
     400: "invalid_request_error",

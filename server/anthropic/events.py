@@ -2,7 +2,9 @@
 :class:`~server.serving_choices.ChunkFormat`, so :func:`~server.serving_choices.stream_response` runs the stream:
 the disconnect watch, the 429/503 before the first event, the observer's report).
 
-The events, in order: ``message_start`` (the message, no content yet) and a ``ping``; for the text,
+The events, in order: ``message_start`` (the message, no content yet) and a ``ping``; with ``--reasoning-parser``,
+for the model's thinking, ``content_block_start`` (a ``thinking`` block), ``content_block_delta``
+(``thinking_delta``) as it comes, ``content_block_stop``; for the text,
 ``content_block_start``, ``content_block_delta`` (``text_delta``) as it comes, ``content_block_stop``; for each
 tool call, ``content_block_start`` (a ``tool_use`` block, empty ``input``), one ``content_block_delta``
 (``input_json_delta``) and ``content_block_stop``; then ``message_delta`` (``stop_reason``, ``stop_sequence`` and
@@ -24,6 +26,7 @@ from amulet_core.engine.protocol import Usage
 from server.anthropic.answers import MessageUsage, StopSequences, ToolUseContent, message_id, split_content, stop_reason
 from server.anthropic.errors import sse_event, stream_error_event
 from server.protocol_answers import PreferenceEcho
+from server.reasoning_parsers import ReasoningParser
 from server.requests.chat import PreparedChat
 from server.tool_calls import ToolCallStream
 
@@ -31,12 +34,21 @@ from server.tool_calls import ToolCallStream
 class MessageEvents:
     """The events of one streamed answer (see the module docstring)."""
 
-    def __init__(self, prepared: PreparedChat, model_name: str, stops: StopSequences, preference: PreferenceEcho | None) -> None:
+    def __init__(
+        self,
+        prepared: PreparedChat,
+        model_name: str,
+        stops: StopSequences,
+        preference: PreferenceEcho | None,
+        reasoning: ReasoningParser | None = None,
+    ) -> None:
         self.request = prepared.request
         self.model_name = model_name
         self.stops = stops
         self.preference = preference
         self.tool_stream = ToolCallStream(prepared.tools) if prepared.tools is not None else None
+        self.reasoning = reasoning.stream() if reasoning is not None else None
+        self.thinking_open = False
         self.text_open = False
         self.blocks = 0
         """Content blocks started so far (the next one's index)."""
@@ -64,8 +76,38 @@ class MessageEvents:
         out = choice.output
         self.raw_text.append(out.text)
         self.token_ids.extend(out.token_ids)
-        text = self.tool_stream.feed(out.text) if self.tool_stream is not None else out.text
-        return self._text(text) if text else []
+        if self.reasoning is None:
+            return self._answer(out.text)
+        split = self.reasoning.feed(out.text)
+        return self._thinking(split.reasoning or "") + self._answer(split.content or "")
+
+    def _thinking(self, thinking: str) -> list[str]:
+        if not thinking:
+            return []
+        events = []
+        if not self.thinking_open:
+            self.thinking_open = True
+            block = {"type": "thinking", "thinking": "", "signature": ""}
+            events.append(
+                sse_event("content_block_start", {"type": "content_block_start", "index": self.blocks, "content_block": block})
+            )
+        delta = {"type": "content_block_delta", "index": self.blocks, "delta": {"type": "thinking_delta", "thinking": thinking}}
+        events.append(sse_event("content_block_delta", delta))
+        return events
+
+    def _close_thinking(self) -> list[str]:
+        if not self.thinking_open:
+            return []
+        self.thinking_open = False
+        return [self._close_block()]
+
+    def _answer(self, text: str) -> list[str]:
+        """The events of a piece of the answer (after the thinking, whose block it closes)."""
+        if not text:
+            return []
+        events = self._close_thinking()
+        text = self.tool_stream.feed(text) if self.tool_stream is not None else text
+        return events + (self._text(text) if text else [])
 
     def _text(self, text: str) -> list[str]:
         events = []
@@ -93,6 +135,10 @@ class MessageEvents:
 
     def finish(self, index: int, reason: str) -> list[str]:
         events: list[str] = []
+        if self.reasoning is not None:
+            split = self.reasoning.finish()
+            events += self._thinking(split.reasoning or "") + self._answer(split.content or "")
+        events += self._close_thinking()
         calls: list[ToolUseContent] = []
         if self.tool_stream is not None:
             held, self.tool_stream.held = self.tool_stream.held, ""

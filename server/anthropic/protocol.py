@@ -1,4 +1,5 @@
-"""Pydantic models of a Messages request (``POST /v1/messages``), as the ``anthropic`` SDK sends it.
+"""Pydantic models of a Messages request (``POST /v1/messages``, and ``/v1/messages/count_tokens``), as the
+``anthropic`` SDK sends it.
 
 Typed strictly and bounded like the chat request (:mod:`server.protocol_limits`: every list capped, its count
 checked before its items). Content blocks are ``text``, ``tool_use`` and ``tool_result`` (and ``thinking`` /
@@ -161,8 +162,18 @@ class ToolChoice(_Part):
 
 
 class ThinkingConfig(_Part):
+    """``thinking``: a reasoning model's thinking on (``enabled``: ``enable_thinking`` true in the chat template)
+    or off (``disabled``: false); ``adaptive`` leaves it to the template. ``budget_tokens`` is checked as
+    Anthropic's (below ``max_tokens``) but caps nothing: the thinking and the answer share ``max_tokens``."""
+
     type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: int | None = None
+    budget_tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _enabled_needs_a_budget(self) -> ThinkingConfig:
+        if self.type == "enabled" and self.budget_tokens is None:
+            raise ValueError("'thinking' of type 'enabled' needs 'budget_tokens'")
+        return self
 
 
 class JsonOutputFormat(_Part):
@@ -177,11 +188,11 @@ class OutputConfig(_Part):
     effort: str | None = None
 
 
-class MessagesRequest(RequestBody):
-    """``POST /v1/messages``. ``max_tokens`` is required, as Anthropic's is."""
+class MessagesBody(RequestBody):
+    """The fields of a Messages request (:class:`MessagesRequest`) and of a token count (:class:`CountTokensRequest`)."""
 
     model: str | None = None
-    max_tokens: int = Field(ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
     messages: list[MessageParam] = Field(min_length=1, max_length=MAX_MESSAGES)
     system: Annotated[
         str | TextBlocks | None, items_at_most(MAX_CONTENT_PARTS), BeforeValidator(lambda v: _only(v, ("text",)))
@@ -206,3 +217,14 @@ class MessagesRequest(RequestBody):
     diagnostics: dict[str, Any] | None = None
     user_profile_id: str | None = None
     workspace_id: str | None = None
+
+
+class MessagesRequest(MessagesBody):
+    """``POST /v1/messages``. ``max_tokens`` is required, as Anthropic's is."""
+
+    max_tokens: int = Field(ge=1)
+
+
+class CountTokensRequest(MessagesBody):
+    """``POST /v1/messages/count_tokens``: the Messages request whose prompt is counted (``max_tokens`` optional,
+    as Anthropic's count takes none; the sampling fields are accepted and count nothing)."""

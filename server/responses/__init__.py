@@ -4,7 +4,8 @@
 * :mod:`server.responses.items`: input items in the stored shape, and items as chat messages;
 * :mod:`server.responses.chat_request`: the request's own unsupported fields, and the request as a
   :class:`~server.protocol.ChatCompletionRequest` (our fields, ``preference`` ..., pass through as on chat);
-* :mod:`server.responses.answer`: output items and the response object;
+* :mod:`server.responses.answer`: output items (a reasoning model's thinking first) and the response object;
+* :mod:`server.responses.reasoning`: the thinking's tokens, counted as the answer comes;
 * :mod:`server.responses.events`: the SSE events of a streamed response;
 * :mod:`server.responses.serving`: the endpoint (the chat's preparation, the engine, the store);
 * :mod:`server.responses.routes`: its routes on the app.

@@ -1,5 +1,6 @@
-"""The answer: the model's text as output items (a message, then the function calls parsed from it), and the
-response object (the request's settings echoed, as OpenAI's, plus ``preference``, the effective settings)."""
+"""The answer: the model's text as output items (its thinking with ``--reasoning-parser``, a message, then the
+function calls parsed from the message), and the response object (the request's settings echoed, as OpenAI's, plus
+``preference``, the effective settings)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from amulet_core.engine.protocol import Usage
+from server.reasoning_parsers import ReasoningParser, ReasoningSplit
 from server.requests.chat import PreparedChat
 from server.requests.tools import ToolRequest
-from server.responses.items import Item, function_call_item, message_item
+from server.responses.items import Item, function_call_item, message_item, new_id, reasoning_item
 from server.responses.protocol import ResponsesRequest
 from server.tool_calls import tool_calls_out
 
@@ -28,23 +30,41 @@ def calls_of(tools: ToolRequest, text: str) -> tuple[str, list[ToolCall]]:
     return parsed.content or "", calls
 
 
-def parsed_output(prepared: PreparedChat, text: str) -> tuple[str, list[ToolCall]]:
-    """The message text and the function calls of the model's whole ``text`` (no calls without tools)."""
-    return (text, []) if prepared.tools is None else calls_of(prepared.tools, text)
+@dataclass(frozen=True)
+class ParsedAnswer:
+    """The model's whole text, read: its thinking (None: none, or no reasoning parser), the message's text and the
+    function calls read in it."""
+
+    reasoning: str | None
+    text: str
+    calls: list[ToolCall]
 
 
-def output_items(text: str, calls: list[ToolCall], message_id: str | None = None) -> list[Item]:
-    """A message (left out when the answer is only calls), then one ``function_call`` item per call."""
-    items = [message_item("assistant", text, message_id)] if text or not calls else []
-    return items + [function_call_item(c.call_id, c.name, c.arguments) for c in calls]
+def parsed_output(prepared: PreparedChat, text: str, parser: ReasoningParser | None) -> ParsedAnswer:
+    """The model's whole ``text``: the thinking apart (with ``parser``), the calls read in the rest (with tools)."""
+    split = parser.split(text) if parser is not None else ReasoningSplit(None, text)
+    reasoning, content = split.reasoning, split.content or ""
+    if prepared.tools is None:
+        return ParsedAnswer(reasoning, content, [])
+    message, calls = calls_of(prepared.tools, content)
+    return ParsedAnswer(reasoning, message, calls)
 
 
-def usage_object(usage: Usage) -> dict[str, Any]:
+def output_items(answer: ParsedAnswer, message_id: str | None = None, reasoning_id: str | None = None) -> list[Item]:
+    """The thinking's ``reasoning`` item (when there is thinking), a message (left out when the answer is only
+    thinking or calls), then one ``function_call`` item per call."""
+    items = [reasoning_item(reasoning_id or new_id("rs"), answer.reasoning)] if answer.reasoning else []
+    if answer.text or not (answer.calls or answer.reasoning):
+        items.append(message_item("assistant", answer.text, message_id))
+    return items + [function_call_item(c.call_id, c.name, c.arguments) for c in answer.calls]
+
+
+def usage_object(usage: Usage, reasoning_tokens: int = 0) -> dict[str, Any]:
     return {
         "input_tokens": usage.prompt_tokens,
         "input_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
         "output_tokens": usage.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": usage.total_tokens,
         "base_prompt_tokens": usage.base_prompt_tokens,
     }
@@ -73,11 +93,13 @@ def response_object(
     status: str,
     output: list[Item],
     usage: Usage | None = None,
+    reasoning_tokens: int = 0,
     incomplete: dict[str, str] | None = None,
     error: dict[str, str] | None = None,
     preference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The response object (``preference``: the echo of the effective settings, as on chat; None leaves it out)."""
+    """The response object (``preference``: the echo of the effective settings, as on chat; None leaves it out;
+    ``reasoning_tokens``: the answer's tokens of thinking)."""
     answer: dict[str, Any] = {
         "id": response_id,
         "object": "response",
@@ -100,7 +122,7 @@ def response_object(
         or "auto",
         "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or ()],
         "truncation": "disabled",
-        "usage": usage_object(usage) if usage is not None else None,
+        "usage": usage_object(usage, reasoning_tokens) if usage is not None else None,
         "metadata": body.metadata or {},
         "user": body.user,
     }

@@ -1,10 +1,11 @@
 """A Responses request as the chat request it is served by, and what only the Responses API refuses.
 
 The request's own fields map onto chat's (``max_output_tokens`` -> ``max_completion_tokens``, ``text.format`` ->
-``response_format``, the flat function tools -> chat's); every field it does not declare passes through unchanged
-(``preference``, ``top_k``, ``seed``, ``cache_salt`` ...: the SDK's ``extra_body``), so the chat request's policy
-judges them exactly as on ``/v1/chat/completions``. Chat's own names for what the Responses API names otherwise
-(``messages``, ``max_tokens`` ...) are refused, naming the field to use. Errors raised while the chat request is
+``response_format``, ``reasoning.effort`` -> ``reasoning_effort``, the flat function tools -> chat's); every field
+it does not declare passes through unchanged (``preference``, ``top_k``, ``seed``, ``cache_salt``,
+``chat_template_kwargs`` ...: the SDK's ``extra_body``), so the chat request's policy judges them exactly as on
+``/v1/chat/completions``. Chat's own names for what the Responses API names otherwise (``messages``, ``max_tokens``,
+``reasoning_effort`` ...) are refused, naming the field to use. Errors raised while the chat request is
 prepared name the Responses field (:func:`responses_param`).
 """
 
@@ -48,6 +49,7 @@ CHAT_NAMES: dict[str, str] = {
     "logprobs": "log-probabilities are only available on /v1/chat/completions",
     "functions": "use 'tools'",
     "function_call": "use 'tools' and 'tool_choice'",
+    "reasoning_effort": "use 'reasoning.effort'",
 }
 """Chat completion fields that the Responses API names (or does) otherwise."""
 
@@ -109,6 +111,7 @@ def chat_request(body: ResponsesRequest, conversation: list[Item]) -> ChatComple
         "tool_choice": _tool_choice(body),
         "parallel_tool_calls": body.parallel_tool_calls,
         "response_format": _response_format(body),
+        "reasoning_effort": body.reasoning.effort if body.reasoning is not None else None,
         "stream": bool(body.stream),
     }
     try:

@@ -1,7 +1,10 @@
 """The SSE events of a streamed response, in the order the official SDK parses them, each numbered
 (``sequence_number``) and named (``event:``) as OpenAI sends them:
 
-``response.created``, ``response.in_progress``; for the text, ``response.output_item.added`` (the message),
+``response.created``, ``response.in_progress``; for a reasoning model's thinking (``--reasoning-parser``), first
+``response.output_item.added`` (the ``reasoning`` item), ``response.content_part.added`` (a ``reasoning_text``
+part), ``response.reasoning_text.delta`` ..., ``response.reasoning_text.done``, ``response.content_part.done``,
+``response.output_item.done``; for the text, ``response.output_item.added`` (the message),
 ``response.content_part.added``, ``response.output_text.delta`` ..., ``response.output_text.done``,
 ``response.content_part.done``, ``response.output_item.done``; for each function call, its
 ``output_item.added``, ``function_call_arguments.delta`` and ``.done``, ``output_item.done``; then
@@ -23,8 +26,10 @@ from typing import Any
 
 from amulet_core.engine.parallel_sampling import ChoiceOutput
 from amulet_core.engine.protocol import Usage
-from server.responses.answer import ToolCall, calls_of, output_items, status_of
-from server.responses.items import Item, new_id
+from server.reasoning_parsers import ReasoningParser
+from server.responses.answer import ParsedAnswer, ToolCall, calls_of, output_items, status_of
+from server.responses.items import Item, new_id, reasoning_item
+from server.responses.reasoning import ThinkingTokens
 from server.tool_calls import ToolCallStream
 
 logger = logging.getLogger(__name__)
@@ -33,7 +38,7 @@ FINAL = "\x00response.final\x00"
 """The marker :meth:`ResponseEvents.usage` returns in place of the final event."""
 
 ResponseBuilder = Callable[..., dict[str, Any]]
-"""``build(status=..., output=..., usage=..., incomplete=..., error=...)``: the response object."""
+"""``build(status=..., output=..., usage=..., reasoning_tokens=..., incomplete=..., error=...)``: the response object."""
 
 
 def event(kind: str, payload: dict[str, Any]) -> str:
@@ -43,15 +48,23 @@ def event(kind: str, payload: dict[str, Any]) -> str:
 
 class ResponseEvents:
     """See the module docstring. ``build`` makes the response object; ``tools`` streams tool calls (held until
-    the end, then parsed, as chat's stream does)."""
+    the end, then parsed, as chat's stream does); ``reasoning`` tells the thinking from the answer."""
 
-    def __init__(self, build: ResponseBuilder, tools: ToolCallStream | None) -> None:
+    def __init__(self, build: ResponseBuilder, tools: ToolCallStream | None, reasoning: ReasoningParser | None = None) -> None:
         self.build = build
         self.tools = tools
+        self.reasoning = reasoning.stream() if reasoning is not None else None
+        self.thinking = ThinkingTokens(reasoning) if reasoning is not None else None
         self.sequence = 0
+        self.next_index = 0
+        """The next output item's ``output_index``."""
+        self.thought = ""
+        self.reasoning_id: str | None = None
+        self.reasoning_index = 0
+        self.reasoning_open = False
         self.text = ""
         self.message_id: str | None = None
-        self.output_index = 0
+        self.message_index = 0
         self.calls: list[ToolCall] = []
         self.finish_reason: str | None = None
         self.usage_seen: Usage | None = None
@@ -65,20 +78,58 @@ class ResponseEvents:
     def _lifecycle(self, kind: str, response: dict[str, Any]) -> str:
         return self._event(kind, response=response)
 
+    def _take_index(self) -> int:
+        index, self.next_index = self.next_index, self.next_index + 1
+        return index
+
     # ---- ChunkFormat
     def opening(self, num_choices: int) -> list[str]:
         started = self.build(status="in_progress", output=[])
         return [self._lifecycle("response.created", started), self._lifecycle("response.in_progress", started)]
 
+    def _reasoning_delta(self, text: str) -> list[str]:
+        if not text:
+            return []
+        events: list[str] = []
+        if self.reasoning_id is None:
+            self.reasoning_id, self.reasoning_index, self.reasoning_open = new_id("rs"), self._take_index(), True
+            item = reasoning_item(self.reasoning_id, None, status="in_progress")
+            part = {"type": "reasoning_text", "text": ""}
+            where = {"item_id": self.reasoning_id, "output_index": self.reasoning_index, "content_index": 0}
+            events += [
+                self._event("response.output_item.added", output_index=self.reasoning_index, item=item),
+                self._event("response.content_part.added", **where, part=part),
+            ]
+        self.thought += text
+        where = {"item_id": self.reasoning_id, "output_index": self.reasoning_index, "content_index": 0}
+        return [*events, self._event("response.reasoning_text.delta", **where, delta=text)]
+
+    def _close_reasoning(self) -> list[str]:
+        if not self.reasoning_open or self.reasoning_id is None:
+            return []
+        self.reasoning_open = False
+        where = {"item_id": self.reasoning_id, "output_index": self.reasoning_index, "content_index": 0}
+        part = {"type": "reasoning_text", "text": self.thought}
+        return [
+            self._event("response.reasoning_text.done", **where, text=self.thought),
+            self._event("response.content_part.done", **where, part=part),
+            self._event(
+                "response.output_item.done",
+                output_index=self.reasoning_index,
+                item=reasoning_item(self.reasoning_id, self.thought),
+            ),
+        ]
+
     def _open_message(self) -> list[str]:
         if self.message_id is not None:
             return []
-        self.message_id = new_id("msg")
+        self.message_id, self.message_index = new_id("msg"), self._take_index()
         item = {"id": self.message_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []}
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        where = {"item_id": self.message_id, "output_index": self.message_index, "content_index": 0}
         return [
-            self._event("response.output_item.added", output_index=0, item=item),
-            self._event("response.content_part.added", item_id=self.message_id, output_index=0, content_index=0, part=part),
+            self._event("response.output_item.added", output_index=self.message_index, item=item),
+            self._event("response.content_part.added", **where, part=part),
         ]
 
     def _text_delta(self, text: str) -> list[str]:
@@ -88,46 +139,60 @@ class ResponseEvents:
         self.text += text
         payload: dict[str, Any] = {
             "item_id": self.message_id,
-            "output_index": 0,
+            "output_index": self.message_index,
             "content_index": 0,
             "delta": text,
             "logprobs": [],
         }
         return [*events, self._event("response.output_text.delta", **payload)]
 
+    def _answer(self, text: str) -> list[str]:
+        """The events of a piece of the answer (after the thinking, which it closes)."""
+        if not text:
+            return []
+        events = self._close_reasoning()
+        return events + self._text_delta(self.tools.feed(text) if self.tools is not None else text)
+
     def delta(self, choice: ChoiceOutput) -> list[str]:
-        text = choice.output.text
-        return self._text_delta(self.tools.feed(text) if self.tools is not None else text)
+        out = choice.output
+        if self.reasoning is None or self.thinking is None:
+            return self._answer(out.text)
+        self.thinking.feed(out.text, len(out.token_ids))
+        split = self.reasoning.feed(out.text)
+        return self._reasoning_delta(split.reasoning or "") + self._answer(split.content or "")
 
     def finish(self, index: int, reason: str) -> list[str]:
         events: list[str] = []
+        if self.reasoning is not None:
+            split = self.reasoning.finish()
+            events += self._reasoning_delta(split.reasoning or "") + self._answer(split.content or "")
+        events += self._close_reasoning()
         if self.tools is not None:
             content, self.calls = calls_of(self.tools.tools, self.tools.held)  # the text held since a call may begin
             self.tools.held = ""
             events += self._text_delta(content)
-        if self.message_id is not None or not self.calls:
+        if self.message_id is not None or not (self.calls or self.reasoning_id):
             events += self._open_message()
             events += self._close_message()
-        self.output = output_items(self.text, self.calls, self.message_id)
-        for call_item in self.output[1 if self.message_id else 0 :]:
-            events += self._function_call(call_item)
+        self.output = output_items(ParsedAnswer(self.thought or None, self.text, self.calls), self.message_id, self.reasoning_id)
+        for call_item in self.output:
+            if call_item["type"] == "function_call":
+                events += self._function_call(call_item)
         self.finish_reason = reason
         return events
 
     def _close_message(self) -> list[str]:
-        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+        where = {"item_id": self.message_id, "output_index": self.message_index, "content_index": 0}
         part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
         item = {"id": self.message_id, "type": "message", "role": "assistant", "status": "completed", "content": [part]}
-        self.output_index = 1
         return [
             self._event("response.output_text.done", **where, text=self.text, logprobs=[]),
             self._event("response.content_part.done", **where, part=part),
-            self._event("response.output_item.done", output_index=0, item=item),
+            self._event("response.output_item.done", output_index=self.message_index, item=item),
         ]
 
     def _function_call(self, item: Item) -> list[str]:
-        index = self.output_index
-        self.output_index += 1
+        index = self._take_index()
         where = {"item_id": item["id"], "output_index": index}
         return [
             self._event(
@@ -146,7 +211,10 @@ class ResponseEvents:
     def final(self) -> dict[str, Any]:
         """The finished response object."""
         status, incomplete = status_of(self.finish_reason)
-        return self.build(status=status, output=self.output, usage=self.usage_seen, incomplete=incomplete)
+        reasoning_tokens = self.thinking.count if self.thinking is not None else 0
+        return self.build(
+            status=status, output=self.output, usage=self.usage_seen, reasoning_tokens=reasoning_tokens, incomplete=incomplete
+        )
 
     def final_event(self, response: dict[str, Any]) -> str:
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"

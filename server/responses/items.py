@@ -2,8 +2,9 @@
 OpenAI lists them), and a stored conversation as the chat messages it is decoded from.
 
 An item is a plain dict, as stored: ``message`` (``role``, ``content`` parts of ``input_text``, or ``output_text``
-for the assistant's), ``function_call`` (``call_id``, ``name``, ``arguments``) or ``function_call_output``
-(``call_id``, ``output``).
+for the assistant's), ``function_call`` (``call_id``, ``name``, ``arguments``), ``function_call_output``
+(``call_id``, ``output``) or ``reasoning`` (a reasoning model's thinking, ``content`` parts of ``reasoning_text``;
+left out of the chat messages, as chat templates leave out earlier turns' thinking).
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from server.responses.protocol import FunctionCallItem, FunctionCallOutputItem, MessageItem, ResponsesRequest, joined
+from server.responses.protocol import (
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    MessageItem,
+    ReasoningItem,
+    ResponsesRequest,
+    joined,
+)
 
 Item = dict[str, Any]
 
@@ -39,6 +47,14 @@ def function_call_item(call_id: str, name: str, arguments: str, item_id: str | N
     }
 
 
+def reasoning_item(item_id: str, text: str | None, status: str = "completed", summary: list[str] | None = None) -> Item:
+    """A ``reasoning`` item, as OpenAI's Responses API gives open models' thinking (and vLLM's does): its text as
+    one ``reasoning_text`` part (``text`` None: none yet, as the item opens), no summary of this server's."""
+    content = [] if text is None else [{"type": "reasoning_text", "text": text}]
+    summaries = [{"type": "summary_text", "text": s} for s in summary or ()]
+    return {"id": item_id, "type": "reasoning", "summary": summaries, "content": content, "status": status}
+
+
 def input_items(body: ResponsesRequest) -> list[Item]:
     """The request's ``input`` as stored items (a string is one user message)."""
     if isinstance(body.input, str):
@@ -53,6 +69,9 @@ def input_items(body: ResponsesRequest) -> list[Item]:
             output = joined(item.output)
             fco = {"id": item.id or new_id("fco"), "type": "function_call_output", "call_id": item.call_id, "output": output}
             items.append({**fco, "status": "completed"})
+        elif isinstance(item, ReasoningItem):
+            text = "".join(part.text for part in item.content or ())
+            items.append(reasoning_item(item.id or new_id("rs"), text, summary=[part.text for part in item.summary]))
     return items
 
 

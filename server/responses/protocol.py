@@ -24,7 +24,12 @@ MAX_INPUT_ITEMS = MAX_MESSAGES
 """Items of one request's ``input``."""
 MAX_ID_CHARS = 256
 """Characters of an id a client sends (``previous_response_id``, an item's ``id`` or ``call_id``)."""
-ITEM_TAGS = {"message": "Message", "function_call": "FunctionCall", "function_call_output": "FunctionCallOutput"}
+ITEM_TAGS = {
+    "message": "Message",
+    "function_call": "FunctionCall",
+    "function_call_output": "FunctionCallOutput",
+    "reasoning": "Reasoning",
+}
 """The input item types supported, and their union tags (capitalised: error locations leave them out)."""
 
 
@@ -91,14 +96,35 @@ class FunctionCallOutputItem(_Model):
     status: str | None = None
 
 
+class ReasoningText(_Model):
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+ReasoningParts = Annotated[Annotated[list[ReasoningText], Field(max_length=MAX_CONTENT_PARTS)], items_at_most(MAX_CONTENT_PARTS)]
+
+
+class ReasoningItem(_Model):
+    """A reasoning item of an earlier answer, sent back with the conversation: accepted and left out of the prompt
+    (as chat templates leave out earlier turns' thinking)."""
+
+    type: Literal["reasoning"]
+    id: Id | None = None
+    summary: ReasoningParts = Field(default_factory=list)
+    content: ReasoningParts | None = None
+    encrypted_content: str | None = None
+    status: str | None = None
+
+
 def _known_item(value: Any) -> Any:
     if not isinstance(value, dict):
-        raise ValueError("an input item must be an object (a message, function_call or function_call_output)")
+        raise ValueError("an input item must be an object (a message, function_call, function_call_output or reasoning)")
     kind = value.get("type", "message")
     if kind not in ITEM_TAGS:
         hint = "; previous_response_id continues a stored conversation" if kind == "item_reference" else ""
         raise ValueError(
-            f"input items of type {kind!r} are not supported (only message, function_call and function_call_output){hint}"
+            f"input items of type {kind!r} are not supported (only message, function_call, function_call_output and "
+            f"reasoning){hint}"
         )
     return value
 
@@ -111,7 +137,8 @@ def _item_tag(value: Any) -> str | None:
 InputItem = Annotated[
     Annotated[MessageItem, Tag("Message")]
     | Annotated[FunctionCallItem, Tag("FunctionCall")]
-    | Annotated[FunctionCallOutputItem, Tag("FunctionCallOutput")],
+    | Annotated[FunctionCallOutputItem, Tag("FunctionCallOutput")]
+    | Annotated[ReasoningItem, Tag("Reasoning")],
     Discriminator(_item_tag),
     BeforeValidator(_known_item),
 ]
@@ -164,6 +191,15 @@ class TextConfig(_Model):
     """Accepted, no effect."""
 
 
+class ReasoningConfig(_Model):
+    """``reasoning``: ``effort`` goes to the chat template as ``reasoning_effort`` (as chat's field); ``summary``
+    is accepted and changes nothing (this server writes no summaries)."""
+
+    effort: str | None = Field(default=None, min_length=1, max_length=32)
+    summary: str | None = None
+    generate_summary: str | None = None
+
+
 class ResponseStreamOptions(_Model):
     include_obfuscation: bool | None = None
     """Accepted, no effect: this server adds no obfuscation padding."""
@@ -198,8 +234,8 @@ class ResponsesRequest(RequestBody):
     top_logprobs: int | None = None
     max_tool_calls: int | None = None
     truncation: Literal["auto", "disabled"] | None = None
+    reasoning: ReasoningConfig | None = None
     # Accepted, no effect here.
-    reasoning: dict[str, Any] | None = None
     user: str | None = None
     safety_identifier: str | None = None
     service_tier: str | None = None

@@ -2,7 +2,8 @@
 
 A request is prepared as the chat request it maps to (:func:`~server.responses.chat_request.chat_request`,
 then :meth:`OpenAIServingChat.prepare`: the same admission, preference plan, tools and grammar), decoded with one
-choice, and answered as a response object or its events. ``store`` (the default) keeps it, owned by the caller's
+choice, and answered as a response object or its events (with ``--reasoning-parser``, the thinking first, as a
+``reasoning`` item: :mod:`server.responses.reasoning`). ``store`` (the default) keeps it, owned by the caller's
 tenant, so that ``previous_response_id`` continues the conversation: the stored conversation, then the new input.
 """
 
@@ -27,6 +28,7 @@ from server.responses.chat_request import chat_request, refuse_unsupported, rena
 from server.responses.events import ResponseBuilder, ResponseEvents, finished_stream
 from server.responses.items import Item, input_items, new_id
 from server.responses.protocol import ResponsesRequest
+from server.responses.reasoning import ThinkingTokens, counting
 from server.serving_chat import OpenAIServingChat, preference_echo
 from server.serving_choices import CLIENT_CLOSED_REQUEST, run_to_end, stream_response
 from server.serving_engine import RequestTracker
@@ -108,12 +110,21 @@ class OpenAIServingResponses:
         outputs = generate_choices(self.chat.engine, [prepared.request], 1)
         if body.stream:
             return await self._stream(prepared, outputs, tracker, raw_request, build, keep)
-        results = await run_to_end(outputs, 1, raw_request, tracker)
+        parser = self.chat.reasoning_parser(prepared)
+        thinking = ThinkingTokens(parser) if parser is not None else None
+        results = await run_to_end(counting(outputs, thinking) if thinking is not None else outputs, 1, raw_request, tracker)
         if results is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        text, calls = parsed_output(prepared, results[0].text)
+        answer = parsed_output(prepared, results[0].text, parser)
         status, incomplete = status_of(results[0].finish_reason)
-        response = build(status=status, output=output_items(text, calls), usage=tracker.usage(), incomplete=incomplete)
+        reasoning_tokens = thinking.count if thinking is not None else 0
+        response = build(
+            status=status,
+            output=output_items(answer),
+            usage=tracker.usage(),
+            reasoning_tokens=reasoning_tokens,
+            incomplete=incomplete,
+        )
         try:
             await keep(response)
         except StoreError as exc:
@@ -130,7 +141,7 @@ class OpenAIServingResponses:
         keep: Callable[[dict[str, Any]], Awaitable[None]],
     ) -> Response:
         tools = ToolCallStream(prepared.tools) if prepared.tools is not None else None
-        chunks = ResponseEvents(build, tools)
+        chunks = ResponseEvents(build, tools, self.chat.reasoning_parser(prepared))
         request_id = request_id_of(raw_request.scope)
 
         async def store(response: dict[str, Any]) -> dict[str, Any] | None:

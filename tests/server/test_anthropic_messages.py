@@ -1,7 +1,7 @@
 """``POST /v1/messages`` (Anthropic's Messages API) through the official ``anthropic`` SDK against a real uvicorn:
 over the fake engine for the HTTP shapes (answers, Anthropic's stream events, tool use, stop reasons, usage,
-errors, the key in ``x-api-key``, ``preference`` through ``extra_body``), and over the embedded SmolLM2 for a few
-real answers (marked ``smollm``).
+errors, the key in ``x-api-key``, ``preference`` through ``extra_body``, ``/v1/messages/count_tokens`` against
+the usage of an answer), and over the embedded SmolLM2 for a few real answers (marked ``smollm``).
 """
 
 from __future__ import annotations
@@ -404,6 +404,67 @@ def test_the_key_in_x_api_key_or_the_bearer_header(server: LiveServer) -> None:
     assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
 
 
+# ---------------------------------------------------------------- counting tokens
+
+
+COUNTED: dict[str, Any] = {
+    "model": "fake-model",
+    "system": "Be brief.",
+    "messages": [*HI, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "The weather in Paris?"}],
+    "tools": [WEATHER],
+}
+
+
+def test_count_tokens_counts_the_prompt_a_message_is_billed_for(client: anthropic.Anthropic, fake: FakeEngine) -> None:
+    counted = client.messages.count_tokens(**COUNTED)
+    assert isinstance(counted, anthropic.types.MessageTokensCount)
+    assert fake.requests == []  # counted without the engine
+    message = client.messages.create(max_tokens=5, **COUNTED)
+    assert counted.input_tokens == len(fake.requests[-1].prompt_ids)
+    assert message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0) == counted.input_tokens
+    shorter = client.messages.count_tokens(model="fake-model", messages=HI)
+    assert 0 < shorter.input_tokens < counted.input_tokens
+
+
+def test_count_tokens_counts_the_preference_context(client: anthropic.Anthropic, fake: FakeEngine) -> None:
+    preference = {"preference": {"text": "Answer like a pirate."}}
+    counted = client.messages.count_tokens(model="fake-model", messages=HI, extra_body=preference)
+    message = client.messages.create(model="fake-model", max_tokens=5, messages=HI, extra_body=preference)
+    request = fake.requests[-1]
+    assert len(request.contexts) > 1 and "pirate" in "".join(chr(t) for t in request.prompt_ids)
+    assert (
+        counted.input_tokens
+        == len(request.prompt_ids)
+        > client.messages.count_tokens(model="fake-model", messages=HI).input_tokens
+    )
+    assert message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0) == counted.input_tokens
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"model": "fake-model"}, "messages"),
+        ({"model": "fake-model", "messages": []}, "messages"),
+        ({"model": "fake-model", "messages": [{"role": "robot", "content": "Hi"}]}, "messages[0].role"),
+        ({"model": "fake-model", "messages": HI, "tools": [{"name": "bad name!", "input_schema": {}}]}, "tools[0].name"),
+        ({"model": "fake-model", "messages": HI, "thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+        ({"model": "fake-model", "messages": HI, "max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_count_tokens_bad_input_names_the_field(server: LiveServer, body: dict[str, Any], named: str) -> None:
+    response = httpx.post(f"{server.url}/v1/messages/count_tokens", json=body, headers={"x-api-key": API_KEY})
+    assert response.status_code == 400, response.text
+    assert set(response.json()) <= {"type", "error", "request_id"}
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and named in error["message"], error
+
+
+def test_count_tokens_for_an_unknown_model_is_not_found(client: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.NotFoundError) as raised:
+        client.messages.count_tokens(model="claude-sonnet-4-5", messages=HI)
+    assert error_of(raised.value)["type"] == "not_found_error"
+
+
 def test_the_route_is_in_the_openapi_schema(server: LiveServer) -> None:
     schema = httpx.get(f"{server.url}/openapi.json", headers={"x-api-key": API_KEY}).json()
     operation = schema["paths"]["/v1/messages"]["post"]
@@ -411,6 +472,13 @@ def test_the_route_is_in_the_openapi_schema(server: LiveServer) -> None:
     assert {"max_tokens", "messages"} <= set(body["required"])
     assert "$ref" not in json.dumps(operation)
     assert operation["responses"]["401"]["content"]["application/json"]["schema"]["properties"]["type"]
+    counting = schema["paths"]["/v1/messages/count_tokens"]["post"]
+    body = counting["requestBody"]["content"]["application/json"]["schema"]
+    assert "messages" in body["required"] and "max_tokens" not in body["required"]
+    assert "$ref" not in json.dumps(counting)
+    answer = counting["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer["required"] == ["input_tokens"]
+    assert counting["responses"]["400"]["content"]["application/json"]["schema"]["properties"]["error"]
 
 
 # ---------------------------------------------------------------- the real model
