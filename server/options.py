@@ -17,6 +17,7 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.method.preference_prompts import TEMPLATE, Placement
 from amulet_core.model.gguf_cache import MODEL_CACHE_ENV, default_model_cache
 from amulet_core.model.loading import ModelConfig
+from amulet_core.model.quantization import QUANTIZATIONS
 from server.access_options import access_settings, add_access_arguments, open_api_refusal
 from server.api_keys import API_KEY_ENV, API_KEY_FILE_ENV, resolve_api_keys
 from server.config import ServerConfig
@@ -133,12 +134,13 @@ def build_parser(prog: str = "amulet-server", *, ray_flag: bool = True, add_help
         "off on a GPU)",
     )
     p.add_argument(
-        "--int4-weights",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="in the deterministic CPU forward, multiply the linear layers whose weights are already 4-bit (a Q4_0/Q4_1 "
-        "GGUF model's) by torch's int4 kernel: one stream decodes 1.6-1.9x faster, a long prefill takes up to 1.9x the "
-        "time (default: on for a bfloat16 model on the CPU)",
+        "--quantization",
+        default="auto",
+        choices=QUANTIZATIONS,
+        help="weight-only quantization of the linear layers once loaded, on the CPU (torch's int8/int4 kernels): "
+        "int8 (per output) halves and int4 (groups of 32) quarters the bytes of bfloat16 weights, one stream decodes "
+        "faster, a long prefill is slower; auto keeps a Q4_0/Q4_1 GGUF model's 4-bit layers 4-bit in bfloat16 "
+        "(exact), else none (default: %(default)s)",
     )
     p.add_argument(
         "--tool-call-parser",
@@ -277,6 +279,7 @@ def configs_from_args(
                 dtype=args.dtype,
                 cpu_threads=args.cpu_threads,
                 model_cache=_model_cache(args.model_cache, env),
+                quantization=args.quantization,
             ),
             engine=EngineConfig(
                 max_num_seqs=args.max_num_seqs,
@@ -287,7 +290,6 @@ def configs_from_args(
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 cuda_graphs=not args.enforce_eager,
                 deterministic=args.deterministic,
-                int4_weights=args.int4_weights,
             ),
             server=ServerConfig(
                 host=args.host,

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from amulet_core.engine.memory import GPU_MEMORY_UTILIZATION, MIN_MODEL_LEN
-
-if TYPE_CHECKING:  # torch is not imported for the configuration alone
-    import torch
 
 
 @dataclass(frozen=True)
@@ -39,11 +35,6 @@ class EngineConfig:
       request always gets the same answer (measured alike at 1, 2 and 4 threads). On a CPU the linear weights
       are also kept packed for oneDNN (a copy, when a quarter of the available RAM holds it). None: on for a
       CPU, off elsewhere (on a GPU it is implemented but unmeasured).
-    * ``int4_weights``: in the deterministic forward on a CPU, linear layers whose weights are already 4-bit (a
-      Q4_0/Q4_1 GGUF model's, found in the loaded weights) multiply by torch's int4 kernel, reading a quarter of
-      the bytes (:mod:`amulet_core.engine.int4_weights`). None: on for a bfloat16 model, where it measured faster
-      (one stream decoded 1.6 to 1.9 times faster, four 1.3 to 1.4 times; from about 16 rows a step it is as fast or
-      slower, and a prefill 1.4 to 1.9 times slower); False keeps the weights in the model's dtype.
     """
 
     max_num_seqs: int = 32
@@ -57,7 +48,6 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     cuda_graphs: bool = True
     deterministic: bool | None = None
-    int4_weights: bool | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -80,12 +70,6 @@ class EngineConfig:
     def deterministic_on(self, device_type: str) -> bool:
         """``deterministic``, or when None whether the device is a CPU."""
         return device_type == "cpu" if self.deterministic is None else self.deterministic
-
-    def int4_weights_on(self, device_type: str, dtype: torch.dtype) -> bool:
-        """Whether the deterministic forward looks for 4-bit weights (``int4_weights``; None: a bfloat16 CPU model)."""
-        if device_type != "cpu" or not self.deterministic_on(device_type):
-            return False
-        return str(dtype) == "torch.bfloat16" if self.int4_weights is None else self.int4_weights
 
     def batched_tokens(self, device_type: str) -> int:
         """``max_num_batched_tokens``, or when None the device's default: 4096 on CUDA (64 concurrent

@@ -19,8 +19,8 @@ these versions while :func:`batch_invariant` is active in the calling context (a
 and their own otherwise, so a model shared with other users computes as before outside it. (A torch function
 mode would catch every function but cost a Python call per operation: 10 to 20% of a SmolLM2 decode step.)
 :class:`PackedWeights` keeps the weights reordered for oneDNN once (a copy of them), which makes the products
-faster than the plain ones, bits unchanged; layers whose weights are 4-bit (a Q4 GGUF model's) can multiply by
-the int4 kernel instead (:mod:`amulet_core.engine.int4_weights`, batch-invariant too).
+faster than the plain ones, bits unchanged. Quantized layers (:mod:`amulet_core.model.quantization`) are not
+``nn.Linear`` and are left as they are: their kernels are batch-invariant themselves.
 On a device without oneDNN (CUDA) a linear layer runs tile by tile, every tile of :data:`ROW_TILE` rows (one
 product shape whatever the rows), an approach not measured there.
 """
@@ -31,7 +31,7 @@ import functools
 import logging
 import math
 import types
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeGuard
@@ -39,8 +39,6 @@ from typing import Any, TypeGuard
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from amulet_core.engine.int4_weights import Int4Weight, int4_layers, int4_linear
 
 logger = logging.getLogger(__name__)
 
@@ -67,36 +65,22 @@ class PackedWeights:
     whoever runs the forward passes; a layer without a packed weight (none packed, or its weight replaced since)
     uses its plain one."""
 
-    def __init__(self, model: nn.Module | None = None, int4: Mapping[nn.Module, Int4Weight] | None = None) -> None:
-        self._int4 = dict(int4 or {})
-        """Layers whose weights are 4-bit, multiplied by the int4 kernel (:mod:`amulet_core.engine.int4_weights`)."""
+    def __init__(self, model: nn.Module | None = None) -> None:
         self._packed: dict[nn.Module, tuple[int, torch.Tensor]] = {}
         for module in model.modules() if model is not None else ():
             weight = getattr(module, "weight", None)
-            if isinstance(module, nn.Linear) and _packable(weight) and module not in self._int4:
+            if isinstance(module, nn.Linear) and _packable(weight):
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 2)
                 self._packed[module] = (weight.data_ptr(), packed)
 
     @staticmethod
-    def size_of(model: nn.Module, skip: Collection[nn.Module] = ()) -> int:
-        """Bytes the packed weights of ``model`` would take (its packable linear layers' weights, but ``skip``'s)."""
-        weights = [getattr(m, "weight", None) for m in model.modules() if isinstance(m, nn.Linear) and m not in skip]
+    def size_of(model: nn.Module) -> int:
+        """Bytes the packed weights of ``model`` would take (its packable linear layers' weights)."""
+        weights = [getattr(m, "weight", None) for m in model.modules() if isinstance(m, nn.Linear)]
         return sum(w.numel() * w.element_size() for w in weights if _packable(w))
 
     def __len__(self) -> int:
         return len(self._packed)
-
-    @property
-    def int4_layers(self) -> int:
-        """How many layers multiply by an int4 weight."""
-        return len(self._int4)
-
-    def int4(self, module: Any, dtype: torch.dtype) -> Int4Weight | None:
-        """The int4 weight a linear layer multiplies inputs of ``dtype`` by, if it has one (made from its weight)."""
-        entry = self._int4.get(module)
-        if entry is None or entry.source != module.weight.data_ptr() or entry.scales_and_zeros.dtype != dtype:
-            return None
-        return entry
 
     def weight(self, module: Any) -> torch.Tensor:
         """The weight a linear layer multiplies by: its packed one, else its own."""
@@ -104,19 +88,15 @@ class PackedWeights:
         return entry[1] if entry is not None and entry[0] == module.weight.data_ptr() else module.weight
 
 
-def invariant_weights(model: nn.Module, available_ram: int, int4: bool = False) -> PackedWeights:
+def invariant_weights(model: nn.Module, available_ram: int) -> PackedWeights:
     """Install the batch-invariant layers on ``model`` and pack its linear weights when the copy takes at most
-    ``PACKED_RAM_FRACTION`` of ``available_ram`` bytes (else none is packed: the same bits, slower). With ``int4``,
-    the layers whose weights are 4-bit multiply by the int4 kernel instead (:func:`int4_layers`)."""
+    ``PACKED_RAM_FRACTION`` of ``available_ram`` bytes (else none is packed: the same bits, slower)."""
     install(model)
-    layers = int4_layers(model) if int4 else {}
-    if layers:
-        logger.info("deterministic decoding: %d linear layers with 4-bit weights use the int4 kernel", len(layers))
-    size = PackedWeights.size_of(model, layers)
+    size = PackedWeights.size_of(model)
     if size == 0 or size > available_ram * PACKED_RAM_FRACTION:
-        return PackedWeights(int4=layers)
+        return PackedWeights()
     logger.info("deterministic decoding: %.2f GiB of linear weights packed for oneDNN", size / (1 << 30))
-    return PackedWeights(model, int4=layers)
+    return PackedWeights(model)
 
 
 def _packable(weight: Any) -> TypeGuard[torch.Tensor]:
@@ -189,9 +169,6 @@ def _invariant_function(module: nn.Module) -> Callable[[nn.Module, torch.Tensor,
 
 
 def _linear_module(module: Any, x: torch.Tensor, weights: PackedWeights) -> torch.Tensor:
-    int4 = weights.int4(module, x.dtype)
-    if int4 is not None:
-        return int4_linear(x, int4, module.bias)
     return invariant_linear(x, weights.weight(module), module.bias)
 
 

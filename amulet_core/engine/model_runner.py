@@ -72,8 +72,7 @@ class ModelRunner:
         """Batch-invariant forward passes (EngineConfig.deterministic)."""
         self.invariant_weights = None
         if self.deterministic:
-            int4 = config.int4_weights_on(self.device.type, self.dtype)
-            self.invariant_weights = invariant_weights(self.model, available_ram(), int4=int4)
+            self.invariant_weights = invariant_weights(self.model, available_ram())
         budget, why, step_context = self._kv_budget(config, context, per_token)
         try:
             size = size_cache(

@@ -38,6 +38,7 @@ from amulet_core.method.preference_prompts import TEMPLATE, Placement, preferenc
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.model.chat_template import render_chat, template_default_system_prompt
 from amulet_core.model.loading import LoadedModel
+from amulet_core.model.quantization import quantize_model
 from amulet_core.sampling.params import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -440,8 +441,10 @@ def test_attention_has_the_same_bits_however_a_token_is_scheduled(dtype, dim, gr
 
 @pytest.fixture(scope="module")
 def smollm_bf16(smollm) -> LoadedModel:
-    """SmolLM2 in bfloat16, as the observation was made (a copy of the session's float32 weights)."""
+    """SmolLM2 in bfloat16, as the observation was made and as a server serves it by default (a copy of the
+    session's float32 weights; ``--quantization auto``: its 4-bit layers multiplied as int4)."""
     model = copy.deepcopy(smollm.model).to(torch.bfloat16)
+    assert quantize_model(model, "int4", exact_only=True).exact_layers == 7 * 30
     return LoadedModel(model, smollm.tokenizer, smollm.name, smollm.device, torch.bfloat16, smollm.eos_token_ids)
 
 

@@ -61,7 +61,8 @@ def test_every_option() -> None:
             "1024",
             "--enforce-eager",
             "--no-deterministic",
-            "--no-int4-weights",
+            "--quantization",
+            "int8",
             "--data-dir",
             "/srv/data",
             "--api-key",
@@ -81,7 +82,10 @@ def test_every_option() -> None:
         ],
         environ={"AMULET_API_KEY": "from-env"},
     )
-    assert configs.model == ModelConfig(model="/models/qwen", device="cpu", dtype="float32", model_cache="/srv/converted")
+    assert configs.model == ModelConfig(
+        model="/models/qwen", device="cpu", dtype="float32", model_cache="/srv/converted", quantization="int8"
+    )
+    assert parse_args([], environ={}).model.quantization == "auto"
     assert configs.engine == EngineConfig(
         max_num_seqs=8,
         max_model_len=1024,
@@ -90,7 +94,6 @@ def test_every_option() -> None:
         max_num_batched_tokens=1024,
         cuda_graphs=False,
         deterministic=False,
-        int4_weights=False,
     )
     defaults = parse_args([], environ={}).engine
     assert defaults.cuda_graphs and defaults.max_num_batched_tokens is None
