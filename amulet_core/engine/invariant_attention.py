@@ -145,9 +145,11 @@ def invariant_attention(
     plan: InvariantPlan,
     scaling: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of the packed ``query`` ``[1, heads, N, head_dim]`` over the cache (``[kv_heads, slots,
-    head_dim]``, this step's keys already written); ``[1, N, heads, head_dim]`` in the query's dtype."""
+    head_dim]``, this step's keys already written); ``[1, N, heads, head_dim]`` in the query's dtype. ``softcap``
+    (Gemma 2's ``attn_logit_softcapping``): every scaled score ``s`` becomes ``softcap * tanh(s / softcap)``."""
     heads, tokens, dim = query.shape[1], query.shape[2], query.shape[3]
     kv_heads = k_cache.shape[0]
     group = heads // kv_heads
@@ -155,9 +157,9 @@ def invariant_attention(
     q = _pad_dim(torch.mul(q, scaling, out=q.new_empty(q.shape)))  # [kv, N, group, d]: a token's heads, a problem
     parts = []
     if plan.decode is not None:
-        parts.append(_decode(q[:, : plan.decode.size], k_cache, v_cache, plan.decode, window))
+        parts.append(_decode(q[:, : plan.decode.size], k_cache, v_cache, plan.decode, window, softcap))
     for span in plan.spans:
-        parts.append(_span(q[:, span.query_start : span.query_end], k_cache, v_cache, span, window))
+        parts.append(_span(q[:, span.query_start : span.query_end], k_cache, v_cache, span, window, softcap))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return out[..., :dim].permute(1, 0, 2, 3).reshape(1, tokens, heads, dim).to(query.dtype)
 
@@ -178,7 +180,21 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor, shape: tuple[int, ...], dt
     return _pad_dim(rows.to(dtype))
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: InvariantDecode, window: int | None):
+def capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``softcap * tanh(scores / softcap)`` in place (elementwise: a score's bits do not depend on the others)."""
+    if softcap is None:
+        return scores
+    return scores.div_(softcap).tanh_().mul_(softcap)
+
+
+def _decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: InvariantDecode,
+    window: int | None,
+    softcap: float | None = None,
+):
     """``q`` ``[kv, D, group, d]``, each row its own context: one batch of problems per product, one problem per
     (KV head, row, key block)."""
     kv, size, group, dim = q.shape
@@ -186,7 +202,7 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows:
     keys = _gather(k_cache, rows.slots, (size, blocks), q.dtype).view(-1, KEY_BLOCK, dim)
     values = _gather(v_cache, rows.slots, (size, blocks), q.dtype).view(-1, KEY_BLOCK, dim)
     queries = q.unsqueeze(2).expand(kv, size, blocks, group, dim).reshape(-1, group, dim)
-    scores = torch.bmm(queries, keys.transpose(1, 2)).view(kv, size, blocks, group, KEY_BLOCK)
+    scores = capped(torch.bmm(queries, keys.transpose(1, 2)).view(kv, size, blocks, group, KEY_BLOCK), softcap)
     bias = rows.bias if window is None else key_bias(rows.lengths - 1, blocks, window)
     weights = torch.add(scores, bias, out=torch.empty(scores.shape, device=q.device))  # float32, masked
     weights.sub_(weights.amax(dim=(2, 4), keepdim=True)).exp_()
@@ -196,7 +212,14 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows:
     return weighted.cumsum(2, dtype=torch.float32).select(2, -1)  # the blocks in order, in float64, rounded once
 
 
-def _span(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: InvariantSpan, window: int | None):
+def _span(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    span: InvariantSpan,
+    window: int | None,
+    softcap: float | None = None,
+):
     """``q`` ``[kv, n, group, d]`` of consecutive positions, all attending to one context. With fewer tokens than
     the context has blocks (a short tail after a long cached prefix), each token is computed as a decode row
     of that context; else :func:`_span_by_block`."""
@@ -204,11 +227,18 @@ def _span(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: I
     if blocks > n:
         bias = span.bias if window is None else key_bias(span.lengths - 1, blocks, window)
         rows = InvariantDecode(n, blocks, span.slots.repeat(n), span.lengths, bias)
-        return _decode(q, k_cache, v_cache, rows, None)  # the window is in the rows' bias
-    return _span_by_block(q, k_cache, v_cache, span, window)
+        return _decode(q, k_cache, v_cache, rows, None, softcap)  # the window is in the rows' bias
+    return _span_by_block(q, k_cache, v_cache, span, window, softcap)
 
 
-def _span_by_block(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: InvariantSpan, window: int | None):
+def _span_by_block(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    span: InvariantSpan,
+    window: int | None,
+    softcap: float | None = None,
+):
     """Per KV head and key block, the problems of the tokens that see the block, batched by up to
     :data:`TOKEN_BATCH` (the block repeated in each problem); then :func:`_decode`'s arithmetic, block by block
     over the tokens that see each block (a token adds nothing for a block it does not see, where a decode row
@@ -222,7 +252,7 @@ def _span_by_block(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     weights = torch.empty(kv, blocks, n, group, KEY_BLOCK, device=q.device)
     highest = torch.full((kv, n, group, 1), float("-inf"), device=q.device)
     for b in range(blocks):
-        scores = _products(q, keys[:, b], first[b], transpose=True)
+        scores = capped(_products(q, keys[:, b], first[b], transpose=True), softcap)
         block = torch.add(scores, bias[first[b] :, b], out=weights[:, b, first[b] :])
         torch.maximum(highest[:, first[b] :], block.amax(-1, keepdim=True), out=highest[:, first[b] :])
     total = torch.zeros(kv, n, group, dtype=torch.float64, device=q.device)

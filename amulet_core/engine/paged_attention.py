@@ -10,6 +10,7 @@ sequence's cached context (with SDPA, or batch-invariantly when the batch carrie
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -119,6 +120,29 @@ def causal_mask(num_new: int, context_len: int, device: torch.device, window: in
     return mask
 
 
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    softcap: float | None,
+    gqa: bool = False,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; with a ``softcap`` (which SDPA lacks), the same computed step by step
+    with every scaled score ``s`` capped to ``softcap * tanh(s / softcap)``, as transformers' eager Gemma 2."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if gqa:  # [.., heads, n, d] against [.., kv_heads, m, d]
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+
+
 def paged_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -133,17 +157,27 @@ def paged_attention_forward(
     """Attention over the paged cache. query: [1, heads, N, d]; key, value: [1, kv_heads, N, d]."""
     if amulet_batch is None:
         # A plain call of the same model (no engine batch, no padding): ordinary causal SDPA.
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        softcap = kwargs.get("softcap")
+        if not softcap:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+        if mask is None:
+            mask = causal_mask(query.shape[-2], key.shape[-2], query.device, kwargs.get("sliding_window"))
+        out = attention(query, key, value, mask, scaling, float(softcap), gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).contiguous(), None
     layer = cast(int, module.layer_idx)
     k_cache = amulet_batch.cache.keys[layer]
     v_cache = amulet_batch.cache.values[layer]
     k_cache.index_copy_(1, amulet_batch.slot_mapping, key[0])
     v_cache.index_copy_(1, amulet_batch.slot_mapping, value[0])
     window = kwargs.get("sliding_window")
+    softcap = kwargs.get("softcap")
+    softcap = float(softcap) if softcap else None  # Gemma 2's attn_logit_softcapping
     if amulet_batch.invariant is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         plan, limit = amulet_batch.invariant, window if isinstance(window, int) else None
-        return invariant_attention(query, k_cache, v_cache, plan, scale, limit), None
+        return invariant_attention(query, k_cache, v_cache, plan, scale, limit, softcap), None
+    attend = functools.partial(attention, scale=scaling, softcap=softcap)
     gqa = query.shape[1] != key.shape[1]
     outputs = []
     decode = amulet_batch.decode
@@ -154,7 +188,7 @@ def paged_attention_forward(
         q = query[0, :, :size].transpose(0, 1).reshape(size, kv_heads, heads // kv_heads, dim)  # [B, kv, group, d]
         k = k_cache.index_select(1, decode.context_slots).view(kv_heads, size, decode.max_len, dim).transpose(0, 1)
         v = v_cache.index_select(1, decode.context_slots).view(kv_heads, size, decode.max_len, dim).transpose(0, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=decode.mask, scale=scaling)  # [B, kv, group, d]
+        out = attend(q, k, v, decode.mask)  # [B, kv, group, d]
         outputs.append(out.reshape(size, heads, dim).transpose(0, 1).unsqueeze(0))
     for span in amulet_batch.spans:
         q = query[:, :, span.query_start : span.query_end]
@@ -164,7 +198,7 @@ def paged_attention_forward(
         context_len = span.context_slots.shape[0]
         if isinstance(window, int) and context_len > window:
             mask = causal_mask(span.query_end - span.query_start, context_len, query.device, window)
-        outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
+        outputs.append(attend(q, k, v, mask, gqa=gqa))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.transpose(1, 2), None
 

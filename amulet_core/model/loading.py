@@ -252,12 +252,6 @@ def load_model(config: ModelConfig) -> LoadedModel:
             f"Could not load model {source!r} offline: {exc}. Pass a local model folder or .gguf file, or "
             "download the model into the Hugging Face cache first (this server never downloads)."
         ) from exc
-    softcap = getattr(model.config, "attn_logit_softcapping", None)
-    if softcap:  # Gemma 2: its answers would be silently wrong
-        raise ModelLoadError(
-            f"Model {name!r} caps its attention scores (attn_logit_softcapping={softcap}), which this server's "
-            "paged attention does not apply yet; it cannot be served correctly."
-        )
     if convert_to is not None:
         save_converted(model, tokenizer, convert_to)
     model.to(device=device, dtype=dtype)

@@ -217,13 +217,7 @@ def tiny_family_models(smollm_tokenizer):
     return make
 
 
-SOFTCAP_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="the engine's paged attention ignores Gemma 2's attn_logit_softcapping (amulet_core/engine/paged_attention.py)",
-)
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=SOFTCAP_GAP) if n == "gemma2" else n for n in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_greedy_base_and_amulet_through_the_engine(renderers, tiny_family_models, name):
     renderer, case = renderers[name], CASES[name]
     loaded, reference = tiny_family_models(case.family)
