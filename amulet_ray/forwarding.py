@@ -11,7 +11,8 @@ ingress adds only what a second hop needs:
   ``--ray-routing`` default, or the request's ``x-amulet-routing`` header);
 * a clean end when the replica dies mid-request: before the answer has started, a 503 OpenAI error
   (``replica_failed``, ``Retry-After``); once a stream has started, an error event and ``[DONE]``, as the
-  server ends a stream that fails; the failure is logged under the request id the client sees;
+  server ends a stream that fails (a Messages stream: Anthropic's ``error`` event); the failure is logged under
+  the request id the client sees;
 * ``/metrics`` is refused (404): it would show one replica picked at random; each replica serves its own
   (:mod:`amulet_ray.replica_metrics`).
 
@@ -31,6 +32,7 @@ from amulet_ray.asgi_bridge import ForwardedRequest, header
 from amulet_ray.config import ROUTING_HEADER, ROUTING_POW2, ROUTING_PREFIX
 from amulet_ray.prefix import PrefixKeyer
 from server.access import open_routes, routed_path
+from server.anthropic.errors import is_messages_route, stream_error_event
 from server.app import cors_options
 from server.auth import ApiKeyAuth
 from server.config import ServerConfig
@@ -167,7 +169,9 @@ class ForwardingApp:
         if not sent_start:
             await send_error(scope, receive, send, error)
         elif streaming:
-            event = sse(error_payload(describe_exception(error).info, request_id)) + sse("[DONE]")
+            payload = error_payload(describe_exception(error).info, request_id)
+            # a Messages stream ends as Anthropic's do (an error event, no [DONE]); the others as the server's chat
+            event = stream_error_event(payload) if is_messages_route(scope) else sse(payload) + sse("[DONE]")
             await send({"type": "http.response.body", "body": event.encode(), "more_body": False})
         else:  # a JSON answer cut after its first bytes: nothing valid can follow them
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -251,6 +251,28 @@ def test_a_replica_that_dies_mid_stream_ends_it_with_an_error_event_and_done() -
     assert all("error" not in json.loads(e) for e in events[:-2])
 
 
+def test_a_messages_stream_whose_replica_dies_ends_with_anthropics_error_event() -> None:
+    """The Messages API's streams end as Anthropic's: an ``error`` event, and no OpenAI ``[DONE]``."""
+    replica = Replica(create_app(FakeEngine(), ServerConfig()), fail_after_batches=2)
+
+    async def scenario() -> httpx.Response:
+        async with ingress(replica) as client:
+            body = {**CHAT, "stream": True, "max_tokens": 40, "messages": [{"role": "user", "content": "[slow] Hi"}]}
+            return await client.post("/v1/messages", json=body)
+
+    response = run(scenario())
+    assert response.status_code == 200
+    assert "[DONE]" not in response.text
+    blocks = [b for b in response.text.split("\n\n") if b.strip()]
+    assert blocks[0].startswith("event: message_start")
+    last = blocks[-1].splitlines()
+    assert last[0] == "event: error"
+    error = json.loads(last[1].removeprefix("data: "))
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"
+    assert "replica" in error["error"]["message"] and error["request_id"] == response.headers["x-request-id"]
+    assert not any(b.startswith("event: error") for b in blocks[:-1])
+
+
 def test_metrics_are_refused_and_the_body_limit_applies_at_the_ingress() -> None:
     replica = Replica(create_app(FakeEngine(), ServerConfig()))
 
