@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -20,6 +19,7 @@ import torch
 
 from amulet_core.errors import ModelLoadError
 from amulet_core.model.gguf_cache import converted_folder, is_complete, save_converted
+from amulet_core.model.prequantized import accepted_awq, awq_skeleton, load_awq_layers
 from amulet_core.model.quantization import (
     QUANTIZATIONS,
     QuantizationError,
@@ -193,30 +193,6 @@ def load_tokenizer(config: ModelConfig) -> Any:
         raise ModelLoadError(f"Could not load the tokenizer of {source!r} offline: {exc}.") from exc
 
 
-def refuse_prequantized(source: str, kwargs: dict[str, Any], name: str) -> None:
-    """Raise ModelLoadError for a checkpoint whose config says it is already quantized (AWQ, GPTQ, bitsandbytes,
-    FP8 / compressed-tensors ...): its weights need a quantization library and kernels this server does not
-    install, and the dtype cast would fail or be wrong. A GGUF file is not such a checkpoint (it is read as
-    dequantized weights, its 4-bit layers found again by :mod:`amulet_core.model.quantization`)."""
-    if "gguf_file" in kwargs:
-        return
-    folder = Path(source)
-    config_file = folder / "config.json" if folder.is_dir() else None
-    if config_file is None or not config_file.is_file():
-        return  # a cached id: transformers reads its config (and fails clearly on a quantizer it lacks)
-    try:
-        quantization = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError):
-        return  # from_pretrained reports an unreadable config
-    if isinstance(quantization, dict):
-        method = quantization.get("quant_method", "unknown")
-        raise ModelLoadError(
-            f"Model {name!r} is a pre-quantized checkpoint (quant_method={method!r}); Amulet Serve does not serve "
-            "pre-quantized checkpoints (AWQ, GPTQ, bitsandbytes, FP8) yet. Serve the unquantized model quantized on "
-            "load (--quantization int8 or int4, on the CPU), or a Q4_0/Q4_1 GGUF file, whose 4-bit weights stay 4-bit."
-        )
-
-
 def release_freed_memory() -> None:
     """Hand the heap memory freed by the load back to the system (glibc's ``malloc_trim``; elsewhere nothing). The
     float32 weights of a converted GGUF model, and the dense weights that quantization replaced, are many small
@@ -241,12 +217,12 @@ def load_model(config: ModelConfig) -> LoadedModel:
         raise ModelLoadError(str(exc)) from exc
     source, kwargs, convert_to = _cached_source(config)
     name = model_display_name(config)
-    refuse_prequantized(source, kwargs, name)
+    awq = accepted_awq(source, kwargs, name, device, config.quantization)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         # a copy to keep is saved exact (float32), then cast as the GGUF load would have
         load_dtype = torch.float32 if convert_to is not None else dtype
-        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype, **kwargs, **awq_skeleton(source, awq))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"Could not load model {source!r} offline: {exc}. Pass a local model folder or .gguf file, or "
@@ -256,7 +232,10 @@ def load_model(config: ModelConfig) -> LoadedModel:
         save_converted(model, tokenizer, convert_to)
     model.to(device=device, dtype=dtype)
     model.eval()
-    quantized = quantize_model(model, quantization, exact_only=config.quantization == "auto")
+    if awq is not None:
+        quantized = load_awq_layers(model, Path(source), awq)
+    else:
+        quantized = quantize_model(model, quantization, exact_only=config.quantization == "auto")
     release_freed_memory()
     if getattr(tokenizer, "chat_template", None) is None:
         raise ModelLoadError(f"Model {name!r} has no chat template; Amulet Serve needs a chat (instruct) model.")

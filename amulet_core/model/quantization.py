@@ -100,27 +100,35 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """``nn.Linear`` with int4 codes in groups of :data:`GROUP` inputs: ``w = (q - 8) * scale + zero``."""
+    """``nn.Linear`` with int4 codes in groups of ``group`` inputs: ``w = (q - 8) * scale + zero``."""
 
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor
 
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, shape: torch.Size, bias: torch.Tensor | None):
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scales_and_zeros: torch.Tensor,
+        shape: torch.Size,
+        bias: torch.Tensor | None,
+        group: int = GROUP,
+    ):
         super().__init__()
         self.out_features, self.in_features = shape
+        self.group = group
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_and_zeros).to(x.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_and_zeros).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={GROUP}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group}"
 
 
 def four_bit_codes(weight: torch.Tensor, exact_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
