@@ -19,7 +19,7 @@ import torch
 
 from amulet_core.errors import ModelLoadError
 from amulet_core.model.gguf_cache import converted_folder, is_complete, save_converted
-from amulet_core.model.prequantized import accepted_awq, awq_skeleton, load_awq_layers
+from amulet_core.model.prequantized import UnsupportedCheckpoint, accepted_checkpoint, load_quantized_layers, skeleton_arguments
 from amulet_core.model.quantization import (
     QUANTIZATIONS,
     QuantizationError,
@@ -217,12 +217,14 @@ def load_model(config: ModelConfig) -> LoadedModel:
         raise ModelLoadError(str(exc)) from exc
     source, kwargs, convert_to = _cached_source(config)
     name = model_display_name(config)
-    awq = accepted_awq(source, kwargs, name, device, config.quantization)
+    prequantized = accepted_checkpoint(source, kwargs, name, device, config.quantization)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         # a copy to keep is saved exact (float32), then cast as the GGUF load would have
         load_dtype = torch.float32 if convert_to is not None else dtype
-        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype, **kwargs, **awq_skeleton(source, awq))
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            source, dtype=load_dtype, **kwargs, **skeleton_arguments(source, prequantized)
+        )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"Could not load model {source!r} offline: {exc}. Pass a local model folder or .gguf file, or "
@@ -232,8 +234,11 @@ def load_model(config: ModelConfig) -> LoadedModel:
         save_converted(model, tokenizer, convert_to)
     model.to(device=device, dtype=dtype)
     model.eval()
-    if awq is not None:
-        quantized = load_awq_layers(model, Path(source), awq)
+    if prequantized is not None:
+        try:
+            quantized = load_quantized_layers(model, Path(source), prequantized)
+        except UnsupportedCheckpoint as exc:
+            raise ModelLoadError(f"Model {name!r} cannot be served: {exc}") from exc
     else:
         quantized = quantize_model(model, quantization, exact_only=config.quantization == "auto")
     release_freed_memory()

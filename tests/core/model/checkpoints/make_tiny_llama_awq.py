@@ -6,7 +6,7 @@ AutoAWQ (0.2.9, deprecated upstream, not installable beside this project's trans
 packing_utils}.py`` and ``awq/modules/linear/gemm.py`` (with empty ``__init__.py`` files) on ``PYTHONPATH``
 (its package ``__init__`` imports ``datasets``). Then, from the repository root::
 
-    PYTHONPATH=.:/tmp/awqsrc python tests/core/model/awq/make_tiny_llama_awq.py
+    PYTHONPATH=.:/tmp/awqsrc python tests/core/model/checkpoints/make_tiny_llama_awq.py
 
 The quantization follows AutoAWQ's ``AwqQuantizer._apply_quant`` (the layer in float16,
 ``pseudo_quantize_tensor`` with zero points, then ``WQLinear_GEMM.from_linear``), without its activation-aware
