@@ -79,6 +79,39 @@ def test_the_codes_of_a_4_bit_weight_are_recovered_exactly(dtype):
     assert torch.equal(found[0], codes)
 
 
+def q4_k(rows: int, blocks: int) -> torch.Tensor:
+    """A float32 weight ``[rows, 256 * blocks]`` dequantized by gguf-py from random Q4_K blocks (a super-block
+    scale d and min dmin, 6-bit sub-block scales and mins, 4-bit codes): sub-blocks of 32 whose codes need not
+    reach both 0 and 15, as in a Q4_K_M GGUF's layers."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(rows, blocks, 144), dtype=np.uint8)
+    raw[:, :, 0:2] = np.frombuffer(np.float16(0.0005).tobytes(), np.uint8)  # d
+    raw[:, :, 2:4] = np.frombuffer(np.float16(0.0002).tobytes(), np.uint8)  # dmin
+    raw[:, :, 4:8] |= 0xE0  # sub-block scales of 32 to 63: steps a fit Q4_K picks, not vanishing ones
+    return torch.from_numpy(quants.dequantize(raw.reshape(rows, -1), GGMLQuantizationType.Q4_K).copy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_q4_k_weight_is_found_4_bit_though_its_groups_do_not_span_16_levels(dtype):
+    weight = q4_k(64, 2).to(dtype)
+    groups = weight.float().view(64, -1, GROUP)
+    spans_all = (groups - groups.amin(-1, keepdim=True)) / ((groups.amax(-1) - groups.amin(-1)) / 15).unsqueeze(-1)
+    assert float((spans_all - spans_all.round()).abs().amax()) > 0.4  # min/max alone would not find it
+    found = four_bit_codes(weight, exact_only=True)
+    assert found is not None
+    codes, step, lowest = found
+    rebuilt = lowest.repeat_interleave(GROUP, 1) + step.repeat_interleave(GROUP, 1) * codes.float()
+    if dtype == torch.float32:
+        assert torch.equal(rebuilt, weight)  # gguf-py's values, exactly
+    else:  # the bfloat16 copy's values, to within its rounding
+        assert float((rebuilt - weight.float()).abs().max()) <= 2**-8 * float(weight.float().abs().max())
+    layer = int4_linear(linear(weight), exact_only=True)
+    assert layer is not None and layer[1]
+
+
 def test_weights_that_are_not_4_bit_are_quantized_only_when_asked():
     random = torch.randn(64, 2 * GROUP).to(torch.bfloat16)
     assert four_bit_codes(random, exact_only=True) is None
