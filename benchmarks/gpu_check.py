@@ -122,6 +122,9 @@ def step_tests(device: torch.device, dtype: str, tokenizer_dir: str, select: str
         AMULET_TEST_DTYPE=dtype,
         AMULET_TEST_TOKENIZER=tokenizer_dir,
         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        # The engine tests need no installed pytest plugin (tests.engine.gpu_plugin is named with -p): not loading
+        # hypothesis, schemathesis, langsmith ... saves 3 to 5 s a run, and the device's own plugins cannot interfere.
+        PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
     )
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"

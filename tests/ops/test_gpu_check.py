@@ -10,12 +10,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_gpu_check_dry_run_runs_every_step(tmp_path):
+def test_gpu_check_dry_run_runs_every_step(tmp_path, smollm_tokenizer):
+    # SmolLM2's tokenizer saved, as for the device (`--save-tokenizer`, then `--tokenizer`): the session's copy
+    # saves the script the 5 s of reading it from the GGUF file again.
+    tokenizer = tmp_path / "tokenizer"
+    smollm_tokenizer.save_pretrained(tokenizer)
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=str(ROOT / ".venv" / "bin" / "python"))
     if not Path(env["PYTHON"]).exists():
         env["PYTHON"] = "python3"
     proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-dry-run"],
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-dry-run", "--tokenizer", str(tokenizer)],
         cwd=ROOT,
         env=env,
         capture_output=True,
