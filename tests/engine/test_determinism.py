@@ -256,19 +256,25 @@ def test_a_request_in_a_busy_batch_answers_as_cold(model_in, cold_answer, method
     assert recorder.answer(second.request_id).cached_tokens > 0
 
 
+def beside_busy_requests(loaded: LoadedModel, request: GenerationRequest, busy: Method) -> Recorder:
+    """``request`` sent one step after three requests of ``busy`` (9, 70 and 150 prompt tokens, 30 new each), on
+    an engine that prefills 48 tokens a step (its prompt chunked among theirs); everything run to its end."""
+    recorder = Recorder(engine_for(loaded, max_num_batched_tokens=48))
+    for i, length in enumerate((9, 70, 150)):
+        recorder.engine.add_request(random_request(f"busy-{i}", i, length, busy, max_tokens=30))
+    recorder.step()
+    recorder.engine.add_request(request)
+    recorder.drain()
+    return recorder
+
+
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
 def test_other_families_answer_as_cold_in_a_busy_batch(tiny_model, family):
     """Qwen2 (biased projections) and Mistral: the same bits alone and beside other requests, prompt chunked."""
     loaded = tiny_model(family)
     request = greedy("mine", contexts(loaded.tokenizer, Method.AMULET), Method.AMULET)
     cold = alone(loaded, request)
-    recorder = Recorder(engine_for(loaded, max_num_batched_tokens=48))
-    for i, length in enumerate((9, 70, 150)):
-        recorder.engine.add_request(random_request(f"busy-{i}", i, length, Method.BASE, max_tokens=30))
-    recorder.step()
-    recorder.engine.add_request(request)
-    recorder.drain()
-    assert_same(recorder.answer("mine"), cold)
+    assert_same(beside_busy_requests(loaded, request, Method.BASE).answer("mine"), cold)
 
 
 def test_padded_decode_steps_give_the_same_bits(model_in):

@@ -26,7 +26,7 @@ from amulet_core.model.quantization import (
     quantize_model,
     resolve_quantization,
 )
-from tests.engine.test_determinism import Recorder, alone, assert_same, contexts, engine_for, greedy, random_request
+from tests.engine.test_determinism import alone, assert_same, beside_busy_requests, contexts, greedy
 
 pytestmark = pytest.mark.skipif(not (INT4_KERNEL and INT8_KERNEL), reason="this torch lacks the int4/int8 CPU kernels")
 CPU = torch.device("cpu")
@@ -225,14 +225,9 @@ def test_a_request_answers_as_cold_in_a_busy_batch_and_on_a_cache_hit(tiny_model
     loaded = quantized(tiny_model("llama"), method)
     request = greedy("mine", contexts(loaded.tokenizer, decoding), decoding)
     cold = alone(loaded, request)
-    recorder = Recorder(engine_for(loaded, max_num_batched_tokens=48))
+    recorder = beside_busy_requests(loaded, request, Method.AMULET)
     assert recorder.engine.runner.invariant_weights is not None
     assert len(recorder.engine.runner.invariant_weights) == 1  # only the output layer is packed for oneDNN
-    for i, length in enumerate((9, 70, 150)):
-        recorder.engine.add_request(random_request(f"busy-{i}", i, length, Method.AMULET, max_tokens=30))
-    recorder.step()
-    recorder.engine.add_request(request)
-    recorder.drain()
     assert_same(recorder.answer("mine"), cold)
     recorder.engine.add_request(greedy("again", contexts(loaded.tokenizer, decoding), decoding))
     recorder.drain()

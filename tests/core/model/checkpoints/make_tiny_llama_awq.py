@@ -22,7 +22,7 @@ from awq.modules.linear.gemm import WQLinear_GEMM  # type: ignore[import-not-fou
 from awq.utils.packing_utils import dequantize_gemm  # type: ignore[import-not-found]
 from safetensors.torch import save_file
 
-from tests.engine.device import build_tiny_model
+from tests.core.model.checkpoints.tiny_llama import decoder_linears
 
 GROUP = 32
 OUT = Path(__file__).with_name("tiny_llama_awq.safetensors")
@@ -40,18 +40,8 @@ def pseudo_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
-
-    from amulet_core.model.loading import embedded_model_file
-
-    gguf = embedded_model_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = build_tiny_model("llama", tokenizer).model
     tensors: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or ".layers." not in name:
-            continue
-        linear = torch.nn.Linear(module.in_features, module.out_features, bias=False).half()
+    for name, module, linear in decoder_linears():
         linear.weight.data, scales, zeros = pseudo_quantize(module.weight.data.half())
         packed = WQLinear_GEMM.from_linear(linear, 4, GROUP, scales=scales.t().contiguous(), zeros=zeros.t().contiguous())
         tensors[f"{name}.qweight"] = packed.qweight.contiguous()

@@ -21,7 +21,7 @@ import torch
 from auto_gptq.nn_modules.qlinear.qlinear_cuda_old import QuantLinear  # type: ignore[import-not-found]
 from safetensors.torch import save_file
 
-from tests.engine.device import build_tiny_model
+from tests.core.model.checkpoints.tiny_llama import decoder_linears
 
 GROUP = 32
 OUT = Path(__file__).with_name("tiny_llama_gptq.safetensors")
@@ -39,18 +39,8 @@ def rounded(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
-
-    from amulet_core.model.loading import embedded_model_file
-
-    gguf = embedded_model_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = build_tiny_model("llama", tokenizer).model
     tensors: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or ".layers." not in name:
-            continue
-        linear = torch.nn.Linear(module.in_features, module.out_features, bias=False).half()
+    for name, module, linear in decoder_linears():
         weight, scale, zero = rounded(module.weight.data.float())
         linear.weight.data = weight.half()
         layer = QuantLinear(4, GROUP, module.in_features, module.out_features, False)
