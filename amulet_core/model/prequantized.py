@@ -178,9 +178,14 @@ def int4_layer(fmt: CheckpointFormat, tensors: dict[str, torch.Tensor], name: st
     return Int4Linear(packed, scales_and_zeros, torch.Size((out_features, in_features)), bias, group=group)
 
 
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint's safetensors files (one file, or the shards its index names)."""
-    from safetensors.torch import load_file
+QUANTIZED_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+"""The tensors a quantized layer is stored as (its bias, if any, transformers loads with the rest)."""
+
+
+def read_quantized_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The quantized layers' tensors (:data:`QUANTIZED_PARTS`) of the checkpoint's safetensors files (one file, or
+    the shards its index names), read alone: transformers has already read the others."""
+    from safetensors import safe_open
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -191,7 +196,10 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         raise UnsupportedCheckpoint(f"no .safetensors files in {folder}: a pre-quantized checkpoint is read from safetensors.")
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
-        tensors.update(load_file(str(folder / name)))
+        with safe_open(str(folder / name), framework="pt") as opened:
+            for key in opened.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if key.rpartition(".")[2] in QUANTIZED_PARTS:
+                    tensors[key] = opened.get_tensor(key)
     return tensors
 
 
@@ -200,7 +208,7 @@ def load_quantized_layers(model: nn.Module, folder: Path, fmt: CheckpointFormat)
     the report counts them and their bytes. UnsupportedCheckpoint when the tensors are not what the format says."""
     if not INT4_KERNEL:
         raise UnsupportedCheckpoint(f"this torch ({torch.__version__}) has no int4 CPU kernel.")
-    tensors = read_tensors(folder)
+    tensors = read_quantized_tensors(folder)
     layers = packed_bytes = dense_bytes = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or f"{name}.qweight" not in tensors:

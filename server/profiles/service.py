@@ -10,6 +10,8 @@ wrong); a failing database 503 (``store_unavailable``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from amulet_core.errors import InvalidParameterError
@@ -52,34 +54,37 @@ class PreferenceProfiles:
             raise InvalidParameterError("preference.profile", "A profile's preference cannot name another profile.")
         plan_of(preference, self.config.max_preferences, self.config.preference_placement)
 
-    async def _found(self, ref: str, owner: str | None) -> StoredProfile:
+    @contextmanager
+    def _store_failures(self) -> Iterator[None]:
+        """A failing database, as the 503 every profile route answers for it (``store_unavailable``)."""
         try:
-            profile = await self.store.get(owner, ref)
+            yield
         except StoreError as exc:
             raise store_failed(self.config.retry_after_s) from exc
+
+    async def _found(self, ref: str, owner: str | None) -> StoredProfile:
+        with self._store_failures():
+            profile = await self.store.get(owner, ref)
         if profile is None:
             raise not_found(ref)
         return profile
 
     async def create(self, body: ProfileCreate, owner: str | None) -> dict[str, Any]:
         self.check(body.preference)
-        try:
-            profile = await self.store.create(owner, body.name, stored_form(body.preference))
-        except ProfileNameTaken:
-            raise name_taken(body.name) from None
-        except TooManyProfiles:
-            raise APIError(
-                400, f"An API key keeps at most {MAX_PROFILES_PER_OWNER} preference profiles.", code="too_many_profiles"
-            ) from None
-        except StoreError as exc:
-            raise store_failed(self.config.retry_after_s) from exc
+        with self._store_failures():
+            try:
+                profile = await self.store.create(owner, body.name, stored_form(body.preference))
+            except ProfileNameTaken:
+                raise name_taken(body.name) from None
+            except TooManyProfiles:
+                raise APIError(
+                    400, f"An API key keeps at most {MAX_PROFILES_PER_OWNER} preference profiles.", code="too_many_profiles"
+                ) from None
         return profile_object(profile)
 
     async def listing(self, owner: str | None) -> dict[str, Any]:
-        try:
+        with self._store_failures():
             profiles = await self.store.list_owned(owner)
-        except StoreError as exc:
-            raise store_failed(self.config.retry_after_s) from exc
         data = [profile_object(p) for p in profiles]
         return {
             "object": "list",
@@ -103,21 +108,18 @@ class PreferenceProfiles:
                 new = overlaid(loaded(profile.preference), new)
             self.check(new)
             preference = stored_form(new)
-        try:
-            updated = await self.store.update(owner, profile.id, name=body.name, preference=preference)
-        except ProfileNameTaken:
-            raise name_taken(body.name or "") from None
-        except StoreError as exc:
-            raise store_failed(self.config.retry_after_s) from exc
+        with self._store_failures():
+            try:
+                updated = await self.store.update(owner, profile.id, name=body.name, preference=preference)
+            except ProfileNameTaken:
+                raise name_taken(body.name or "") from None
         if updated is None:  # deleted meanwhile
             raise not_found(ref)
         return profile_object(updated)
 
     async def delete(self, ref: str, owner: str | None) -> dict[str, Any]:
-        try:
+        with self._store_failures():
             deleted = await self.store.delete(owner, ref)
-        except StoreError as exc:
-            raise store_failed(self.config.retry_after_s) from exc
         if deleted is None:
             raise not_found(ref)
         return {"id": deleted.id, "object": "preference_profile.deleted", "deleted": True}
@@ -126,10 +128,8 @@ class PreferenceProfiles:
         """The preference a request's ``{"profile": ..., <fields>}`` stands for: the owner's profile with the
         request's other fields over it. An unknown profile is a 400 naming ``preference.profile``."""
         ref = fields.profile or ""
-        try:
+        with self._store_failures():
             profile = await self.store.get(owner, ref)
-        except StoreError as exc:
-            raise store_failed(self.config.retry_after_s) from exc
         if profile is None:
             raise APIError(
                 400,

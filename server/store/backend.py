@@ -9,6 +9,12 @@ from typing import Any, Protocol
 Row = tuple[Any, ...]
 
 
+def owner_column(owner: str | None) -> str:
+    """The ``owner`` column of a stored record: its API key's tenant, or the empty string for one made without a
+    tenant (a keyless server), so that every query can compare the column with ``=``."""
+    return "" if owner is None else owner
+
+
 class Transaction(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """Run one statement (``?`` placeholders); its rows (none for a statement that returns none)."""

@@ -13,14 +13,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from server.store.backend import Row, Transaction
+from server.store.backend import Row, Transaction, owner_column
 from server.store.database import Database
 
 ID_PREFIX = "pp_"
 MAX_PROFILES_PER_OWNER = 1000
 """Profiles one API key may keep; creating one more is refused (:class:`TooManyProfiles`)."""
-_OPEN = ""
-"""The owner column of a profile made without a tenant."""
 _COLUMNS = "id, name, preference, created_at, updated_at"
 
 
@@ -45,10 +43,6 @@ class TooManyProfiles(Exception):
 
 def new_profile_id() -> str:
     return f"{ID_PREFIX}{uuid.uuid4().hex}"
-
-
-def _owner(owner: str | None) -> str:
-    return _OPEN if owner is None else owner
 
 
 def _json(value: Any) -> str:
@@ -82,7 +76,7 @@ class ProfileStore:
 
     async def create(self, owner: str | None, name: str, preference: Any) -> StoredProfile:
         """A new profile (ProfileNameTaken, TooManyProfiles; StoreError when the database fails)."""
-        key, now = _owner(owner), self.now()
+        key, now = owner_column(owner), self.now()
         profile = StoredProfile(new_profile_id(), owner, name, preference, now, now)
 
         def write(tx: Transaction) -> str:
@@ -105,12 +99,12 @@ class ProfileStore:
 
     async def get(self, owner: str | None, ref: str) -> StoredProfile | None:
         """The owner's profile of id or name ``ref``; None when there is none (another owner's, deleted)."""
-        rows = await self.database.run(lambda tx: _find(tx, _owner(owner), ref))
+        rows = await self.database.run(lambda tx: _find(tx, owner_column(owner), ref))
         return _profile(rows[0], owner) if rows else None
 
     async def list_owned(self, owner: str | None) -> list[StoredProfile]:
         """The owner's profiles, oldest first."""
-        key = _owner(owner)
+        key = owner_column(owner)
 
         def read(tx: Transaction) -> list[Row]:
             return tx.execute(f"SELECT {_COLUMNS} FROM preference_profiles WHERE owner = ? ORDER BY seq", (key,))
@@ -122,7 +116,7 @@ class ProfileStore:
     ) -> StoredProfile | None:
         """Set the given fields of the owner's profile ``profile_id`` (PATCH: None leaves one as it is); the
         profile as it is now, None when there is none (ProfileNameTaken when another has that name)."""
-        key, now = _owner(owner), self.now()
+        key, now = owner_column(owner), self.now()
 
         def write(tx: Transaction) -> list[Row] | str:
             if name is not None and _name_taken(tx, key, name, other_than=profile_id):
@@ -144,7 +138,7 @@ class ProfileStore:
 
     async def delete(self, owner: str | None, ref: str) -> StoredProfile | None:
         """Delete the owner's profile of id or name ``ref``; the profile it was (None when there was none)."""
-        key = _owner(owner)
+        key = owner_column(owner)
 
         def remove(tx: Transaction) -> list[Row]:
             found = _find(tx, key, ref)

@@ -13,13 +13,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from server.store.backend import Transaction
+from server.store.backend import Transaction, owner_column
 from server.store.config import StoreConfig
 from server.store.database import Database
 
 Item = dict[str, Any]
-_OPEN = ""
-"""The owner column of a response made without a tenant."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +56,7 @@ class ResponseStore:
         """Store ``record``, dropping expired responses and the owner's oldest beyond the cap (StoreError when the
         database fails: then nothing changed)."""
         oldest, cap = self._oldest_kept(), self.config.max_responses_per_key
-        owner = _OPEN if record.owner is None else record.owner
+        owner = owner_column(record.owner)
         row = (record.id, owner, record.created_at, _json(record.response), _json(record.input_items), _json(record.conversation))
 
         def write(tx: Transaction) -> None:
@@ -109,14 +107,14 @@ class ResponseStore:
         """How many responses ``owner`` has stored (expired ones not yet deleted included)."""
 
         def read(tx: Transaction) -> int:
-            return int(tx.execute("SELECT COUNT(*) FROM responses WHERE owner = ?", (_OPEN if owner is None else owner,))[0][0])
+            return int(tx.execute("SELECT COUNT(*) FROM responses WHERE owner = ?", (owner_column(owner),))[0][0])
 
         return await self.database.run(read)
 
 
 def _visible(response_id: str, owner: str | None, oldest: float | None) -> tuple[str, tuple[Any, ...]]:
     where = "id = ? AND owner = ?"
-    params: tuple[Any, ...] = (response_id, _OPEN if owner is None else owner)
+    params: tuple[Any, ...] = (response_id, owner_column(owner))
     if oldest is not None:
         where += " AND created_at >= ?"
         params += (oldest,)

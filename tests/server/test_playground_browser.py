@@ -27,6 +27,7 @@ import pytest
 from amulet_core.engine.config import EngineConfig
 from server.config import ServerConfig
 from tests.support import ROOT
+from tests.support.browser import watched_page
 from tests.support.http import API_KEY, WRONG_KEY
 from tests.support.live_server import EngineServer, engine_server, wait_until
 
@@ -60,14 +61,11 @@ def browser(chromium_path: str) -> Iterator[Any]:
 def page(browser: Any, running: EngineServer) -> Iterator[Any]:
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=running.url)
-    opened = context.new_page()
-    errors: list[str] = []
-    opened.on("pageerror", lambda error: errors.append(str(error)))
-    opened.on("console", lambda message: errors.append(message.text) if "Content Security Policy" in message.text else None)
-    opened.goto(f"{running.url}/")
-    yield opened
-    context.close()
-    assert not errors, f"the page raised or broke its own policy: {errors}"
+    try:
+        with watched_page(context.new_page(), f"{running.url}/") as opened:
+            yield opened
+    finally:
+        context.close()
 
 
 def _sign_in(page: Any, key: str = API_KEY) -> None:

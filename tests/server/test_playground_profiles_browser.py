@@ -16,6 +16,7 @@ from amulet_core.method.preference_prompts import Placement
 from server.app import create_app
 from server.config import ServerConfig
 from server.store.config import StoreConfig
+from tests.support.browser import watched_page
 from tests.support.fake_engine import FakeEngine
 from tests.support.http import API_KEY
 from tests.support.live_server import LiveServer, live_server
@@ -46,14 +47,11 @@ def running(engine: FakeEngine, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def page(chromium_path: str, running: LiveServer) -> Iterator[Any]:
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium_path)
-        opened = browser.new_page(viewport={"width": 1400, "height": 900})
-        errors: list[str] = []
-        opened.on("pageerror", lambda error: errors.append(str(error)))
-        opened.on("console", lambda message: errors.append(message.text) if "Content Security Policy" in message.text else None)
-        opened.goto(f"{running.url}/")
-        yield opened
-        browser.close()
-    assert not errors, f"the page raised or broke its own policy: {errors}"
+        try:
+            with watched_page(browser.new_page(viewport={"width": 1400, "height": 900}), f"{running.url}/") as opened:
+                yield opened
+        finally:
+            browser.close()
 
 
 def test_a_profile_fills_the_form_and_the_form_saves_as_a_profile(page: Any, running: LiveServer, engine: FakeEngine) -> None:
