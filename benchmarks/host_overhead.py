@@ -94,8 +94,7 @@ def _instrument(engine: LLMEngine, timers: _Timers) -> None:
     if runner.graphs is not None:  # decode steps replay CUDA graphs: the replay is the forward pass
         runner.graphs.launch = timers.wrap("forward", runner.graphs.launch)  # type: ignore[method-assign]
     else:
-        model = runner.model
-        model.forward = timers.wrap("forward", model.forward)  # forward time is subtracted from input building below
+        runner.forward = timers.wrap("forward", runner.forward)  # forward time is subtracted from input building below
     for name, part in (("method_logprobs", "method_combination"), ("choose_token", "sampling"), ("sample_tokens", "sampling")):
         fn = getattr(llm_engine_module, name, None)
         if fn is not None:
@@ -143,6 +142,7 @@ def measure_host_overhead(
     names = ("method_logprobs", "choose_token", "sample_tokens")
     originals = {n: getattr(llm_engine_module, n) for n in names if hasattr(llm_engine_module, n)}
     timers = _Timers(loaded.device)
+    forward = engine.runner.forward
     _instrument(engine, timers)
     step_total = 0.0
     sequences = 0
@@ -156,9 +156,10 @@ def measure_host_overhead(
             sequences = max(sequences, engine.last_step_sequences)
     finally:
         _restore(originals)
-        for obj, name in ((loaded.model, "forward"), (engine.runner.graphs, "launch")):
-            if obj is not None and name in vars(obj):
-                delattr(obj, name)  # the instance attribute set by _instrument; the class's method again
+        engine.runner.forward = forward
+        graphs = engine.runner.graphs
+        if graphs is not None and "launch" in vars(graphs):
+            delattr(graphs, "launch")  # the instance attribute set by _instrument; the class's method again
     t = timers.totals
     parts = {
         "scheduling": t["scheduling"],

@@ -126,6 +126,13 @@ def build_parser(prog: str = "amulet-server", *, ray_flag: bool = True, add_help
         "(captured per batch-size and context-length bucket on first use)",
     )
     p.add_argument(
+        "--graph-capture-seconds",
+        type=float,
+        default=EngineConfig.graph_capture_seconds,
+        help="on a CUDA device, the start-up time given to capturing the decode steps' CUDA graphs, smallest "
+        "buckets first; the rest are captured on first use (0: all on first use; default %(default)s)",
+    )
+    p.add_argument(
         "--deterministic",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -289,6 +296,7 @@ def configs_from_args(
                 kv_cache_memory_gib=args.kv_cache_memory_gib,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 cuda_graphs=not args.enforce_eager,
+                graph_capture_seconds=args.graph_capture_seconds,
                 deterministic=args.deterministic,
             ),
             server=ServerConfig(

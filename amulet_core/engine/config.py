@@ -28,7 +28,9 @@ class EngineConfig:
       None picks it for the device (:meth:`batched_tokens`).
     * ``block_size``: tokens per KV block, the unit of paging and of the prefix cache.
     * ``cuda_graphs``: on a CUDA device, replay decode-only steps from CUDA graphs captured per
-      (batch, context length) bucket on first use (``--enforce-eager`` turns this off).
+      (batch, context length) bucket (``--enforce-eager`` turns this off).
+    * ``graph_capture_seconds``: the start-up time given to capturing those graphs, smallest buckets first;
+      a bucket not captured by then is captured on its first use (0: every one on first use).
     * ``deterministic``: batch-invariant forward passes (:mod:`amulet_core.engine.invariant_attention`,
       :mod:`amulet_core.engine.invariant_ops`): a token's logits have the same bits whether its prompt was
       prefilled cold, after a prefix-cache hit or in chunks, and whatever else the step holds, so a greedy
@@ -47,6 +49,7 @@ class EngineConfig:
     block_size: int = 16
     enable_prefix_cache: bool = True
     cuda_graphs: bool = True
+    graph_capture_seconds: float = 60.0
     deterministic: bool | None = None
 
     def __post_init__(self) -> None:
@@ -58,6 +61,7 @@ class EngineConfig:
             "block_size": self.block_size >= 1,
             "kv_cache_memory_gib": self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0,
             "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
+            "graph_capture_seconds": self.graph_capture_seconds >= 0,
         }
         for name, ok in checks.items():
             if not ok:

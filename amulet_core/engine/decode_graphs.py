@@ -1,4 +1,4 @@
-"""Decode steps replayed from CUDA graphs, captured per (batch bucket, context bucket) on first use.
+"""Decode steps replayed from CUDA graphs, captured per (batch bucket, context bucket) at start-up or on first use.
 
 On a GPU a decode step's forward pass is a few milliseconds of device work, launched as hundreds of
 small kernels by transformers' modules and the attention hook; launching them from Python costs more
@@ -13,6 +13,9 @@ scratch block, which the block manager never hands out; its logits are dropped. 
 copying its logits into one static buffer allocated outside the graphs' memory pool, so the graphs can
 share that pool and be replayed in any order.
 
+:meth:`DecodeGraphs.capture_at_start` captures the buckets smallest first within a time budget, so that the
+first requests do not pay for it; what the budget leaves is captured on first use.
+
 ``capture=False`` runs the same padded, fixed-shape forward eagerly, on any device: the CPU tests use
 it to check that padding and bucketing leave each real row's logits and the engine's tokens unchanged.
 With ``invariant`` weights the forward is the batch-invariant one (its padding rows then change no bit of
@@ -22,6 +25,7 @@ the real rows).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -29,6 +33,7 @@ import torch
 
 from amulet_core.engine.invariant_attention import InvariantPlan, decode_plan
 from amulet_core.engine.invariant_ops import PackedWeights, batch_invariant
+from amulet_core.engine.packed_forward import PackedForward
 from amulet_core.engine.paged_attention import PackedBatch, PagedKVCache, decode_group, padded_block_tables
 from amulet_core.engine.scheduler import ScheduledChunk
 
@@ -69,7 +74,7 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        model: Any,
+        forward: PackedForward,
         cache: PagedKVCache,
         scratch_block: int,
         vocab: int,
@@ -79,7 +84,7 @@ class DecodeGraphs:
         capture: bool,
         invariant: PackedWeights | None = None,
     ) -> None:
-        self.model = model
+        self.forward = forward
         self.invariant = invariant
         """The batch-invariant forward's weights (None: the SDPA forward)."""
         self.cache = cache
@@ -100,6 +105,28 @@ class DecodeGraphs:
         """Time spent warming up and capturing graphs, all buckets together."""
         self.steps = 0
         """Decode steps run through here (replayed, captured, or padded and run eagerly)."""
+        self.captured_at_start = 0
+        """Graphs :meth:`capture_at_start` captured."""
+
+    def capture_at_start(self, budget_s: float, clock: Callable[[], float] = time.monotonic) -> int:
+        """Capture the graph of every bucket, the fewest padded tokens first (batch size times context length),
+        until ``budget_s`` seconds have passed (a capture under way finishes); how many it captured. The static
+        inputs are set to padding rows first, so the captures read and write the scratch block only."""
+        if not self.capture or budget_s <= 0:
+            return 0
+        started = clock()
+        self.rows.zero_()
+        self.rows[2].fill_(self.scratch_block * self.block_size)
+        self.rows[3].fill_(1)
+        self.tables.fill_(self.scratch_block)
+        buckets = sorted(((b, n) for b in self.batch_sizes for n in self.context_lens), key=lambda x: (x[0] * x[1], x))
+        for bucket in buckets:
+            if clock() - started >= budget_s:
+                break
+            if bucket not in self.graphs:
+                self._capture(bucket)
+                self.captured_at_start += 1
+        return self.captured_at_start
 
     def bucket(self, batch: int, max_context: int) -> tuple[int, int] | None:
         """The (batch, context length) bucket of a decode step, or None when it is larger than all."""
@@ -149,14 +176,8 @@ class DecodeGraphs:
         else:
             batch = PackedBatch(self.cache, slots, (), decode_group(tables, lengths, self.block_size, length))
         with batch_invariant(self.invariant) if self.invariant is not None else nullcontext():
-            out = self.model(
-                input_ids=token_ids.unsqueeze(0),
-                position_ids=positions.unsqueeze(0),
-                logits_to_keep=0,
-                use_cache=False,
-                amulet_batch=batch,
-            )
-        self.logits[:size].copy_(out.logits[0])
+            logits = self.forward(token_ids.unsqueeze(0), positions.unsqueeze(0), 0, batch)
+        self.logits[:size].copy_(logits[0])
 
     def _capture(self, bucket: tuple[int, int]) -> None:
         """Warm up, capture and replay the bucket's graph. The warm-up writes the real rows' keys and

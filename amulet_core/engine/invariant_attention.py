@@ -153,15 +153,22 @@ def invariant_attention(
     heads, tokens, dim = query.shape[1], query.shape[2], query.shape[3]
     kv_heads = k_cache.shape[0]
     group = heads // kv_heads
-    q = query[0].to(matmul_dtype(k_cache.dtype)).view(kv_heads, group, tokens, dim).transpose(1, 2)
+    q = query[0]
+    if q.dtype != matmul_dtype(k_cache.dtype):
+        q = q.to(matmul_dtype(k_cache.dtype))
+    q = q.view(kv_heads, group, tokens, dim).transpose(1, 2)
     q = _pad_dim(torch.mul(q, scaling, out=q.new_empty(q.shape)))  # [kv, N, group, d]: a token's heads, a problem
     parts = []
     if plan.decode is not None:
         parts.append(_decode(q[:, : plan.decode.size], k_cache, v_cache, plan.decode, window, softcap))
     for span in plan.spans:
         parts.append(_span(q[:, span.query_start : span.query_end], k_cache, v_cache, span, window, softcap))
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    return out[..., :dim].permute(1, 0, 2, 3).reshape(1, tokens, heads, dim).to(query.dtype)
+    out = torch.empty(tokens, kv_heads, group, dim, dtype=query.dtype, device=query.device)
+    start = 0
+    for part in parts:  # [kv, n, group, padded dim] in float32: rounded to the query's dtype as they are copied
+        out[start : start + part.shape[1]].copy_(part[..., :dim].permute(1, 0, 2, 3))
+        start += part.shape[1]
+    return out.view(1, tokens, heads, dim)
 
 
 def matmul_dtype(cache_dtype: torch.dtype) -> torch.dtype:
@@ -177,7 +184,7 @@ def _pad_dim(t: torch.Tensor) -> torch.Tensor:
 def _gather(cache: torch.Tensor, slots: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Keys or values of ``slots`` as ``[kv_heads, *shape, KEY_BLOCK, padded dim]`` in ``dtype``."""
     rows = cache.index_select(1, slots).view(cache.shape[0], *shape, KEY_BLOCK, cache.shape[-1])
-    return _pad_dim(rows.to(dtype))
+    return _pad_dim(rows if rows.dtype == dtype else rows.to(dtype))
 
 
 def capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -25,6 +26,7 @@ from amulet_core.engine.memory import (
     model_context_length,
     size_cache,
 )
+from amulet_core.engine.packed_forward import packed_forward
 from amulet_core.engine.paged_attention import (
     DecodeGroup,
     PackedBatch,
@@ -73,6 +75,7 @@ class ModelRunner:
         self.invariant_weights = None
         if self.deterministic:
             self.invariant_weights = invariant_weights(self.model, available_ram())
+        self.forward = packed_forward(self.model)
         budget, why, step_context = self._kv_budget(config, context, per_token)
         try:
             size = size_cache(
@@ -90,6 +93,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if config.cuda_graphs and self.device.type == "cuda":
             self.use_decode_graphs(capture=True)
+            self._capture_graphs_at_start(config.graph_capture_seconds)
 
     # ---- sizing -------------------------------------------------------------------
     def weight_bytes(self) -> int:
@@ -184,15 +188,10 @@ class ModelRunner:
             batch = PackedBatch(cache, batch.slot_mapping, (), invariant=plan)
         keep = self._tensor(list(range(max(0, num_tokens - logits_rows), num_tokens)))
         with self._ops():
-            out = self.model(
-                input_ids=torch.zeros(1, num_tokens, dtype=torch.long, device=self.device),
-                position_ids=self._tensor(positions).unsqueeze(0),
-                logits_to_keep=keep,
-                use_cache=False,
-                amulet_batch=batch,
-            )
-        torch.log_softmax(out.logits[0].float(), dim=-1)
-        del cache, batch, out
+            ids = torch.zeros(1, num_tokens, dtype=torch.long, device=self.device)
+            logits = self.forward(ids, self._tensor(positions).unsqueeze(0), keep, batch)
+        torch.log_softmax(logits[0].float(), dim=-1)
+        del cache, batch, logits
 
     def _describe(self, size: CacheSize, why: str, per_token: int, config: EngineConfig) -> str:
         """The one log line that says what the cache and the context are, and why."""
@@ -223,7 +222,27 @@ class ModelRunner:
         ``capture`` (a CUDA device), else eagerly (any device; what the CPU tests check padding with)."""
         vocab = logits_width(self.model)
         sizes = (self.scratch_block, vocab, self.max_num_seqs, self.max_model_len)
-        self.graphs = DecodeGraphs(self.model, self.cache, *sizes, self.device, capture, self.invariant_weights)
+        self.graphs = DecodeGraphs(self.forward, self.cache, *sizes, self.device, capture, self.invariant_weights)
+
+    @torch.inference_mode()
+    def _capture_graphs_at_start(self, budget_s: float) -> None:
+        """Capture the decode graphs within ``budget_s`` seconds (:meth:`DecodeGraphs.capture_at_start`), with a log
+        line; a capture that fails leaves every decode step eager, as one failing on first use does."""
+        graphs = self.graphs
+        if graphs is None or budget_s <= 0:
+            return
+        started = time.perf_counter()
+        try:
+            captured = graphs.capture_at_start(budget_s)
+        except Exception:  # out of memory, an op graphs cannot hold: requests must still be served
+            logger.exception("capturing decode graphs at start-up failed; decode steps run eagerly from now on")
+            self.graphs = None
+            return
+        buckets = len(graphs.batch_sizes) * len(graphs.context_lens)
+        logger.info(
+            "decode graphs: %d of %d buckets captured at start-up in %.1f s (--graph-capture-seconds %g); the rest "
+            "on first use", captured, buckets, time.perf_counter() - started, budget_s,
+        )  # fmt: skip
 
     def _ops(self) -> AbstractContextManager[object]:
         """The context a forward pass runs in: batch-invariant linear layers and activations when deterministic."""
@@ -312,11 +331,5 @@ class ModelRunner:
             batch = PackedBatch(self.cache, slots, tuple(spans), self._decode_group(decode_chunks))
         keep = self._tensor([last_index[id(seq)] for seq in logits_for])
         with self._ops():
-            out = self.model(
-                input_ids=self._tensor(input_ids).unsqueeze(0),
-                position_ids=self._tensor(positions).unsqueeze(0),
-                logits_to_keep=keep,
-                use_cache=False,
-                amulet_batch=batch,
-            )
-        return out.logits[0].float()
+            logits = self.forward(self._tensor(input_ids).unsqueeze(0), self._tensor(positions).unsqueeze(0), keep, batch)
+        return logits[0].float()

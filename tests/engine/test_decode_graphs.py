@@ -34,6 +34,41 @@ def test_buckets_cover_every_batch_and_context_length():
     assert context_buckets(4, 64) == (4, 8, 16, 32, 64)
 
 
+def test_start_up_capture_takes_the_smallest_buckets_first_and_writes_only_the_scratch_block(tiny_model):
+    """``capture_at_start`` within a budget: the buckets with the fewest padded tokens first, none twice, and its
+    padding rows write the scratch block only (the blocks sequences will own stay as they were). On the CPU, where
+    CUDA graphs do not exist, a bucket's capture is its padded forward run eagerly."""
+    loaded = tiny_model("llama")
+    config = EngineConfig(max_model_len=128, kv_cache_tokens=2048, max_num_seqs=8, graph_capture_seconds=0)
+    runner = LLMEngine(loaded, config).runner
+    cuda = runner.device.type == "cuda"
+    runner.use_decode_graphs(capture=cuda)
+    graphs = runner.graphs
+    assert graphs is not None
+    assert graphs.capture_at_start(100.0) == (len(graphs.graphs) if cuda else 0)  # no graphs without CUDA
+    if not cuda:
+        graphs.capture = True
+
+        def eager_capture(bucket):
+            graphs._forward(*bucket)
+            graphs.graphs[bucket] = None
+
+        graphs._capture = eager_capture  # type: ignore[method-assign]
+    graphs.graphs.clear()
+    graphs.captured_at_start = 0
+    owned = runner.scratch_block * runner.block_size  # slots below the scratch block: what sequences get
+    before = [k[:, :owned].clone() for k in runner.cache.keys]
+    ticks = iter(range(1000))
+    with torch.inference_mode():
+        assert graphs.capture_at_start(5.0, clock=lambda: float(next(ticks))) == 4  # one tick a capture, 0 at start
+    buckets = sorted(((b, n) for b in graphs.batch_sizes for n in graphs.context_lens), key=lambda x: (x[0] * x[1], x))
+    assert list(graphs.graphs) == buckets[:4]
+    assert all(torch.equal(k[:, :owned], b) for k, b in zip(runner.cache.keys, before, strict=True))
+    with torch.inference_mode():
+        assert graphs.capture_at_start(1000.0, clock=lambda: 0.0) == len(buckets)  # the rest, none twice
+    assert list(graphs.graphs) == buckets
+
+
 def test_padded_logits_equal_the_unpadded_forward(tiny_model):
     loaded = tiny_model("llama")
     engine = LLMEngine(loaded, EngineConfig(max_model_len=128, kv_cache_tokens=2048, max_num_seqs=8))
