@@ -172,11 +172,12 @@ def test_ctrl_c_keeps_every_finished_answer(server: LiveServer, fake: FakeEngine
     (amulet_eval.interrupt), and the message checked below is printed only by the clean stop, not by its deadline.
     """
     questions = [{"index": i, "question": f"[slow] Question number {i}?"} for i in range(8)]  # the fake: 20 ms a token
+    max_tokens = 20  # 0.4 s an answer: the gate, not the answers' length, sets the state the signal meets
     (tmp_path / "q.json").write_text(json.dumps(questions))
     out = tmp_path / "run"
     args = [
         "--questions", str(tmp_path / "q.json"), "--base-url", f"{server.url}/v1", "--api-key", API_KEY,
-        "--preferences", "concise", "--methods", "base", "--max-tokens", "50", "--concurrency", "1",
+        "--preferences", "concise", "--methods", "base", "--max-tokens", str(max_tokens), "--concurrency", "1",
         "--out", str(out), "--no-progress", "--no-charts",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMULET_")}
@@ -205,7 +206,7 @@ def test_ctrl_c_keeps_every_finished_answer(server: LiveServer, fake: FakeEngine
     assert sorted(r["index"] for r in kept) == sorted(finished) and len(finished) == 2
     text = (out / "generations.jsonl").read_text()
     assert text.endswith("\n") and len(text.splitlines()) == len(kept)  # no partial line either
-    assert all(r["completion_tokens"] == 50 for r in kept)
+    assert all(r["completion_tokens"] == max_tokens for r in kept)
     assert main(args) == 0
     rows = complete_rows(out)
     assert rows[: len(kept)] == kept and len(rows) == 8

@@ -11,6 +11,7 @@ stays on (no ``bypass_csp``), so these tests also prove the page works under it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -131,22 +133,27 @@ def test_base_and_amulet_stream_the_apis_greedy_answers_and_copy_as_curl_and_pyt
     expect(_column(page, "amulet").locator(".stats")).to_contain_text("A = 5.6487")
     model = httpx.get(f"{running.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"][0]["id"]
     request = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": 48}
-    assert texts["base"] == _api_answer(running.url, request)
-    assert texts["amulet"] == _api_answer(running.url, {**request, "preference": {"text": "concise", "method": "amulet"}})
+    # Both at once, and below both copied snippets run at once: the engine batches them, each answer the same bits as
+    # alone (the CPU engine is batch-invariant).
+    amulet_request = {**request, "preference": {"text": "concise", "method": "amulet"}}
+    with ThreadPoolExecutor(2) as pool:
+        base_answer, amulet_answer = pool.map(functools.partial(_api_answer, running.url), (request, amulet_request))
+    assert texts["base"] == base_answer
+    assert texts["amulet"] == amulet_answer
     assert texts["base"] != texts["amulet"]
 
     curl = _copied(page, "amulet", "curl")
     assert curl.startswith(f"curl -sN {running.url}/v1/chat/completions") and API_KEY not in curl
+    python = _copied(page, "amulet", "python")
     shell = shutil.which("bash") or "/bin/bash"
     env = {**os.environ, "AMULET_API_KEY": API_KEY}
-    ran = subprocess.run([shell, "-c", curl], capture_output=True, text=True, timeout=300, env=env)
-    assert ran.returncode == 0, ran.stderr
-    assert _streamed_text(ran.stdout) == texts["amulet"]
-
-    python = _copied(page, "amulet", "python")
-    ran = subprocess.run([sys.executable, "-c", python], capture_output=True, text=True, timeout=300, env=env)
-    assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.removesuffix("\n") == texts["amulet"]
+    with ThreadPoolExecutor(2) as pool:
+        run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=300, env=env)
+        ran_curl, ran_python = pool.map(run, ([shell, "-c", curl], [sys.executable, "-c", python]))
+    assert ran_curl.returncode == 0, ran_curl.stderr
+    assert _streamed_text(ran_curl.stdout) == texts["amulet"]
+    assert ran_python.returncode == 0, ran_python.stderr
+    assert ran_python.stdout.removesuffix("\n") == texts["amulet"]
 
     # the conversation goes on: each column's request carries its own earlier reply
     page.fill("#user", "And in winter?")

@@ -26,7 +26,7 @@ from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.method.preference_prompts import TEMPLATE, Placement, preference_message_pair, resolve_default_system_prompt
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.model.gguf_cache import default_model_cache
-from amulet_core.model.loading import ModelConfig
+from amulet_core.model.loading import LoadedModel, ModelConfig
 from amulet_core.sampling.params import SamplingParams
 from server.app import create_app
 from server.assembly import engine_lifespan
@@ -43,10 +43,12 @@ MESSAGES = [{"role": "user", "content": "Give me one tip for learning a new lang
 
 
 @pytest.fixture(scope="module")
-def engine_server() -> Iterator[tuple[LiveServer, AsyncEngine]]:
+def engine_server(smollm: LoadedModel) -> Iterator[tuple[LiveServer, AsyncEngine]]:
+    """The real engine over the session's SmolLM2 (float32; loading it again took seconds: the CLI test loads its own)."""
     engine = AsyncEngine(
         ModelConfig(dtype="float32", model_cache=default_model_cache()),
         EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=4, kv_cache_tokens=4096),
+        loader=lambda _: smollm,
     )
     # The contexts below are built with the system placement, so the server is set to it.
     app = create_app(

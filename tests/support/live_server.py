@@ -31,6 +31,11 @@ from server.metrics import PrometheusMetrics, mount_metrics
 T = TypeVar("T")
 
 START_TIMEOUT_S = 30.0
+FIRST_POLL_S = 0.01
+LONGEST_POLL_S = 0.1
+""":func:`wait_until` checks every 10 ms at first, then less and less often, down to every 0.1 s: a check over HTTP
+costs about 40 ms of CPU (``httpx.get`` builds a client each time), and a tight loop of them took a whole core from
+the server subprocess it waited for (on these 2 cores that doubled its start-up)."""
 
 
 class LiveServer:
@@ -113,17 +118,21 @@ def live_server(
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``condition`` (for effects that happen on the server thread after a response)."""
+    """Poll ``condition`` (for effects that happen on the server thread after a response), soon at first and then
+    less often (see :data:`LONGEST_POLL_S`)."""
     deadline = time.monotonic() + timeout
+    pause = FIRST_POLL_S
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(pause)
+        pause = min(pause * 1.5, LONGEST_POLL_S)
 
 
 def wait_ready(url: str, timeout: float = 900.0) -> None:
-    """Wait until ``/ready`` answers 200 (the model has loaded)."""
-    wait_until(lambda: httpx.get(f"{url}/ready").status_code == 200, timeout, "the model to load")
+    """Wait until ``/ready`` answers 200 (the model has loaded); one client for all the checks."""
+    with httpx.Client(timeout=5) as client:
+        wait_until(lambda: client.get(f"{url}/ready").status_code == 200, timeout, "the model to load")
 
 
 def free_port() -> int:
