@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.paged_decode import ATTENTION_BACKENDS
 from amulet_core.method.preference_prompts import TEMPLATE, Placement
 from amulet_core.model.gguf_cache import MODEL_CACHE_ENV, default_model_cache
 from amulet_core.model.loading import ModelConfig
@@ -123,7 +124,15 @@ def build_parser(prog: str = "amulet-server", *, ray_flag: bool = True, add_help
         "--enforce-eager",
         action="store_true",
         help="on a CUDA device, launch every decode step from Python instead of replaying CUDA graphs "
-        "(captured per batch-size and context-length bucket on first use)",
+        "(captured per batch-size and context-length bucket at start-up, within --graph-capture-seconds)",
+    )
+    p.add_argument(
+        "--attention-backend",
+        default=EngineConfig.attention_backend,
+        choices=ATTENTION_BACKENDS,
+        help="decode attention: triton reads each row's KV blocks in place through its block table (a Triton "
+        "kernel; a CUDA device), sdpa gathers the rows' contexts and calls PyTorch's SDPA; auto: triton on a CUDA "
+        "device with Triton installed, else sdpa (default: %(default)s; --deterministic uses its own)",
     )
     p.add_argument(
         "--graph-capture-seconds",
@@ -298,6 +307,7 @@ def configs_from_args(
                 cuda_graphs=not args.enforce_eager,
                 graph_capture_seconds=args.graph_capture_seconds,
                 deterministic=args.deterministic,
+                attention_backend=args.attention_backend,
             ),
             server=ServerConfig(
                 host=args.host,

@@ -19,8 +19,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
-import torch
+# Triton's interpreter runs the paged decode kernel on CPU tensors (tests/engine/test_paged_decode.py): it must be
+# chosen before Triton is first imported. The suite runs on CPUs; a GPU run sets TRITON_INTERPRET=0 itself.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from amulet_core.model.gguf_cache import MODEL_CACHE_ENV, default_model_cache
 from amulet_core.model.loading import LoadedModel, ModelConfig, embedded_model_file, load_model

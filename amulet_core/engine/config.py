@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from amulet_core.engine.memory import GPU_MEMORY_UTILIZATION, MIN_MODEL_LEN
+from amulet_core.engine.paged_decode import ATTENTION_BACKENDS, AttentionBackend
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class EngineConfig:
       (batch, context length) bucket (``--enforce-eager`` turns this off).
     * ``graph_capture_seconds``: the start-up time given to capturing those graphs, smallest buckets first;
       a bucket not captured by then is captured on its first use (0: every one on first use).
+    * ``attention_backend``: how decode rows attend: ``sdpa`` gathers each row's context and calls SDPA,
+      ``triton`` reads the KV blocks in place through the block tables with the paged decode kernel
+      (:mod:`amulet_core.engine.paged_decode`; a CUDA device with Triton), ``auto`` the kernel where it runs,
+      else SDPA. The batch-invariant attention (``deterministic``) replaces both.
     * ``deterministic``: batch-invariant forward passes (:mod:`amulet_core.engine.invariant_attention`,
       :mod:`amulet_core.engine.invariant_ops`): a token's logits have the same bits whether its prompt was
       prefilled cold, after a prefix-cache hit or in chunks, and whatever else the step holds, so a greedy
@@ -51,6 +56,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     graph_capture_seconds: float = 60.0
     deterministic: bool | None = None
+    attention_backend: AttentionBackend = "auto"
 
     def __post_init__(self) -> None:
         checks = {
@@ -62,6 +68,7 @@ class EngineConfig:
             "kv_cache_memory_gib": self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0,
             "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
             "graph_capture_seconds": self.graph_capture_seconds >= 0,
+            "attention_backend": self.attention_backend in ATTENTION_BACKENDS,
         }
         for name, ok in checks.items():
             if not ok:

@@ -19,7 +19,8 @@ first requests do not pay for it; what the budget leaves is captured on first us
 ``capture=False`` runs the same padded, fixed-shape forward eagerly, on any device: the CPU tests use
 it to check that padding and bucketing leave each real row's logits and the engine's tokens unchanged.
 With ``invariant`` weights the forward is the batch-invariant one (its padding rows then change no bit of
-the real rows).
+the real rows). With ``paged_kernel`` decode attention reads the rows' lengths and block tables in place, so the
+graphs need no context buckets: one per batch size, captured for the longest context.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class DecodeGraphs:
         device: torch.device,
         capture: bool,
         invariant: PackedWeights | None = None,
+        paged_kernel: bool = False,
     ) -> None:
         self.forward = forward
         self.invariant = invariant
@@ -93,7 +95,12 @@ class DecodeGraphs:
         self.device = device
         self.capture = capture
         self.batch_sizes = batch_buckets(max_num_seqs)
+        self.paged_kernel = paged_kernel
+        """Decode rows attend with the paged decode kernel, which reads each row's length from the static inputs:
+        one context bucket (the longest) serves every length."""
         self.context_lens = context_buckets(self.block_size, max_model_len)
+        if paged_kernel:
+            self.context_lens = self.context_lens[-1:]
         max_batch, max_len = self.batch_sizes[-1], self.context_lens[-1]
         self.rows = torch.zeros(4, max_batch, dtype=torch.long, device=device)
         """Token ids, positions, new-token slots and context lengths of the rows."""
@@ -174,7 +181,8 @@ class DecodeGraphs:
             plan = InvariantPlan(decode_plan(tables, lengths, self.block_size, length), ())
             batch = PackedBatch(self.cache, slots, (), invariant=plan)
         else:
-            batch = PackedBatch(self.cache, slots, (), decode_group(tables, lengths, self.block_size, length))
+            group = decode_group(tables, lengths, self.block_size, length, self.paged_kernel)
+            batch = PackedBatch(self.cache, slots, (), group)
         with batch_invariant(self.invariant) if self.invariant is not None else nullcontext():
             logits = self.forward(token_ids.unsqueeze(0), positions.unsqueeze(0), 0, batch)
         self.logits[:size].copy_(logits[0])

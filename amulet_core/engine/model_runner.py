@@ -37,6 +37,7 @@ from amulet_core.engine.paged_attention import (
     padded_block_tables,
     register_paged_attention,
 )
+from amulet_core.engine.paged_decode import attention_backend, kernel_probe
 from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.sequence import Sequence
 from amulet_core.model.loading import LoadedModel
@@ -75,6 +76,10 @@ class ModelRunner:
         self.invariant_weights = None
         if self.deterministic:
             self.invariant_weights = invariant_weights(self.model, available_ram())
+        if self.deterministic and config.attention_backend == "triton":
+            raise ValueError("--attention-backend triton and --deterministic exclude each other (its attention is its own).")
+        self.paged_kernel = not self.deterministic and self._paged_kernel_on(config)
+        """Decode rows attend with the paged decode kernel (EngineConfig.attention_backend), else gathered for SDPA."""
         self.forward = packed_forward(self.model)
         budget, why, step_context = self._kv_budget(config, context, per_token)
         try:
@@ -86,6 +91,7 @@ class ModelRunner:
         self.num_blocks = size.num_blocks
         self.max_model_len = size.max_model_len
         logger.info(self._describe(size, why, per_token, config))
+        logger.info("decode attention: %s", self._attention_in_words())
         # One block more than the block manager hands out: the scratch block that padding rows use.
         self.scratch_block = self.num_blocks
         self.cache = PagedKVCache(layers, kv_heads, head_dim, self.num_blocks + 1, self.block_size, loaded.dtype, self.device)
@@ -217,12 +223,29 @@ class ModelRunner:
             )
         return f"{line}; max_model_len {size.max_model_len} ({model})"
 
+    def _paged_kernel_on(self, config: EngineConfig) -> bool:
+        """Whether decode rows get the paged decode kernel: ``--attention-backend`` resolved for the device; ``auto``
+        first checks the kernel against SDPA on it (:func:`kernel_probe`) and falls back to SDPA if it fails."""
+        if attention_backend(config.attention_backend, self.device) != "triton":
+            return False
+        if config.attention_backend == "auto" and (problem := kernel_probe(self.device, self.dtype)) is not None:
+            logger.warning("the paged decode kernel failed its start-up check (%s); decode attention uses SDPA", problem)
+            return False
+        return True
+
+    def _attention_in_words(self) -> str:
+        if self.deterministic:
+            return "batch-invariant (--deterministic)"
+        return "the paged decode kernel (Triton)" if self.paged_kernel else "SDPA over each row's gathered context"
+
     def use_decode_graphs(self, capture: bool) -> None:
         """Run decode-only steps padded to fixed-shape buckets: replayed from CUDA graphs with
         ``capture`` (a CUDA device), else eagerly (any device; what the CPU tests check padding with)."""
         vocab = logits_width(self.model)
         sizes = (self.scratch_block, vocab, self.max_num_seqs, self.max_model_len)
-        self.graphs = DecodeGraphs(self.forward, self.cache, *sizes, self.device, capture, self.invariant_weights)
+        self.graphs = DecodeGraphs(
+            self.forward, self.cache, *sizes, self.device, capture, self.invariant_weights, self.paged_kernel
+        )
 
     @torch.inference_mode()
     def _capture_graphs_at_start(self, budget_s: float) -> None:
@@ -272,9 +295,10 @@ class ModelRunner:
         padded = min(lengths) != max_len
         return decode_group(
             self._tensor(tables).view(len(decode_chunks), blocks),
-            self._tensor(lengths) if padded else None,
+            self._tensor(lengths) if padded or self.paged_kernel else None,
             self.block_size,
             max_len,
+            self.paged_kernel,
         )
 
     @torch.inference_mode()

@@ -5,7 +5,8 @@ like varlen flash-attention) and passes a :class:`PackedBatch` through the model
 ``**kwargs``; transformers hands it to the registered attention function, which writes the
 new keys and values into the paged pool and attends, sequence by sequence, over that
 sequence's cached context (with SDPA, or batch-invariantly when the batch carries an
-:class:`~amulet_core.engine.invariant_attention.InvariantPlan`). Model files stay transformers' own.
+:class:`~amulet_core.engine.invariant_attention.InvariantPlan`; a decode group marked for it, through the block
+tables with :func:`~amulet_core.engine.paged_decode.paged_decode_attention`). Model files stay transformers' own.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from amulet_core.engine.invariant_attention import InvariantPlan, invariant_attention
+from amulet_core.engine.paged_decode import paged_decode_attention
 
 ATTENTION_NAME = "amulet_paged"
 
@@ -62,14 +64,22 @@ class SequenceSpan:
 
 @dataclass(frozen=True)
 class DecodeGroup:
-    """The first ``size`` packed tokens: one new token each of ``size`` sequences, attended in one call."""
+    """The first ``size`` packed tokens: one new token each of ``size`` sequences, attended in one call.
+
+    Either gathered for SDPA (``context_slots``, with ``mask``) or read in place by the paged decode kernel
+    (``tables`` and ``lengths``; :mod:`amulet_core.engine.paged_decode`)."""
 
     size: int
-    context_slots: torch.Tensor
-    """``[size * max_len]`` cache slots, each sequence's context padded to ``max_len``."""
+    context_slots: torch.Tensor | None
+    """``[size * max_len]`` cache slots, each sequence's context padded to ``max_len`` (None: the kernel's group)."""
     max_len: int
     mask: torch.Tensor | None
     """``[size, 1, 1, max_len]`` True where a padded position is real; None when none is padding."""
+    tables: torch.Tensor | None = None
+    """The kernel's group: ``[size, blocks]`` block ids of each sequence's context."""
+    lengths: torch.Tensor | None = None
+    """``[size]`` context lengths (the new token is the last position); for the gathered group None when every row's
+    is ``max_len``."""
 
 
 @dataclass(frozen=True)
@@ -94,18 +104,34 @@ def padded_block_tables(tables: Iterable[list[int]], blocks: int, pad_block: int
     return flat
 
 
-def decode_group(tables: torch.Tensor, lengths: torch.Tensor | None, block_size: int, length: int) -> DecodeGroup:
+def decode_group(
+    tables: torch.Tensor, lengths: torch.Tensor | None, block_size: int, length: int, paged_kernel: bool = False
+) -> DecodeGroup:
     """The group of decode rows whose contexts are ``tables`` (``[rows, blocks]`` block ids, ``blocks *
     block_size >= length``): slots computed on the device, and with ``lengths`` (each row's context
-    length) the mask of its padding; None means no row is padded."""
+    length) the mask of its padding; None means no row is padded. With ``paged_kernel`` the kernel reads the
+    tables itself (``lengths`` is then required)."""
     rows = tables.shape[0]
+    if paged_kernel:
+        if lengths is None:
+            raise ValueError("decode_group: the paged kernel needs every row's length")
+        return DecodeGroup(rows, None, length, None, tables, lengths)
     offsets = torch.arange(block_size, dtype=torch.long, device=tables.device)
     slots = (tables.unsqueeze(-1) * block_size + offsets).view(rows, -1)[:, :length]
     mask = None
     if lengths is not None:
         positions = torch.arange(length, device=tables.device).unsqueeze(0)
         mask = (positions < lengths.unsqueeze(1)).view(rows, 1, 1, length)
-    return DecodeGroup(rows, slots.reshape(-1), length, mask)
+    return DecodeGroup(rows, slots.reshape(-1), length, mask, None, lengths)
+
+
+def windowed_mask(group: DecodeGroup, window: int, device: torch.device) -> torch.Tensor:
+    """The gathered group's ``[size, 1, 1, max_len]`` mask for a layer with a sliding ``window``: True where a
+    position is real and within ``window`` of its row's new token (the prefill's :func:`causal_mask` rule)."""
+    lengths = group.lengths if group.lengths is not None else torch.full((group.size,), group.max_len, device=device)
+    last = lengths.unsqueeze(1)
+    positions = torch.arange(group.max_len, device=device).unsqueeze(0)
+    return ((positions < last) & (positions >= last - window)).view(group.size, 1, 1, group.max_len)
 
 
 def causal_mask(num_new: int, context_len: int, device: torch.device, window: int | None = None) -> torch.Tensor | None:
@@ -181,14 +207,24 @@ def paged_attention_forward(
     gqa = query.shape[1] != key.shape[1]
     outputs = []
     decode = amulet_batch.decode
-    if decode is not None:
+    if decode is not None and decode.tables is not None and decode.lengths is not None:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = paged_decode_attention(
+            query[0, :, : decode.size].transpose(0, 1), k_cache, v_cache, decode.tables, decode.lengths,
+            amulet_batch.cache.block_size, decode.max_len, scale, window if isinstance(window, int) else None, softcap,
+        )  # fmt: skip
+        outputs.append(out.transpose(0, 1).unsqueeze(0))
+    elif decode is not None and decode.context_slots is not None:
         # Each KV head's group of query heads attends as that many queries of one head (GQA as MQA), so
         # the keys and values are read once per KV head and never repeated for the query heads.
         heads, kv_heads, dim, size = query.shape[1], key.shape[1], query.shape[-1], decode.size
         q = query[0, :, :size].transpose(0, 1).reshape(size, kv_heads, heads // kv_heads, dim)  # [B, kv, group, d]
         k = k_cache.index_select(1, decode.context_slots).view(kv_heads, size, decode.max_len, dim).transpose(0, 1)
         v = v_cache.index_select(1, decode.context_slots).view(kv_heads, size, decode.max_len, dim).transpose(0, 1)
-        out = attend(q, k, v, decode.mask)  # [B, kv, group, d]
+        mask = decode.mask
+        if isinstance(window, int) and decode.max_len > window:
+            mask = windowed_mask(decode, window, query.device)
+        out = attend(q, k, v, mask)  # [B, kv, group, d]
         outputs.append(out.reshape(size, heads, dim).transpose(0, 1).unsqueeze(0))
     for span in amulet_batch.spans:
         q = query[:, :, span.query_start : span.query_end]

@@ -61,6 +61,8 @@ def test_every_option() -> None:
             "1024",
             "--enforce-eager",
             "--no-deterministic",
+            "--attention-backend",
+            "sdpa",
             "--quantization",
             "int8",
             "--data-dir",
@@ -94,8 +96,10 @@ def test_every_option() -> None:
         max_num_batched_tokens=1024,
         cuda_graphs=False,
         deterministic=False,
+        attention_backend="sdpa",
     )
     defaults = parse_args([], environ={}).engine
+    assert defaults.attention_backend == "auto"
     assert defaults.cuda_graphs and defaults.max_num_batched_tokens is None
     assert defaults.deterministic is None and defaults.deterministic_on("cpu") and not defaults.deterministic_on("cuda")
     assert parse_args(["--deterministic"], environ={}).engine.deterministic_on("cuda")

@@ -1,0 +1,156 @@
+"""The Triton kernels of :mod:`amulet_core.engine.paged_decode` (imported only where Triton is installed).
+
+Flash-decoding over the paged KV cache, in two launches:
+
+* :func:`partition_kernel`, one program per (row, KV head, partition of ``PARTITION`` key positions): the
+  row's query heads of that KV head (padded to ``GROUP`` rows for ``tl.dot``) attend to the partition's keys,
+  read ``BLOCK_N`` positions at a time through the row's block table (position ``n`` lives in slot
+  ``table[n // block_size] * block_size + n % block_size``), with an online softmax in float32; it writes the
+  partition's normalised output and its log-sum-exp (with one partition, the output itself, in its dtype).
+  Positions at or past the row's length, and outside its sliding window, weigh zero; a partition wholly past the
+  length writes a log-sum-exp of -inf.
+* :func:`combine_kernel` (where there are several), one program per (row, query head): the partitions' outputs weighted by their
+  ``exp(lse - max lse)``, written in the output's dtype.
+
+The number of partitions is fixed by the launch (by the longest context it may see), not by the rows'
+lengths, which the kernels read from device memory: a CUDA graph captured once serves every length below it.
+``EXACT`` products are float32 (no TF32: the float32 cache's path, and the interpreter's, whose ``tl.dot`` of
+bfloat16 operands is wrong); otherwise the cache's dtype is multiplied on the tensor cores, accumulating in float32,
+and the probabilities are rounded to it for the second product, as flash attention does.
+
+With ``TRITON_INTERPRET=1`` in the environment before Triton is first imported, Triton's interpreter runs the
+same kernels on CPU tensors (the tests' path).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def partition_kernel(
+    q_ptr,  # [B, H, D]
+    k_ptr,  # [KVH, slots, D]
+    v_ptr,
+    tables_ptr,  # [B, max_blocks]
+    lengths_ptr,  # [B]
+    part_out_ptr,  # [B, H, P, D] float32
+    part_lse_ptr,  # [B, H, P] float32
+    stride_qb,
+    stride_qh,
+    stride_kh,
+    stride_ks,
+    stride_tb,
+    stride_ob,
+    stride_oh,
+    stride_op,
+    stride_lb,
+    stride_lh,
+    scale,
+    softcap,
+    window,
+    block_size,
+    head_dim,
+    group_size,
+    GROUP: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PARTITION: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    EXACT: tl.constexpr,
+):
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    part = tl.program_id(2)
+    length = tl.load(lengths_ptr + row)
+    g = tl.arange(0, GROUP)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * group_size + g
+    g_ok = g < group_size
+    d_ok = d < head_dim
+    start = part * PARTITION
+    end = tl.minimum(start + PARTITION, length)
+    low = 0
+    if USE_WINDOW:
+        low = length - window  # keys at positions <= (length - 1) - window are outside the window
+        start = tl.maximum(start, low)
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([GROUP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP], tl.float32)
+    acc = tl.zeros([GROUP, BLOCK_D], tl.float32)
+    first = start
+    while first < end:  # a while loop: Triton's interpreter cannot range() over a loaded bound
+        n = first + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        if USE_WINDOW:
+            n_ok = n_ok & (n >= low)
+        block = tl.load(tables_ptr + row * stride_tb + n // block_size, mask=n_ok, other=0)
+        slot = block * block_size + n % block_size
+        kv_offsets = kv_head * stride_kh + slot[:, None] * stride_ks + d[None, :]
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + kv_offsets, mask=kv_ok, other=0.0)
+        v = tl.load(v_ptr + kv_offsets, mask=kv_ok, other=0.0)
+        if EXACT:  # noqa: SIM108 (Triton's branches on a constexpr)
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale
+        if USE_SOFTCAP:
+            t = tl.exp(2.0 * s / softcap)
+            s = softcap * (1.0 - 2.0 / (t + 1.0))  # softcap * tanh(s / softcap)
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if EXACT:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+        first += BLOCK_N
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    out_offsets = row * stride_ob + heads[:, None] * stride_oh + part * stride_op + d[None, :]
+    out = out.to(part_out_ptr.dtype.element_ty)  # float32, or the query's dtype when this is the only partition
+    tl.store(part_out_ptr + out_offsets, out, mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(part_lse_ptr + row * stride_lb + heads * stride_lh + part, lse, mask=g_ok)
+
+
+@triton.jit
+def combine_kernel(
+    part_out_ptr,  # [B, H, P, D] float32
+    part_lse_ptr,  # [B, H, P] float32
+    out_ptr,  # [B, H, D]
+    stride_ob,
+    stride_oh,
+    stride_op,
+    stride_lb,
+    stride_lh,
+    stride_yb,
+    stride_yh,
+    parts,
+    head_dim,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    p = tl.arange(0, BLOCK_P)
+    d = tl.arange(0, BLOCK_D)
+    p_ok = p < parts
+    d_ok = d < head_dim
+    lse = tl.load(part_lse_ptr + row * stride_lb + head * stride_lh + p, mask=p_ok, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    weight = tl.where(p_ok & (lse > float("-inf")), tl.exp(lse - top), 0.0)
+    offsets = row * stride_ob + head * stride_oh + p[:, None] * stride_op + d[None, :]
+    outs = tl.load(part_out_ptr + offsets, mask=p_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(outs * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+    tl.store(out_ptr + row * stride_yb + head * stride_yh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+next_power_of_2 = triton.next_power_of_2

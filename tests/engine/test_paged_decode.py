@@ -1,0 +1,283 @@
+"""The paged decode kernel (a Triton kernel reading the KV blocks through the block tables) against the references.
+
+On the CPU Triton's interpreter runs the kernel (``TRITON_INTERPRET=1``, set by tests/conftest.py) with its float32
+products; on a CUDA test device (``benchmarks/gpu_check.sh``) the compiled kernel runs, in the test dtype. Checked:
+the kernel against a float64 attention written out position by position and against the engine's SDPA path over
+the gathered context (grouped-query heads, head sizes that are not powers of two, contexts across partitions,
+shuffled block tables, a sliding window, Gemma 2's soft cap); the engine's greedy answers with the kernel against the
+straightforward loop's; a sliding window past its length in all three attention paths against transformers' eager
+forward; and which backend ``--attention-backend`` gives.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from amulet_core.engine import paged_decode
+from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.llm_engine import LLMEngine
+from amulet_core.engine.paged_attention import PackedBatch, PagedKVCache, decode_group, paged_attention_forward
+from amulet_core.engine.paged_decode import PARTITION, attention_backend, kernel_probe, paged_decode_attention
+from amulet_core.engine.protocol import GenerationRequest
+from amulet_core.method.settings import Method, MethodSettings
+from amulet_core.sampling.params import SamplingParams
+from tests.engine.device import tiny_device
+from tests.engine.test_engine import METHODS, drain, expected, make_request, mixed_requests, prompts, tokens_of
+
+BLOCK = 16
+LENGTHS = (1, 37, PARTITION, PARTITION + 1, 2 * PARTITION + 55)
+"""One position, part of a partition, exactly one, one past it, three partitions."""
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"atol": 2e-5, "rtol": 2e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+
+
+def random_cache(kv_heads: int, dim: int, blocks: int, dtype: torch.dtype, seed: int) -> PagedKVCache:
+    gen = torch.Generator().manual_seed(seed)
+    cache = PagedKVCache(1, kv_heads, dim, blocks, BLOCK, dtype, tiny_device())
+    cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=gen))
+    cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=gen))
+    return cache
+
+
+def shuffled_tables(rows: int, max_len: int, blocks: int, seed: int) -> torch.Tensor:
+    """Each row's blocks drawn at random from the pool (rows share none), as long as the longest row needs."""
+    gen = torch.Generator().manual_seed(seed)
+    need = -(-max_len // BLOCK)
+    pool = torch.randperm(blocks, generator=gen)
+    return pool[: rows * need].view(rows, need).to(tiny_device())
+
+
+def written_out(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    tables: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """The attention, position by position, in float64."""
+    rows, heads, _ = query.shape
+    keys, values = cache.keys[0].double(), cache.values[0].double()
+    group = heads // keys.shape[0]
+    out = torch.zeros(query.shape, dtype=torch.float64)
+    for row in range(rows):
+        length = int(lengths[row])
+        positions = torch.arange(length)
+        slots = tables[row].cpu()[positions // BLOCK] * BLOCK + positions % BLOCK
+        for head in range(heads):
+            k, v = keys[head // group, slots.to(keys.device)].cpu(), values[head // group, slots.to(keys.device)].cpu()
+            scores = k @ query[row, head].double().cpu() * scale
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+            if window is not None:
+                scores = scores.masked_fill(positions < length - window, float("-inf"))
+            out[row, head] = torch.softmax(scores, dim=0) @ v
+    return out
+
+
+CASES = [
+    pytest.param(4, 4, 16, None, None, id="mha-d16"),
+    pytest.param(9, 3, 64, None, None, id="gqa3-d64"),
+    pytest.param(8, 2, 96, None, None, id="gqa4-d96"),
+    pytest.param(8, 2, 32, 100, None, id="window100"),
+    pytest.param(4, 2, 32, None, 5.0, id="softcap5"),
+]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window", "softcap"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_the_kernel_equals_attention_written_out(heads, kv_heads, dim, window, softcap, dtype):
+    rows, blocks = len(LENGTHS), 3 * 64
+    max_len = max(LENGTHS)
+    cache = random_cache(kv_heads, dim, blocks, dtype, seed=heads * dim)
+    tables = shuffled_tables(rows, max_len, blocks, seed=dim)
+    lengths = torch.tensor(LENGTHS, device=tiny_device())
+    query = torch.randn(rows, heads, dim, generator=torch.Generator().manual_seed(5)).to(tiny_device(), dtype)
+    if softcap is not None:
+        query = query * 4  # scores the cap changes
+    scale = dim**-0.5
+    got = paged_decode_attention(query, cache.keys[0], cache.values[0], tables, lengths, BLOCK, max_len, scale, window, softcap)
+    assert got.dtype == dtype and got.shape == query.shape
+    want = written_out(query, cache, tables, lengths, scale, window, softcap)
+    torch.testing.assert_close(got.double().cpu(), want, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("window", [None, 40], ids=["full", "window40"])
+def test_the_kernel_group_equals_the_gathered_sdpa_group_in_the_attention_hook(window):
+    """The engine's attention function with a decode group for the kernel and one gathered for SDPA: the same
+    output, and the same new keys and values written to the cache. Rows of unequal lengths (the gathered group
+    pads and masks them) and a padding row on the scratch block, as the CUDA graphs' buckets have."""
+    heads, kv_heads, dim, blocks = 6, 2, 32, 128
+    lengths_list = [3, 70, 300, 1]  # the last: a padding row of length 1 on the scratch block
+    max_len = max(lengths_list)
+    rows = len(lengths_list)
+    tables = shuffled_tables(rows, max_len, blocks - 1, seed=11)
+    scratch = blocks - 1
+    tables[-1] = scratch
+    lengths = torch.tensor(lengths_list, device=tiny_device())
+    new_slots = torch.stack([tables[r, (n - 1) // BLOCK] * BLOCK + (n - 1) % BLOCK for r, n in enumerate(lengths_list)])
+    gen = torch.Generator().manual_seed(2)
+    query = torch.randn(1, heads, rows, dim, generator=gen).to(tiny_device())
+    key = torch.randn(1, kv_heads, rows, dim, generator=gen).to(tiny_device())
+    value = torch.randn(1, kv_heads, rows, dim, generator=gen).to(tiny_device())
+    module = SimpleNamespace(layer_idx=0)
+    results = []
+    for kernel in (True, False):
+        cache = random_cache(kv_heads, dim, blocks, torch.float32, seed=9)
+        group = decode_group(tables, lengths, BLOCK, max_len, paged_kernel=kernel)
+        assert (group.context_slots is None) is kernel
+        batch = PackedBatch(cache, new_slots, (), group)
+        out, _ = paged_attention_forward(
+            module,  # type: ignore[arg-type]
+            query, key, value, None, scaling=dim**-0.5, amulet_batch=batch, sliding_window=window,
+        )  # fmt: skip
+        results.append((out, cache.keys[0].clone(), cache.values[0].clone()))
+    (kernel_out, kernel_k, kernel_v), (sdpa_out, sdpa_k, sdpa_v) = results
+    assert kernel_out.shape == (1, rows, heads, dim)
+    torch.testing.assert_close(kernel_out, sdpa_out, atol=2e-5, rtol=2e-5)
+    assert torch.equal(kernel_k, sdpa_k) and torch.equal(kernel_v, sdpa_v)
+
+
+def test_shapes_that_do_not_fit_are_refused():
+    cache = random_cache(2, 16, 8, torch.float32, seed=0)
+    tables = torch.zeros(1, 4, dtype=torch.long)
+    lengths = torch.tensor([3])
+    with pytest.raises(ValueError, match="do not fit"):
+        paged_decode_attention(torch.zeros(1, 3, 16), cache.keys[0], cache.values[0], tables, lengths, BLOCK, 64, 1.0)
+    with pytest.raises(ValueError, match="describe the rows"):
+        paged_decode_attention(torch.zeros(1, 4, 16), cache.keys[0], cache.values[0], tables, lengths, BLOCK, 65, 1.0)
+
+
+def test_which_backend_a_device_gets(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert attention_backend("sdpa", cuda) == "sdpa"
+    assert attention_backend("auto", cuda) == "triton"  # Triton is installed here
+    assert attention_backend("auto", cpu) == "sdpa"
+    assert attention_backend("triton", cpu) == "triton"  # the interpreter runs it (the tests)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs a CUDA device; this one is cpu"):
+        attention_backend("triton", cpu)
+    monkeypatch.setattr(paged_decode, "triton_available", lambda: False)
+    assert attention_backend("auto", cuda) == "sdpa"
+    with pytest.raises(ValueError, match="Triton, which is not installed"):
+        attention_backend("triton", cuda)
+    with pytest.raises(ValueError, match="attention_backend"):
+        EngineConfig(attention_backend="flash")  # type: ignore[arg-type]
+
+
+def test_the_start_up_probe_passes_the_kernel_and_catches_a_wrong_one(monkeypatch):
+    device = tiny_device()
+    assert kernel_probe(device, torch.float32) is None
+    assert kernel_probe(device, torch.bfloat16) is None
+    right = paged_decode.paged_decode_attention
+    monkeypatch.setattr(paged_decode, "paged_decode_attention", lambda *a, **k: right(*a, **k) * 1.01)
+    assert "differs from SDPA" in (kernel_probe(device, torch.float32) or "")
+    monkeypatch.setattr(paged_decode, "paged_decode_attention", lambda *a, **k: 1 / 0)
+    assert kernel_probe(device, torch.float32) == "ZeroDivisionError: division by zero"
+
+
+def test_auto_falls_back_to_sdpa_when_the_probe_fails_and_triton_does_not(tiny_model, monkeypatch, caplog):
+    """``auto`` on a device where the kernel resolves (here made to, as on a GPU) but fails its probe serves with
+    SDPA and says why; ``triton`` asked for explicitly is not second-guessed."""
+    from amulet_core.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "attention_backend", lambda requested, device: "triton")
+    monkeypatch.setattr(model_runner, "kernel_probe", lambda device, dtype: "differs from SDPA by 1")
+    loaded = tiny_model("llama")
+    fields = {"deterministic": False, "kv_cache_tokens": 512, "max_model_len": 128}
+    with caplog.at_level("WARNING", logger=model_runner.__name__):
+        auto = LLMEngine(loaded, EngineConfig(attention_backend="auto", **fields))
+    assert not auto.runner.paged_kernel
+    assert "failed its start-up check (differs from SDPA by 1)" in caplog.text
+    assert LLMEngine(loaded, EngineConfig(attention_backend="triton", **fields)).runner.paged_kernel
+
+
+def kernel_config(**fields) -> EngineConfig:
+    return EngineConfig(deterministic=False, attention_backend="triton", **fields)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("settings", [METHODS[0], METHODS[3]], ids=["base", "amulet"])
+def test_the_engine_with_the_kernel_matches_the_reference(tiny_model, family, settings):
+    loaded = tiny_model(family)
+    engine = LLMEngine(loaded, kernel_config(max_model_len=256, kv_cache_tokens=2048))
+    assert engine.runner.paged_kernel
+    pref, base = prompts(1, shared=20, pref_extra=9, base_extra=3)
+    request = make_request("r", settings, pref, base, max_tokens=12)
+    engine.add_request(request)
+    assert tokens_of(drain(engine)["r"]) == expected(loaded, request)
+    assert engine.blocks.num_used == 0
+
+
+def test_padded_decode_steps_with_the_kernel_need_one_context_bucket(tiny_model):
+    """The CUDA graphs' padded steps (run eagerly here) with the kernel: one context bucket per batch size, the
+    longest, and every answer of a mixed batch with late joiners the reference's."""
+    loaded = tiny_model("llama")
+    engine = LLMEngine(loaded, kernel_config(max_model_len=256, kv_cache_tokens=4096, max_num_batched_tokens=48, max_num_seqs=4))
+    if engine.runner.graphs is None:
+        engine.runner.use_decode_graphs(capture=False)
+    graphs = engine.runner.graphs
+    assert graphs is not None and graphs.context_lens == (256,)
+    requests = mixed_requests()[:4]
+    for r in requests[:2]:
+        engine.add_request(r)
+
+    def join(step: int) -> None:
+        if step == 5:
+            for r in requests[2:]:
+                engine.add_request(r)
+
+    outputs = drain(engine, on_step=join)
+    for r in requests:
+        assert tokens_of(outputs[r.request_id]) == expected(loaded, r), r.request_id
+    assert graphs.steps > 0 and engine.blocks.num_used == 0
+
+
+def test_a_deterministic_engine_refuses_the_kernel(tiny_model):
+    with pytest.raises(ValueError, match="exclude each other"):
+        LLMEngine(tiny_model("llama"), EngineConfig(deterministic=True, attention_backend="triton", kv_cache_tokens=512))
+
+
+WINDOW = 24
+
+
+@pytest.mark.parametrize("path", ["invariant", "sdpa", "triton"])
+def test_decode_past_a_sliding_window_matches_transformers(tiny_model, path):
+    """A Mistral whose window (24) the prompt and the answer pass: every decoded token's log-probabilities, at its
+    prefix, those of transformers' eager forward over the whole sequence (which masks the keys outside the window),
+    in each attention path."""
+    shared = tiny_model("mistral")
+    loaded = dataclasses.replace(shared, model=copy.deepcopy(shared.model))
+    loaded.model.config.sliding_window = WINDOW
+    reference = copy.deepcopy(loaded.model)
+    reference.set_attn_implementation("eager")
+    exact = loaded.dtype == torch.float32  # a GPU run in bfloat16 compares more loosely
+    fields = {"max_model_len": 256, "kv_cache_tokens": 2048}
+    config = kernel_config(**fields) if path == "triton" else EngineConfig(deterministic=path == "invariant", **fields)
+    engine = LLMEngine(loaded, config)
+    prompt, _ = prompts(3, shared=30, pref_extra=0, base_extra=0)
+    sampling = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=3)
+    request = GenerationRequest("w", prompt, sampling, MethodSettings(method=Method.BASE))
+    engine.add_request(request)
+    ids = list(request.prompt_ids)
+    entries = [e for out in drain(engine)["w"] for e in (out.logprobs or [])]
+    assert len(entries) == 10
+    for entry in entries:
+        with torch.no_grad():
+            logits = reference(torch.tensor([ids], device=loaded.device)).logits[0, -1].float()
+        wanted = torch.log_softmax(logits, dim=-1).cpu()
+        if exact:
+            assert int(wanted.argmax()) == entry.token_id
+        for token_id, _, logprob in entry.top:
+            assert logprob == pytest.approx(float(wanted[token_id]), abs=2e-4 if exact else 0.1), token_id
+        ids.append(entry.token_id)
+    assert len(request.prompt_ids) > WINDOW  # every decode step attends past the window
