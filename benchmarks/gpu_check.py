@@ -4,19 +4,23 @@ Steps, each timed and recorded (a failing step is recorded and the next one runs
 ``--out`` (``$OUT``) after every step:
 
 1. ``env``: torch, transformers, the device.
-2. ``tests_float32``, ``tests_bfloat16``: tests/engine/test_engine.py and test_decode_graphs.py on the
-   device in that dtype (greedy engine output equals the unbatched reference on tiny Llama / Qwen2 /
-   Mistral, every method, prefix-cache hit, preemption, abort frees KV; decode steps replayed from CUDA
-   graphs give the same tokens), run without tests/conftest.py (``tests.engine.gpu_plugin``)
-   so that the server's packages need not be installed.
+2. ``tests_float32``, ``tests_bfloat16``: tests/engine/test_engine.py, test_decode_graphs.py and
+   test_paged_decode.py on the device in that dtype (greedy engine output equals the unbatched reference on tiny
+   Llama / Qwen2 / Mistral, every method, prefix-cache hit, preemption, abort frees KV; decode steps replayed from
+   CUDA graphs give the same tokens; the compiled paged decode kernel against attention written out in float64 and
+   against the gathered SDPA path, in float32 and bfloat16, and the engine's answers with it), run without
+   tests/conftest.py (``tests.engine.gpu_plugin``) so that the server's packages need not be installed.
+   ``kernel``: the paged decode kernel alone against the gathered SDPA path on the two shapes' attention, error
+   and time (``benchmarks.paged_decode_check``).
 3. ``host_overhead``: ``benchmarks.host_overhead`` on the device (64 amulet requests, tiny Llama), with
    CUDA graphs and without.
 4. ``llama_1b``, ``llama_8b``: random-weight models shaped like Llama-3.2-1B and Llama-3.1-8B (bfloat16):
    transformers ``generate`` single stream, engine ``base`` and ``amulet`` single stream, ``amulet``
    aggregate at 16 and 64 streams, TTFT of a 2,000-token prompt cold and on a prefix hit, and the
-   memory-bandwidth bound (weight bytes / measured device copy rate); then ``base`` single stream and
-   ``amulet`` at the most streams again without CUDA graphs (``eager_*``), and the host-overhead
-   breakdown of a decode step at the most streams (``host_overhead_*``).
+   memory-bandwidth bound (weight bytes / measured device copy rate), with the engine's default decode attention
+   (``attention``: the paged decode kernel where it runs); then ``base`` single stream and ``amulet`` at the
+   most streams again with the gathered SDPA decode attention (``sdpa_*``) and without CUDA graphs (``eager_*``),
+   and the host-overhead breakdown of a decode step at the most streams (``host_overhead_*``).
 
 5. ``server``: ``amulet-server`` on the device with a random-weight Llama-3.2-1B-shaped model, 64
    concurrent streamed requests over HTTP (``benchmarks.gpu_serve_check``).
@@ -54,6 +58,7 @@ from amulet_core.model.loading import LoadedModel
 from amulet_core.sampling.params import SamplingParams
 from benchmarks.gpu_serve_check import step_server
 from benchmarks.host_overhead import format_host_overhead, measure_host_overhead, random_model, tiny_llama_config
+from benchmarks.paged_decode_check import step_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAPH_CAPTURE_SECONDS = 30.0
@@ -127,12 +132,14 @@ def step_tests(device: torch.device, dtype: str, tokenizer_dir: str, select: str
         # The engine tests need no installed pytest plugin (tests.engine.gpu_plugin is named with -p): not loading
         # hypothesis, schemathesis, langsmith ... saves 3 to 5 s a run, and the device's own plugins cannot interfere.
         PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
+        # The compiled kernel on a GPU, Triton's interpreter on the CPU dry run.
+        TRITON_INTERPRET="0" if device.type == "cuda" else "1",
     )
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest"]
         cmd += ["-p", "tests.engine.gpu_plugin", f"--junitxml={junit}"]
-        cmd += ["tests/engine/test_engine.py", "tests/engine/test_decode_graphs.py"]
+        cmd += ["tests/engine/test_engine.py", "tests/engine/test_decode_graphs.py", "tests/engine/test_paged_decode.py"]
         if select:
             cmd += ["-k", select]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -270,6 +277,7 @@ def step_model(
     started = time.perf_counter()
     engine = LLMEngine(loaded, engine_config)
     result["engine_start_s"] = time.perf_counter() - started
+    result["attention"] = "paged kernel" if engine.runner.paged_kernel else "gathered sdpa"
     _run(engine, device, [_request("warm", Method.AMULET, pref, base, 4)])
     result["engine_base_1"] = _run(engine, device, [_request("b1", Method.BASE, pref, base, opts.new_tokens)])
     result["engine_amulet_1"] = _run(engine, device, [_request("a1", Method.AMULET, pref, base, opts.new_tokens)])
@@ -296,11 +304,19 @@ def step_model(
     del engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    # The same runs without CUDA graphs (every decode step launched from Python), in the same process.
+    # The same runs with the gathered SDPA decode attention (CUDA graphs on), then without CUDA graphs (every decode
+    # step launched from Python), in the same process.
+    n = max(opts.streams)
+    sdpa = LLMEngine(loaded, dataclasses.replace(engine_config, attention_backend="sdpa"))
+    _run(sdpa, device, [_request("warm", Method.AMULET, pref, base, 4)])
+    result["sdpa_base_1"] = _run(sdpa, device, [_request("sb1", Method.BASE, pref, base, opts.new_tokens)])
+    result[f"sdpa_amulet_{n}"] = _run(sdpa, device, _amulet_streams(f"q{n}", n, rng, vocab, opts))
+    del sdpa
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     eager = LLMEngine(loaded, dataclasses.replace(engine_config, cuda_graphs=False))
     _run(eager, device, [_request("warm", Method.AMULET, pref, base, 4)])
     result["eager_base_1"] = _run(eager, device, [_request("eb1", Method.BASE, pref, base, opts.new_tokens)])
-    n = max(opts.streams)
     result[f"eager_amulet_{n}"] = _run(eager, device, _amulet_streams(f"e{n}", n, rng, vocab, opts))
     del eager
     # Where a decode step's time goes at the most streams (CUDA graphs on): forward pass, vocabulary math, host.
@@ -316,6 +332,10 @@ def step_model(
         "base_1 decode step, eager / cuda graphs": result["eager_base_1"]["decode_step_ms"]
         / result["engine_base_1"]["decode_step_ms"],
         "decode step at the most streams, eager / cuda graphs": result[f"eager_amulet_{n}"]["decode_step_ms"]
+        / top["decode_step_ms"],
+        "base_1 decode step, gathered sdpa / default attention": result["sdpa_base_1"]["decode_step_ms"]
+        / result["engine_base_1"]["decode_step_ms"],
+        "decode step at the most streams, gathered sdpa / default attention": result[f"sdpa_amulet_{n}"]["decode_step_ms"]
         / top["decode_step_ms"],
     }
     del loaded
@@ -368,13 +388,14 @@ def _run_steps(args: argparse.Namespace, device: torch.device, tokenizer: Any, t
     out_dir.mkdir(parents=True, exist_ok=True)
     out_file = out_dir / ("gpu_check_dry_run.json" if dry else "gpu_check.json")
     report: dict[str, Any] = {"dry_run": dry, "steps": {}}
-    test_select = "abort" if dry else None
+    test_select = "abort or mha" if dry else None  # the dry run: one engine test, the kernel on one shape
     shapes = {name: (tiny_llama_config(len(tokenizer)) if dry else _llama_config(shape)) for name, shape in LLAMA_SHAPES.items()}
     model_dtype = torch.float32 if dry else torch.bfloat16
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("env", lambda: step_env(device)),
         ("tests_float32", lambda: step_tests(device, "float32", tokenizer_dir, test_select, 240)),
         ("tests_bfloat16", lambda: step_tests(device, "bfloat16", tokenizer_dir, test_select, 240)),
+        ("kernel", lambda: step_kernel(device, dry)),
         ("host_overhead", lambda: step_host_overhead(device, tokenizer, 8 if dry else 64, 3 if dry else 20)),
     ]
     for name, config in shapes.items():

@@ -26,6 +26,8 @@ if ! $dry && ls .whl/*.whl >/dev/null 2>&1; then  # the wheels are for the devic
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# The paged decode kernel: compiled on the GPU; on the CPU dry run, Triton's interpreter (chosen before Triton loads).
+if $dry; then export TRITON_INTERPRET=1; else export TRITON_INTERPRET=0; fi
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 args=(--out "$OUT")

@@ -29,15 +29,22 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path, smollm_tokenizer):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check_dry_run.json").read_text())
     steps = report["steps"]
-    assert set(steps) == {"env", "tests_float32", "tests_bfloat16", "host_overhead", "llama_1b", "llama_8b", "server"}
+    names = {"env", "tests_float32", "tests_bfloat16", "kernel", "host_overhead", "llama_1b", "llama_8b", "server"}
+    assert set(steps) == names
     assert all(step["ok"] for step in steps.values()), {k: v.get("error") for k, v in steps.items()}
     for dtype in ("float32", "bfloat16"):
-        assert steps[f"tests_{dtype}"]["result"]["passed"]
+        passed = steps[f"tests_{dtype}"]["result"]["passed"]
+        assert any(name.startswith("test_the_kernel_equals_attention_written_out") for name in passed), passed
+    kernel = steps["kernel"]["result"]
+    assert len(kernel) == 4, kernel
+    for case, figures in kernel.items():
+        assert figures["max_abs_err"] < (1e-4 if "float32" in case else 5e-2), (case, figures)
     for model in ("llama_1b", "llama_8b"):
         result = steps[model]["result"]
         for key in ("generate_tok_per_s", "bandwidth_bound_step_ms", "ttft_cold_s", "ttft_prefix_hit_s"):
             assert result[key] > 0
         assert result["engine_amulet_4"]["tokens"] == result["eager_amulet_4"]["tokens"] == 4 * 4
+        assert result["sdpa_amulet_4"]["tokens"] == 4 * 4 and result["attention"] == "gathered sdpa"  # a CPU
         assert result["host_overhead_4"]["sequences"] == 8
     parts = {"scheduling", "input_building", "forward", "method_combination", "sampling", "detokenize_and_outputs"}
     for mode in ("cuda_graphs", "eager"):
