@@ -19,7 +19,8 @@ Steps, each timed and recorded (a failing step is recorded and the next one runs
    aggregate at 16 and 64 streams, TTFT of a 2,000-token prompt cold and on a prefix hit, and the
    memory-bandwidth bound (weight bytes / measured device copy rate), with the engine's default decode attention
    (``attention``: the paged decode kernel where it runs); then ``base`` single stream and ``amulet`` at the
-   most streams again with the gathered SDPA decode attention (``sdpa_*``) and without CUDA graphs (``eager_*``),
+   most streams and the long prompt's TTFT again with the gathered SDPA attention (``sdpa_*``), and without CUDA
+   graphs (``eager_*``),
    and the host-overhead breakdown of a decode step at the most streams (``host_overhead_*``).
 
 5. ``server``: ``amulet-server`` on the device with a random-weight Llama-3.2-1B-shaped model, 64
@@ -311,6 +312,7 @@ def step_model(
     _run(sdpa, device, [_request("warm", Method.AMULET, pref, base, 4)])
     result["sdpa_base_1"] = _run(sdpa, device, [_request("sb1", Method.BASE, pref, base, opts.new_tokens)])
     result[f"sdpa_amulet_{n}"] = _run(sdpa, device, _amulet_streams(f"q{n}", n, rng, vocab, opts))
+    result["sdpa_ttft_cold_s"] = _run(sdpa, device, [_request("sdpa-cold", Method.AMULET, head + [31], head + [32], 1)])["ttft_s"]
     del sdpa
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -31,6 +32,7 @@ from amulet_core.engine.paged_attention import (
     DecodeGroup,
     PackedBatch,
     PagedKVCache,
+    PrefillGroup,
     SequenceSpan,
     causal_mask,
     decode_group,
@@ -301,6 +303,25 @@ class ModelRunner:
             self.paged_kernel,
         )
 
+    def _prefill_group(self, prefill_chunks: list[ScheduledChunk], first: int) -> PrefillGroup | None:
+        """The prefill chunks for the paged prefill kernel, packed from token ``first`` on: their block tables
+        (padded to the longest) and their starts, counts and context lengths, one copy each."""
+        if not prefill_chunks:
+            return None
+        ends = [c.start + c.num_tokens for c in prefill_chunks]
+        blocks = -(-max(ends) // self.block_size)
+        tables = padded_block_tables((c.seq.block_table for c in prefill_chunks), blocks, 0)  # padding is never read
+        counts = [c.num_tokens for c in prefill_chunks]
+        starts = [0, *itertools.accumulate(counts[:-1])]
+        return PrefillGroup(
+            first,
+            self._tensor(tables).view(len(prefill_chunks), blocks),
+            self._tensor(starts),
+            self._tensor(counts),
+            self._tensor(ends),
+            max(counts),
+        )
+
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], logits_for: list[Sequence]) -> torch.Tensor:
         """One forward pass over all chunks; float32 logits ``[len(logits_for), vocab]`` of each
@@ -340,13 +361,19 @@ class ModelRunner:
             offset = len(input_ids)
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
+            last_index[id(seq)] = offset + n - 1
+            if self.paged_kernel:  # the kernel reads the context through the block table
+                slot_mapping.extend(self._slot_list(seq, start, end))
+                continue
             context = self._slot_list(seq, 0, end)
             slot_mapping.extend(context[start:])
             mask = None if self.deterministic else causal_mask(n, end, self.device)
             spans.append(SequenceSpan(offset, offset + n, self._tensor(context), mask))
-            last_index[id(seq)] = offset + n - 1
         slots = self._tensor(slot_mapping)
-        if self.deterministic:
+        if self.paged_kernel:
+            prefill = self._prefill_group(prefill_chunks, len(decode_chunks))
+            batch = PackedBatch(self.cache, slots, (), self._decode_group(decode_chunks), prefill=prefill)
+        elif self.deterministic:
             tables, lengths = [c.seq.block_table for c in decode_chunks], [c.start + 1 for c in decode_chunks]
             contexts = [(s.query_start, s.query_end, s.context_slots) for s in spans]
             plan = step_plan(tables, lengths, contexts, self.block_size, self.device)

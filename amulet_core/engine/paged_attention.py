@@ -6,7 +6,8 @@ like varlen flash-attention) and passes a :class:`PackedBatch` through the model
 new keys and values into the paged pool and attends, sequence by sequence, over that
 sequence's cached context (with SDPA, or batch-invariantly when the batch carries an
 :class:`~amulet_core.engine.invariant_attention.InvariantPlan`; a decode group marked for it, through the block
-tables with :func:`~amulet_core.engine.paged_decode.paged_decode_attention`). Model files stay transformers' own.
+tables with :func:`~amulet_core.engine.paged_decode.paged_decode_attention`, and prefill chunks marked for it with
+:func:`~amulet_core.engine.paged_decode.paged_prefill_attention`). Model files stay transformers' own.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from amulet_core.engine.invariant_attention import InvariantPlan, invariant_attention
-from amulet_core.engine.paged_decode import paged_decode_attention
+from amulet_core.engine.paged_decode import paged_decode_attention, paged_prefill_attention
 
 ATTENTION_NAME = "amulet_paged"
 
@@ -83,6 +84,23 @@ class DecodeGroup:
 
 
 @dataclass(frozen=True)
+class PrefillGroup:
+    """The prefill chunks of a step for the paged prefill kernel (:func:`~amulet_core.engine.paged_decode.
+    paged_prefill_attention`): the packed tokens from ``first`` on, span by span."""
+
+    first: int
+    tables: torch.Tensor
+    """``[spans, blocks]`` each span's block table."""
+    starts: torch.Tensor
+    """``[spans]`` each span's first token, counted from ``first``."""
+    counts: torch.Tensor
+    """``[spans]`` its new tokens."""
+    contexts: torch.Tensor
+    """``[spans]`` its context length once they are written (the last new token's position + 1)."""
+    max_count: int
+
+
+@dataclass(frozen=True)
 class PackedBatch:
     cache: PagedKVCache
     slot_mapping: torch.Tensor
@@ -92,6 +110,8 @@ class PackedBatch:
     decode: DecodeGroup | None = None
     invariant: InvariantPlan | None = None
     """When set, attention is batch-invariant over this plan (``spans`` and ``decode`` are not read)."""
+    prefill: PrefillGroup | None = None
+    """Prefill chunks for the paged prefill kernel, packed after the decode group (then ``spans`` is empty)."""
 
 
 def padded_block_tables(tables: Iterable[list[int]], blocks: int, pad_block: int) -> list[int]:
@@ -226,6 +246,15 @@ def paged_attention_forward(
             mask = windowed_mask(decode, window, query.device)
         out = attend(q, k, v, mask)  # [B, kv, group, d]
         outputs.append(out.reshape(size, heads, dim).transpose(0, 1).unsqueeze(0))
+    prefill = amulet_batch.prefill
+    if prefill is not None:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = paged_prefill_attention(
+            query[0, :, prefill.first :].transpose(0, 1), k_cache, v_cache, prefill.tables, prefill.starts,
+            prefill.counts, prefill.contexts, amulet_batch.cache.block_size, prefill.max_count, scale,
+            window if isinstance(window, int) else None, softcap,
+        )  # fmt: skip
+        outputs.append(out.transpose(0, 1).unsqueeze(0))
     for span in amulet_batch.spans:
         q = query[:, :, span.query_start : span.query_end]
         k = k_cache.index_select(1, span.context_slots).unsqueeze(0)

@@ -1,4 +1,4 @@
-"""Decode attention that reads the paged KV cache through the block tables: no gather, no dense copy.
+"""Decode and prefill attention that read the paged KV cache through the block tables: no gather, no dense copy.
 
 The SDPA path (:func:`amulet_core.engine.paged_attention.paged_attention_forward`) gathers every decode row's
 context into a dense ``[rows, kv_heads, max_len, head_dim]`` tensor, padded to the longest row (on a GPU, to the
@@ -6,9 +6,11 @@ context bucket of the CUDA graph), and then attends over it: the keys and values
 once, and a short row pays for the longest. :func:`paged_decode_attention` instead runs a Triton kernel
 (:mod:`amulet_core.engine.paged_decode_triton`, flash-decoding: the keys split into partitions attended in
 parallel, then combined) that reads each row's own positions, and only those, from the cache slots its block
-table names. It is the GPU path; SDPA stays the CPU path and the reference the kernel is tested against
-(on CPU tensors Triton's interpreter runs the same kernel, slowly, where ``TRITON_INTERPRET=1`` was set before
-Triton was imported: the tests' use).
+table names. Prefill chunks likewise: the SDPA path gathers each chunk's context and calls SDPA once per
+chunk; :func:`paged_prefill_attention` attends every chunk of the step in one launch, through the block tables.
+They are the GPU path; SDPA stays the CPU path and the reference the kernels are tested against (on CPU tensors
+Triton's interpreter runs the same kernels, slowly, where ``TRITON_INTERPRET=1`` was set before Triton was
+imported: the tests' use).
 
 :func:`attention_backend` resolves ``--attention-backend``: ``auto`` is the kernel on a CUDA device where
 Triton is installed, SDPA elsewhere.
@@ -60,8 +62,9 @@ def attention_backend(requested: AttentionBackend, device: torch.device) -> Lite
 
 
 def kernel_probe(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Run the kernel once on a small random cache (grouped heads, three partitions, shuffled blocks) against SDPA
-    over the gathered context: None when it agrees, else what went wrong, in words. ``auto`` calls this before it
+    """Run the decode kernel once on a small random cache (grouped heads, three partitions, shuffled blocks), and the
+    prefill kernel on a chunk after cached context, against SDPA over the gathered context: None when they agree,
+    else what went wrong, in words. ``auto`` calls this before it
     trusts the kernel on a device (a GPU or a Triton its compiler does not serve falls back to SDPA)."""
     import torch.nn.functional as F
 
@@ -86,6 +89,20 @@ def kernel_probe(device: torch.device, dtype: torch.dtype) -> str | None:
             query[row].unsqueeze(1).float(), keys[:, slots].float(), values[:, slots].float(), enable_gqa=True
         )  # [heads, 1, dim]
         worst = max(worst, float((got[row].float() - want[:, 0]).abs().max()))
+    # The prefill kernel: a chunk of 40 new tokens after 100 cached ones, in the last row's blocks.
+    chunk = torch.randn(40, heads, dim, generator=gen).to(device, dtype)
+    positions = torch.arange(140, device=device)
+    slots = tables[2, positions // block] * block + positions % block
+    try:
+        starts, counts, contexts = (torch.tensor([n], device=device) for n in (0, 40, 140))
+        got = paged_prefill_attention(chunk, keys, values, tables[2:], starts, counts, contexts, block, 40, dim**-0.5)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    causal = positions.unsqueeze(0) <= positions[100:].unsqueeze(1)  # [40, 140]
+    want = F.scaled_dot_product_attention(
+        chunk.transpose(0, 1).float(), keys[:, slots].float(), values[:, slots].float(), causal, enable_gqa=True
+    )  # [heads, 40, dim]
+    worst = max(worst, float((got.float() - want.transpose(0, 1)).abs().max()))
     limit = 1e-4 if dtype == torch.float32 else 5e-2
     return None if worst <= limit else f"differs from SDPA by {worst:.3g} (more than {limit:g})"
 
@@ -158,5 +175,60 @@ def paged_decode_attention(
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1), parts, head_dim,
         BLOCK_P=kernels.next_power_of_2(parts), BLOCK_D=block_d,
+    )  # fmt: skip
+    return out
+
+
+PREFILL_ROWS = 64
+"""Rows of a prefill program's ``tl.dot``: ``BLOCK_Q`` new tokens times a KV head's (padded) query heads."""
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    starts: torch.Tensor,
+    counts: torch.Tensor,
+    contexts: torch.Tensor,
+    block_size: int,
+    max_count: int,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of prefill chunks (spans) over their cached and new keys, all spans in one launch.
+
+    ``query``: ``[tokens, heads, head_dim]``, the spans' new tokens packed; span ``i`` is tokens ``starts[i] ..
+    starts[i] + counts[i] - 1``, at positions ``contexts[i] - counts[i] ..`` ``contexts[i] - 1`` (their keys and
+    values already in the cache), with block table ``tables[i]``; ``max_count`` is at least every ``counts[i]``.
+    ``window``, ``softcap`` and the dtypes as :func:`paged_decode_attention`. Tokens of ``query`` in no span are
+    left unwritten in the result (``[tokens, heads, head_dim]``, the query's dtype).
+    """
+    from amulet_core.engine import paged_decode_triton as kernels
+
+    tokens, heads, head_dim = query.shape
+    kv_heads = k_cache.shape[0]
+    if heads % kv_heads or k_cache.shape != v_cache.shape or k_cache.shape[-1] != head_dim:
+        shapes = f"query {tuple(query.shape)}, cache {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        raise ValueError(f"paged_prefill_attention: {shapes} do not fit")
+    spans = tables.shape[0]
+    if not starts.shape == counts.shape == contexts.shape == (spans,) or max_count < 1:
+        raise ValueError("paged_prefill_attention: tables, starts, counts and contexts do not describe the spans")
+    interpreted = query.device.type != "cuda"
+    if interpreted and not interpreting():
+        raise ValueError("paged_prefill_attention runs on CUDA tensors (on others under TRITON_INTERPRET=1 only)")
+    query = query.contiguous()
+    out = torch.empty_like(query)
+    group = heads // kv_heads
+    padded_group = kernels.next_power_of_2(group)
+    block_q = max(1, PREFILL_ROWS // padded_group)
+    kernels.prefill_kernel[(spans, kv_heads, -(-max_count // block_q))](
+        query, k_cache, v_cache, tables, starts, counts, contexts, out,
+        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), tables.stride(0),
+        out.stride(0), out.stride(1),
+        scale, softcap or 1.0, window or 0, block_size, head_dim, group,
+        GROUP=padded_group, BLOCK_Q=block_q, BLOCK_D=kernels.next_power_of_2(head_dim), BLOCK_N=BLOCK_N,
+        USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None, EXACT=query.dtype == torch.float32 or interpreted,
     )  # fmt: skip
     return out

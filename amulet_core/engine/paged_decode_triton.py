@@ -12,6 +12,10 @@ Flash-decoding over the paged KV cache, in two launches:
 * :func:`combine_kernel` (where there are several), one program per (row, query head): the partitions' outputs weighted by their
   ``exp(lse - max lse)``, written in the output's dtype.
 
+and, for prefill chunks, :func:`prefill_kernel`, one program per (span, KV head, tile of ``BLOCK_Q`` new tokens):
+the tile's tokens times that KV head's query heads as the rows of one ``tl.dot``, attending causally (and within
+the window) to the span's cached and new keys, read through its block table the same way.
+
 The number of partitions is fixed by the launch (by the longest context it may see), not by the rows'
 lengths, which the kernels read from device memory: a CUDA graph captured once serves every length below it.
 ``EXACT`` products are float32 (no TF32: the float32 cache's path, and the interpreter's, whose ``tl.dot`` of
@@ -151,6 +155,104 @@ def combine_kernel(
     outs = tl.load(part_out_ptr + offsets, mask=p_ok[:, None] & d_ok[None, :], other=0.0)
     out = tl.sum(outs * weight[:, None], axis=0) / tl.sum(weight, axis=0)
     tl.store(out_ptr + row * stride_yb + head * stride_yh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def prefill_kernel(
+    q_ptr,  # [tokens, H, D]: the spans' new tokens, packed
+    k_ptr,  # [KVH, slots, D]
+    v_ptr,
+    tables_ptr,  # [S, max_blocks]
+    starts_ptr,  # [S] each span's first packed token
+    counts_ptr,  # [S] its new tokens
+    contexts_ptr,  # [S] its context length (cached positions and the new ones)
+    out_ptr,  # [tokens, H, D]
+    stride_qt,
+    stride_qh,
+    stride_kh,
+    stride_ks,
+    stride_tb,
+    stride_ot,
+    stride_oh,
+    scale,
+    softcap,
+    window,
+    block_size,
+    head_dim,
+    group_size,
+    GROUP: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    EXACT: tl.constexpr,
+):
+    span = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    tile = tl.program_id(2)
+    start = tl.load(starts_ptr + span)
+    count = tl.load(counts_ptr + span)
+    context = tl.load(contexts_ptr + span)
+    first_position = context - count
+    r = tl.arange(0, BLOCK_Q * GROUP)
+    token = tile * BLOCK_Q + r // GROUP
+    g = r % GROUP
+    d = tl.arange(0, BLOCK_D)
+    rows_ok = (token < count) & (g < group_size)
+    d_ok = d < head_dim
+    heads = kv_head * group_size + g
+    q = tl.load(
+        q_ptr + (start + token)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=rows_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    position = first_position + token
+    # Keys up to the tile's last query (causal); none for a tile past the span's new tokens.
+    last = first_position + tl.minimum((tile + 1) * BLOCK_Q, count)
+    end = tl.where(tile * BLOCK_Q < count, last, 0)
+    low = 0
+    if USE_WINDOW:
+        low = tl.maximum(first_position + tile * BLOCK_Q - window + 1, 0)
+    m_i = tl.full([BLOCK_Q * GROUP], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP, BLOCK_D], tl.float32)
+    first = low
+    while first < end:
+        n = first + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        block = tl.load(tables_ptr + span * stride_tb + n // block_size, mask=n_ok, other=0)
+        slot = block * block_size + n % block_size
+        kv_offsets = kv_head * stride_kh + slot[:, None] * stride_ks + d[None, :]
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + kv_offsets, mask=kv_ok, other=0.0)
+        v = tl.load(v_ptr + kv_offsets, mask=kv_ok, other=0.0)
+        if EXACT:  # noqa: SIM108 (Triton's branches on a constexpr)
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale
+        if USE_SOFTCAP:
+            t = tl.exp(2.0 * s / softcap)
+            s = softcap * (1.0 - 2.0 / (t + 1.0))
+        seen = n_ok[None, :] & (n[None, :] <= position[:, None])
+        if USE_WINDOW:
+            seen = seen & (n[None, :] > position[:, None] - window)
+        s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if EXACT:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+        first += BLOCK_N
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out_offsets = (start + token)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
 
 
 next_power_of_2 = triton.next_power_of_2

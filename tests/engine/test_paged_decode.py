@@ -1,12 +1,13 @@
-"""The paged decode kernel (a Triton kernel reading the KV blocks through the block tables) against the references.
+"""The paged attention kernels (Triton kernels reading the KV blocks through the block tables) against the references.
 
-On the CPU Triton's interpreter runs the kernel (``TRITON_INTERPRET=1``, set by tests/conftest.py) with its float32
-products; on a CUDA test device (``benchmarks/gpu_check.sh``) the compiled kernel runs, in the test dtype. Checked:
-the kernel against a float64 attention written out position by position and against the engine's SDPA path over
-the gathered context (grouped-query heads, head sizes that are not powers of two, contexts across partitions,
-shuffled block tables, a sliding window, Gemma 2's soft cap); the engine's greedy answers with the kernel against the
-straightforward loop's; a sliding window past its length in all three attention paths against transformers' eager
-forward; and which backend ``--attention-backend`` gives.
+On the CPU Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``, set by tests/conftest.py) with float32
+products; on a CUDA test device (``benchmarks/gpu_check.sh``) the compiled kernels run, in the test dtype. Checked:
+the decode kernel against a float64 attention written out position by position and against the engine's SDPA path
+over the gathered context, the prefill kernel against causal attention written out (grouped-query heads, head
+sizes that are not powers of two, contexts across partitions, shuffled block tables, a sliding window, Gemma 2's
+soft cap); the engine's greedy answers with the kernels against the straightforward loop's; a sliding window past
+its length in all three attention paths against transformers' eager forward; and which backend
+``--attention-backend`` gives.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from amulet_core.engine import paged_decode
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.paged_attention import PackedBatch, PagedKVCache, decode_group, paged_attention_forward
-from amulet_core.engine.paged_decode import PARTITION, attention_backend, kernel_probe, paged_decode_attention
+from amulet_core.engine.paged_decode import (
+    PARTITION,
+    attention_backend,
+    kernel_probe,
+    paged_decode_attention,
+    paged_prefill_attention,
+)
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.sampling.params import SamplingParams
@@ -107,6 +114,54 @@ def test_the_kernel_equals_attention_written_out(heads, kv_heads, dim, window, s
     got = paged_decode_attention(query, cache.keys[0], cache.values[0], tables, lengths, BLOCK, max_len, scale, window, softcap)
     assert got.dtype == dtype and got.shape == query.shape
     want = written_out(query, cache, tables, lengths, scale, window, softcap)
+    torch.testing.assert_close(got.double().cpu(), want, **tolerance(dtype))
+
+
+def prefill_written_out(query, cache, tables, starts, counts, contexts, scale, window, softcap) -> torch.Tensor:
+    """Causal attention of each span's new tokens over its context, in float64, position by position."""
+    keys, values = cache.keys[0].double().cpu(), cache.values[0].double().cpu()
+    heads = query.shape[1]
+    group = heads // keys.shape[0]
+    out = torch.zeros(query.shape, dtype=torch.float64)
+    for span, (start, count, context) in enumerate(zip(starts.tolist(), counts.tolist(), contexts.tolist(), strict=True)):
+        positions = torch.arange(context)
+        slots = tables[span].cpu()[positions // BLOCK] * BLOCK + positions % BLOCK
+        for i in range(count):
+            at = context - count + i
+            seen = positions <= at
+            if window is not None:
+                seen &= positions > at - window
+            for head in range(heads):
+                k, v = keys[head // group, slots], values[head // group, slots]
+                scores = k @ query[start + i, head].double().cpu() * scale
+                if softcap is not None:
+                    scores = softcap * torch.tanh(scores / softcap)
+                out[start + i, head] = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=0) @ v
+    return out
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window", "softcap"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_the_prefill_kernel_equals_causal_attention_written_out(heads, kv_heads, dim, window, softcap, dtype):
+    """Spans of one token, of a whole prompt, and chunks after cached context (one longer than a program's tile of
+    tokens), packed together with shuffled block tables."""
+    device = tiny_device()
+    counts = torch.tensor([1, 70, 33, 5], device=device)
+    contexts = torch.tensor([40, 70, 33 + 130, 5], device=device)
+    starts = torch.cumsum(counts, 0) - counts
+    blocks = 4 * 13
+    cache = random_cache(kv_heads, dim, blocks, dtype, seed=heads + dim)
+    tables = shuffled_tables(4, int(contexts.max()), blocks, seed=dim)
+    gen = torch.Generator().manual_seed(6)
+    query = torch.randn(int(counts.sum()), heads, dim, generator=gen).to(device, dtype)
+    if softcap is not None:
+        query = query * 4
+    scale = dim**-0.5
+    got = paged_prefill_attention(
+        query, cache.keys[0], cache.values[0], tables, starts, counts, contexts, BLOCK, 70, scale, window, softcap
+    )
+    assert got.dtype == dtype and got.shape == query.shape
+    want = prefill_written_out(query, cache, tables, starts, counts, contexts, scale, window, softcap)
     torch.testing.assert_close(got.double().cpu(), want, **tolerance(dtype))
 
 
