@@ -66,7 +66,7 @@ def partition_kernel(
     EXACT: tl.constexpr,
 ):
     row = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(1).to(tl.int64)  # kv_head * stride_kh can pass 2**31 in a large cache
     part = tl.program_id(2)
     length = tl.load(lengths_ptr + row)
     g = tl.arange(0, GROUP)
@@ -189,7 +189,7 @@ def prefill_kernel(
     EXACT: tl.constexpr,
 ):
     span = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(1).to(tl.int64)  # kv_head * stride_kh can pass 2**31 in a large cache
     tile = tl.program_id(2)
     start = tl.load(starts_ptr + span)
     count = tl.load(counts_ptr + span)
