@@ -142,6 +142,14 @@ def build_parser(prog: str = "amulet-server", *, ray_flag: bool = True, add_help
         "buckets first; the rest are captured on first use (0: all on first use; default %(default)s)",
     )
     p.add_argument(
+        "--overlap-host",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read each step's sampled tokens a step later, while the device runs the next step, so that scheduling, "
+        "detokenising and answering overlap the GPU's work (default: on for a CUDA device, off for a CPU, where "
+        "there is nothing to overlap; requests with a grammar, penalties or a thinking span are stepped without)",
+    )
+    p.add_argument(
         "--deterministic",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -308,6 +316,7 @@ def configs_from_args(
                 graph_capture_seconds=args.graph_capture_seconds,
                 deterministic=args.deterministic,
                 attention_backend=args.attention_backend,
+                overlap_host=args.overlap_host,
             ),
             server=ServerConfig(
                 host=args.host,

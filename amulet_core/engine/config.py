@@ -36,6 +36,9 @@ class EngineConfig:
       ``triton`` reads the KV blocks in place through the block tables with the paged decode kernel
       (:mod:`amulet_core.engine.paged_decode`; a CUDA device with Triton), ``auto`` the kernel where it runs,
       else SDPA. The batch-invariant attention (``deterministic``) replaces both.
+    * ``overlap_host``: read each step's tokens a step later, while the device runs the next step
+      (:mod:`amulet_core.engine.overlap`); None: on for a CUDA device (where the device runs asynchronously), off
+      elsewhere (on a CPU the host and the "device" are the same thread: nothing to overlap).
     * ``deterministic``: batch-invariant forward passes (:mod:`amulet_core.engine.invariant_attention`,
       :mod:`amulet_core.engine.invariant_ops`): a token's logits have the same bits whether its prompt was
       prefilled cold, after a prefix-cache hit or in chunks, and whatever else the step holds, so a greedy
@@ -57,6 +60,7 @@ class EngineConfig:
     graph_capture_seconds: float = 60.0
     deterministic: bool | None = None
     attention_backend: AttentionBackend = "auto"
+    overlap_host: bool | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -77,6 +81,10 @@ class EngineConfig:
             raise ValueError("EngineConfig.max_num_batched_tokens must be at least max_num_seqs.")
         if self.kv_cache_tokens is not None and self.max_model_len is not None and self.kv_cache_tokens < self.max_model_len:
             raise ValueError("EngineConfig.kv_cache_tokens must hold at least one full-length sequence (max_model_len).")
+
+    def overlap_on(self, device_type: str) -> bool:
+        """``overlap_host``, or when None whether the device is a CUDA one."""
+        return device_type == "cuda" if self.overlap_host is None else self.overlap_host
 
     def deterministic_on(self, device_type: str) -> bool:
         """``deterministic``, or when None whether the device is a CPU."""

@@ -34,6 +34,7 @@ import torch
 
 from amulet_core.engine.invariant_attention import InvariantPlan, decode_plan
 from amulet_core.engine.invariant_ops import PackedWeights, batch_invariant
+from amulet_core.engine.overlap import PendingTokens, fill_pending
 from amulet_core.engine.packed_forward import PackedForward
 from amulet_core.engine.paged_attention import PackedBatch, PagedKVCache, decode_group, padded_block_tables
 from amulet_core.engine.scheduler import ScheduledChunk
@@ -141,8 +142,9 @@ class DecodeGraphs:
         length = smallest_at_least(self.context_lens, max_context)
         return None if size is None or length is None else (size, length)
 
-    def run(self, chunks: list[ScheduledChunk], bucket: tuple[int, int]) -> torch.Tensor:
-        """Float32 logits ``[len(chunks), vocab]`` of the chunks' new tokens, in chunk order."""
+    def run(self, chunks: list[ScheduledChunk], bucket: tuple[int, int], pending: PendingTokens | None = None) -> torch.Tensor:
+        """Float32 logits ``[len(chunks), vocab]`` of the chunks' new tokens, in chunk order (a token still pending
+        is taken from ``pending``'s device tensor)."""
         self.steps += 1
         size, length = bucket
         bs, blocks, scratch = self.block_size, length // self.block_size, self.scratch_block
@@ -160,6 +162,8 @@ class DecodeGraphs:
         lengths += [1] * pad
         tables = padded_block_tables([*(c.seq.block_table for c in chunks), *([[]] * pad)], blocks, scratch)
         self.rows[:, :size].copy_(torch.tensor([token_ids, positions, slots, lengths], dtype=torch.long))
+        if pending is not None:
+            fill_pending(self.rows[0, : len(chunks)], token_ids[: len(chunks)], chunks, pending)
         self.tables[:size, :blocks].copy_(torch.tensor(tables, dtype=torch.long).view(size, blocks))
         self.launch(bucket)
         return self.logits[: len(chunks)]

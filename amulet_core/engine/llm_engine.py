@@ -14,6 +14,7 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.detokenizer import IncrementalDetokenizer
 from amulet_core.engine.memory import fitting_new_tokens, request_kv_blocks
 from amulet_core.engine.model_runner import ModelRunner, logits_width
+from amulet_core.engine.overlap import PendingStep, overlappable
 from amulet_core.engine.protocol import (
     EngineStats,
     FinishReason,
@@ -33,7 +34,7 @@ from amulet_core.grammar.spec import GrammarSpec
 from amulet_core.method.rows import RowSpec, method_logprobs
 from amulet_core.model.loading import LoadedModel
 from amulet_core.sampling.processors import RowHistory
-from amulet_core.sampling.sampler import RowSample, make_generator, sample_tokens
+from amulet_core.sampling.sampler import RowSample, make_generator, sample_on_device, sample_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self.steps = 0
         self.last_step_sequences = 0
+        self.overlap_host = config.overlap_on(loaded.device.type)
+        """Read each step's tokens a step later, while the device runs the next (:mod:`amulet_core.engine.overlap`)."""
+        self.pending: PendingStep | None = None
+        self.overlapped_steps = 0
         self.fault_hook: Callable[[GenerationRequest], None] | None = None
         """Test-only: called for each request as its token is processed; an exception fails that request."""
         self._grammar_compiler: GrammarCompiler | None = None
@@ -165,7 +170,7 @@ class LLMEngine:
         return self._finish(state, "abort") if state is not None else None
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.pending is not None
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -180,10 +185,12 @@ class LLMEngine:
 
     # ---- stepping -----------------------------------------------------------------
     def step(self) -> list[GenerationOutput]:
-        """One forward pass over every running request, then one token for each sampled one."""
+        """One forward pass over every running request, then one token for each sampled one. With ``overlap_host``
+        the tokens of an overlappable step are read by the next call, which returns their outputs (the last call
+        returns them alone)."""
         plan = self.scheduler.schedule()
         if not plan.chunks:
-            return []
+            return self._resolve()
         self.steps += 1
         self.last_step_sequences = len(plan.chunks)
         now = time.monotonic()
@@ -194,28 +201,93 @@ class LLMEngine:
                 state.cached_prompt_tokens = group.leader.num_cached_prompt
         logits_for = [seq for group in plan.sampled for seq in group.seqs]
         try:
-            logits = self.runner.run(plan.chunks, logits_for)
+            if self.pending is None:
+                logits = self.runner.run(plan.chunks, logits_for)
+            else:
+                logits = self.runner.run(plan.chunks, logits_for, pending=self.pending.tokens)
         except Exception as exc:  # the shared pass failed: fail its requests, keep the engine
             logger.exception("forward pass failed")
-            return self._fail_plan(plan, f"The forward pass failed: {type(exc).__name__}")
+            outputs = self._resolve()
+            return outputs + self._fail_plan(plan, f"The forward pass failed: {type(exc).__name__}")
+        states = [self.requests[g.request_id] for g in plan.sampled]
+        if self.overlap_host and overlappable(states):
+            launched, failed = self._launch(states, logits)
+            outputs = self._resolve()  # the previous step's tokens, while the device runs this one
+            self.scheduler.complete_step(plan)
+            self.pending = launched
+            self.overlapped_steps += launched is not None
+            return outputs + failed
+        outputs = self._resolve()
         self.scheduler.complete_step(plan)
-        return self._sample(plan.sampled, logits)
+        live = [i for i, s in enumerate(states) if self._running(s)]  # not finished by the previous step's tokens
+        if len(live) < len(states):
+            ranges = self._rows(states)
+            rows = [r for i in live for r in ranges[i]]
+            states, logits = [states[i] for i in live], logits.index_select(0, torch.tensor(rows, device=logits.device))
+        return outputs + self._sample(states, logits)
+
+    def _running(self, state: RequestState) -> bool:
+        return self.requests.get(state.request.request_id) is state
+
+    @staticmethod
+    def _rows(states: list[RequestState]) -> list[range]:
+        """Each request's rows of the step's logits (its sequences', in order)."""
+        rows, start = [], 0
+        for state in states:
+            rows.append(range(start, start + len(state.group.seqs)))
+            start += len(state.group.seqs)
+        return rows
 
     def _fail_plan(self, plan: StepPlan, message: str) -> list[GenerationOutput]:
         ids = {c.seq for c in plan.chunks}
         failed = [s for s in self.requests.values() if any(seq in ids for seq in s.group.seqs)]
         return [self._finish(s, "error", message) for s in failed]
 
-    def _sample(self, groups: list[SequenceGroup], logits: torch.Tensor) -> list[GenerationOutput]:
-        states = [self.requests[g.request_id] for g in groups]
+    def _specs(self, states: list[RequestState]) -> list[RowSpec]:
+        """How each request's rows make its distribution: preference contexts 1..K, then the contrast context."""
         specs: list[RowSpec] = []
-        row = 0
-        for state in states:
-            # The group's rows in order: preference contexts 1..K, then the contrast context (la, amulet).
+        for state, rows in zip(states, self._rows(states), strict=True):
             k = state.num_prefs
-            contrast = row + k if len(state.group.seqs) > k else None
-            specs.append(RowSpec.of(range(row, row + k), state.weights, contrast, state.request.method, state.step_coefficient))
-            row += len(state.group.seqs)
+            contrast = rows.start + k if len(state.group.seqs) > k else None
+            specs.append(
+                RowSpec.of(
+                    range(rows.start, rows.start + k), state.weights, contrast, state.request.method, state.step_coefficient
+                )
+            )
+        return specs
+
+    def _launch(self, states: list[RequestState], logits: torch.Tensor) -> tuple[PendingStep | None, list[GenerationOutput]]:
+        """Queue the requests' method and sampling on the device (no grammar, no history: :func:`overlappable`) and
+        give their sequences placeholders; or, where that fails, their error outputs."""
+        try:
+            logprobs = method_logprobs(logits, self._specs(states))
+            samples = sample_on_device(logprobs, [s.request.sampling for s in states], [s.generator for s in states])
+        except BaseException as exc:  # the batched closed form or the sampler failed: no row has a token
+            if not is_request_failure(exc):
+                raise
+            logger.exception("decoding failed")
+            return None, [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
+        return PendingStep.launch(states, samples), []
+
+    def _resolve(self) -> list[GenerationOutput]:
+        """The outputs of the step in flight, if any: its tokens read and put in place of the placeholders."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return []
+        try:
+            samples = pending.read()
+        except BaseException as exc:
+            if not is_request_failure(exc):
+                raise
+            logger.exception("reading the sampled tokens failed")
+            live = [s for s in pending.states if self._running(s)]
+            return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in live]
+        keep = [i for i, s in enumerate(pending.states) if self._running(s)]  # not finished or aborted since
+        states = [pending.states[i] for i in keep]
+        return self._outputs(states, [samples[i] for i in keep], [pending.positions[i] for i in keep])
+
+    def _sample(self, states: list[RequestState], logits: torch.Tensor) -> list[GenerationOutput]:
+        specs = self._specs(states)
         try:
             # The grammars mask the distribution each method produced (for la and amulet the combined
             # one, once; their plausibility mask counts from the most likely allowed token), all
@@ -241,9 +313,16 @@ class LLMEngine:
                 raise
             logger.exception("sampling failed")
             return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
+        return self._outputs(states, samples)
+
+    def _outputs(
+        self, states: list[RequestState], samples: list[RowSample], positions: list[tuple[int, ...]] | None = None
+    ) -> list[GenerationOutput]:
+        """Each request's token accepted (appended, or put at ``positions``, in place of its placeholders), and its
+        output."""
         outputs = []
         now = time.monotonic()
-        for state, sample in zip(states, samples, strict=True):
+        for i, (state, sample) in enumerate(zip(states, samples, strict=True)):
             try:  # everything per request from here on: one bad row fails its request alone
                 if state.prefill_s is None and state.scheduled_at is not None:
                     state.prefill_s = now - state.scheduled_at
@@ -253,7 +332,7 @@ class LLMEngine:
                     raise state.matcher.failure  # its grammar failed filling this step's mask
                 if sample.error is not None:
                     raise ValueError(self._no_token(state, sample.error))
-                outputs.append(self._accept(state, sample))
+                outputs.append(self._accept(state, sample, None if positions is None else positions[i]))
             except InvalidParameterError as exc:  # the request's own input failed it (its grammar): a client error
                 logger.info("request %s failed: %s", state.request.request_id, exc.message)
                 outputs.append(self._finish(state, "error", exc.message, client_error=exc))
@@ -281,7 +360,7 @@ class LLMEngine:
             stop_ids=state.stop_ids if len(state.output_ids) < sp.min_tokens else (),
         )
 
-    def _accept(self, state: RequestState, sample: RowSample) -> GenerationOutput:
+    def _accept(self, state: RequestState, sample: RowSample, positions: tuple[int, ...] | None = None) -> GenerationOutput:
         sp = state.request.sampling
         token = sample.token
         in_thinking = state.note_thinking(token)
@@ -289,8 +368,11 @@ class LLMEngine:
             param = sp.grammar.param if sp.grammar is not None else "grammar"
             raise ValueError(f"token {token} breaks the grammar of '{param}': {state.matcher.error}")
         state.output_ids.append(token)
-        for seq in state.group.seqs:
-            seq.token_ids.append(token)
+        for i, seq in enumerate(state.group.seqs):
+            if positions is None:
+                seq.token_ids.append(token)
+            else:
+                seq.token_ids[positions[i]] = token
         token_logprobs = self._logprobs(sample) if sp.logprobs else None
         if token in state.stop_ids and len(state.output_ids) > sp.min_tokens:  # before: the sampler ruled them out
             return self._finish(state, "stop", token_ids=(token,), logprobs=token_logprobs)

@@ -27,6 +27,7 @@ from amulet_core.engine.memory import (
     model_context_length,
     size_cache,
 )
+from amulet_core.engine.overlap import PendingTokens, fill_pending
 from amulet_core.engine.packed_forward import packed_forward
 from amulet_core.engine.paged_attention import (
     DecodeGroup,
@@ -323,12 +324,14 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk], logits_for: list[Sequence]) -> torch.Tensor:
+    def run(self, chunks: list[ScheduledChunk], logits_for: list[Sequence], pending: PendingTokens | None = None) -> torch.Tensor:
         """One forward pass over all chunks; float32 logits ``[len(logits_for), vocab]`` of each
         listed sequence's last scheduled token, in that order.
 
         Single-token (decode) chunks are packed first and attended in one batched call. Token ids,
-        positions and slots are built as flat Python lists and copied to the device once each.
+        positions and slots are built as flat Python lists and copied to the device once each. A sequence's
+        last token may be :data:`PENDING_TOKEN`, sampled by the step still in flight: it is taken from
+        ``pending``'s device tensor, on the device.
         """
         decode_chunks = [c for c in chunks if c.num_tokens == 1]
         prefill_chunks = [c for c in chunks if c.num_tokens > 1]
@@ -336,7 +339,7 @@ class ModelRunner:
             bucket = self.graphs.bucket(len(decode_chunks), max(c.start for c in decode_chunks) + 1)
             if bucket is not None:
                 try:
-                    logits = self.graphs.run(decode_chunks, bucket)
+                    logits = self.graphs.run(decode_chunks, bucket, pending)
                 except Exception:  # a capture that fails (memory, an op graphs cannot hold) must not fail requests
                     logger.exception("decode graph %s failed; decode steps run eagerly from now on", bucket)
                     self.graphs = None
@@ -381,6 +384,9 @@ class ModelRunner:
         else:
             batch = PackedBatch(self.cache, slots, tuple(spans), self._decode_group(decode_chunks))
         keep = self._tensor([last_index[id(seq)] for seq in logits_for])
+        ids = self._tensor(input_ids)
+        if pending is not None:
+            fill_pending(ids, input_ids, decode_chunks + prefill_chunks, pending)
         with self._ops():
-            logits = self.forward(self._tensor(input_ids).unsqueeze(0), self._tensor(positions).unsqueeze(0), keep, batch)
+            logits = self.forward(ids.unsqueeze(0), self._tensor(positions).unsqueeze(0), keep, batch)
         return logits[0].float()

@@ -157,5 +157,7 @@ class Scheduler:
     def complete_step(self, plan: StepPlan) -> None:
         """Mark the planned tokens computed and publish newly full blocks to the prefix cache."""
         for chunk in plan.chunks:
+            if not chunk.seq.block_table:
+                continue  # freed since it was planned (its request finished or was aborted): nothing to publish
             chunk.seq.num_computed += chunk.num_tokens
             self.blocks.register_computed(chunk.seq)

@@ -7,7 +7,9 @@ ask for them, greedy rows share one argmax, temperature, min-p, top-k and top-p 
 all sampled rows with per-row parameters, and only the draw itself runs per row, from the row's own
 generator, so that a seeded request gives the same tokens whichever requests share its step. The
 chosen tokens, their log-probabilities and the requested top log-probabilities come back to the host
-in one copy. :func:`choose_token` is the straightforward per-row sampler, kept as the batched one's oracle.
+in one copy (:func:`sample_on_device` queues the work, :func:`read_samples` reads the copy: an engine overlapping its
+host work with the device's reads it a step later). :func:`choose_token` is the straightforward per-row sampler, kept
+as the batched one's oracle.
 """
 
 from __future__ import annotations
@@ -124,6 +126,16 @@ def _batched_filtered_probs(logprobs: torch.Tensor, rows: _SampledRows) -> torch
     return probs
 
 
+@dataclass(frozen=True)
+class DeviceSamples:
+    """A step's choices still on the device (:func:`sample_on_device`): ``tokens`` ``[R]``, and in ``packed`` (float64)
+    everything the host reads of them, for one device-to-host copy (:func:`read_samples`)."""
+
+    tokens: torch.Tensor
+    packed: torch.Tensor
+    top_n: int
+
+
 def sample_tokens(
     logprobs: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -141,10 +153,22 @@ def sample_tokens(
     They come back with the tokens in one device-to-host copy. ``logprobs`` is edited in place while
     the tokens are chosen and restored exactly before this returns (where it raises, it may be left edited).
     """
+    if logprobs.shape[0] == 0:
+        return []
+    chosen = sample_on_device(logprobs, params, generators, histories)
+    return read_samples(chosen.packed.tolist(), params, chosen.top_n)  # the one device-to-host copy
+
+
+def sample_on_device(
+    logprobs: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    histories: Sequence[RowHistory | None] | None = None,
+) -> DeviceSamples:
+    """:func:`sample_tokens` up to the copy: every operation is queued on the device, none waits for it (a row
+    that cannot be chosen is flagged, not raised), so the host can go on while the device works."""
     num_rows = logprobs.shape[0]
     device = logprobs.device
-    if num_rows == 0:
-        return []
     logprobs = logprobs.contiguous()
     if logprobs.is_inference() and not torch.is_inference_mode_enabled():
         logprobs = logprobs.clone()  # editing an inference tensor in place needs inference mode
@@ -189,7 +213,12 @@ def sample_tokens(
     if top_n:
         values, ids = torch.topk(logprobs, top_n, dim=-1)
         parts += [values.double().reshape(-1), ids.double().reshape(-1)]
-    host = torch.cat(parts).tolist()  # the one device-to-host copy of the step's sampling
+    return DeviceSamples(tokens, torch.cat(parts), top_n)
+
+
+def read_samples(host: list[float], params: Sequence[SamplingParams], top_n: int) -> list[RowSample]:
+    """The rows' outcomes from :class:`DeviceSamples`' ``packed`` values once on the host."""
+    num_rows = len(params)
     results = []
     for i, p in enumerate(params):
         top: tuple[tuple[int, float], ...] = ()

@@ -63,6 +63,7 @@ def test_every_option() -> None:
             "--no-deterministic",
             "--attention-backend",
             "sdpa",
+            "--overlap-host",
             "--quantization",
             "int8",
             "--data-dir",
@@ -97,9 +98,11 @@ def test_every_option() -> None:
         cuda_graphs=False,
         deterministic=False,
         attention_backend="sdpa",
+        overlap_host=True,
     )
     defaults = parse_args([], environ={}).engine
     assert defaults.attention_backend == "auto"
+    assert defaults.overlap_host is None and defaults.overlap_on("cuda") and not defaults.overlap_on("cpu")
     assert defaults.cuda_graphs and defaults.max_num_batched_tokens is None
     assert defaults.deterministic is None and defaults.deterministic_on("cpu") and not defaults.deterministic_on("cuda")
     assert parse_args(["--deterministic"], environ={}).engine.deterministic_on("cuda")
