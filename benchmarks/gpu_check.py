@@ -19,8 +19,8 @@ Steps, each timed and recorded (a failing step is recorded and the next one runs
    aggregate at 16 and 64 streams, TTFT of a 2,000-token prompt cold and on a prefix hit, and the
    memory-bandwidth bound (weight bytes / measured device copy rate), with the engine's default decode attention
    (``attention``: the paged decode kernel where it runs); then ``base`` single stream and ``amulet`` at the
-   most streams and the long prompt's TTFT again with the gathered SDPA attention (``sdpa_*``), and without CUDA
-   graphs (``eager_*``),
+   most streams and the long prompt's TTFT again with the gathered SDPA attention (``sdpa_*``), with the host not
+   overlapped with the device (``sync_*``), and without CUDA graphs (``eager_*``),
    and the host-overhead breakdown of a decode step at the most streams (``host_overhead_*``).
 
 5. ``server``: ``amulet-server`` on the device with a random-weight Llama-3.2-1B-shaped model, 64
@@ -316,6 +316,11 @@ def step_model(
     del sdpa
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    synchronous = LLMEngine(loaded, dataclasses.replace(engine_config, overlap_host=False))
+    _run(synchronous, device, [_request("warm", Method.AMULET, pref, base, 4)])
+    result["sync_base_1"] = _run(synchronous, device, [_request("yb1", Method.BASE, pref, base, opts.new_tokens)])
+    result[f"sync_amulet_{n}"] = _run(synchronous, device, _amulet_streams(f"y{n}", n, rng, vocab, opts))
+    del synchronous
     eager = LLMEngine(loaded, dataclasses.replace(engine_config, cuda_graphs=False))
     _run(eager, device, [_request("warm", Method.AMULET, pref, base, 4)])
     result["eager_base_1"] = _run(eager, device, [_request("eb1", Method.BASE, pref, base, opts.new_tokens)])
@@ -337,6 +342,8 @@ def step_model(
         / top["decode_step_ms"],
         "base_1 decode step, gathered sdpa / default attention": result["sdpa_base_1"]["decode_step_ms"]
         / result["engine_base_1"]["decode_step_ms"],
+        "decode step at the most streams, host not overlapped / overlapped": result[f"sync_amulet_{n}"]["decode_step_ms"]
+        / top["decode_step_ms"],
         "decode step at the most streams, gathered sdpa / default attention": result[f"sdpa_amulet_{n}"]["decode_step_ms"]
         / top["decode_step_ms"],
     }

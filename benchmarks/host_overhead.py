@@ -126,6 +126,7 @@ def measure_host_overhead(
         kv_cache_tokens=2 * num_requests * (max_model_len + 16),
         max_num_batched_tokens=max(512, 2 * num_requests * (prompt_tokens + 8)),
         cuda_graphs=cuda_graphs,
+        overlap_host=False,  # the parts of a synchronous step (an overlapped one reads its tokens a step later)
     )
     engine = LLMEngine(loaded, config)
     sampling = SamplingParams(max_tokens=total_new, temperature=0, ignore_eos=True)

@@ -44,7 +44,8 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path, smollm_tokenizer):
         for key in ("generate_tok_per_s", "bandwidth_bound_step_ms", "ttft_cold_s", "ttft_prefix_hit_s"):
             assert result[key] > 0
         assert result["engine_amulet_4"]["tokens"] == result["eager_amulet_4"]["tokens"] == 4 * 4
-        assert result["sdpa_amulet_4"]["tokens"] == 4 * 4 and result["attention"] == "gathered sdpa"  # a CPU
+        assert result["sdpa_amulet_4"]["tokens"] == result["sync_amulet_4"]["tokens"] == 4 * 4
+        assert result["attention"] == "gathered sdpa"  # a CPU
         assert result["host_overhead_4"]["sequences"] == 8
     parts = {"scheduling", "input_building", "forward", "method_combination", "sampling", "detokenize_and_outputs"}
     for mode in ("cuda_graphs", "eager"):
