@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from amulet_core.device_tensors import to_device
 from amulet_core.engine.invariant_attention import InvariantPlan, decode_plan
 from amulet_core.engine.invariant_ops import PackedWeights, batch_invariant
 from amulet_core.engine.overlap import PendingTokens, fill_pending
@@ -161,10 +162,10 @@ class DecodeGraphs:
         slots += [scratch * bs] * pad
         lengths += [1] * pad
         tables = padded_block_tables([*(c.seq.block_table for c in chunks), *([[]] * pad)], blocks, scratch)
-        self.rows[:, :size].copy_(torch.tensor([token_ids, positions, slots, lengths], dtype=torch.long))
+        self.rows[:, :size].copy_(to_device([token_ids, positions, slots, lengths], self.device, torch.long))
         if pending is not None:
             fill_pending(self.rows[0, : len(chunks)], token_ids[: len(chunks)], chunks, pending)
-        self.tables[:size, :blocks].copy_(torch.tensor(tables, dtype=torch.long).view(size, blocks))
+        self.tables[:size, :blocks].copy_(to_device(tables, self.device, torch.long).view(size, blocks))
         self.launch(bucket)
         return self.logits[: len(chunks)]
 

@@ -9,6 +9,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from amulet_core.device_tensors import to_device
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.decode_graphs import DecodeGraphs
 from amulet_core.engine.invariant_attention import step_plan
@@ -276,7 +277,7 @@ class ModelRunner:
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         """A flat Python list of ints on the device, in one copy."""
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+        return to_device(values, self.device, torch.long)
 
     def _slot_list(self, seq: Sequence, start: int, end: int) -> list[int]:
         """Cache slots of positions start..end-1 of a sequence, as a Python list."""

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from amulet_core.device_tensors import to_device
 from amulet_core.engine.request_state import RequestState
 from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.sampling.sampler import DeviceSamples, RowSample, read_samples
@@ -60,8 +61,8 @@ def fill_pending(ids: torch.Tensor, host_ids: list[int], chunks: list[ScheduledC
             where.append(end - 1)
             rows.append(pending.rows[id(chunk.seq)])
     if where:
-        index = torch.tensor(where, dtype=torch.long).to(ids.device)
-        ids.index_copy_(0, index, pending.tokens.index_select(0, torch.tensor(rows, dtype=torch.long).to(ids.device)))
+        index = to_device(where, ids.device, torch.long)
+        ids.index_copy_(0, index, pending.tokens.index_select(0, to_device(rows, ids.device, torch.long)))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from amulet_core.device_tensors import host_to_device, to_device
 from amulet_core.method.mixture import mixture_logits_float32
 from amulet_core.method.settings import MethodSettings
 
@@ -132,11 +133,11 @@ def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec], grammar: Tok
     out = torch.empty(len(specs), logits.shape[-1], dtype=torch.float32, device=device)
     masked = False
     if plain:
-        rows = torch.tensor([specs[i].primary_row for i in plain], device=device)
+        rows = to_device([specs[i].primary_row for i in plain], device)
         out[plain] = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
     if mixture:
         chosen = [specs[i] for i in mixture]
-        first = logits.index_select(0, torch.tensor([s.primary_row for s in chosen], device=device))
+        first = logits.index_select(0, to_device([s.primary_row for s in chosen], device))
         allowed = grammar.restrict(mixture) if grammar is not None else None
         out[mixture], masked = _combined_logprobs(first, None, logits, chosen, allowed)
     if grammar is not None:
@@ -156,9 +157,9 @@ def _anchor(first: torch.Tensor, logits: torch.Tensor, specs: Sequence[RowSpec])
     # A padded [rows, slots] layout: a row with fewer contexts repeats its first one with weight 0.
     index = [[*specs[j].extra_rows, *[specs[j].primary_row] * (slots - len(specs[j].extra_rows))] for j in several]
     weights = [[*specs[j].weights[1:], *[0.0] * (slots - len(specs[j].extra_rows))] for j in several]
-    where = torch.tensor(several, dtype=torch.long, device=device)
-    index_t = torch.tensor(index, dtype=torch.long, device=device)
-    weights_t = torch.tensor(weights, dtype=torch.float64).to(torch.float32).to(device)
+    where = to_device(several, device, torch.long)
+    index_t = to_device(index, device, torch.long)
+    weights_t = host_to_device(torch.tensor(weights, dtype=torch.float64).to(torch.float32), device)
     head = anchor.index_select(0, where)
     others = [logits.index_select(0, index_t[:, k]) for k in range(slots)]
     mixed = mixture_logits_float32(head, others, weights_t)
@@ -182,20 +183,20 @@ def _combined_logprobs(
     with_contrast = [j for j, s in enumerate(specs) if s.contrast is not None]
     if contrast is None and with_contrast:
         assert logits is not None
-        rows = torch.tensor([specs[j].contrast for j in with_contrast], device=first.device)
+        rows = to_device([specs[j].contrast for j in with_contrast], first.device)
         contrast = logits.index_select(0, rows)
     if len(with_contrast) == len(specs):
         mixed = _lerp_logprobs(anchor, contrast, specs)
     else:  # some pref rows with several preferences: the anchor alone
         mixed = torch.log_softmax(anchor.float(), dim=-1)
         if with_contrast:
-            where = torch.tensor(with_contrast, dtype=torch.long, device=first.device)
+            where = to_device(with_contrast, first.device, torch.long)
             picked = [specs[j] for j in with_contrast]
             mixed.index_copy_(0, where, _lerp_logprobs(anchor.index_select(0, where), contrast, picked))
     betas = [s.method.plausibility if s.contrast is not None else 0.0 for s in specs]
     if not any(b > 0 for b in betas):
         return mixed, False
-    beta_tensor = torch.tensor(betas, device=first.device)
+    beta_tensor = to_device(betas, first.device)
     return _plausibility_mask(mixed, anchor, beta_tensor, allowed), allowed is not None
 
 
@@ -203,7 +204,7 @@ def _lerp_logprobs(anchor: torch.Tensor, contrast: torch.Tensor | None, specs: S
     """``log_softmax(zc + A (anchor - zc))`` of rows that all have a contrast context, float32."""
     assert contrast is not None
     coefficients = [1.0 if s.coefficient is None else s.coefficient for s in specs]
-    coef = torch.tensor(coefficients, dtype=torch.float32).reshape(-1, 1).to(anchor.device)
+    coef = to_device(coefficients, anchor.device, torch.float32).reshape(-1, 1)
     return combine_contexts_float32(anchor, contrast, coef)
 
 

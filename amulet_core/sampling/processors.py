@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from amulet_core.device_tensors import to_device
 from amulet_core.sampling.params import SamplingParams
 
 
@@ -53,7 +54,7 @@ def _banned(p: SamplingParams, history: RowHistory, vocab: int) -> list[int]:
 
 
 def _f32(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32).to(device)
+    return to_device(values, device, torch.float32)
 
 
 def _in_vocabulary(ids: Sequence[int], vocab: int) -> Sequence[int]:
@@ -177,8 +178,8 @@ def apply_processors_(
             bias_at.append(i * vocab + token)
             biases.append(bias)
         banned_at.extend(i * vocab + t for t in _banned(p, hist[i], vocab))
-    bias_pos = torch.tensor(bias_at, dtype=torch.long, device=device)
-    banned_pos = torch.tensor(banned_at, dtype=torch.long, device=device)
+    bias_pos = to_device(bias_at, device, torch.long)
+    banned_pos = to_device(banned_at, device, torch.long)
     # 3. penalties, only on the rows that have one, only where their tokens occur.
     pen = [i for i in rows if params[i].penalized]
     penalties = _penalties(pen, [hist[i] for i in pen], [params[i] for i in pen], vocab, device) if pen else None

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from amulet_core.device_tensors import host_to_device, to_device
 from amulet_core.sampling.params import SamplingParams
 from amulet_core.sampling.processors import RowHistory, apply_processors_, process_row
 
@@ -102,22 +103,22 @@ def _batched_filtered_probs(logprobs: torch.Tensor, rows: _SampledRows) -> torch
     vocab = logprobs.shape[-1]
     device = logprobs.device
     # Per row, ``logprobs / t`` with a Python float divides by the float32 scalar; so does this.
-    temperature = torch.tensor(rows.temperature, dtype=torch.float64).to(logprobs.dtype).to(device)
+    temperature = host_to_device(torch.tensor(rows.temperature, dtype=torch.float64).to(logprobs.dtype), device)
     scores = logprobs / temperature.unsqueeze(1)
     if any(m > 0 for m in rows.min_p):
-        log_min_p = torch.tensor([_log_min_p(m) for m in rows.min_p], dtype=torch.float32).to(device).unsqueeze(1)
+        log_min_p = to_device([_log_min_p(m) for m in rows.min_p], device, torch.float32).unsqueeze(1)
         scores.masked_fill_(scores < scores.amax(dim=-1, keepdim=True) + log_min_p, float("-inf"))  # a fresh tensor
     ks = [k if 0 < k < vocab else 0 for k in rows.top_k]
     if any(ks):
         k_max = max(ks)
         values = torch.topk(scores, k_max, dim=-1).values
-        kth_index = torch.tensor([max(k, 1) - 1 for k in ks], dtype=torch.long, device=device).unsqueeze(1)
+        kth_index = to_device([max(k, 1) - 1 for k in ks], device, torch.long).unsqueeze(1)
         kth = values.gather(1, kth_index)
-        kth = kth.masked_fill(torch.tensor([k == 0 for k in ks], device=device).unsqueeze(1), float("-inf"))
+        kth = kth.masked_fill(to_device([k == 0 for k in ks], device).unsqueeze(1), float("-inf"))
         scores = scores.masked_fill(scores < kth, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if any(p < 1.0 for p in rows.top_p):
-        top_p = torch.tensor(rows.top_p, dtype=torch.float64).to(probs.dtype).to(device).unsqueeze(1)
+        top_p = host_to_device(torch.tensor(rows.top_p, dtype=torch.float64).to(probs.dtype), device).unsqueeze(1)
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
         drop_sorted = (cumulative - sorted_probs > top_p) & (top_p < 1.0)
@@ -190,12 +191,12 @@ def sample_on_device(
         best, tokens = scores.max(dim=-1)  # the first maximum on ties, as argmax
         bad = ~torch.isfinite(best)
     elif greedy:
-        greedy_rows = torch.tensor(greedy, dtype=torch.long, device=device)
+        greedy_rows = to_device(greedy, device, torch.long)
         best, greedy_tokens = scores.index_select(0, greedy_rows).max(dim=-1)
         tokens[greedy_rows] = greedy_tokens
         bad[greedy_rows] = ~torch.isfinite(best)
     if sampled.index:
-        rows = torch.tensor(sampled.index, dtype=torch.long, device=device)
+        rows = to_device(sampled.index, device, torch.long)
         every = len(sampled.index) == num_rows
         probs = _batched_filtered_probs(scores if every else scores.index_select(0, rows), sampled)
         # Softmax gives values in [0, 1] or NaN, so a NaN, or no mass, shows in the sum (one cheap pass).
