@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from amulet_core.device_tensors import to_device
 from amulet_core.engine.block_manager import BlockManager
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.detokenizer import IncrementalDetokenizer
@@ -223,7 +224,7 @@ class LLMEngine:
         if len(live) < len(states):
             ranges = self._rows(states)
             rows = [r for i in live for r in ranges[i]]
-            states, logits = [states[i] for i in live], logits.index_select(0, torch.tensor(rows, device=logits.device))
+            states, logits = [states[i] for i in live], logits.index_select(0, to_device(rows, logits.device, torch.long))
         return outputs + self._sample(states, logits)
 
     def _running(self, state: RequestState) -> bool:

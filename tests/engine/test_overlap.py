@@ -219,3 +219,21 @@ def test_the_asyncio_client_streams_the_same_tokens_with_the_host_overlapped(tin
     for r, outs in zip(requests, streamed[True], strict=True):
         assert [t for o in outs for t in o[1]] == expected(loaded, r, stop=False)
         assert outs[-1][3] == "length" and outs[-1][5] is not None
+
+
+def test_a_request_whose_last_token_was_pending_when_a_synchronous_step_came_gets_no_token_more(tiny_model):
+    """ "short"'s third and last token is in flight when "pen" (penalties: stepped synchronously) joins: the
+    synchronous step reads it, finishes "short", and samples only the others' rows."""
+    loaded = tiny_model("llama")
+    pair = engines(loaded)
+    pref, base = prompts(12, shared=10, pref_extra=3, base_extra=2)
+    requests = [
+        make_request("short", METHODS[3], pref, base, max_tokens=3, ignore_eos=True),
+        make_request("long", METHODS[0], pref, base, max_tokens=8, ignore_eos=True),
+        make_request("pen", METHODS[3], pref, base, max_tokens=5, temperature=0.7, seed=2, frequency_penalty=0.4),
+        make_request("pen2", METHODS[0], pref, base, max_tokens=5, temperature=0.7, seed=3, presence_penalty=0.4),
+    ]
+    got = {overlap: outputs_of(engine, requests, join_at=3) for overlap, engine in pair.items()}
+    assert got[True] == got[False]
+    assert [t for o in got[True]["short"] for t in o[1]] == expected(loaded, requests[0], stop=False)
+    assert pair[True].overlapped_steps == 3  # the prefill's step and the next two; then "pen" is in every step
