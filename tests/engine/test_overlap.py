@@ -56,6 +56,11 @@ def comparable(output: GenerationOutput) -> tuple:
     return (output.text, output.token_ids, output.logprobs, output.finish_reason, output.error, usage)
 
 
+def streamed_part(output: GenerationOutput) -> tuple:
+    usage = output.usage
+    return (output.text, output.token_ids, output.finish_reason, usage and usage.completion_tokens)
+
+
 def sampled_requests(loaded) -> list[GenerationRequest]:
     """Seeded sampling (temperature, top-k, top-p, min-p), log-probabilities, a stop string, a stop token id."""
     pref, base = prompts(21, shared=12, pref_extra=5, base_extra=2)
@@ -194,7 +199,8 @@ def test_a_pending_token_never_reaches_a_hash_or_an_output(tiny_model):
 
 def test_the_asyncio_client_streams_the_same_tokens_with_the_host_overlapped(tiny_model):
     """The server's path: the worker thread steps an overlapping engine; each stream gets every token once, in order,
-    and ends with its usage, as from the synchronous engine."""
+    and ends with its usage, as from the synchronous engine (the requests arrive concurrently: their order, and so
+    their prefix-cache hits, may differ between the runs; their tokens may not)."""
     loaded = tiny_model("llama")
     pref, base = prompts(9, shared=14, pref_extra=3, base_extra=2)
     requests = [make_request(f"a{i}", METHODS[i % 4], pref, base, max_tokens=7 + i, ignore_eos=True) for i in range(4)]
@@ -206,7 +212,8 @@ def test_the_asyncio_client_streams_the_same_tokens_with_the_host_overlapped(tin
         client.wait_ready(60)
 
         async def one(request: GenerationRequest, client: AsyncEngine = client) -> list:
-            return [comparable(o) for o in [o async for o in client.generate(request)]]
+            # Which request hits the others' prefix in the cache depends on when each arrived: not compared.
+            return [streamed_part(o) for o in [o async for o in client.generate(request)]]
 
         async def every() -> list:
             return await asyncio.gather(*(one(r) for r in requests))
@@ -218,7 +225,7 @@ def test_the_asyncio_client_streams_the_same_tokens_with_the_host_overlapped(tin
     assert streamed[True] == streamed[False]
     for r, outs in zip(requests, streamed[True], strict=True):
         assert [t for o in outs for t in o[1]] == expected(loaded, r, stop=False)
-        assert outs[-1][3] == "length" and outs[-1][5] is not None
+        assert outs[-1][2] == "length" and outs[-1][3] == r.sampling.max_tokens
 
 
 def test_a_request_whose_last_token_was_pending_when_a_synchronous_step_came_gets_no_token_more(tiny_model):
