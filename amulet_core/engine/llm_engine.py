@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
@@ -13,7 +12,6 @@ from amulet_core.device_tensors import to_device
 from amulet_core.engine.block_manager import BlockManager
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.detokenizer import IncrementalDetokenizer
-from amulet_core.engine.memory import fitting_new_tokens, request_kv_blocks
 from amulet_core.engine.model_runner import ModelRunner, logits_width
 from amulet_core.engine.overlap import PendingStep, overlappable
 from amulet_core.engine.protocol import (
@@ -25,13 +23,13 @@ from amulet_core.engine.protocol import (
     TokenLogprob,
     Usage,
 )
+from amulet_core.engine.request_checks import RequestChecks
 from amulet_core.engine.request_state import RequestState
 from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
 from amulet_core.engine.sequence import Sequence
-from amulet_core.errors import ContextLengthExceededError, InvalidParameterError, is_request_failure
-from amulet_core.grammar.compiler import GrammarCompiler, GrammarMatcher
+from amulet_core.errors import InvalidParameterError, is_request_failure
+from amulet_core.grammar.compiler import GrammarCompiler
 from amulet_core.grammar.masks import grammar_masks
-from amulet_core.grammar.spec import GrammarSpec
 from amulet_core.method.rows import RowSpec, method_logprobs
 from amulet_core.model.loading import LoadedModel
 from amulet_core.sampling.processors import RowHistory
@@ -52,6 +50,9 @@ class LLMEngine:
         """Longest context in tokens: ``config.max_model_len``, else the model's capped by the KV cache."""
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.batched_tokens(loaded.device.type))
+        self.checks = RequestChecks(
+            loaded.tokenizer, self.vocab_size, loaded.eos_token_ids, self.max_model_len, config, self.blocks.num_blocks
+        )
         self.requests: dict[str, RequestState] = {}
         self.steps = 0
         self.last_step_sequences = 0
@@ -61,85 +62,19 @@ class LLMEngine:
         self.overlapped_steps = 0
         self.fault_hook: Callable[[GenerationRequest], None] | None = None
         """Test-only: called for each request as its token is processed; an exception fails that request."""
-        self._grammar_compiler: GrammarCompiler | None = None
-        self._grammar_unavailable: str | None = None
-        self._grammar_lock = threading.Lock()
 
     # ---- requests -----------------------------------------------------------------
     def grammars(self, param: str = "response_format") -> GrammarCompiler:
-        """The model's grammar compiler, built on first use (thread-safe). Raises InvalidParameterError
-        naming ``param`` when llguidance cannot use this model's tokenizer."""
-        with self._grammar_lock:
-            if self._grammar_compiler is None and self._grammar_unavailable is None:
-                try:
-                    self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, eos_token_ids=self.eos_token_ids)
-                except BaseException as exc:  # e.g. a slow tokenizer (or a panic): no structured output with this model
-                    if not is_request_failure(exc):
-                        raise
-                    logger.exception("the grammar compiler could not be built")
-                    self._grammar_unavailable = f"{type(exc).__name__}: {exc}"
-            if self._grammar_compiler is None:
-                raise InvalidParameterError(
-                    param, f"Structured output is not available with this model's tokenizer ({self._grammar_unavailable})."
-                )
-            return self._grammar_compiler
+        """The model's grammar compiler (:meth:`RequestChecks.grammars`)."""
+        return self.checks.grammars(param)
 
     def new_tokens(self, request: GenerationRequest) -> int:
-        """The tokens a request may generate: :meth:`GenerationRequest.max_new_tokens` within ``max_model_len``,
-        and such that the request fits the KV cache alone at its longest (:func:`request_kv_blocks`), else it
-        would wait at the head of the queue for ever. Without ``max_tokens`` it gets as many as fit. Raises
-        ContextLengthExceededError naming ``messages`` (not one new token fits) or ``max_tokens`` (too many)."""
-        most = request.max_new_tokens(self.max_model_len)
-        contexts, bs, total = request.contexts, self.config.block_size, self.blocks.num_blocks
-        need = request_kv_blocks(contexts, most, bs)
-        if need <= total:
-            return most
-        fits = fitting_new_tokens(contexts, most, total, bs)
-        several = len(contexts) > 1
-
-        def needs(blocks: int) -> str:
-            who = f"This request's {len(contexts)} contexts need" if several else "This request needs"
-            shared = "; leading blocks they share counted once" if several else ""
-            return f"{who} {blocks} KV blocks of {bs} tokens ({blocks * bs} tokens{shared})"
-
-        cache = f"the KV cache holds {total} blocks ({total * bs} tokens) in all"
-        fewer = ", or use fewer preferences" if several else ""
-        if fits == 0:
-            alone = needs(request_kv_blocks(contexts, 1, bs))
-            raise ContextLengthExceededError(
-                "messages", f"{alone} for the messages alone, but {cache}. Shorten the messages{fewer}."
-            )
-        if request.sampling.max_tokens is None:
-            return fits
-        raise ContextLengthExceededError(
-            "max_tokens",
-            f"{needs(need)} with 'max_tokens' {most}, but {cache}. Lower 'max_tokens' to {fits} or less{fewer}.",
-        )
+        """The tokens a request may generate (:meth:`RequestChecks.new_tokens`)."""
+        return self.checks.new_tokens(request)
 
     def validate(self, request: GenerationRequest) -> int:
-        """Everything that can be checked about a request without running it: that it fits the context and
-        the KV cache (:meth:`new_tokens`, whose count it returns), its ``logit_bias`` ids, and that its grammar
-        compiles (through the compiler's cache, so a repeated spec costs a lookup). Thread-safe (it reads only
-        the model's fixed sizes and the grammar cache); raises InvalidParameterError naming the parameter at fault."""
-        if len(request.contexts) > self.config.max_num_seqs:
-            raise InvalidParameterError(
-                "preference",
-                f"This request decodes {len(request.contexts)} contexts at once, but the engine runs at most "
-                f"{self.config.max_num_seqs} sequences together (max_num_seqs). Use fewer preferences.",
-            )
-        new_tokens = self.new_tokens(request)
-        sp = request.sampling
-        for token, _ in sp.logit_bias:
-            if token >= self.vocab_size:
-                raise InvalidParameterError(
-                    "logit_bias", f"'logit_bias' token id {token} is not in this model's vocabulary (0..{self.vocab_size - 1})."
-                )
-        if sp.grammar is not None:
-            self.grammars(sp.grammar.param).check(sp.grammar)
-        return new_tokens
-
-    def _matcher(self, spec: GrammarSpec | None) -> GrammarMatcher | None:
-        return None if spec is None else self.grammars(spec.param).matcher(spec)
+        """Everything that can be checked about a request without running it (:meth:`RequestChecks.validate`)."""
+        return self.checks.validate(request)
 
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a request; raises InvalidParameterError (see :meth:`validate`, and a running request's id)."""
@@ -158,7 +93,7 @@ class LLMEngine:
             stop_ids=frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_token_ids),
             max_tokens=max_tokens,
             arrival=time.monotonic(),
-            matcher=self._matcher(sp.grammar),
+            matcher=self.checks.matcher(sp.grammar),
             num_prefs=len(request.contexts) - (request.contrast_prompt_ids is not None),
             weights=request.method.normalized_weights,
             thinking=request.thinking is not None and request.thinking.open_at_start,

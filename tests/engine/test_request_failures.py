@@ -329,14 +329,18 @@ def test_the_engine_reports_a_request_that_is_never_scheduled(tiny_model, monkey
         clock=clock,
     )
     llm = engine.engine
-    monkeypatch.setattr(llm, "new_tokens", lambda r: r.max_new_tokens(llm.max_model_len))
+    monkeypatch.setattr(llm.checks, "new_tokens", lambda r: r.max_new_tokens(llm.max_model_len))
     stuck = kv_request("stuck", k=4, prompt=120, max_tokens=4)  # 5 contexts x 8 blocks at admission; the cache has 32
 
     async def go() -> str:
         stream = engine.generate(stuck)
         first = asyncio.ensure_future(anext(stream))
-        while engine.stats().waiting_requests != 1:  # the worker has seen it pending (its stats come after the watch)
+        for _ in range(6000):  # the worker has seen it pending (its stats come after the watch); bounded: never a hang
+            if engine.stats().waiting_requests == 1:
+                break
             await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the request never reached the queue")
         steps = engine.stats().steps
         clock.now += 29.0
         assert engine.failure() is None
