@@ -225,6 +225,7 @@ class LLMEngine:
     def _sample(self, states: list[RequestState], logits: torch.Tensor) -> list[GenerationOutput]:
         specs = self._specs(states)
         try:
+            self._rule_out_early_stops(states, logits)
             # The grammars mask the distribution each method produced (for la and amulet the combined
             # one, once; their plausibility mask counts from the most likely allowed token), all
             # constrained rows at once, before the processors and the sampler.
@@ -250,6 +251,26 @@ class LLMEngine:
             logger.exception("sampling failed")
             return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
         return self._outputs(states, samples)
+
+    def _rule_out_early_stops(self, states: list[RequestState], logits: torch.Tensor) -> None:
+        """``min_tokens``: until a request has generated that many tokens, its stop ids are made impossible in each of
+        its contexts' logits, in place, before its method combines them. A stop id then weighs nothing in the
+        combination and amulet's plausibility mask counts from the most likely token that may come (as for a
+        grammar's mask): it can no longer keep a stop id alone, which the ``min_tokens`` processor would then rule
+        out, leaving no token to choose (the request failed)."""
+        rows: list[int] = []
+        ids: list[int] = []
+        for state, span in zip(states, self._rows(states), strict=True):
+            if len(state.output_ids) >= state.request.sampling.min_tokens:
+                continue
+            stops = [t for t in state.stop_ids if 0 <= t < logits.shape[-1]]
+            for row in span:
+                rows += [row] * len(stops)
+                ids += stops
+        if rows:
+            where = (to_device(rows, logits.device, torch.long), to_device(ids, logits.device, torch.long))
+            with torch.inference_mode():  # the runner's logits are an inference tensor
+                logits.index_put_(where, torch.tensor(float("-inf"), device=logits.device))
 
     def _outputs(
         self, states: list[RequestState], samples: list[RowSample], positions: list[tuple[int, ...]] | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
@@ -108,3 +109,28 @@ def test_a_logit_bias_token_outside_the_vocabulary_is_refused(engine):
     assert "x" not in engine.requests
     engine.add_request(make_request("ok", BASE, pref, base, max_tokens=2, logit_bias=((vocab - 1, 1.0),)))
     assert len(tokens_of(drain(engine)["ok"])) >= 1
+
+
+def test_min_tokens_with_amulet_when_only_the_end_is_plausible(tiny_model):
+    """A model that wants to end at once in every context (its end-of-text logit raised by 40 in the runner's output):
+    amulet's plausibility mask keeps end-of-text alone, and ``min_tokens`` rules it out. The stop ids are ruled out
+    in the contexts' logits before the combination, so the mask counts from the most likely token that may come: the
+    request gets its four tokens, then ends. (Before, nothing was left to choose and the request failed: seen with
+    SmolLM2, a concise storyteller asked for a long story.)"""
+    engine = LLMEngine(tiny_model("llama"), EngineConfig(max_model_len=256, kv_cache_tokens=8192))
+    run = engine.runner.run
+
+    def wants_to_end(*args, **kwargs):
+        logits = run(*args, **kwargs)
+        with torch.inference_mode():
+            logits[:, EOS] += 40.0
+        return logits
+
+    engine.runner.run = wants_to_end  # type: ignore[method-assign]
+    pref, base = prompts(31, 12, 4, 2)
+    engine.add_request(make_request("m", MethodSettings(), pref, base, max_tokens=8, min_tokens=4))
+    outs = drain(engine)["m"]
+    assert outs[-1].error is None, outs[-1].error
+    tokens = tokens_of(outs)
+    assert len(tokens) == 5 and EOS not in tokens[:4] and tokens[4] == EOS
+    assert outs[-1].finish_reason == "stop"
