@@ -258,6 +258,8 @@ class LLMEngine:
         combination and amulet's plausibility mask counts from the most likely token that may come (as for a
         grammar's mask): it can no longer keep a stop id alone, which the ``min_tokens`` processor would then rule
         out, leaving no token to choose (the request failed)."""
+        if all(len(s.output_ids) >= s.request.sampling.min_tokens for s in states):
+            return  # the common case: nothing to rule out
         rows: list[int] = []
         ids: list[int] = []
         for state, span in zip(states, self._rows(states), strict=True):

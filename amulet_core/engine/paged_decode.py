@@ -112,6 +112,21 @@ def partitions(max_len: int) -> int:
     return max(1, -(-max_len // PARTITION))
 
 
+def _check_operands(name: str, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """ValueError unless the query (``[n, heads, head_dim]``) fits the cache (``[kv_heads, slots, head_dim]``, its
+    head dim contiguous) and a kernel can run on its device; whether Triton's interpreter runs it."""
+    heads, head_dim = query.shape[1], query.shape[2]
+    if heads % k_cache.shape[0] or k_cache.shape != v_cache.shape or k_cache.shape[-1] != head_dim:
+        shapes = f"query {tuple(query.shape)}, cache {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        raise ValueError(f"{name}: {shapes} do not fit")
+    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError(f"{name}: the cache's head dim must be contiguous")
+    interpreted = query.device.type != "cuda"
+    if interpreted and not interpreting():
+        raise ValueError(f"{name} runs on CUDA tensors (on others under TRITON_INTERPRET=1 only)")
+    return interpreted
+
+
 def paged_decode_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -138,13 +153,9 @@ def paged_decode_attention(
     """
     from amulet_core.engine import paged_decode_triton as kernels
 
+    interpreted = _check_operands("paged_decode_attention", query, k_cache, v_cache)
     rows, heads, head_dim = query.shape
     kv_heads = k_cache.shape[0]
-    if heads % kv_heads or k_cache.shape != v_cache.shape or k_cache.shape[-1] != head_dim:
-        shapes = f"query {tuple(query.shape)}, cache {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        raise ValueError(f"paged_decode_attention: {shapes} do not fit")
-    if query.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
-        raise ValueError("paged_decode_attention: the head dim of the query and the cache must be contiguous")
     if tables.shape[0] != rows or lengths.shape != (rows,) or tables.shape[1] * block_size < max_len:
         raise ValueError("paged_decode_attention: tables, lengths and max_len do not describe the rows")
     group = heads // kv_heads
@@ -154,9 +165,6 @@ def paged_decode_attention(
     # One partition: its normalised output is the answer, stored in the query's dtype with no combining launch.
     part_out = out.unsqueeze(2) if parts == 1 else query.new_empty(rows, heads, parts, head_dim, dtype=torch.float32)
     part_lse = query.new_empty(rows, heads, parts, dtype=torch.float32)
-    interpreted = query.device.type != "cuda"
-    if interpreted and not interpreting():
-        raise ValueError("paged_decode_attention runs on CUDA tensors (on others under TRITON_INTERPRET=1 only)")
     partition, combine = kernels.partition_kernel, kernels.combine_kernel
     block_d = kernels.next_power_of_2(head_dim)
     partition[(rows, kv_heads, parts)](
@@ -207,17 +215,12 @@ def paged_prefill_attention(
     """
     from amulet_core.engine import paged_decode_triton as kernels
 
+    interpreted = _check_operands("paged_prefill_attention", query, k_cache, v_cache)
     tokens, heads, head_dim = query.shape
     kv_heads = k_cache.shape[0]
-    if heads % kv_heads or k_cache.shape != v_cache.shape or k_cache.shape[-1] != head_dim:
-        shapes = f"query {tuple(query.shape)}, cache {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        raise ValueError(f"paged_prefill_attention: {shapes} do not fit")
     spans = tables.shape[0]
     if not starts.shape == counts.shape == contexts.shape == (spans,) or max_count < 1:
         raise ValueError("paged_prefill_attention: tables, starts, counts and contexts do not describe the spans")
-    interpreted = query.device.type != "cuda"
-    if interpreted and not interpreting():
-        raise ValueError("paged_prefill_attention runs on CUDA tensors (on others under TRITON_INTERPRET=1 only)")
     query = query.contiguous()
     out = torch.empty_like(query)
     group = heads // kv_heads

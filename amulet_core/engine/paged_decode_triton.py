@@ -33,6 +33,42 @@ import triton.language as tl
 
 
 @triton.jit
+def _keys_and_values(k_ptr, v_ptr, table_ptr, n, n_ok, kv_head, d, d_ok, stride_kh, stride_ks, block_size):
+    """One KV head's keys and values at positions ``n`` (where ``n_ok``), read through a block table: position ``n``
+    lives in slot ``table[n // block_size] * block_size + n % block_size``."""
+    block = tl.load(table_ptr + n // block_size, mask=n_ok, other=0)
+    slot = block * block_size + n % block_size
+    offsets = kv_head * stride_kh + slot[:, None] * stride_ks + d[None, :]
+    ok = n_ok[:, None] & d_ok[None, :]
+    return tl.load(k_ptr + offsets, mask=ok, other=0.0), tl.load(v_ptr + offsets, mask=ok, other=0.0)
+
+
+@triton.jit
+def _attend(q, k, v, seen, m_i, l_i, acc, scale, softcap, USE_SOFTCAP: tl.constexpr, EXACT: tl.constexpr):
+    """A tile of keys folded into the online softmax ``(m_i, l_i, acc)`` of the rows ``q``; ``seen`` (``[rows,
+    keys]``) says which scores count."""
+    if EXACT:  # noqa: SIM108 (Triton's branches on a constexpr)
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * scale
+    if USE_SOFTCAP:
+        t = tl.exp(2.0 * s / softcap)
+        s = softcap * (1.0 - 2.0 / (t + 1.0))  # softcap * tanh(s / softcap)
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if EXACT:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def partition_kernel(
     q_ptr,  # [B, H, D]
     k_ptr,  # [KVH, slots, D]
@@ -90,31 +126,9 @@ def partition_kernel(
         n_ok = n < end
         if USE_WINDOW:
             n_ok = n_ok & (n >= low)
-        block = tl.load(tables_ptr + row * stride_tb + n // block_size, mask=n_ok, other=0)
-        slot = block * block_size + n % block_size
-        kv_offsets = kv_head * stride_kh + slot[:, None] * stride_ks + d[None, :]
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + kv_offsets, mask=kv_ok, other=0.0)
-        v = tl.load(v_ptr + kv_offsets, mask=kv_ok, other=0.0)
-        if EXACT:  # noqa: SIM108 (Triton's branches on a constexpr)
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        if USE_SOFTCAP:
-            t = tl.exp(2.0 * s / softcap)
-            s = softcap * (1.0 - 2.0 / (t + 1.0))  # softcap * tanh(s / softcap)
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if EXACT:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        table = tables_ptr + row * stride_tb
+        k, v = _keys_and_values(k_ptr, v_ptr, table, n, n_ok, kv_head, d, d_ok, stride_kh, stride_ks, block_size)
+        m_i, l_i, acc = _attend(q, k, v, n_ok[None, :], m_i, l_i, acc, scale, softcap, USE_SOFTCAP, EXACT)
         first += BLOCK_N
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -221,34 +235,12 @@ def prefill_kernel(
     while first < end:
         n = first + tl.arange(0, BLOCK_N)
         n_ok = n < end
-        block = tl.load(tables_ptr + span * stride_tb + n // block_size, mask=n_ok, other=0)
-        slot = block * block_size + n % block_size
-        kv_offsets = kv_head * stride_kh + slot[:, None] * stride_ks + d[None, :]
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + kv_offsets, mask=kv_ok, other=0.0)
-        v = tl.load(v_ptr + kv_offsets, mask=kv_ok, other=0.0)
-        if EXACT:  # noqa: SIM108 (Triton's branches on a constexpr)
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        if USE_SOFTCAP:
-            t = tl.exp(2.0 * s / softcap)
-            s = softcap * (1.0 - 2.0 / (t + 1.0))
+        table = tables_ptr + span * stride_tb
+        k, v = _keys_and_values(k_ptr, v_ptr, table, n, n_ok, kv_head, d, d_ok, stride_kh, stride_ks, block_size)
         seen = n_ok[None, :] & (n[None, :] <= position[:, None])
         if USE_WINDOW:
             seen = seen & (n[None, :] > position[:, None] - window)
-        s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if EXACT:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend(q, k, v, seen, m_i, l_i, acc, scale, softcap, USE_SOFTCAP, EXACT)
         first += BLOCK_N
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_offsets = (start + token)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
