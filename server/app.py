@@ -146,8 +146,12 @@ def create_app(
         docs_url="/docs" if config.docs else None,
         redoc_url="/redoc" if config.docs else None,
     )
-    weakref.finalize(app, pool.close)  # its idle threads end with the app
-    weakref.finalize(app, response_store.database.close)  # an app never started closes its database too
+    # An app dropped without its lifespan's shutdown (tests, a failed start-up) ends its threads once collected
+    # (FastAPI's caches keep its routes, and with them the pool and the database, alive). The finalizers take
+    # no lock another thread's code may hold and wait for nothing: they run inside whatever allocation set off
+    # the collection, possibly within a ThreadPoolExecutor.submit holding concurrent.futures' global lock.
+    weakref.finalize(app, pool.close)  # shutdown(wait=False): the pool executor's own lock only
+    weakref.finalize(app, response_store.database.release)
     install_error_handlers(app, config.retry_after_s)
     lifecycle = ServerLifecycle()
     app.state.lifecycle = lifecycle

@@ -10,12 +10,14 @@ goes to the log, the caller gets a stable message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from server.store.backend import Backend, Transaction
 from server.store.config import SQLITE_FILE, StoreConfig
@@ -51,15 +53,23 @@ def describe(config: StoreConfig) -> str:
 
 
 class Database:
-    """See the module docstring. ``connect`` opens a new connection (default: :func:`connect` of ``config``)."""
+    """See the module docstring. ``connect`` opens a new connection (default: :func:`connect` of ``config``).
+
+    The calls run on one thread of the database's own, started by the first call, fed through a queue. Its end is
+    asked for by :meth:`close` (which waits for it) or :meth:`release` (which does not, and takes no lock: what a
+    finalizer may call from inside any allocation)."""
 
     def __init__(self, config: StoreConfig, open_backend: Callable[[], Backend] | None = None) -> None:
         self.config = config
         self.where = describe(config)
         self._open_backend = open_backend or (lambda: connect(config))
         self._backend: Backend | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="amulet-store")
-        self._closed = threading.Event()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        """Calls to run, in order; None: close the connection and end the thread."""
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        """Orders :meth:`run`'s checks and queueing against the thread's closing (never taken by :meth:`release`)."""
+        self._closed = False
 
     def _connected(self) -> Backend:
         if self._backend is None:
@@ -75,8 +85,6 @@ class Database:
         return self._backend
 
     def _call(self, work: Callable[[Transaction], T]) -> T:
-        if self._closed.is_set():
-            raise StoreError("the database is closed (the server is shutting down)")
         try:
             backend = self._connected()
             with backend.transaction() as tx:
@@ -96,31 +104,91 @@ class Database:
                 logger.debug("Closing a broken database connection failed", exc_info=True)
 
     async def run(self, work: Callable[[Transaction], T]) -> T:
-        """``work(tx)`` in one transaction on the database's thread; StoreError when the database fails."""
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, work)
-        except RuntimeError as exc:  # the executor is shut down: the database was closed
-            if not self._closed.is_set():
-                raise
-            raise StoreError("the database is closed (the server is shutting down)") from exc
+        """``work(tx)`` in one transaction on the database's thread; StoreError when the database fails or is closed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._lock:
+            if self._closed:
+                raise StoreError(CLOSED_MESSAGE)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="amulet-store", daemon=True)
+                self._thread.start()
+            self._jobs.put(_Job(work, loop, future))
+        return await future
 
     async def open(self) -> None:
         """Connect and migrate now (at start-up) rather than at the first call."""
         await self.run(lambda tx: None)
 
     def close(self) -> None:
-        """Close the connection once the calls already made have run; later calls fail with StoreError."""
-        if self._closed.is_set():
-            return
+        """Close the connection once the calls already made have run, and wait for that; later calls fail with
+        StoreError."""
+        with self._lock:
+            thread = self._thread
+            if thread is None:  # never called: nothing to close
+                self._closed = True
+                return
+        self.release()
+        thread.join()
 
-        def close_backend() -> None:
-            self._closed.set()
-            if self._backend is not None:
+    def release(self) -> None:
+        """Ask the database's thread to close the connection and end once the calls already made have run; returns
+        at once. It takes no lock and waits for nothing, so a finalizer may call it (a finalizer runs inside
+        whatever allocation set off the collection, possibly while its thread holds any lock)."""
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        """The database's thread: run the queued calls in order until asked to end, then close the connection and
+        fail what was queued after the end was asked for."""
+        while (job := self._jobs.get()) is not None:
+            job.settle(self._call)
+        with self._lock:
+            self._closed = True
+        if self._backend is not None:
+            try:
                 self._backend.close()
-                self._backend = None
+            except Exception:
+                logger.debug("Closing the database connection failed", exc_info=True)
+            self._backend = None
+        while True:
+            try:
+                late = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if late is not None:
+                late.settle(None)
 
-        try:
-            self._executor.submit(close_backend)
-        except RuntimeError:  # the interpreter is shutting down
+
+CLOSED_MESSAGE = "the database is closed (the server is shutting down)"
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One call of :meth:`Database.run`: the work, and the future its caller awaits on its event loop."""
+
+    work: Callable[[Transaction], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+    def settle(self, call: Callable[[Callable[[Transaction], Any]], Any] | None) -> None:
+        """Run the work through ``call`` (None: the database is closed) and hand the outcome to the caller's loop
+        (nothing when that loop has closed: its caller is gone)."""
+        if self.future.done():  # cancelled by its caller before it ran
             return
-        self._executor.shutdown(wait=True)
+        try:
+            if call is None:
+                raise StoreError(CLOSED_MESSAGE)
+            result, error = call(self.work), None
+        except BaseException as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the caller's loop has closed
+            self.loop.call_soon_threadsafe(_set_outcome, self.future, result, error)
+
+
+def _set_outcome(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
