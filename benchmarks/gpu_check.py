@@ -4,11 +4,12 @@ Steps, each timed and recorded (a failing step is recorded and the next one runs
 ``--out`` (``$OUT``) after every step:
 
 1. ``env``: torch, transformers, the device.
-2. ``tests_float32``, ``tests_bfloat16``: tests/engine/test_engine.py, test_decode_graphs.py and
-   test_paged_decode.py on the device in that dtype (greedy engine output equals the unbatched reference on tiny
-   Llama / Qwen2 / Mistral, every method, prefix-cache hit, preemption, abort frees KV; decode steps replayed from
-   CUDA graphs give the same tokens; the compiled paged decode kernel against attention written out in float64 and
-   against the gathered SDPA path, in float32 and bfloat16, and the engine's answers with it), run without
+2. ``tests_float32``, ``tests_bfloat16``: tests/engine/test_engine.py, test_decode_graphs.py,
+   test_paged_decode.py and test_decode_tail.py on the device in that dtype (greedy engine output equals the
+   unbatched reference on tiny Llama / Qwen2 / Mistral, every method, prefix-cache hit, preemption, abort frees KV;
+   decode steps replayed from CUDA graphs give the same tokens; the compiled paged decode kernel against attention
+   written out in float64 and against the gathered SDPA path, in float32 and bfloat16, and the engine's answers with
+   it; the method and greedy choice captured in the graphs give the host's tokens and log-probabilities), run without
    tests/conftest.py (``tests.engine.gpu_plugin``) so that the server's packages need not be installed.
    ``kernel``: the paged decode kernel alone against the gathered SDPA path on the two shapes' attention, error
    and time (``benchmarks.paged_decode_check``).
@@ -141,6 +142,7 @@ def step_tests(device: torch.device, dtype: str, tokenizer_dir: str, select: str
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest"]
         cmd += ["-p", "tests.engine.gpu_plugin", f"--junitxml={junit}"]
         cmd += ["tests/engine/test_engine.py", "tests/engine/test_decode_graphs.py", "tests/engine/test_paged_decode.py"]
+        cmd += ["tests/engine/test_decode_tail.py"]
         if select:
             cmd += ["-k", select]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -11,7 +11,8 @@ tokens' cache slots, the context lengths and the block tables. The context slots
 mask are computed inside the graph from the tables and lengths. A padding row reads and writes the
 scratch block, which the block manager never hands out; its logits are dropped. Every graph ends by
 copying its logits into one static buffer allocated outside the graphs' memory pool, so the graphs can
-share that pool and be replayed in any order.
+share that pool and be replayed in any order, then computing the step's method and greedy choice over that buffer
+(:mod:`amulet_core.engine.decode_tail`) for the requests :meth:`DecodeGraphs.run` was given as its ``tail``.
 
 :meth:`DecodeGraphs.capture_at_start` captures the buckets smallest first within a time budget, so that the
 first requests do not pay for it; what the budget leaves is captured on first use.
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from amulet_core.device_tensors import to_device
+from amulet_core.engine.decode_tail import DecodeTail, TailRow
 from amulet_core.engine.invariant_attention import InvariantPlan, decode_plan
 from amulet_core.engine.invariant_ops import PackedWeights, batch_invariant
 from amulet_core.engine.overlap import PendingTokens, fill_pending
@@ -108,6 +110,11 @@ class DecodeGraphs:
         """Token ids, positions, new-token slots and context lengths of the rows."""
         self.tables = torch.full((max_batch, max_len // self.block_size), scratch_block, dtype=torch.long, device=device)
         self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=device)
+        self.tail = DecodeTail(max_batch, max_batch, device)
+        """The method and greedy choice over the logits (:mod:`amulet_core.engine.decode_tail`): in every captured graph,
+        computed eagerly only for a step that asks for it."""
+        self.tail_steps = 0
+        """Steps whose tokens the tail chose."""
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool: Any = None
         self.capture_seconds = 0.0
@@ -143,10 +150,20 @@ class DecodeGraphs:
         length = smallest_at_least(self.context_lens, max_context)
         return None if size is None or length is None else (size, length)
 
-    def run(self, chunks: list[ScheduledChunk], bucket: tuple[int, int], pending: PendingTokens | None = None) -> torch.Tensor:
+    def run(
+        self,
+        chunks: list[ScheduledChunk],
+        bucket: tuple[int, int],
+        pending: PendingTokens | None = None,
+        tail: list[TailRow] | None = None,
+    ) -> torch.Tensor:
         """Float32 logits ``[len(chunks), vocab]`` of the chunks' new tokens, in chunk order (a token still pending
-        is taken from ``pending``'s device tensor)."""
+        is taken from ``pending``'s device tensor). ``tail``: the step's requests, whose rows number the chunks; their
+        choices are then :meth:`DecodeTail.samples` of :attr:`tail`."""
         self.steps += 1
+        if tail is not None:
+            self.tail.set_rows(tail)
+            self.tail_steps += 1
         size, length = bucket
         bs, blocks, scratch = self.block_size, length // self.block_size, self.scratch_block
         pad = size - len(chunks)
@@ -166,20 +183,22 @@ class DecodeGraphs:
         if pending is not None:
             fill_pending(self.rows[0, : len(chunks)], token_ids[: len(chunks)], chunks, pending)
         self.tables[:size, :blocks].copy_(to_device(tables, self.device, torch.long).view(size, blocks))
-        self.launch(bucket)
+        self.launch(bucket, with_tail=tail is not None)
         return self.logits[: len(chunks)]
 
-    def launch(self, bucket: tuple[int, int]) -> None:
-        """The bucket's forward pass over the static inputs: replayed, captured first, or run eagerly."""
+    def launch(self, bucket: tuple[int, int], with_tail: bool = False) -> None:
+        """The bucket's forward pass over the static inputs (and the tail): replayed, captured first, or run eagerly
+        (the tail only ``with_tail``)."""
         if not self.capture:
-            self._forward(*bucket)
+            self._forward(*bucket, with_tail=with_tail)
         elif (graph := self.graphs.get(bucket)) is not None:
             graph.replay()
         else:
             self._capture(bucket)
 
-    def _forward(self, size: int, length: int) -> None:
-        """The padded forward pass of one bucket, reading only the static inputs."""
+    def _forward(self, size: int, length: int, with_tail: bool = True) -> None:
+        """The padded forward pass of one bucket, and the tail over its first ``size`` request slots, reading only the
+        static inputs."""
         token_ids, positions, slots, lengths = self.rows[:, :size]
         tables = self.tables[:size, : length // self.block_size]
         if self.invariant is not None:
@@ -191,6 +210,8 @@ class DecodeGraphs:
         with batch_invariant(self.invariant) if self.invariant is not None else nullcontext():
             logits = self.forward(token_ids.unsqueeze(0), positions.unsqueeze(0), 0, batch)
         self.logits[:size].copy_(logits[0])
+        if with_tail:
+            self.tail.compute(self.logits, size)
 
     def _capture(self, bucket: tuple[int, int]) -> None:
         """Warm up, capture and replay the bucket's graph. The warm-up writes the real rows' keys and

@@ -11,9 +11,10 @@ import torch
 from amulet_core.device_tensors import to_device
 from amulet_core.engine.block_manager import BlockManager
 from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.decode_tail import tail_eligible
 from amulet_core.engine.detokenizer import IncrementalDetokenizer
 from amulet_core.engine.model_runner import ModelRunner, logits_width
-from amulet_core.engine.overlap import PendingStep, overlappable
+from amulet_core.engine.overlap import PendingStep, PendingTokens, overlappable
 from amulet_core.engine.protocol import (
     EngineStats,
     FinishReason,
@@ -33,7 +34,7 @@ from amulet_core.grammar.masks import grammar_masks
 from amulet_core.method.rows import RowSpec, method_logprobs
 from amulet_core.model.loading import LoadedModel
 from amulet_core.sampling.processors import RowHistory
-from amulet_core.sampling.sampler import RowSample, make_generator, sample_on_device, sample_tokens
+from amulet_core.sampling.sampler import DeviceSamples, RowSample, make_generator, sample_on_device, sample_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -136,16 +137,28 @@ class LLMEngine:
                 state.scheduled_at = now
                 state.cached_prompt_tokens = group.leader.num_cached_prompt
         logits_for = [seq for group in plan.sampled for seq in group.seqs]
+        states = [self.requests[g.request_id] for g in plan.sampled]
+        pending = self.pending.tokens if self.pending is not None else None
         try:
-            if self.pending is None:
-                logits = self.runner.run(plan.chunks, logits_for)
-            else:
-                logits = self.runner.run(plan.chunks, logits_for, pending=self.pending.tokens)
+            samples = self._tail_samples(plan, logits_for, states, pending)
+            logits = None
+            if samples is None:
+                args = (plan.chunks, logits_for)
+                logits = self.runner.run(*args) if pending is None else self.runner.run(*args, pending=pending)
         except Exception as exc:  # the shared pass failed: fail its requests, keep the engine
             logger.exception("forward pass failed")
             outputs = self._resolve()
             return outputs + self._fail_plan(plan, f"The forward pass failed: {type(exc).__name__}")
-        states = [self.requests[g.request_id] for g in plan.sampled]
+        if samples is not None:  # chosen in the decode graph: only the tokens are read (now, or a step later)
+            chosen = PendingStep.launch(states, samples)
+            outputs = self._resolve()  # the previous step's tokens
+            self.scheduler.complete_step(plan)
+            self.pending = chosen
+            if self.overlap_host:
+                self.overlapped_steps += 1
+                return outputs
+            return outputs + self._resolve()
+        assert logits is not None
         if self.overlap_host and overlappable(states):
             launched, failed = self._launch(states, logits)
             outputs = self._resolve()  # the previous step's tokens, while the device runs this one
@@ -161,6 +174,19 @@ class LLMEngine:
             rows = [r for i in live for r in ranges[i]]
             states, logits = [states[i] for i in live], logits.index_select(0, to_device(rows, logits.device, torch.long))
         return outputs + self._sample(states, logits)
+
+    def _tail_samples(
+        self, plan: StepPlan, logits_for: list[Sequence], states: list[RequestState], pending: PendingTokens | None
+    ) -> DeviceSamples | None:
+        """The step run through the decode graphs with its method and greedy choice inside, when every request allows
+        it (:func:`tail_eligible`, and nothing between tokens on the host: :func:`overlappable`); None, having run
+        nothing, otherwise."""
+        if self.runner.graphs is None or not overlappable(states):
+            return None
+        specs = self._specs(states)
+        if not all(tail_eligible(spec, state.request.sampling) for spec, state in zip(specs, states, strict=True)):
+            return None
+        return self.runner.run_with_tail(plan.chunks, logits_for, specs, pending)
 
     def _running(self, state: RequestState) -> bool:
         return self.requests.get(state.request.request_id) is state

@@ -12,6 +12,7 @@ import torch
 from amulet_core.device_tensors import to_device
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.decode_graphs import DecodeGraphs
+from amulet_core.engine.decode_tail import tail_rows
 from amulet_core.engine.invariant_attention import step_plan
 from amulet_core.engine.invariant_ops import batch_invariant, invariant_weights
 from amulet_core.engine.memory import (
@@ -44,7 +45,9 @@ from amulet_core.engine.paged_attention import (
 from amulet_core.engine.paged_decode import attention_backend, kernel_probe
 from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.sequence import Sequence
+from amulet_core.method.rows import RowSpec
 from amulet_core.model.loading import LoadedModel
+from amulet_core.sampling.sampler import DeviceSamples
 
 logger = logging.getLogger(__name__)
 
@@ -323,6 +326,30 @@ class ModelRunner:
             self._tensor(ends),
             max(counts),
         )
+
+    @torch.inference_mode()
+    def run_with_tail(
+        self, chunks: list[ScheduledChunk], logits_for: list[Sequence], specs: list[RowSpec], pending: PendingTokens | None
+    ) -> DeviceSamples | None:
+        """A decode-only step through the decode graphs with the requests' method and greedy choice inside
+        (:mod:`amulet_core.engine.decode_tail`): their choices, on the device. ``specs`` number the rows of
+        ``logits_for``, as :meth:`run`'s logits. None, having run nothing, when the step cannot be replayed (a prefill
+        chunk, no bucket that holds it, no graphs); :meth:`run` then runs it."""
+        graphs = self.graphs
+        if graphs is None or not chunks or any(c.num_tokens != 1 for c in chunks):
+            return None
+        bucket = graphs.bucket(len(chunks), max(c.start for c in chunks) + 1)
+        if bucket is None:
+            return None
+        row = {id(c.seq): i for i, c in enumerate(chunks)}
+        rows = tail_rows(specs, [row[id(seq)] for seq in logits_for])
+        try:
+            graphs.run(chunks, bucket, pending, tail=rows)
+        except Exception:  # as in run: the step runs eagerly instead, and every later one
+            logger.exception("decode graph %s failed; decode steps run eagerly from now on", bucket)
+            self.graphs = None
+            return None
+        return graphs.tail.samples()
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], logits_for: list[Sequence], pending: PendingTokens | None = None) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""A decode step's method and greedy choice computed with its forward pass, inside the decode graph.
+
+After a decode step's forward pass, the method (each request's closed form over its context rows, the
+plausibility mask) and the choice of the tokens are a few dozen small kernels; launched from Python they cost the
+host time that the overlapped engine would rather spend preparing the next step. For a step whose requests all
+decode one preference context (with or without a contrast: base, pref, la, amulet) greedily, with no logits
+processor, no grammar and no top log-probabilities (:func:`tail_eligible`; the common case of a loaded server), the
+decode graph computes them too, from static per-request inputs set before the replay, and the host copies back
+only the packed choices (:class:`~amulet_core.sampling.sampler.DeviceSamples`: tokens, their log-probabilities, the
+failed flags).
+
+The arithmetic is :func:`~amulet_core.method.rows.method_logprobs`' (through
+:func:`~amulet_core.method.rows.fixed_shape_logprobs`) and the greedy sampler's, row for row, so a step gives the
+same tokens and log-probabilities with the tail as without it, bit for bit. Request slots past the step's requests
+read row 0 as plain rows; their results are never read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from amulet_core.device_tensors import to_device
+from amulet_core.method.rows import RowSpec, fixed_shape_logprobs
+from amulet_core.sampling.params import SamplingParams
+from amulet_core.sampling.sampler import DeviceSamples
+
+
+def tail_eligible(spec: RowSpec, params: SamplingParams) -> bool:
+    """Whether a request's next token can be chosen by the tail: one preference context, greedy, no logits
+    processor (``logit_bias``, penalties, ``min_tokens``) and no top log-probabilities. (The engine also leaves out
+    requests that need the host between tokens: a grammar, a thinking span.)"""
+    return (
+        not spec.extra_rows
+        and params.greedy
+        and not params.needs_history
+        and not params.logit_bias
+        and not (params.logprobs and params.top_logprobs)
+    )
+
+
+@dataclass(frozen=True)
+class TailRow:
+    """One request's rows in the step's (padded) logits, and its method's numbers."""
+
+    primary: int
+    contrast: int | None
+    coefficient: float
+    plausibility: float
+
+
+def tail_rows(specs: Sequence[RowSpec], row_of: Sequence[int]) -> list[TailRow]:
+    """The tail's rows of ``specs``, whose row numbers index ``row_of`` (the logits' rows in the padded step)."""
+    return [
+        TailRow(
+            row_of[s.primary_row],
+            None if s.contrast is None else row_of[s.contrast],
+            1.0 if s.coefficient is None else s.coefficient,
+            s.method.plausibility if s.contrast is not None else 0.0,
+        )
+        for s in specs
+    ]
+
+
+class DecodeTail:
+    """Static inputs and outputs of the tail for up to ``max_requests`` requests over a ``[max_rows, V]`` logits buffer.
+
+    Contract: :meth:`set_rows` before the launch that computes it (:meth:`compute`, captured or eager), then
+    :meth:`samples` for that step's requests; the next :meth:`set_rows` may overwrite what :meth:`samples` returned
+    once the step's copy to the host has been queued.
+    """
+
+    def __init__(self, max_requests: int, max_rows: int, device: torch.device) -> None:
+        self.max_rows = max_rows
+        self.index = torch.zeros(2, max_requests, dtype=torch.long, device=device)
+        """Each request's primary and contrast rows."""
+        self.numbers = torch.zeros(2, max_requests, dtype=torch.float32, device=device)
+        """Each request's coefficient and plausibility."""
+        self.flags = torch.zeros(2, max_requests, dtype=torch.bool, device=device)
+        """Each request: plain (no contrast), renormalised (the plausibility pass)."""
+        self.tokens = torch.zeros(max_requests, dtype=torch.long, device=device)
+        self.packed = torch.zeros(3, max_requests, dtype=torch.float64, device=device)
+        self.count = 0
+        """Requests of the step :meth:`set_rows` set up."""
+
+    def set_rows(self, rows: Sequence[TailRow]) -> None:
+        """The step's requests, in order (slots past them keep what they held: valid rows, never read)."""
+        n = len(rows)
+        if not 0 < n <= self.tokens.shape[0] or any(
+            not 0 <= r <= self.max_rows - 1 for row in rows for r in (row.primary, row.contrast or 0)
+        ):
+            raise ValueError(f"{n} tail rows for {self.tokens.shape[0]} slots over {self.max_rows} logits rows")
+        renormalise = any(row.plausibility > 0 for row in rows if row.contrast is not None)
+        device = self.index.device
+        self.index[:, :n].copy_(
+            to_device([[r.primary for r in rows], [r.primary if r.contrast is None else r.contrast for r in rows]], device)
+        )
+        self.numbers[:, :n].copy_(
+            to_device([[r.coefficient for r in rows], [r.plausibility for r in rows]], device, torch.float32)
+        )
+        self.flags[:, :n].copy_(to_device([[r.contrast is None for r in rows], [renormalise] * n], device, torch.bool))
+        self.count = n
+
+    def compute(self, logits: torch.Tensor, slots: int) -> None:
+        """The first ``slots`` requests' method and greedy choice over ``logits`` (``[max_rows, V]`` float32), into
+        the static outputs; no host synchronisation."""
+        primary = logits.index_select(0, self.index[0, :slots])
+        contrast = logits.index_select(0, self.index[1, :slots])
+        coefficients, betas = self.numbers[0, :slots].unsqueeze(1), self.numbers[1, :slots]
+        logprobs = fixed_shape_logprobs(primary, contrast, coefficients, betas, self.flags[0, :slots], self.flags[1, :slots])
+        best, tokens = logprobs.max(dim=-1)  # the first maximum on ties, as the sampler's
+        self.tokens[:slots].copy_(tokens)
+        self.packed[0, :slots].copy_(tokens)
+        self.packed[1, :slots].copy_(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        self.packed[2, :slots].copy_(~torch.isfinite(best))
+
+    def samples(self) -> DeviceSamples:
+        """The choices of the step :meth:`set_rows` set up, as the sampler gives them (packed: tokens, log-probabilities,
+        failed flags), copies of the static outputs (the next step overwrites those)."""
+        n = self.count
+        return DeviceSamples(self.tokens[:n].clone(), self.packed[:, :n].reshape(-1).clone(), 0)
