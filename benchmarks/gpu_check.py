@@ -9,7 +9,7 @@ Steps, each timed and recorded (a failing step is recorded and the next one runs
    unbatched reference on tiny Llama / Qwen2 / Mistral, every method, prefix-cache hit, preemption, abort frees KV;
    decode steps replayed from CUDA graphs give the same tokens; the compiled paged decode kernel against attention
    written out in float64 and against the gathered SDPA path, in float32 and bfloat16, and the engine's answers with
-   it; the method and greedy choice captured in the graphs give the host's tokens and log-probabilities), run without
+   it; the method and the choice of tokens captured in the graphs give the host's tokens and log-probabilities), run without
    tests/conftest.py (``tests.engine.gpu_plugin``) so that the server's packages need not be installed.
    ``kernel``: the paged decode kernel alone against the gathered SDPA path on the two shapes' attention, error
    and time (``benchmarks.paged_decode_check``).

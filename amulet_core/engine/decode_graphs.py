@@ -11,7 +11,7 @@ tokens' cache slots, the context lengths and the block tables. The context slots
 mask are computed inside the graph from the tables and lengths. A padding row reads and writes the
 scratch block, which the block manager never hands out; its logits are dropped. Every graph ends by
 copying its logits into one static buffer allocated outside the graphs' memory pool, so the graphs can
-share that pool and be replayed in any order, then computing the step's method and greedy choice over that buffer
+share that pool and be replayed in any order, then computing the step's method and choice of tokens over that buffer
 (:mod:`amulet_core.engine.decode_tail`) for the requests :meth:`DecodeGraphs.run` was given as its ``tail``.
 
 :meth:`DecodeGraphs.capture_at_start` captures the buckets smallest first within a time budget, so that the
@@ -111,7 +111,7 @@ class DecodeGraphs:
         self.tables = torch.full((max_batch, max_len // self.block_size), scratch_block, dtype=torch.long, device=device)
         self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=device)
         self.tail = DecodeTail(max_batch, max_batch, device)
-        """The method and greedy choice over the logits (:mod:`amulet_core.engine.decode_tail`): in every captured graph,
+        """The method and choice of tokens over the logits (:mod:`amulet_core.engine.decode_tail`): in every captured graph,
         computed eagerly only for a step that asks for it."""
         self.tail_steps = 0
         """Steps whose tokens the tail chose."""

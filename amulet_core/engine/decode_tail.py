@@ -1,22 +1,27 @@
-"""A decode step's method and greedy choice computed with its forward pass, inside the decode graph.
+"""A decode step's method and choice of tokens computed with its forward pass, inside the decode graph.
 
 After a decode step's forward pass, the method (each request's closed form over its context rows, the
 plausibility mask) and the choice of the tokens are a few dozen small kernels; launched from Python they cost the
 host time that the overlapped engine would rather spend preparing the next step. For a step whose requests all
 decode one preference context (with or without a contrast: base, pref, la, amulet) greedily, with no logits
-processor, no grammar and no top log-probabilities (:func:`tail_eligible`; the common case of a loaded server), the
+processor, no grammar and no top log-probabilities, greedily or sampled without a seed, top-k or top-p
+(:func:`tail_eligible`; the common case of a loaded server, OpenAI clients sampling at a temperature), the
 decode graph computes them too, from static per-request inputs set before the replay, and the host copies back
 only the packed choices (:class:`~amulet_core.sampling.sampler.DeviceSamples`: tokens, their log-probabilities, the
 failed flags).
 
 The arithmetic is :func:`~amulet_core.method.rows.method_logprobs`' (through
-:func:`~amulet_core.method.rows.fixed_shape_logprobs`) and the greedy sampler's, row for row, so a step gives the
-same tokens and log-probabilities with the tail as without it, bit for bit. Request slots past the step's requests
-read row 0 as plain rows; their results are never read.
+:func:`~amulet_core.method.rows.fixed_shape_logprobs`) and the greedy sampler's, row for row, so a greedy step gives
+the same tokens and log-probabilities with the tail as without it, bit for bit. A sampled row divides by its
+temperature and drops the tokens below ``min_p`` as the sampler does, then draws with the exponential race
+(``argmax(p / E)``, ``E ~ Exp(1)``: the same distribution as a multinomial draw, in a fixed shape, from the default
+generator as an unseeded request's draw is). Request slots past the step's requests keep valid rows; their results
+are never read.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,12 +34,14 @@ from amulet_core.sampling.sampler import DeviceSamples
 
 
 def tail_eligible(spec: RowSpec, params: SamplingParams) -> bool:
-    """Whether a request's next token can be chosen by the tail: one preference context, greedy, no logits
+    """Whether a request's next token can be chosen by the tail: one preference context; greedy, or sampled with
+    neither a seed (its draws come from its own generator) nor top-k or top-p (they sort the vocabulary); no logits
     processor (``logit_bias``, penalties, ``min_tokens``) and no top log-probabilities. (The engine also leaves out
     requests that need the host between tokens: a grammar, a thinking span.)"""
+    sampled_here = params.seed is None and params.top_k == 0 and params.top_p >= 1.0
     return (
         not spec.extra_rows
-        and params.greedy
+        and (params.greedy or sampled_here)
         and not params.needs_history
         and not params.logit_bias
         and not (params.logprobs and params.top_logprobs)
@@ -49,18 +56,24 @@ class TailRow:
     contrast: int | None
     coefficient: float
     plausibility: float
+    temperature: float = 0.0
+    """0: greedy."""
+    min_p: float = 0.0
 
 
-def tail_rows(specs: Sequence[RowSpec], row_of: Sequence[int]) -> list[TailRow]:
-    """The tail's rows of ``specs``, whose row numbers index ``row_of`` (the logits' rows in the padded step)."""
+def tail_rows(specs: Sequence[RowSpec], row_of: Sequence[int], params: Sequence[SamplingParams]) -> list[TailRow]:
+    """The tail's rows of ``specs``, whose row numbers index ``row_of`` (the logits' rows in the padded step), each
+    sampled with ``params``."""
     return [
         TailRow(
             row_of[s.primary_row],
             None if s.contrast is None else row_of[s.contrast],
             1.0 if s.coefficient is None else s.coefficient,
             s.method.plausibility if s.contrast is not None else 0.0,
+            0.0 if p.greedy else p.temperature,
+            0.0 if p.greedy else p.min_p,
         )
-        for s in specs
+        for s, p in zip(specs, params, strict=True)
     ]
 
 
@@ -76,10 +89,11 @@ class DecodeTail:
         self.max_rows = max_rows
         self.index = torch.zeros(2, max_requests, dtype=torch.long, device=device)
         """Each request's primary and contrast rows."""
-        self.numbers = torch.zeros(2, max_requests, dtype=torch.float32, device=device)
-        """Each request's coefficient and plausibility."""
-        self.flags = torch.zeros(2, max_requests, dtype=torch.bool, device=device)
-        """Each request: plain (no contrast), renormalised (the plausibility pass)."""
+        self.numbers = torch.ones(4, max_requests, dtype=torch.float32, device=device)
+        """Each request's coefficient, plausibility, temperature (1 for a greedy row) and log(min_p) (-inf for none)."""
+        self.numbers[3].fill_(-math.inf)
+        self.flags = torch.ones(3, max_requests, dtype=torch.bool, device=device)
+        """Each request: plain (no contrast), renormalised (the plausibility pass), greedy."""
         self.tokens = torch.zeros(max_requests, dtype=torch.long, device=device)
         self.packed = torch.zeros(3, max_requests, dtype=torch.float64, device=device)
         self.count = 0
@@ -97,24 +111,34 @@ class DecodeTail:
         self.index[:, :n].copy_(
             to_device([[r.primary for r in rows], [r.primary if r.contrast is None else r.contrast for r in rows]], device)
         )
-        self.numbers[:, :n].copy_(
-            to_device([[r.coefficient for r in rows], [r.plausibility for r in rows]], device, torch.float32)
-        )
-        self.flags[:, :n].copy_(to_device([[r.contrast is None for r in rows], [renormalise] * n], device, torch.bool))
+        temperatures = [r.temperature if r.temperature > 0 else 1.0 for r in rows]
+        log_min_p = [math.log(r.min_p) if r.min_p > 0 else -math.inf for r in rows]
+        numbers = [[r.coefficient for r in rows], [r.plausibility for r in rows], temperatures, log_min_p]
+        self.numbers[:, :n].copy_(to_device(numbers, device, torch.float32))
+        flags = [[r.contrast is None for r in rows], [renormalise] * n, [r.temperature <= 0 for r in rows]]
+        self.flags[:, :n].copy_(to_device(flags, device, torch.bool))
         self.count = n
 
     def compute(self, logits: torch.Tensor, slots: int) -> None:
-        """The first ``slots`` requests' method and greedy choice over ``logits`` (``[max_rows, V]`` float32), into
+        """The first ``slots`` requests' method and choice over ``logits`` (``[max_rows, V]`` float32), into
         the static outputs; no host synchronisation."""
         primary = logits.index_select(0, self.index[0, :slots])
         contrast = logits.index_select(0, self.index[1, :slots])
         coefficients, betas = self.numbers[0, :slots].unsqueeze(1), self.numbers[1, :slots]
         logprobs = fixed_shape_logprobs(primary, contrast, coefficients, betas, self.flags[0, :slots], self.flags[1, :slots])
-        best, tokens = logprobs.max(dim=-1)  # the first maximum on ties, as the sampler's
+        best, best_tokens = logprobs.max(dim=-1)  # the first maximum on ties, as the sampler's
+        scores = logprobs / self.numbers[2, :slots].unsqueeze(1)
+        scores = scores.masked_fill(scores < scores.amax(dim=-1, keepdim=True) + self.numbers[3, :slots].unsqueeze(1), -math.inf)
+        probs = torch.softmax(scores, dim=-1)
+        no_mass = ~(probs.sum(dim=-1) > 0)  # NaN or no mass, as the sampler finds it
+        race = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)  # never 0: p / 0
+        drawn = (probs / race).argmax(dim=-1)
+        greedy = self.flags[2, :slots]
+        tokens = torch.where(greedy, best_tokens, drawn)
         self.tokens[:slots].copy_(tokens)
         self.packed[0, :slots].copy_(tokens)
         self.packed[1, :slots].copy_(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1))
-        self.packed[2, :slots].copy_(~torch.isfinite(best))
+        self.packed[2, :slots].copy_(torch.where(greedy, ~torch.isfinite(best), no_mass))
 
     def samples(self) -> DeviceSamples:
         """The choices of the step :meth:`set_rows` set up, as the sampler gives them (packed: tokens, log-probabilities,

@@ -178,7 +178,7 @@ class LLMEngine:
     def _tail_samples(
         self, plan: StepPlan, logits_for: list[Sequence], states: list[RequestState], pending: PendingTokens | None
     ) -> DeviceSamples | None:
-        """The step run through the decode graphs with its method and greedy choice inside, when every request allows
+        """The step run through the decode graphs with its method and choice of tokens inside, when every request allows
         it (:func:`tail_eligible`, and nothing between tokens on the host: :func:`overlappable`); None, having run
         nothing, otherwise."""
         if self.runner.graphs is None or not overlappable(states):
@@ -186,7 +186,8 @@ class LLMEngine:
         specs = self._specs(states)
         if not all(tail_eligible(spec, state.request.sampling) for spec, state in zip(specs, states, strict=True)):
             return None
-        return self.runner.run_with_tail(plan.chunks, logits_for, specs, pending)
+        params = [state.request.sampling for state in states]
+        return self.runner.run_with_tail(plan.chunks, logits_for, specs, params, pending)
 
     def _running(self, state: RequestState) -> bool:
         return self.requests.get(state.request.request_id) is state

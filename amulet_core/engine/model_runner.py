@@ -47,6 +47,7 @@ from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.sequence import Sequence
 from amulet_core.method.rows import RowSpec
 from amulet_core.model.loading import LoadedModel
+from amulet_core.sampling.params import SamplingParams
 from amulet_core.sampling.sampler import DeviceSamples
 
 logger = logging.getLogger(__name__)
@@ -329,10 +330,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_with_tail(
-        self, chunks: list[ScheduledChunk], logits_for: list[Sequence], specs: list[RowSpec], pending: PendingTokens | None
+        self,
+        chunks: list[ScheduledChunk],
+        logits_for: list[Sequence],
+        specs: list[RowSpec],
+        params: list[SamplingParams],
+        pending: PendingTokens | None,
     ) -> DeviceSamples | None:
-        """A decode-only step through the decode graphs with the requests' method and greedy choice inside
-        (:mod:`amulet_core.engine.decode_tail`): their choices, on the device. ``specs`` number the rows of
+        """A decode-only step through the decode graphs with the requests' method and choice of tokens inside
+        (:mod:`amulet_core.engine.decode_tail`): their choices (with ``params``), on the device. ``specs`` number the rows of
         ``logits_for``, as :meth:`run`'s logits. None, having run nothing, when the step cannot be replayed (a prefill
         chunk, no bucket that holds it, no graphs); :meth:`run` then runs it."""
         graphs = self.graphs
@@ -342,7 +348,7 @@ class ModelRunner:
         if bucket is None:
             return None
         row = {id(c.seq): i for i, c in enumerate(chunks)}
-        rows = tail_rows(specs, [row[id(seq)] for seq in logits_for])
+        rows = tail_rows(specs, [row[id(seq)] for seq in logits_for], params)
         try:
             graphs.run(chunks, bucket, pending, tail=rows)
         except Exception:  # as in run: the step runs eagerly instead, and every later one
