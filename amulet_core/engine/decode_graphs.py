@@ -110,12 +110,14 @@ class DecodeGraphs:
         """Token ids, positions, new-token slots and context lengths of the rows."""
         self.tables = torch.full((max_batch, max_len // self.block_size), scratch_block, dtype=torch.long, device=device)
         self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=device)
-        self.tail = DecodeTail(max_batch, max_batch, device)
+        self.tail = DecodeTail(max_batch, max_batch, vocab, device)
         """The method and choice of tokens over the logits (:mod:`amulet_core.engine.decode_tail`): in every captured graph,
         computed eagerly only for a step that asks for it."""
         self.tail_steps = 0
         """Steps whose tokens the tail chose."""
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.filtering_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        """The same buckets with the tail's top-k / top-p pass (two vocabulary sorts), captured on first use."""
         self.pool: Any = None
         self.capture_seconds = 0.0
         """Time spent warming up and capturing graphs, all buckets together."""
@@ -183,20 +185,20 @@ class DecodeGraphs:
         if pending is not None:
             fill_pending(self.rows[0, : len(chunks)], token_ids[: len(chunks)], chunks, pending)
         self.tables[:size, :blocks].copy_(to_device(tables, self.device, torch.long).view(size, blocks))
-        self.launch(bucket, with_tail=tail is not None)
+        self.launch(bucket, with_tail=tail is not None, filtering=tail is not None and self.tail.filtering)
         return self.logits[: len(chunks)]
 
-    def launch(self, bucket: tuple[int, int], with_tail: bool = False) -> None:
-        """The bucket's forward pass over the static inputs (and the tail): replayed, captured first, or run eagerly
-        (the tail only ``with_tail``)."""
+    def launch(self, bucket: tuple[int, int], with_tail: bool = False, filtering: bool = False) -> None:
+        """The bucket's forward pass over the static inputs (and the tail, with its top-k / top-p pass where
+        ``filtering``): replayed, captured first, or run eagerly (the tail only ``with_tail``)."""
         if not self.capture:
-            self._forward(*bucket, with_tail=with_tail)
-        elif (graph := self.graphs.get(bucket)) is not None:
+            self._forward(*bucket, with_tail=with_tail, filtering=filtering)
+        elif (graph := (self.filtering_graphs if filtering else self.graphs).get(bucket)) is not None:
             graph.replay()
         else:
-            self._capture(bucket)
+            self._capture(bucket, filtering)
 
-    def _forward(self, size: int, length: int, with_tail: bool = True) -> None:
+    def _forward(self, size: int, length: int, with_tail: bool = True, filtering: bool = False) -> None:
         """The padded forward pass of one bucket, and the tail over its first ``size`` request slots, reading only the
         static inputs."""
         token_ids, positions, slots, lengths = self.rows[:, :size]
@@ -211,22 +213,22 @@ class DecodeGraphs:
             logits = self.forward(token_ids.unsqueeze(0), positions.unsqueeze(0), 0, batch)
         self.logits[:size].copy_(logits[0])
         if with_tail:
-            self.tail.compute(self.logits, size)
+            self.tail.compute(self.logits, size, filtering)
 
-    def _capture(self, bucket: tuple[int, int]) -> None:
+    def _capture(self, bucket: tuple[int, int], filtering: bool = False) -> None:
         """Warm up, capture and replay the bucket's graph. The warm-up writes the real rows' keys and
         values, which the replay writes again, identically."""
         start = time.perf_counter()
         size, length = bucket
         torch.cuda.synchronize(self.device)
-        self._forward(size, length)  # lazy initialisation (cuBLAS handles, kernels) must not happen while capturing
+        self._forward(size, length, filtering=filtering)  # lazy initialisation (cuBLAS handles, kernels) not while capturing
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._forward(size, length)
+            self._forward(size, length, filtering=filtering)
         if self.pool is None:
             self.pool = graph.pool()
-        self.graphs[bucket] = graph
+        (self.filtering_graphs if filtering else self.graphs)[bucket] = graph
         graph.replay()
         torch.cuda.synchronize(self.device)
         self.capture_seconds += time.perf_counter() - start

@@ -3,9 +3,9 @@
 After a decode step's forward pass, the method (each request's closed form over its context rows, the
 plausibility mask) and the choice of the tokens are a few dozen small kernels; launched from Python they cost the
 host time that the overlapped engine would rather spend preparing the next step. For a step whose requests all
-decode one preference context (with or without a contrast: base, pref, la, amulet) greedily, with no logits
-processor, no grammar and no top log-probabilities, greedily or sampled without a seed, top-k or top-p
-(:func:`tail_eligible`; the common case of a loaded server, OpenAI clients sampling at a temperature), the
+decode one preference context (with or without a contrast: base, pref, la, amulet), greedily or sampled without a
+seed, with no logits processor, no grammar and no top log-probabilities (:func:`tail_eligible`; the common case of
+a loaded server and of OpenAI clients), the
 decode graph computes them too, from static per-request inputs set before the replay, and the host copies back
 only the packed choices (:class:`~amulet_core.sampling.sampler.DeviceSamples`: tokens, their log-probabilities, the
 failed flags).
@@ -13,7 +13,8 @@ failed flags).
 The arithmetic is :func:`~amulet_core.method.rows.method_logprobs`' (through
 :func:`~amulet_core.method.rows.fixed_shape_logprobs`) and the greedy sampler's, row for row, so a greedy step gives
 the same tokens and log-probabilities with the tail as without it, bit for bit. A sampled row divides by its
-temperature and drops the tokens below ``min_p`` as the sampler does, then draws with the exponential race
+temperature and drops the tokens below ``min_p``, past ``top_k`` and past ``top_p`` as the sampler does (the last
+two sort the vocabulary: only the graphs of the steps that have them do), then draws with the exponential race
 (``argmax(p / E)``, ``E ~ Exp(1)``: the same distribution as a multinomial draw, in a fixed shape, from the default
 generator as an unseeded request's draw is). Request slots past the step's requests keep valid rows; their results
 are never read.
@@ -34,14 +35,13 @@ from amulet_core.sampling.sampler import DeviceSamples
 
 
 def tail_eligible(spec: RowSpec, params: SamplingParams) -> bool:
-    """Whether a request's next token can be chosen by the tail: one preference context; greedy, or sampled with
-    neither a seed (its draws come from its own generator) nor top-k or top-p (they sort the vocabulary); no logits
-    processor (``logit_bias``, penalties, ``min_tokens``) and no top log-probabilities. (The engine also leaves out
-    requests that need the host between tokens: a grammar, a thinking span.)"""
-    sampled_here = params.seed is None and params.top_k == 0 and params.top_p >= 1.0
+    """Whether a request's next token can be chosen by the tail: one preference context; greedy, or sampled without a
+    seed (a seeded request draws from its own generator); no logits processor (``logit_bias``, penalties,
+    ``min_tokens``) and no top log-probabilities. (The engine also leaves out requests that need the host between
+    tokens: a grammar, a thinking span.)"""
     return (
         not spec.extra_rows
-        and (params.greedy or sampled_here)
+        and (params.greedy or params.seed is None)
         and not params.needs_history
         and not params.logit_bias
         and not (params.logprobs and params.top_logprobs)
@@ -59,6 +59,9 @@ class TailRow:
     temperature: float = 0.0
     """0: greedy."""
     min_p: float = 0.0
+    top_k: int = 0
+    """0: off (as one at least the vocabulary's size)."""
+    top_p: float = 1.0
 
 
 def tail_rows(specs: Sequence[RowSpec], row_of: Sequence[int], params: Sequence[SamplingParams]) -> list[TailRow]:
@@ -72,21 +75,25 @@ def tail_rows(specs: Sequence[RowSpec], row_of: Sequence[int], params: Sequence[
             s.method.plausibility if s.contrast is not None else 0.0,
             0.0 if p.greedy else p.temperature,
             0.0 if p.greedy else p.min_p,
+            0 if p.greedy else p.top_k,
+            1.0 if p.greedy else p.top_p,
         )
         for s, p in zip(specs, params, strict=True)
     ]
 
 
 class DecodeTail:
-    """Static inputs and outputs of the tail for up to ``max_requests`` requests over a ``[max_rows, V]`` logits buffer.
+    """Static inputs and outputs of the tail for up to ``max_requests`` requests over a ``[max_rows, vocab]`` logits
+    buffer.
 
     Contract: :meth:`set_rows` before the launch that computes it (:meth:`compute`, captured or eager), then
     :meth:`samples` for that step's requests; the next :meth:`set_rows` may overwrite what :meth:`samples` returned
     once the step's copy to the host has been queued.
     """
 
-    def __init__(self, max_requests: int, max_rows: int, device: torch.device) -> None:
+    def __init__(self, max_requests: int, max_rows: int, vocab: int, device: torch.device) -> None:
         self.max_rows = max_rows
+        self.vocab = vocab
         self.index = torch.zeros(2, max_requests, dtype=torch.long, device=device)
         """Each request's primary and contrast rows."""
         self.numbers = torch.ones(4, max_requests, dtype=torch.float32, device=device)
@@ -94,6 +101,11 @@ class DecodeTail:
         self.numbers[3].fill_(-math.inf)
         self.flags = torch.ones(3, max_requests, dtype=torch.bool, device=device)
         """Each request: plain (no contrast), renormalised (the plausibility pass), greedy."""
+        self.top_k = torch.zeros(max_requests, dtype=torch.long, device=device)
+        """Each request's top-k, 0 for none (its k-th largest score is then -inf: nothing dropped)."""
+        self.top_p = torch.ones(max_requests, dtype=torch.float32, device=device)
+        self.filtering = False
+        """Whether a request of the step :meth:`set_rows` set up has a top-k or a top-p (the sorting pass)."""
         self.tokens = torch.zeros(max_requests, dtype=torch.long, device=device)
         self.packed = torch.zeros(3, max_requests, dtype=torch.float64, device=device)
         self.count = 0
@@ -117,11 +129,17 @@ class DecodeTail:
         self.numbers[:, :n].copy_(to_device(numbers, device, torch.float32))
         flags = [[r.contrast is None for r in rows], [renormalise] * n, [r.temperature <= 0 for r in rows]]
         self.flags[:, :n].copy_(to_device(flags, device, torch.bool))
+        vocab = self.vocab
+        top_k = [r.top_k if 0 < r.top_k < vocab else 0 for r in rows]
+        self.top_k[:n].copy_(to_device(top_k, device, torch.long))
+        self.top_p[:n].copy_(to_device([r.top_p for r in rows], device, torch.float32))
+        self.filtering = any(top_k) or any(r.top_p < 1.0 for r in rows)
         self.count = n
 
-    def compute(self, logits: torch.Tensor, slots: int) -> None:
+    def compute(self, logits: torch.Tensor, slots: int, filtering: bool = False) -> None:
         """The first ``slots`` requests' method and choice over ``logits`` (``[max_rows, V]`` float32), into
-        the static outputs; no host synchronisation."""
+        the static outputs; no host synchronisation. ``filtering``: with the top-k and top-p pass (the rows without
+        them are left as they are by it)."""
         primary = logits.index_select(0, self.index[0, :slots])
         contrast = logits.index_select(0, self.index[1, :slots])
         coefficients, betas = self.numbers[0, :slots].unsqueeze(1), self.numbers[1, :slots]
@@ -129,7 +147,18 @@ class DecodeTail:
         best, best_tokens = logprobs.max(dim=-1)  # the first maximum on ties, as the sampler's
         scores = logprobs / self.numbers[2, :slots].unsqueeze(1)
         scores = scores.masked_fill(scores < scores.amax(dim=-1, keepdim=True) + self.numbers[3, :slots].unsqueeze(1), -math.inf)
+        if filtering:  # the sampler's top-k, with a sort instead of its topk(k_max): the same k-th values
+            ordered = torch.sort(scores, dim=-1, descending=True).values
+            k = self.top_k[:slots].unsqueeze(1)
+            kth = ordered.gather(1, (k - 1).clamp_min(0)).masked_fill(k == 0, -math.inf)
+            scores = scores.masked_fill(scores < kth, -math.inf)
         probs = torch.softmax(scores, dim=-1)
+        if filtering:  # the sampler's top-p: keep the smallest set of the most likely tokens that reaches it
+            top_p = self.top_p[:slots].unsqueeze(1)
+            sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+            cumulative = torch.cumsum(sorted_probs, dim=-1)
+            drop_sorted = (cumulative - sorted_probs > top_p) & (top_p < 1.0)
+            probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), 0.0)
         no_mass = ~(probs.sum(dim=-1) > 0)  # NaN or no mass, as the sampler finds it
         race = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)  # never 0: p / 0
         drawn = (probs / race).argmax(dim=-1)

@@ -9,7 +9,6 @@ every method, overlapped or not), and which steps may use it at all.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.method.rows import RowSpec, method_logprobs
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.sampling.params import SamplingParams
-from amulet_core.sampling.sampler import read_samples, sample_on_device
+from amulet_core.sampling.sampler import _filtered_probs, read_samples, sample_on_device
 from tests.engine.test_decode_graphs import padded_engine
 from tests.engine.test_engine import METHODS, drain, make_request, prompts
 from tests.engine.test_overlap import comparable
@@ -69,7 +68,7 @@ def test_the_tail_gives_the_bits_of_the_method_and_the_greedy_sampler(layout):
     greedy = [SamplingParams(temperature=0, logprobs=True)] * len(specs)
 
     host = sample_on_device(method_logprobs(logits, specs), greedy, [None] * len(specs))
-    tail = DecodeTail(slots, slots, logits.device)
+    tail = DecodeTail(slots, slots, VOCAB, logits.device)
     tail.set_rows(tail_rows(specs, range(rows), greedy))
     tail.compute(buffer, slots)
     samples = tail.samples()
@@ -79,53 +78,58 @@ def test_the_tail_gives_the_bits_of_the_method_and_the_greedy_sampler(layout):
     assert read_samples(samples.packed.tolist(), greedy, 0) == read_samples(host.packed.tolist(), greedy, 0)
 
 
-def test_sampled_rows_draw_from_the_samplers_distribution():
-    """Temperature and min_p as the sampler applies them, drawn by the exponential race: never a token the sampler
-    could not draw, and the frequencies of 20,000 draws (a fixed seed) within 0.04 in total variation of the
-    sampler's probabilities; a greedy row beside them keeps its argmax and its bits."""
-    specs = [plain(0), pair(1, AMULET), pair(3, FLAT), plain(5)]
-    params = [
-        SamplingParams(temperature=0.7),
-        SamplingParams(temperature=1.3, min_p=0.05),
-        SamplingParams(temperature=1.0, min_p=0.2),
-        SamplingParams(temperature=0),
-    ]
-    logits = logits_with_holes(6, seed=11) / 2
+SAMPLED = [  # each with the method of its rows (None: a plain row); the top-k rows flat enough for k to cut
+    (SamplingParams(temperature=0.7), None),
+    (SamplingParams(temperature=1.3, min_p=0.05), AMULET),
+    (SamplingParams(temperature=1.0, min_p=0.2), FLAT),
+    (SamplingParams(temperature=1.2, top_k=7), None),
+    (SamplingParams(temperature=0.9, top_p=0.8), FLAT),
+    (SamplingParams(temperature=1.1, top_k=12, top_p=0.9, min_p=0.01), FLAT),
+    (SamplingParams(temperature=1.0, top_k=VOCAB), None),  # as none
+]
+
+
+@pytest.mark.parametrize("filtering", [False, True], ids=["temperature and min_p", "top-k and top-p too"])
+def test_sampled_rows_draw_from_the_samplers_distribution(filtering):
+    """Temperature, min_p, top-k and top-p as the sampler applies them (its per-row oracle), drawn by the exponential
+    race: never a token the sampler could not draw, and the frequencies of 12,000 draws (a fixed seed) within 0.05
+    in total variation of the sampler's probabilities; a greedy row beside them keeps its argmax and its bits."""
+    chosen = [(p, m) for p, m in SAMPLED if filtering or (p.top_k == 0 and p.top_p == 1.0)]
+    chosen.append((SamplingParams(temperature=0), AMULET))
+    params = [p for p, _ in chosen]
+    n = len(params)
+    specs = [plain(2 * i) if method is None else pair(2 * i, method) for i, (_, method) in enumerate(chosen)]
+    rows = 2 * n
+    logits = logits_with_holes(rows, seed=11) / 2
     logprobs = method_logprobs(logits, specs)
-    expected = []
-    for row, p in zip(logprobs[:3], params[:3], strict=True):
-        scores = row / torch.tensor(p.temperature, dtype=torch.float32)
-        if p.min_p:
-            scores = scores.masked_fill(scores < scores.max() + math.log(p.min_p), -math.inf)
-        expected.append(torch.softmax(scores, dim=-1))
-    tail = DecodeTail(8, 8, logits.device)
-    tail.set_rows(tail_rows(specs, range(6), params))
-    buffer = torch.zeros(8, VOCAB)
-    buffer[:6] = logits
+    expected = [_filtered_probs(logprobs[i], p) for i, p in enumerate(params[:-1])]
+    expected = [probs / probs.sum() for probs in expected]  # top-p leaves them unnormalised: the draw normalises
+    tail = DecodeTail(16, rows, VOCAB, logits.device)
+    tail.set_rows(tail_rows(specs, range(rows), params))
+    assert tail.filtering == filtering
     torch.manual_seed(1234)
-    draws = 20_000
-    counts = torch.zeros(3, VOCAB)
+    draws = 12_000
+    counts = torch.zeros(n - 1, VOCAB)
     for _ in range(draws):
-        tail.compute(buffer, 8)
+        tail.compute(logits, n, filtering)
         samples = tail.samples()
-        counts[torch.arange(3), samples.tokens[:3]] += 1
-        assert samples.tokens[3] == logprobs[3].argmax() and not samples.packed[8:].any()  # greedy; none failed
-    for row in range(3):
-        assert not counts[row][expected[row] == 0].any(), row  # nothing the sampler rules out
-        distance = 0.5 * (counts[row] / draws - expected[row]).abs().sum()
-        assert distance < 0.04, (row, distance)
+        counts[torch.arange(n - 1), samples.tokens[:-1]] += 1
+        assert samples.tokens[-1] == logprobs[-1].argmax() and not samples.packed[2 * n :].any()  # greedy; no failure
+    for row, probs in enumerate(expected):
+        assert not counts[row][probs == 0].any(), params[row]  # nothing the sampler rules out
+        distance = 0.5 * (counts[row] / draws - probs).abs().sum()
+        assert distance < 0.05, (params[row], distance)
 
 
 def test_which_requests_the_tail_may_choose_for():
     spec = pair(0, AMULET)
     assert tail_eligible(spec, SamplingParams(temperature=0)) and tail_eligible(plain(0), SamplingParams(temperature=0))
     assert tail_eligible(spec, SamplingParams(temperature=0, logprobs=True))  # the chosen token's: in the copy
-    assert tail_eligible(spec, SamplingParams(temperature=0.7, min_p=0.1))  # sampled from the default generator
+    for sampled in (SamplingParams(temperature=0.7, min_p=0.1), SamplingParams(top_k=5, top_p=0.9)):
+        assert tail_eligible(spec, sampled)  # drawn from the default generator
     several = RowSpec(0, 2, AMULET, 5.0, extra_rows=(1,), weights=(0.5, 0.5))
     for params, row in [
         (SamplingParams(temperature=0.7, seed=4), spec),  # its own generator
-        (SamplingParams(temperature=0.7, top_k=5), spec),
-        (SamplingParams(temperature=0.7, top_p=0.9), spec),
         (SamplingParams(temperature=0, logit_bias=((5, 2.0),)), spec),
         (SamplingParams(temperature=0, min_tokens=3), spec),
         (SamplingParams(temperature=0, presence_penalty=0.5), spec),
@@ -136,7 +140,7 @@ def test_which_requests_the_tail_may_choose_for():
 
 
 def test_set_rows_refuses_rows_outside_the_buffer():
-    tail = DecodeTail(4, 4, torch.device("cpu"))
+    tail = DecodeTail(4, 4, VOCAB, torch.device("cpu"))
     with pytest.raises(ValueError):
         tail.set_rows(tail_rows([pair(3, AMULET)], range(5), [SamplingParams()]))  # its contrast: row 4 of 4
     with pytest.raises(ValueError):
@@ -205,9 +209,9 @@ def test_a_step_with_a_request_the_tail_cannot_serve_takes_the_host_path(tiny_mo
 
 
 def test_unseeded_sampled_requests_are_drawn_in_the_tail_beside_greedy_ones(tiny_model):
-    """Requests sampled at a temperature (and min_p) without a seed, as OpenAI clients send them, beside greedy ones:
-    every decode step is the tail's; the greedy answers are the host's, bit for bit; the sampled ones run their
-    length; the draws vary with the default generator's state, as an unseeded request's do."""
+    """Requests sampled at a temperature (with min_p, top-k, top-p) without a seed, as OpenAI clients send them,
+    beside greedy ones: every decode step is the tail's; the greedy answers are the host's, bit for bit; the sampled
+    ones run their length; the draws vary with the default generator's state, as an unseeded request's do."""
     loaded = tiny_model("llama")
     config = EngineConfig(**FIELDS, overlap_host=True)
     pref, base = prompts(33, shared=12, pref_extra=5, base_extra=2)
@@ -217,6 +221,7 @@ def test_unseeded_sampled_requests_are_drawn_in_the_tail_beside_greedy_ones(tiny
             make_request("greedy", AMULET, pref, base, max_tokens=10, logprobs=True, ignore_eos=True),
             make_request("warm", AMULET, pref, base, max_tokens=10, temperature=1.5, ignore_eos=True),
             make_request("cut", METHODS[0], pref, base, max_tokens=10, temperature=1.0, min_p=0.3, ignore_eos=True),
+            make_request("top", AMULET, pref, base, max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, ignore_eos=True),
         ]
 
     vocab = int(loaded.model.config.vocab_size)
@@ -231,7 +236,7 @@ def test_unseeded_sampled_requests_are_drawn_in_the_tail_beside_greedy_ones(tiny
     tokens_and_logprobs = [[out[:3] for out in got["greedy"]] for got in (first, second, host)]
     assert tokens_and_logprobs[0] == tokens_and_logprobs[1] == tokens_and_logprobs[2]  # (the usage: cache hits)
     for got in (first, second):
-        for rid in ("warm", "cut"):
+        for rid in ("warm", "cut", "top"):
             tokens = [t for out in got[rid] for t in out[1]]
             assert len(tokens) == 10 and got[rid][-1][3] == "length" and all(0 <= t < vocab for t in tokens)
     assert first["warm"] != second["warm"]  # ten tokens at temperature 1.5 from another generator state
