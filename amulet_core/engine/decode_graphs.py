@@ -26,6 +26,7 @@ graphs need no context buckets: one per batch size, captured for the longest con
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -41,6 +42,8 @@ from amulet_core.engine.overlap import PendingTokens, fill_pending
 from amulet_core.engine.packed_forward import PackedForward
 from amulet_core.engine.paged_attention import PackedBatch, PagedKVCache, decode_group, padded_block_tables
 from amulet_core.engine.scheduler import ScheduledChunk
+
+logger = logging.getLogger(__name__)
 
 
 def batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
@@ -115,6 +118,8 @@ class DecodeGraphs:
         computed eagerly only for a step that asks for it."""
         self.tail_steps = 0
         """Steps whose tokens the tail chose."""
+        self.tail_enabled = True
+        """False once the tail has failed (:meth:`launch`): no graph captured since holds it."""
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.filtering_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         """The same buckets with the tail's top-k / top-p pass (two vocabulary sorts), captured on first use."""
@@ -161,7 +166,7 @@ class DecodeGraphs:
     ) -> torch.Tensor:
         """Float32 logits ``[len(chunks), vocab]`` of the chunks' new tokens, in chunk order (a token still pending
         is taken from ``pending``'s device tensor). ``tail``: the step's requests, whose rows number the chunks; their
-        choices are then :meth:`DecodeTail.samples` of :attr:`tail`."""
+        choices are then :meth:`DecodeTail.samples` of :attr:`tail`, unless :attr:`tail_enabled` has turned False."""
         self.steps += 1
         if tail is not None:
             self.tail.set_rows(tail)
@@ -186,11 +191,25 @@ class DecodeGraphs:
             fill_pending(self.rows[0, : len(chunks)], token_ids[: len(chunks)], chunks, pending)
         self.tables[:size, :blocks].copy_(to_device(tables, self.device, torch.long).view(size, blocks))
         self.launch(bucket, with_tail=tail is not None, filtering=tail is not None and self.tail.filtering)
+        if tail is not None and not self.tail_enabled:
+            self.tail_steps -= 1  # it failed in this step: the caller reads the logits instead
         return self.logits[: len(chunks)]
 
     def launch(self, bucket: tuple[int, int], with_tail: bool = False, filtering: bool = False) -> None:
         """The bucket's forward pass over the static inputs (and the tail, with its top-k / top-p pass where
-        ``filtering``): replayed, captured first, or run eagerly (the tail only ``with_tail``)."""
+        ``filtering``): replayed, captured first, or run eagerly (the tail only ``with_tail``). Where the tail fails
+        (an operation a graph cannot hold on this device, say) it is turned off (:attr:`tail_enabled`) and the pass
+        runs again without it: the graphs stay, the host chooses the tokens."""
+        try:
+            self._launch(bucket, with_tail and self.tail_enabled, filtering and self.tail_enabled)
+        except Exception:
+            if not self.tail_enabled:
+                raise
+            logger.exception("the decode graphs' tail failed; the host chooses the tokens from now on")
+            self.tail_enabled = False
+            self._launch(bucket, False, False)
+
+    def _launch(self, bucket: tuple[int, int], with_tail: bool, filtering: bool) -> None:
         if not self.capture:
             self._forward(*bucket, with_tail=with_tail, filtering=filtering)
         elif (graph := (self.filtering_graphs if filtering else self.graphs).get(bucket)) is not None:
@@ -212,7 +231,7 @@ class DecodeGraphs:
         with batch_invariant(self.invariant) if self.invariant is not None else nullcontext():
             logits = self.forward(token_ids.unsqueeze(0), positions.unsqueeze(0), 0, batch)
         self.logits[:size].copy_(logits[0])
-        if with_tail:
+        if with_tail and self.tail_enabled:
             self.tail.compute(self.logits, size, filtering)
 
     def _capture(self, bucket: tuple[int, int], filtering: bool = False) -> None:

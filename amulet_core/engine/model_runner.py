@@ -342,7 +342,7 @@ class ModelRunner:
         ``logits_for``, as :meth:`run`'s logits. None, having run nothing, when the step cannot be replayed (a prefill
         chunk, no bucket that holds it, no graphs); :meth:`run` then runs it."""
         graphs = self.graphs
-        if graphs is None or not chunks or any(c.num_tokens != 1 for c in chunks):
+        if graphs is None or not graphs.tail_enabled or not chunks or any(c.num_tokens != 1 for c in chunks):
             return None
         bucket = graphs.bucket(len(chunks), max(c.start for c in chunks) + 1)
         if bucket is None:
@@ -355,7 +355,7 @@ class ModelRunner:
             logger.exception("decode graph %s failed; decode steps run eagerly from now on", bucket)
             self.graphs = None
             return None
-        return graphs.tail.samples()
+        return graphs.tail.samples() if graphs.tail_enabled else None  # (the tail failed: run() reads the logits)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], logits_for: list[Sequence], pending: PendingTokens | None = None) -> torch.Tensor:

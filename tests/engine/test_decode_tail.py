@@ -240,3 +240,29 @@ def test_unseeded_sampled_requests_are_drawn_in_the_tail_beside_greedy_ones(tiny
             tokens = [t for out in got[rid] for t in out[1]]
             assert len(tokens) == 10 and got[rid][-1][3] == "length" and all(0 <= t < vocab for t in tokens)
     assert first["warm"] != second["warm"]  # ten tokens at temperature 1.5 from another generator state
+
+
+def test_a_failing_tail_is_turned_off_and_the_host_chooses_the_tokens(tiny_model, caplog):
+    """The tail failing (an operation a graph cannot hold on some device): it is turned off, the graphs stay, that
+    step and every later one choose on the host, and the answers are the host path's."""
+    loaded = tiny_model("llama")
+    config = EngineConfig(**FIELDS, overlap_host=True)
+    with_tail = graphed_engine(loaded, config, tail=True)
+    graphs = with_tail.runner.graphs
+    assert graphs is not None
+    compute = graphs.tail.compute
+    calls = 0
+
+    def failing(*args, **kwargs) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("injected: operation not permitted when stream is capturing")
+        compute(*args, **kwargs)
+
+    graphs.tail.compute = failing  # type: ignore[method-assign]
+    requests = greedy_requests()
+    assert answers(with_tail, requests) == answers(graphed_engine(loaded, config, tail=False), requests)
+    assert not graphs.tail_enabled and graphs.tail_steps == 2 and calls == 3
+    assert with_tail.runner.graphs is graphs and graphs.steps > graphs.tail_steps + 5  # the graphs went on
+    assert "the decode graphs' tail failed" in caplog.text
