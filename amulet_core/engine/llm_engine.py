@@ -28,12 +28,12 @@ from amulet_core.engine.request_checks import RequestChecks
 from amulet_core.engine.request_state import RequestState
 from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
 from amulet_core.engine.sequence import Sequence
+from amulet_core.engine.step_rows import request_rows, row_history, row_specs, rule_out_early_stops
 from amulet_core.errors import InvalidParameterError, is_request_failure
 from amulet_core.grammar.compiler import GrammarCompiler
 from amulet_core.grammar.masks import grammar_masks
-from amulet_core.method.rows import RowSpec, method_logprobs
+from amulet_core.method.rows import method_logprobs
 from amulet_core.model.loading import LoadedModel
-from amulet_core.sampling.processors import RowHistory
 from amulet_core.sampling.sampler import DeviceSamples, RowSample, make_generator, sample_on_device, sample_tokens
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class LLMEngine:
         self.scheduler.complete_step(plan)
         live = [i for i, s in enumerate(states) if self._running(s)]  # not finished by the previous step's tokens
         if len(live) < len(states):
-            ranges = self._rows(states)
+            ranges = request_rows(states)
             rows = [r for i in live for r in ranges[i]]
             states, logits = [states[i] for i in live], logits.index_select(0, to_device(rows, logits.device, torch.long))
         return outputs + self._sample(states, logits)
@@ -183,7 +183,7 @@ class LLMEngine:
         nothing, otherwise."""
         if self.runner.graphs is None or not overlappable(states):
             return None
-        specs = self._specs(states)
+        specs = row_specs(states)
         if not all(tail_eligible(spec, state.request.sampling) for spec, state in zip(specs, states, strict=True)):
             return None
         params = [state.request.sampling for state in states]
@@ -192,38 +192,16 @@ class LLMEngine:
     def _running(self, state: RequestState) -> bool:
         return self.requests.get(state.request.request_id) is state
 
-    @staticmethod
-    def _rows(states: list[RequestState]) -> list[range]:
-        """Each request's rows of the step's logits (its sequences', in order)."""
-        rows, start = [], 0
-        for state in states:
-            rows.append(range(start, start + len(state.group.seqs)))
-            start += len(state.group.seqs)
-        return rows
-
     def _fail_plan(self, plan: StepPlan, message: str) -> list[GenerationOutput]:
         ids = {c.seq for c in plan.chunks}
         failed = [s for s in self.requests.values() if any(seq in ids for seq in s.group.seqs)]
         return [self._finish(s, "error", message) for s in failed]
 
-    def _specs(self, states: list[RequestState]) -> list[RowSpec]:
-        """How each request's rows make its distribution: preference contexts 1..K, then the contrast context."""
-        specs: list[RowSpec] = []
-        for state, rows in zip(states, self._rows(states), strict=True):
-            k = state.num_prefs
-            contrast = rows.start + k if len(state.group.seqs) > k else None
-            specs.append(
-                RowSpec.of(
-                    range(rows.start, rows.start + k), state.weights, contrast, state.request.method, state.step_coefficient
-                )
-            )
-        return specs
-
     def _launch(self, states: list[RequestState], logits: torch.Tensor) -> tuple[PendingStep | None, list[GenerationOutput]]:
         """Queue the requests' method and sampling on the device (no grammar, no history: :func:`overlappable`) and
         give their sequences placeholders; or, where that fails, their error outputs."""
         try:
-            logprobs = method_logprobs(logits, self._specs(states))
+            logprobs = method_logprobs(logits, row_specs(states))
             samples = sample_on_device(logprobs, [s.request.sampling for s in states], [s.generator for s in states])
         except BaseException as exc:  # the batched closed form or the sampler failed: no row has a token
             if not is_request_failure(exc):
@@ -250,9 +228,9 @@ class LLMEngine:
         return self._outputs(states, [samples[i] for i in keep], [pending.positions[i] for i in keep])
 
     def _sample(self, states: list[RequestState], logits: torch.Tensor) -> list[GenerationOutput]:
-        specs = self._specs(states)
+        specs = row_specs(states)
         try:
-            self._rule_out_early_stops(states, logits)
+            rule_out_early_stops(states, logits)
             # The grammars mask the distribution each method produced (for la and amulet the combined
             # one, once; their plausibility mask counts from the most likely allowed token), all
             # constrained rows at once, before the processors and the sampler.
@@ -270,7 +248,7 @@ class LLMEngine:
             return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
         try:
             params = [s.request.sampling for s in states]
-            histories = [self._history(s) if s.request.sampling.needs_history else None for s in states]
+            histories = [row_history(s) if s.request.sampling.needs_history else None for s in states]
             samples = sample_tokens(logprobs, params, [s.generator for s in states], histories)
         except BaseException as exc:  # the batched sampler failed: no row has a token
             if not is_request_failure(exc):
@@ -278,28 +256,6 @@ class LLMEngine:
             logger.exception("sampling failed")
             return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
         return self._outputs(states, samples)
-
-    def _rule_out_early_stops(self, states: list[RequestState], logits: torch.Tensor) -> None:
-        """``min_tokens``: until a request has generated that many tokens, its stop ids are made impossible in each of
-        its contexts' logits, in place, before its method combines them. A stop id then weighs nothing in the
-        combination and amulet's plausibility mask counts from the most likely token that may come (as for a
-        grammar's mask): it can no longer keep a stop id alone, which the ``min_tokens`` processor would then rule
-        out, leaving no token to choose (the request failed)."""
-        if all(len(s.output_ids) >= s.request.sampling.min_tokens for s in states):
-            return  # the common case: nothing to rule out
-        rows: list[int] = []
-        ids: list[int] = []
-        for state, span in zip(states, self._rows(states), strict=True):
-            if len(state.output_ids) >= state.request.sampling.min_tokens:
-                continue
-            stops = [t for t in state.stop_ids if 0 <= t < logits.shape[-1]]
-            for row in span:
-                rows += [row] * len(stops)
-                ids += stops
-        if rows:
-            where = (to_device(rows, logits.device, torch.long), to_device(ids, logits.device, torch.long))
-            with torch.inference_mode():  # the runner's logits are an inference tensor
-                logits.index_put_(where, torch.tensor(float("-inf"), device=logits.device))
 
     def _outputs(
         self, states: list[RequestState], samples: list[RowSample], positions: list[tuple[int, ...]] | None = None
@@ -335,16 +291,6 @@ class LLMEngine:
         if spec is None:
             return error
         return f"{error}; or no token that the grammar of '{spec.param}' allows next can be chosen"
-
-    @staticmethod
-    def _history(state: RequestState) -> RowHistory:
-        """What the sampler's penalties and ``min_tokens`` read of a request (no copies of the token lists)."""
-        sp = state.request.sampling
-        return RowHistory(
-            output_ids=state.output_ids,
-            prompt_ids=state.request.prompt_ids if sp.repetition_penalty != 1 else (),
-            stop_ids=state.stop_ids if len(state.output_ids) < sp.min_tokens else (),
-        )
 
     def _accept(self, state: RequestState, sample: RowSample, positions: tuple[int, ...] | None = None) -> GenerationOutput:
         sp = state.request.sampling

@@ -1,0 +1,65 @@
+"""A step's requests as rows of its logits: where each request's rows are, how its method reads them, and what the
+sampler and the ``min_tokens`` rule need of them. Pure functions of the requests' states (and the logits)."""
+
+from __future__ import annotations
+
+import torch
+
+from amulet_core.device_tensors import to_device
+from amulet_core.engine.request_state import RequestState
+from amulet_core.method.rows import RowSpec
+from amulet_core.sampling.processors import RowHistory
+
+
+def request_rows(states: list[RequestState]) -> list[range]:
+    """Each request's rows of the step's logits (its sequences', in order)."""
+    rows, start = [], 0
+    for state in states:
+        rows.append(range(start, start + len(state.group.seqs)))
+        start += len(state.group.seqs)
+    return rows
+
+
+def row_specs(states: list[RequestState]) -> list[RowSpec]:
+    """How each request's rows make its distribution: preference contexts 1..K, then the contrast context."""
+    specs: list[RowSpec] = []
+    for state, rows in zip(states, request_rows(states), strict=True):
+        k = state.num_prefs
+        contrast = rows.start + k if len(state.group.seqs) > k else None
+        specs.append(
+            RowSpec.of(range(rows.start, rows.start + k), state.weights, contrast, state.request.method, state.step_coefficient)
+        )
+    return specs
+
+
+def rule_out_early_stops(states: list[RequestState], logits: torch.Tensor) -> None:
+    """``min_tokens``: until a request has generated that many tokens, its stop ids are made impossible in each of
+    its contexts' logits, in place, before its method combines them. A stop id then weighs nothing in the
+    combination and amulet's plausibility mask counts from the most likely token that may come (as for a
+    grammar's mask): it can no longer keep a stop id alone, which the ``min_tokens`` processor would then rule
+    out, leaving no token to choose (the request failed)."""
+    if all(len(s.output_ids) >= s.request.sampling.min_tokens for s in states):
+        return  # the common case: nothing to rule out
+    rows: list[int] = []
+    ids: list[int] = []
+    for state, span in zip(states, request_rows(states), strict=True):
+        if len(state.output_ids) >= state.request.sampling.min_tokens:
+            continue
+        stops = [t for t in state.stop_ids if 0 <= t < logits.shape[-1]]
+        for row in span:
+            rows += [row] * len(stops)
+            ids += stops
+    if rows:
+        where = (to_device(rows, logits.device, torch.long), to_device(ids, logits.device, torch.long))
+        with torch.inference_mode():  # the runner's logits are an inference tensor
+            logits.index_put_(where, torch.tensor(float("-inf"), device=logits.device))
+
+
+def row_history(state: RequestState) -> RowHistory:
+    """What the sampler's penalties and ``min_tokens`` read of a request (no copies of the token lists)."""
+    sp = state.request.sampling
+    return RowHistory(
+        output_ids=state.output_ids,
+        prompt_ids=state.request.prompt_ids if sp.repetition_penalty != 1 else (),
+        stop_ids=state.stop_ids if len(state.output_ids) < sp.min_tokens else (),
+    )
