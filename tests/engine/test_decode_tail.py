@@ -250,6 +250,8 @@ def test_a_failing_tail_is_turned_off_and_the_host_chooses_the_tokens(tiny_model
     with_tail = graphed_engine(loaded, config, tail=True)
     graphs = with_tail.runner.graphs
     assert graphs is not None
+    if graphs.capture:  # captured at start-up, the graphs never call it again
+        pytest.skip("the eager path's failure: on CUDA the tail is computed while capturing, not per step")
     compute = graphs.tail.compute
     calls = 0
 
