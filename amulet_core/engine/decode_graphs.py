@@ -11,8 +11,10 @@ tokens' cache slots, the context lengths and the block tables. The context slots
 mask are computed inside the graph from the tables and lengths. A padding row reads and writes the
 scratch block, which the block manager never hands out; its logits are dropped. Every graph ends by
 copying its logits into one static buffer allocated outside the graphs' memory pool, so the graphs can
-share that pool and be replayed in any order, then computing the step's method and choice of tokens over that buffer
-(:mod:`amulet_core.engine.decode_tail`) for the requests :meth:`DecodeGraphs.run` was given as its ``tail``.
+share that pool and be replayed in any order. A step whose requests :meth:`DecodeGraphs.run` is given as its
+``tail`` replays a graph that then also computes their method and choice of tokens over that buffer
+(:mod:`amulet_core.engine.decode_tail`): one per bucket and :class:`~amulet_core.engine.decode_tail.TailVariant` (the
+parts of the tail the step needs), captured on first use.
 
 :meth:`DecodeGraphs.capture_at_start` captures the buckets smallest first within a time budget, so that the
 first requests do not pay for it; what the budget leaves is captured on first use.
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 
 from amulet_core.device_tensors import to_device
-from amulet_core.engine.decode_tail import DecodeTail, TailRow
+from amulet_core.engine.decode_tail import DecodeTail, TailRow, TailVariant
 from amulet_core.engine.invariant_attention import InvariantPlan, decode_plan
 from amulet_core.engine.invariant_ops import PackedWeights, batch_invariant
 from amulet_core.engine.overlap import PendingTokens, fill_pending
@@ -114,15 +116,16 @@ class DecodeGraphs:
         self.tables = torch.full((max_batch, max_len // self.block_size), scratch_block, dtype=torch.long, device=device)
         self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=device)
         self.tail = DecodeTail(max_batch, max_batch, vocab, device)
-        """The method and choice of tokens over the logits (:mod:`amulet_core.engine.decode_tail`): in every captured graph,
-        computed eagerly only for a step that asks for it."""
+        """The method and choice of tokens over the logits (:mod:`amulet_core.engine.decode_tail`), for a step that asks
+        for it: the parts it needs (:class:`TailVariant`) in a graph of their own, or eagerly."""
         self.tail_steps = 0
         """Steps whose tokens the tail chose."""
         self.tail_enabled = True
         """False once the tail has failed (:meth:`launch`): no graph captured since holds it."""
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.filtering_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        """The same buckets with the tail's top-k / top-p pass (two vocabulary sorts), captured on first use."""
+        """The forward pass of each bucket (the steps whose tokens the host chooses)."""
+        self.tail_graphs: dict[tuple[tuple[int, int], TailVariant], torch.cuda.CUDAGraph] = {}
+        """The forward pass and a variant of the tail, per bucket, captured on first use."""
         self.pool: Any = None
         self.capture_seconds = 0.0
         """Time spent warming up and capturing graphs, all buckets together."""
@@ -190,36 +193,36 @@ class DecodeGraphs:
         if pending is not None:
             fill_pending(self.rows[0, : len(chunks)], token_ids[: len(chunks)], chunks, pending)
         self.tables[:size, :blocks].copy_(to_device(tables, self.device, torch.long).view(size, blocks))
-        self.launch(bucket, with_tail=tail is not None, filtering=tail is not None and self.tail.filtering)
+        self.launch(bucket, self.tail.variant if tail is not None else None)
         if tail is not None and not self.tail_enabled:
             self.tail_steps -= 1  # it failed in this step: the caller reads the logits instead
         return self.logits[: len(chunks)]
 
-    def launch(self, bucket: tuple[int, int], with_tail: bool = False, filtering: bool = False) -> None:
-        """The bucket's forward pass over the static inputs (and the tail, with its top-k / top-p pass where
-        ``filtering``): replayed, captured first, or run eagerly (the tail only ``with_tail``). Where the tail fails
-        (an operation a graph cannot hold on this device, say) it is turned off (:attr:`tail_enabled`) and the pass
-        runs again without it: the graphs stay, the host chooses the tokens."""
+    def launch(self, bucket: tuple[int, int], tail: TailVariant | None = None) -> None:
+        """The bucket's forward pass over the static inputs (and the parts ``tail`` names of the tail): replayed,
+        captured first, or run eagerly. Where the tail fails (an operation a graph cannot hold on this device, say)
+        it is turned off (:attr:`tail_enabled`) and the pass runs again without it: the graphs stay, the host
+        chooses the tokens."""
         try:
-            self._launch(bucket, with_tail and self.tail_enabled, filtering and self.tail_enabled)
+            self._launch(bucket, tail if self.tail_enabled else None)
         except Exception:
-            if not self.tail_enabled:
+            if tail is None or not self.tail_enabled:
                 raise
             logger.exception("the decode graphs' tail failed; the host chooses the tokens from now on")
             self.tail_enabled = False
-            self._launch(bucket, False, False)
+            self._launch(bucket, None)
 
-    def _launch(self, bucket: tuple[int, int], with_tail: bool, filtering: bool) -> None:
+    def _launch(self, bucket: tuple[int, int], tail: TailVariant | None) -> None:
         if not self.capture:
-            self._forward(*bucket, with_tail=with_tail, filtering=filtering)
-        elif (graph := (self.filtering_graphs if filtering else self.graphs).get(bucket)) is not None:
+            self._forward(*bucket, tail)
+        elif (graph := self.graphs.get(bucket) if tail is None else self.tail_graphs.get((bucket, tail))) is not None:
             graph.replay()
         else:
-            self._capture(bucket, filtering)
+            self._capture(bucket, tail)
 
-    def _forward(self, size: int, length: int, with_tail: bool = True, filtering: bool = False) -> None:
-        """The padded forward pass of one bucket, and the tail over its first ``size`` request slots, reading only the
-        static inputs."""
+    def _forward(self, size: int, length: int, tail: TailVariant | None = None) -> None:
+        """The padded forward pass of one bucket, and the ``tail`` parts of the tail over its first ``size`` request
+        slots, reading only the static inputs."""
         token_ids, positions, slots, lengths = self.rows[:, :size]
         tables = self.tables[:size, : length // self.block_size]
         if self.invariant is not None:
@@ -231,23 +234,26 @@ class DecodeGraphs:
         with batch_invariant(self.invariant) if self.invariant is not None else nullcontext():
             logits = self.forward(token_ids.unsqueeze(0), positions.unsqueeze(0), 0, batch)
         self.logits[:size].copy_(logits[0])
-        if with_tail and self.tail_enabled:
-            self.tail.compute(self.logits, size, filtering)
+        if tail is not None:
+            self.tail.compute(self.logits, size, tail)
 
-    def _capture(self, bucket: tuple[int, int], filtering: bool = False) -> None:
+    def _capture(self, bucket: tuple[int, int], tail: TailVariant | None = None) -> None:
         """Warm up, capture and replay the bucket's graph. The warm-up writes the real rows' keys and
         values, which the replay writes again, identically."""
         start = time.perf_counter()
         size, length = bucket
         torch.cuda.synchronize(self.device)
-        self._forward(size, length, filtering=filtering)  # lazy initialisation (cuBLAS handles, kernels) not while capturing
+        self._forward(size, length, tail)  # lazy initialisation (cuBLAS handles, kernels) must not happen while capturing
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._forward(size, length, filtering=filtering)
+            self._forward(size, length, tail)
         if self.pool is None:
             self.pool = graph.pool()
-        (self.filtering_graphs if filtering else self.graphs)[bucket] = graph
+        if tail is None:
+            self.graphs[bucket] = graph
+        else:
+            self.tail_graphs[(bucket, tail)] = graph
         graph.replay()
         torch.cuda.synchronize(self.device)
         self.capture_seconds += time.perf_counter() - start

@@ -64,6 +64,21 @@ class TailRow:
     top_p: float = 1.0
 
 
+@dataclass(frozen=True)
+class TailVariant:
+    """Which parts of the tail a step needs; a captured graph holds one variant (the others would cost device time
+    for nothing: a step of plain greedy rows needs one log-softmax and an argmax, not the contrast's, the
+    plausibility pass, the temperature and the draw).
+
+    ``pairs``: some row has a contrast; ``renormalise``: those rows have the plausibility pass; ``sampled``: some row
+    is drawn; ``filtering``: some drawn row has a top-k or a top-p (two vocabulary sorts)."""
+
+    pairs: bool
+    renormalise: bool
+    sampled: bool
+    filtering: bool
+
+
 def tail_rows(specs: Sequence[RowSpec], row_of: Sequence[int], params: Sequence[SamplingParams]) -> list[TailRow]:
     """The tail's rows of ``specs``, whose row numbers index ``row_of`` (the logits' rows in the padded step), each
     sampled with ``params``."""
@@ -71,7 +86,7 @@ def tail_rows(specs: Sequence[RowSpec], row_of: Sequence[int], params: Sequence[
         TailRow(
             row_of[s.primary_row],
             None if s.contrast is None else row_of[s.contrast],
-            1.0 if s.coefficient is None else s.coefficient,
+            1.0 if s.coefficient is None or s.contrast is None else s.coefficient,
             s.method.plausibility if s.contrast is not None else 0.0,
             0.0 if p.greedy else p.temperature,
             0.0 if p.greedy else p.min_p,
@@ -99,13 +114,13 @@ class DecodeTail:
         self.numbers = torch.ones(4, max_requests, dtype=torch.float32, device=device)
         """Each request's coefficient, plausibility, temperature (1 for a greedy row) and log(min_p) (-inf for none)."""
         self.numbers[3].fill_(-math.inf)
-        self.flags = torch.ones(3, max_requests, dtype=torch.bool, device=device)
-        """Each request: plain (no contrast), renormalised (the plausibility pass), greedy."""
+        self.flags = torch.ones(2, max_requests, dtype=torch.bool, device=device)
+        """Each request: renormalised (the plausibility pass), greedy."""
         self.top_k = torch.zeros(max_requests, dtype=torch.long, device=device)
         """Each request's top-k, 0 for none (its k-th largest score is then -inf: nothing dropped)."""
         self.top_p = torch.ones(max_requests, dtype=torch.float32, device=device)
-        self.filtering = False
-        """Whether a request of the step :meth:`set_rows` set up has a top-k or a top-p (the sorting pass)."""
+        self.variant = TailVariant(False, False, False, False)
+        """The parts of the tail the step :meth:`set_rows` set up needs."""
         self.tokens = torch.zeros(max_requests, dtype=torch.long, device=device)
         self.packed = torch.zeros(3, max_requests, dtype=torch.float64, device=device)
         self.count = 0
@@ -127,26 +142,48 @@ class DecodeTail:
         log_min_p = [math.log(r.min_p) if r.min_p > 0 else -math.inf for r in rows]
         numbers = [[r.coefficient for r in rows], [r.plausibility for r in rows], temperatures, log_min_p]
         self.numbers[:, :n].copy_(to_device(numbers, device, torch.float32))
-        flags = [[r.contrast is None for r in rows], [renormalise] * n, [r.temperature <= 0 for r in rows]]
+        # a plain row has no plausibility pass (its distribution is its row's log-softmax, once)
+        flags = [[renormalise and r.contrast is not None for r in rows], [r.temperature <= 0 for r in rows]]
         self.flags[:, :n].copy_(to_device(flags, device, torch.bool))
         vocab = self.vocab
         top_k = [r.top_k if 0 < r.top_k < vocab else 0 for r in rows]
         self.top_k[:n].copy_(to_device(top_k, device, torch.long))
         self.top_p[:n].copy_(to_device([r.top_p for r in rows], device, torch.float32))
-        self.filtering = any(top_k) or any(r.top_p < 1.0 for r in rows)
+        sampled = [r.temperature > 0 for r in rows]
+        filtering = any(k > 0 or r.top_p < 1.0 for k, r, drawn in zip(top_k, rows, sampled, strict=True) if drawn)
+        pairs = any(r.contrast is not None for r in rows)
+        self.variant = TailVariant(pairs, pairs and renormalise, any(sampled), filtering)
         self.count = n
 
-    def compute(self, logits: torch.Tensor, slots: int, filtering: bool = False) -> None:
-        """The first ``slots`` requests' method and choice over ``logits`` (``[max_rows, V]`` float32), into
-        the static outputs; no host synchronisation. ``filtering``: with the top-k and top-p pass (the rows without
-        them are left as they are by it)."""
+    def compute(self, logits: torch.Tensor, slots: int, variant: TailVariant) -> None:
+        """The first ``slots`` requests' method and choice over ``logits`` (``[max_rows, V]`` float32), into the
+        static outputs, with the parts ``variant`` names (it must cover the requests :meth:`set_rows` set up); no
+        host synchronisation."""
         primary = logits.index_select(0, self.index[0, :slots])
-        contrast = logits.index_select(0, self.index[1, :slots])
-        coefficients, betas = self.numbers[0, :slots].unsqueeze(1), self.numbers[1, :slots]
-        logprobs = fixed_shape_logprobs(primary, contrast, coefficients, betas, self.flags[0, :slots], self.flags[1, :slots])
-        best, best_tokens = logprobs.max(dim=-1)  # the first maximum on ties, as the sampler's
+        if variant.pairs:  # a plain row reads its own row as the contrast with A = 1: lerp gives it back exactly
+            contrast = logits.index_select(0, self.index[1, :slots])
+            coefficients, betas = self.numbers[0, :slots].unsqueeze(1), self.numbers[1, :slots]
+            renormalise = self.flags[0, :slots] if variant.renormalise else None
+            logprobs = fixed_shape_logprobs(primary, contrast, coefficients, betas, renormalise)
+        else:
+            logprobs = torch.log_softmax(primary.float(), dim=-1)
+        best, tokens = logprobs.max(dim=-1)  # the first maximum on ties, as the sampler's
+        failed = ~torch.isfinite(best)
+        if variant.sampled:
+            greedy = self.flags[1, :slots]
+            drawn, no_mass = self._draw(logprobs, slots, variant.filtering)
+            tokens, failed = torch.where(greedy, tokens, drawn), torch.where(greedy, failed, no_mass)
+        self.tokens[:slots].copy_(tokens)
+        self.packed[0, :slots].copy_(tokens)
+        self.packed[1, :slots].copy_(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        self.packed[2, :slots].copy_(failed)
+
+    def _draw(self, logprobs: torch.Tensor, slots: int, filtering: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's draw after the sampler's temperature, min_p (and, ``filtering``, top-k and top-p), and whether
+        it had no mass (NaN or nothing left, as the sampler finds it)."""
         scores = logprobs / self.numbers[2, :slots].unsqueeze(1)
-        scores = scores.masked_fill(scores < scores.amax(dim=-1, keepdim=True) + self.numbers[3, :slots].unsqueeze(1), -math.inf)
+        floor = scores.amax(dim=-1, keepdim=True) + self.numbers[3, :slots].unsqueeze(1)
+        scores = scores.masked_fill(scores < floor, -math.inf)
         if filtering:  # the sampler's top-k, with a sort instead of its topk(k_max): the same k-th values
             ordered = torch.sort(scores, dim=-1, descending=True).values
             k = self.top_k[:slots].unsqueeze(1)
@@ -159,15 +196,9 @@ class DecodeTail:
             cumulative = torch.cumsum(sorted_probs, dim=-1)
             drop_sorted = (cumulative - sorted_probs > top_p) & (top_p < 1.0)
             probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), 0.0)
-        no_mass = ~(probs.sum(dim=-1) > 0)  # NaN or no mass, as the sampler finds it
+        no_mass = ~(probs.sum(dim=-1) > 0)
         race = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)  # never 0: p / 0
-        drawn = (probs / race).argmax(dim=-1)
-        greedy = self.flags[2, :slots]
-        tokens = torch.where(greedy, best_tokens, drawn)
-        self.tokens[:slots].copy_(tokens)
-        self.packed[0, :slots].copy_(tokens)
-        self.packed[1, :slots].copy_(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1))
-        self.packed[2, :slots].copy_(torch.where(greedy, ~torch.isfinite(best), no_mass))
+        return (probs / race).argmax(dim=-1), no_mass
 
     def samples(self) -> DeviceSamples:
         """The choices of the step :meth:`set_rows` set up, as the sampler gives them (packed: tokens, log-probabilities,

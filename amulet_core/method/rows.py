@@ -150,24 +150,23 @@ def fixed_shape_logprobs(
     contrast: torch.Tensor,
     coefficients: torch.Tensor,
     betas: torch.Tensor,
-    plain: torch.Tensor,
-    renormalise: torch.Tensor,
+    renormalise: torch.Tensor | None,
 ) -> torch.Tensor:
     """:func:`method_logprobs` of rows with one preference context each, in a shape that does not depend on which
     rows are plain: what a captured decode graph can compute (no host decision, no indexing by a host list).
 
-    ``primary``, ``contrast``: ``[R, V]`` logits of each row's preference and contrast contexts (a plain row's
-    ``contrast`` is ignored); ``coefficients`` ``[R, 1]`` float32 (A; 1 for a plain row); ``betas`` ``[R]`` float32
-    (the plausibility; 0 for a plain row); ``plain``, ``renormalise`` ``[R]`` bool: a plain row is its own
-    log-softmax; a row with a contrast has the plausibility pass where ``renormalise`` is set, which
-    :func:`method_logprobs` gives every such row of a step as soon as one of them has a plausibility above 0. Row
-    by row the same operations as :func:`method_logprobs`, so the same bits.
+    ``primary``, ``contrast``: ``[R, V]`` logits of each row's preference and contrast contexts; a plain row gives
+    its own row as ``contrast`` with a coefficient of 1, which ``lerp`` returns exactly, so it gets its row's
+    log-softmax. ``coefficients`` ``[R, 1]`` float32 (A); ``betas`` ``[R]`` float32 (the plausibility; 0 for a plain
+    row); ``renormalise`` ``[R]`` bool: the rows with the plausibility pass, which :func:`method_logprobs` gives every
+    row with a contrast in a step as soon as one of them has a plausibility above 0 (never a plain row); None: no row
+    has it (and it is not computed). Row by row the same operations as :func:`method_logprobs`, so the same bits.
     """
-    alone = torch.log_softmax(primary.float(), dim=-1)
     mixed = combine_contexts_float32(primary, contrast, coefficients)
+    if renormalise is None:
+        return mixed
     masked = _plausibility_mask(mixed.clone(), primary, betas)
-    paired = torch.where(renormalise.unsqueeze(1), masked, mixed)
-    return torch.where(plain.unsqueeze(1), alone, paired)
+    return torch.where(renormalise.unsqueeze(1), masked, mixed)
 
 
 def _anchor(first: torch.Tensor, logits: torch.Tensor, specs: Sequence[RowSpec]) -> torch.Tensor:

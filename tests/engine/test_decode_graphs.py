@@ -156,12 +156,12 @@ def test_a_failing_graph_falls_back_to_eager_steps_without_failing_requests(tiny
     launches = 0
     launch = graphs.launch
 
-    def failing_launch(bucket: tuple[int, int], with_tail: bool = False, filtering: bool = False) -> None:  # e.g. OOM
+    def failing_launch(bucket: tuple[int, int], tail=None) -> None:  # e.g. out of memory while capturing
         nonlocal launches
         launches += 1
         if launches == 3:
             raise torch.OutOfMemoryError("injected: no memory for the graph")
-        launch(bucket, with_tail, filtering)
+        launch(bucket, tail)
 
     graphs.launch = failing_launch  # type: ignore[method-assign]
     pref, base = prompts(2, shared=20, pref_extra=5, base_extra=2)

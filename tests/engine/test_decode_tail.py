@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from amulet_core.engine.config import EngineConfig
-from amulet_core.engine.decode_tail import DecodeTail, tail_eligible, tail_rows
+from amulet_core.engine.decode_tail import DecodeTail, TailVariant, tail_eligible, tail_rows
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.method.rows import RowSpec, method_logprobs
 from amulet_core.method.settings import Method, MethodSettings
@@ -70,7 +70,7 @@ def test_the_tail_gives_the_bits_of_the_method_and_the_greedy_sampler(layout):
     host = sample_on_device(method_logprobs(logits, specs), greedy, [None] * len(specs))
     tail = DecodeTail(slots, slots, VOCAB, logits.device)
     tail.set_rows(tail_rows(specs, range(rows), greedy))
-    tail.compute(buffer, slots)
+    tail.compute(buffer, slots, tail.variant)
     samples = tail.samples()
 
     assert torch.equal(samples.tokens, host.tokens)
@@ -106,12 +106,12 @@ def test_sampled_rows_draw_from_the_samplers_distribution(filtering):
     expected = [probs / probs.sum() for probs in expected]  # top-p leaves them unnormalised: the draw normalises
     tail = DecodeTail(16, rows, VOCAB, logits.device)
     tail.set_rows(tail_rows(specs, range(rows), params))
-    assert tail.filtering == filtering
+    assert tail.variant.filtering == filtering and tail.variant.sampled
     torch.manual_seed(1234)
     draws = 12_000
     counts = torch.zeros(n - 1, VOCAB)
     for _ in range(draws):
-        tail.compute(logits, n, filtering)
+        tail.compute(logits, n, tail.variant)
         samples = tail.samples()
         counts[torch.arange(n - 1), samples.tokens[:-1]] += 1
         assert samples.tokens[-1] == logprobs[-1].argmax() and not samples.packed[2 * n :].any()  # greedy; no failure
@@ -137,6 +137,23 @@ def test_which_requests_the_tail_may_choose_for():
         (SamplingParams(temperature=0), several),  # two preference contexts
     ]:
         assert not tail_eligible(row, params), (params, row)
+
+
+def test_a_step_asks_for_the_parts_of_the_tail_its_requests_need():
+    """Plain greedy rows need one log-softmax and an argmax; a contrast, the plausibility pass, a draw and top-k /
+    top-p are added only when a request of the step has them (a graph holds one variant: the rest costs nothing)."""
+    tail = DecodeTail(8, 8, VOCAB, torch.device("cpu"))
+    greedy, drawn, cut = SamplingParams(temperature=0), SamplingParams(temperature=0.8), SamplingParams(top_p=0.9)
+    cases = [
+        ([plain(0), plain(1)], [greedy, greedy], TailVariant(False, False, False, False)),
+        ([plain(0), pair(1, FLAT)], [greedy, greedy], TailVariant(True, False, False, False)),
+        ([plain(0), pair(1, AMULET)], [greedy, drawn], TailVariant(True, True, True, False)),
+        ([plain(0), pair(1, FLAT)], [cut, greedy], TailVariant(True, False, True, True)),
+        ([plain(0)], [SamplingParams(temperature=0, top_k=3)], TailVariant(False, False, False, False)),  # greedy
+    ]
+    for specs, params, variant in cases:
+        tail.set_rows(tail_rows(specs, range(3), params))
+        assert tail.variant == variant, (specs, params)
 
 
 def test_set_rows_refuses_rows_outside_the_buffer():
