@@ -47,6 +47,15 @@ from amulet_core.engine.scheduler import ScheduledChunk
 
 logger = logging.getLogger(__name__)
 
+START_TAIL_VARIANTS = (
+    TailVariant(pairs=True, renormalise=True, sampled=False, filtering=False),  # amulet or la, greedy
+    TailVariant(pairs=False, renormalise=False, sampled=False, filtering=False),  # base or pref, greedy
+    TailVariant(pairs=True, renormalise=True, sampled=True, filtering=False),  # amulet or la, at a temperature
+    TailVariant(pairs=False, renormalise=False, sampled=True, filtering=False),  # base or pref, at a temperature
+)
+"""The tail's variants :meth:`DecodeGraphs.capture_at_start` captures (within its budget) after the tail-less graphs:
+the common steps (the default plausibility is above 0). The others are captured on first use."""
+
 
 def batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
     """1, 2, 4, ... below ``max_num_seqs``, then ``max_num_seqs`` itself."""
@@ -125,7 +134,8 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         """The forward pass of each bucket (the steps whose tokens the host chooses)."""
         self.tail_graphs: dict[tuple[tuple[int, int], TailVariant], torch.cuda.CUDAGraph] = {}
-        """The forward pass and a variant of the tail, per bucket, captured on first use."""
+        """The forward pass and a variant of the tail, per bucket: :data:`START_TAIL_VARIANTS` at start-up, the others on
+        first use."""
         self.pool: Any = None
         self.capture_seconds = 0.0
         """Time spent warming up and capturing graphs, all buckets together."""
@@ -135,9 +145,10 @@ class DecodeGraphs:
         """Graphs :meth:`capture_at_start` captured."""
 
     def capture_at_start(self, budget_s: float, clock: Callable[[], float] = time.monotonic) -> int:
-        """Capture the graph of every bucket, the fewest padded tokens first (batch size times context length),
-        until ``budget_s`` seconds have passed (a capture under way finishes); how many it captured. The static
-        inputs are set to padding rows first, so the captures read and write the scratch block only."""
+        """Capture the graph of every bucket, the fewest padded tokens first (batch size times context length), then
+        those of the :data:`START_TAIL_VARIANTS` in the same order, until ``budget_s`` seconds have passed (a capture
+        under way finishes); how many it captured. The static inputs are set to padding rows first, so the captures
+        read and write the scratch block only."""
         if not self.capture or budget_s <= 0:
             return 0
         started = clock()
@@ -146,11 +157,21 @@ class DecodeGraphs:
         self.rows[3].fill_(1)
         self.tables.fill_(self.scratch_block)
         buckets = sorted(((b, n) for b in self.batch_sizes for n in self.context_lens), key=lambda x: (x[0] * x[1], x))
-        for bucket in buckets:
-            if clock() - started >= budget_s:
-                break
-            if bucket not in self.graphs:
-                self._capture(bucket)
+        for tail in (None, *START_TAIL_VARIANTS):
+            for bucket in buckets:
+                if clock() - started >= budget_s or (tail is not None and not self.tail_enabled):
+                    return self.captured_at_start
+                if tail is None and bucket not in self.graphs:
+                    self._capture(bucket)
+                elif tail is not None and (bucket, tail) not in self.tail_graphs:
+                    try:
+                        self._capture(bucket, tail)
+                    except Exception:  # as in launch: the tail off, the graphs kept
+                        logger.exception("capturing the decode graphs' tail failed; the host chooses the tokens")
+                        self.tail_enabled = False
+                        continue
+                else:
+                    continue
                 self.captured_at_start += 1
         return self.captured_at_start
 

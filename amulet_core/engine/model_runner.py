@@ -11,7 +11,7 @@ import torch
 
 from amulet_core.device_tensors import to_device
 from amulet_core.engine.config import EngineConfig
-from amulet_core.engine.decode_graphs import DecodeGraphs
+from amulet_core.engine.decode_graphs import START_TAIL_VARIANTS, DecodeGraphs
 from amulet_core.engine.decode_tail import tail_rows
 from amulet_core.engine.invariant_attention import step_plan
 from amulet_core.engine.invariant_ops import batch_invariant, invariant_weights
@@ -270,9 +270,11 @@ class ModelRunner:
             self.graphs = None
             return
         buckets = len(graphs.batch_sizes) * len(graphs.context_lens)
+        total = buckets * (1 + len(START_TAIL_VARIANTS))
         logger.info(
-            "decode graphs: %d of %d buckets captured at start-up in %.1f s (--graph-capture-seconds %g); the rest "
-            "on first use", captured, buckets, time.perf_counter() - started, budget_s,
+            "decode graphs: %d of %d captured at start-up (%d buckets, each alone and with %d variants of the tail) in "
+            "%.1f s (--graph-capture-seconds %g); the rest on first use",
+            captured, total, buckets, len(START_TAIL_VARIANTS), time.perf_counter() - started, budget_s,
         )  # fmt: skip
 
     def _ops(self) -> AbstractContextManager[object]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from amulet_core.engine.config import EngineConfig
-from amulet_core.engine.decode_graphs import batch_buckets, context_buckets
+from amulet_core.engine.decode_graphs import START_TAIL_VARIANTS, batch_buckets, context_buckets
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.sequence import Sequence
@@ -49,9 +49,12 @@ def test_start_up_capture_takes_the_smallest_buckets_first_and_writes_only_the_s
     if not cuda:
         graphs.capture = True
 
-        def eager_capture(bucket):
-            graphs._forward(*bucket)
-            graphs.graphs[bucket] = None
+        def eager_capture(bucket, tail=None):
+            graphs._forward(*bucket, tail)
+            if tail is None:
+                graphs.graphs[bucket] = None
+            else:
+                graphs.tail_graphs[(bucket, tail)] = None
 
         graphs._capture = eager_capture  # type: ignore[method-assign]
     graphs.graphs.clear()
@@ -64,9 +67,11 @@ def test_start_up_capture_takes_the_smallest_buckets_first_and_writes_only_the_s
     buckets = sorted(((b, n) for b in graphs.batch_sizes for n in graphs.context_lens), key=lambda x: (x[0] * x[1], x))
     assert list(graphs.graphs) == buckets[:4]
     assert all(torch.equal(k[:, :owned], b) for k, b in zip(runner.cache.keys, before, strict=True))
-    with torch.inference_mode():
-        assert graphs.capture_at_start(1000.0, clock=lambda: 0.0) == len(buckets)  # the rest, none twice
+    variants = len(START_TAIL_VARIANTS)
+    with torch.inference_mode():  # the rest, none twice; then the common variants of the tail, in the same order
+        assert graphs.capture_at_start(1000.0, clock=lambda: 0.0) == len(buckets) * (1 + variants)
     assert list(graphs.graphs) == buckets
+    assert list(graphs.tail_graphs) == [(bucket, tail) for tail in START_TAIL_VARIANTS for bucket in buckets]
 
 
 def test_padded_logits_equal_the_unpadded_forward(tiny_model):
