@@ -285,3 +285,31 @@ def test_a_failing_tail_is_turned_off_and_the_host_chooses_the_tokens(tiny_model
     assert not graphs.tail_enabled and graphs.tail_steps == 2 and calls == 3
     assert with_tail.runner.graphs is graphs and graphs.steps > graphs.tail_steps + 5  # the graphs went on
     assert "the decode graphs' tail failed" in caplog.text
+
+
+def test_a_tail_that_fails_to_capture_at_start_up_is_turned_off_and_the_graphs_kept(tiny_model, caplog):
+    """Start-up capture: every tail-less bucket first; the first tail variant that fails turns the tail off (logged),
+    the rest of the start-up capture stops there, and the graphs captured stay in use."""
+    loaded = tiny_model("llama")
+    config = EngineConfig(max_model_len=128, kv_cache_tokens=2048, max_num_seqs=4, graph_capture_seconds=0)
+    runner = LLMEngine(loaded, config).runner
+    if runner.device.type == "cuda":
+        pytest.skip("the capture is faked on the CPU; CUDA captures for real at the engine's start")
+    runner.use_decode_graphs(capture=False)
+    graphs = runner.graphs
+    assert graphs is not None
+    graphs.capture = True
+    tried = []
+
+    def fake_capture(bucket, tail=None):  # a capture whose graph is its eager forward pass
+        tried.append((bucket, tail))
+        if tail is not None:
+            raise RuntimeError("injected: operation not permitted when stream is capturing")
+        graphs.graphs[bucket] = None
+
+    graphs._capture = fake_capture  # type: ignore[method-assign]
+    buckets = len(graphs.batch_sizes) * len(graphs.context_lens)
+    with torch.inference_mode():
+        assert graphs.capture_at_start(1000.0, clock=lambda: 0.0) == buckets
+    assert len(tried) == buckets + 1 and not graphs.tail_enabled and len(graphs.graphs) == buckets
+    assert "capturing the decode graphs' tail failed" in caplog.text
