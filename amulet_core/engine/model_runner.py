@@ -15,17 +15,10 @@ from amulet_core.engine.decode_graphs import START_TAIL_VARIANTS, DecodeGraphs
 from amulet_core.engine.decode_tail import tail_rows
 from amulet_core.engine.invariant_attention import step_plan
 from amulet_core.engine.invariant_ops import batch_invariant, invariant_weights
+from amulet_core.engine.kv_budget import describe_cache, kv_budget
 from amulet_core.engine.memory import (
-    CPU_KV_FRACTION,
-    CPU_KV_MAX_GIB,
-    DEFAULT_CONTEXT,
-    CacheSize,
     available_ram,
     blocks_for,
-    cpu_kv_budget,
-    gib,
-    gpu_kv_budget,
-    longest_that_runs,
     model_context_length,
     size_cache,
 )
@@ -89,7 +82,9 @@ class ModelRunner:
         self.paged_kernel = not self.deterministic and self._paged_kernel_on(config)
         """Decode rows attend with the paged decode kernel (EngineConfig.attention_backend), else gathered for SDPA."""
         self.forward = packed_forward(self.model)
-        budget, why, step_context = self._kv_budget(config, context, per_token)
+        budget, why, step_context = kv_budget(
+            config, context, per_token, self.block_size, self.device, self.weight_bytes(), self._profile
+        )
         try:
             size = size_cache(
                 budget, self.block_size, config.max_num_seqs, context, config.max_model_len, step_context=step_context
@@ -98,7 +93,7 @@ class ModelRunner:
             raise ValueError(f"{exc} (The KV budget: {budget} blocks = {why}.)") from None
         self.num_blocks = size.num_blocks
         self.max_model_len = size.max_model_len
-        logger.info(self._describe(size, why, per_token, config))
+        logger.info(describe_cache(size, why, per_token, self.block_size, config))
         logger.info("decode attention: %s", self._attention_in_words())
         # One block more than the block manager hands out: the scratch block that padding rows use.
         self.scratch_block = self.num_blocks
@@ -114,53 +109,6 @@ class ModelRunner:
         """Bytes of the model's parameters and buffers."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
         return sum(t.numel() * t.element_size() for t in tensors)
-
-    def _kv_budget(self, config: EngineConfig, context: int | None, per_token: int) -> tuple[int, str, int | None]:
-        """(KV blocks the budget holds, the reason in words, the longest context the largest step attended to
-        on a GPU): ``kv_cache_tokens``, else ``kv_cache_memory_gib``, else what the device has left now that the
-        weights are loaded (on a GPU after a warm-up step, :meth:`_gpu_budget`)."""
-        block_bytes = per_token * self.block_size
-        if config.kv_cache_tokens is not None:
-            return blocks_for(config.kv_cache_tokens, self.block_size), f"kv_cache_tokens {config.kv_cache_tokens}", None
-        if config.kv_cache_memory_gib is not None:
-            budget = int(config.kv_cache_memory_gib * (1 << 30))
-            return budget // block_bytes, f"--kv-cache-memory-gib {config.kv_cache_memory_gib:g}", None
-        weights = gib(self.weight_bytes())
-        if self.device.type == "cuda":
-            budget, why, attended = self._gpu_budget(config, context, weights)
-            return max(0, budget) // block_bytes, why, attended
-        available = available_ram()
-        budget = cpu_kv_budget(available)
-        why = f"min({CPU_KV_FRACTION:g} x {gib(available)} of RAM available with {weights} of weights loaded, "
-        why += f"{CPU_KV_MAX_GIB:g} GiB)"
-        return budget // block_bytes, why, None
-
-    def _gpu_budget(self, config: EngineConfig, context: int | None, weights: str) -> tuple[int, str, int]:
-        """(KV bytes, why, the context the warm-up step attended to) on a GPU. The warm-up is the largest step
-        (``max_num_batched_tokens``) at the end of the longest context; when that runs out of memory and
-        ``max_model_len`` is not set, the context is halved (down to the step's own length) and caps it."""
-        tokens = config.batched_tokens("cuda")
-        longest = config.max_model_len or context or DEFAULT_CONTEXT
-        shortest = longest if config.max_model_len is not None else min(longest, tokens)
-
-        def measure(length: int) -> tuple[int, int]:
-            return self._profile(tokens, length, config.max_num_seqs)
-
-        try:
-            attended, (peak, allocated) = longest_that_runs(measure, longest, shortest, (torch.cuda.OutOfMemoryError,))
-        except torch.cuda.OutOfMemoryError as exc:
-            raise ValueError(
-                f"A warm-up step of {tokens} tokens attending to a context of {shortest} runs out of GPU memory with "
-                f"{weights} of weights loaded; lower --max-num-batched-tokens or --max-model-len."
-            ) from exc
-        free, total = torch.cuda.mem_get_info(self.device)
-        budget = gpu_kv_budget(total, free, peak, allocated, config.gpu_memory_utilization)
-        why = (
-            f"{config.gpu_memory_utilization:g} x {gib(total)} of GPU memory - {gib(total - free)} in use with "
-            f"{weights} of weights loaded - {gib(max(0, peak - allocated))} activation peak of a {tokens}-token step "
-            f"attending to {attended} tokens"
-        )
-        return budget, why, attended
 
     def _profile(self, num_tokens: int, longest: int, logits_rows: int) -> tuple[int, int]:
         """(peak, now) bytes the CUDA allocator held across a warm-up pass (:meth:`warm_up`), its cached
@@ -206,30 +154,6 @@ class ModelRunner:
             logits = self.forward(ids, self._tensor(positions).unsqueeze(0), keep, batch)
         torch.log_softmax(logits[0].float(), dim=-1)
         del cache, batch, logits
-
-    def _describe(self, size: CacheSize, why: str, per_token: int, config: EngineConfig) -> str:
-        """The one log line that says what the cache and the context are, and why."""
-        tokens = size.num_blocks * self.block_size
-        line = (
-            f"KV cache: {gib(tokens * per_token)}, {size.num_blocks} blocks of {self.block_size} tokens "
-            f"({tokens} tokens, {per_token / 1024:.1f} KiB a token) = {why}"
-        )
-        if size.blocks_capped:
-            line += f", capped at what {config.max_num_seqs} sequences (max_num_seqs) of the longest context use"
-        model = f"the model's context {size.model_context}" if size.model_context else "no context in the model's config"
-        if config.max_model_len is not None:
-            return f"{line}; max_model_len {size.max_model_len} (set; {model})"
-        if size.step_context is not None and size.max_model_len == size.step_context:
-            return (
-                f"{line}; max_model_len {size.max_model_len}, below {model}: a {config.batched_tokens('cuda')}-token "
-                f"step attending to a longer context ran out of GPU memory"
-            )
-        if size.context_capped:
-            return (
-                f"{line}; max_model_len {size.max_model_len}, below {model}: the cache holds one two-context "
-                f"request of {size.max_model_len} tokens a context, no more (give it more memory for longer)"
-            )
-        return f"{line}; max_model_len {size.max_model_len} ({model})"
 
     def _paged_kernel_on(self, config: EngineConfig) -> bool:
         """Whether decode rows get the paged decode kernel: ``--attention-backend`` resolved for the device; ``auto``
