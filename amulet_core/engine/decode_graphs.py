@@ -194,7 +194,6 @@ class DecodeGraphs:
         self.steps += 1
         if tail is not None:
             self.tail.set_rows(tail)
-            self.tail_steps += 1
         size, length = bucket
         bs, blocks, scratch = self.block_size, length // self.block_size, self.scratch_block
         pad = size - len(chunks)
@@ -215,8 +214,7 @@ class DecodeGraphs:
             fill_pending(self.rows[0, : len(chunks)], token_ids[: len(chunks)], chunks, pending)
         self.tables[:size, :blocks].copy_(to_device(tables, self.device, torch.long).view(size, blocks))
         self.launch(bucket, self.tail.variant if tail is not None else None)
-        if tail is not None and not self.tail_enabled:
-            self.tail_steps -= 1  # it failed in this step: the caller reads the logits instead
+        self.tail_steps += tail is not None and self.tail_enabled  # (a tail that failed here chose nothing)
         return self.logits[: len(chunks)]
 
     def launch(self, bucket: tuple[int, int], tail: TailVariant | None = None) -> None:

@@ -268,20 +268,38 @@ class ModelRunner:
         ``logits_for``, as :meth:`run`'s logits. None, having run nothing, when the step cannot be replayed (a prefill
         chunk, no bucket that holds it, no graphs); :meth:`run` then runs it."""
         graphs = self.graphs
-        if graphs is None or not graphs.tail_enabled or not chunks or any(c.num_tokens != 1 for c in chunks):
+        if graphs is None or not graphs.tail_enabled or self._replay(chunks, logits_for, pending, specs, params) is None:
+            return None
+        return graphs.tail.samples() if graphs.tail_enabled else None  # (the tail failed: run() reads the logits)
+
+    def _replay(
+        self,
+        chunks: list[ScheduledChunk],
+        logits_for: list[Sequence],
+        pending: PendingTokens | None,
+        specs: list[RowSpec] | None = None,
+        params: list[SamplingParams] | None = None,
+    ) -> torch.Tensor | None:
+        """A decode-only step through the decode graphs: the logits of ``logits_for``'s rows, in chunk order (and, with
+        ``specs`` and ``params``, the tail's choices for them). None, having run nothing, when it cannot be replayed (a
+        prefill chunk, no bucket that holds it, no graphs), or when the graph failed (every later step is then eager:
+        a capture that fails, out of memory or an op graphs cannot hold, must not fail requests)."""
+        graphs = self.graphs
+        if graphs is None or not chunks or any(c.num_tokens != 1 for c in chunks):
             return None
         bucket = graphs.bucket(len(chunks), max(c.start for c in chunks) + 1)
         if bucket is None:
             return None
         row = {id(c.seq): i for i, c in enumerate(chunks)}
-        rows = tail_rows(specs, [row[id(seq)] for seq in logits_for], params)
+        order = [row[id(seq)] for seq in logits_for]
+        tail = None if specs is None or params is None else tail_rows(specs, order, params)
         try:
-            graphs.run(chunks, bucket, pending, tail=rows)
-        except Exception:  # as in run: the step runs eagerly instead, and every later one
+            logits = graphs.run(chunks, bucket, pending, tail)
+        except Exception:
             logger.exception("decode graph %s failed; decode steps run eagerly from now on", bucket)
             self.graphs = None
             return None
-        return graphs.tail.samples() if graphs.tail_enabled else None  # (the tail failed: run() reads the logits)
+        return logits if tail is not None else logits.index_select(0, self._tensor(order))
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], logits_for: list[Sequence], pending: PendingTokens | None = None) -> torch.Tensor:
@@ -295,17 +313,8 @@ class ModelRunner:
         """
         decode_chunks = [c for c in chunks if c.num_tokens == 1]
         prefill_chunks = [c for c in chunks if c.num_tokens > 1]
-        if self.graphs is not None and decode_chunks and not prefill_chunks:
-            bucket = self.graphs.bucket(len(decode_chunks), max(c.start for c in decode_chunks) + 1)
-            if bucket is not None:
-                try:
-                    logits = self.graphs.run(decode_chunks, bucket, pending)
-                except Exception:  # a capture that fails (memory, an op graphs cannot hold) must not fail requests
-                    logger.exception("decode graph %s failed; decode steps run eagerly from now on", bucket)
-                    self.graphs = None
-                else:
-                    row = {id(c.seq): i for i, c in enumerate(decode_chunks)}
-                    return logits.index_select(0, self._tensor([row[id(seq)] for seq in logits_for]))
+        if not prefill_chunks and (replayed := self._replay(decode_chunks, logits_for, pending)) is not None:
+            return replayed
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
