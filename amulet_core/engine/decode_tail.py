@@ -1,18 +1,21 @@
 """A decode step's method and choice of tokens computed with its forward pass, inside the decode graph.
 
 After a decode step's forward pass, the method (each request's closed form over its context rows, the
-plausibility mask) and the choice of the tokens are a few dozen small kernels; launched from Python they cost the
-host time that the overlapped engine would rather spend preparing the next step. For a step whose requests all
-decode one preference context (with or without a contrast: base, pref, la, amulet), greedily or sampled without a
-seed, with no logits processor, no grammar and no top log-probabilities (:func:`tail_eligible`; the common case of
-a loaded server and of OpenAI clients), the
-decode graph computes them too, from static per-request inputs set before the replay, and the host copies back
-only the packed choices (:class:`~amulet_core.sampling.sampler.DeviceSamples`: tokens, their log-probabilities, the
-failed flags).
+plausibility mask), the logit bias and the choice of the tokens are a few dozen small kernels; launched from Python
+they cost the host time that the overlapped engine would rather spend preparing the next step. For a step whose
+requests all decode greedily or sampled without a seed, with nothing the host must work out between two tokens
+(:func:`tail_eligible`: no penalties or ``min_tokens``, which read the tokens generated so far; the engine also
+leaves out grammars and thinking spans), the decode graph computes them too, from static per-request inputs set
+before the replay: any method and number of preference contexts (base, pref, la, amulet, CFG, a negative
+preference, K up to ``MAX_PREFERENCES``), ``logit_bias``, temperature, ``min_p``, ``top_k``, ``top_p`` and the top
+log-probabilities. The host copies back only the packed choices (:class:`~amulet_core.sampling.sampler.DeviceSamples`:
+tokens, their log-probabilities, the failed flags, the top alternatives).
 
-The arithmetic is :func:`~amulet_core.method.rows.method_logprobs`' (through
-:func:`~amulet_core.method.rows.fixed_shape_logprobs`) and the greedy sampler's, row for row, so a greedy step gives
-the same tokens and log-probabilities with the tail as without it, bit for bit. A sampled row divides by its
+The arithmetic is :func:`~amulet_core.method.rows.method_logprobs`' (the anchor of several preferences by
+:func:`~amulet_core.method.mixture.mixture_logits_float32`, padded with weight-0 slots, which add exact zeros; then
+:func:`~amulet_core.method.rows.fixed_shape_logprobs`), the logits processors' (the bias added once per biased
+token, in float32) and the greedy sampler's, row for row, so a greedy step gives the same tokens,
+log-probabilities and alternatives with the tail as without it, bit for bit. A sampled row divides by its
 temperature and drops the tokens below ``min_p``, past ``top_k`` and past ``top_p`` as the sampler does (the last
 two sort the vocabulary: only the graphs of the steps that have them do), then draws with the exponential race
 (``argmax(p / E)``, ``E ~ Exp(1)``: the same distribution as a multinomial draw, in a fixed shape, from the default
@@ -29,28 +32,27 @@ from dataclasses import dataclass
 import torch
 
 from amulet_core.device_tensors import to_device
+from amulet_core.method.mixture import MAX_PREFERENCES, mixture_logits_float32
 from amulet_core.method.rows import RowSpec, fixed_shape_logprobs
-from amulet_core.sampling.params import SamplingParams
+from amulet_core.sampling.params import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
 from amulet_core.sampling.sampler import DeviceSamples
 
+BIAS_WIDTHS = (16, 128, MAX_LOGIT_BIAS)
+"""The widths of the per-request ``logit_bias`` table a tail variant adds (the step's largest bias, rounded up): a few
+variants, and a step with a small bias adds few padding entries (exact zeros)."""
 
-def tail_eligible(spec: RowSpec, params: SamplingParams) -> bool:
-    """Whether a request's next token can be chosen by the tail: one preference context; greedy, or sampled without a
-    seed (a seeded request draws from its own generator); no logits processor (``logit_bias``, penalties,
-    ``min_tokens``) and no top log-probabilities. (The engine also leaves out requests that need the host between
-    tokens: a grammar, a thinking span.)"""
-    return (
-        not spec.extra_rows
-        and (params.greedy or params.seed is None)
-        and not params.needs_history
-        and not params.logit_bias
-        and not (params.logprobs and params.top_logprobs)
-    )
+
+def tail_eligible(params: SamplingParams) -> bool:
+    """Whether a request's next token can be chosen by the tail: greedy, or sampled without a seed (a seeded request
+    draws from its own generator); no processor that reads the tokens generated so far (penalties, ``min_tokens``).
+    Any method and number of preference contexts, ``logit_bias`` and top log-probabilities are the tail's. (The engine
+    also leaves out requests that need the host between tokens: a grammar, a thinking span.)"""
+    return (params.greedy or params.seed is None) and not params.needs_history
 
 
 @dataclass(frozen=True)
 class TailRow:
-    """One request's rows in the step's (padded) logits, and its method's numbers."""
+    """One request's rows in the step's (padded) logits, and its method's and sampling's numbers."""
 
     primary: int
     contrast: int | None
@@ -62,6 +64,19 @@ class TailRow:
     top_k: int = 0
     """0: off (as one at least the vocabulary's size)."""
     top_p: float = 1.0
+    extra: tuple[int, ...] = ()
+    """The rows of preference contexts 2..K (empty for K = 1)."""
+    weights: tuple[float, ...] = ()
+    """The normalised weights of those contexts (the first context's is implicit), one per ``extra`` row."""
+    bias: tuple[tuple[int, float], ...] = ()
+    """``logit_bias``: (token id, bias) pairs."""
+    top_n: int = 0
+    """Top log-probabilities to report (0: none)."""
+
+    @property
+    def plain(self) -> bool:
+        """One context row: its own log-softmax, never the plausibility pass."""
+        return self.contrast is None and not self.extra
 
 
 @dataclass(frozen=True)
@@ -71,12 +86,17 @@ class TailVariant:
     plausibility pass, the temperature and the draw).
 
     ``pairs``: some row has a contrast; ``renormalise``: those rows have the plausibility pass; ``sampled``: some row
-    is drawn; ``filtering``: some drawn row has a top-k or a top-p (two vocabulary sorts)."""
+    is drawn; ``filtering``: some drawn row has a top-k or a top-p (two vocabulary sorts); ``mixture``: the step's
+    most extra preference contexts (K - 1), so many weighted passes form the anchors; ``bias``: the width of the
+    ``logit_bias`` table (one of :data:`BIAS_WIDTHS`, 0: no bias); ``top_n``: the step's most top log-probabilities."""
 
     pairs: bool
     renormalise: bool
     sampled: bool
     filtering: bool
+    mixture: int = 0
+    bias: int = 0
+    top_n: int = 0
 
 
 def tail_rows(specs: Sequence[RowSpec], row_of: Sequence[int], params: Sequence[SamplingParams]) -> list[TailRow]:
@@ -92,6 +112,10 @@ def tail_rows(specs: Sequence[RowSpec], row_of: Sequence[int], params: Sequence[
             0.0 if p.greedy else p.min_p,
             0 if p.greedy else p.top_k,
             1.0 if p.greedy else p.top_p,
+            tuple(row_of[r] for r in s.extra_rows),
+            s.weights[1:],
+            p.logit_bias,
+            p.top_logprobs if p.logprobs else 0,
         )
         for s, p in zip(specs, params, strict=True)
     ]
@@ -111,77 +135,147 @@ class DecodeTail:
         self.vocab = vocab
         self.index = torch.zeros(2, max_requests, dtype=torch.long, device=device)
         """Each request's primary and contrast rows."""
+        self.extra = torch.zeros(MAX_PREFERENCES - 1, max_requests, dtype=torch.long, device=device)
+        """Each request's rows of preference contexts 2..K, padded with its primary row."""
+        self.extra_weights = torch.zeros(max_requests, MAX_PREFERENCES - 1, dtype=torch.float32, device=device)
+        """Their weights, padded with 0."""
         self.numbers = torch.ones(4, max_requests, dtype=torch.float32, device=device)
         """Each request's coefficient, plausibility, temperature (1 for a greedy row) and log(min_p) (-inf for none)."""
         self.numbers[3].fill_(-math.inf)
-        self.flags = torch.ones(2, max_requests, dtype=torch.bool, device=device)
-        """Each request: renormalised (the plausibility pass), greedy."""
+        self.flags = torch.ones(4, max_requests, dtype=torch.bool, device=device)
+        """Each request: renormalised (the plausibility pass), greedy, several preferences (its anchor the mixture),
+        a contrast."""
         self.top_k = torch.zeros(max_requests, dtype=torch.long, device=device)
         """Each request's top-k, 0 for none (its k-th largest score is then -inf: nothing dropped)."""
         self.top_p = torch.ones(max_requests, dtype=torch.float32, device=device)
+        self.bias_tokens = torch.zeros(max_requests, MAX_LOGIT_BIAS, dtype=torch.long, device=device)
+        """Each request's biased token ids, padded with token 0 ..."""
+        self.bias_values = torch.zeros(max_requests, MAX_LOGIT_BIAS, dtype=torch.float32, device=device)
+        """... and bias 0 (adding 0 changes no score)."""
         self.variant = TailVariant(False, False, False, False)
         """The parts of the tail the step :meth:`set_rows` set up needs."""
         self.tokens = torch.zeros(max_requests, dtype=torch.long, device=device)
         self.packed = torch.zeros(3, max_requests, dtype=torch.float64, device=device)
+        top = min(MAX_TOP_LOGPROBS, vocab)
+        self.top = torch.zeros(2, max_requests, top, dtype=torch.float64, device=device)
+        """Each request's top log-probabilities and their token ids (the first ``variant.top_n`` columns)."""
         self.count = 0
         """Requests of the step :meth:`set_rows` set up."""
 
     def set_rows(self, rows: Sequence[TailRow]) -> None:
         """The step's requests, in order (slots past them keep what they held: valid rows, never read)."""
+        self._check(rows)
         n = len(rows)
-        if not 0 < n <= self.tokens.shape[0] or any(
-            not 0 <= r <= self.max_rows - 1 for row in rows for r in (row.primary, row.contrast or 0)
-        ):
-            raise ValueError(f"{n} tail rows for {self.tokens.shape[0]} slots over {self.max_rows} logits rows")
         renormalise = any(row.plausibility > 0 for row in rows if row.contrast is not None)
         device = self.index.device
         self.index[:, :n].copy_(
             to_device([[r.primary for r in rows], [r.primary if r.contrast is None else r.contrast for r in rows]], device)
         )
+        mixture = max(len(r.extra) for r in rows)
+        if mixture:
+            slots = [[*r.extra, *[r.primary] * (mixture - len(r.extra))] for r in rows]
+            self.extra[:mixture, :n].copy_(to_device(slots, device, torch.long).T)
+            weights = [[*r.weights, *[0.0] * (mixture - len(r.weights))] for r in rows]
+            self.extra_weights[:n, :mixture].copy_(to_device(weights, device, torch.float32))
         temperatures = [r.temperature if r.temperature > 0 else 1.0 for r in rows]
         log_min_p = [math.log(r.min_p) if r.min_p > 0 else -math.inf for r in rows]
         numbers = [[r.coefficient for r in rows], [r.plausibility for r in rows], temperatures, log_min_p]
         self.numbers[:, :n].copy_(to_device(numbers, device, torch.float32))
         # a plain row has no plausibility pass (its distribution is its row's log-softmax, once)
-        flags = [[renormalise and r.contrast is not None for r in rows], [r.temperature <= 0 for r in rows]]
+        flags = [
+            [renormalise and not r.plain for r in rows],
+            [r.temperature <= 0 for r in rows],
+            [bool(r.extra) for r in rows],
+            [r.contrast is not None for r in rows],
+        ]
         self.flags[:, :n].copy_(to_device(flags, device, torch.bool))
         vocab = self.vocab
         top_k = [r.top_k if 0 < r.top_k < vocab else 0 for r in rows]
         self.top_k[:n].copy_(to_device(top_k, device, torch.long))
         self.top_p[:n].copy_(to_device([r.top_p for r in rows], device, torch.float32))
+        width = self._set_bias(rows)
         sampled = [r.temperature > 0 for r in rows]
         filtering = any(k > 0 or r.top_p < 1.0 for k, r, drawn in zip(top_k, rows, sampled, strict=True) if drawn)
         pairs = any(r.contrast is not None for r in rows)
-        self.variant = TailVariant(pairs, pairs and renormalise, any(sampled), filtering)
+        top_n = max(r.top_n for r in rows)
+        self.variant = TailVariant(pairs, pairs and renormalise, any(sampled), filtering, mixture, width, top_n)
         self.count = n
+
+    def _check(self, rows: Sequence[TailRow]) -> None:
+        n = len(rows)
+        if not 0 < n <= self.tokens.shape[0] or any(
+            not 0 <= r <= self.max_rows - 1 for row in rows for r in (row.primary, row.contrast or 0, *row.extra)
+        ):
+            raise ValueError(f"{n} tail rows for {self.tokens.shape[0]} slots over {self.max_rows} logits rows")
+        for row in rows:
+            if len(row.extra) != len(row.weights) or len(row.extra) >= MAX_PREFERENCES:
+                raise ValueError(f"{len(row.extra)} extra preference rows with {len(row.weights)} weights")
+            if len(row.bias) > MAX_LOGIT_BIAS or any(not 0 <= token < self.vocab for token, _ in row.bias):
+                raise ValueError(f"a logit bias of {len(row.bias)} tokens, or outside the vocabulary of {self.vocab}")
+            if not 0 <= row.top_n <= self.top.shape[2]:
+                raise ValueError(f"{row.top_n} top log-probabilities, at most {self.top.shape[2]}")
+
+    def _set_bias(self, rows: Sequence[TailRow]) -> int:
+        """The rows' ``logit_bias`` tables; the width the step needs (0: no bias)."""
+        most = max(len(r.bias) for r in rows)
+        if not most:
+            return 0
+        width = next(w for w in BIAS_WIDTHS if w >= most)
+        tokens = [[t for t, _ in r.bias] + [0] * (width - len(r.bias)) for r in rows]
+        values = [[b for _, b in r.bias] + [0.0] * (width - len(r.bias)) for r in rows]
+        n, device = len(rows), self.bias_tokens.device
+        self.bias_tokens[:n, :width].copy_(to_device(tokens, device, torch.long))
+        self.bias_values[:n, :width].copy_(to_device(values, device, torch.float32))
+        return width
 
     def compute(self, logits: torch.Tensor, slots: int, variant: TailVariant) -> None:
         """The first ``slots`` requests' method and choice over ``logits`` (``[max_rows, V]`` float32), into the
         static outputs, with the parts ``variant`` names (it must cover the requests :meth:`set_rows` set up); no
         host synchronisation."""
         primary = logits.index_select(0, self.index[0, :slots])
-        if variant.pairs:  # a plain row reads its own row as the contrast with A = 1: lerp gives it back exactly
+        anchor = self._anchor(logits, primary, slots, variant.mixture)
+        if variant.pairs:  # a row without a contrast reads its anchor as the contrast with A = 1: lerp gives it back
             contrast = logits.index_select(0, self.index[1, :slots])
+            if variant.mixture:
+                contrast = torch.where(self.flags[3, :slots].unsqueeze(1), contrast, anchor)
             coefficients, betas = self.numbers[0, :slots].unsqueeze(1), self.numbers[1, :slots]
             renormalise = self.flags[0, :slots] if variant.renormalise else None
-            logprobs = fixed_shape_logprobs(primary, contrast, coefficients, betas, renormalise)
+            logprobs = fixed_shape_logprobs(anchor, contrast, coefficients, betas, renormalise)
         else:
-            logprobs = torch.log_softmax(primary.float(), dim=-1)
-        best, tokens = logprobs.max(dim=-1)  # the first maximum on ties, as the sampler's
+            logprobs = torch.log_softmax(anchor.float(), dim=-1)
+        scores = logprobs
+        if variant.bias:  # the processors' logit_bias: each biased score plus its bias, in float32
+            width = variant.bias
+            scores = logprobs.clone().scatter_add_(1, self.bias_tokens[:slots, :width], self.bias_values[:slots, :width])
+        best, tokens = scores.max(dim=-1)  # the first maximum on ties, as the sampler's
         failed = ~torch.isfinite(best)
         if variant.sampled:
             greedy = self.flags[1, :slots]
-            drawn, no_mass = self._draw(logprobs, slots, variant.filtering)
+            drawn, no_mass = self._draw(scores, slots, variant.filtering)
             tokens, failed = torch.where(greedy, tokens, drawn), torch.where(greedy, failed, no_mass)
         self.tokens[:slots].copy_(tokens)
         self.packed[0, :slots].copy_(tokens)
-        self.packed[1, :slots].copy_(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        self.packed[1, :slots].copy_(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1))  # before the bias, as reported
         self.packed[2, :slots].copy_(failed)
+        if variant.top_n:
+            values, ids = torch.topk(logprobs, variant.top_n, dim=-1)
+            self.top[0, :slots, : variant.top_n].copy_(values)
+            self.top[1, :slots, : variant.top_n].copy_(ids)
 
-    def _draw(self, logprobs: torch.Tensor, slots: int, filtering: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _anchor(self, logits: torch.Tensor, primary: torch.Tensor, slots: int, mixture: int) -> torch.Tensor:
+        """Each request's preference anchor: its primary row, or for several preferences their weighted mixture
+        (:func:`~amulet_core.method.rows.method_logprobs`' ``_anchor``, over ``mixture`` slots)."""
+        if not mixture:
+            return primary
+        others = [logits.index_select(0, self.extra[k, :slots]) for k in range(mixture)]
+        mixed = mixture_logits_float32(primary, others, self.extra_weights[:slots, :mixture])
+        mixed = torch.nan_to_num_(mixed, nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+        return torch.where(self.flags[2, :slots].unsqueeze(1), mixed, primary.float())
+
+    def _draw(self, scores: torch.Tensor, slots: int, filtering: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's draw after the sampler's temperature, min_p (and, ``filtering``, top-k and top-p), and whether
         it had no mass (NaN or nothing left, as the sampler finds it)."""
-        scores = logprobs / self.numbers[2, :slots].unsqueeze(1)
+        scores = scores / self.numbers[2, :slots].unsqueeze(1)
         floor = scores.amax(dim=-1, keepdim=True) + self.numbers[3, :slots].unsqueeze(1)
         scores = scores.masked_fill(scores < floor, -math.inf)
         if filtering:  # the sampler's top-k, with a sort instead of its topk(k_max): the same k-th values
@@ -202,6 +296,10 @@ class DecodeTail:
 
     def samples(self) -> DeviceSamples:
         """The choices of the step :meth:`set_rows` set up, as the sampler gives them (packed: tokens, log-probabilities,
-        failed flags), copies of the static outputs (the next step overwrites those)."""
-        n = self.count
-        return DeviceSamples(self.tokens[:n].clone(), self.packed[:, :n].reshape(-1).clone(), 0)
+        failed flags, then the top log-probabilities and their ids), copies of the static outputs (the next step
+        overwrites those)."""
+        n, top_n = self.count, self.variant.top_n
+        parts = [self.packed[:, :n].reshape(-1)]
+        if top_n:
+            parts += [self.top[0, :n, :top_n].reshape(-1), self.top[1, :n, :top_n].reshape(-1)]
+        return DeviceSamples(self.tokens[:n].clone(), torch.cat(parts), top_n)

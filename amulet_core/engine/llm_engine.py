@@ -183,11 +183,10 @@ class LLMEngine:
         nothing, otherwise."""
         if self.runner.graphs is None or not overlappable(states):
             return None
-        specs = row_specs(states)
-        if not all(tail_eligible(spec, state.request.sampling) for spec, state in zip(specs, states, strict=True)):
-            return None
         params = [state.request.sampling for state in states]
-        return self.runner.run_with_tail(plan.chunks, logits_for, specs, params, pending)
+        if not all(tail_eligible(p) for p in params):
+            return None
+        return self.runner.run_with_tail(plan.chunks, logits_for, row_specs(states), params, pending)
 
     def _running(self, state: RequestState) -> bool:
         return self.requests.get(state.request.request_id) is state

@@ -146,26 +146,29 @@ def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec], grammar: Tok
 
 
 def fixed_shape_logprobs(
-    primary: torch.Tensor,
+    anchor: torch.Tensor,
     contrast: torch.Tensor,
     coefficients: torch.Tensor,
     betas: torch.Tensor,
     renormalise: torch.Tensor | None,
 ) -> torch.Tensor:
-    """:func:`method_logprobs` of rows with one preference context each, in a shape that does not depend on which
-    rows are plain: what a captured decode graph can compute (no host decision, no indexing by a host list).
+    """:func:`method_logprobs` of the rows of a step, in a shape that does not depend on which rows are plain: what a
+    captured decode graph can compute (no host decision, no indexing by a host list).
 
-    ``primary``, ``contrast``: ``[R, V]`` logits of each row's preference and contrast contexts; a plain row gives
-    its own row as ``contrast`` with a coefficient of 1, which ``lerp`` returns exactly, so it gets its row's
-    log-softmax. ``coefficients`` ``[R, 1]`` float32 (A); ``betas`` ``[R]`` float32 (the plausibility; 0 for a plain
-    row); ``renormalise`` ``[R]`` bool: the rows with the plausibility pass, which :func:`method_logprobs` gives every
-    row with a contrast in a step as soon as one of them has a plausibility above 0 (never a plain row); None: no row
-    has it (and it is not computed). Row by row the same operations as :func:`method_logprobs`, so the same bits.
+    ``anchor``: ``[R, V]`` each row's preference anchor (its preference context's logits for K = 1, the float32
+    weighted mixture of :func:`~amulet_core.method.mixture.mixture_logits_float32` for K > 1, as :func:`method_logprobs`
+    forms it); ``contrast``: ``[R, V]`` its contrast context's logits. A row without a contrast gives its anchor as
+    ``contrast`` with a coefficient of 1, which ``lerp`` returns exactly, so it gets its anchor's log-softmax.
+    ``coefficients`` ``[R, 1]`` float32 (A); ``betas`` ``[R]`` float32 (the plausibility; 0 for a row without a
+    contrast); ``renormalise`` ``[R]`` bool: the rows with the plausibility pass, which :func:`method_logprobs` gives
+    every row that is not plain (a contrast, or K > 1) in a step as soon as one row with a contrast has a plausibility
+    above 0; None: no row has it (and it is not computed). Row by row the same operations as :func:`method_logprobs`,
+    so the same bits.
     """
-    mixed = combine_contexts_float32(primary, contrast, coefficients)
+    mixed = combine_contexts_float32(anchor, contrast, coefficients)
     if renormalise is None:
         return mixed
-    masked = _plausibility_mask(mixed.clone(), primary, betas)
+    masked = _plausibility_mask(mixed.clone(), anchor, betas)
     return torch.where(renormalise.unsqueeze(1), masked, mixed)
 
 

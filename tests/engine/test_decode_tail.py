@@ -1,4 +1,5 @@
-"""The decode graph's tail: a step's method and greedy choice computed with its forward pass give the same bits.
+"""The decode graph's tail: a step's method, logit bias and greedy choice computed with its forward pass give the same
+bits.
 
 On the CPU the decode graphs' padded path runs eagerly with the tail computed as a captured graph would compute it
 (from the static per-request inputs over the whole logits buffer). Compared with the host path (method_logprobs and
@@ -19,9 +20,11 @@ from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.method.rows import RowSpec, method_logprobs
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.sampling.params import SamplingParams
+from amulet_core.sampling.processors import process_row
 from amulet_core.sampling.sampler import _filtered_probs, read_samples, sample_on_device
 from tests.engine.test_decode_graphs import padded_engine
 from tests.engine.test_engine import METHODS, drain, make_request, prompts
+from tests.engine.test_multi_context_engine import MULTI, make
 from tests.engine.test_overlap import comparable
 
 VOCAB = 300
@@ -48,34 +51,71 @@ def plain(row: int, method: MethodSettings = METHODS[0]) -> RowSpec:
     return RowSpec(row, None, method, None)
 
 
+def several(rows: tuple[int, ...], weights: tuple[float, ...], contrast: int | None, method: MethodSettings) -> RowSpec:
+    """K = len(rows) preference rows (``weights`` normalised here), with or without a contrast row."""
+    total = sum(weights)
+    coefficient = method.effective_strength if contrast is not None else None
+    return RowSpec.of(rows, [w / total for w in weights], contrast, method, coefficient)
+
+
+PREF = MethodSettings(method=Method.PREF)
 LAYOUTS = {
     # the in-place path; the rows without plausibility have the second pass too, as one row has a plausibility
     "pairs": [pair(0, AMULET), pair(2, STRICT), pair(4, LOOSE), *(pair(row, FLAT) for row in (6, 8, 10, 12))],
     "pairs without plausibility": [pair(0, LOOSE), pair(2, FLAT)],  # no second pass
     "mixed": [plain(0), pair(1, AMULET), plain(3, METHODS[1]), pair(4, WEAK), plain(6)],
     "plain": [plain(0), plain(1), plain(2)],
+    # several preferences: amulet with K = 2 and 3, pref with K = 2 (no contrast: its anchor's log-softmax, and the
+    # plausibility pass's second log-softmax as a contrast row has a plausibility), beside K = 1 rows
+    "several": [
+        several((0, 1), (1.0, 1.0), 2, AMULET),
+        plain(3),
+        several((4, 5, 6), (1.0, 2.0, 4.0), 7, STRICT),
+        several((8, 9), (1.0, 3.0), None, PREF),
+        pair(10, FLAT),
+    ],
+    "several without plausibility": [several((0, 1), (2.0, 1.0), None, PREF), pair(2, FLAT), plain(4)],
+}
+PARAMS = {
+    "greedy": lambda i: SamplingParams(temperature=0, logprobs=True),
+    # a bias that changes the argmax, one on an impossible token (-inf stays -inf), a ban; top log-probabilities
+    "bias and top": lambda i: SamplingParams(
+        temperature=0,
+        logprobs=True,
+        top_logprobs=(0, 3, 5)[i % 3],
+        logit_bias=(((7 * i) % VOCAB, 100.0), (11, -100.0), (5, 0.5)) if i % 2 == 0 else (),
+    ),
 }
 
 
+@pytest.mark.parametrize("params", PARAMS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_the_tail_gives_the_bits_of_the_method_and_the_greedy_sampler(layout):
+def test_the_tail_gives_the_bits_of_the_method_and_the_greedy_sampler(layout, params):
+    """Over 20 draws of logits (where a second log-softmax changes bits for some of them, so a row given the
+    plausibility pass wrongly, or denied it, shows)."""
     specs = LAYOUTS[layout]
-    rows = 1 + max(s.contrast if s.contrast is not None else s.primary_row for s in specs)
+    rows = 1 + max(max(s.pref_rows + ((s.contrast,) if s.contrast is not None else ())) for s in specs)
     slots = 16  # a padded bucket: the tail reads a logits buffer with rows past the step's
-    buffer = torch.zeros(slots, VOCAB)
-    buffer[:rows] = logits_with_holes(rows, seed=len(layout))
-    logits = buffer[:rows]
-    greedy = [SamplingParams(temperature=0, logprobs=True)] * len(specs)
+    chosen = [PARAMS[params](i) for i in range(len(specs))]
+    tail = DecodeTail(slots, slots, VOCAB, torch.device("cpu"))
+    biased = 0
+    for seed in range(20):
+        buffer = torch.zeros(slots, VOCAB)
+        buffer[:rows] = logits_with_holes(rows, seed=seed)
+        logits = buffer[:rows]
+        host = sample_on_device(method_logprobs(logits, specs), chosen, [None] * len(specs))
+        tail.set_rows(tail_rows(specs, range(rows), chosen))
+        tail.compute(buffer, slots, tail.variant)
+        samples = tail.samples()
 
-    host = sample_on_device(method_logprobs(logits, specs), greedy, [None] * len(specs))
-    tail = DecodeTail(slots, slots, VOCAB, logits.device)
-    tail.set_rows(tail_rows(specs, range(rows), greedy))
-    tail.compute(buffer, slots, tail.variant)
-    samples = tail.samples()
-
-    assert torch.equal(samples.tokens, host.tokens)
-    assert torch.equal(samples.packed, host.packed)  # tokens, log-probabilities (the same bits), failed flags
-    assert read_samples(samples.packed.tolist(), greedy, 0) == read_samples(host.packed.tolist(), greedy, 0)
+        assert torch.equal(samples.tokens, host.tokens)
+        assert samples.top_n == host.top_n
+        # tokens, log-probabilities (the same bits), failed flags, top log-probabilities and their ids
+        torch.testing.assert_close(samples.packed, host.packed, rtol=0, atol=0, equal_nan=True)  # NaN: a failed row
+        got = read_samples(samples.packed.tolist(), chosen, samples.top_n)
+        assert repr(got) == repr(read_samples(host.packed.tolist(), chosen, host.top_n))  # (repr: NaN equals NaN)
+        biased += sum(s.token == (7 * i) % VOCAB for i, s in enumerate(got) if i % 2 == 0)
+    assert biased > 0 or params != "bias and top"  # the bias counted (where its token is possible)
 
 
 SAMPLED = [  # each with the method of its rows (None: a plain row); the top-k rows flat enough for k to cut
@@ -86,6 +126,7 @@ SAMPLED = [  # each with the method of its rows (None: a plain row); the top-k r
     (SamplingParams(temperature=0.9, top_p=0.8), FLAT),
     (SamplingParams(temperature=1.1, top_k=12, top_p=0.9, min_p=0.01), FLAT),
     (SamplingParams(temperature=1.0, top_k=VOCAB), None),  # as none
+    (SamplingParams(temperature=0.8, logit_bias=((3, 4.0), (4, 2.5), (131, -100.0))), None),  # 131: the likeliest
 ]
 
 
@@ -102,7 +143,7 @@ def test_sampled_rows_draw_from_the_samplers_distribution(filtering):
     rows = 2 * n
     logits = logits_with_holes(rows, seed=11) / 2
     logprobs = method_logprobs(logits, specs)
-    expected = [_filtered_probs(logprobs[i], p) for i, p in enumerate(params[:-1])]
+    expected = [_filtered_probs(process_row(logprobs[i], p), p) for i, p in enumerate(params[:-1])]
     expected = [probs / probs.sum() for probs in expected]  # top-p leaves them unnormalised: the draw normalises
     tail = DecodeTail(16, rows, VOCAB, logits.device)
     tail.set_rows(tail_rows(specs, range(rows), params))
@@ -122,26 +163,36 @@ def test_sampled_rows_draw_from_the_samplers_distribution(filtering):
 
 
 def test_which_requests_the_tail_may_choose_for():
-    spec = pair(0, AMULET)
-    assert tail_eligible(spec, SamplingParams(temperature=0)) and tail_eligible(plain(0), SamplingParams(temperature=0))
-    assert tail_eligible(spec, SamplingParams(temperature=0, logprobs=True))  # the chosen token's: in the copy
-    for sampled in (SamplingParams(temperature=0.7, min_p=0.1), SamplingParams(top_k=5, top_p=0.9)):
-        assert tail_eligible(spec, sampled)  # drawn from the default generator
-    several = RowSpec(0, 2, AMULET, 5.0, extra_rows=(1,), weights=(0.5, 0.5))
-    for params, row in [
-        (SamplingParams(temperature=0.7, seed=4), spec),  # its own generator
-        (SamplingParams(temperature=0, logit_bias=((5, 2.0),)), spec),
-        (SamplingParams(temperature=0, min_tokens=3), spec),
-        (SamplingParams(temperature=0, presence_penalty=0.5), spec),
-        (SamplingParams(temperature=0, logprobs=True, top_logprobs=2), spec),
-        (SamplingParams(temperature=0), several),  # two preference contexts
-    ]:
-        assert not tail_eligible(row, params), (params, row)
+    for params in (
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, logprobs=True, top_logprobs=2),  # the alternatives: in the copy
+        SamplingParams(temperature=0.7, min_p=0.1),  # drawn from the default generator
+        SamplingParams(top_k=5, top_p=0.9),
+        SamplingParams(temperature=0, logit_bias=((5, 2.0),)),  # fixed per request: a static table
+        SamplingParams(temperature=0.9, logit_bias=((5, -100.0),)),
+    ):
+        assert tail_eligible(params), params
+    for params in (
+        SamplingParams(temperature=0.7, seed=4),  # its own generator
+        SamplingParams(temperature=0, min_tokens=3),  # these read the tokens generated so far
+        SamplingParams(temperature=0, presence_penalty=0.5),
+        SamplingParams(temperature=0, repetition_penalty=1.2),
+    ):
+        assert not tail_eligible(params), params
+
+
+def biased(tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0, logit_bias=tuple((t, 1.0) for t in range(tokens)))
+
+
+def top(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, logprobs=True, top_logprobs=n)
 
 
 def test_a_step_asks_for_the_parts_of_the_tail_its_requests_need():
-    """Plain greedy rows need one log-softmax and an argmax; a contrast, the plausibility pass, a draw and top-k /
-    top-p are added only when a request of the step has them (a graph holds one variant: the rest costs nothing)."""
+    """Plain greedy rows need one log-softmax and an argmax; a contrast, the plausibility pass, a draw, top-k / top-p,
+    the mixture of several preferences, a bias table and top log-probabilities are added only when a request of the
+    step has them (a graph holds one variant: the rest costs nothing)."""
     tail = DecodeTail(8, 8, VOCAB, torch.device("cpu"))
     greedy, drawn, cut = SamplingParams(temperature=0), SamplingParams(temperature=0.8), SamplingParams(top_p=0.9)
     cases = [
@@ -150,9 +201,16 @@ def test_a_step_asks_for_the_parts_of_the_tail_its_requests_need():
         ([plain(0), pair(1, AMULET)], [greedy, drawn], TailVariant(True, True, True, False)),
         ([plain(0), pair(1, FLAT)], [cut, greedy], TailVariant(True, False, True, True)),
         ([plain(0)], [SamplingParams(temperature=0, top_k=3)], TailVariant(False, False, False, False)),  # greedy
+        # several preferences: as many weighted passes as the step's largest K needs (K = 3: two)
+        ([several((0, 1, 2), (1, 1, 1), None, PREF), plain(3)], [greedy, greedy], TailVariant(False, False, False, False, 2)),
+        ([several((0, 1), (1, 2), 2, AMULET)], [drawn], TailVariant(True, True, True, False, 1)),
+        # the bias table as wide as the step's largest bias, rounded up; the step's most top log-probabilities
+        ([plain(0), plain(1)], [biased(3), biased(20)], TailVariant(False, False, False, False, 0, 128)),
+        ([plain(0), pair(1, FLAT)], [biased(16), greedy], TailVariant(True, False, False, False, 0, 16)),
+        ([plain(0), plain(1)], [top(2), top(7)], TailVariant(False, False, False, False, 0, 0, 7)),
     ]
     for specs, params, variant in cases:
-        tail.set_rows(tail_rows(specs, range(3), params))
+        tail.set_rows(tail_rows(specs, range(4), params))
         assert tail.variant == variant, (specs, params)
 
 
@@ -162,6 +220,10 @@ def test_set_rows_refuses_rows_outside_the_buffer():
         tail.set_rows(tail_rows([pair(3, AMULET)], range(5), [SamplingParams()]))  # its contrast: row 4 of 4
     with pytest.raises(ValueError):
         tail.set_rows([])
+    with pytest.raises(ValueError):
+        tail.set_rows(tail_rows([several((0, 4), (1, 1), None, PREF)], range(5), [SamplingParams()]))  # row 4 of 4
+    with pytest.raises(ValueError):  # a token past the vocabulary would bias another row's score
+        tail.set_rows(tail_rows([plain(0)], range(1), [SamplingParams(logit_bias=((VOCAB, 1.0),))]))
 
 
 FIELDS = {"max_model_len": 256, "kv_cache_tokens": 4096}
@@ -209,20 +271,43 @@ def test_the_engine_answers_the_same_with_the_tail_choosing_the_tokens(tiny_mode
 
 
 def test_a_step_with_a_request_the_tail_cannot_serve_takes_the_host_path(tiny_model):
-    """A sampled request or one with a logit bias beside greedy ones: their steps replay the graphs without the tail (the
-    host chooses every token); once they have finished, the tail takes over; the answers are the host's."""
+    """A seeded sampled request or one with a penalty beside greedy ones: their steps replay the graphs without the
+    tail (the host chooses every token); once they have finished, the tail takes over; the answers are the host's."""
     loaded = tiny_model("qwen2")
     config = EngineConfig(**FIELDS, overlap_host=True)
     pref, base = prompts(32, shared=10, pref_extra=4, base_extra=3)
     requests = [
         make_request("long", AMULET, pref, base, max_tokens=14, ignore_eos=True),
         make_request("sampled", AMULET, pref, base, max_tokens=4, temperature=0.8, seed=3, ignore_eos=True),
-        make_request("biased", METHODS[0], pref, base, max_tokens=5, logit_bias=((7, 3.0),), ignore_eos=True),
+        make_request("penalised", METHODS[0], pref, base, max_tokens=5, presence_penalty=1.5, ignore_eos=True),
     ]
     with_tail = graphed_engine(loaded, config, tail=True)
     assert answers(with_tail, requests) == answers(graphed_engine(loaded, config, tail=False), requests)
     graphs = with_tail.runner.graphs
     assert graphs is not None and 0 < graphs.tail_steps < graphs.steps
+
+
+def test_several_preferences_a_logit_bias_and_top_logprobs_are_the_tails_with_the_hosts_answers(tiny_model):
+    """Requests of two and three weighted preference contexts (amulet, la, pref), one with a logit bias and one with
+    top log-probabilities, beside single-preference ones: every decode step is the tail's, and the answers (token ids,
+    log-probabilities, the alternatives) are the host path's, bit for bit."""
+    loaded = tiny_model("qwen2")
+    config = EngineConfig(**FIELDS, overlap_host=True)
+    pref, base = prompts(34, shared=12, pref_extra=5, base_extra=2)
+    vocab = int(loaded.model.config.vocab_size)
+    requests = [
+        *(make(f"k{i}", settings, seed=40 + i, max_tokens=8, logprobs=True) for i, settings in enumerate(MULTI)),
+        make("biased-k2", MULTI[0], seed=50, max_tokens=8, logit_bias=((vocab - 1, 6.0), (3, -100.0))),
+        make_request("top", AMULET, pref, base, max_tokens=8, logprobs=True, top_logprobs=4, ignore_eos=True),
+        make_request("base", METHODS[0], pref, base, max_tokens=8, logit_bias=((17, 2.5),), ignore_eos=True),
+    ]
+    with_tail = graphed_engine(loaded, config, tail=True)
+    got = answers(with_tail, requests)
+    assert got == answers(graphed_engine(loaded, config, tail=False), requests)
+    graphs = with_tail.runner.graphs
+    assert graphs is not None and graphs.tail_steps == graphs.steps >= 7
+    assert all(len(lp.top) == 4 for out in got["top"] for lp in out[2])  # each token's four alternatives
+    assert 3 not in [t for out in got["biased-k2"] for t in out[1]]  # banned
 
 
 def test_unseeded_sampled_requests_are_drawn_in_the_tail_beside_greedy_ones(tiny_model):
