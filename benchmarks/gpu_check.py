@@ -21,7 +21,8 @@ Steps, each timed and recorded (a failing step is recorded and the next one runs
    memory-bandwidth bound (weight bytes / measured device copy rate), with the engine's default decode attention
    (``attention``: the paged decode kernel where it runs); then ``base`` single stream and ``amulet`` at the
    most streams and the long prompt's TTFT again with the gathered SDPA attention (``sdpa_*``), with the host not
-   overlapped with the device (``sync_*``), and without CUDA graphs (``eager_*``),
+   overlapped with the device (``sync_*``), with the method and the choice of tokens on the host after each replay
+   (``hostchoice_*``: the decode tail off), and without CUDA graphs (``eager_*``),
    and the host-overhead breakdown of a decode step at the most streams (``host_overhead_*``).
 
 5. ``server``: ``amulet-server`` on the device with a random-weight Llama-3.2-1B-shaped model, 64
@@ -294,6 +295,9 @@ def step_model(
             "buckets": len(graphs.batch_sizes) * len(graphs.context_lens),
             "capture_s": graphs.capture_seconds,
             "decode_steps": graphs.steps,
+            "tail_steps": graphs.tail_steps,
+            "tail_graphs": len(graphs.tail_graphs),
+            "tail_enabled": graphs.tail_enabled,
         }
         if graphs
         else None
@@ -324,6 +328,14 @@ def step_model(
     result["sync_base_1"] = _run(synchronous, device, [_request("yb1", Method.BASE, pref, base, opts.new_tokens)])
     result[f"sync_amulet_{n}"] = _run(synchronous, device, _amulet_streams(f"y{n}", n, rng, vocab, opts))
     del synchronous
+    # The tokens chosen on the host after each replay (the graphs without the method and the sampler): the tail's share.
+    host_choice = LLMEngine(loaded, dataclasses.replace(engine_config, graph_capture_seconds=0))
+    if host_choice.runner.graphs is not None:
+        host_choice.runner.graphs.tail_enabled = False
+    _run(host_choice, device, [_request("warm", Method.AMULET, pref, base, 4)])
+    result["hostchoice_base_1"] = _run(host_choice, device, [_request("hb1", Method.BASE, pref, base, opts.new_tokens)])
+    result[f"hostchoice_amulet_{n}"] = _run(host_choice, device, _amulet_streams(f"h{n}", n, rng, vocab, opts))
+    del host_choice
     eager = LLMEngine(loaded, dataclasses.replace(engine_config, cuda_graphs=False))
     _run(eager, device, [_request("warm", Method.AMULET, pref, base, 4)])
     result["eager_base_1"] = _run(eager, device, [_request("eb1", Method.BASE, pref, base, opts.new_tokens)])
@@ -348,6 +360,12 @@ def step_model(
         "decode step at the most streams, host not overlapped / overlapped": result[f"sync_amulet_{n}"]["decode_step_ms"]
         / top["decode_step_ms"],
         "decode step at the most streams, gathered sdpa / default attention": result[f"sdpa_amulet_{n}"]["decode_step_ms"]
+        / top["decode_step_ms"],
+        "base_1 decode step, tokens chosen on the host / in the graph": result["hostchoice_base_1"]["decode_step_ms"]
+        / result["engine_base_1"]["decode_step_ms"],
+        "decode step at the most streams, tokens chosen on the host / in the graph": result[f"hostchoice_amulet_{n}"][
+            "decode_step_ms"
+        ]
         / top["decode_step_ms"],
     }
     del loaded
