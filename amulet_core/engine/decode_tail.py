@@ -163,8 +163,10 @@ class DecodeTail:
         """Requests of the step :meth:`set_rows` set up."""
 
     def set_rows(self, rows: Sequence[TailRow]) -> None:
-        """The step's requests, in order (slots past them keep what they held: valid rows, never read)."""
-        self._check(rows)
+        """The step's requests, in order (slots past them keep what they held: valid rows, never read). Raises
+        ValueError for rows the tail cannot hold (:meth:`problem`)."""
+        if (problem := self.problem(rows)) is not None:
+            raise ValueError(problem)
         n = len(rows)
         renormalise = any(row.plausibility > 0 for row in rows if row.contrast is not None)
         device = self.index.device
@@ -201,19 +203,22 @@ class DecodeTail:
         self.variant = TailVariant(pairs, pairs and renormalise, any(sampled), filtering, mixture, width, top_n)
         self.count = n
 
-    def _check(self, rows: Sequence[TailRow]) -> None:
+    def problem(self, rows: Sequence[TailRow]) -> str | None:
+        """Why the tail cannot hold these rows (too many, a row outside the logits, a bias outside the vocabulary,
+        more top log-probabilities than it keeps ...), or None. The host path then chooses (and fails what it must)."""
         n = len(rows)
         if not 0 < n <= self.tokens.shape[0] or any(
             not 0 <= r <= self.max_rows - 1 for row in rows for r in (row.primary, row.contrast or 0, *row.extra)
         ):
-            raise ValueError(f"{n} tail rows for {self.tokens.shape[0]} slots over {self.max_rows} logits rows")
+            return f"{n} tail rows for {self.tokens.shape[0]} slots over {self.max_rows} logits rows"
         for row in rows:
             if len(row.extra) != len(row.weights) or len(row.extra) >= MAX_PREFERENCES:
-                raise ValueError(f"{len(row.extra)} extra preference rows with {len(row.weights)} weights")
+                return f"{len(row.extra)} extra preference rows with {len(row.weights)} weights"
             if len(row.bias) > MAX_LOGIT_BIAS or any(not 0 <= token < self.vocab for token, _ in row.bias):
-                raise ValueError(f"a logit bias of {len(row.bias)} tokens, or outside the vocabulary of {self.vocab}")
+                return f"a logit bias of {len(row.bias)} tokens, or outside the vocabulary of {self.vocab}"
             if not 0 <= row.top_n <= self.top.shape[2]:
-                raise ValueError(f"{row.top_n} top log-probabilities, at most {self.top.shape[2]}")
+                return f"{row.top_n} top log-probabilities, at most {self.top.shape[2]}"
+        return None
 
     def _set_bias(self, rows: Sequence[TailRow]) -> int:
         """The rows' ``logit_bias`` tables; the width the step needs (0: no bias)."""

@@ -143,8 +143,7 @@ class LLMEngine:
             samples = self._tail_samples(plan, logits_for, states, pending)
             logits = None
             if samples is None:
-                args = (plan.chunks, logits_for)
-                logits = self.runner.run(*args) if pending is None else self.runner.run(*args, pending=pending)
+                logits = self.runner.run(plan.chunks, logits_for, pending=pending)
         except Exception as exc:  # the shared pass failed: fail its requests, keep the engine
             logger.exception("forward pass failed")
             outputs = self._resolve()

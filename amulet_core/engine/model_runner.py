@@ -266,7 +266,8 @@ class ModelRunner:
         """A decode-only step through the decode graphs with the requests' method and choice of tokens inside
         (:mod:`amulet_core.engine.decode_tail`): their choices (with ``params``), on the device. ``specs`` number the rows of
         ``logits_for``, as :meth:`run`'s logits. None, having run nothing, when the step cannot be replayed (a prefill
-        chunk, no bucket that holds it, no graphs); :meth:`run` then runs it."""
+        chunk, no bucket that holds it, no graphs) or its rows do not fit the tail
+        (:meth:`~amulet_core.engine.decode_tail.DecodeTail.problem`); :meth:`run` then runs it."""
         graphs = self.graphs
         if graphs is None or not graphs.tail_enabled or self._replay(chunks, logits_for, pending, specs, params) is None:
             return None
@@ -293,6 +294,8 @@ class ModelRunner:
         row = {id(c.seq): i for i, c in enumerate(chunks)}
         order = [row[id(seq)] for seq in logits_for]
         tail = None if specs is None or params is None else tail_rows(specs, order, params)
+        if tail is not None and graphs.tail.problem(tail) is not None:
+            return None  # (the host's choice then fails the requests it must, and the graphs stay)
         try:
             logits = graphs.run(chunks, bucket, pending, tail)
         except Exception:

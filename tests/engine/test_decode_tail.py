@@ -214,6 +214,26 @@ def test_a_step_asks_for_the_parts_of_the_tail_its_requests_need():
         assert tail.variant == variant, (specs, params)
 
 
+def test_a_step_whose_rows_the_tail_cannot_hold_is_chosen_on_the_host_and_the_graphs_stay(tiny_model):
+    """Rows the tail cannot hold (here: a tail of one request slot, and steps of three requests): the runner asks
+    before it replays, the host path chooses those steps (the answers are the host's), the graphs are not turned
+    off, and the step left with one request goes through the tail."""
+    loaded = tiny_model("llama")
+    engine = graphed_engine(loaded, EngineConfig(**FIELDS, overlap_host=True), tail=True)
+    graphs = engine.runner.graphs
+    assert graphs is not None
+    if graphs.capture:
+        pytest.skip("captured graphs hold the tail they were captured with")
+    graphs.tail = DecodeTail(1, graphs.tail.max_rows, graphs.tail.vocab, engine.runner.device)
+    pref, base = prompts(35, shared=8, pref_extra=3, base_extra=2)
+    requests = [
+        make_request(f"r{i}", method, pref, base, max_tokens=4 + 4 * i, logprobs=True, ignore_eos=True)
+        for i, method in enumerate([METHODS[0], AMULET, STRICT])
+    ]
+    assert answers(engine, requests) == answers(graphed_engine(loaded, EngineConfig(**FIELDS), tail=False), requests)
+    assert engine.runner.graphs is graphs and graphs.tail_enabled and 0 < graphs.tail_steps < graphs.steps
+
+
 def test_set_rows_refuses_rows_outside_the_buffer():
     tail = DecodeTail(4, 4, VOCAB, torch.device("cpu"))
     with pytest.raises(ValueError):
@@ -224,6 +244,11 @@ def test_set_rows_refuses_rows_outside_the_buffer():
         tail.set_rows(tail_rows([several((0, 4), (1, 1), None, PREF)], range(5), [SamplingParams()]))  # row 4 of 4
     with pytest.raises(ValueError):  # a token past the vocabulary would bias another row's score
         tail.set_rows(tail_rows([plain(0)], range(1), [SamplingParams(logit_bias=((VOCAB, 1.0),))]))
+    # what the runner asks before it replays (rows the tail cannot hold go to the host path; the graphs stay)
+    small = DecodeTail(4, 4, 12, torch.device("cpu"))  # a vocabulary of 12: at most 12 top log-probabilities
+    assert small.problem(tail_rows([plain(0)], range(1), [SamplingParams(logprobs=True, top_logprobs=12)])) is None
+    assert "top log-probabilities" in str(small.problem(tail_rows([plain(0)], range(1), [top(13)])))
+    assert small.problem(tail_rows([pair(2, AMULET)], range(4), [SamplingParams()])) is None
 
 
 FIELDS = {"max_model_len": 256, "kv_cache_tokens": 4096}

@@ -111,8 +111,8 @@ class Recorder:
         self.engine = engine
         run = engine.runner.run
 
-        def recording(chunks, logits_for):
-            logits = run(chunks, logits_for)
+        def recording(chunks, logits_for, pending=None):
+            logits = run(chunks, logits_for, pending=pending)
             owner = {id(seq): rid for rid, state in engine.requests.items() for seq in state.group.seqs}
             for i, seq in enumerate(logits_for):
                 self.rows[owner[id(seq)]].append(logits[i].detach().cpu().clone())

@@ -88,8 +88,8 @@ def run(loaded: LoadedModel, deterministic: bool, forward: Callable[[Any], Any] 
     logits: list[torch.Tensor] = []
     run_step = engine.runner.run
 
-    def recorded(*args: Any) -> torch.Tensor:
-        out = run_step(*args)
+    def recorded(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = run_step(*args, **kwargs)
         logits.append(out.clone())
         return out
 

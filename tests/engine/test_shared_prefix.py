@@ -365,10 +365,10 @@ class ChunkLog:
         self.kv_used: list[int] = []
         run = engine.runner.run
 
-        def spy(chunks, logits_for):
+        def spy(chunks, logits_for, pending=None):
             self.chunks += chunks
             self.kv_used.append(engine.stats().kv_blocks_used)
-            return run(chunks, logits_for)
+            return run(chunks, logits_for, pending=pending)
 
         engine.runner.run = spy  # type: ignore[method-assign]
 
