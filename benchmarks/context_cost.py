@@ -35,6 +35,7 @@ import torch
 
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
+from amulet_core.engine.overlap import PendingTokens
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.sequence import Sequence as EngineSequence
@@ -177,11 +178,13 @@ def measure(loaded: LoadedModel, engine_config: EngineConfig, req: GenerationReq
     peak = 0
     run = engine.runner.run
 
-    def counting(chunks: list[ScheduledChunk], logits_for: list[EngineSequence]) -> torch.Tensor:
+    def counting(
+        chunks: list[ScheduledChunk], logits_for: list[EngineSequence], pending: PendingTokens | None = None
+    ) -> torch.Tensor:
         nonlocal computed, peak
         computed += sum(max(0, min(c.start + c.num_tokens, c.seq.num_prompt_tokens) - c.start) for c in chunks)
         peak = max(peak, engine.blocks.num_used)
-        return run(chunks, logits_for)
+        return run(chunks, logits_for, pending=pending)
 
     engine.runner.run = counting  # type: ignore[method-assign]
     start = time.perf_counter()

@@ -37,13 +37,14 @@ from typing import Any
 import torch
 
 from amulet_core.device_tensors import to_device
-from amulet_core.engine.decode_tail import DecodeTail, TailRow, TailVariant
+from amulet_core.engine.decode_tail import DecodeTail, TailVariant
 from amulet_core.engine.invariant_attention import InvariantPlan, decode_plan
 from amulet_core.engine.invariant_ops import PackedWeights, batch_invariant
 from amulet_core.engine.overlap import PendingTokens, fill_pending
 from amulet_core.engine.packed_forward import PackedForward
 from amulet_core.engine.paged_attention import PackedBatch, PagedKVCache, decode_group, padded_block_tables
 from amulet_core.engine.scheduler import ScheduledChunk
+from amulet_core.engine.tail_rows import TailRow
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class DecodeGraphs:
         """Token ids, positions, new-token slots and context lengths of the rows."""
         self.tables = torch.full((max_batch, max_len // self.block_size), scratch_block, dtype=torch.long, device=device)
         self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=device)
-        self.tail = DecodeTail(max_batch, max_batch, vocab, device)
+        self.tail = DecodeTail(max_batch, max_batch, vocab, device, max_history=max_len + 1)
         """The method and choice of tokens over the logits (:mod:`amulet_core.engine.decode_tail`), for a step that asks
         for it: the parts it needs (:class:`TailVariant`) in a graph of their own, or eagerly."""
         self.tail_steps = 0
@@ -254,7 +255,7 @@ class DecodeGraphs:
             logits = self.forward(token_ids.unsqueeze(0), positions.unsqueeze(0), 0, batch)
         self.logits[:size].copy_(logits[0])
         if tail is not None:
-            self.tail.compute(self.logits, size, tail)
+            self.tail.compute(self.logits, size, tail, token_ids)
 
     def _capture(self, bucket: tuple[int, int], tail: TailVariant | None = None) -> None:
         """Warm up, capture and replay the bucket's graph. The warm-up writes the real rows' keys and

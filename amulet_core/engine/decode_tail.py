@@ -1,23 +1,29 @@
-"""A decode step's method and choice of tokens computed with its forward pass, inside the decode graph.
+"""A decode step's method, logits processors and choice of tokens computed with its forward pass, in the decode graph.
 
 After a decode step's forward pass, the method (each request's closed form over its context rows, the
-plausibility mask), the logit bias and the choice of the tokens are a few dozen small kernels; launched from Python
-they cost the host time that the overlapped engine would rather spend preparing the next step. For a step whose
-requests all decode greedily or sampled without a seed, with nothing the host must work out between two tokens
-(:func:`tail_eligible`: no penalties or ``min_tokens``, which read the tokens generated so far; the engine also
-leaves out grammars and thinking spans), the decode graph computes them too, from static per-request inputs set
-before the replay: any method and number of preference contexts (base, pref, la, amulet, CFG, a negative
-preference, K up to ``MAX_PREFERENCES``), ``logit_bias``, temperature, ``min_p``, ``top_k``, ``top_p`` and the top
-log-probabilities. The host copies back only the packed choices (:class:`~amulet_core.sampling.sampler.DeviceSamples`:
-tokens, their log-probabilities, the failed flags, the top alternatives).
+plausibility mask), the logits processors and the choice of the tokens are a few dozen small kernels; launched from
+Python they cost the host time that the overlapped engine would rather spend preparing the next step. For a step
+whose requests all decode greedily or sampled without a seed (:func:`tail_eligible`; the engine also leaves out
+grammars and thinking spans, which the host follows between two tokens), the decode graph computes them too, from
+static per-request inputs set before the replay (:mod:`amulet_core.engine.tail_rows`): any method and number of
+preference contexts (base, pref, la, amulet, CFG, a negative preference, K up to ``MAX_PREFERENCES``),
+``logit_bias``, ``min_tokens``, the repetition, frequency and presence penalties, temperature, ``min_p``, ``top_k``,
+``top_p`` and the top log-probabilities. The host copies back only the packed choices
+(:class:`~amulet_core.sampling.sampler.DeviceSamples`: tokens, their log-probabilities, the failed flags, the top
+alternatives). The penalties and ``min_tokens`` count the step's input token, on the device, where it is the pending
+output of the step in flight: such requests are overlapped too.
 
-The arithmetic is :func:`~amulet_core.method.rows.method_logprobs`' (the anchor of several preferences by
-:func:`~amulet_core.method.mixture.mixture_logits_float32`, padded with weight-0 slots, which add exact zeros; then
-:func:`~amulet_core.method.rows.fixed_shape_logprobs`), the logits processors' (the bias added once per biased
-token, in float32) and the greedy sampler's, row for row, so a greedy step gives the same tokens,
-log-probabilities and alternatives with the tail as without it, bit for bit. A sampled row divides by its
-temperature and drops the tokens below ``min_p``, past ``top_k`` and past ``top_p`` as the sampler does (the last
-two sort the vocabulary: only the graphs of the steps that have them do), then draws with the exponential race
+The arithmetic is the host path's, row for row: ``min_tokens``' stop ids ruled out (``step_rows.rule_out_early_stops``
+sets them to -inf in every context row, and the processor again after the method; -inf in the first preference
+row alone gives the same: the anchor, the mix with any coefficient and the distribution are then -inf there, the
+other rows' values never counting), :func:`~amulet_core.method.rows.method_logprobs` (the anchor of several
+preferences by :func:`~amulet_core.method.mixture.mixture_logits_float32`, padded with weight-0 slots, which add
+exact zeros; then :func:`~amulet_core.method.rows.fixed_shape_logprobs`), the processors (the bias added once per
+biased token in float32, :func:`~amulet_core.sampling.processors.penalize` over whole rows,
+which leaves the tokens never seen exactly as they were) and the greedy sampler's; so a greedy step gives the
+same tokens, log-probabilities and alternatives with the tail as without it, bit for bit. A sampled row divides by
+its temperature and drops the tokens below ``min_p``, past ``top_k`` and past ``top_p`` as the sampler does (the
+last two sort the vocabulary: only the graphs of the steps that have them do), then draws with the exponential race
 (``argmax(p / E)``, ``E ~ Exp(1)``: the same distribution as a multinomial draw, in a fixed shape, from the default
 generator as an unseeded request's draw is). Request slots past the step's requests keep valid rows; their results
 are never read.
@@ -32,51 +38,19 @@ from dataclasses import dataclass
 import torch
 
 from amulet_core.device_tensors import to_device
+from amulet_core.engine.tail_processors import TailProcessors
+from amulet_core.engine.tail_rows import TailRow
 from amulet_core.method.mixture import MAX_PREFERENCES, mixture_logits_float32
-from amulet_core.method.rows import RowSpec, fixed_shape_logprobs
-from amulet_core.sampling.params import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
+from amulet_core.method.rows import fixed_shape_logprobs
+from amulet_core.sampling.params import MAX_TOP_LOGPROBS, SamplingParams
 from amulet_core.sampling.sampler import DeviceSamples
-
-BIAS_WIDTHS = (16, 128, MAX_LOGIT_BIAS)
-"""The widths of the per-request ``logit_bias`` table a tail variant adds (the step's largest bias, rounded up): a few
-variants, and a step with a small bias adds few padding entries (exact zeros)."""
 
 
 def tail_eligible(params: SamplingParams) -> bool:
     """Whether a request's next token can be chosen by the tail: greedy, or sampled without a seed (a seeded request
-    draws from its own generator); no processor that reads the tokens generated so far (penalties, ``min_tokens``).
-    Any method and number of preference contexts, ``logit_bias`` and top log-probabilities are the tail's. (The engine
-    also leaves out requests that need the host between tokens: a grammar, a thinking span.)"""
-    return (params.greedy or params.seed is None) and not params.needs_history
-
-
-@dataclass(frozen=True)
-class TailRow:
-    """One request's rows in the step's (padded) logits, and its method's and sampling's numbers."""
-
-    primary: int
-    contrast: int | None
-    coefficient: float
-    plausibility: float
-    temperature: float = 0.0
-    """0: greedy."""
-    min_p: float = 0.0
-    top_k: int = 0
-    """0: off (as one at least the vocabulary's size)."""
-    top_p: float = 1.0
-    extra: tuple[int, ...] = ()
-    """The rows of preference contexts 2..K (empty for K = 1)."""
-    weights: tuple[float, ...] = ()
-    """The normalised weights of those contexts (the first context's is implicit), one per ``extra`` row."""
-    bias: tuple[tuple[int, float], ...] = ()
-    """``logit_bias``: (token id, bias) pairs."""
-    top_n: int = 0
-    """Top log-probabilities to report (0: none)."""
-
-    @property
-    def plain(self) -> bool:
-        """One context row: its own log-softmax, never the plausibility pass."""
-        return self.contrast is None and not self.extra
+    draws from its own generator). (The engine also leaves out requests that need the host between tokens: a
+    grammar, a thinking span.)"""
+    return params.greedy or params.seed is None
 
 
 @dataclass(frozen=True)
@@ -88,7 +62,9 @@ class TailVariant:
     ``pairs``: some row has a contrast; ``renormalise``: those rows have the plausibility pass; ``sampled``: some row
     is drawn; ``filtering``: some drawn row has a top-k or a top-p (two vocabulary sorts); ``mixture``: the step's
     most extra preference contexts (K - 1), so many weighted passes form the anchors; ``bias``: the width of the
-    ``logit_bias`` table (one of :data:`BIAS_WIDTHS`, 0: no bias); ``top_n``: the step's most top log-probabilities."""
+    ``logit_bias`` table (0: no bias), ``stops``: of ``min_tokens``' stop-id table (0: no row rules any out),
+    ``history``: of the penalties' table (0: no penalty) (:mod:`amulet_core.engine.tail_processors`); ``top_n``: the
+    step's most top log-probabilities."""
 
     pairs: bool
     renormalise: bool
@@ -97,40 +73,20 @@ class TailVariant:
     mixture: int = 0
     bias: int = 0
     top_n: int = 0
-
-
-def tail_rows(specs: Sequence[RowSpec], row_of: Sequence[int], params: Sequence[SamplingParams]) -> list[TailRow]:
-    """The tail's rows of ``specs``, whose row numbers index ``row_of`` (the logits' rows in the padded step), each
-    sampled with ``params``."""
-    return [
-        TailRow(
-            row_of[s.primary_row],
-            None if s.contrast is None else row_of[s.contrast],
-            1.0 if s.coefficient is None or s.contrast is None else s.coefficient,
-            s.method.plausibility if s.contrast is not None else 0.0,
-            0.0 if p.greedy else p.temperature,
-            0.0 if p.greedy else p.min_p,
-            0 if p.greedy else p.top_k,
-            1.0 if p.greedy else p.top_p,
-            tuple(row_of[r] for r in s.extra_rows),
-            s.weights[1:],
-            p.logit_bias,
-            p.top_logprobs if p.logprobs else 0,
-        )
-        for s, p in zip(specs, params, strict=True)
-    ]
+    stops: int = 0
+    history: int = 0
 
 
 class DecodeTail:
     """Static inputs and outputs of the tail for up to ``max_requests`` requests over a ``[max_rows, vocab]`` logits
-    buffer.
+    buffer, with histories of up to ``max_history`` tokens for the penalties.
 
     Contract: :meth:`set_rows` before the launch that computes it (:meth:`compute`, captured or eager), then
     :meth:`samples` for that step's requests; the next :meth:`set_rows` may overwrite what :meth:`samples` returned
     once the step's copy to the host has been queued.
     """
 
-    def __init__(self, max_requests: int, max_rows: int, vocab: int, device: torch.device) -> None:
+    def __init__(self, max_requests: int, max_rows: int, vocab: int, device: torch.device, max_history: int = 0) -> None:
         self.max_rows = max_rows
         self.vocab = vocab
         self.index = torch.zeros(2, max_requests, dtype=torch.long, device=device)
@@ -148,10 +104,7 @@ class DecodeTail:
         self.top_k = torch.zeros(max_requests, dtype=torch.long, device=device)
         """Each request's top-k, 0 for none (its k-th largest score is then -inf: nothing dropped)."""
         self.top_p = torch.ones(max_requests, dtype=torch.float32, device=device)
-        self.bias_tokens = torch.zeros(max_requests, MAX_LOGIT_BIAS, dtype=torch.long, device=device)
-        """Each request's biased token ids, padded with token 0 ..."""
-        self.bias_values = torch.zeros(max_requests, MAX_LOGIT_BIAS, dtype=torch.float32, device=device)
-        """... and bias 0 (adding 0 changes no score)."""
+        self.processors = TailProcessors(max_requests, vocab, max_history, device)
         self.variant = TailVariant(False, False, False, False)
         """The parts of the tail the step :meth:`set_rows` set up needs."""
         self.tokens = torch.zeros(max_requests, dtype=torch.long, device=device)
@@ -195,50 +148,37 @@ class DecodeTail:
         top_k = [r.top_k if 0 < r.top_k < vocab else 0 for r in rows]
         self.top_k[:n].copy_(to_device(top_k, device, torch.long))
         self.top_p[:n].copy_(to_device([r.top_p for r in rows], device, torch.float32))
-        width = self._set_bias(rows)
+        bias, stops, history = self.processors.set(rows)
         sampled = [r.temperature > 0 for r in rows]
         filtering = any(k > 0 or r.top_p < 1.0 for k, r, drawn in zip(top_k, rows, sampled, strict=True) if drawn)
         pairs = any(r.contrast is not None for r in rows)
         top_n = max(r.top_n for r in rows)
-        self.variant = TailVariant(pairs, pairs and renormalise, any(sampled), filtering, mixture, width, top_n)
+        self.variant = TailVariant(pairs, pairs and renormalise, any(sampled), filtering, mixture, bias, top_n, stops, history)
         self.count = n
 
     def problem(self, rows: Sequence[TailRow]) -> str | None:
         """Why the tail cannot hold these rows (too many, a row outside the logits, a bias outside the vocabulary,
         more top log-probabilities than it keeps ...), or None. The host path then chooses (and fails what it must)."""
         n = len(rows)
-        if not 0 < n <= self.tokens.shape[0] or any(
-            not 0 <= r <= self.max_rows - 1 for row in rows for r in (row.primary, row.contrast or 0, *row.extra)
-        ):
+        if not 0 < n <= self.tokens.shape[0] or any(not 0 <= r < self.max_rows for row in rows for r in row.rows):
             return f"{n} tail rows for {self.tokens.shape[0]} slots over {self.max_rows} logits rows"
         for row in rows:
             if len(row.extra) != len(row.weights) or len(row.extra) >= MAX_PREFERENCES:
                 return f"{len(row.extra)} extra preference rows with {len(row.weights)} weights"
-            if len(row.bias) > MAX_LOGIT_BIAS or any(not 0 <= token < self.vocab for token, _ in row.bias):
-                return f"a logit bias of {len(row.bias)} tokens, or outside the vocabulary of {self.vocab}"
             if not 0 <= row.top_n <= self.top.shape[2]:
                 return f"{row.top_n} top log-probabilities, at most {self.top.shape[2]}"
-        return None
+        return self.processors.problem(rows)
 
-    def _set_bias(self, rows: Sequence[TailRow]) -> int:
-        """The rows' ``logit_bias`` tables; the width the step needs (0: no bias)."""
-        most = max(len(r.bias) for r in rows)
-        if not most:
-            return 0
-        width = next(w for w in BIAS_WIDTHS if w >= most)
-        tokens = [[t for t, _ in r.bias] + [0] * (width - len(r.bias)) for r in rows]
-        values = [[b for _, b in r.bias] + [0.0] * (width - len(r.bias)) for r in rows]
-        n, device = len(rows), self.bias_tokens.device
-        self.bias_tokens[:n, :width].copy_(to_device(tokens, device, torch.long))
-        self.bias_values[:n, :width].copy_(to_device(values, device, torch.float32))
-        return width
-
-    def compute(self, logits: torch.Tensor, slots: int, variant: TailVariant) -> None:
+    def compute(self, logits: torch.Tensor, slots: int, variant: TailVariant, inputs: torch.Tensor | None = None) -> None:
         """The first ``slots`` requests' method and choice over ``logits`` (``[max_rows, V]`` float32), into the
         static outputs, with the parts ``variant`` names (it must cover the requests :meth:`set_rows` set up); no
-        host synchronisation."""
+        host synchronisation. ``inputs``: the token ids of the logits' rows (the graph's static input; the penalties
+        count a request's input token)."""
+        processors = self.processors
         primary = logits.index_select(0, self.index[0, :slots])
-        anchor = self._anchor(logits, primary, slots, variant.mixture)
+        if variant.stops:  # min_tokens: the stop ids out of the first preference row, before the method (see below)
+            processors.rule_out(primary, slots, variant.stops)
+        anchor = self._anchor(logits, primary, slots, variant)
         if variant.pairs:  # a row without a contrast reads its anchor as the contrast with A = 1: lerp gives it back
             contrast = logits.index_select(0, self.index[1, :slots])
             if variant.mixture:
@@ -249,9 +189,9 @@ class DecodeTail:
         else:
             logprobs = torch.log_softmax(anchor.float(), dim=-1)
         scores = logprobs
-        if variant.bias:  # the processors' logit_bias: each biased score plus its bias, in float32
-            width = variant.bias
-            scores = logprobs.clone().scatter_add_(1, self.bias_tokens[:slots, :width], self.bias_values[:slots, :width])
+        if variant.bias or variant.history:
+            tokens_in = None if inputs is None else inputs.index_select(0, self.index[0, :slots])
+            scores = processors.apply(logprobs, slots, (variant.bias, variant.history), tokens_in)
         best, tokens = scores.max(dim=-1)  # the first maximum on ties, as the sampler's
         failed = ~torch.isfinite(best)
         if variant.sampled:
@@ -260,20 +200,20 @@ class DecodeTail:
             tokens, failed = torch.where(greedy, tokens, drawn), torch.where(greedy, failed, no_mass)
         self.tokens[:slots].copy_(tokens)
         self.packed[0, :slots].copy_(tokens)
-        self.packed[1, :slots].copy_(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1))  # before the bias, as reported
+        self.packed[1, :slots].copy_(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1))  # before the processors
         self.packed[2, :slots].copy_(failed)
         if variant.top_n:
             values, ids = torch.topk(logprobs, variant.top_n, dim=-1)
             self.top[0, :slots, : variant.top_n].copy_(values)
             self.top[1, :slots, : variant.top_n].copy_(ids)
 
-    def _anchor(self, logits: torch.Tensor, primary: torch.Tensor, slots: int, mixture: int) -> torch.Tensor:
+    def _anchor(self, logits: torch.Tensor, primary: torch.Tensor, slots: int, variant: TailVariant) -> torch.Tensor:
         """Each request's preference anchor: its primary row, or for several preferences their weighted mixture
-        (:func:`~amulet_core.method.rows.method_logprobs`' ``_anchor``, over ``mixture`` slots)."""
-        if not mixture:
+        (:func:`~amulet_core.method.rows.method_logprobs`' ``_anchor``, over ``variant.mixture`` slots)."""
+        if not variant.mixture:
             return primary
-        others = [logits.index_select(0, self.extra[k, :slots]) for k in range(mixture)]
-        mixed = mixture_logits_float32(primary, others, self.extra_weights[:slots, :mixture])
+        others = [logits.index_select(0, self.extra[k, :slots]) for k in range(variant.mixture)]
+        mixed = mixture_logits_float32(primary, others, self.extra_weights[:slots, : variant.mixture])
         mixed = torch.nan_to_num_(mixed, nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
         return torch.where(self.flags[2, :slots].unsqueeze(1), mixed, primary.float())
 

@@ -28,7 +28,7 @@ from amulet_core.engine.request_checks import RequestChecks
 from amulet_core.engine.request_state import RequestState
 from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
 from amulet_core.engine.sequence import Sequence
-from amulet_core.engine.step_rows import request_rows, row_history, row_specs, rule_out_early_stops
+from amulet_core.engine.step_rows import request_rows, row_history, row_specs, rule_out_early_stops, tail_history
 from amulet_core.errors import InvalidParameterError, is_request_failure
 from amulet_core.grammar.compiler import GrammarCompiler
 from amulet_core.grammar.masks import grammar_masks
@@ -180,12 +180,13 @@ class LLMEngine:
         """The step run through the decode graphs with its method and choice of tokens inside, when every request allows
         it (:func:`tail_eligible`, and nothing between tokens on the host: :func:`overlappable`); None, having run
         nothing, otherwise."""
-        if self.runner.graphs is None or not overlappable(states):
+        if self.runner.graphs is None or not all(s.matcher is None and s.request.thinking is None for s in states):
             return None
         params = [state.request.sampling for state in states]
         if not all(tail_eligible(p) for p in params):
             return None
-        return self.runner.run_with_tail(plan.chunks, logits_for, row_specs(states), params, pending)
+        histories = [tail_history(state) for state in states]
+        return self.runner.run_with_tail(plan.chunks, logits_for, row_specs(states), params, histories, pending)
 
     def _running(self, state: RequestState) -> bool:
         return self.requests.get(state.request.request_id) is state

@@ -12,7 +12,6 @@ import torch
 from amulet_core.device_tensors import to_device
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.decode_graphs import START_TAIL_VARIANTS, DecodeGraphs
-from amulet_core.engine.decode_tail import tail_rows
 from amulet_core.engine.invariant_attention import step_plan
 from amulet_core.engine.invariant_ops import batch_invariant, invariant_weights
 from amulet_core.engine.kv_budget import describe_cache, kv_budget
@@ -38,6 +37,7 @@ from amulet_core.engine.paged_attention import (
 from amulet_core.engine.paged_decode import attention_backend, kernel_probe
 from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.sequence import Sequence
+from amulet_core.engine.tail_rows import TailHistory, tail_rows
 from amulet_core.method.rows import RowSpec
 from amulet_core.model.loading import LoadedModel
 from amulet_core.sampling.params import SamplingParams
@@ -261,15 +261,18 @@ class ModelRunner:
         logits_for: list[Sequence],
         specs: list[RowSpec],
         params: list[SamplingParams],
+        histories: list[TailHistory],
         pending: PendingTokens | None,
     ) -> DeviceSamples | None:
         """A decode-only step through the decode graphs with the requests' method and choice of tokens inside
-        (:mod:`amulet_core.engine.decode_tail`): their choices (with ``params``), on the device. ``specs`` number the rows of
-        ``logits_for``, as :meth:`run`'s logits. None, having run nothing, when the step cannot be replayed (a prefill
-        chunk, no bucket that holds it, no graphs) or its rows do not fit the tail
-        (:meth:`~amulet_core.engine.decode_tail.DecodeTail.problem`); :meth:`run` then runs it."""
+        (:mod:`amulet_core.engine.decode_tail`): their choices (with ``params``), on the device. ``specs`` number the
+        rows of ``logits_for``, as :meth:`run`'s logits; ``histories``: what their processors read. None, having run
+        nothing, when the step cannot be replayed (a prefill chunk, no bucket that holds it, no graphs) or its rows
+        do not fit the tail (:meth:`~amulet_core.engine.decode_tail.DecodeTail.problem`); :meth:`run` then runs it."""
         graphs = self.graphs
-        if graphs is None or not graphs.tail_enabled or self._replay(chunks, logits_for, pending, specs, params) is None:
+        if graphs is None or not graphs.tail_enabled:
+            return None
+        if self._replay(chunks, logits_for, pending, (specs, params, histories)) is None:
             return None
         return graphs.tail.samples() if graphs.tail_enabled else None  # (the tail failed: run() reads the logits)
 
@@ -278,13 +281,13 @@ class ModelRunner:
         chunks: list[ScheduledChunk],
         logits_for: list[Sequence],
         pending: PendingTokens | None,
-        specs: list[RowSpec] | None = None,
-        params: list[SamplingParams] | None = None,
+        requests: tuple[list[RowSpec], list[SamplingParams], list[TailHistory]] | None = None,
     ) -> torch.Tensor | None:
         """A decode-only step through the decode graphs: the logits of ``logits_for``'s rows, in chunk order (and, with
-        ``specs`` and ``params``, the tail's choices for them). None, having run nothing, when it cannot be replayed (a
-        prefill chunk, no bucket that holds it, no graphs), or when the graph failed (every later step is then eager:
-        a capture that fails, out of memory or an op graphs cannot hold, must not fail requests)."""
+        ``requests``' specs, sampling parameters and histories, the tail's choices for them). None, having run
+        nothing, when it cannot be replayed (a prefill chunk, no bucket that holds it, no graphs), or when the graph
+        failed (every later step is then eager: a capture that fails, out of memory or an op graphs cannot hold, must
+        not fail requests)."""
         graphs = self.graphs
         if graphs is None or not chunks or any(c.num_tokens != 1 for c in chunks):
             return None
@@ -293,7 +296,7 @@ class ModelRunner:
             return None
         row = {id(c.seq): i for i, c in enumerate(chunks)}
         order = [row[id(seq)] for seq in logits_for]
-        tail = None if specs is None or params is None else tail_rows(specs, order, params)
+        tail = None if requests is None else tail_rows(requests[0], order, requests[1], requests[2])
         if tail is not None and graphs.tail.problem(tail) is not None:
             return None  # (the host's choice then fails the requests it must, and the graphs stay)
         try:

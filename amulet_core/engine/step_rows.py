@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 
 from amulet_core.device_tensors import to_device
+from amulet_core.engine.overlap import PENDING_TOKEN
 from amulet_core.engine.request_state import RequestState
+from amulet_core.engine.tail_rows import NO_HISTORY, TailHistory
 from amulet_core.method.rows import RowSpec
 from amulet_core.sampling.processors import RowHistory
 
@@ -62,4 +64,21 @@ def row_history(state: RequestState) -> RowHistory:
         output_ids=state.output_ids,
         prompt_ids=state.request.prompt_ids if sp.repetition_penalty != 1 else (),
         stop_ids=state.stop_ids if len(state.output_ids) < sp.min_tokens else (),
+    )
+
+
+def tail_history(state: RequestState) -> TailHistory:
+    """What the decode graph's tail reads of a request's tokens for its penalties and ``min_tokens``: the output ids
+    the host has, whether the step's input token is a pending output (the step in flight's), the prompt (repetition
+    penalty), and the stop ids while fewer than ``min_tokens`` tokens are generated, the pending one included."""
+    sp = state.request.sampling
+    if not sp.needs_history:
+        return NO_HISTORY
+    pending = state.group.seqs[0].token_ids[-1] == PENDING_TOKEN
+    generated = len(state.output_ids) + pending
+    return TailHistory(
+        output_ids=state.output_ids,
+        prompt_ids=state.request.prompt_ids if sp.repetition_penalty != 1 else (),
+        pending=pending,
+        stop_ids=tuple(state.stop_ids) if generated < sp.min_tokens else (),
     )

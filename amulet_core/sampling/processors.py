@@ -72,15 +72,33 @@ def _penalized_values(
     or the prompt. Elementwise, so a token gets the same value whichever positions are computed with it.
     """
     device = values.device
-    present = counts > 0
+    repetition, frequency_presence = None, None
     if any(p.repetition_penalty != 1 for p in params):
         repetition = _f32([p.repetition_penalty for p in params], device).unsqueeze(1)
-        factor = torch.where(seen, repetition, torch.ones((), dtype=torch.float32, device=device))
-        values = torch.where(values > 0, values / factor, values * factor)
     if any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params):
         frequency = _f32([p.frequency_penalty for p in params], device).unsqueeze(1)
-        presence = _f32([p.presence_penalty for p in params], device).unsqueeze(1)
-        values = values - (frequency * counts + presence * present.float())
+        frequency_presence = (frequency, _f32([p.presence_penalty for p in params], device).unsqueeze(1))
+    return penalize(values, counts, seen, repetition, frequency_presence)
+
+
+def penalize(
+    values: torch.Tensor,
+    counts: torch.Tensor,
+    seen: torch.Tensor,
+    repetition: torch.Tensor | None,
+    frequency_presence: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """The penalties' arithmetic on scores, from tensors only (what a captured decode graph can run): repetition
+    (``repetition`` ``[n, 1]``: divide a positive score, multiply a negative one, where ``seen``), then frequency and
+    presence (``[n, 1]`` each: minus ``frequency * count + presence * (count > 0)``); None skips one. A token with a
+    count of 0 that was not seen keeps its score exactly (a factor of 1, minus 0), so the scores of a whole row give
+    the bits of its seen positions alone."""
+    if repetition is not None:
+        factor = torch.where(seen, repetition, torch.ones((), dtype=torch.float32, device=values.device))
+        values = torch.where(values > 0, values / factor, values * factor)
+    if frequency_presence is not None:
+        frequency, presence = frequency_presence
+        values = values - (frequency * counts + presence * (counts > 0).float())
     return values
 
 

@@ -15,12 +15,16 @@ import pytest
 import torch
 
 from amulet_core.engine.config import EngineConfig
-from amulet_core.engine.decode_tail import DecodeTail, TailVariant, tail_eligible, tail_rows
+from amulet_core.engine.decode_tail import DecodeTail, TailVariant, tail_eligible
 from amulet_core.engine.llm_engine import LLMEngine
+from amulet_core.engine.protocol import GenerationRequest
+from amulet_core.engine.step_rows import tail_history
+from amulet_core.engine.tail_processors import TailProcessors
+from amulet_core.engine.tail_rows import TailHistory, tail_rows
 from amulet_core.method.rows import RowSpec, method_logprobs
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.sampling.params import SamplingParams
-from amulet_core.sampling.processors import process_row
+from amulet_core.sampling.processors import RowHistory, apply_processors, process_row
 from amulet_core.sampling.sampler import _filtered_probs, read_samples, sample_on_device
 from tests.engine.test_decode_graphs import padded_engine
 from tests.engine.test_engine import METHODS, drain, make_request, prompts
@@ -88,24 +92,69 @@ PARAMS = {
 }
 
 
-@pytest.mark.parametrize("params", PARAMS)
+PENALIZED = {
+    "penalties and min_tokens": lambda i: SamplingParams(
+        temperature=0,
+        logprobs=True,
+        repetition_penalty=(1.0, 1.3, 0.8)[i % 3],
+        frequency_penalty=(0.0, 0.7, -0.5, 1.9)[i % 4],
+        presence_penalty=(0.4, 0.0, 1.1)[i % 3],
+        min_tokens=(0, 6, 2)[i % 3],  # 5 tokens generated: row 1's stop ids are still ruled out
+    ),
+}
+PROMPT = (5, 9, 9, 40, 77, 123, 299, 5)
+STOPS = (2, 17, 250)
+
+
+def history_of(i: int, vocab: int = VOCAB) -> list[int]:
+    """Request i's five generated tokens (repeats, a prompt token, an id past the vocabulary, left out)."""
+    return [(3 * i + 7) % vocab, 40, vocab + 4 if i % 2 else 77, (3 * i + 7) % vocab, 200 + i]
+
+
+def histories(specs, chosen, rows: int, slots: int) -> tuple[list, list, torch.Tensor, torch.Tensor]:
+    """The host's histories, the tail's (the last token pending on the device for odd requests: the step's input
+    token), the step's input token ids, and the logits after ``min_tokens``' rule (``rule_out_early_stops``: the
+    ruled-out stop ids at -inf in every context row of the request)."""
+    host, tail = [], []
+    inputs = torch.randint(0, VOCAB, (slots,), generator=torch.Generator().manual_seed(rows))
+    for i, (spec, p) in enumerate(zip(specs, chosen, strict=True)):
+        out = history_of(i)
+        stops = STOPS if len(out) < p.min_tokens else ()
+        host.append(RowHistory(out, PROMPT if p.repetition_penalty != 1 else (), stops))
+        pending = i % 2 == 1
+        inputs[spec.primary_row] = out[-1] if pending else (out[-1] + 1) % VOCAB  # the input: pending, or not counted
+        known = out[:-1] if pending else out
+        tail.append(TailHistory(known, PROMPT if p.repetition_penalty != 1 else (), pending, stops))
+    return host, tail, inputs, torch.tensor(0)
+
+
+@pytest.mark.parametrize("params", [*PARAMS, *PENALIZED])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_the_tail_gives_the_bits_of_the_method_and_the_greedy_sampler(layout, params):
     """Over 20 draws of logits (where a second log-softmax changes bits for some of them, so a row given the
-    plausibility pass wrongly, or denied it, shows)."""
+    plausibility pass wrongly, or denied it, shows). With penalties and ``min_tokens``, against the sampler's
+    processors over the whole history, the tail reading the last token from the step's input token ids where it is
+    pending."""
     specs = LAYOUTS[layout]
     rows = 1 + max(max(s.pref_rows + ((s.contrast,) if s.contrast is not None else ())) for s in specs)
     slots = 16  # a padded bucket: the tail reads a logits buffer with rows past the step's
-    chosen = [PARAMS[params](i) for i in range(len(specs))]
-    tail = DecodeTail(slots, slots, VOCAB, torch.device("cpu"))
+    chosen = [{**PARAMS, **PENALIZED}[params](i) for i in range(len(specs))]
+    host_histories, tail_histories, inputs = None, None, None
+    if params in PENALIZED:
+        host_histories, tail_histories, inputs, _ = histories(specs, chosen, rows, slots)
+    tail = DecodeTail(slots, slots, VOCAB, torch.device("cpu"), max_history=100)
     biased = 0
     for seed in range(20):
         buffer = torch.zeros(slots, VOCAB)
         buffer[:rows] = logits_with_holes(rows, seed=seed)
-        logits = buffer[:rows]
-        host = sample_on_device(method_logprobs(logits, specs), chosen, [None] * len(specs))
-        tail.set_rows(tail_rows(specs, range(rows), chosen))
-        tail.compute(buffer, slots, tail.variant)
+        logits = buffer[:rows].clone()
+        if host_histories is not None:  # step_rows.rule_out_early_stops: every context row of a ruled-out request
+            for spec, history in zip(specs, host_histories, strict=True):
+                for row in (*spec.pref_rows, *(() if spec.contrast is None else (spec.contrast,))):
+                    logits[row, list(history.stop_ids)] = float("-inf")
+        host = sample_on_device(method_logprobs(logits, specs), chosen, [None] * len(specs), host_histories)
+        tail.set_rows(tail_rows(specs, range(rows), chosen, tail_histories))
+        tail.compute(buffer, slots, tail.variant, inputs)
         samples = tail.samples()
 
         assert torch.equal(samples.tokens, host.tokens)
@@ -116,6 +165,30 @@ def test_the_tail_gives_the_bits_of_the_method_and_the_greedy_sampler(layout, pa
         assert repr(got) == repr(read_samples(host.packed.tolist(), chosen, host.top_n))  # (repr: NaN equals NaN)
         biased += sum(s.token == (7 * i) % VOCAB for i, s in enumerate(got) if i % 2 == 0)
     assert biased > 0 or params != "bias and top"  # the bias counted (where its token is possible)
+
+
+def test_the_tails_processors_give_the_samplers_scores_over_whole_rows():
+    """The bias and the penalties of the tail's tables (the last token pending on the device for odd rows, read from
+    the step's input tokens) against the sampler's processors over the whole history: every score of every row, bit
+    for bit (the rows' tokens never seen keep their scores), with rows without any processor beside them."""
+    n, slots = 9, 12
+    specs = [plain(i) for i in range(n)]
+    chosen = [PENALIZED["penalties and min_tokens"](i) for i in range(n - 2)]
+    chosen += [SamplingParams(temperature=0), SamplingParams(temperature=0, logit_bias=((3, 2.5), (40, -1.0)))]
+    chosen[2] = dataclasses.replace(chosen[2], logit_bias=((40, 7.0), (299, -100.0)))
+    host_histories, tail_histories, inputs, _ = histories(specs, chosen, n, slots)
+    logprobs = torch.log_softmax(logits_with_holes(slots, seed=3), dim=-1)
+    processors = TailProcessors(slots, VOCAB, 100, torch.device("cpu"))
+    bias, stops, history = processors.set(tail_rows(specs, range(n), chosen, tail_histories))
+    assert (bias, stops, history) == (16, 8, 64)
+    processors.rule_out(logprobs, slots, stops)  # min_tokens' stop ids: -inf before the method, in the tail
+    expected = apply_processors(logprobs[:n], chosen, host_histories)
+    got = processors.apply(logprobs, slots, (bias, history), inputs[:slots])
+    torch.testing.assert_close(got[:n], expected, rtol=0, atol=0, equal_nan=True)
+    assert not torch.equal(got[:n], logprobs[:n])  # the processors did something
+    # each pending token counts: without the step's input tokens, the odd rows' scores differ
+    moved = processors.apply(logprobs, slots, (bias, history), (inputs[:slots] + 1) % VOCAB)
+    assert all(not torch.equal(moved[i], expected[i]) for i in range(1, n - 2, 2) if chosen[i].penalized)
 
 
 SAMPLED = [  # each with the method of its rows (None: a plain row); the top-k rows flat enough for k to cut
@@ -170,15 +243,12 @@ def test_which_requests_the_tail_may_choose_for():
         SamplingParams(top_k=5, top_p=0.9),
         SamplingParams(temperature=0, logit_bias=((5, 2.0),)),  # fixed per request: a static table
         SamplingParams(temperature=0.9, logit_bias=((5, -100.0),)),
+        SamplingParams(temperature=0, min_tokens=3),  # the history: a table, the pending token from the inputs
+        SamplingParams(temperature=0.8, presence_penalty=0.5, repetition_penalty=1.2),
+        SamplingParams(temperature=0, seed=4),  # greedy: the seed draws nothing
     ):
         assert tail_eligible(params), params
-    for params in (
-        SamplingParams(temperature=0.7, seed=4),  # its own generator
-        SamplingParams(temperature=0, min_tokens=3),  # these read the tokens generated so far
-        SamplingParams(temperature=0, presence_penalty=0.5),
-        SamplingParams(temperature=0, repetition_penalty=1.2),
-    ):
-        assert not tail_eligible(params), params
+    assert not tail_eligible(SamplingParams(temperature=0.7, seed=4))  # its own generator
 
 
 def biased(tokens: int) -> SamplingParams:
@@ -249,6 +319,10 @@ def test_set_rows_refuses_rows_outside_the_buffer():
     assert small.problem(tail_rows([plain(0)], range(1), [SamplingParams(logprobs=True, top_logprobs=12)])) is None
     assert "top log-probabilities" in str(small.problem(tail_rows([plain(0)], range(1), [top(13)])))
     assert small.problem(tail_rows([pair(2, AMULET)], range(4), [SamplingParams()])) is None
+    long = [TailHistory(output_ids=[1] * 64)]  # with the input token: 65 columns, past the table's 64
+    penalised = [SamplingParams(frequency_penalty=0.5)]
+    assert "history" in str(small.problem(tail_rows([plain(0)], range(1), penalised, long)))
+    assert small.problem(tail_rows([plain(0)], range(1), [SamplingParams()], long)) is None  # no penalty: no table
 
 
 FIELDS = {"max_model_len": 256, "kv_cache_tokens": 4096}
@@ -296,15 +370,14 @@ def test_the_engine_answers_the_same_with_the_tail_choosing_the_tokens(tiny_mode
 
 
 def test_a_step_with_a_request_the_tail_cannot_serve_takes_the_host_path(tiny_model):
-    """A seeded sampled request or one with a penalty beside greedy ones: their steps replay the graphs without the
-    tail (the host chooses every token); once they have finished, the tail takes over; the answers are the host's."""
+    """A seeded sampled request beside greedy ones: its steps replay the graphs without the tail (the host chooses
+    every token); once it has finished, the tail takes over; the answers are the host's."""
     loaded = tiny_model("qwen2")
     config = EngineConfig(**FIELDS, overlap_host=True)
     pref, base = prompts(32, shared=10, pref_extra=4, base_extra=3)
     requests = [
         make_request("long", AMULET, pref, base, max_tokens=14, ignore_eos=True),
         make_request("sampled", AMULET, pref, base, max_tokens=4, temperature=0.8, seed=3, ignore_eos=True),
-        make_request("penalised", METHODS[0], pref, base, max_tokens=5, presence_penalty=1.5, ignore_eos=True),
     ]
     with_tail = graphed_engine(loaded, config, tail=True)
     assert answers(with_tail, requests) == answers(graphed_engine(loaded, config, tail=False), requests)
@@ -333,6 +406,62 @@ def test_several_preferences_a_logit_bias_and_top_logprobs_are_the_tails_with_th
     assert graphs is not None and graphs.tail_steps == graphs.steps >= 7
     assert all(len(lp.top) == 4 for out in got["top"] for lp in out[2])  # each token's four alternatives
     assert 3 not in [t for out in got["biased-k2"] for t in out[1]]  # banned
+
+
+def test_penalties_and_min_tokens_are_the_tails_overlapped_with_the_hosts_answers(tiny_model):
+    """Requests with repetition, frequency and presence penalties and with ``min_tokens`` (every method, K = 2 too),
+    beside plain ones: every decode step is the tail's and overlapped (the last token counted on the device, where
+    it is pending), and the answers are the host path's, bit for bit (the host steps them one by one)."""
+    loaded = tiny_model("llama")
+    config = EngineConfig(**FIELDS, overlap_host=True)
+    pref, base = prompts(36, shared=12, pref_extra=5, base_extra=2)
+    eos = int(loaded.tokenizer.eos_token_id)
+
+    def penalised(rid: str, method: MethodSettings, **sampling) -> GenerationRequest:
+        return make_request(rid, method, pref, base, max_tokens=12, logprobs=True, **sampling)
+
+    requests = [
+        penalised("frequency", AMULET, frequency_penalty=1.5, ignore_eos=True),
+        penalised("presence", METHODS[0], presence_penalty=2.0, logit_bias=((eos, 30.0),), min_tokens=6),
+        penalised("repetition", STRICT, repetition_penalty=1.8, ignore_eos=True),
+        penalised("all", WEAK, repetition_penalty=0.7, frequency_penalty=-0.4, presence_penalty=0.9, ignore_eos=True),
+        make("k2", MULTI[0], seed=60, max_tokens=12, frequency_penalty=1.0, min_tokens=4, logprobs=True),
+        penalised("plain", METHODS[0], ignore_eos=True),
+    ]
+    with_tail = graphed_engine(loaded, config, tail=True)
+    got = answers(with_tail, requests)
+    host = graphed_engine(loaded, config, tail=False)
+    assert got == answers(host, requests)
+    graphs = with_tail.runner.graphs
+    assert graphs is not None and graphs.tail_steps == graphs.steps >= 11
+    assert with_tail.overlapped_steps >= graphs.steps and host.overlapped_steps == 0  # the host path: one by one
+    presence = [t for out in got["presence"] for t in out[1]]
+    assert len(presence) == 7 and presence[-1] == eos  # the end, pushed by the bias, once min_tokens allows it
+
+
+def test_a_requests_history_counts_the_token_still_pending_on_the_device(tiny_model):
+    """While the engine is overlapped, the token of the step in flight is not on the host: the tail's history of the
+    request says so (the step's input token is then counted on the device) and ``min_tokens`` counts it."""
+    loaded = tiny_model("llama")
+    engine = graphed_engine(loaded, EngineConfig(**FIELDS, overlap_host=True), tail=True)
+    pref, base = prompts(37, shared=8, pref_extra=3, base_extra=2)
+    engine.add_request(make_request("r", AMULET, pref, base, max_tokens=8, frequency_penalty=1.0, min_tokens=3))
+    state = engine.requests["r"]
+    seen = []
+    while engine.has_work() and len(seen) < 6:
+        engine.step()
+        if "r" in engine.requests:
+            history = tail_history(state)
+            seen.append((len(history.output_ids), history.pending, bool(history.stop_ids)))
+    # after the prefill (its token read at once: the host chose it), each decode step leaves one token in flight,
+    # which min_tokens counts: two tokens, then three (the stop ids allowed)
+    assert seen[:4] == [(1, False, True), (1, True, True), (2, True, False), (3, True, False)], seen
+    assert tail_history(state).output_ids is state.output_ids  # no copy a step
+    settled = graphed_engine(loaded, EngineConfig(**FIELDS, overlap_host=False), tail=True)
+    settled.add_request(make_request("s", AMULET, pref, base, max_tokens=8, frequency_penalty=1.0, min_tokens=3))
+    settled.step()
+    settled.step()
+    assert not tail_history(settled.requests["s"]).pending  # stepped one by one: every token on the host
 
 
 def test_unseeded_sampled_requests_are_drawn_in_the_tail_beside_greedy_ones(tiny_model):
