@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -21,22 +20,19 @@ from amulet_core.engine.memory import (
     model_context_length,
     size_cache,
 )
-from amulet_core.engine.overlap import PendingTokens, fill_pending
+from amulet_core.engine.overlap import PendingTokens
 from amulet_core.engine.packed_forward import packed_forward
 from amulet_core.engine.paged_attention import (
-    DecodeGroup,
     PackedBatch,
     PagedKVCache,
-    PrefillGroup,
     SequenceSpan,
     causal_mask,
-    decode_group,
-    padded_block_tables,
     register_paged_attention,
 )
 from amulet_core.engine.paged_decode import attention_backend, kernel_probe
 from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.sequence import Sequence
+from amulet_core.engine.step_inputs import StepInputs
 from amulet_core.engine.tail_rows import TailHistory, tail_rows
 from amulet_core.method.rows import RowSpec
 from amulet_core.model.loading import LoadedModel
@@ -98,6 +94,8 @@ class ModelRunner:
         # One block more than the block manager hands out: the scratch block that padding rows use.
         self.scratch_block = self.num_blocks
         self.cache = PagedKVCache(layers, kv_heads, head_dim, self.num_blocks + 1, self.block_size, loaded.dtype, self.device)
+        self.inputs = StepInputs(self.cache, self.device, self.paged_kernel, self.deterministic)
+        """Builds an eager step's inputs."""
         self.max_num_seqs = config.max_num_seqs
         self.graphs: DecodeGraphs | None = None
         if config.cuda_graphs and self.device.type == "cuda":
@@ -209,51 +207,6 @@ class ModelRunner:
         """A flat Python list of ints on the device, in one copy."""
         return to_device(values, self.device, torch.long)
 
-    def _slot_list(self, seq: Sequence, start: int, end: int) -> list[int]:
-        """Cache slots of positions start..end-1 of a sequence, as a Python list."""
-        bs, table = self.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
-
-    def _decode_group(self, decode_chunks: list[ScheduledChunk]) -> DecodeGroup | None:
-        """The decode sequences' contexts as slots, computed on the device from their block tables.
-
-        Block tables are lists that the block manager grows in place; a step only copies them, padded
-        to the longest, in one tensor, with the context lengths in another.
-        """
-        if not decode_chunks:
-            return None
-        lengths = [c.start + 1 for c in decode_chunks]
-        max_len = max(lengths)
-        blocks = -(-max_len // self.block_size)
-        tables = padded_block_tables((c.seq.block_table for c in decode_chunks), blocks, 0)  # padding is masked
-        padded = min(lengths) != max_len
-        return decode_group(
-            self._tensor(tables).view(len(decode_chunks), blocks),
-            self._tensor(lengths) if padded or self.paged_kernel else None,
-            self.block_size,
-            max_len,
-            self.paged_kernel,
-        )
-
-    def _prefill_group(self, prefill_chunks: list[ScheduledChunk], first: int) -> PrefillGroup | None:
-        """The prefill chunks for the paged prefill kernel, packed from token ``first`` on: their block tables
-        (padded to the longest) and their starts, counts and context lengths, one copy each."""
-        if not prefill_chunks:
-            return None
-        ends = [c.start + c.num_tokens for c in prefill_chunks]
-        blocks = -(-max(ends) // self.block_size)
-        tables = padded_block_tables((c.seq.block_table for c in prefill_chunks), blocks, 0)  # padding is never read
-        counts = [c.num_tokens for c in prefill_chunks]
-        starts = [0, *itertools.accumulate(counts[:-1])]
-        return PrefillGroup(
-            first,
-            self._tensor(tables).view(len(prefill_chunks), blocks),
-            self._tensor(starts),
-            self._tensor(counts),
-            self._tensor(ends),
-            max(counts),
-        )
-
     @torch.inference_mode()
     def run_with_tail(
         self,
@@ -310,58 +263,15 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], logits_for: list[Sequence], pending: PendingTokens | None = None) -> torch.Tensor:
         """One forward pass over all chunks; float32 logits ``[len(logits_for), vocab]`` of each
-        listed sequence's last scheduled token, in that order.
-
-        Single-token (decode) chunks are packed first and attended in one batched call. Token ids,
-        positions and slots are built as flat Python lists and copied to the device once each. A sequence's
-        last token may be :data:`PENDING_TOKEN`, sampled by the step still in flight: it is taken from
-        ``pending``'s device tensor, on the device.
-        """
+        listed sequence's last scheduled token, in that order: replayed from the decode graphs where the step allows
+        it, else eagerly over :class:`~amulet_core.engine.step_inputs.StepInputs` (a sequence's last token may be
+        :data:`PENDING_TOKEN`, sampled by the step still in flight: it is taken from ``pending``'s device tensor, on
+        the device)."""
         decode_chunks = [c for c in chunks if c.num_tokens == 1]
         prefill_chunks = [c for c in chunks if c.num_tokens > 1]
         if not prefill_chunks and (replayed := self._replay(decode_chunks, logits_for, pending)) is not None:
             return replayed
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        spans: list[SequenceSpan] = []
-        last_index: dict[int, int] = {}
-        for chunk in decode_chunks:
-            seq, p = chunk.seq, chunk.start
-            last_index[id(seq)] = len(input_ids)
-            input_ids.append(seq.token_ids[p])
-            positions.append(p)
-            slot_mapping.append(seq.block_table[p // bs] * bs + p % bs)
-        for chunk in prefill_chunks:
-            seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
-            end = start + n
-            offset = len(input_ids)
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            last_index[id(seq)] = offset + n - 1
-            if self.paged_kernel:  # the kernel reads the context through the block table
-                slot_mapping.extend(self._slot_list(seq, start, end))
-                continue
-            context = self._slot_list(seq, 0, end)
-            slot_mapping.extend(context[start:])
-            mask = None if self.deterministic else causal_mask(n, end, self.device)
-            spans.append(SequenceSpan(offset, offset + n, self._tensor(context), mask))
-        slots = self._tensor(slot_mapping)
-        if self.paged_kernel:
-            prefill = self._prefill_group(prefill_chunks, len(decode_chunks))
-            batch = PackedBatch(self.cache, slots, (), self._decode_group(decode_chunks), prefill=prefill)
-        elif self.deterministic:
-            tables, lengths = [c.seq.block_table for c in decode_chunks], [c.start + 1 for c in decode_chunks]
-            contexts = [(s.query_start, s.query_end, s.context_slots) for s in spans]
-            plan = step_plan(tables, lengths, contexts, self.block_size, self.device)
-            batch = PackedBatch(self.cache, slots, (), invariant=plan)
-        else:
-            batch = PackedBatch(self.cache, slots, tuple(spans), self._decode_group(decode_chunks))
-        keep = self._tensor([last_index[id(seq)] for seq in logits_for])
-        ids = self._tensor(input_ids)
-        if pending is not None:
-            fill_pending(ids, input_ids, decode_chunks + prefill_chunks, pending)
+        ids, positions, keep, batch = self.inputs.build(decode_chunks, prefill_chunks, logits_for, pending)
         with self._ops():
-            logits = self.forward(ids.unsqueeze(0), self._tensor(positions).unsqueeze(0), keep, batch)
+            logits = self.forward(ids.unsqueeze(0), positions.unsqueeze(0), keep, batch)
         return logits[0].float()
