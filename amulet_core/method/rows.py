@@ -248,7 +248,7 @@ def _plausibility_mask(
     l0 = torch.log_softmax(pref_logits.float(), dim=-1)
     if allowed is not None:
         allowed.add_to_(l0)
-    threshold = l0.max(dim=-1, keepdim=True).values + torch.log(betas.float().clamp_min(1e-45)).reshape(-1, 1)
+    threshold = l0.amax(dim=-1, keepdim=True) + torch.log(betas.float().clamp_min(1e-45)).reshape(-1, 1)
     threshold = threshold.masked_fill(betas.reshape(-1, 1) <= 0, float("-inf"))
     if allowed is not None:
         lowest = torch.finfo(torch.float32).min

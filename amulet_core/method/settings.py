@@ -246,6 +246,6 @@ def combine_contexts(pref_logits: torch.Tensor, contrast_logits: torch.Tensor, c
 def plausibility_mask(logprobs: torch.Tensor, pref_logits: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
     """Drop tokens whose pref probability is below beta times the top pref probability (beta 0 keeps all)."""
     l0 = torch.log_softmax(pref_logits.float(), dim=-1)
-    threshold = l0.max(dim=-1, keepdim=True).values + torch.log(betas.float().clamp_min(1e-45)).reshape(-1, 1)
+    threshold = l0.amax(dim=-1, keepdim=True) + torch.log(betas.float().clamp_min(1e-45)).reshape(-1, 1)
     keep = (l0 >= threshold) | (betas.reshape(-1, 1) <= 0)
     return torch.log_softmax(logprobs.masked_fill(~keep, float("-inf")), dim=-1)
