@@ -42,15 +42,9 @@ from amulet_core.engine.tail_processors import TailProcessors
 from amulet_core.engine.tail_rows import TailRow
 from amulet_core.method.mixture import MAX_PREFERENCES, mixture_logits_float32
 from amulet_core.method.rows import fixed_shape_logprobs
-from amulet_core.sampling.params import MAX_TOP_LOGPROBS, SamplingParams
+from amulet_core.sampling.params import MAX_TOP_LOGPROBS
 from amulet_core.sampling.sampler import DeviceSamples
-
-
-def tail_eligible(params: SamplingParams) -> bool:
-    """Whether a request's next token can be chosen by the tail: greedy, or sampled without a seed (a seeded request
-    draws from its own generator). (The engine also leaves out requests that need the host between tokens: a
-    grammar, a thinking span.)"""
-    return params.greedy or params.seed is None
+from amulet_core.sampling.seeded import race_noise
 
 
 @dataclass(frozen=True)
@@ -64,7 +58,7 @@ class TailVariant:
     most extra preference contexts (K - 1), so many weighted passes form the anchors; ``bias``: the width of the
     ``logit_bias`` table (0: no bias), ``stops``: of ``min_tokens``' stop-id table (0: no row rules any out),
     ``history``: of the penalties' table (0: no penalty) (:mod:`amulet_core.engine.tail_processors`); ``top_n``: the
-    step's most top log-probabilities."""
+    step's most top log-probabilities; ``seeded``: some drawn row has a seed (its counter-based noise)."""
 
     pairs: bool
     renormalise: bool
@@ -75,6 +69,7 @@ class TailVariant:
     top_n: int = 0
     stops: int = 0
     history: int = 0
+    seeded: bool = False
 
 
 class DecodeTail:
@@ -98,9 +93,11 @@ class DecodeTail:
         self.numbers = torch.ones(4, max_requests, dtype=torch.float32, device=device)
         """Each request's coefficient, plausibility, temperature (1 for a greedy row) and log(min_p) (-inf for none)."""
         self.numbers[3].fill_(-math.inf)
-        self.flags = torch.ones(4, max_requests, dtype=torch.bool, device=device)
+        self.flags = torch.ones(5, max_requests, dtype=torch.bool, device=device)
         """Each request: renormalised (the plausibility pass), greedy, several preferences (its anchor the mixture),
-        a contrast."""
+        a contrast, seeded."""
+        self.seeds = torch.zeros(3, max_requests, dtype=torch.long, device=device)
+        """Each seeded request's seed (low and high 32 bits) and draw number (:mod:`amulet_core.sampling.seeded`)."""
         self.top_k = torch.zeros(max_requests, dtype=torch.long, device=device)
         """Each request's top-k, 0 for none (its k-th largest score is then -inf: nothing dropped)."""
         self.top_p = torch.ones(max_requests, dtype=torch.float32, device=device)
@@ -142,8 +139,13 @@ class DecodeTail:
             [r.temperature <= 0 for r in rows],
             [bool(r.extra) for r in rows],
             [r.contrast is not None for r in rows],
+            [r.temperature > 0 and r.history.seed is not None for r in rows],
         ]
         self.flags[:, :n].copy_(to_device(flags, device, torch.bool))
+        seeded = any(flags[4])
+        if seeded:
+            seeds = [r.history.seed or (0, 0, 0) for r in rows]
+            self.seeds[:, :n].copy_(to_device([[s[k] for s in seeds] for k in range(3)], device, torch.long))
         vocab = self.vocab
         top_k = [r.top_k if 0 < r.top_k < vocab else 0 for r in rows]
         self.top_k[:n].copy_(to_device(top_k, device, torch.long))
@@ -153,7 +155,9 @@ class DecodeTail:
         filtering = any(k > 0 or r.top_p < 1.0 for k, r, drawn in zip(top_k, rows, sampled, strict=True) if drawn)
         pairs = any(r.contrast is not None for r in rows)
         top_n = max(r.top_n for r in rows)
-        self.variant = TailVariant(pairs, pairs and renormalise, any(sampled), filtering, mixture, bias, top_n, stops, history)
+        self.variant = TailVariant(
+            pairs, pairs and renormalise, any(sampled), filtering, mixture, bias, top_n, stops, history, seeded
+        )
         self.count = n
 
     def problem(self, rows: Sequence[TailRow]) -> str | None:
@@ -196,7 +200,7 @@ class DecodeTail:
         failed = ~torch.isfinite(best)
         if variant.sampled:
             greedy = self.flags[1, :slots]
-            drawn, no_mass = self._draw(scores, slots, variant.filtering)
+            drawn, no_mass = self._draw(scores, slots, variant)
             tokens, failed = torch.where(greedy, tokens, drawn), torch.where(greedy, failed, no_mass)
         self.tokens[:slots].copy_(tokens)
         self.packed[0, :slots].copy_(tokens)
@@ -217,9 +221,11 @@ class DecodeTail:
         mixed = torch.nan_to_num_(mixed, nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
         return torch.where(self.flags[2, :slots].unsqueeze(1), mixed, primary.float())
 
-    def _draw(self, scores: torch.Tensor, slots: int, filtering: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's draw after the sampler's temperature, min_p (and, ``filtering``, top-k and top-p), and whether
-        it had no mass (NaN or nothing left, as the sampler finds it)."""
+    def _draw(self, scores: torch.Tensor, slots: int, variant: TailVariant) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's draw after the sampler's temperature, min_p (and, ``variant.filtering``, top-k and top-p), and
+        whether it had no mass (NaN or nothing left, as the sampler finds it). A seeded row races with its seed's
+        noise (``variant.seeded``), the others with the default generator's."""
+        filtering = variant.filtering
         scores = scores / self.numbers[2, :slots].unsqueeze(1)
         floor = scores.amax(dim=-1, keepdim=True) + self.numbers[3, :slots].unsqueeze(1)
         scores = scores.masked_fill(scores < floor, -math.inf)
@@ -237,6 +243,9 @@ class DecodeTail:
             probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), 0.0)
         no_mass = ~(probs.sum(dim=-1) > 0)
         race = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)  # never 0: p / 0
+        if variant.seeded:
+            noise = race_noise(self.seeds[:2, :slots], self.seeds[2, :slots], probs.shape[-1])
+            race = torch.where(self.flags[4, :slots].unsqueeze(1), noise, race)
         return (probs / race).argmax(dim=-1), no_mass
 
     def samples(self) -> DeviceSamples:

@@ -11,7 +11,6 @@ import torch
 from amulet_core.device_tensors import to_device
 from amulet_core.engine.block_manager import BlockManager
 from amulet_core.engine.config import EngineConfig
-from amulet_core.engine.decode_tail import tail_eligible
 from amulet_core.engine.detokenizer import IncrementalDetokenizer
 from amulet_core.engine.model_runner import ModelRunner, logits_width
 from amulet_core.engine.overlap import PendingStep, PendingTokens, overlappable
@@ -35,6 +34,7 @@ from amulet_core.grammar.masks import grammar_masks
 from amulet_core.method.rows import method_logprobs
 from amulet_core.model.loading import LoadedModel
 from amulet_core.sampling.sampler import DeviceSamples, RowSample, make_generator, sample_on_device, sample_tokens
+from amulet_core.sampling.seeded import SeededDraws
 
 logger = logging.getLogger(__name__)
 
@@ -177,16 +177,19 @@ class LLMEngine:
     def _tail_samples(
         self, plan: StepPlan, logits_for: list[Sequence], states: list[RequestState], pending: PendingTokens | None
     ) -> DeviceSamples | None:
-        """The step run through the decode graphs with its method and choice of tokens inside, when every request allows
-        it (:func:`tail_eligible`, and nothing between tokens on the host: :func:`overlappable`); None, having run
-        nothing, otherwise."""
+        """The step run through the decode graphs with its method and choice of tokens inside, when no request needs
+        the host between two tokens (a grammar, a thinking span) and the step replays; None, having run nothing,
+        otherwise."""
         if self.runner.graphs is None or not all(s.matcher is None and s.request.thinking is None for s in states):
             return None
         params = [state.request.sampling for state in states]
-        if not all(tail_eligible(p) for p in params):
-            return None
         histories = [tail_history(state) for state in states]
-        return self.runner.run_with_tail(plan.chunks, logits_for, row_specs(states), params, histories, pending)
+        samples = self.runner.run_with_tail(plan.chunks, logits_for, row_specs(states), params, histories, pending)
+        if samples is not None:  # the seeded requests drew in the graph: their next draw is the next one
+            for state in states:
+                if isinstance(state.generator, SeededDraws) and not state.request.sampling.greedy:
+                    state.generator.take()
+        return samples
 
     def _running(self, state: RequestState) -> bool:
         return self.requests.get(state.request.request_id) is state

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from amulet_core.engine.detokenizer import IncrementalDetokenizer
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.engine.scheduler import SequenceGroup
 from amulet_core.grammar.compiler import GrammarMatcher
 from amulet_core.grammar.masks import MaskFiller, WithTokenAllowed
+from amulet_core.sampling.sampler import Generator
 
 
 @dataclass(eq=False)
@@ -21,7 +20,8 @@ class RequestState:
     request: GenerationRequest
     group: SequenceGroup
     coefficient: float | None
-    generator: torch.Generator | None
+    generator: Generator
+    """A seeded sampled request's draws (:class:`~amulet_core.sampling.seeded.SeededDraws`); None otherwise."""
     detokenizer: IncrementalDetokenizer
     stop_ids: frozenset[int]
     max_tokens: int

@@ -11,6 +11,7 @@ from amulet_core.engine.request_state import RequestState
 from amulet_core.engine.tail_rows import NO_HISTORY, TailHistory
 from amulet_core.method.rows import RowSpec
 from amulet_core.sampling.processors import RowHistory
+from amulet_core.sampling.seeded import SeededDraws
 
 
 def request_rows(states: list[RequestState]) -> list[range]:
@@ -70,10 +71,13 @@ def row_history(state: RequestState) -> RowHistory:
 def tail_history(state: RequestState) -> TailHistory:
     """What the decode graph's tail reads of a request's tokens for its penalties and ``min_tokens``: the output ids
     the host has, whether the step's input token is a pending output (the step in flight's), the prompt (repetition
-    penalty), and the stop ids while fewer than ``min_tokens`` tokens are generated, the pending one included."""
+    penalty), the stop ids while fewer than ``min_tokens`` tokens are generated, the pending one included; and a
+    seeded request's seed and draw number."""
     sp = state.request.sampling
+    draws = state.generator
+    seed = (*draws.halves, draws.draws) if isinstance(draws, SeededDraws) else None
     if not sp.needs_history:
-        return NO_HISTORY
+        return NO_HISTORY if seed is None else TailHistory(seed=seed)
     pending = state.group.seqs[0].token_ids[-1] == PENDING_TOKEN
     generated = len(state.output_ids) + pending
     return TailHistory(
@@ -81,4 +85,5 @@ def tail_history(state: RequestState) -> TailHistory:
         prompt_ids=state.request.prompt_ids if sp.repetition_penalty != 1 else (),
         pending=pending,
         stop_ids=tuple(state.stop_ids) if generated < sp.min_tokens else (),
+        seed=seed,
     )

@@ -25,13 +25,16 @@ class TailHistory:
     ``output_ids``: the generated tokens the host has (for the penalties; empty when the request has none);
     ``prompt_ids``: the decoded context's prompt (the repetition penalty's; empty when it is off);
     ``pending``: the step's input token is a generated token the host does not have yet (the step in flight's);
-    ``stop_ids``: the ids to rule out, the request having generated fewer than ``min_tokens`` (pending included).
+    ``stop_ids``: the ids to rule out, the request having generated fewer than ``min_tokens`` (pending included);
+    ``seed``: a seeded sampled request's seed (its low and high 32 bits) and the number of this draw
+    (:mod:`amulet_core.sampling.seeded`).
     """
 
     output_ids: Sequence[int] = ()
     prompt_ids: Sequence[int] = ()
     pending: bool = False
     stop_ids: Sequence[int] = ()
+    seed: tuple[int, int, int] | None = None
 
 
 NO_HISTORY = TailHistory()

@@ -4,8 +4,10 @@ Method application is batched (``amulet_core.method.rows``, called by the engine
 requests of a step are combined in one closed-form call. Sampling is batched too (:func:`sample_tokens`):
 the logits processors (``logit_bias``, ``min_tokens``, penalties: ``amulet_core.sampling.processors``) run over the rows that
 ask for them, greedy rows share one argmax, temperature, min-p, top-k and top-p are tensor ops over
-all sampled rows with per-row parameters, and only the draw itself runs per row, from the row's own
-generator, so that a seeded request gives the same tokens whichever requests share its step. The
+all sampled rows with per-row parameters, and only the draw itself is per row: an unseeded row's multinomial
+draw from the default generator, the seeded rows' exponential race with their seeds' counter-based noise
+(:mod:`amulet_core.sampling.seeded`, in one pass), so that a seeded request gives the same tokens whichever requests
+share its step, and the same as the decode graph's tail gives it. The
 chosen tokens, their log-probabilities and the requested top log-probabilities come back to the host
 in one copy (:func:`sample_on_device` queues the work, :func:`read_samples` reads the copy: an engine overlapping its
 host work with the device's reads it a step later). :func:`choose_token` is the straightforward per-row sampler, kept
@@ -23,15 +25,21 @@ import torch
 from amulet_core.device_tensors import host_to_device, to_device
 from amulet_core.sampling.params import SamplingParams
 from amulet_core.sampling.processors import RowHistory, apply_processors_, process_row
+from amulet_core.sampling.seeded import SeededDraws, seeded_race
+
+Generator = torch.Generator | SeededDraws | None
+"""What a sampled row draws with: None, the default generator (an unseeded request); :class:`SeededDraws`, its seed's
+counter-based draws (a seeded request: :mod:`amulet_core.sampling.seeded`); a ``torch.Generator``, a multinomial
+draw from it (the tests' own generators)."""
 
 
-def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """A private generator for a seeded sampled request; None for greedy or unseeded ones."""
+def make_generator(params: SamplingParams, device: torch.device) -> SeededDraws | None:
+    """The draws of a seeded sampled request (its seed's, the same on the host and in a decode graph); None for
+    greedy or unseeded ones. (``device`` is where the draws' noise is made, the logits' device.)"""
+    del device
     if params.greedy or params.seed is None:
         return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(params.seed)
-    return generator
+    return SeededDraws(params.seed)
 
 
 def _log_min_p(min_p: float) -> float:
@@ -62,9 +70,7 @@ _NOT_FINITE = (
 )
 
 
-def choose_token(
-    logprobs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, history: RowHistory | None = None
-) -> int:
+def choose_token(logprobs: torch.Tensor, params: SamplingParams, generator: Generator, history: RowHistory | None = None) -> int:
     """One token id from one request's ``[V]`` log-probabilities, after its logits processors (``history``:
     see ``RowHistory``; None = nothing generated yet). Raises ValueError where no token can be chosen."""
     scores = process_row(logprobs, params, history)
@@ -75,6 +81,8 @@ def choose_token(
     probs = _filtered_probs(scores, params)
     if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
         raise ValueError(_NOT_FINITE)
+    if isinstance(generator, SeededDraws):
+        return int(seeded_race(probs.unsqueeze(0), [generator])[0].item())
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
@@ -95,7 +103,7 @@ class _SampledRows:
     top_k: list[int] = field(default_factory=list)
     top_p: list[float] = field(default_factory=list)
     min_p: list[float] = field(default_factory=list)
-    generators: list[torch.Generator | None] = field(default_factory=list)
+    generators: list[Generator] = field(default_factory=list)
 
 
 def _batched_filtered_probs(logprobs: torch.Tensor, rows: _SampledRows) -> torch.Tensor:
@@ -140,7 +148,7 @@ class DeviceSamples:
 def sample_tokens(
     logprobs: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
+    generators: Sequence[Generator],
     histories: Sequence[RowHistory | None] | None = None,
 ) -> list[RowSample]:
     """One token for every row of ``[R, V]`` log-probabilities, row i decoded with ``params[i]``.
@@ -163,7 +171,7 @@ def sample_tokens(
 def sample_on_device(
     logprobs: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
+    generators: Sequence[Generator],
     histories: Sequence[RowHistory | None] | None = None,
 ) -> DeviceSamples:
     """:func:`sample_tokens` up to the copy: every operation is queued on the device, none waits for it (a row
@@ -203,8 +211,7 @@ def sample_on_device(
         row_bad = ~(probs.sum(dim=-1) > 0)
         # A failed row draws from a harmless stand-in, so the batch needs no sync before the draws.
         probs.masked_fill_(row_bad.unsqueeze(1), 1.0)  # a fresh tensor
-        draws = [torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(sampled.generators)]
-        tokens[rows] = torch.cat(draws)
+        tokens[rows] = _draws(probs, sampled.generators)
         bad[rows] = row_bad
     if restore is not None:
         restore()  # the raw log-probabilities again, for the reported ones
@@ -215,6 +222,21 @@ def sample_on_device(
         values, ids = torch.topk(logprobs, top_n, dim=-1)
         parts += [values.double().reshape(-1), ids.double().reshape(-1)]
     return DeviceSamples(tokens, torch.cat(parts), top_n)
+
+
+def _draws(probs: torch.Tensor, generators: Sequence[Generator]) -> torch.Tensor:
+    """One token per row of ``probs``: a multinomial draw from the row's generator (the default one for None), or
+    its seed's counter-based race (:class:`SeededDraws`, all such rows in one pass)."""
+    seeded = [j for j, g in enumerate(generators) if isinstance(g, SeededDraws)]
+    if not seeded:
+        return torch.cat([torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(generators)])  # type: ignore[arg-type]
+    drawn = torch.empty(len(generators), dtype=torch.long, device=probs.device)
+    for j, g in enumerate(generators):
+        if not isinstance(g, SeededDraws):
+            drawn[j : j + 1] = torch.multinomial(probs[j], 1, generator=g)
+    where = to_device(seeded, probs.device, torch.long)
+    by_seed = [g for g in generators if isinstance(g, SeededDraws)]
+    return drawn.index_copy_(0, where, seeded_race(probs.index_select(0, where), by_seed))
 
 
 def read_samples(host: list[float], params: Sequence[SamplingParams], top_n: int) -> list[RowSample]:

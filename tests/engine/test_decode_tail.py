@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from amulet_core.engine.config import EngineConfig
-from amulet_core.engine.decode_tail import DecodeTail, TailVariant, tail_eligible
+from amulet_core.engine.decode_tail import DecodeTail, TailVariant
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.engine.step_rows import tail_history
 from amulet_core.engine.tail_processors import TailProcessors
 from amulet_core.engine.tail_rows import TailHistory, tail_rows
+from amulet_core.grammar.spec import GrammarKind, GrammarSpec
 from amulet_core.method.rows import RowSpec, method_logprobs
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.sampling.params import SamplingParams
@@ -235,22 +236,6 @@ def test_sampled_rows_draw_from_the_samplers_distribution(filtering):
         assert distance < 0.05, (params[row], distance)
 
 
-def test_which_requests_the_tail_may_choose_for():
-    for params in (
-        SamplingParams(temperature=0),
-        SamplingParams(temperature=0, logprobs=True, top_logprobs=2),  # the alternatives: in the copy
-        SamplingParams(temperature=0.7, min_p=0.1),  # drawn from the default generator
-        SamplingParams(top_k=5, top_p=0.9),
-        SamplingParams(temperature=0, logit_bias=((5, 2.0),)),  # fixed per request: a static table
-        SamplingParams(temperature=0.9, logit_bias=((5, -100.0),)),
-        SamplingParams(temperature=0, min_tokens=3),  # the history: a table, the pending token from the inputs
-        SamplingParams(temperature=0.8, presence_penalty=0.5, repetition_penalty=1.2),
-        SamplingParams(temperature=0, seed=4),  # greedy: the seed draws nothing
-    ):
-        assert tail_eligible(params), params
-    assert not tail_eligible(SamplingParams(temperature=0.7, seed=4))  # its own generator
-
-
 def biased(tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0, logit_bias=tuple((t, 1.0) for t in range(tokens)))
 
@@ -370,19 +355,52 @@ def test_the_engine_answers_the_same_with_the_tail_choosing_the_tokens(tiny_mode
 
 
 def test_a_step_with_a_request_the_tail_cannot_serve_takes_the_host_path(tiny_model):
-    """A seeded sampled request beside greedy ones: its steps replay the graphs without the tail (the host chooses
-    every token); once it has finished, the tail takes over; the answers are the host's."""
+    """A request with a grammar (the host follows it token by token) beside greedy ones: its steps replay the graphs
+    without the tail (the host chooses every token); once it has finished, the tail takes over; the answers are the
+    host's."""
     loaded = tiny_model("qwen2")
     config = EngineConfig(**FIELDS, overlap_host=True)
     pref, base = prompts(32, shared=10, pref_extra=4, base_extra=3)
+    digits = GrammarSpec(GrammarKind.REGEX, "[0-9]{3}")
     requests = [
         make_request("long", AMULET, pref, base, max_tokens=14, ignore_eos=True),
-        make_request("sampled", AMULET, pref, base, max_tokens=4, temperature=0.8, seed=3, ignore_eos=True),
+        make_request("shaped", AMULET, pref, base, max_tokens=6, grammar=digits),
     ]
     with_tail = graphed_engine(loaded, config, tail=True)
-    assert answers(with_tail, requests) == answers(graphed_engine(loaded, config, tail=False), requests)
+    got = answers(with_tail, requests)
+    assert got == answers(graphed_engine(loaded, config, tail=False), requests)
     graphs = with_tail.runner.graphs
     assert graphs is not None and 0 < graphs.tail_steps < graphs.steps
+    assert "".join(out[0] for out in got["shaped"]).isdigit()
+
+
+def tokens(outputs: list) -> list[int]:
+    return [t for out in outputs for t in out[1]]
+
+
+def test_seeded_requests_draw_in_the_tail_the_tokens_the_host_draws(tiny_model):
+    """Seeded sampled requests (temperature, min_p, top-k, top-p) draw their seed's counter-based noise: the tail and
+    the host path give them the same tokens, bit for bit, and so does a run with other requests beside them."""
+    loaded = tiny_model("llama")
+    config = EngineConfig(**FIELDS, overlap_host=True)
+    pref, base = prompts(38, shared=12, pref_extra=5, base_extra=2)
+
+    def seeded() -> list:
+        return [
+            make_request("warm", AMULET, pref, base, max_tokens=10, temperature=1.4, seed=11, ignore_eos=True),
+            make_request("cut", METHODS[0], pref, base, max_tokens=10, temperature=1.0, min_p=0.05, seed=-5),
+            make_request("top", STRICT, pref, base, max_tokens=10, temperature=0.9, top_k=30, top_p=0.9, seed=2**64 - 1),
+        ]
+
+    with_tail = graphed_engine(loaded, config, tail=True)
+    got = answers(with_tail, seeded())
+    graphs = with_tail.runner.graphs
+    assert graphs is not None and graphs.tail_steps == graphs.steps >= 9
+    assert got == answers(graphed_engine(loaded, config, tail=False), seeded())
+    crowded = answers(graphed_engine(loaded, config, tail=True), [*seeded(), *greedy_requests()])
+    assert all(tokens(crowded[rid]) == tokens(got[rid]) for rid in got)  # the same draws beside other requests
+    reseeded = [dataclasses.replace(r, sampling=dataclasses.replace(r.sampling, seed=12)) for r in seeded()[1:2]]
+    assert tokens(answers(graphed_engine(loaded, config, tail=True), reseeded)["cut"]) != tokens(got["cut"])
 
 
 def test_several_preferences_a_logit_bias_and_top_logprobs_are_the_tails_with_the_hosts_answers(tiny_model):

@@ -8,6 +8,7 @@ import torch
 from amulet_core.errors import InvalidParameterError
 from amulet_core.sampling.params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, SEED_MAX, SEED_MIN, SamplingParams
 from amulet_core.sampling.sampler import make_generator
+from amulet_core.sampling.seeded import SeededDraws
 
 
 @pytest.mark.parametrize(
@@ -98,11 +99,11 @@ def test_for_choice_offsets_the_seed_and_keeps_everything_else():
         p.for_choice(-1)
 
 
-def test_for_choice_wraps_past_the_largest_seed_as_torch_reads_seeds():
+def test_for_choice_wraps_past_the_largest_seed_as_the_draws_read_seeds():
     p = SamplingParams(temperature=1.0, seed=SEED_MAX - 1)
     assert p.for_choice(1).seed == SEED_MAX
     wrapped = p.for_choice(3)
     assert wrapped.seed == 1 and SEED_MIN <= wrapped.seed <= SEED_MAX
-    a = make_generator(wrapped, torch.device("cpu"))
-    b = torch.Generator().manual_seed(1)
-    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
+    draws = make_generator(wrapped, torch.device("cpu"))
+    assert draws is not None and draws.halves == SeededDraws(1 + 2**64).halves == (1, 0)  # seeds modulo 2**64
+    assert SeededDraws(-1).halves == SeededDraws(SEED_MAX).halves == (2**32 - 1, 2**32 - 1)
