@@ -3,12 +3,12 @@
 After a decode step's forward pass, the method (each request's closed form over its context rows, the
 plausibility mask), the logits processors and the choice of the tokens are a few dozen small kernels; launched from
 Python they cost the host time that the overlapped engine would rather spend preparing the next step. For a step
-whose requests all decode greedily or sampled without a seed (:func:`tail_eligible`; the engine also leaves out
-grammars and thinking spans, which the host follows between two tokens), the decode graph computes them too, from
-static per-request inputs set before the replay (:mod:`amulet_core.engine.tail_rows`): any method and number of
-preference contexts (base, pref, la, amulet, CFG, a negative preference, K up to ``MAX_PREFERENCES``),
-``logit_bias``, ``min_tokens``, the repetition, frequency and presence penalties, temperature, ``min_p``, ``top_k``,
-``top_p`` and the top log-probabilities. The host copies back only the packed choices
+with no request the host must follow between two tokens (the engine leaves out grammars and thinking spans), the
+decode graph computes them too, from static per-request inputs set before the replay
+(:mod:`amulet_core.engine.tail_rows`): any method and number of preference contexts (base, pref, la, amulet, CFG, a
+negative preference, K up to ``MAX_PREFERENCES``), ``logit_bias``, ``min_tokens``, the repetition, frequency and
+presence penalties, greedy or sampled (temperature, ``min_p``, ``top_k``, ``top_p``, a seed or none) and the top
+log-probabilities. The host copies back only the packed choices
 (:class:`~amulet_core.sampling.sampler.DeviceSamples`: tokens, their log-probabilities, the failed flags, the top
 alternatives). The penalties and ``min_tokens`` count the step's input token, on the device, where it is the pending
 output of the step in flight: such requests are overlapped too.
@@ -24,8 +24,9 @@ which leaves the tokens never seen exactly as they were) and the greedy sampler'
 same tokens, log-probabilities and alternatives with the tail as without it, bit for bit. A sampled row divides by
 its temperature and drops the tokens below ``min_p``, past ``top_k`` and past ``top_p`` as the sampler does (the
 last two sort the vocabulary: only the graphs of the steps that have them do), then draws with the exponential race
-(``argmax(p / E)``, ``E ~ Exp(1)``: the same distribution as a multinomial draw, in a fixed shape, from the default
-generator as an unseeded request's draw is). Request slots past the step's requests keep valid rows; their results
+(``argmax(p / E)``, ``E ~ Exp(1)``: the same distribution as a multinomial draw, in a fixed shape: from the default
+generator for an unseeded request, from its seed's counter-based noise for a seeded one, as the host sampler draws
+it: :mod:`amulet_core.sampling.seeded`). Request slots past the step's requests keep valid rows; their results
 are never read.
 """
 
