@@ -192,9 +192,9 @@ class DecodeGraphs:
         """Float32 logits ``[len(chunks), vocab]`` of the chunks' new tokens, in chunk order (a token still pending
         is taken from ``pending``'s device tensor). ``tail``: the step's requests, whose rows number the chunks; their
         choices are then :meth:`DecodeTail.samples` of :attr:`tail`, unless :attr:`tail_enabled` has turned False."""
-        self.steps += 1
-        if tail is not None:
+        if tail is not None:  # first: rows it cannot hold raise here, before anything runs (the host then chooses)
             self.tail.set_rows(tail)
+        self.steps += 1
         size, length = bucket
         bs, blocks, scratch = self.block_size, length // self.block_size, self.scratch_block
         pad = size - len(chunks)

@@ -73,6 +73,10 @@ class TailVariant:
     seeded: bool = False
 
 
+class TailRowsError(ValueError):
+    """Rows the tail cannot hold (:meth:`DecodeTail.problem`): raised before anything is set or launched."""
+
+
 class DecodeTail:
     """Static inputs and outputs of the tail for up to ``max_requests`` requests over a ``[max_rows, vocab]`` logits
     buffer, with histories of up to ``max_history`` tokens for the penalties.
@@ -115,9 +119,9 @@ class DecodeTail:
 
     def set_rows(self, rows: Sequence[TailRow]) -> None:
         """The step's requests, in order (slots past them keep what they held: valid rows, never read). Raises
-        ValueError for rows the tail cannot hold (:meth:`problem`)."""
+        :class:`TailRowsError` for rows the tail cannot hold (:meth:`problem`), having set nothing."""
         if (problem := self.problem(rows)) is not None:
-            raise ValueError(problem)
+            raise TailRowsError(problem)
         n = len(rows)
         renormalise = any(row.plausibility > 0 for row in rows if row.contrast is not None)
         device = self.index.device

@@ -180,7 +180,9 @@ class LLMEngine:
         """The step run through the decode graphs with its method and choice of tokens inside, when no request needs
         the host between two tokens (a grammar, a thinking span) and the step replays; None, having run nothing,
         otherwise."""
-        if self.runner.graphs is None or not all(s.matcher is None and s.request.thinking is None for s in states):
+        if not self.runner.tail_replayable(plan.chunks):
+            return None  # (before the requests' rows are worked out: most such steps prefill)
+        if not all(s.matcher is None and s.request.thinking is None for s in states):
             return None
         params = [state.request.sampling for state in states]
         histories = [tail_history(state) for state in states]

@@ -11,6 +11,7 @@ import torch
 from amulet_core.device_tensors import to_device
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.decode_graphs import START_TAIL_VARIANTS, DecodeGraphs
+from amulet_core.engine.decode_tail import TailRowsError
 from amulet_core.engine.invariant_attention import step_plan
 from amulet_core.engine.invariant_ops import batch_invariant, invariant_weights
 from amulet_core.engine.kv_budget import describe_cache, kv_budget
@@ -223,11 +224,23 @@ class ModelRunner:
         nothing, when the step cannot be replayed (a prefill chunk, no bucket that holds it, no graphs) or its rows
         do not fit the tail (:meth:`~amulet_core.engine.decode_tail.DecodeTail.problem`); :meth:`run` then runs it."""
         graphs = self.graphs
-        if graphs is None or not graphs.tail_enabled:
+        if graphs is None or not self.tail_replayable(chunks):
             return None
         if self._replay(chunks, logits_for, pending, (specs, params, histories)) is None:
             return None
         return graphs.tail.samples() if graphs.tail_enabled else None  # (the tail failed: run() reads the logits)
+
+    def tail_replayable(self, chunks: list[ScheduledChunk]) -> bool:
+        """Whether a step of ``chunks`` can replay the decode graphs with the tail (checked before its requests'
+        rows are worked out: a step with a prefill chunk has no use for them)."""
+        return self.graphs is not None and self.graphs.tail_enabled and self._bucket(chunks) is not None
+
+    def _bucket(self, chunks: list[ScheduledChunk]) -> tuple[int, int] | None:
+        """The decode graphs' bucket of a decode-only step; None for a step they cannot replay."""
+        graphs = self.graphs
+        if graphs is None or not chunks or any(c.num_tokens != 1 for c in chunks):
+            return None
+        return graphs.bucket(len(chunks), max(c.start for c in chunks) + 1)
 
     def _replay(
         self,
@@ -241,19 +254,16 @@ class ModelRunner:
         nothing, when it cannot be replayed (a prefill chunk, no bucket that holds it, no graphs), or when the graph
         failed (every later step is then eager: a capture that fails, out of memory or an op graphs cannot hold, must
         not fail requests)."""
-        graphs = self.graphs
-        if graphs is None or not chunks or any(c.num_tokens != 1 for c in chunks):
-            return None
-        bucket = graphs.bucket(len(chunks), max(c.start for c in chunks) + 1)
-        if bucket is None:
+        graphs, bucket = self.graphs, self._bucket(chunks)
+        if graphs is None or bucket is None:
             return None
         row = {id(c.seq): i for i, c in enumerate(chunks)}
         order = [row[id(seq)] for seq in logits_for]
         tail = None if requests is None else tail_rows(requests[0], order, requests[1], requests[2])
-        if tail is not None and graphs.tail.problem(tail) is not None:
-            return None  # (the host's choice then fails the requests it must, and the graphs stay)
         try:
             logits = graphs.run(chunks, bucket, pending, tail)
+        except TailRowsError:
+            return None  # nothing ran: the host's choice then fails the requests it must, and the graphs stay
         except Exception:
             logger.exception("decode graph %s failed; decode steps run eagerly from now on", bucket)
             self.graphs = None

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from amulet_core.device_tensors import to_device
-from amulet_core.engine.tail_rows import TailRow, history_bound, history_table, stop_table, width_for
+from amulet_core.engine.tail_rows import OUTPUT, SEEN, TailRow, history_bound, history_table, stop_table, width_for
 from amulet_core.sampling.params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from amulet_core.sampling.processors import penalize
 
@@ -32,8 +32,6 @@ STOP_WIDTHS = (8, 64, 2 * MAX_STOP_TOKEN_IDS)
 FIRST_HISTORY_WIDTH = 64
 """The penalties' table is as wide as the step's longest history (the input token, the output ids the host has, the
 prompt for a repetition penalty), rounded up to a power of two from this, up to the longest context."""
-_OUTPUT, _SEEN = 2, 1
-"""Kinds of a penalties' table entry (0: padding)."""
 
 
 class TailProcessors:
@@ -113,8 +111,8 @@ class TailProcessors:
             ids = self.history[:slots, :history].long()
             ids = torch.cat([inputs.unsqueeze(1), ids[:, 1:]], dim=1)
             kinds = self.kinds[:slots, :history]
-            counts = torch.zeros_like(scores).scatter_add_(1, ids, (kinds == _OUTPUT).float())
-            seen = torch.zeros_like(scores).scatter_add_(1, ids, (kinds >= _SEEN).float()) > 0
+            counts = torch.zeros_like(scores).scatter_add_(1, ids, (kinds == OUTPUT).float())
+            seen = torch.zeros_like(scores).scatter_add_(1, ids, (kinds >= SEEN).float()) > 0
             repetition, frequency, presence = self.penalties[:, :slots].unsqueeze(2)
             scores = penalize(scores, counts, seen, repetition, (frequency, presence))
         return scores

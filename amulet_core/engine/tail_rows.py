@@ -39,6 +39,9 @@ class TailHistory:
 
 NO_HISTORY = TailHistory()
 
+SEEN, OUTPUT = 1, 2
+"""Kinds of a penalties' table entry (:func:`history_table`; 0: padding): a prompt token (seen), a generated one."""
+
 
 @dataclass(frozen=True)
 class TailRow:
@@ -73,7 +76,7 @@ class TailRow:
 
     @property
     def rows(self) -> tuple[int, ...]:
-        """All its context rows (``min_tokens`` rules its stop ids out of each)."""
+        """All its context rows."""
         return (self.primary, *self.extra, *(() if self.contrast is None else (self.contrast,)))
 
     @property
@@ -148,7 +151,7 @@ def history_table(
     for out, prompt, pending in tokens:
         pad = width - 1 - len(out) - len(prompt)
         ids.append([0, *out, *prompt, *[0] * pad])
-        kinds.append([2 if pending else 0, *[2] * len(out), *[1] * len(prompt), *[0] * pad])
+        kinds.append([OUTPUT if pending else 0, *[OUTPUT] * len(out), *[SEEN] * len(prompt), *[0] * pad])
     return width, ids, kinds
 
 
