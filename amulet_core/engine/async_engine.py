@@ -1,8 +1,8 @@
 """The engine client for asyncio code: one worker thread owns the model and runs the steps.
 
 Requests and aborts reach the worker through a thread-safe queue; outputs come back to
-each request's asyncio queue through ``call_soon_threadsafe``, so the event loop never
-waits on the model.
+each request's asyncio queue through ``call_soon_threadsafe`` (:mod:`amulet_core.engine.client_streams`), so the
+event loop never waits on the model.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
+from amulet_core.engine.client_streams import ClientStreams
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
 from amulet_core.engine.watchdog import Clock, StepWatch
 from amulet_core.errors import (
     EngineNotReadyError,
-    EngineOverloadedError,
     EngineStalledError,
     InvalidParameterError,
     is_request_failure,
@@ -58,12 +58,6 @@ class _Abort:
     request_id: str
 
 
-@dataclass(eq=False)
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[GenerationOutput | BaseException]
-
-
 class AsyncEngine:
     def __init__(
         self,
@@ -87,15 +81,11 @@ class AsyncEngine:
         self._step_observer = step_observer
         self._loader = loader
         self._inbox: queue.Queue[_Add | _Abort | None] = queue.Queue()
-        self._streams: dict[str, _Stream] = {}
-        self._lock = threading.Lock()
+        self._streams = ClientStreams()
         self._engine: LLMEngine | None = None
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self._accepting = True
-        self._stats = EngineStats()
-        self._unseen_adds = 0
-        """Requests handed to the worker that its last stats snapshot does not count yet."""
         self._thread: threading.Thread | None = None
         self._text: ChatTokenizer | None = None
         self._watch = StepWatch(stall_timeout_s, clock)
@@ -142,27 +132,14 @@ class AsyncEngine:
             return None
         if not thread.is_alive() and self._accepting:
             return "the engine's worker thread died"
-        stalled = self._watch.stalled_for()
-        if stalled is not None:
-            return f"no engine step completed for {stalled:.0f} s (stall timeout {self._watch.timeout_s:.0f} s)"
-        starved = self._watch.no_progress_for()
-        if starved is not None:
-            stats = self._stats
-            return (
-                f"no token was generated or prefilled for {starved:.0f} s with {stats.waiting_requests} request(s) waiting "
-                f"and {stats.running_requests} running (stall timeout {self._watch.timeout_s:.0f} s)"
-            )
-        return None
+        return self._watch.problem(self._streams.stats)
 
     def fail(self, reason: str) -> None:
         """Stop taking requests and end every open stream with :class:`EngineStalledError` (the worker may
         be stuck: nothing waits for it). Called from the event loop once :meth:`failure` reported ``reason``."""
         self._failure = reason
         self._accepting = False
-        with self._lock:
-            streams = list(self._streams.values())
-        for stream in streams:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineStalledError(reason))
+        self._streams.end_all(EngineStalledError(reason))
 
     @property
     def engine(self) -> LLMEngine:
@@ -175,9 +152,9 @@ class AsyncEngine:
         """Refuse new requests, let running ones finish up to the timeout, abort the rest, stop."""
         self._accepting = False
         deadline = time.monotonic() + drain_timeout_s
-        while self._streams and time.monotonic() < deadline:
+        while self._streams.ids() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for request_id in list(self._streams):
+        for request_id in self._streams.ids():
             self._inbox.put(_Abort(request_id))
         self.close()
 
@@ -208,7 +185,7 @@ class AsyncEngine:
         return self._text
 
     def stats(self) -> EngineStats:
-        return self._stats
+        return self._streams.stats
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Stream a request's outputs. Before anything is queued, raises EngineNotReadyError, an
@@ -222,15 +199,7 @@ class AsyncEngine:
             raise EngineNotReadyError("The model is loading or the server is shutting down.")
         request.max_new_tokens(self.max_model_len)  # a request too long for the context fails here, before a thread
         await asyncio.to_thread(self.engine.validate, request)  # and one the KV cache can never hold there
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        with self._lock:
-            waiting = self._unseen_adds + self._stats.waiting_requests
-            if waiting >= self.engine_config.max_queue:
-                raise EngineOverloadedError("The server is at capacity; retry shortly.")
-            if request.request_id in self._streams:
-                raise ValueError(f"duplicate request id {request.request_id!r}")
-            self._streams[request.request_id] = stream
-            self._unseen_adds += 1
+        stream = self._streams.open(request.request_id, self.engine_config.max_queue)
         self._inbox.put(_Add(request))
         finished = False
         try:
@@ -243,8 +212,7 @@ class AsyncEngine:
         finally:
             if not finished:
                 self._inbox.put(_Abort(request.request_id))
-            with self._lock:
-                self._streams.pop(request.request_id, None)
+            self._streams.close(request.request_id)
 
     # ---- worker -------------------------------------------------------------------
     def _run(self) -> None:
@@ -253,7 +221,7 @@ class AsyncEngine:
                 torch.set_num_threads(serving_cpu_threads(self.model_config))
             self._engine = LLMEngine(self._loader(self.model_config), self.engine_config)
             self._engine.fault_hook = self._fault_hook
-            self._stats = self._engine.stats()
+            self._streams.stats = self._engine.stats()
             if self._freeze_gc_after_load:
                 # The loaded model's hundreds of thousands of objects live as long as the process: out of the
                 # collector's generations, a full collection (set off by a request's parsing) no longer walks
@@ -296,17 +264,15 @@ class AsyncEngine:
                     aborted = engine.abort(request_id)
                     if aborted is not None:
                         outputs.append(aborted)
-                self._deliver(outputs)
+                self._streams.deliver(outputs)
                 return
             steps = engine.steps
             if engine.has_work():
                 outputs.extend(self._step(engine))
             progressed = bool(outputs) or engine.steps != steps  # a token generated or prefilled, a request ended
             self._watch.round_done(engine.has_work(), progressed)
-            with self._lock:
-                self._stats = engine.stats()
-                self._unseen_adds -= adds
-            self._deliver(outputs)
+            self._streams.counted(engine.stats(), adds)
+            self._streams.deliver(outputs)
 
     def _handle(self, engine: LLMEngine, message: _Add | _Abort) -> list[GenerationOutput]:
         if isinstance(message, _Abort):
@@ -343,15 +309,6 @@ class AsyncEngine:
             except Exception:
                 logger.exception("step observer failed")
         return outputs
-
-    def _deliver(self, outputs: list[GenerationOutput]) -> None:
-        if not outputs:
-            return
-        with self._lock:
-            targets = [(self._streams.get(o.request_id), o) for o in outputs]
-        for stream, output in targets:
-            if stream is not None:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
 
 
 _Empty: Any = object()

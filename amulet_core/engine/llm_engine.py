@@ -16,12 +16,9 @@ from amulet_core.engine.model_runner import ModelRunner, logits_width
 from amulet_core.engine.overlap import PendingStep, PendingTokens, overlappable
 from amulet_core.engine.protocol import (
     EngineStats,
-    FinishReason,
     GenerationOutput,
     GenerationRequest,
-    RequestTimings,
     TokenLogprob,
-    Usage,
 )
 from amulet_core.engine.request_checks import RequestChecks
 from amulet_core.engine.request_state import RequestState
@@ -89,7 +86,7 @@ class LLMEngine:
             request=request,
             group=group,
             coefficient=request.method.effective_strength,
-            generator=make_generator(sp, self.device),
+            generator=make_generator(sp),
             detokenizer=IncrementalDetokenizer(self.tokenizer, sp.stop, sp.skip_special_tokens, sp.min_tokens),
             stop_ids=frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_token_ids),
             max_tokens=max_tokens,
@@ -104,7 +101,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> GenerationOutput | None:
         """Drop a request and free its KV now; returns its final output, or None if unknown."""
         state = self.requests.get(request_id)
-        return self._finish(state, "abort") if state is not None else None
+        return self._drop(state).finish("abort") if state is not None else None
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.pending is not None
@@ -199,7 +196,7 @@ class LLMEngine:
     def _fail_plan(self, plan: StepPlan, message: str) -> list[GenerationOutput]:
         ids = {c.seq for c in plan.chunks}
         failed = [s for s in self.requests.values() if any(seq in ids for seq in s.group.seqs)]
-        return [self._finish(s, "error", message) for s in failed]
+        return [self._drop(s).finish("error", message) for s in failed]
 
     def _launch(self, states: list[RequestState], logits: torch.Tensor) -> tuple[PendingStep | None, list[GenerationOutput]]:
         """Queue the requests' method and sampling on the device (no grammar, no history: :func:`overlappable`) and
@@ -211,7 +208,7 @@ class LLMEngine:
             if not is_request_failure(exc):
                 raise
             logger.exception("decoding failed")
-            return None, [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
+            return None, [self._drop(s).finish("error", f"Decoding failed: {type(exc).__name__}") for s in states]
         return PendingStep.launch(states, samples), []
 
     def _resolve(self) -> list[GenerationOutput]:
@@ -226,7 +223,7 @@ class LLMEngine:
                 raise
             logger.exception("reading the sampled tokens failed")
             live = [s for s in pending.states if self._running(s)]
-            return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in live]
+            return [self._drop(s).finish("error", f"Decoding failed: {type(exc).__name__}") for s in live]
         keep = [i for i, s in enumerate(pending.states) if self._running(s)]  # not finished or aborted since
         states = [pending.states[i] for i in keep]
         return self._outputs(states, [samples[i] for i in keep], [pending.positions[i] for i in keep])
@@ -249,7 +246,7 @@ class LLMEngine:
             if not is_request_failure(exc):
                 raise
             logger.exception("method application failed")
-            return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
+            return [self._drop(s).finish("error", f"Decoding failed: {type(exc).__name__}") for s in states]
         try:
             params = [s.request.sampling for s in states]
             histories = [row_history(s) if s.request.sampling.needs_history else None for s in states]
@@ -258,7 +255,7 @@ class LLMEngine:
             if not is_request_failure(exc):
                 raise
             logger.exception("sampling failed")
-            return [self._finish(s, "error", f"Decoding failed: {type(exc).__name__}") for s in states]
+            return [self._drop(s).finish("error", f"Decoding failed: {type(exc).__name__}") for s in states]
         return self._outputs(states, samples)
 
     def _outputs(
@@ -277,78 +274,32 @@ class LLMEngine:
                 if state.matcher is not None and state.matcher.failure is not None:
                     raise state.matcher.failure  # its grammar failed filling this step's mask
                 if sample.error is not None:
-                    raise ValueError(self._no_token(state, sample.error))
+                    raise ValueError(state.no_token_message(sample.error))
                 outputs.append(self._accept(state, sample, None if positions is None else positions[i]))
             except InvalidParameterError as exc:  # the request's own input failed it (its grammar): a client error
                 logger.info("request %s failed: %s", state.request.request_id, exc.message)
-                outputs.append(self._finish(state, "error", exc.message, client_error=exc))
+                outputs.append(self._drop(state).finish("error", exc.message, client_error=exc))
             except BaseException as exc:  # a Rust panic (tokenizers, llguidance) is a BaseException: this request's too
                 if not is_request_failure(exc):
                     raise
                 logger.exception("request %s failed", state.request.request_id)
-                outputs.append(self._finish(state, "error", f"Decoding failed: {type(exc).__name__}: {exc}"))
+                outputs.append(self._drop(state).finish("error", f"Decoding failed: {type(exc).__name__}: {exc}"))
         return outputs
 
-    @staticmethod
-    def _no_token(state: RequestState, error: str) -> str:
-        spec = state.request.sampling.grammar
-        if spec is None:
-            return error
-        return f"{error}; or no token that the grammar of '{spec.param}' allows next can be chosen"
-
     def _accept(self, state: RequestState, sample: RowSample, positions: tuple[int, ...] | None = None) -> GenerationOutput:
-        sp = state.request.sampling
-        token = sample.token
-        in_thinking = state.note_thinking(token)
-        if state.matcher is not None and not in_thinking and not state.matcher.accept(token):
-            param = sp.grammar.param if sp.grammar is not None else "grammar"
-            raise ValueError(f"token {token} breaks the grammar of '{param}': {state.matcher.error}")
-        state.output_ids.append(token)
-        for i, seq in enumerate(state.group.seqs):
-            if positions is None:
-                seq.token_ids.append(token)
-            else:
-                seq.token_ids[positions[i]] = token
-        token_logprobs = self._logprobs(sample) if sp.logprobs else None
-        if token in state.stop_ids and len(state.output_ids) > sp.min_tokens:  # before: the sampler ruled them out
-            return self._finish(state, "stop", token_ids=(token,), logprobs=token_logprobs)
-        text = state.detokenizer.add(token)
-        if state.detokenizer.stopped or (state.matcher is not None and state.matcher.is_finished):
-            return self._finish(state, "stop", text=text, token_ids=(token,), logprobs=token_logprobs)
-        if len(state.output_ids) >= state.max_tokens:  # max_new_tokens keeps every context within max_model_len
-            return self._finish(state, "length", text=text, token_ids=(token,), logprobs=token_logprobs)
-        return GenerationOutput(state.request.request_id, text, (token,), token_logprobs)
+        reason, text = state.accept(sample.token, positions)
+        logprobs = self._logprobs(sample) if state.request.sampling.logprobs else None
+        if reason is not None:
+            return self._drop(state).finish(reason, text=text, token_ids=(sample.token,), logprobs=logprobs)
+        return GenerationOutput(state.request.request_id, text, (sample.token,), logprobs)
 
     def _logprobs(self, sample: RowSample) -> tuple[TokenLogprob, ...]:
         decode = self.tokenizer.decode
         pairs = tuple((i, decode([i]), v) for i, v in sample.top)
         return (TokenLogprob(sample.token, decode([sample.token]), sample.logprob, pairs),)
 
-    def _finish(
-        self,
-        state: RequestState,
-        reason: FinishReason,
-        error: str | None = None,
-        text: str = "",
-        token_ids: tuple[int, ...] = (),
-        logprobs: tuple[TokenLogprob, ...] | None = None,
-        client_error: InvalidParameterError | None = None,
-    ) -> GenerationOutput:
+    def _drop(self, state: RequestState) -> RequestState:
+        """The request dropped (its KV freed); its last output is ``state.finish(...)`` (:meth:`RequestState.finish`)."""
         self.requests.pop(state.request.request_id, None)
         self.scheduler.remove(state.group)
-        state.matcher = None
-        if reason in ("stop", "length"):
-            text += state.detokenizer.flush()
-        request = state.request
-        contexts = request.contexts
-        usage = Usage(
-            prompt_tokens=len(request.prompt_ids),
-            completion_tokens=len(state.output_ids),
-            base_prompt_tokens=sum(len(ids) for ids in contexts[1:]),
-            cached_prompt_tokens=state.cached_prompt_tokens or 0,
-            num_contexts=len(contexts),
-        )
-        timings = None
-        if state.scheduled_at is not None:
-            timings = RequestTimings(state.scheduled_at - state.arrival, state.prefill_s or 0.0)
-        return GenerationOutput(request.request_id, text, token_ids, logprobs, reason, usage, error, timings, client_error)
+        return state

@@ -17,6 +17,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from amulet_core.engine.protocol import EngineStats
+
 MIN_STALL_TIMEOUT_S = 60.0
 """Floor of the automatic stall timeout (a first step, a long prefill or a compile may take a while)."""
 STALL_STEP_FACTOR = 20.0
@@ -93,3 +95,17 @@ class StepWatch:
             return None
         elapsed = self._clock() - since
         return elapsed if elapsed > self.timeout_s else None
+
+    def problem(self, stats: EngineStats) -> str | None:
+        """Why the engine looks stuck (:meth:`stalled_for`, :meth:`no_progress_for`; ``stats``: its last statistics,
+        for the message), or None."""
+        stalled = self.stalled_for()
+        if stalled is not None:
+            return f"no engine step completed for {stalled:.0f} s (stall timeout {self.timeout_s:.0f} s)"
+        starved = self.no_progress_for()
+        if starved is None:
+            return None
+        return (
+            f"no token was generated or prefilled for {starved:.0f} s with {stats.waiting_requests} request(s) waiting "
+            f"and {stats.running_requests} running (stall timeout {self.timeout_s:.0f} s)"
+        )
