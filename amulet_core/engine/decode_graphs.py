@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
-from amulet_core.device_tensors import to_device
+from amulet_core.device_tensors import StagedTensors
 from amulet_core.engine.decode_tail import DecodeTail, TailVariant
 from amulet_core.engine.invariant_attention import InvariantPlan, decode_plan
 from amulet_core.engine.invariant_ops import PackedWeights, batch_invariant
-from amulet_core.engine.overlap import PendingTokens, fill_pending
+from amulet_core.engine.overlap import PendingTokens, pending_places
 from amulet_core.engine.packed_forward import PackedForward
 from amulet_core.engine.paged_attention import PackedBatch, PagedKVCache, decode_group, padded_block_tables
 from amulet_core.engine.scheduler import ScheduledChunk
@@ -121,9 +121,21 @@ class DecodeGraphs:
         if paged_kernel:
             self.context_lens = self.context_lens[-1:]
         max_batch, max_len = self.batch_sizes[-1], self.context_lens[-1]
-        self.rows = torch.zeros(4, max_batch, dtype=torch.long, device=device)
+        self.inputs = StagedTensors(
+            {
+                "rows": ((4, max_batch), torch.long, 0),
+                "pending": ((2, max_batch), torch.long, 0),
+                "tables": ((max_batch, max_len // self.block_size), torch.long, scratch_block),
+            },
+            device,
+        )
+        """The static inputs, set with one copy a step (:class:`~amulet_core.device_tensors.StagedTensors`; the tables
+        last: a step copies the rows of its batch)."""
+        self.rows = self.inputs["rows"]
         """Token ids, positions, new-token slots and context lengths of the rows."""
-        self.tables = torch.full((max_batch, max_len // self.block_size), scratch_block, dtype=torch.long, device=device)
+        self.pending = self.inputs["pending"]
+        """Where the rows' token ids are still pending, and the rows of the pending tokens that hold them."""
+        self.tables = self.inputs["tables"]
         self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=device)
         self.tail = DecodeTail(max_batch, max_batch, vocab, device, max_history=max_len + 1)
         """The method and choice of tokens over the logits (:mod:`amulet_core.engine.decode_tail`), for a step that asks
@@ -210,10 +222,16 @@ class DecodeGraphs:
         slots += [scratch * bs] * pad
         lengths += [1] * pad
         tables = padded_block_tables([*(c.seq.block_table for c in chunks), *([[]] * pad)], blocks, scratch)
-        self.rows[:, :size].copy_(to_device([token_ids, positions, slots, lengths], self.device, torch.long))
-        if pending is not None:
-            fill_pending(self.rows[0, : len(chunks)], token_ids[: len(chunks)], chunks, pending)
-        self.tables[:size, :blocks].copy_(to_device(tables, self.device, torch.long).view(size, blocks))
+        host = self.inputs.host
+        host("rows")[:, :size] = torch.tensor([token_ids, positions, slots, lengths], dtype=torch.long)
+        host("tables")[:size, :blocks] = torch.tensor(tables, dtype=torch.long).view(size, blocks)
+        where, rows = pending_places(token_ids[: len(chunks)], chunks, pending) if pending is not None else ([], [])
+        if where:
+            host("pending")[:, : len(where)] = torch.tensor([where, rows], dtype=torch.long)
+        self.inputs.commit("tables", size)
+        if where and pending is not None:  # after the copy: the tokens of the step in flight, on the device
+            places, sources = self.pending[0, : len(where)], self.pending[1, : len(where)]
+            self.rows[0].index_copy_(0, places, pending.tokens.index_select(0, sources))
         self.launch(bucket, self.tail.variant if tail is not None else None)
         self.tail_steps += tail is not None and self.tail_enabled  # (a tail that failed here chose nothing)
         return self.logits[: len(chunks)]

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from amulet_core.device_tensors import to_device
+from amulet_core.device_tensors import StagedTensors
 from amulet_core.engine.tail_processors import TailProcessors
 from amulet_core.engine.tail_rows import TailRow
 from amulet_core.method.mixture import MAX_PREFERENCES, mixture_logits_float32
@@ -89,23 +89,39 @@ class DecodeTail:
     def __init__(self, max_requests: int, max_rows: int, vocab: int, device: torch.device, max_history: int = 0) -> None:
         self.max_rows = max_rows
         self.vocab = vocab
-        self.index = torch.zeros(2, max_requests, dtype=torch.long, device=device)
+        r, k = max_requests, MAX_PREFERENCES - 1
+        self.inputs = StagedTensors(
+            {
+                "index": ((2, r), torch.long, 0),
+                "extra": ((k, r), torch.long, 0),
+                "extra_weights": ((r, k), torch.float32, 0.0),
+                "numbers": ((4, r), torch.float32, 1.0),
+                "flags": ((5, r), torch.bool, 1),
+                "seeds": ((3, r), torch.long, 0),
+                "top_k": ((r,), torch.long, 0),
+                "top_p": ((r,), torch.float32, 1.0),
+            },
+            device,
+        )
+        """The per-request inputs, set with one copy a step (:class:`~amulet_core.device_tensors.StagedTensors`)."""
+        for numbers in self.inputs.views("numbers"):
+            numbers[3].fill_(-math.inf)
+        self.index = self.inputs["index"]
         """Each request's primary and contrast rows."""
-        self.extra = torch.zeros(MAX_PREFERENCES - 1, max_requests, dtype=torch.long, device=device)
+        self.extra = self.inputs["extra"]
         """Each request's rows of preference contexts 2..K, padded with its primary row."""
-        self.extra_weights = torch.zeros(max_requests, MAX_PREFERENCES - 1, dtype=torch.float32, device=device)
+        self.extra_weights = self.inputs["extra_weights"]
         """Their weights, padded with 0."""
-        self.numbers = torch.ones(4, max_requests, dtype=torch.float32, device=device)
+        self.numbers = self.inputs["numbers"]
         """Each request's coefficient, plausibility, temperature (1 for a greedy row) and log(min_p) (-inf for none)."""
-        self.numbers[3].fill_(-math.inf)
-        self.flags = torch.ones(5, max_requests, dtype=torch.bool, device=device)
+        self.flags = self.inputs["flags"]
         """Each request: renormalised (the plausibility pass), greedy, several preferences (its anchor the mixture),
         a contrast, seeded."""
-        self.seeds = torch.zeros(3, max_requests, dtype=torch.long, device=device)
+        self.seeds = self.inputs["seeds"]
         """Each seeded request's seed (low and high 32 bits) and draw number (:mod:`amulet_core.sampling.seeded`)."""
-        self.top_k = torch.zeros(max_requests, dtype=torch.long, device=device)
+        self.top_k = self.inputs["top_k"]
         """Each request's top-k, 0 for none (its k-th largest score is then -inf: nothing dropped)."""
-        self.top_p = torch.ones(max_requests, dtype=torch.float32, device=device)
+        self.top_p = self.inputs["top_p"]
         self.processors = TailProcessors(max_requests, vocab, max_history, device)
         self.variant = TailVariant(False, False, False, False)
         """The parts of the tail the step :meth:`set_rows` set up needs."""
@@ -122,22 +138,20 @@ class DecodeTail:
         :class:`TailRowsError` for rows the tail cannot hold (:meth:`problem`), having set nothing."""
         if (problem := self.problem(rows)) is not None:
             raise TailRowsError(problem)
-        n = len(rows)
+        n, host = len(rows), self.inputs.host
         renormalise = any(row.plausibility > 0 for row in rows if row.contrast is not None)
-        device = self.index.device
-        self.index[:, :n].copy_(
-            to_device([[r.primary for r in rows], [r.primary if r.contrast is None else r.contrast for r in rows]], device)
-        )
+        contrasts = [r.primary if r.contrast is None else r.contrast for r in rows]
+        host("index")[:, :n] = torch.tensor([[r.primary for r in rows], contrasts], dtype=torch.long)
         mixture = max(len(r.extra) for r in rows)
         if mixture:
             slots = [[*r.extra, *[r.primary] * (mixture - len(r.extra))] for r in rows]
-            self.extra[:mixture, :n].copy_(to_device(slots, device, torch.long).T)
+            host("extra")[:mixture, :n] = torch.tensor(slots, dtype=torch.long).T
             weights = [[*r.weights, *[0.0] * (mixture - len(r.weights))] for r in rows]
-            self.extra_weights[:n, :mixture].copy_(to_device(weights, device, torch.float32))
+            host("extra_weights")[:n, :mixture] = torch.tensor(weights, dtype=torch.float32)
         temperatures = [r.temperature if r.temperature > 0 else 1.0 for r in rows]
         log_min_p = [math.log(r.min_p) if r.min_p > 0 else -math.inf for r in rows]
         numbers = [[r.coefficient for r in rows], [r.plausibility for r in rows], temperatures, log_min_p]
-        self.numbers[:, :n].copy_(to_device(numbers, device, torch.float32))
+        host("numbers")[:, :n] = torch.tensor(numbers, dtype=torch.float32)
         # a plain row has no plausibility pass (its distribution is its row's log-softmax, once)
         flags = [
             [renormalise and not r.plain for r in rows],
@@ -146,15 +160,16 @@ class DecodeTail:
             [r.contrast is not None for r in rows],
             [r.temperature > 0 and r.history.seed is not None for r in rows],
         ]
-        self.flags[:, :n].copy_(to_device(flags, device, torch.bool))
+        host("flags")[:, :n] = torch.tensor(flags, dtype=torch.bool)
         seeded = any(flags[4])
         if seeded:
             seeds = [r.history.seed or (0, 0, 0) for r in rows]
-            self.seeds[:, :n].copy_(to_device([[s[k] for s in seeds] for k in range(3)], device, torch.long))
+            host("seeds")[:, :n] = torch.tensor([[s[k] for s in seeds] for k in range(3)], dtype=torch.long)
         vocab = self.vocab
         top_k = [r.top_k if 0 < r.top_k < vocab else 0 for r in rows]
-        self.top_k[:n].copy_(to_device(top_k, device, torch.long))
-        self.top_p[:n].copy_(to_device([r.top_p for r in rows], device, torch.float32))
+        host("top_k")[:n] = torch.tensor(top_k, dtype=torch.long)
+        host("top_p")[:n] = torch.tensor([r.top_p for r in rows], dtype=torch.float32)
+        self.inputs.commit()
         bias, stops, history = self.processors.set(rows)
         sampled = [r.temperature > 0 for r in rows]
         filtering = any(k > 0 or r.top_p < 1.0 for k, r, drawn in zip(top_k, rows, sampled, strict=True) if drawn)

@@ -49,10 +49,9 @@ class PendingTokens:
     rows: dict[int, int]
 
 
-def fill_pending(ids: torch.Tensor, host_ids: list[int], chunks: list[ScheduledChunk], pending: PendingTokens) -> None:
-    """Put in ``ids`` (on the device, a copy of ``host_ids``: the tokens of ``chunks``, packed in their order) the
-    tokens of ``pending`` where ``host_ids`` holds :data:`PENDING_TOKEN` (only ever a sequence's last token, so a
-    chunk's last), on the device: the host never waits for them."""
+def pending_places(host_ids: list[int], chunks: list[ScheduledChunk], pending: PendingTokens) -> tuple[list[int], list[int]]:
+    """Where ``host_ids`` (the tokens of ``chunks``, packed in their order) holds :data:`PENDING_TOKEN` (only ever a
+    sequence's last token, so a chunk's last), and the row of ``pending.tokens`` that holds each one's token."""
     where, rows = [], []
     end = 0
     for chunk in chunks:
@@ -60,6 +59,13 @@ def fill_pending(ids: torch.Tensor, host_ids: list[int], chunks: list[ScheduledC
         if host_ids[end - 1] == PENDING_TOKEN:
             where.append(end - 1)
             rows.append(pending.rows[id(chunk.seq)])
+    return where, rows
+
+
+def fill_pending(ids: torch.Tensor, host_ids: list[int], chunks: list[ScheduledChunk], pending: PendingTokens) -> None:
+    """Put in ``ids`` (on the device, a copy of ``host_ids``) the tokens of ``pending`` where ``host_ids`` holds
+    :data:`PENDING_TOKEN` (:func:`pending_places`), on the device: the host never waits for them."""
+    where, rows = pending_places(host_ids, chunks, pending)
     if where:
         index = to_device(where, ids.device, torch.long)
         ids.index_copy_(0, index, pending.tokens.index_select(0, to_device(rows, ids.device, torch.long)))

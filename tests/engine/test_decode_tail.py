@@ -14,6 +14,7 @@ import dataclasses
 import pytest
 import torch
 
+from amulet_core.device_tensors import StagedTensors
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.decode_tail import DecodeTail, TailVariant
 from amulet_core.engine.llm_engine import LLMEngine
@@ -570,3 +571,36 @@ def test_a_tail_that_fails_to_capture_at_start_up_is_turned_off_and_the_graphs_k
         assert graphs.capture_at_start(1000.0, clock=lambda: 0.0) == buckets
     assert len(tried) == buckets + 1 and not graphs.tail_enabled and len(graphs.graphs) == buckets
     assert "capturing the decode graphs' tail failed" in caplog.text
+
+
+def test_the_inputs_staged_in_two_host_buffers_give_the_same_answers(tiny_model, monkeypatch):
+    """The graphs' and the tail's static inputs set as on a CUDA device (``StagedTensors`` staged: two host buffers in
+    turn, one copy a step, a step's rows past its own keeping the values of two steps before; the pending tokens'
+    places in the copy too), here with plain copies: every kind of row, overlapped, answers as the host path does."""
+    staged_init = StagedTensors.__init__
+    made: list[StagedTensors] = []
+
+    def always_staged(self, fields, device, staged=None) -> None:
+        staged_init(self, fields, device, staged=True)
+        made.append(self)
+
+    loaded = tiny_model("llama")
+    config = EngineConfig(**FIELDS, overlap_host=True)
+    pref, base = prompts(39, shared=12, pref_extra=5, base_extra=2)
+
+    def batch() -> list:
+        return [
+            *greedy_requests(),
+            make_request("seeded", STRICT, pref, base, max_tokens=9, temperature=1.2, top_k=25, seed=3),
+            make_request("penalised", WEAK, pref, base, max_tokens=9, frequency_penalty=1.2, min_tokens=4),
+            make("k3", MULTI[-1], seed=61, max_tokens=9, logprobs=True),
+        ]
+
+    host = answers(graphed_engine(loaded, config, tail=False), batch())
+    monkeypatch.setattr(StagedTensors, "__init__", always_staged)
+    with_tail = graphed_engine(loaded, config, tail=True)
+    assert len(made) == 2 and all(staged.staged for staged in made)  # the graphs' inputs and the tail's
+    got = answers(with_tail, batch())
+    graphs = with_tail.runner.graphs
+    assert graphs is not None and graphs.tail_steps == graphs.steps >= 8
+    assert got == host
