@@ -33,10 +33,9 @@ counter-based draws (a seeded request: :mod:`amulet_core.sampling.seeded`); a ``
 draw from it (the tests' own generators)."""
 
 
-def make_generator(params: SamplingParams, device: torch.device) -> SeededDraws | None:
-    """The draws of a seeded sampled request (its seed's, the same on the host and in a decode graph); None for
-    greedy or unseeded ones. (``device`` is where the draws' noise is made, the logits' device.)"""
-    del device
+def make_generator(params: SamplingParams) -> SeededDraws | None:
+    """The draws of a seeded sampled request (its seed's, the same on the host and in a decode graph, on any device);
+    None for greedy or unseeded ones."""
     if params.greedy or params.seed is None:
         return None
     return SeededDraws(params.seed)

@@ -40,7 +40,7 @@ def test_logit_bias_moves_the_greedy_choice():
 def test_logit_bias_makes_a_sampled_row_draw_the_token():
     lp = torch.log_softmax(torch.randn(1, 500, generator=torch.Generator().manual_seed(0)), dim=-1)
     p = SamplingParams(temperature=1.0, seed=3, logit_bias=((123, 100.0),))
-    gen = make_generator(p, CPU)
+    gen = make_generator(p)
     assert [sample_tokens(lp, [p], [gen])[0].token for _ in range(20)] == [123] * 20
 
 
@@ -89,11 +89,11 @@ def test_min_tokens_rules_out_the_stop_ids_until_enough_tokens():
 def test_min_p_keeps_the_tokens_near_the_top():
     lp = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     p = SamplingParams(temperature=1.0, seed=1, min_p=0.5)
-    gen = make_generator(p, CPU)
+    gen = make_generator(p)
     drawn = {sample_tokens(lp, [p], [gen])[0].token for _ in range(200)}
     assert drawn == {0, 1}  # 0.15 < 0.5 * 0.5
     hot = SamplingParams(temperature=2.0, seed=1, min_p=0.5)  # min_p acts after temperature
-    gen = make_generator(hot, CPU)
+    gen = make_generator(hot)
     assert math.sqrt(0.15 / 0.5) > 0.5 > math.sqrt(0.05 / 0.5)
     assert {sample_tokens(lp, [hot], [gen])[0].token for _ in range(300)} == {0, 1, 2}
 
@@ -110,13 +110,13 @@ def test_a_row_with_no_possible_token_fails_alone():
         SamplingParams(temperature=0, min_tokens=1, presence_penalty=1.0),
     ]
     histories = [None, doomed, None, doomed]
-    gens = [make_generator(p, CPU) for p in params]
+    gens = [make_generator(p) for p in params]
     got = sample_tokens(lp, params, gens, histories)
     assert [r.error is None for r in got] == [True, False, True, False]
     assert got[2].token == int(lp[2].argmax())
     for i in (1, 3):
         with pytest.raises(ValueError):
-            choose_token(lp[i], params[i], make_generator(params[i], CPU), histories[i])
+            choose_token(lp[i], params[i], make_generator(params[i]), histories[i])
 
 
 def test_rows_without_processing_are_left_alone():

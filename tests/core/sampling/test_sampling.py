@@ -78,9 +78,8 @@ def test_batched_sampling_equals_per_row_sampling(trial):
     params = [random_params(rng, r) for r in range(rows)]
     logprobs = random_logprobs(rows, trial)
     histories = [random_history(rng, logprobs[i]) for i in range(rows)]
-    device = torch.device("cpu")
-    batched_gens = [make_generator(p, device) for p in params]
-    row_gens = [make_generator(p, device) for p in params]
+    batched_gens = [make_generator(p) for p in params]
+    row_gens = [make_generator(p) for p in params]
     for step in range(3):  # the generators advance over steps, as in decoding
         torch.manual_seed(99 + step)  # unseeded rows draw from the global generator, in row order
         got = sample_tokens(logprobs, params, batched_gens, histories)
@@ -116,10 +115,10 @@ def test_the_processors_change_the_choices_of_the_random_mixes():
 def test_a_seeded_row_does_not_depend_on_its_neighbours():
     logprobs = random_logprobs(9, 5)
     mine = SamplingParams(temperature=1.2, top_p=0.9, seed=7)
-    alone = [sample_tokens(logprobs[4:5], [mine], [make_generator(mine, torch.device("cpu"))])[0].token]
+    alone = [sample_tokens(logprobs[4:5], [mine], [make_generator(mine)])[0].token]
     others = [SamplingParams(temperature=1.0, seed=s) for s in range(8)]
     params = others[:4] + [mine] + others[4:]
-    gens = [make_generator(p, torch.device("cpu")) for p in params]
+    gens = [make_generator(p) for p in params]
     together = sample_tokens(logprobs, params, gens)
     assert together[4].token == alone[0]
 
@@ -134,11 +133,11 @@ def test_a_row_without_a_finite_distribution_fails_alone():
     logprobs = random_logprobs(3, 1)
     logprobs[1] = float("nan")
     params = [SamplingParams(temperature=1.0, seed=1)] * 3
-    gens = [make_generator(p, torch.device("cpu")) for p in params]
+    gens = [make_generator(p) for p in params]
     got = sample_tokens(logprobs, params, gens)
     assert got[1].error is not None and got[0].error is None and got[2].error is None
     with pytest.raises(ValueError):
-        choose_token(logprobs[1], params[1], make_generator(params[1], torch.device("cpu")))
+        choose_token(logprobs[1], params[1], make_generator(params[1]))
 
 
 def test_float32_combination_matches_the_float64_closed_form():

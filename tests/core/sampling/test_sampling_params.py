@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from amulet_core.errors import InvalidParameterError
 from amulet_core.sampling.params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, SEED_MAX, SEED_MIN, SamplingParams
@@ -104,6 +103,6 @@ def test_for_choice_wraps_past_the_largest_seed_as_the_draws_read_seeds():
     assert p.for_choice(1).seed == SEED_MAX
     wrapped = p.for_choice(3)
     assert wrapped.seed == 1 and SEED_MIN <= wrapped.seed <= SEED_MAX
-    draws = make_generator(wrapped, torch.device("cpu"))
+    draws = make_generator(wrapped)
     assert draws is not None and draws.halves == SeededDraws(1 + 2**64).halves == (1, 0)  # seeds modulo 2**64
     assert SeededDraws(-1).halves == SeededDraws(SEED_MAX).halves == (2**32 - 1, 2**32 - 1)

@@ -72,8 +72,8 @@ def test_the_tail_draws_the_host_samplers_tokens_for_seeded_rows():
     specs = [RowSpec(2 * i, 2 * i + 1, AMULET, AMULET.effective_strength) for i in range(n)]
     logits = torch.randn(2 * n, VOCAB, generator=torch.Generator().manual_seed(8)) * 2
     logprobs = method_logprobs(logits, specs)
-    host_draws = [make_generator(p, logits.device) for p in params]
-    tail_draws = [make_generator(p, logits.device) for p in params]
+    host_draws = [make_generator(p) for p in params]
+    tail_draws = [make_generator(p) for p in params]
     tail = DecodeTail(8, 2 * n, VOCAB, logits.device)
     for _ in range(30):
         host = sample_on_device(logprobs.clone(), params, host_draws)
