@@ -10,7 +10,9 @@ Steps, each timed and recorded (a failing step is recorded and the next one runs
    decode steps replayed from CUDA graphs give the same tokens; the compiled paged decode kernel against attention
    written out in float64 and against the gathered SDPA path, in float32 and bfloat16, and the engine's answers with
    it; the method and the choice of tokens captured in the graphs give the host's tokens and log-probabilities), run without
-   tests/conftest.py (``tests.engine.gpu_plugin``) so that the server's packages need not be installed.
+   tests/conftest.py (``tests.engine.gpu_plugin``) so that the server's packages need not be installed, and without
+   each engine's start-up capture (graphs captured on first use), ``TESTS_TIMEOUT_S`` each (on a timeout the outcomes
+   pytest printed are kept).
    ``kernel``: the paged decode kernel alone against the gathered SDPA path on the two shapes' attention, error
    and time (``benchmarks.paged_decode_check``).
 3. ``host_overhead``: ``benchmarks.host_overhead`` on the device (64 amulet requests, tiny Llama), with
@@ -27,6 +29,9 @@ Steps, each timed and recorded (a failing step is recorded and the next one runs
 
 5. ``server``: ``amulet-server`` on the device with a random-weight Llama-3.2-1B-shaped model, 64
    concurrent streamed requests over HTTP (``benchmarks.gpu_serve_check``).
+
+On the device a step that would start later than ``--deadline-s`` (``DEADLINE_S``) is recorded as not started, so
+that one call of 600 s ends with the JSON saying what to run again (``--skip`` what finished).
 
 ``--cpu-dry-run`` runs the same steps on the CPU with tiny models and few tokens (a test runs it).
 ``--save-tokenizer DIR`` (on a machine with the embedded model) saves SmolLM2's tokenizer for the trip.
@@ -64,6 +69,11 @@ from benchmarks.host_overhead import format_host_overhead, measure_host_overhead
 from benchmarks.paged_decode_check import step_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
+DEADLINE_S = 560.0
+"""On the device, the steps that would start later than this are skipped (one call may run 600 s): the JSON then says
+which, instead of the call being cut off in the middle of one."""
+TESTS_TIMEOUT_S = 180.0
+"""Each dtype's engine tests (their start-up captures left out: ``tests.engine.gpu_plugin``)."""
 GRAPH_CAPTURE_SECONDS = 30.0
 """The engines' start-up capture of decode graphs (the check's minutes are few; the rest are captured on use)."""
 LLAMA_SHAPES: dict[str, dict[str, Any]] = {
@@ -146,7 +156,18 @@ def step_tests(device: torch.device, dtype: str, tokenizer_dir: str, select: str
         cmd += ["tests/engine/test_decode_tail.py"]
         if select:
             cmd += ["-k", select]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        cmd += ["-v"]  # a line per test: what ran before a timeout is known
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:  # the cases that finished, from the lines pytest printed
+            output = _text(exc.stdout) + _text(exc.stderr)
+            cases = _verbose_cases(output)
+            return {
+                "returncode": f"timed out after {timeout:.0f} s",
+                "passed": sorted(k for k, v in cases.items() if v == "passed"),
+                "failed": {k: v for k, v in cases.items() if v != "passed"},
+                "output_tail": output[-3000:],
+            }
         cases = _junit_cases(junit) if junit.exists() else {}
     return {
         "returncode": proc.returncode,
@@ -154,6 +175,21 @@ def step_tests(device: torch.device, dtype: str, tokenizer_dir: str, select: str
         "failed": {k: v for k, v in cases.items() if v != "passed"},
         "output_tail": (proc.stdout + proc.stderr)[-3000:],
     }
+
+
+def _text(output: str | bytes | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def _verbose_cases(output: str) -> dict[str, str]:
+    """``pytest -v``'s outcome lines (``path::test[id] PASSED  [ 5%]``) as the junit cases are named."""
+    cases = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED", "ERROR", "SKIPPED"):
+            outcome = parts[1].lower()
+            cases[parts[0].rsplit("::", 1)[1]] = "passed" if outcome == "passed" else outcome
+    return cases
 
 
 def _junit_cases(path: Path) -> dict[str, str]:
@@ -384,6 +420,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-dry-run", action="store_true", help="the same steps on the CPU with tiny models, quickly")
     parser.add_argument("--save-tokenizer", default=None, help="save SmolLM2's tokenizer to this folder and exit")
     parser.add_argument("--skip", default="", help="comma-separated steps to leave out")
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help=f"skip the steps that would start later than this many seconds after the start (default: {DEADLINE_S:.0f} "
+        "on the device, where one call may run 600 s; none on the dry run)",
+    )
     args = parser.parse_args(argv)
     if args.save_tokenizer:
         load_tokenizer(None).save_pretrained(args.save_tokenizer)
@@ -423,8 +466,8 @@ def _run_steps(args: argparse.Namespace, device: torch.device, tokenizer: Any, t
     model_dtype = torch.float32 if dry else torch.bfloat16
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("env", lambda: step_env(device)),
-        ("tests_float32", lambda: step_tests(device, "float32", tokenizer_dir, test_select, 240)),
-        ("tests_bfloat16", lambda: step_tests(device, "bfloat16", tokenizer_dir, test_select, 240)),
+        ("tests_float32", lambda: step_tests(device, "float32", tokenizer_dir, test_select, TESTS_TIMEOUT_S)),
+        ("tests_bfloat16", lambda: step_tests(device, "bfloat16", tokenizer_dir, test_select, TESTS_TIMEOUT_S)),
         ("kernel", lambda: step_kernel(device, dry)),
         ("host_overhead", lambda: step_host_overhead(device, tokenizer, 8 if dry else 64, 3 if dry else 20)),
     ]
@@ -434,14 +477,21 @@ def _run_steps(args: argparse.Namespace, device: torch.device, tokenizer: Any, t
     served = tiny_llama_config(len(tokenizer)) if dry else _llama_config(one_b)
     steps.append(("server", lambda: step_server(served, tokenizer, device, model_dtype, dry)))
     failures = 0
+    deadline = args.deadline_s if args.deadline_s is not None else (None if dry else DEADLINE_S)
+    began = time.perf_counter()
     for name, fn in steps:
         if name in skip:
             continue
         start = time.perf_counter()
+        if deadline is not None and start - began > deadline:  # recorded: the next run can --skip what did finish
+            report["steps"][name] = {"ok": False, "error": f"not started: past the deadline of {deadline:.0f} s"}
+            failures += 1
+            out_file.write_text(json.dumps(report, indent=2, default=str))
+            continue
         print(f"== {name}", flush=True)
         try:
             entry = {"ok": True, "result": fn()}
-            if name.startswith("tests_") and entry["result"]["returncode"] != 0:
+            if name.startswith("tests_") and entry["result"]["returncode"] != 0:  # (or timed out)
                 entry["ok"] = False
             if name == "server" and any(r["errors"] or not r["repeatable"] for r in entry["result"].values()):
                 entry["ok"] = False

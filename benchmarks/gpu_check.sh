@@ -2,7 +2,8 @@
 # The prepared device check (see benchmarks/gpu_check.py): CUDA correctness of the engine in float32 and
 # bfloat16, host overhead per decode step, and the benchmark on random-weight models shaped like
 # Llama-3.2-1B and Llama-3.1-8B, and the HTTP server under 64 concurrent streams. JSON goes to
-# $OUT/gpu_check.json (written after every step). About 3 minutes on one H200 (2026-11-27).
+# $OUT/gpu_check.json (written after every step). About 3 minutes on one H200 (2026-11-27, fewer steps then);
+# steps that would start past --deadline-s (560 s) are recorded as not started.
 #
 # For a bare NVIDIA machine with Python 3.12, torch and transformers installed and no internet:
 #   prepare once here, in the checkout (.whl/ is git-ignored; carry it):

@@ -2,7 +2,10 @@
 
 ``benchmarks/gpu_check.sh`` runs ``pytest --noconftest -p tests.engine.gpu_plugin tests/engine/test_engine.py``
 so that the server's packages (which tests/conftest.py imports) need not be installed there; this plugin gives
-the tests the one fixture they use, ``tiny_model``, built as tests/conftest.py builds it.
+the tests the one fixture they use, ``tiny_model``, built as tests/conftest.py builds it, and leaves out the engines'
+start-up capture of decode graphs (each engine a test builds would capture every bucket and tail variant there: the
+device's minutes are few); their decode graphs are captured on first use, and the start-up capture itself is tested
+where a test calls it (``test_decode_graphs.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
+from amulet_core.engine.model_runner import ModelRunner
 from amulet_core.model.loading import LoadedModel
 from tests.engine.device import build_tiny_model, saved_tokenizer
 
@@ -28,3 +32,8 @@ def tiny_model() -> Callable[[str], LoadedModel]:
         return cache[family]
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def no_start_up_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ModelRunner, "_capture_graphs_at_start", lambda self, budget_s: None)

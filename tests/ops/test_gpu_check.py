@@ -53,3 +53,34 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path, smollm_tokenizer):
     server = steps["server"]["result"]["512"]
     assert server["repeatable"] and not server["errors"] and server["completion_tokens"] == 4 * 8
     assert server["requests_running_after"] == ['amulet_requests_running{model="served"} 0.0']
+
+
+def test_steps_past_the_deadline_are_recorded_as_not_started(tmp_path, smollm_tokenizer):
+    """On the device one call may run 600 s: a step that would start past ``--deadline-s`` is skipped and recorded
+    (the JSON then says what to run again), and the check exits 1."""
+    from benchmarks import gpu_check
+
+    tokenizer = tmp_path / "tokenizer"
+    smollm_tokenizer.save_pretrained(tokenizer)
+    argv = ["--cpu-dry-run", "--tokenizer", str(tokenizer), "--out", str(tmp_path), "--deadline-s", "0"]
+    assert gpu_check.main(argv) == 1
+    steps = json.loads((tmp_path / "gpu_check_dry_run.json").read_text())["steps"]
+    assert len(steps) == 8 and all(not s["ok"] and "deadline" in s["error"] for s in steps.values())
+
+
+def test_a_timed_out_test_run_keeps_the_outcomes_pytest_printed():
+    from benchmarks.gpu_check import _verbose_cases
+
+    output = "\n".join(
+        [
+            "tests/engine/test_engine.py::test_abort[llama] PASSED                       [  1%]",
+            "tests/engine/test_decode_tail.py::test_the_tail_gives[layout0-params1] FAILED  [  2%]",
+            "tests/engine/test_paged_decode.py::test_kernel SKIPPED (no CUDA)            [  3%]",
+            "some other line PASSED",
+        ]
+    )
+    assert _verbose_cases(output) == {
+        "test_abort[llama]": "passed",
+        "test_the_tail_gives[layout0-params1]": "failed",
+        "test_kernel": "skipped",
+    }
