@@ -45,6 +45,7 @@ from amulet_core.engine.packed_forward import PackedForward
 from amulet_core.engine.paged_attention import PackedBatch, PagedKVCache, decode_group, padded_block_tables
 from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.tail_rows import TailRow
+from amulet_core.grammar.masks import GrammarMasks
 
 logger = logging.getLogger(__name__)
 
@@ -200,12 +201,14 @@ class DecodeGraphs:
         bucket: tuple[int, int],
         pending: PendingTokens | None = None,
         tail: list[TailRow] | None = None,
+        masks: GrammarMasks | None = None,
     ) -> torch.Tensor:
         """Float32 logits ``[len(chunks), vocab]`` of the chunks' new tokens, in chunk order (a token still pending
         is taken from ``pending``'s device tensor). ``tail``: the step's requests, whose rows number the chunks; their
-        choices are then :meth:`DecodeTail.samples` of :attr:`tail`, unless :attr:`tail_enabled` has turned False."""
+        choices are then :meth:`DecodeTail.samples` of :attr:`tail`, unless :attr:`tail_enabled` has turned False;
+        ``masks``: the grammar masks of some of them."""
         if tail is not None:  # first: rows it cannot hold raise here, before anything runs (the host then chooses)
-            self.tail.set_rows(tail)
+            self.tail.set_rows(tail, masks)
         self.steps += 1
         size, length = bucket
         bs, blocks, scratch = self.block_size, length // self.block_size, self.scratch_block

@@ -2,13 +2,14 @@
 
 After a decode step's forward pass, the method (each request's closed form over its context rows, the
 plausibility mask), the logits processors and the choice of the tokens are a few dozen small kernels; launched from
-Python they cost the host time that the overlapped engine would rather spend preparing the next step. For a step
-with no request the host must follow between two tokens (the engine leaves out grammars and thinking spans), the
-decode graph computes them too, from static per-request inputs set before the replay
-(:mod:`amulet_core.engine.tail_rows`): any method and number of preference contexts (base, pref, la, amulet, CFG, a
-negative preference, K up to ``MAX_PREFERENCES``), ``logit_bias``, ``min_tokens``, the repetition, frequency and
-presence penalties, greedy or sampled (temperature, ``min_p``, ``top_k``, ``top_p``, a seed or none) and the top
-log-probabilities. The host copies back only the packed choices
+Python they cost the host time that the overlapped engine would rather spend preparing the next step. The decode
+graph computes them too, from static per-request inputs set before the replay (:mod:`amulet_core.engine.tail_rows`):
+any method and number of preference contexts (base, pref, la, amulet, CFG, a negative preference, K up to
+``MAX_PREFERENCES``), ``logit_bias``, ``min_tokens``, the repetition, frequency and presence penalties, greedy or
+sampled (temperature, ``min_p``, ``top_k``, ``top_p``, a seed or none), the top log-probabilities and grammar masks
+(each step's made on the host by the requests' matchers, as the host path makes them, and copied in as bits; such a
+step is not overlapped, its masks following the tokens the host accepts; a thinking span is the same: its coefficient
+and grammar follow the tokens). The host copies back only the packed choices
 (:class:`~amulet_core.sampling.sampler.DeviceSamples`: tokens, their log-probabilities, the failed flags, the top
 alternatives). The penalties and ``min_tokens`` count the step's input token, on the device, where it is the pending
 output of the step in flight: such requests are overlapped too.
@@ -18,7 +19,8 @@ sets them to -inf in every context row, and the processor again after the method
 row alone gives the same: the anchor, the mix with any coefficient and the distribution are then -inf there, the
 other rows' values never counting), :func:`~amulet_core.method.rows.method_logprobs` (the anchor of several
 preferences by :func:`~amulet_core.method.mixture.mixture_logits_float32`, padded with weight-0 slots, which add
-exact zeros; then :func:`~amulet_core.method.rows.fixed_shape_logprobs`), the processors (the bias added once per
+exact zeros; then :func:`~amulet_core.method.rows.fixed_shape_logprobs`, the grammar masks folded into the
+plausibility pass or applied as there), the processors (the bias added once per
 biased token in float32, :func:`~amulet_core.sampling.processors.penalize` over whole rows,
 which leaves the tokens never seen exactly as they were) and the greedy sampler's; so a greedy step gives the
 same tokens, log-probabilities and alternatives with the tail as without it, bit for bit. A sampled row divides by
@@ -41,8 +43,9 @@ import torch
 from amulet_core.device_tensors import StagedTensors
 from amulet_core.engine.tail_processors import TailProcessors
 from amulet_core.engine.tail_rows import TailRow
+from amulet_core.grammar.masks import GrammarMasks, bit_penalty_table
 from amulet_core.method.mixture import MAX_PREFERENCES, mixture_logits_float32
-from amulet_core.method.rows import fixed_shape_logprobs
+from amulet_core.method.rows import FixedMasks, fixed_shape_logprobs
 from amulet_core.sampling.params import MAX_TOP_LOGPROBS
 from amulet_core.sampling.sampler import DeviceSamples
 from amulet_core.sampling.seeded import race_noise
@@ -59,7 +62,8 @@ class TailVariant:
     most extra preference contexts (K - 1), so many weighted passes form the anchors; ``bias``: the width of the
     ``logit_bias`` table (0: no bias), ``stops``: of ``min_tokens``' stop-id table (0: no row rules any out),
     ``history``: of the penalties' table (0: no penalty) (:mod:`amulet_core.engine.tail_processors`); ``top_n``: the
-    step's most top log-probabilities; ``seeded``: some drawn row has a seed (its counter-based noise)."""
+    step's most top log-probabilities; ``seeded``: some drawn row has a seed (its counter-based noise); ``grammar``:
+    some row has a grammar mask."""
 
     pairs: bool
     renormalise: bool
@@ -71,6 +75,7 @@ class TailVariant:
     stops: int = 0
     history: int = 0
     seeded: bool = False
+    grammar: bool = False
 
 
 class TailRowsError(ValueError):
@@ -96,7 +101,7 @@ class DecodeTail:
                 "extra": ((k, r), torch.long, 0),
                 "extra_weights": ((r, k), torch.float32, 0.0),
                 "numbers": ((4, r), torch.float32, 1.0),
-                "flags": ((5, r), torch.bool, 1),
+                "flags": ((6, r), torch.bool, 1),
                 "seeds": ((3, r), torch.long, 0),
                 "top_k": ((r,), torch.long, 0),
                 "top_p": ((r,), torch.float32, 1.0),
@@ -116,13 +121,17 @@ class DecodeTail:
         """Each request's coefficient, plausibility, temperature (1 for a greedy row) and log(min_p) (-inf for none)."""
         self.flags = self.inputs["flags"]
         """Each request: renormalised (the plausibility pass), greedy, several preferences (its anchor the mixture),
-        a contrast, seeded."""
+        a contrast, seeded, a grammar mask."""
         self.seeds = self.inputs["seeds"]
         """Each seeded request's seed (low and high 32 bits) and draw number (:mod:`amulet_core.sampling.seeded`)."""
         self.top_k = self.inputs["top_k"]
         """Each request's top-k, 0 for none (its k-th largest score is then -inf: nothing dropped)."""
         self.top_p = self.inputs["top_p"]
         self.processors = TailProcessors(max_requests, vocab, max_history, device)
+        self.masks = StagedTensors({"bits": ((max_requests, -(-vocab // 8)), torch.uint8, 255)}, device)
+        """Each request's grammar mask this step: bit ``t % 8`` of byte ``t // 8`` set where token ``t`` is allowed
+        (:class:`~amulet_core.grammar.masks.GrammarMasks`' bytes), copied only for a step with a grammar."""
+        self.bit_penalties = bit_penalty_table(device)
         self.variant = TailVariant(False, False, False, False)
         """The parts of the tail the step :meth:`set_rows` set up needs."""
         self.tokens = torch.zeros(max_requests, dtype=torch.long, device=device)
@@ -133,10 +142,11 @@ class DecodeTail:
         self.count = 0
         """Requests of the step :meth:`set_rows` set up."""
 
-    def set_rows(self, rows: Sequence[TailRow]) -> None:
-        """The step's requests, in order (slots past them keep what they held: valid rows, never read). Raises
-        :class:`TailRowsError` for rows the tail cannot hold (:meth:`problem`), having set nothing."""
-        if (problem := self.problem(rows)) is not None:
+    def set_rows(self, rows: Sequence[TailRow], masks: GrammarMasks | None = None) -> None:
+        """The step's requests, in order (slots past them keep what they held: valid rows, never read), and the grammar
+        masks of some of them (``masks.rows`` number ``rows``; on the host). Raises :class:`TailRowsError` for rows
+        the tail cannot hold (:meth:`problem`), having set nothing."""
+        if (problem := self.problem(rows, masks)) is not None:
             raise TailRowsError(problem)
         n, host = len(rows), self.inputs.host
         renormalise = any(row.plausibility > 0 for row in rows if row.contrast is not None)
@@ -159,7 +169,17 @@ class DecodeTail:
             [bool(r.extra) for r in rows],
             [r.contrast is not None for r in rows],
             [r.temperature > 0 and r.history.seed is not None for r in rows],
+            [False] * n,
         ]
+        grammar = masks is not None and len(masks.rows) > 0
+        if masks is not None and grammar:
+            for i in masks.rows:
+                flags[5][i] = True
+            width = min(masks.bits.shape[1], self.masks["bits"].shape[1])
+            table = torch.zeros(n, self.masks["bits"].shape[1], dtype=torch.uint8)  # tokens past the masks': banned
+            table[list(masks.rows), :width] = masks.bits[:, :width].cpu()
+            self.masks.host("bits")[:n] = table
+            self.masks.commit("bits", n)
         host("flags")[:, :n] = torch.tensor(flags, dtype=torch.bool)
         seeded = any(flags[4])
         if seeded:
@@ -176,16 +196,24 @@ class DecodeTail:
         pairs = any(r.contrast is not None for r in rows)
         top_n = max(r.top_n for r in rows)
         self.variant = TailVariant(
-            pairs, pairs and renormalise, any(sampled), filtering, mixture, bias, top_n, stops, history, seeded
+            pairs, pairs and renormalise, any(sampled), filtering, mixture, bias, top_n, stops, history, seeded, grammar
         )
         self.count = n
 
-    def problem(self, rows: Sequence[TailRow]) -> str | None:
+    def problem(self, rows: Sequence[TailRow], masks: GrammarMasks | None = None) -> str | None:
         """Why the tail cannot hold these rows (too many, a row outside the logits, a bias outside the vocabulary,
-        more top log-probabilities than it keeps ...), or None. The host path then chooses (and fails what it must)."""
+        more top log-probabilities than it keeps, a mask of no row ...), or None. The host path then chooses (and fails
+        what it must)."""
         n = len(rows)
         if not 0 < n <= self.tokens.shape[0] or any(not 0 <= r < self.max_rows for row in rows for r in row.rows):
             return f"{n} tail rows for {self.tokens.shape[0]} slots over {self.max_rows} logits rows"
+        if masks is not None and (
+            any(not 0 <= i < n for i in masks.rows)
+            or len(set(masks.rows)) != len(masks.rows)
+            or masks.bits.dim() != 2
+            or masks.bits.shape[0] != len(masks.rows)
+        ):
+            return f"grammar masks of rows {masks.rows} for {n} requests"
         for row in rows:
             if len(row.extra) != len(row.weights) or len(row.extra) >= MAX_PREFERENCES:
                 return f"{len(row.extra)} extra preference rows with {len(row.weights)} weights"
@@ -200,6 +228,7 @@ class DecodeTail:
         count a request's input token)."""
         processors = self.processors
         primary = logits.index_select(0, self.index[0, :slots])
+        grammar = self._grammar(slots) if variant.grammar else None
         if variant.stops:  # min_tokens: the stop ids out of the first preference row, before the method (see below)
             processors.rule_out(primary, slots, variant.stops)
         anchor = self._anchor(logits, primary, slots, variant)
@@ -209,9 +238,11 @@ class DecodeTail:
                 contrast = torch.where(self.flags[3, :slots].unsqueeze(1), contrast, anchor)
             coefficients, betas = self.numbers[0, :slots].unsqueeze(1), self.numbers[1, :slots]
             renormalise = self.flags[0, :slots] if variant.renormalise else None
-            logprobs = fixed_shape_logprobs(anchor, contrast, coefficients, betas, renormalise)
+            logprobs = fixed_shape_logprobs(anchor, contrast, coefficients, betas, renormalise, grammar)
         else:
             logprobs = torch.log_softmax(anchor.float(), dim=-1)
+            if grammar is not None:
+                logprobs = grammar.apply(logprobs, None)
         scores = logprobs
         if variant.bias or variant.history:
             tokens_in = None if inputs is None else inputs.index_select(0, self.index[0, :slots])
@@ -230,6 +261,12 @@ class DecodeTail:
             values, ids = torch.topk(logprobs, variant.top_n, dim=-1)
             self.top[0, :slots, : variant.top_n].copy_(values)
             self.top[1, :slots, : variant.top_n].copy_(ids)
+
+    def _grammar(self, slots: int) -> FixedMasks:
+        """The grammar masks of the first ``slots`` requests as penalties (``GrammarMasks.penalty``'s lookup)."""
+        bits = self.masks["bits"][:slots]
+        expanded = self.bit_penalties.index_select(0, bits.reshape(-1).int()).view(slots, 8 * bits.shape[1])
+        return FixedMasks(expanded[:, : self.vocab], self.flags[5, :slots].unsqueeze(1))
 
     def _anchor(self, logits: torch.Tensor, primary: torch.Tensor, slots: int, variant: TailVariant) -> torch.Tensor:
         """Each request's preference anchor: its primary row, or for several preferences their weighted mixture

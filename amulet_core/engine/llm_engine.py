@@ -13,7 +13,7 @@ from amulet_core.engine.block_manager import BlockManager
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.detokenizer import IncrementalDetokenizer
 from amulet_core.engine.model_runner import ModelRunner, logits_width
-from amulet_core.engine.overlap import PendingStep, PendingTokens, overlappable
+from amulet_core.engine.overlap import PendingStep, PendingTokens, follows_tokens, overlappable
 from amulet_core.engine.protocol import (
     EngineStats,
     GenerationOutput,
@@ -150,7 +150,7 @@ class LLMEngine:
             outputs = self._resolve()  # the previous step's tokens
             self.scheduler.complete_step(plan)
             self.pending = chosen
-            if self.overlap_host:
+            if self.overlap_host and not any(follows_tokens(s) for s in states):
                 self.overlapped_steps += 1
                 return outputs
             return outputs + self._resolve()
@@ -174,16 +174,19 @@ class LLMEngine:
     def _tail_samples(
         self, plan: StepPlan, logits_for: list[Sequence], states: list[RequestState], pending: PendingTokens | None
     ) -> DeviceSamples | None:
-        """The step run through the decode graphs with its method and choice of tokens inside, when no request needs
-        the host between two tokens (a grammar, a thinking span) and the step replays; None, having run nothing,
-        otherwise."""
+        """The step run through the decode graphs with its method and choice of tokens inside (the grammar masks of
+        this step made on the host first), when the step replays; None, having run nothing, otherwise."""
         if not self.runner.tail_replayable(plan.chunks):
             return None  # (before the requests' rows are worked out: most such steps prefill)
-        if not all(s.matcher is None and s.request.thinking is None for s in states):
-            return None
         params = [state.request.sampling for state in states]
         histories = [tail_history(state) for state in states]
-        samples = self.runner.run_with_tail(plan.chunks, logits_for, row_specs(states), params, histories, pending)
+        fillers = [s.mask_filler() for s in states]
+        constrained = [(i, f) for i, f in enumerate(fillers) if f is not None]
+        masks = None
+        if constrained:  # (their last tokens are on the host: their steps are never overlapped)
+            masks = grammar_masks([i for i, _ in constrained], [f for _, f in constrained], self.vocab_size)
+        specs = row_specs(states)
+        samples = self.runner.run_with_tail(plan.chunks, logits_for, specs, params, histories, pending, masks)
         if samples is not None:  # the seeded requests drew in the graph: their next draw is the next one
             for state in states:
                 if isinstance(state.generator, SeededDraws) and not state.request.sampling.greedy:

@@ -35,6 +35,7 @@ from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.sequence import Sequence
 from amulet_core.engine.step_inputs import StepInputs
 from amulet_core.engine.tail_rows import TailHistory, tail_rows
+from amulet_core.grammar.masks import GrammarMasks
 from amulet_core.method.rows import RowSpec
 from amulet_core.model.loading import LoadedModel
 from amulet_core.sampling.params import SamplingParams
@@ -217,16 +218,18 @@ class ModelRunner:
         params: list[SamplingParams],
         histories: list[TailHistory],
         pending: PendingTokens | None,
+        masks: GrammarMasks | None = None,
     ) -> DeviceSamples | None:
         """A decode-only step through the decode graphs with the requests' method and choice of tokens inside
         (:mod:`amulet_core.engine.decode_tail`): their choices (with ``params``), on the device. ``specs`` number the
-        rows of ``logits_for``, as :meth:`run`'s logits; ``histories``: what their processors read. None, having run
+        rows of ``logits_for``, as :meth:`run`'s logits; ``histories``: what their processors read; ``masks``: the grammar
+        masks of some of them (numbered as ``specs``). None, having run
         nothing, when the step cannot be replayed (a prefill chunk, no bucket that holds it, no graphs) or its rows
         do not fit the tail (:meth:`~amulet_core.engine.decode_tail.DecodeTail.problem`); :meth:`run` then runs it."""
         graphs = self.graphs
         if graphs is None or not self.tail_replayable(chunks):
             return None
-        if self._replay(chunks, logits_for, pending, (specs, params, histories)) is None:
+        if self._replay(chunks, logits_for, pending, (specs, params, histories), masks) is None:
             return None
         return graphs.tail.samples() if graphs.tail_enabled else None  # (the tail failed: run() reads the logits)
 
@@ -248,6 +251,7 @@ class ModelRunner:
         logits_for: list[Sequence],
         pending: PendingTokens | None,
         requests: tuple[list[RowSpec], list[SamplingParams], list[TailHistory]] | None = None,
+        masks: GrammarMasks | None = None,
     ) -> torch.Tensor | None:
         """A decode-only step through the decode graphs: the logits of ``logits_for``'s rows, in chunk order (and, with
         ``requests``' specs, sampling parameters and histories, the tail's choices for them). None, having run
@@ -261,7 +265,7 @@ class ModelRunner:
         order = [row[id(seq)] for seq in logits_for]
         tail = None if requests is None else tail_rows(requests[0], order, requests[1], requests[2])
         try:
-            logits = graphs.run(chunks, bucket, pending, tail)
+            logits = graphs.run(chunks, bucket, pending, tail, masks)
         except TailRowsError:
             return None  # nothing ran: the host's choice then fails the requests it must, and the graphs stay
         except Exception:

@@ -33,11 +33,17 @@ PENDING_TOKEN = -1
 """A sequence's token that was sampled on the device and is not yet read back: never a token id."""
 
 
+def follows_tokens(state: RequestState) -> bool:
+    """Whether the request's next step needs its last token on the host, wherever its tokens are chosen: a grammar
+    (its mask follows the accepted token) or a thinking span (its coefficient and grammar follow the tokens)."""
+    return state.matcher is not None or state.request.thinking is not None
+
+
 def overlappable(states: Sequence[RequestState]) -> bool:
-    """Whether the requests' next tokens can be chosen without the host looking at their last one: none has a
-    grammar (its mask follows the accepted token), penalties or ``min_tokens`` (they read the generated ids), or a
-    thinking span (its coefficient and grammar follow the tokens)."""
-    return all(s.matcher is None and not s.request.sampling.needs_history and s.request.thinking is None for s in states)
+    """Whether the requests' next tokens can be chosen on the host without it looking at their last one: none
+    :func:`follows_tokens`, or has penalties or ``min_tokens`` (they read the generated ids; the decode graph's tail
+    counts the last one on the device)."""
+    return all(not follows_tokens(s) and not s.request.sampling.needs_history for s in states)
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,12 @@ CPU_CHUNK_FLOATS = 1 << 18
 cost more than the masks themselves."""
 
 
+def bit_penalty_table(device: torch.device) -> torch.Tensor:
+    """``[256, 8]`` float32: row b holds the penalties of byte b's eight bits, low bit first (0 set, -inf clear)."""
+    set_bits = (torch.arange(256, dtype=torch.int32, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
+    return torch.zeros(256, 8, device=device).masked_fill_(set_bits == 0, float("-inf"))
+
+
 @dataclass(frozen=True)
 class GrammarMasks:
     """The tokens some rows of a step may not take next: row ``rows[i]`` may take token ``t < vocab`` where
@@ -74,10 +80,7 @@ class GrammarMasks:
     vocab: int
 
     def _table(self) -> torch.Tensor:
-        """``[256, 8]`` float32: row b holds the penalties of byte b's eight bits, low bit first."""
-        device = self.bits.device
-        set_bits = (torch.arange(256, dtype=torch.int32, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
-        return torch.zeros(256, 8, device=device).masked_fill_(set_bits == 0, float("-inf"))
+        return bit_penalty_table(self.bits.device)
 
     def penalty(self, start: int = 0, stop: int | None = None, table: torch.Tensor | None = None) -> torch.Tensor:
         """``[k, vocab]`` float32 penalties of masks ``start:stop``: 0 for an allowed token, -inf for a banned one."""

@@ -151,6 +151,7 @@ def fixed_shape_logprobs(
     coefficients: torch.Tensor,
     betas: torch.Tensor,
     renormalise: torch.Tensor | None,
+    grammar: FixedMasks | None = None,
 ) -> torch.Tensor:
     """:func:`method_logprobs` of the rows of a step, in a shape that does not depend on which rows are plain: what a
     captured decode graph can compute (no host decision, no indexing by a host list).
@@ -162,14 +163,40 @@ def fixed_shape_logprobs(
     ``coefficients`` ``[R, 1]`` float32 (A); ``betas`` ``[R]`` float32 (the plausibility; 0 for a row without a
     contrast); ``renormalise`` ``[R]`` bool: the rows with the plausibility pass, which :func:`method_logprobs` gives
     every row that is not plain (a contrast, or K > 1) in a step as soon as one row with a contrast has a plausibility
-    above 0; None: no row has it (and it is not computed). Row by row the same operations as :func:`method_logprobs`,
-    so the same bits.
+    above 0; None: no row has it (and it is not computed). ``grammar``: the rows' grammar masks, folded into the
+    plausibility pass of the rows that have it and applied (added, renormalised) to the others, as
+    :func:`method_logprobs` does. Row by row the same operations as :func:`method_logprobs`, so the same bits.
     """
     mixed = combine_contexts_float32(anchor, contrast, coefficients)
     if renormalise is None:
-        return mixed
-    masked = _plausibility_mask(mixed.clone(), anchor, betas)
-    return torch.where(renormalise.unsqueeze(1), masked, mixed)
+        return mixed if grammar is None else grammar.apply(mixed, None)
+    masked = _plausibility_mask(mixed.clone(), anchor, betas, grammar)
+    out = torch.where(renormalise.unsqueeze(1), masked, mixed)
+    return out if grammar is None else grammar.apply(out, renormalise)
+
+
+@dataclass(frozen=True)
+class FixedMasks:
+    """Grammar masks of every row of a step in a fixed shape (a decode graph's): ``penalty`` ``[R, V]`` float32, 0 where
+    a row's token is allowed and -inf where it is banned, and ``masked`` ``[R, 1]`` bool, the rows that have a mask (the
+    others' penalties are never read)."""
+
+    penalty: torch.Tensor
+    masked: torch.Tensor
+
+    def add_to_(self, scores: torch.Tensor) -> None:
+        """The penalties added to the masked rows of ``scores``, in place (the others unchanged)."""
+        scores.copy_(torch.where(self.masked, scores + self.penalty, scores))
+
+    def clamp(self, threshold: torch.Tensor) -> torch.Tensor:
+        """The plausibility thresholds of the masked rows at least the lowest float (their banned tokens always go)."""
+        return torch.where(self.masked, threshold.clamp_min(torch.finfo(torch.float32).min), threshold)
+
+    def apply(self, logprobs: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        """The masked rows (less ``skip``'s, ``[R]`` bool: their masks are in their plausibility pass) with their
+        penalties added and renormalised (``GrammarMasks.apply_``'s arithmetic); the other rows as they are."""
+        rows = self.masked if skip is None else self.masked & ~skip.unsqueeze(1)
+        return torch.where(rows, torch.log_softmax(logprobs + self.penalty, dim=-1), logprobs)
 
 
 def _anchor(first: torch.Tensor, logits: torch.Tensor, specs: Sequence[RowSpec]) -> torch.Tensor:
@@ -236,7 +263,7 @@ def _lerp_logprobs(anchor: torch.Tensor, contrast: torch.Tensor | None, specs: S
 
 
 def _plausibility_mask(
-    logprobs: torch.Tensor, pref_logits: torch.Tensor, betas: torch.Tensor, allowed: TokenMasks | None = None
+    logprobs: torch.Tensor, pref_logits: torch.Tensor, betas: torch.Tensor, allowed: TokenMasks | FixedMasks | None = None
 ) -> torch.Tensor:
     """``methods.plausibility_mask`` with the same threshold arithmetic, fewer passes: the rows with beta 0
     get a threshold of -inf instead of a separate mask, and the float32 ``logprobs`` are masked in place.
@@ -250,7 +277,9 @@ def _plausibility_mask(
         allowed.add_to_(l0)
     threshold = l0.amax(dim=-1, keepdim=True) + torch.log(betas.float().clamp_min(1e-45)).reshape(-1, 1)
     threshold = threshold.masked_fill(betas.reshape(-1, 1) <= 0, float("-inf"))
-    if allowed is not None:
+    if isinstance(allowed, FixedMasks):
+        threshold = allowed.clamp(threshold)
+    elif allowed is not None:
         lowest = torch.finfo(torch.float32).min
         threshold.index_copy_(0, allowed.index, threshold.index_select(0, allowed.index).clamp_min(lowest))
     return torch.log_softmax(logprobs.masked_fill_(l0 < threshold, float("-inf")), dim=-1)

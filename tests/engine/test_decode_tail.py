@@ -18,10 +18,11 @@ from amulet_core.device_tensors import StagedTensors
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.decode_tail import DecodeTail, TailVariant
 from amulet_core.engine.llm_engine import LLMEngine
-from amulet_core.engine.protocol import GenerationRequest
+from amulet_core.engine.protocol import GenerationRequest, ThinkingSpan
 from amulet_core.engine.step_rows import tail_history
 from amulet_core.engine.tail_processors import TailProcessors
 from amulet_core.engine.tail_rows import TailHistory, tail_rows
+from amulet_core.grammar.masks import grammar_masks
 from amulet_core.grammar.spec import GrammarKind, GrammarSpec
 from amulet_core.method.rows import RowSpec, method_logprobs
 from amulet_core.method.settings import Method, MethodSettings
@@ -167,6 +168,54 @@ def test_the_tail_gives_the_bits_of_the_method_and_the_greedy_sampler(layout, pa
         assert repr(got) == repr(read_samples(host.packed.tolist(), chosen, host.top_n))  # (repr: NaN equals NaN)
         biased += sum(s.token == (7 * i) % VOCAB for i, s in enumerate(got) if i % 2 == 0)
     assert biased > 0 or params != "bias and top"  # the bias counted (where its token is possible)
+
+
+class RandomMask:
+    """A grammar mask filler of ``words`` int32 words allowing a random share of the tokens (none when ``share`` is
+    0), as a compiled grammar's matcher fills its row."""
+
+    def __init__(self, seed: int, share: float, words: int = -(-VOCAB // 32)) -> None:
+        self.mask_words = words
+        generator = torch.Generator().manual_seed(seed)
+        allowed = torch.rand(words * 32, generator=generator) < share
+        weights = torch.tensor([1 << b if b < 31 else -(1 << 31) for b in range(32)], dtype=torch.int64)
+        self.words = (allowed.view(words, 32).long() * weights).sum(1).to(torch.int32)
+
+    def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
+        bitmask[row] = self.words
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grammar_masks_in_the_tail_give_the_bits_of_the_host_path(layout):
+    """Grammar masks on some rows (folded into the plausibility pass where a row has it, else applied and the row
+    renormalised; some narrower than the vocabulary, whose tokens past them are banned; some that allow nothing:
+    failed rows), with biases and top log-probabilities: the same tokens, log-probabilities and alternatives as
+    ``method_logprobs`` with ``grammar_masks`` and the sampler, over 20 draws of logits."""
+    specs = LAYOUTS[layout]
+    rows = 1 + max(max(s.pref_rows + ((s.contrast,) if s.contrast is not None else ())) for s in specs)
+    slots = 16
+    chosen = [PARAMS["bias and top"](i) for i in range(len(specs))]
+    tail = DecodeTail(slots, slots, VOCAB, torch.device("cpu"))
+    failed = 0
+    for seed in range(20):
+        masked = [i for i in range(len(specs)) if (i + seed) % 3 != 1]
+        words = VOCAB // 32 - 1 if seed % 4 == 0 else -(-VOCAB // 32)  # narrower: the tokens past 32 x 8 banned
+        shares = [(0.3, 0.05, 0.6)[i % 3] for i in masked]
+        if seed % 7 == 3:
+            shares[0] = 0.0  # a mask that allows nothing
+        fillers = [RandomMask(100 * seed + i, share, words) for i, share in zip(masked, shares, strict=True)]
+        buffer = torch.zeros(slots, VOCAB)
+        buffer[:rows] = logits_with_holes(rows, seed=seed)
+        masks = grammar_masks(masked, fillers, VOCAB) if masked else None
+        host = sample_on_device(method_logprobs(buffer[:rows].clone(), specs, masks), chosen, [None] * len(specs))
+        tail.set_rows(tail_rows(specs, range(rows), chosen), masks)
+        assert tail.variant.grammar == bool(masked)
+        tail.compute(buffer, slots, tail.variant)
+        samples = tail.samples()
+        assert torch.equal(samples.tokens, host.tokens)
+        torch.testing.assert_close(samples.packed, host.packed, rtol=0, atol=0, equal_nan=True)
+        failed += int(samples.packed[2 * len(specs) : 3 * len(specs)].sum())
+    assert failed > 0  # the masks that allow nothing: their rows failed, as on the host
 
 
 def test_the_tails_processors_give_the_samplers_scores_over_whole_rows():
@@ -355,24 +404,58 @@ def test_the_engine_answers_the_same_with_the_tail_choosing_the_tokens(tiny_mode
     assert (with_tail.overlapped_steps >= graphs.steps) == overlap  # the decode steps, and the prefill before them
 
 
-def test_a_step_with_a_request_the_tail_cannot_serve_takes_the_host_path(tiny_model):
-    """A request with a grammar (the host follows it token by token) beside greedy ones: its steps replay the graphs
-    without the tail (the host chooses every token); once it has finished, the tail takes over; the answers are the
-    host's."""
+def test_grammar_requests_are_the_tails_stepped_one_by_one_with_the_hosts_answers(tiny_model):
+    """Requests with a grammar (regex, JSON schema; amulet, base, la) beside greedy ones: every decode step is the
+    tail's (their masks made on the host, applied in the graph), a step that holds one is not overlapped (its mask
+    follows the token the host accepts), the others are; the answers are the host path's, bit for bit."""
     loaded = tiny_model("qwen2")
     config = EngineConfig(**FIELDS, overlap_host=True)
     pref, base = prompts(32, shared=10, pref_extra=4, base_extra=3)
     digits = GrammarSpec(GrammarKind.REGEX, "[0-9]{3}")
-    requests = [
-        make_request("long", AMULET, pref, base, max_tokens=14, ignore_eos=True),
-        make_request("shaped", AMULET, pref, base, max_tokens=6, grammar=digits),
-    ]
+    schema = GrammarSpec(GrammarKind.JSON_SCHEMA, '{"type": "object", "properties": {"a": {"type": "integer"}}}')
+
+    def batch() -> list:
+        return [
+            make_request("long", AMULET, pref, base, max_tokens=16, logprobs=True, ignore_eos=True),
+            make_request("digits", AMULET, pref, base, max_tokens=6, logprobs=True, top_logprobs=3, grammar=digits),
+            make_request("json", METHODS[0], pref, base, max_tokens=10, grammar=schema),
+            make_request("weak", WEAK, pref, base, max_tokens=8, grammar=digits, logit_bias=((7, 5.0),)),
+        ]
+
     with_tail = graphed_engine(loaded, config, tail=True)
-    got = answers(with_tail, requests)
-    assert got == answers(graphed_engine(loaded, config, tail=False), requests)
+    got = answers(with_tail, batch())
+    assert got == answers(graphed_engine(loaded, config, tail=False), batch())
     graphs = with_tail.runner.graphs
-    assert graphs is not None and 0 < graphs.tail_steps < graphs.steps
-    assert "".join(out[0] for out in got["shaped"]).isdigit()
+    assert graphs is not None and graphs.tail_steps == graphs.steps >= 15
+    assert 0 < with_tail.overlapped_steps < graphs.steps  # the steps after the grammars' ended are overlapped
+    assert all("".join(out[0] for out in got[rid]).isdigit() for rid in ("digits", "weak"))
+
+
+def test_thinking_spans_are_the_tails_with_the_hosts_answers(tiny_model):
+    """A reasoning request's thinking (the preference context alone: A = 1), then the method and a grammar after its
+    end token, beside a plain request: every decode step is the tail's, and the answers are the host path's."""
+    loaded = tiny_model("llama")
+    config = EngineConfig(**FIELDS, overlap_host=True)
+    pref, base = prompts(41, shared=12, pref_extra=5, base_extra=2)
+    free = answers(
+        graphed_engine(loaded, config, tail=False), [make_request("f", PREF, pref, base, max_tokens=12, ignore_eos=True)]
+    )
+    thought = tokens(free["f"])
+    end = next(k for k in range(3, len(thought)) if thought[k] not in thought[:k])
+    span = ThinkingSpan(end_token_id=thought[end], open_at_start=True)
+    digits = GrammarSpec(GrammarKind.REGEX, "[0-9]{4}")
+
+    def batch() -> list:
+        thinking = make_request("t", AMULET, pref, base, max_tokens=end + 5, logprobs=True, grammar=digits)
+        thinking = GenerationRequest.from_contexts("t", thinking.contexts, thinking.sampling, thinking.method, thinking=span)
+        return [thinking, make_request("plain", STRICT, pref, base, max_tokens=12, ignore_eos=True)]
+
+    with_tail = graphed_engine(loaded, config, tail=True)
+    got = answers(with_tail, batch())
+    assert got == answers(graphed_engine(loaded, config, tail=False), batch())
+    graphs = with_tail.runner.graphs
+    assert graphs is not None and graphs.tail_steps == graphs.steps >= 10
+    assert tokens(got["t"])[: end + 1] == thought[: end + 1]  # the thinking: the preference context's tokens
 
 
 def tokens(outputs: list) -> list[int]:
@@ -576,7 +659,8 @@ def test_a_tail_that_fails_to_capture_at_start_up_is_turned_off_and_the_graphs_k
 def test_the_inputs_staged_in_two_host_buffers_give_the_same_answers(tiny_model, monkeypatch):
     """The graphs' and the tail's static inputs set as on a CUDA device (``StagedTensors`` staged: two host buffers in
     turn, one copy a step, a step's rows past its own keeping the values of two steps before; the pending tokens'
-    places in the copy too), here with plain copies: every kind of row, overlapped, answers as the host path does."""
+    places in the copy too; a grammar's masks in a third), here with plain copies: every kind of row, overlapped where
+    it can be, answers as the host path does."""
     staged_init = StagedTensors.__init__
     made: list[StagedTensors] = []
 
@@ -594,12 +678,13 @@ def test_the_inputs_staged_in_two_host_buffers_give_the_same_answers(tiny_model,
             make_request("seeded", STRICT, pref, base, max_tokens=9, temperature=1.2, top_k=25, seed=3),
             make_request("penalised", WEAK, pref, base, max_tokens=9, frequency_penalty=1.2, min_tokens=4),
             make("k3", MULTI[-1], seed=61, max_tokens=9, logprobs=True),
+            make_request("digits", AMULET, pref, base, max_tokens=5, grammar=GrammarSpec(GrammarKind.REGEX, "[0-9]{4}")),
         ]
 
     host = answers(graphed_engine(loaded, config, tail=False), batch())
     monkeypatch.setattr(StagedTensors, "__init__", always_staged)
     with_tail = graphed_engine(loaded, config, tail=True)
-    assert len(made) == 2 and all(staged.staged for staged in made)  # the graphs' inputs and the tail's
+    assert len(made) == 3 and all(staged.staged for staged in made)  # the graphs' inputs, the tail's, its masks
     got = answers(with_tail, batch())
     graphs = with_tail.runner.graphs
     assert graphs is not None and graphs.tail_steps == graphs.steps >= 8
