@@ -6,9 +6,10 @@ fills before the replay, in the sampler's arithmetic (:mod:`amulet_core.sampling
 * ``min_tokens``: each request's stop ids (padded with its first), set to -inf while they are ruled out, in its
   first preference row before the method (which leaves them -inf in the distribution and the scores: see
   :mod:`amulet_core.engine.decode_tail`).
-* penalties: each request's token ids and their kinds (:func:`~amulet_core.engine.tail_rows.history_table`; column 0
-  is the step's input token, read from the graph's token ids: the pending output of the step in flight when the host
-  is overlapped), counted over the whole vocabulary with two scatter-adds, then
+* penalties: each request's token ids (:func:`~amulet_core.engine.tail_rows.history_table`; column 0 is the step's
+  input token, read from the graph's token ids: the pending output of the step in flight when the host is
+  overlapped) and how many of them are generated and how many seen in the prompt (each column's kind follows, worked
+  out in the graph), counted over the whole vocabulary with two scatter-adds, then
   :func:`~amulet_core.sampling.processors.penalize` over whole rows (a token never seen keeps its score exactly).
 """
 
@@ -19,8 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
-from amulet_core.device_tensors import to_device
-from amulet_core.engine.tail_rows import OUTPUT, SEEN, TailRow, history_bound, history_table, stop_table, width_for
+from amulet_core.device_tensors import host_to_device, to_device
+from amulet_core.engine.tail_rows import TailRow, history_bound, history_table, stop_table, width_for
 from amulet_core.sampling.params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from amulet_core.sampling.processors import penalize
 
@@ -49,7 +50,8 @@ class TailProcessors:
         """Each request: its stop ids are ruled out this step."""
         self.history_widths = _powers_of_two(FIRST_HISTORY_WIDTH, max_history)
         self.history = torch.zeros(max_requests, self.history_widths[-1], dtype=torch.int32, device=device)
-        self.kinds = torch.zeros(max_requests, self.history_widths[-1], dtype=torch.int8, device=device)
+        self.lengths = torch.zeros(3, max_requests, dtype=torch.long, device=device)
+        """Each request's output ids in its table, prompt ids after them, and 1 where column 0 is a pending output."""
         self.penalties = torch.tensor([[1.0], [0.0], [0.0]], device=device).repeat(1, max_requests)
         """Each request's repetition, frequency and presence penalties."""
 
@@ -82,10 +84,11 @@ class TailProcessors:
         table = history_table(rows, self.history_widths, self.vocab)
         if table is None:
             raise ValueError(f"a history past the penalties' table of {self.history_widths[-1]} tokens")
-        history, ids, kinds = table
+        history = table.width
         if history:
-            self.history[:n, :history].copy_(to_device(ids, device, torch.int32))
-            self.kinds[:n, :history].copy_(to_device(kinds, device, torch.int8))
+            table_ids = torch.frombuffer(table.ids, dtype=torch.int32).view(n, history)
+            self.history[:n, :history].copy_(host_to_device(table_ids, device))
+            self.lengths[:, :n].copy_(to_device(table.lengths, device, torch.long))
             numbers = [[r.penalties[i] for r in rows] for i in range(3)]
             self.penalties[:, :n].copy_(to_device(numbers, device, torch.float32))
         return bias, stops, history
@@ -110,9 +113,14 @@ class TailProcessors:
                 raise ValueError("the penalties need the step's input tokens")
             ids = self.history[:slots, :history].long()
             ids = torch.cat([inputs.unsqueeze(1), ids[:, 1:]], dim=1)
-            kinds = self.kinds[:slots, :history]
-            counts = torch.zeros_like(scores).scatter_add_(1, ids, (kinds == OUTPUT).float())
-            seen = torch.zeros_like(scores).scatter_add_(1, ids, (kinds >= SEEN).float()) > 0
+            vocab = scores.shape[1]
+            ids = torch.where((ids < 0) | (ids >= vocab), vocab, ids)  # counted in a column past the vocabulary
+            column = torch.arange(history, device=ids.device)
+            outputs, prompt, pending = self.lengths[:, :slots].unsqueeze(2)
+            generated = ((column >= 1) & (column <= outputs)) | ((column == 0) & (pending > 0))
+            in_prompt = (column > outputs) & (column <= outputs + prompt)
+            counts = scores.new_zeros(slots, vocab + 1).scatter_add_(1, ids, generated.float())[:, :vocab]
+            seen = scores.new_zeros(slots, vocab + 1).scatter_add_(1, ids, (generated | in_prompt).float())[:, :vocab] > 0
             repetition, frequency, presence = self.penalties[:, :slots].unsqueeze(2)
             scores = penalize(scores, counts, seen, repetition, (frequency, presence))
         return scores

@@ -11,6 +11,7 @@ the host has.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,9 +39,6 @@ class TailHistory:
 
 
 NO_HISTORY = TailHistory()
-
-SEEN, OUTPUT = 1, 2
-"""Kinds of a penalties' table entry (:func:`history_table`; 0: padding): a prompt token (seen), a generated one."""
 
 
 @dataclass(frozen=True)
@@ -128,31 +126,55 @@ def history_bound(row: TailRow) -> int:
     return 1 + len(row.history.output_ids) + (len(row.history.prompt_ids) if row.penalties[0] != 1 else 0)
 
 
-def history_table(
-    rows: Sequence[TailRow], widths: Sequence[int], vocab: int
-) -> tuple[int, list[list[int]], list[list[int]]] | None:
-    """The step's penalties table: its width (the first of ``widths`` that holds every row; 0 when no row has a
-    penalty) and each row's token ids and their kinds. Column 0 stands for the step's input token (the graph writes
-    it; kind 2 when it is a pending output token, else 0), then the output ids the host has (kind 2), the prompt ids
-    (kind 1: seen, not generated), padding (token 0, kind 0: counts nothing). Ids outside the vocabulary are left
-    out, as the sampler's processors leave them out. None when no width holds a row."""
-    tokens = []
-    for row in rows:
-        h = row.history
-        out = [t for t in h.output_ids if 0 <= t < vocab] if row.penalized else []
-        prompt = [t for t in h.prompt_ids if 0 <= t < vocab] if row.penalties[0] != 1 else []
-        tokens.append((out, prompt, h.pending and row.penalized))
+@dataclass(frozen=True)
+class HistoryTable:
+    """The step's penalties table (:func:`history_table`): ``width`` columns a row; ``ids`` (C ints), row after row,
+    column 0 standing for the step's input token (the graph writes it), then the row's output ids the host has, then
+    its prompt ids (when it has a repetition penalty), then padding (token 0); ``lengths``: each row's number of output
+    ids, prompt ids, and 1 where its input token is a pending output token (else 0). The kinds of the columns follow
+    from the lengths: 1..outputs generated (and 0 when pending), the next prompt ones seen, the rest nothing. Ids
+    outside the vocabulary may stand in it: the graph counts them nowhere, as the sampler's processors leave them
+    out."""
+
+    width: int
+    ids: array
+    lengths: list[list[int]]
+
+
+def history_table(rows: Sequence[TailRow], widths: Sequence[int], vocab: int) -> HistoryTable | None:
+    """The step's penalties table (:class:`HistoryTable`), as wide as the first of ``widths`` that holds every row
+    (width 0 when no row has a penalty); None when none does. The ids are copied as C ints, without a loop in Python
+    (a 64-request step with 2,000-token histories: 128,000 ids); only a row with an id that no C int holds is filtered
+    to the vocabulary first."""
     if not any(row.penalized for row in rows):
-        return 0, [], []
-    width = width_for(1 + max(len(out) + len(prompt) for out, prompt, _ in tokens), widths)
+        return HistoryTable(0, array("i"), [])
+    width = width_for(max(history_bound(row) for row in rows), widths)
     if width is None:
         return None
-    ids, kinds = [], []
-    for out, prompt, pending in tokens:
-        pad = width - 1 - len(out) - len(prompt)
-        ids.append([0, *out, *prompt, *[0] * pad])
-        kinds.append([OUTPUT if pending else 0, *[OUTPUT] * len(out), *[SEEN] * len(prompt), *[0] * pad])
-    return width, ids, kinds
+    ids = array("i")
+    lengths: list[list[int]] = [[], [], []]
+    for row in rows:
+        h = row.history
+        ids.append(0)
+        out = _extend(ids, h.output_ids, vocab) if row.penalized else 0
+        prompt = _extend(ids, h.prompt_ids, vocab) if row.penalized and row.penalties[0] != 1 else 0
+        ids.frombytes(bytes(ids.itemsize * (width - 1 - out - prompt)))  # padding: token 0, counted nowhere
+        lengths[0].append(out)
+        lengths[1].append(prompt)
+        lengths[2].append(int(h.pending and row.penalized))
+    return HistoryTable(width, ids, lengths)
+
+
+def _extend(ids: array, values: Sequence[int], vocab: int) -> int:
+    """``values`` appended to ``ids``; how many. Where one is past what a C int holds, those outside the vocabulary
+    are left out."""
+    start = len(ids)
+    try:
+        ids.extend(values)
+    except OverflowError:
+        del ids[start:]
+        ids.extend([t for t in values if 0 <= t < vocab])
+    return len(ids) - start
 
 
 def stop_table(rows: Sequence[TailRow], width: int, vocab: int) -> tuple[list[list[int]], list[bool]]:

@@ -242,6 +242,28 @@ def test_the_tails_processors_give_the_samplers_scores_over_whole_rows():
     assert all(not torch.equal(moved[i], expected[i]) for i in range(1, n - 2, 2) if chosen[i].penalized)
 
 
+def test_ids_outside_the_vocabulary_count_nowhere_even_past_a_c_int():
+    """The penalties' table copies ids as C ints: ids outside the vocabulary stay in it and the graph counts them in a
+    column past it (nowhere); a row with an id no C int holds is filtered first. Either way the scores are the
+    sampler's, which leaves such ids out."""
+    params = SamplingParams(temperature=0, repetition_penalty=1.4, frequency_penalty=0.6, presence_penalty=0.3)
+    outputs = ([5, -3, 7, VOCAB + 4, 5], [5, 2**40, -(2**33), 7, VOCAB, 5])
+    prompt = (9, -1, VOCAB + 1, 40)
+    tail = [TailHistory(out, prompt) for out in outputs]
+    host = [RowHistory(out, prompt, ()) for out in outputs]
+    specs = [plain(0), plain(1)]
+    processors = TailProcessors(4, VOCAB, 100, torch.device("cpu"))
+    rows = tail_rows(specs, range(2), [params, params], tail)
+    _, _, history = processors.set(rows)
+    lengths = processors.lengths[:, :2].tolist()
+    assert lengths == [[5, 3], [4, 4], [0, 0]]  # as they are, but the second row's outputs filtered (5, 7, 5)
+    logprobs = torch.log_softmax(logits_with_holes(4, seed=8), dim=-1)
+    inputs = torch.tensor([3, 3, 0, 0])  # the step's input tokens (not pending: not counted)
+    got = processors.apply(logprobs, 4, (0, history), inputs)
+    expected = apply_processors(logprobs[:2], [params, params], host)
+    torch.testing.assert_close(got[:2], expected, rtol=0, atol=0, equal_nan=True)
+
+
 SAMPLED = [  # each with the method of its rows (None: a plain row); the top-k rows flat enough for k to cut
     (SamplingParams(temperature=0.7), None),
     (SamplingParams(temperature=1.3, min_p=0.05), AMULET),
