@@ -17,6 +17,8 @@
 #   (that image has pytest, httpx and the rest; 23 MB of wheels in all)
 #   there:
 #     bash benchmarks/gpu_check.sh            # or: bash benchmarks/gpu_check.sh --cpu-dry-run (the CPU, tiny models)
+#   then here, with its JSON kept as docs/gpu_check_<device>_<date>.json:
+#     .venv/bin/python -m benchmarks.gpu_table docs/gpu_check_h200_2026-11-27.json docs/gpu_check_<device>_<date>.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
