@@ -46,9 +46,9 @@ from amulet_core.engine.tail_rows import TailRow
 from amulet_core.grammar.masks import GrammarMasks, bit_penalty_table
 from amulet_core.method.mixture import MAX_PREFERENCES, mixture_logits_float32
 from amulet_core.method.rows import FixedMasks, fixed_shape_logprobs
+from amulet_core.sampling.fixed_shape import fixed_shape_draw
 from amulet_core.sampling.params import MAX_TOP_LOGPROBS
 from amulet_core.sampling.sampler import DeviceSamples
-from amulet_core.sampling.seeded import race_noise
 
 
 @dataclass(frozen=True)
@@ -279,31 +279,11 @@ class DecodeTail:
         return torch.where(self.flags[2, :slots].unsqueeze(1), mixed, primary.float())
 
     def _draw(self, scores: torch.Tensor, slots: int, variant: TailVariant) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's draw after the sampler's temperature, min_p (and, ``variant.filtering``, top-k and top-p), and
-        whether it had no mass (NaN or nothing left, as the sampler finds it). A seeded row races with its seed's
-        noise (``variant.seeded``), the others with the default generator's."""
-        filtering = variant.filtering
-        scores = scores / self.numbers[2, :slots].unsqueeze(1)
-        floor = scores.amax(dim=-1, keepdim=True) + self.numbers[3, :slots].unsqueeze(1)
-        scores = scores.masked_fill(scores < floor, -math.inf)
-        if filtering:  # the sampler's top-k, with a sort instead of its topk(k_max): the same k-th values
-            ordered = torch.sort(scores, dim=-1, descending=True).values
-            k = self.top_k[:slots].unsqueeze(1)
-            kth = ordered.gather(1, (k - 1).clamp_min(0)).masked_fill(k == 0, -math.inf)
-            scores = scores.masked_fill(scores < kth, -math.inf)
-        probs = torch.softmax(scores, dim=-1)
-        if filtering:  # the sampler's top-p: keep the smallest set of the most likely tokens that reaches it
-            top_p = self.top_p[:slots].unsqueeze(1)
-            sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-            cumulative = torch.cumsum(sorted_probs, dim=-1)
-            drop_sorted = (cumulative - sorted_probs > top_p) & (top_p < 1.0)
-            probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), 0.0)
-        no_mass = ~(probs.sum(dim=-1) > 0)
-        race = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)  # never 0: p / 0
-        if variant.seeded:
-            noise = race_noise(self.seeds[:2, :slots], self.seeds[2, :slots], probs.shape[-1])
-            race = torch.where(self.flags[4, :slots].unsqueeze(1), noise, race)
-        return (probs / race).argmax(dim=-1), no_mass
+        """Each row's draw and whether it had no mass (:func:`~amulet_core.sampling.fixed_shape.fixed_shape_draw`)."""
+        temperatures, log_min_p = self.numbers[2, :slots], self.numbers[3, :slots]
+        filters = (self.top_k[:slots], self.top_p[:slots]) if variant.filtering else None
+        seeded = (self.seeds[:2, :slots], self.seeds[2, :slots], self.flags[4, :slots]) if variant.seeded else None
+        return fixed_shape_draw(scores, temperatures, log_min_p, filters, seeded)
 
     def samples(self) -> DeviceSamples:
         """The choices of the step :meth:`set_rows` set up, as the sampler gives them (packed: tokens, log-probabilities,
