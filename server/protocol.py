@@ -16,57 +16,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from amulet_core.errors import InvalidParameterError
 from amulet_core.method.settings import MAX_PREFERENCES
 from amulet_core.sampling.params import MAX_LOGIT_BIAS, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS, SEED_MAX, SEED_MIN
+from server.protocol_base import RequestBody, RequestObject
 from server.protocol_limits import (
     MAX_CHOICES,
-    MAX_CONTENT_PARTS,
     MAX_MESSAGES,
     MAX_METADATA_ENTRIES,
     MAX_TEMPLATE_KWARGS,
-    MAX_TOOL_CALLS,
     MAX_TOOLS,
-    check_json_structure,
     entries_at_most,
     items_at_most,
 )
-from server.requests.json_values import NotJson, read_json
+from server.protocol_messages import ChatMessage, ChatTool, NamedToolChoice
 
 MAX_CACHE_SALT_CHARS = 256
 """Characters of a ``cache_salt``."""
 MAX_PROFILE_REF_CHARS = 128
 """Characters of a ``preference.profile`` (a stored profile's id or name)."""
-
-
-class _Request(BaseModel):
-    """Request objects: strictly typed, and tolerant of fields they do not declare (see request_policy)."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-
-
-class RequestBody(_Request):
-    """A whole request body: its JSON structure is bounded before it is parsed (``model_validate_json`` runs
-    :func:`~server.protocol_limits.check_json_structure` first, an APIError 400 for a body of more objects,
-    arrays or values than any valid request has)."""
-
-    @classmethod
-    def model_validate_json(cls, json_data: str | bytes | bytearray, **kwargs: Any) -> Self:
-        check_json_structure(json_data)
-        return super().model_validate_json(json_data, **kwargs)
-
-
-class TextPart(_Request):
-    """One part of a message's content; only text parts are supported. Other keys (``cache_control``)
-    are accepted and change nothing."""
-
-    type: Literal["text"]
-    text: str
-
-    @model_validator(mode="before")
-    @classmethod
-    def _only_text(cls, data: Any) -> Any:
-        # Checked before the fields so an image part gets this message, not "field 'text' missing".
-        if isinstance(data, dict) and data.get("type") != "text":
-            raise ValueError(f"only 'text' content parts are supported, got type {data.get('type')!r}")
-        return data
 
 
 class PreferenceItem(BaseModel):
@@ -125,13 +90,13 @@ class PreferenceSpec(BaseModel):
         return given
 
 
-class StreamOptions(_Request):
+class StreamOptions(RequestObject):
     include_usage: bool | None = None
     include_obfuscation: bool | None = None
     """Accepted, no effect: this server adds no obfuscation padding."""
 
 
-class JsonSchemaFormat(_Request):
+class JsonSchemaFormat(RequestObject):
     """``response_format.json_schema``: the schema the answer must follow (always enforced, ``strict`` or not)."""
 
     name: str = Field(min_length=1, max_length=64)
@@ -140,12 +105,12 @@ class JsonSchemaFormat(_Request):
     strict: bool | None = None
 
 
-class ResponseFormat(_Request):
+class ResponseFormat(RequestObject):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class StructuredOutputs(_Request):
+class StructuredOutputs(RequestObject):
     """vLLM's ``structured_outputs``: exactly one of these."""
 
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
@@ -222,117 +187,6 @@ class GenerationFields(RequestBody):
     @property
     def num_choices(self) -> int:
         return 1 if self.n is None else self.n
-
-
-FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
-
-
-class FunctionDefinition(_Request):
-    name: str = Field(pattern=FUNCTION_NAME)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ChatTool(_Request):
-    """An entry of ``tools``."""
-
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class FunctionName(_Request):
-    name: str
-
-
-class NamedToolChoice(_Request):
-    """``tool_choice`` naming one function."""
-
-    type: Literal["function"]
-    function: FunctionName
-
-
-class FunctionCall(_Request):
-    name: str
-    arguments: str
-    """JSON text of the arguments object, as OpenAI sends it."""
-
-
-class ToolCall(_Request):
-    """An assistant message's tool call, in the history a client sends back."""
-
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class ChatMessage(_Request):
-    """A chat message. Keys clients echo back from answers (``refusal``, ``annotations`` ...) are accepted."""
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Annotated[
-        str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None, items_at_most(MAX_CONTENT_PARTS)
-    ] = None
-    name: str | None = None
-    """Given to the chat template with the message (templates that know ``name`` render it)."""
-    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOL_CALLS)
-    tool_call_id: str | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> ChatMessage:
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only 'assistant' messages have 'tool_calls'")
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a '{self.role}' message needs 'content'")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a 'tool' message needs 'tool_call_id'")
-        return self
-
-    def text(self) -> str:
-        """The content as one string (text parts joined by newlines, like vLLM)."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(part.text for part in self.content)
-
-    def for_template(self, param: str = "messages[0]") -> dict[str, Any]:
-        """The message as the chat template sees it (``developer`` is a system message; tool calls carry their
-        arguments as an object, as chat templates expect). ``param`` names the message in errors: arguments
-        nested too deep are an InvalidParameterError naming ``<param>.tool_calls[j].function.arguments``."""
-        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
-        if self.name is not None:
-            message["name"] = self.name
-        if self.tool_call_id is not None:
-            message["tool_call_id"] = self.tool_call_id
-        if self.tool_calls:
-            message["tool_calls"] = [
-                {
-                    "id": c.id,
-                    "type": "function",
-                    "function": {
-                        "name": c.function.name,
-                        "arguments": _arguments(c, f"{param}.tool_calls[{j}].function.arguments"),
-                    },
-                }
-                for j, c in enumerate(self.tool_calls)
-            ]
-        return message
-
-
-def template_messages(messages: list[ChatMessage]) -> tuple[dict[str, Any], ...]:
-    """Every message as the chat template sees it (:meth:`ChatMessage.for_template`), errors naming ``messages[i]``."""
-    return tuple(m.for_template(f"messages[{i}]") for i, m in enumerate(messages))
-
-
-def _arguments(call: ToolCall, param: str) -> Any:
-    """A tool call's arguments as a JSON value (the text itself when it is not JSON); arguments nested deeper
-    than the chat template and ``json`` can take, or of more values than a request body may hold, are an
-    InvalidParameterError naming ``param`` (:func:`~server.requests.json_values.read_json`)."""
-    try:
-        return read_json(call.function.arguments, param)
-    except NotJson:
-        return call.function.arguments
 
 
 class ChatCompletionRequest(GenerationFields):

@@ -6,8 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
-from server.protocol import ChatMessage, RequestBody
+from server.protocol_base import RequestBody
 from server.protocol_limits import MAX_MESSAGES, MAX_TEMPLATE_KWARGS, TokenIds
+from server.protocol_messages import ChatMessage
 
 
 class TokenizeRequest(RequestBody):

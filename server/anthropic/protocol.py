@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from amulet_core.sampling.params import MAX_STOP_SEQUENCES
-from server.protocol import FUNCTION_NAME, RequestBody
+from server.protocol_base import RequestBody
 from server.protocol_limits import (
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
@@ -25,6 +25,7 @@ from server.protocol_limits import (
     entries_at_most,
     items_at_most,
 )
+from server.protocol_messages import FUNCTION_NAME
 
 MAX_TOOL_USE_ID_CHARS = 256
 """Characters of a ``tool_use`` block's id (and of a ``tool_result``'s ``tool_use_id``)."""

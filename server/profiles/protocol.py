@@ -13,7 +13,8 @@ from pydantic import ConfigDict, Field, model_validator
 
 from amulet_core.errors import InvalidParameterError
 from amulet_core.method.settings import MAX_PREFERENCES
-from server.protocol import PreferenceList, PreferenceSpec, RequestBody
+from server.protocol import PreferenceList, PreferenceSpec
+from server.protocol_base import RequestBody
 from server.protocol_limits import items_at_most
 from server.store.profiles import ID_PREFIX, StoredProfile
 

@@ -23,7 +23,8 @@ from amulet_core.method.preference_prompts import (
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.model.chat_template import ChatRenderer, ChatTemplateOptions
 from amulet_core.sampling.params import SamplingParams
-from server.protocol import ChatCompletionRequest, template_messages
+from server.protocol import ChatCompletionRequest
+from server.protocol_messages import template_messages
 from server.reasoning_parsers import THINK_END, THINK_START, ReasoningParser
 from server.requests.admission import Admission
 from server.requests.encoding import encode_chat_texts

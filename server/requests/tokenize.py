@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from amulet_core.errors import InvalidParameterError
 from amulet_core.method.preference_prompts import Message
 from amulet_core.model.chat_template import ChatRenderer, ChatTemplateOptions
-from server.protocol import template_messages
+from server.protocol_messages import template_messages
 from server.protocol_tokenize import DetokenizeRequest, TokenizeRequest
 from server.requests.admission import Admission
 from server.requests.fields import template_options

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from amulet_core.errors import InvalidParameterError
-from server.protocol import FUNCTION_NAME, RequestBody
+from server.protocol_base import RequestBody
 from server.protocol_limits import (
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
@@ -19,6 +19,7 @@ from server.protocol_limits import (
     entries_at_most,
     items_at_most,
 )
+from server.protocol_messages import FUNCTION_NAME
 
 MAX_INPUT_ITEMS = MAX_MESSAGES
 """Items of one request's ``input``."""
