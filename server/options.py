@@ -14,14 +14,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from amulet_core.engine.config import EngineConfig
-from amulet_core.engine.paged_decode import ATTENTION_BACKENDS
 from amulet_core.method.preference_prompts import TEMPLATE, Placement
 from amulet_core.model.gguf_cache import MODEL_CACHE_ENV, default_model_cache
 from amulet_core.model.loading import ModelConfig
-from amulet_core.model.quantization import QUANTIZATIONS
 from server.access_options import access_settings, add_access_arguments, open_api_refusal
 from server.api_keys import API_KEY_ENV, API_KEY_FILE_ENV, resolve_api_keys
 from server.config import ServerConfig
+from server.engine_options import add_engine_arguments
 from server.reasoning_parsers import REASONING_PARSERS
 from server.store.options import add_store_arguments, store_config
 from server.supervision import TEST_FAULTS
@@ -81,91 +80,7 @@ def build_parser(prog: str = "amulet-server", *, ray_flag: bool = True, add_help
         default=None,
         help="torch threads when running on the CPU (default: all cores but one, at least 1)",
     )
-    p.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=EngineConfig.max_num_seqs,
-        help="sequences decoded together; an amulet or la request holds two (default: %(default)s)",
-    )
-    p.add_argument(
-        "--max-model-len",
-        type=int,
-        default=None,
-        help="longest context, prompt plus answer, in tokens (default: the model's own, capped so that the KV cache "
-        "holds one amulet request of that length; the log says which)",
-    )
-    p.add_argument(
-        "--max-queue",
-        type=int,
-        default=EngineConfig.max_queue,
-        help="requests that may wait; more are refused with 429 (default: %(default)s)",
-    )
-    p.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=None,
-        help="tokens one forward pass may hold; longer prompts are prefilled in chunks (default: 4096 on a GPU, 512 on a CPU)",
-    )
-    p.add_argument(
-        "--kv-cache-memory-gib",
-        type=float,
-        default=None,
-        help="memory for the paged KV cache, all sequences together, in GiB (default: what is left once the weights "
-        "are loaded: on a GPU within --gpu-memory-utilization, on a CPU a quarter of the available RAM, at most 2 GiB)",
-    )
-    p.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=EngineConfig.gpu_memory_utilization,
-        help="share of the GPU's memory the server uses, weights, activations and KV cache together, when it sizes "
-        "the KV cache itself (default: %(default)s)",
-    )
-    p.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        help="on a CUDA device, launch every decode step from Python instead of replaying CUDA graphs "
-        "(captured per batch-size and context-length bucket at start-up, within --graph-capture-seconds)",
-    )
-    p.add_argument(
-        "--attention-backend",
-        default=EngineConfig.attention_backend,
-        choices=ATTENTION_BACKENDS,
-        help="decode attention: triton reads each row's KV blocks in place through its block table (a Triton "
-        "kernel; a CUDA device), sdpa gathers the rows' contexts and calls PyTorch's SDPA; auto: triton on a CUDA "
-        "device with Triton installed, else sdpa (default: %(default)s; --deterministic uses its own)",
-    )
-    p.add_argument(
-        "--graph-capture-seconds",
-        type=float,
-        default=EngineConfig.graph_capture_seconds,
-        help="on a CUDA device, the start-up time given to capturing the decode steps' CUDA graphs, smallest "
-        "buckets first; the rest are captured on first use (0: all on first use; default %(default)s)",
-    )
-    p.add_argument(
-        "--overlap-host",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="read each step's sampled tokens a step later, while the device runs the next step, so that scheduling, "
-        "detokenising and answering overlap the GPU's work (default: on for a CUDA device, off for a CPU, where "
-        "there is nothing to overlap; requests with a grammar, penalties or a thinking span are stepped without)",
-    )
-    p.add_argument(
-        "--deterministic",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="batch-invariant forward passes: a greedy request gets the same answer cold, on a prefix-cache hit and "
-        "in any batch (default: on for a CPU, where it costs about 1.2x the prefill time and makes decode faster; "
-        "off on a GPU)",
-    )
-    p.add_argument(
-        "--quantization",
-        default="auto",
-        choices=QUANTIZATIONS,
-        help="weight-only quantization of the linear layers once loaded, on the CPU (torch's int8/int4 kernels): "
-        "int8 (per output) halves and int4 (groups of 32) quarters the bytes of bfloat16 weights, one stream decodes "
-        "faster, a long prefill is slower; auto keeps a Q4_0/Q4_1 GGUF model's 4-bit layers 4-bit in bfloat16 "
-        "(exact), else none (default: %(default)s)",
-    )
+    add_engine_arguments(p)
     p.add_argument(
         "--tool-call-parser",
         default="auto",
