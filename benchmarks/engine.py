@@ -27,6 +27,7 @@ import torch
 
 from amulet_core.engine.async_engine import AsyncEngine
 from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.host_heap import keep_freed_memory
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.method.preference_prompts import PAPER_SYSTEM_PROMPT, preference_message_pair
 from amulet_core.method.reference import reference_generate
@@ -165,8 +166,9 @@ def host_overhead_main(args: argparse.Namespace) -> None:
     from benchmarks.host_overhead import format_host_overhead, measure_host_overhead, random_model, tiny_llama_config
 
     device = resolve_device(args.device)
-    if device.type == "cpu":
+    if device.type == "cpu":  # as the server's engine worker sets them
         torch.set_num_threads(args.cpu_threads or 1)
+        keep_freed_memory()
     dtype = torch.float32 if args.dtype == "auto" and device.type == "cpu" else resolve_dtype(args.dtype, device)
     tokenizer = embedded_tokenizer()
     loaded = random_model(tiny_llama_config(len(tokenizer)), tokenizer, device, dtype, "tiny-llama")
@@ -205,8 +207,9 @@ def main() -> None:
     model_config = ModelConfig(
         model=args.model, device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads, model_cache=default_model_cache()
     )
-    if resolve_device(args.device).type == "cpu":  # the same threads for the baselines as for the engine
+    if resolve_device(args.device).type == "cpu":  # the same threads and heap for the baselines as for the engine
         torch.set_num_threads(serving_cpu_threads(model_config))
+        keep_freed_memory()
     loaded = load_model(model_config)
     pref, base = contexts(loaded.tokenizer, QUESTIONS[0])
     results: dict[str, float] = {"generate": bench_generate(loaded, base, args.new_tokens)}

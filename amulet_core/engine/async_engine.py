@@ -21,6 +21,7 @@ import torch
 
 from amulet_core.engine.client_streams import ClientStreams
 from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.host_heap import keep_freed_memory
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
 from amulet_core.engine.watchdog import Clock, StepWatch
@@ -219,6 +220,7 @@ class AsyncEngine:
         try:
             if resolve_device(self.model_config.device).type == "cpu":
                 torch.set_num_threads(serving_cpu_threads(self.model_config))
+                keep_freed_memory()
             self._engine = LLMEngine(self._loader(self.model_config), self.engine_config)
             self._engine.fault_hook = self._fault_hook
             self._streams.stats = self._engine.stats()
