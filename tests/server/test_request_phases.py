@@ -130,14 +130,16 @@ def test_the_character_bound_never_refuses_what_the_tokens_would_fit(fake: FakeE
 def test_a_chat_body_passes_each_module_once_from_the_endpoint_to_the_generation_request(fake: FakeEngine) -> None:
     """The product modules ``server.requests.chat`` calls into, in order, for a request with two preferences, a
     negative one, tools and a response format: each is entered in one stretch, none again later. The request's
-    own types (``server.protocol``) and the injected renderer (here the fake) are not steps of the path."""
+    own types (``server.protocol``, ``protocol_base``, ``protocol_messages``) and the injected renderer (here the
+    fake) are not steps of the path."""
     entered: list[str] = []
 
     def profile(frame: Any, event: str, arg: Any) -> None:
         if event != "call" or frame.f_back is None:
             return
         callee, caller = frame.f_globals.get("__name__", ""), frame.f_back.f_globals.get("__name__", "")
-        product = callee.startswith(("server.", "amulet_core.")) and callee not in (caller, "server.protocol")
+        own_types = callee in ("server.protocol", "server.protocol_base", "server.protocol_messages")
+        product = callee.startswith(("server.", "amulet_core.")) and callee != caller and not own_types
         if caller == "server.requests.chat" and product and (not entered or entered[-1] != callee):
             entered.append(callee)
 
