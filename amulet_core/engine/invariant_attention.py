@@ -163,6 +163,8 @@ def invariant_attention(
         parts.append(_decode(q[:, : plan.decode.size], k_cache, v_cache, plan.decode, window, softcap))
     for span in plan.spans:
         parts.append(_span(q[:, span.query_start : span.query_end], k_cache, v_cache, span, window, softcap))
+    if len(parts) == 1 and parts[0].shape[-1] == dim and parts[0].dtype == query.dtype:  # nothing to round
+        return parts[0].permute(1, 0, 2, 3).reshape(1, tokens, heads, dim)
     out = torch.empty(tokens, kv_heads, group, dim, dtype=query.dtype, device=query.device)
     start = 0
     for part in parts:  # [kv, n, group, padded dim] in float32: rounded to the query's dtype as they are copied
@@ -213,10 +215,14 @@ def _decode(
     bias = rows.bias if window is None else key_bias(rows.lengths - 1, blocks, window)
     weights = torch.add(scores, bias, out=torch.empty(scores.shape, device=q.device))  # float32, masked
     weights.sub_(weights.amax(dim=(2, 4), keepdim=True)).exp_()
-    total = weights.sum(-1).cumsum(2).select(2, -1)  # [kv, D, group]: block after block, in float64, rounded once
-    probabilities = torch.div(weights, total[:, :, None, :, None], out=weights).to(q.dtype)
+    total = weights.sum(-1, keepdim=True)  # [kv, D, blocks, group, 1]: each block's sum, then block after block
+    if blocks > 1:
+        total = total.cumsum(2).narrow(2, blocks - 1, 1)
+    probabilities = torch.div(weights, total, out=weights).to(q.dtype)
     weighted = torch.bmm(probabilities.view(-1, group, KEY_BLOCK), values).view(kv, size, blocks, group, dim)
-    return weighted.cumsum(2, dtype=torch.float32).select(2, -1)  # the blocks in order, in float64, rounded once
+    if blocks == 1:  # (a sum of one block is the block: the caller rounds it to the query's dtype, as it would)
+        return weighted.select(2, 0)
+    return weighted.cumsum(2, dtype=torch.float32).select(2, -1)  # the blocks in order, rounded once
 
 
 def _span(
