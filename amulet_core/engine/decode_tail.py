@@ -172,7 +172,7 @@ class DecodeTail:
             [False] * n,
         ]
         grammar = masks is not None and len(masks.rows) > 0
-        if masks is not None and grammar:
+        if grammar and masks is not None:  # (for the type checker: grammar says it)
             for i in masks.rows:
                 flags[5][i] = True
             width = min(masks.bits.shape[1], self.masks["bits"].shape[1])

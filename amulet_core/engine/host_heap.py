@@ -10,9 +10,10 @@ jemalloc, which vLLM's and Intel's CPU guides preload, keep freed memory too): t
 stays the process's, reused step after step. Measured with ``python -m benchmarks.engine --host-overhead
 --cpu-threads 1`` (64 ``amulet`` streams, a 2-layer model with SmolLM2's vocabulary, 2-core build machine,
 2026-12-05, in turn): the method's vocabulary-wide work 34.1 and 30.0 ms a step before, 15.1 and 15.5 after; the
-Python host work 4.4-5.8 ms before, 1.9 after. The embedded SmolLM2 (one thread, greedy, in turn, twice): 64
-``amulet`` streams 121.2 and 121.0 tokens a CPU second before, 130.1 and 130.1 after; 4 and 16 streams and a single
-stream unchanged (their temporaries' sizes glibc's own adjustment of the thresholds comes to hold).
+Python host work 4.4-5.8 ms before, 1.9 after. ``python -m benchmarks.host_heap`` (the embedded SmolLM2, 64 ``amulet``
+streams, one thread, each case in a fresh interpreter, two rounds in turn): 122.8 and 120.2 tokens a CPU second
+before, 125.0 and 128.3 after. A single stream's temporaries are small enough that glibc's own adjustment of the
+thresholds keeps them.
 """
 
 from __future__ import annotations

@@ -24,10 +24,16 @@ from amulet_core.engine.request_checks import RequestChecks
 from amulet_core.engine.request_state import RequestState
 from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
 from amulet_core.engine.sequence import Sequence
-from amulet_core.engine.step_rows import request_rows, row_history, row_specs, rule_out_early_stops, tail_history
+from amulet_core.engine.step_rows import (
+    request_rows,
+    row_history,
+    row_specs,
+    rule_out_early_stops,
+    step_masks,
+    tail_history,
+)
 from amulet_core.errors import InvalidParameterError, is_request_failure
 from amulet_core.grammar.compiler import GrammarCompiler
-from amulet_core.grammar.masks import grammar_masks
 from amulet_core.method.rows import method_logprobs
 from amulet_core.model.loading import LoadedModel
 from amulet_core.sampling.sampler import DeviceSamples, RowSample, make_generator, sample_on_device, sample_tokens
@@ -180,11 +186,7 @@ class LLMEngine:
             return None  # (before the requests' rows are worked out: most such steps prefill)
         params = [state.request.sampling for state in states]
         histories = [tail_history(state) for state in states]
-        fillers = [s.mask_filler() for s in states]
-        constrained = [(i, f) for i, f in enumerate(fillers) if f is not None]
-        masks = None
-        if constrained:  # (their last tokens are on the host: their steps are never overlapped)
-            masks = grammar_masks([i for i, _ in constrained], [f for _, f in constrained], self.vocab_size)
+        masks = step_masks(states, self.vocab_size)  # (their last tokens are on the host: never overlapped)
         specs = row_specs(states)
         samples = self.runner.run_with_tail(plan.chunks, logits_for, specs, params, histories, pending, masks)
         if samples is not None:  # the seeded requests drew in the graph: their next draw is the next one
@@ -238,12 +240,7 @@ class LLMEngine:
             # The grammars mask the distribution each method produced (for la and amulet the combined
             # one, once; their plausibility mask counts from the most likely allowed token), all
             # constrained rows at once, before the processors and the sampler.
-            fillers = [s.mask_filler() for s in states]
-            constrained = [(i, f) for i, f in enumerate(fillers) if f is not None]
-            masks = None
-            if constrained:
-                rows, matchers = [i for i, _ in constrained], [m for _, m in constrained]
-                masks = grammar_masks(rows, matchers, logits.shape[-1], logits.device)
+            masks = step_masks(states, logits.shape[-1], logits.device)
             logprobs = method_logprobs(logits, specs, masks)
         except BaseException as exc:  # the batched closed form or the masks failed: no row has a distribution
             if not is_request_failure(exc):

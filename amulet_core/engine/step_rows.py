@@ -9,6 +9,7 @@ from amulet_core.device_tensors import to_device
 from amulet_core.engine.overlap import PENDING_TOKEN
 from amulet_core.engine.request_state import RequestState
 from amulet_core.engine.tail_rows import NO_HISTORY, TailHistory
+from amulet_core.grammar.masks import GrammarMasks, grammar_masks
 from amulet_core.method.rows import RowSpec
 from amulet_core.sampling.processors import RowHistory
 from amulet_core.sampling.seeded import SeededDraws
@@ -87,3 +88,14 @@ def tail_history(state: RequestState) -> TailHistory:
         stop_ids=tuple(state.stop_ids) if generated < sp.min_tokens else (),
         seed=seed,
     )
+
+
+def step_masks(states: list[RequestState], vocab: int, device: torch.device | str = "cpu") -> GrammarMasks | None:
+    """The grammar masks of the step's constrained requests (numbered as ``states``; each one's
+    :meth:`RequestState.mask_filler`: none inside a thinking span) over ``vocab`` tokens on ``device``, all at once;
+    None when no request is constrained."""
+    fillers = [state.mask_filler() for state in states]
+    constrained = [(i, f) for i, f in enumerate(fillers) if f is not None]
+    if not constrained:
+        return None
+    return grammar_masks([i for i, _ in constrained], [f for _, f in constrained], vocab, device)
