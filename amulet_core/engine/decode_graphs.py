@@ -14,7 +14,7 @@ copying its logits into one static buffer allocated outside the graphs' memory p
 share that pool and be replayed in any order. A step whose requests :meth:`DecodeGraphs.run` is given as its
 ``tail`` replays a graph that then also computes their method and choice of tokens over that buffer
 (:mod:`amulet_core.engine.decode_tail`): one per bucket and :class:`~amulet_core.engine.decode_tail.TailVariant` (the
-parts of the tail the step needs), captured on first use.
+parts of the tail the step needs): the common ones at start-up (:data:`START_TAIL_VARIANTS`), the others on first use.
 
 :meth:`DecodeGraphs.capture_at_start` captures the buckets smallest first within a time budget, so that the
 first requests do not pay for it; what the budget leaves is captured on first use.
@@ -54,9 +54,14 @@ START_TAIL_VARIANTS = (
     TailVariant(pairs=False, renormalise=False, sampled=False, filtering=False),  # base or pref, greedy
     TailVariant(pairs=True, renormalise=True, sampled=True, filtering=False),  # amulet or la, at a temperature
     TailVariant(pairs=False, renormalise=False, sampled=True, filtering=False),  # base or pref, at a temperature
+    TailVariant(pairs=True, renormalise=True, sampled=False, filtering=False, grammar=True),  # structured, greedy
+    TailVariant(pairs=False, renormalise=False, sampled=False, filtering=False, grammar=True),
+    TailVariant(pairs=True, renormalise=True, sampled=True, filtering=False, grammar=True),  # structured, sampled
+    TailVariant(pairs=False, renormalise=False, sampled=True, filtering=False, grammar=True),
 )
-"""The tail's variants :meth:`DecodeGraphs.capture_at_start` captures (within its budget) after the tail-less graphs:
-the common steps (the default plausibility is above 0). The others are captured on first use."""
+"""The tail's variants :meth:`DecodeGraphs.capture_at_start` captures (within its budget) after the tail-less graphs,
+in this order: the common steps (the default plausibility is above 0), then the same with grammar masks (structured
+outputs and tool calls: a step with a grammar request). The others are captured on first use."""
 
 
 def batch_buckets(max_num_seqs: int) -> tuple[int, ...]:

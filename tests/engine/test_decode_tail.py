@@ -16,6 +16,7 @@ import torch
 
 from amulet_core.device_tensors import StagedTensors
 from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.decode_graphs import START_TAIL_VARIANTS
 from amulet_core.engine.decode_tail import DecodeTail, TailVariant
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest, ThinkingSpan
@@ -339,6 +340,19 @@ def test_a_step_asks_for_the_parts_of_the_tail_its_requests_need():
     for specs, params, variant in cases:
         tail.set_rows(tail_rows(specs, range(4), params))
         assert tail.variant == variant, (specs, params)
+
+
+def test_the_common_steps_replay_variants_captured_at_start_up():
+    """Steps of ``amulet`` or ``base`` requests with the API's defaults (greedy, or a temperature with top-p 1), with
+    a grammar's masks or without (structured outputs, tools), ask for variants that start-up captures: the first
+    such requests do not pay for a capture."""
+    tail = DecodeTail(8, 8, VOCAB, torch.device("cpu"))
+    fillers = [RandomMask(i, 0.5, -(-VOCAB // 32)) for i in range(2)]
+    for params in (SamplingParams(temperature=0), SamplingParams()):
+        for specs in ([plain(0), plain(1)], [pair(0, AMULET), pair(2, AMULET)], [pair(0, AMULET), plain(2)]):
+            for masks in (None, grammar_masks([1], fillers[1:], VOCAB), grammar_masks([0, 1], fillers, VOCAB)):
+                tail.set_rows(tail_rows(specs, range(4), [params] * len(specs)), masks)
+                assert tail.variant in START_TAIL_VARIANTS, (specs, params, masks)
 
 
 def test_a_step_whose_rows_the_tail_cannot_hold_is_chosen_on_the_host_and_the_graphs_stay(tiny_model):
