@@ -155,6 +155,8 @@ class DecodeGraphs:
         self.tail_graphs: dict[tuple[tuple[int, int], TailVariant], torch.cuda.CUDAGraph] = {}
         """The forward pass and a variant of the tail, per bucket: :data:`START_TAIL_VARIANTS` at start-up, the others on
         first use."""
+        self.tail_alone: dict[tuple[int, TailVariant], torch.cuda.CUDAGraph] = {}
+        """The tail by itself, per batch bucket and variant (:meth:`run_tail`), captured on first use."""
         self.pool: Any = None
         self.capture_seconds = 0.0
         """Time spent warming up and capturing graphs, all buckets together."""
@@ -244,6 +246,28 @@ class DecodeGraphs:
         self.tail_steps += tail is not None and self.tail_enabled  # (a tail that failed here chose nothing)
         return self.logits[: len(chunks)]
 
+    def run_tail(self, size: int, tail: list[TailRow], masks: GrammarMasks | None = None) -> None:
+        """The tail alone for ``tail``'s requests over the logits of the forward pass :meth:`run` launched last (without
+        a tail) in batch bucket ``size``: their choices are then :meth:`DecodeTail.samples` of :attr:`tail`, unless
+        :attr:`tail_enabled` has turned False (the tail failed: logged, the logits kept). For a step whose masks and
+        rows follow tokens still on the device when its forward pass is launched (the host reads them meanwhile).
+        Raises :class:`~amulet_core.engine.decode_tail.TailRowsError`, having run nothing, for rows the tail cannot
+        hold."""
+        self.tail.set_rows(tail, masks)
+        variant = self.tail.variant
+        try:
+            if not self.capture:
+                self.tail.compute(self.logits, size, variant, self.rows[0, :size])
+            elif (graph := self.tail_alone.get((size, variant))) is not None:
+                graph.replay()
+            else:
+                self._capture_tail(size, variant)
+        except Exception:
+            logger.exception("the decode graphs' tail failed; the host chooses the tokens from now on")
+            self.tail_enabled = False
+            return
+        self.tail_steps += 1
+
     def launch(self, bucket: tuple[int, int], tail: TailVariant | None = None) -> None:
         """The bucket's forward pass over the static inputs (and the parts ``tail`` names of the tail): replayed,
         captured first, or run eagerly. Where the tail fails (an operation a graph cannot hold on this device, say)
@@ -300,6 +324,22 @@ class DecodeGraphs:
             self.graphs[bucket] = graph
         else:
             self.tail_graphs[(bucket, tail)] = graph
+        graph.replay()
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds += time.perf_counter() - start
+
+    def _capture_tail(self, size: int, variant: TailVariant) -> None:
+        """Warm up, capture and replay the tail alone over the first ``size`` rows (:meth:`run_tail`)."""
+        start = time.perf_counter()
+        torch.cuda.synchronize(self.device)
+        self.tail.compute(self.logits, size, variant, self.rows[0, :size])
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.tail.compute(self.logits, size, variant, self.rows[0, :size])
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.tail_alone[(size, variant)] = graph
         graph.replay()
         torch.cuda.synchronize(self.device)
         self.capture_seconds += time.perf_counter() - start

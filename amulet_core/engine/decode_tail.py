@@ -8,8 +8,9 @@ any method and number of preference contexts (base, pref, la, amulet, CFG, a neg
 ``MAX_PREFERENCES``), ``logit_bias``, ``min_tokens``, the repetition, frequency and presence penalties, greedy or
 sampled (temperature, ``min_p``, ``top_k``, ``top_p``, a seed or none), the top log-probabilities and grammar masks
 (each step's made on the host by the requests' matchers, as the host path makes them, and copied in as bits; such a
-step is not overlapped, its masks following the tokens the host accepts; a thinking span is the same: its coefficient
-and grammar follow the tokens). The host copies back only the packed choices
+step's masks follow the tokens the host accepts, as a thinking span's coefficient and grammar do, so with the step
+before still in flight its forward pass is launched first and this tail alone once those tokens are read:
+:meth:`~amulet_core.engine.decode_graphs.DecodeGraphs.run_tail`). The host copies back only the packed choices
 (:class:`~amulet_core.sampling.sampler.DeviceSamples`: tokens, their log-probabilities, the failed flags, the top
 alternatives). The penalties and ``min_tokens`` count the step's input token, on the device, where it is the pending
 output of the step in flight: such requests are overlapped too.

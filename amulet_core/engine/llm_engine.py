@@ -12,7 +12,7 @@ from amulet_core.device_tensors import to_device
 from amulet_core.engine.block_manager import BlockManager
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.detokenizer import IncrementalDetokenizer
-from amulet_core.engine.model_runner import ModelRunner, logits_width
+from amulet_core.engine.model_runner import LaunchedForward, ModelRunner, logits_width
 from amulet_core.engine.overlap import PendingStep, PendingTokens, follows_tokens, overlappable
 from amulet_core.engine.protocol import (
     EngineStats,
@@ -142,6 +142,10 @@ class LLMEngine:
         logits_for = [seq for group in plan.sampled for seq in group.seqs]
         states = [self.requests[g.request_id] for g in plan.sampled]
         pending = self.pending.tokens if self.pending is not None else None
+        if pending is not None and any(follows_tokens(s) for s in states):
+            forward = self.runner.launch_forward(plan.chunks, pending) if self.runner.tail_replayable(plan.chunks) else None
+            if forward is not None:
+                return self._choose_after(plan, states, forward)
         try:
             samples = self._tail_samples(plan, logits_for, states, pending)
             logits = None
@@ -156,7 +160,7 @@ class LLMEngine:
             outputs = self._resolve()  # the previous step's tokens
             self.scheduler.complete_step(plan)
             self.pending = chosen
-            if self.overlap_host and not any(follows_tokens(s) for s in states):
+            if self.overlap_host:  # (a grammar's or a thinking span's next step: :meth:`_choose_after`)
                 self.overlapped_steps += 1
                 return outputs
             return outputs + self._resolve()
@@ -182,18 +186,47 @@ class LLMEngine:
     ) -> DeviceSamples | None:
         """The step run through the decode graphs with its method and choice of tokens inside (the grammar masks of
         this step made on the host first), when the step replays; None, having run nothing, otherwise."""
-        if not self.runner.tail_replayable(plan.chunks):
+        if not self.runner.tail_replayable(plan.chunks) or (pending is not None and any(follows_tokens(s) for s in states)):
             return None  # (before the requests' rows are worked out: most such steps prefill)
-        params = [state.request.sampling for state in states]
-        histories = [tail_history(state) for state in states]
-        masks = step_masks(states, self.vocab_size)  # (their last tokens are on the host: never overlapped)
-        specs = row_specs(states)
+        specs, params, histories = row_specs(states), [s.request.sampling for s in states], [tail_history(s) for s in states]
+        masks = step_masks(states, self.vocab_size)  # (their last tokens are on the host)
         samples = self.runner.run_with_tail(plan.chunks, logits_for, specs, params, histories, pending, masks)
-        if samples is not None:  # the seeded requests drew in the graph: their next draw is the next one
-            for state in states:
-                if isinstance(state.generator, SeededDraws) and not state.request.sampling.greedy:
-                    state.generator.take()
+        if samples is not None:
+            self._drew(states)
         return samples
+
+    def _choose_after(self, plan: StepPlan, states: list[RequestState], launched: LaunchedForward) -> list[GenerationOutput]:
+        """A decode step whose requests' masks or rows follow the tokens of the step in flight (a grammar, a thinking
+        span), its forward pass launched: those tokens read and accepted while it runs (as SGLang's overlap scheduler
+        does), then the masks and rows made and the tail launched alone; the host chooses instead where the tail
+        cannot (from the step's logits). The step stays in flight."""
+        outputs = self._resolve()
+        self.scheduler.complete_step(plan)
+        states = [s for s in states if self._running(s)]  # not finished by the previous step's tokens
+        logits_for = [seq for state in states for seq in state.group.seqs]
+        try:
+            specs, params, histories = row_specs(states), [s.request.sampling for s in states], [tail_history(s) for s in states]
+            masks = step_masks(states, self.vocab_size)
+            samples = self.runner.choose_after(launched, logits_for, specs, params, histories, masks) if states else None
+        except BaseException as exc:  # the masks failed: no row has a distribution
+            if not is_request_failure(exc):
+                raise
+            logger.exception("method application failed")
+            return outputs + [self._drop(s).finish("error", f"Decoding failed: {type(exc).__name__}") for s in states]
+        if samples is None:
+            return outputs + (self._sample(states, self.runner.logits_after(launched, logits_for)) if states else [])
+        self._drew(states)
+        self.pending = PendingStep.launch(states, samples)
+        self.overlapped_steps += 1
+        return outputs
+
+    @staticmethod
+    def _drew(states: list[RequestState]) -> None:
+        """The tail chose the tokens of ``states``: their seeded requests drew in the graph (their next draw is the
+        next one)."""
+        for state in states:
+            if isinstance(state.generator, SeededDraws) and not state.request.sampling.greedy:
+                state.generator.take()
 
     def _running(self, state: RequestState) -> bool:
         return self.requests.get(state.request.request_id) is state

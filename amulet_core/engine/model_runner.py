@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -42,6 +43,16 @@ from amulet_core.sampling.params import SamplingParams
 from amulet_core.sampling.sampler import DeviceSamples
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchedForward:
+    """A decode step's forward pass queued by :meth:`ModelRunner.launch_forward`, its tail not yet: the graphs that
+    hold its logits, its batch bucket and each sequence's row (by ``id``)."""
+
+    graphs: DecodeGraphs
+    size: int
+    rows: dict[int, int]
 
 
 def logits_width(model: torch.nn.Module) -> int:
@@ -232,6 +243,46 @@ class ModelRunner:
         if self._replay(chunks, logits_for, pending, (specs, params, histories), masks) is None:
             return None
         return graphs.tail.samples() if graphs.tail_enabled else None  # (the tail failed: run() reads the logits)
+
+    @torch.inference_mode()
+    def launch_forward(self, chunks: list[ScheduledChunk], pending: PendingTokens | None) -> LaunchedForward | None:
+        """A decode-only step's forward pass through the decode graphs, its choices left for later
+        (:meth:`choose_after`: the tail alone, once the host has made what depends on the tokens of the step in flight,
+        which this one reads on the device). None, having run nothing, when the step cannot be replayed with the tail."""
+        graphs, bucket = self.graphs, self._bucket(chunks)
+        if graphs is None or bucket is None or not graphs.tail_enabled:
+            return None
+        try:
+            graphs.run(chunks, bucket, pending)
+        except Exception:
+            logger.exception("decode graph %s failed; decode steps run eagerly from now on", bucket)
+            self.graphs = None
+            return None
+        return LaunchedForward(graphs, bucket[0], {id(c.seq): i for i, c in enumerate(chunks)})
+
+    @torch.inference_mode()
+    def choose_after(
+        self,
+        launched: LaunchedForward,
+        logits_for: list[Sequence],
+        specs: list[RowSpec],
+        params: list[SamplingParams],
+        histories: list[TailHistory],
+        masks: GrammarMasks | None = None,
+    ) -> DeviceSamples | None:
+        """The choices of :meth:`launch_forward`'s step for the requests of ``specs`` (numbering the rows of
+        ``logits_for``, sequences of that step), by the tail alone; None when the tail cannot hold them or has failed
+        (:meth:`logits_after` then gives their logits to choose from)."""
+        order = [launched.rows[id(seq)] for seq in logits_for]
+        try:
+            launched.graphs.run_tail(launched.size, tail_rows(specs, order, params, histories), masks)
+        except TailRowsError:
+            return None
+        return launched.graphs.tail.samples() if launched.graphs.tail_enabled else None
+
+    def logits_after(self, launched: LaunchedForward, logits_for: list[Sequence]) -> torch.Tensor:
+        """Float32 logits of ``logits_for``'s rows of :meth:`launch_forward`'s step, in that order."""
+        return launched.graphs.logits.index_select(0, self._tensor([launched.rows[id(seq)] for seq in logits_for]))
 
     def tail_replayable(self, chunks: list[ScheduledChunk]) -> bool:
         """Whether a step of ``chunks`` can replay the decode graphs with the tail (checked before its requests'

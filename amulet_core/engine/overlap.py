@@ -11,6 +11,13 @@ scheduled and launched at once: the runner takes each placeholder's token from t
 (:meth:`PendingStep.read`: its copy has long finished), put them in place of the placeholders, detokenise and
 answer, while the device runs the new step (as SGLang's overlap scheduler and vLLM's async scheduling do).
 
+A step with requests whose next step needs their last token on the host (a grammar's mask, a thinking span's
+coefficient: :func:`follows_tokens`) is overlapped where the decode graphs choose its tokens: the next step's forward
+pass is launched first (its input tokens taken on the device, as above), the host reads and accepts the tokens of
+the step in flight while it runs, then makes the masks and rows and launches the tail alone
+(:meth:`~amulet_core.engine.model_runner.ModelRunner.launch_forward`, then ``choose_after``), as SGLang overlaps its
+grammar masks with the forward pass. On the host path such a step's tokens are read before it samples.
+
 The cost: a request that stops (EOS, a stop string, its length) is known to have stopped a step late, so its row of
 the step in flight is computed and dropped. The outputs are the same, token for token (the sampler queues the same
 operations in the same order with the same generators).

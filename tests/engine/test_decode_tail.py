@@ -10,6 +10,8 @@ every method, overlapped or not), and which steps may use it at all.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 
 import pytest
 import torch
@@ -375,6 +377,42 @@ def test_a_step_whose_rows_the_tail_cannot_hold_is_chosen_on_the_host_and_the_gr
     assert engine.runner.graphs is graphs and graphs.tail_enabled and 0 < graphs.tail_steps < graphs.steps
 
 
+def test_a_grammar_step_whose_tail_fails_is_chosen_on_the_host_from_its_launched_forward(tiny_model, caplog):
+    """Grammar requests whose steps launch their forward pass before their masks are made (the tokens of the step in
+    flight read meanwhile); the tail fails in the fourth such step (an operation the device cannot run, say): that
+    step's tokens are chosen on the host from the launched forward pass's logits (the answers are the host path's),
+    the tail is turned off with a logged error and the graphs stay."""
+    loaded = tiny_model("qwen2")
+    engine = graphed_engine(loaded, EngineConfig(**FIELDS, overlap_host=True), tail=True)
+    graphs = engine.runner.graphs
+    assert graphs is not None
+    if graphs.capture:
+        pytest.skip("captured graphs hold the tail they were captured with")
+    pref, base = prompts(36, shared=8, pref_extra=3, base_extra=2)
+    digits = GrammarSpec(GrammarKind.REGEX, "[0-9]{12}")
+    requests = [
+        make_request("amulet", AMULET, pref, base, max_tokens=9, logprobs=True, grammar=digits),
+        make_request("base", METHODS[0], pref, base, max_tokens=10, logprobs=True, top_logprobs=2, grammar=digits),
+    ]
+    launched, chosen_on_the_host = [], []
+    runner, compute = engine.runner, graphs.tail.compute
+    launch, logits_after = runner.launch_forward, runner.logits_after
+    runner.launch_forward = lambda *args: launched.append(launch(*args)) or launched[-1]  # type: ignore[method-assign]
+    runner.logits_after = lambda *args: chosen_on_the_host.append(logits_after(*args)) or chosen_on_the_host[-1]  # type: ignore[method-assign]
+
+    def failing(*args, **kwargs):
+        if len(launched) == 4:
+            raise RuntimeError("no such kernel on this device")
+        return compute(*args, **kwargs)
+
+    graphs.tail.compute = failing  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR):
+        assert answers(engine, requests) == answers(graphed_engine(loaded, EngineConfig(**FIELDS), tail=False), requests)
+    assert "the decode graphs' tail failed" in caplog.text
+    assert engine.runner.graphs is graphs and not graphs.tail_enabled and 0 < graphs.tail_steps < graphs.steps
+    assert len(launched) == 4 and all(launched) and len(chosen_on_the_host) == 1
+
+
 def test_set_rows_refuses_rows_outside_the_buffer():
     tail = DecodeTail(4, 4, VOCAB, torch.device("cpu"))
     with pytest.raises(ValueError):
@@ -440,15 +478,18 @@ def test_the_engine_answers_the_same_with_the_tail_choosing_the_tokens(tiny_mode
     assert (with_tail.overlapped_steps >= graphs.steps) == overlap  # the decode steps, and the prefill before them
 
 
-def test_grammar_requests_are_the_tails_stepped_one_by_one_with_the_hosts_answers(tiny_model):
+def test_grammar_requests_are_the_tails_and_overlapped_with_the_hosts_answers(tiny_model):
     """Requests with a grammar (regex, JSON schema; amulet, base, la) beside greedy ones: every decode step is the
-    tail's (their masks made on the host, applied in the graph), a step that holds one is not overlapped (its mask
-    follows the token the host accepts), the others are; the answers are the host path's, bit for bit."""
+    tail's (their masks made on the host, applied in the graph) and overlapped: a step that holds one launches its
+    forward pass, reads and accepts the tokens of the step in flight meanwhile, then makes its masks and launches
+    the tail alone; the answers are the host path's, bit for bit."""
     loaded = tiny_model("qwen2")
     config = EngineConfig(**FIELDS, overlap_host=True)
     pref, base = prompts(32, shared=10, pref_extra=4, base_extra=3)
     digits = GrammarSpec(GrammarKind.REGEX, "[0-9]{3}")
     schema = GrammarSpec(GrammarKind.JSON_SCHEMA, '{"type": "object", "properties": {"a": {"type": "integer"}}}')
+    ten_digits = GrammarSpec(GrammarKind.REGEX, "[0-9]{10}")
+    alternating = GrammarSpec(GrammarKind.REGEX, "([0-9][a-z]){6}")  # each mask other than the last
 
     def batch() -> list:
         return [
@@ -456,6 +497,8 @@ def test_grammar_requests_are_the_tails_stepped_one_by_one_with_the_hosts_answer
             make_request("digits", AMULET, pref, base, max_tokens=6, logprobs=True, top_logprobs=3, grammar=digits),
             make_request("json", METHODS[0], pref, base, max_tokens=10, grammar=schema),
             make_request("weak", WEAK, pref, base, max_tokens=8, grammar=digits, logit_bias=((7, 5.0),)),
+            make_request("alternating", METHODS[0], pref, base, max_tokens=14, grammar=alternating),
+            make_request("drawn", METHODS[0], pref, base, max_tokens=12, temperature=1.5, seed=11, grammar=ten_digits),
         ]
 
     with_tail = graphed_engine(loaded, config, tail=True)
@@ -463,13 +506,17 @@ def test_grammar_requests_are_the_tails_stepped_one_by_one_with_the_hosts_answer
     assert got == answers(graphed_engine(loaded, config, tail=False), batch())
     graphs = with_tail.runner.graphs
     assert graphs is not None and graphs.tail_steps == graphs.steps >= 15
-    assert 0 < with_tail.overlapped_steps < graphs.steps  # the steps after the grammars' ended are overlapped
-    assert all("".join(out[0] for out in got[rid]).isdigit() for rid in ("digits", "weak"))
+    assert with_tail.overlapped_steps == graphs.steps  # every decode step (the prefill's holds grammars: not)
+    assert all("".join(out[0] for out in got[rid]).isdigit() for rid in ("digits", "weak", "drawn"))
+    assert re.fullmatch("([0-9][a-z]){6}", "".join(out[0] for out in got["alternating"]))
 
 
 def test_thinking_spans_are_the_tails_with_the_hosts_answers(tiny_model):
     """A reasoning request's thinking (the preference context alone: A = 1), then the method and a grammar after its
-    end token, beside a plain request: every decode step is the tail's, and the answers are the host path's."""
+    end token, another's without a grammar or plausibility pass (every log-probability follows A), beside a plain
+    request: every decode step is the tail's and overlapped (the thinking's coefficient and
+    the grammar made once the step in flight's tokens are read, while the next forward pass runs), and the answers
+    are the host path's."""
     loaded = tiny_model("llama")
     config = EngineConfig(**FIELDS, overlap_host=True)
     pref, base = prompts(41, shared=12, pref_extra=5, base_extra=2)
@@ -484,13 +531,16 @@ def test_thinking_spans_are_the_tails_with_the_hosts_answers(tiny_model):
     def batch() -> list:
         thinking = make_request("t", AMULET, pref, base, max_tokens=end + 5, logprobs=True, grammar=digits)
         thinking = GenerationRequest.from_contexts("t", thinking.contexts, thinking.sampling, thinking.method, thinking=span)
-        return [thinking, make_request("plain", STRICT, pref, base, max_tokens=12, ignore_eos=True)]
+        free = make_request("free", LOOSE, pref, base, max_tokens=end + 5, logprobs=True, ignore_eos=True)
+        free = GenerationRequest.from_contexts("free", free.contexts, free.sampling, free.method, thinking=span)
+        return [thinking, free, make_request("plain", STRICT, pref, base, max_tokens=12, ignore_eos=True)]
 
     with_tail = graphed_engine(loaded, config, tail=True)
     got = answers(with_tail, batch())
     assert got == answers(graphed_engine(loaded, config, tail=False), batch())
     graphs = with_tail.runner.graphs
     assert graphs is not None and graphs.tail_steps == graphs.steps >= 10
+    assert with_tail.overlapped_steps == graphs.steps
     assert tokens(got["t"])[: end + 1] == thought[: end + 1]  # the thinking: the preference context's tokens
 
 
