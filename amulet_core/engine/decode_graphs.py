@@ -38,6 +38,7 @@ import torch
 
 from amulet_core.device_tensors import StagedTensors
 from amulet_core.engine.decode_tail import DecodeTail, TailVariant
+from amulet_core.engine.graph_buckets import START_TAIL_VARIANTS, batch_buckets, context_buckets, smallest_at_least
 from amulet_core.engine.invariant_attention import InvariantPlan, decode_plan
 from amulet_core.engine.invariant_ops import PackedWeights, batch_invariant
 from amulet_core.engine.overlap import PendingTokens, pending_places
@@ -48,46 +49,6 @@ from amulet_core.engine.tail_rows import TailRow
 from amulet_core.grammar.masks import GrammarMasks
 
 logger = logging.getLogger(__name__)
-
-START_TAIL_VARIANTS = (
-    TailVariant(pairs=True, renormalise=True, sampled=False, filtering=False),  # amulet or la, greedy
-    TailVariant(pairs=False, renormalise=False, sampled=False, filtering=False),  # base or pref, greedy
-    TailVariant(pairs=True, renormalise=True, sampled=True, filtering=False),  # amulet or la, at a temperature
-    TailVariant(pairs=False, renormalise=False, sampled=True, filtering=False),  # base or pref, at a temperature
-    TailVariant(pairs=True, renormalise=True, sampled=False, filtering=False, grammar=True),  # structured, greedy
-    TailVariant(pairs=False, renormalise=False, sampled=False, filtering=False, grammar=True),
-    TailVariant(pairs=True, renormalise=True, sampled=True, filtering=False, grammar=True),  # structured, sampled
-    TailVariant(pairs=False, renormalise=False, sampled=True, filtering=False, grammar=True),
-)
-"""The tail's variants :meth:`DecodeGraphs.capture_at_start` captures (within its budget) after the tail-less graphs,
-in this order: the common steps (the default plausibility is above 0), then the same with grammar masks (structured
-outputs and tool calls: a step with a grammar request). The others are captured on first use."""
-
-
-def batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
-    """1, 2, 4, ... below ``max_num_seqs``, then ``max_num_seqs`` itself."""
-    sizes = {max_num_seqs}
-    size = 1
-    while size < max_num_seqs:
-        sizes.add(size)
-        size *= 2
-    return tuple(sorted(sizes))
-
-
-def context_buckets(block_size: int, max_model_len: int) -> tuple[int, ...]:
-    """Whole blocks, doubling from one block up to the first length that holds ``max_model_len`` tokens."""
-    top = -(-max_model_len // block_size) * block_size
-    sizes = []
-    size = block_size
-    while size < top:
-        sizes.append(size)
-        size *= 2
-    sizes.append(top)
-    return tuple(sizes)
-
-
-def smallest_at_least(buckets: tuple[int, ...], value: int) -> int | None:
-    return next((b for b in buckets if b >= value), None)
 
 
 class DecodeGraphs:
@@ -308,38 +269,34 @@ class DecodeGraphs:
             self.tail.compute(self.logits, size, tail, token_ids)
 
     def _capture(self, bucket: tuple[int, int], tail: TailVariant | None = None) -> None:
-        """Warm up, capture and replay the bucket's graph. The warm-up writes the real rows' keys and
-        values, which the replay writes again, identically."""
-        start = time.perf_counter()
+        """Capture the bucket's graph (and replay it). The warm-up writes the real rows' keys and values, which the
+        replay writes again, identically."""
         size, length = bucket
-        torch.cuda.synchronize(self.device)
-        self._forward(size, length, tail)  # lazy initialisation (cuBLAS handles, kernels) must not happen while capturing
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._forward(size, length, tail)
-        if self.pool is None:
-            self.pool = graph.pool()
+        graph = self._captured(lambda: self._forward(size, length, tail))
         if tail is None:
             self.graphs[bucket] = graph
         else:
             self.tail_graphs[(bucket, tail)] = graph
-        graph.replay()
-        torch.cuda.synchronize(self.device)
-        self.capture_seconds += time.perf_counter() - start
 
     def _capture_tail(self, size: int, variant: TailVariant) -> None:
-        """Warm up, capture and replay the tail alone over the first ``size`` rows (:meth:`run_tail`)."""
+        """Capture the tail alone over the first ``size`` rows (:meth:`run_tail`), and replay it."""
+        self.tail_alone[(size, variant)] = self._captured(
+            lambda: self.tail.compute(self.logits, size, variant, self.rows[0, :size])
+        )
+
+    def _captured(self, work: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """``work`` run once (lazy initialisation, cuBLAS handles and kernels, must not happen while capturing),
+        captured into a graph of the shared pool, and replayed."""
         start = time.perf_counter()
         torch.cuda.synchronize(self.device)
-        self.tail.compute(self.logits, size, variant, self.rows[0, :size])
+        work()
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.tail.compute(self.logits, size, variant, self.rows[0, :size])
+            work()
         if self.pool is None:
             self.pool = graph.pool()
-        self.tail_alone[(size, variant)] = graph
         graph.replay()
         torch.cuda.synchronize(self.device)
         self.capture_seconds += time.perf_counter() - start
+        return graph

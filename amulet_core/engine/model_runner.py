@@ -11,8 +11,9 @@ import torch
 
 from amulet_core.device_tensors import to_device
 from amulet_core.engine.config import EngineConfig
-from amulet_core.engine.decode_graphs import START_TAIL_VARIANTS, DecodeGraphs
+from amulet_core.engine.decode_graphs import DecodeGraphs
 from amulet_core.engine.decode_tail import TailRowsError
+from amulet_core.engine.graph_buckets import START_TAIL_VARIANTS
 from amulet_core.engine.invariant_attention import step_plan
 from amulet_core.engine.invariant_ops import batch_invariant, invariant_weights
 from amulet_core.engine.kv_budget import describe_cache, kv_budget

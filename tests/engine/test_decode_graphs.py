@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from amulet_core.engine.config import EngineConfig
-from amulet_core.engine.decode_graphs import START_TAIL_VARIANTS, batch_buckets, context_buckets
+from amulet_core.engine.graph_buckets import START_TAIL_VARIANTS, batch_buckets, context_buckets
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.sequence import Sequence

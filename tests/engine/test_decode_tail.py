@@ -18,8 +18,8 @@ import torch
 
 from amulet_core.device_tensors import StagedTensors
 from amulet_core.engine.config import EngineConfig
-from amulet_core.engine.decode_graphs import START_TAIL_VARIANTS
 from amulet_core.engine.decode_tail import DecodeTail, TailVariant
+from amulet_core.engine.graph_buckets import START_TAIL_VARIANTS
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest, ThinkingSpan
 from amulet_core.engine.step_rows import tail_history
