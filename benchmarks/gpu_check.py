@@ -19,7 +19,8 @@ Steps, each timed and recorded (a failing step is recorded and the next one runs
    CUDA graphs and without.
 4. ``llama_1b``, ``llama_8b``: random-weight models shaped like Llama-3.2-1B and Llama-3.1-8B (bfloat16):
    transformers ``generate`` single stream, engine ``base`` and ``amulet`` single stream, ``amulet``
-   aggregate at 16 and 64 streams, TTFT of a 2,000-token prompt cold and on a prefix hit, and the
+   aggregate at 16 and 64 streams (and at 64 with one request in 8 constrained by a grammar, ``engine_grammar_*``,
+   with the share of its steps overlapped), TTFT of a 2,000-token prompt cold and on a prefix hit, and the
    memory-bandwidth bound (weight bytes / measured device copy rate), with the engine's default decode attention
    (``attention``: the paged decode kernel where it runs); then ``base`` single stream and ``amulet`` at the
    most streams and the long prompt's TTFT again with the gathered SDPA attention (``sdpa_*``), with the host not
@@ -61,6 +62,7 @@ import torch
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.protocol import GenerationRequest
+from amulet_core.grammar.spec import GrammarKind, GrammarSpec
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.model.loading import LoadedModel
 from amulet_core.sampling.params import SamplingParams
@@ -251,6 +253,21 @@ def _amulet_streams(prefix: str, n: int, rng: random.Random, vocab: int, opts: a
     return [_request(f"{prefix}-{i}", Method.AMULET, p, b, opts.stream_tokens) for i, (p, b) in enumerate(pairs)]
 
 
+GRAMMAR_SHARE = 8
+"""One request in this many of :func:`_grammar_streams` has a grammar."""
+FREE_TEXT = GrammarSpec(GrammarKind.REGEX, "[a-z0-9 ,.]{0,100000}")
+"""A grammar that allows most of what a random model writes: its masks cost what any grammar's do."""
+
+
+def _grammar_streams(prefix: str, n: int, rng: random.Random, vocab: int, opts: argparse.Namespace) -> list[GenerationRequest]:
+    """:func:`_amulet_streams` with one request in :data:`GRAMMAR_SHARE` constrained (structured outputs, tool calls)."""
+    requests = _amulet_streams(prefix, n, rng, vocab, opts)
+    for i in range(0, n, GRAMMAR_SHARE):
+        r = requests[i]
+        requests[i] = dataclasses.replace(r, sampling=dataclasses.replace(r.sampling, grammar=FREE_TEXT))
+    return requests
+
+
 def _run(engine: LLMEngine, device: torch.device, requests: list[GenerationRequest]) -> dict[str, float]:
     """Run the requests together; tokens/s overall, and the decode steps' median time once all decode."""
     for r in requests:
@@ -323,6 +340,10 @@ def step_model(
     result["engine_amulet_1"] = _run(engine, device, [_request("a1", Method.AMULET, pref, base, opts.new_tokens)])
     for n in opts.streams:
         result[f"engine_amulet_{n}"] = _run(engine, device, _amulet_streams(f"s{n}", n, rng, vocab, opts))
+    n = max(opts.streams)
+    overlapped, steps = engine.overlapped_steps, engine.steps
+    result[f"engine_grammar_{n}"] = _run(engine, device, _grammar_streams(f"g{n}", n, rng, vocab, opts))
+    result[f"engine_grammar_{n}"]["overlapped_share"] = (engine.overlapped_steps - overlapped) / (engine.steps - steps)
     graphs = engine.runner.graphs
     result["cuda_graphs"] = (
         {
@@ -333,6 +354,7 @@ def step_model(
             "decode_steps": graphs.steps,
             "tail_steps": graphs.tail_steps,
             "tail_graphs": len(graphs.tail_graphs),
+            "tail_alone_graphs": len(graphs.tail_alone),
             "tail_enabled": graphs.tail_enabled,
         }
         if graphs
@@ -349,7 +371,6 @@ def step_model(
         torch.cuda.empty_cache()
     # The same runs with the gathered SDPA decode attention (CUDA graphs on), then without CUDA graphs (every decode
     # step launched from Python), in the same process.
-    n = max(opts.streams)
     # Their graphs are captured on first use (the median decode step leaves that step out): device minutes are few.
     sdpa = LLMEngine(loaded, dataclasses.replace(engine_config, attention_backend="sdpa", graph_capture_seconds=0))
     _run(sdpa, device, [_request("warm", Method.AMULET, pref, base, 4)])
@@ -394,6 +415,10 @@ def step_model(
         "base_1 decode step, gathered sdpa / default attention": result["sdpa_base_1"]["decode_step_ms"]
         / result["engine_base_1"]["decode_step_ms"],
         "decode step at the most streams, host not overlapped / overlapped": result[f"sync_amulet_{n}"]["decode_step_ms"]
+        / top["decode_step_ms"],
+        f"decode step at the most streams, 1 in {GRAMMAR_SHARE} with a grammar / none (goal <= 1.1)": result[
+            f"engine_grammar_{n}"
+        ]["decode_step_ms"]
         / top["decode_step_ms"],
         "decode step at the most streams, gathered sdpa / default attention": result[f"sdpa_amulet_{n}"]["decode_step_ms"]
         / top["decode_step_ms"],

@@ -45,6 +45,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path, smollm_tokenizer):
             assert result[key] > 0
         assert result["engine_amulet_4"]["tokens"] == result["eager_amulet_4"]["tokens"] == 4 * 4
         assert result["sdpa_amulet_4"]["tokens"] == result["sync_amulet_4"]["tokens"] == 4 * 4
+        assert result["engine_grammar_4"]["tokens"] == 4 * 4  # one of them constrained by a grammar
         assert result["attention"] == "gathered sdpa"  # a CPU
         assert result["host_overhead_4"]["sequences"] == 8
     parts = {"scheduling", "input_building", "forward", "method_combination", "sampling", "detokenize_and_outputs"}
