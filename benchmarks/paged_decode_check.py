@@ -9,7 +9,9 @@ context lengths up to ``max_len``, and
   that the engine ran before it (:func:`amulet_core.engine.paged_attention.paged_attention_forward`'s gathered
   group: index_select of the padded contexts, then SDPA with the padding mask), each the median of ``repeats``
   timed calls after a warm-up;
-* ``kv_bytes_per_s``: the kernel's rate over the KV bytes the rows really hold (their lengths, not the padding).
+* ``kv_bytes_per_s``: the kernel's rate over the KV bytes the rows really hold (their lengths, not the padding);
+* for requests of two contexts sharing a conversation (``pairs*``): the kernel reading the shared blocks once
+  against SDPA (``max_abs_err``), and its time against the kernel reading each row's whole table.
 
 On the CPU dry run Triton's interpreter runs the kernel on tiny sizes (no timing means anything there).
 """
@@ -82,9 +84,58 @@ def compare(
     }
 
 
+def compare_shared(
+    heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device, pairs: int, shared: int, tail: int,
+    repeats: int,
+) -> dict[str, float]:  # fmt: skip
+    """``pairs`` requests of two contexts (an ``amulet`` request's preference and contrast) sharing their first
+    ``shared`` positions (whole blocks), each context ``tail`` more of its own: the kernel with the shared blocks read
+    once (``followers``) against SDPA over the gathered contexts (``max_abs_err``) and against the kernel reading each
+    row's whole table (``kernel_ms`` and ``kernel_each_row_ms``)."""
+    gen = torch.Generator().manual_seed(heads * dim + pairs)
+    rows, length = 2 * pairs, shared + tail
+    need, common = -(-length // BLOCK), shared // BLOCK
+    blocks = pairs * (common + 2 * (need - common)) + 1
+    keys = torch.randn(kv_heads, blocks * BLOCK, dim, generator=gen).to(device, dtype)
+    values = torch.randn(kv_heads, blocks * BLOCK, dim, generator=gen).to(device, dtype)
+    pool = torch.randperm(blocks, generator=gen).tolist()
+    table_rows = []
+    for _ in range(pairs):
+        head = [pool.pop() for _ in range(common)]
+        table_rows += [head + [pool.pop() for _ in range(need - common)] for _ in range(2)]
+    tables = torch.tensor(table_rows, device=device)
+    lengths = torch.full((rows,), length, device=device)
+    followers = torch.full((rows, 3), -1, device=device)
+    followers[0::2, 0] = torch.arange(1, rows, 2, device=device)
+    skip = torch.zeros(rows, dtype=torch.long, device=device)
+    skip[1::2] = shared
+    query = torch.randn(rows, heads, dim, generator=gen).to(device, dtype)
+    scale = dim**-0.5
+
+    def once() -> torch.Tensor:
+        return paged_decode_attention(query, keys, values, tables, lengths, BLOCK, length, scale, None, None, followers, skip)
+
+    def each_row() -> torch.Tensor:
+        return paged_decode_attention(query, keys, values, tables, lengths, BLOCK, length, scale)
+
+    group = decode_group(tables, lengths, BLOCK, length)
+    assert group.context_slots is not None
+    q = query.view(rows, kv_heads, heads // kv_heads, dim)
+    k = keys.index_select(1, group.context_slots).view(kv_heads, rows, length, dim).transpose(0, 1)
+    v = values.index_select(1, group.context_slots).view(kv_heads, rows, length, dim).transpose(0, 1)
+    want = F.scaled_dot_product_attention(q, k, v, scale=scale).reshape(rows, heads, dim)
+    return {
+        "max_abs_err": float((once().float() - want.float()).abs().max()),
+        "kernel_ms": _timed(once, device, repeats),
+        "kernel_each_row_ms": _timed(each_row, device, repeats),
+    }
+
+
 def step_kernel(device: torch.device, dry: bool) -> dict[str, Any]:
-    """Per shape, dtype and (rows, longest context): :func:`compare`'s figures."""
+    """Per shape, dtype and (rows, longest context): :func:`compare`'s figures; then :func:`compare_shared`'s for
+    requests of two contexts sharing a conversation (pairs, shared positions, each context's own)."""
     cases = [(2, 40)] if dry else [(1, 1024), (64, 1024), (64, 4096)]
+    shared_cases = [(2, 32, 8)] if dry else [(32, 1024, 64), (64, 2048, 32)]
     result: dict[str, Any] = {}
     for name, (heads, kv_heads, dim) in SHAPES.items():
         if dry:
@@ -94,4 +145,9 @@ def step_kernel(device: torch.device, dry: bool) -> dict[str, Any]:
                 key = f"{name}_{str(dtype).removeprefix('torch.')}_rows{rows}_len{max_len}"
                 result[key] = compare(heads, kv_heads, dim, dtype, device, rows, max_len, 1 if dry else 20)
                 print(key, result[key], flush=True)
+            for pairs, shared, tail in shared_cases:
+                key = f"{name}_{str(dtype).removeprefix('torch.')}_pairs{pairs}_shared{shared}_tail{tail}"
+                figures = compare_shared(heads, kv_heads, dim, dtype, device, pairs, shared, tail, 1 if dry else 20)
+                result[key] = figures
+                print(key, figures, flush=True)
     return result

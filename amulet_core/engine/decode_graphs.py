@@ -45,6 +45,7 @@ from amulet_core.engine.overlap import PendingTokens, pending_places
 from amulet_core.engine.packed_forward import PackedForward
 from amulet_core.engine.paged_attention import PackedBatch, PagedKVCache, decode_group, padded_block_tables
 from amulet_core.engine.scheduler import ScheduledChunk
+from amulet_core.engine.shared_prefixes import FOLLOWERS, shared_prefixes
 from amulet_core.engine.tail_rows import TailRow
 from amulet_core.grammar.masks import GrammarMasks
 
@@ -92,6 +93,8 @@ class DecodeGraphs:
             {
                 "rows": ((4, max_batch), torch.long, 0),
                 "pending": ((2, max_batch), torch.long, 0),
+                "followers": ((max_batch, FOLLOWERS), torch.long, -1),
+                "skip": ((max_batch,), torch.long, 0),
                 "tables": ((max_batch, max_len // self.block_size), torch.long, scratch_block),
             },
             device,
@@ -196,6 +199,13 @@ class DecodeGraphs:
         host = self.inputs.host
         host("rows")[:, :size] = torch.tensor([token_ids, positions, slots, lengths], dtype=torch.long)
         host("tables")[:size, :blocks] = torch.tensor(tables, dtype=torch.long).view(size, blocks)
+        if self.paged_kernel:  # the blocks rows share, read once (the padding rows share none)
+            followers, skip = shared_prefixes(chunks, bs) or ([], [])
+            host("followers")[:size] = -1
+            host("skip")[:size] = 0
+            if skip:
+                host("followers")[: len(chunks)] = torch.tensor(followers, dtype=torch.long)
+                host("skip")[: len(chunks)] = torch.tensor(skip, dtype=torch.long)
         where, rows = pending_places(token_ids[: len(chunks)], chunks, pending) if pending is not None else ([], [])
         if where:
             host("pending")[:, : len(where)] = torch.tensor([where, rows], dtype=torch.long)
@@ -260,7 +270,8 @@ class DecodeGraphs:
             plan = InvariantPlan(decode_plan(tables, lengths, self.block_size, length), ())
             batch = PackedBatch(self.cache, slots, (), invariant=plan)
         else:
-            group = decode_group(tables, lengths, self.block_size, length, self.paged_kernel)
+            shared = (self.inputs["followers"][:size], self.inputs["skip"][:size]) if self.paged_kernel else None
+            group = decode_group(tables, lengths, self.block_size, length, self.paged_kernel, shared)
             batch = PackedBatch(self.cache, slots, (), group)
         with batch_invariant(self.invariant) if self.invariant is not None else nullcontext():
             logits = self.forward(token_ids.unsqueeze(0), positions.unsqueeze(0), 0, batch)

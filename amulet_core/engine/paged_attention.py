@@ -81,6 +81,11 @@ class DecodeGroup:
     lengths: torch.Tensor | None = None
     """``[size]`` context lengths (the new token is the last position); for the gathered group None when every row's
     is ``max_len``."""
+    followers: torch.Tensor | None = None
+    """The kernel's group: ``[size, F]`` the rows whose leading blocks each row's table holds (-1: none), with
+    ``skip`` (``[size]``) how many leading positions of each row its leader attends
+    (:func:`~amulet_core.engine.paged_decode.paged_decode_attention`); None: each row reads its whole table."""
+    skip: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -125,17 +130,24 @@ def padded_block_tables(tables: Iterable[list[int]], blocks: int, pad_block: int
 
 
 def decode_group(
-    tables: torch.Tensor, lengths: torch.Tensor | None, block_size: int, length: int, paged_kernel: bool = False
+    tables: torch.Tensor,
+    lengths: torch.Tensor | None,
+    block_size: int,
+    length: int,
+    paged_kernel: bool = False,
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> DecodeGroup:
     """The group of decode rows whose contexts are ``tables`` (``[rows, blocks]`` block ids, ``blocks *
     block_size >= length``): slots computed on the device, and with ``lengths`` (each row's context
     length) the mask of its padding; None means no row is padded. With ``paged_kernel`` the kernel reads the
-    tables itself (``lengths`` is then required)."""
+    tables itself (``lengths`` is then required), and ``shared`` (followers and skip: :func:`shared_prefixes`) the
+    blocks rows share once."""
     rows = tables.shape[0]
     if paged_kernel:
         if lengths is None:
             raise ValueError("decode_group: the paged kernel needs every row's length")
-        return DecodeGroup(rows, None, length, None, tables, lengths)
+        followers, skip = shared if shared is not None else (None, None)
+        return DecodeGroup(rows, None, length, None, tables, lengths, followers, skip)
     offsets = torch.arange(block_size, dtype=torch.long, device=tables.device)
     slots = (tables.unsqueeze(-1) * block_size + offsets).view(rows, -1)[:, :length]
     mask = None
@@ -232,6 +244,7 @@ def paged_attention_forward(
         out = paged_decode_attention(
             query[0, :, : decode.size].transpose(0, 1), k_cache, v_cache, decode.tables, decode.lengths,
             amulet_batch.cache.block_size, decode.max_len, scale, window if isinstance(window, int) else None, softcap,
+            decode.followers, decode.skip,
         )  # fmt: skip
         outputs.append(out.transpose(0, 1).unsqueeze(0))
     elif decode is not None and decode.context_slots is not None:

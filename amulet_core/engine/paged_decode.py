@@ -138,6 +138,8 @@ def paged_decode_attention(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    followers: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per row over its cached context.
 
@@ -148,8 +150,16 @@ def paged_decode_attention(
     the query are not attended (Mistral's, Gemma 2's sliding window); ``softcap``: scores capped to ``softcap *
     tanh(score / softcap)`` (Gemma 2). Returns ``[rows, heads, head_dim]`` in the query's dtype; float32 products
     are exact float32 (no TF32); bfloat16 and float16 ones run on the tensor cores, accumulating in float32. The
-    launch depends only on the shapes and ``max_len``, never on ``lengths``' values, so it can be captured in a
-    CUDA graph.
+    launch depends only on the shapes and ``max_len``, never on ``lengths``' or the followers' values, so it can be
+    captured in a CUDA graph.
+
+    Shared prefixes (a request's preference and contrast contexts share the conversation's blocks, as requests do a
+    cached system prompt): ``followers`` (``[rows, F]``, F + 1 a power of two; -1 for none) names for each row the
+    rows whose first ``skip[follower]`` positions lie in the same blocks of its table (``skip``: ``[rows]``, 0 for a
+    row that leads or shares nothing). A leader's programs then attend those positions for its followers' queries
+    too, as more rows of the same products (free up to the tensor cores' 16 rows), so their keys and values are
+    read once, not once per context; the followers' own programs start after them; every row's partial results are
+    then combined by their log-sum-exp (as FlashInfer's cascade attention does). Not with a ``window``.
     """
     from amulet_core.engine import paged_decode_triton as kernels
 
@@ -158,31 +168,43 @@ def paged_decode_attention(
     kv_heads = k_cache.shape[0]
     if tables.shape[0] != rows or lengths.shape != (rows,) or tables.shape[1] * block_size < max_len:
         raise ValueError("paged_decode_attention: tables, lengths and max_len do not describe the rows")
-    group = heads // kv_heads
+    cascade = followers is not None and skip is not None and window is None
+    if cascade and (followers is None or skip is None or followers.shape[0] != rows or skip.shape != (rows,)):
+        raise ValueError("paged_decode_attention: followers and skip do not describe the rows")
+    members = 1 + (followers.shape[1] if cascade and followers is not None else 0)
+    if members & (members - 1):
+        raise ValueError(f"paged_decode_attention: {members - 1} followers a row (one less than a power of two)")
+    group = kernels.next_power_of_2(heads // kv_heads)
     parts = partitions(max_len)
+    slots = 2 * parts if cascade else parts  # the followers' partitions attended by their leaders: slots parts..
     query = query.contiguous()
     out = torch.empty_like(query)
     # One partition: its normalised output is the answer, stored in the query's dtype with no combining launch.
-    part_out = out.unsqueeze(2) if parts == 1 else query.new_empty(rows, heads, parts, head_dim, dtype=torch.float32)
-    part_lse = query.new_empty(rows, heads, parts, dtype=torch.float32)
+    part_out = out.unsqueeze(2) if slots == 1 else query.new_empty(rows, heads, slots, head_dim, dtype=torch.float32)
+    if cascade:  # a row without a leader has nothing in its shared slots
+        part_lse = query.new_full((rows, heads, slots), float("-inf"), dtype=torch.float32)
+    else:
+        part_lse = query.new_empty(rows, heads, slots, dtype=torch.float32)
+    followers_in = followers if cascade and followers is not None else lengths
+    skip_in = skip if cascade and skip is not None else lengths
     partition, combine = kernels.partition_kernel, kernels.combine_kernel
     block_d = kernels.next_power_of_2(head_dim)
     partition[(rows, kv_heads, parts)](
-        query, k_cache, v_cache, tables, lengths, part_out, part_lse,
+        query, k_cache, v_cache, tables, lengths, followers_in, skip_in, part_out, part_lse,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), tables.stride(0),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-        scale, softcap or 1.0, window or 0, block_size, head_dim, group,
-        GROUP=max(_MIN_GROUP, kernels.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=BLOCK_N,
+        followers_in.stride(0), part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0),
+        part_lse.stride(1), parts, scale, softcap or 1.0, window or 0, block_size, head_dim, heads // kv_heads,
+        GROUP=group, MEMBERS=members, ROWS=max(_MIN_GROUP, group * members), BLOCK_D=block_d, BLOCK_N=BLOCK_N,
         PARTITION=PARTITION, USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None,
         EXACT=query.dtype == torch.float32 or interpreted,
     )  # fmt: skip
-    if parts == 1:
+    if slots == 1:
         return out
     combine[(rows, heads)](
         part_out, part_lse, out,
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1), parts, head_dim,
-        BLOCK_P=kernels.next_power_of_2(parts), BLOCK_D=block_d,
+        out.stride(0), out.stride(1), slots, head_dim,
+        BLOCK_P=kernels.next_power_of_2(slots), BLOCK_D=block_d,
     )  # fmt: skip
     return out
 

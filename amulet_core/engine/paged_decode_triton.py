@@ -8,7 +8,11 @@ Flash-decoding over the paged KV cache, in two launches:
   ``table[n // block_size] * block_size + n % block_size``), with an online softmax in float32; it writes the
   partition's normalised output and its log-sum-exp (with one partition, the output itself, in its dtype).
   Positions at or past the row's length, and outside its sliding window, weigh zero; a partition wholly past the
-  length writes a log-sum-exp of -inf.
+  length writes a log-sum-exp of -inf. With followers (rows whose first ``skip`` positions are in this row's first
+  blocks: a request's contrast context shares its conversation with its preference context), the program's
+  ``tl.dot`` rows are this row's query heads and then each follower's (``MEMBERS`` groups: free up to 16 rows), the
+  followers' rows seeing only their shared positions, written to their partition slots ``shared_slot + part``; a
+  follower's own programs start after them. So shared keys and values are read once, not once per context.
 * :func:`combine_kernel` (where there are several), one program per (row, query head): the partitions' outputs weighted by their
   ``exp(lse - max lse)``, written in the output's dtype.
 
@@ -75,18 +79,22 @@ def partition_kernel(
     v_ptr,
     tables_ptr,  # [B, max_blocks]
     lengths_ptr,  # [B]
-    part_out_ptr,  # [B, H, P, D] float32
+    followers_ptr,  # [B, MEMBERS - 1]: rows whose leading positions this row's programs attend for them (-1: none)
+    skip_ptr,  # [B]: leading positions of this row its leader's programs attend (0: none)
+    part_out_ptr,  # [B, H, P, D] float32 (P: twice the partitions with followers)
     part_lse_ptr,  # [B, H, P] float32
     stride_qb,
     stride_qh,
     stride_kh,
     stride_ks,
     stride_tb,
+    stride_fb,
     stride_ob,
     stride_oh,
     stride_op,
     stride_lb,
     stride_lh,
+    shared_slot,
     scale,
     softcap,
     window,
@@ -94,6 +102,8 @@ def partition_kernel(
     head_dim,
     group_size,
     GROUP: tl.constexpr,
+    MEMBERS: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PARTITION: tl.constexpr,
@@ -105,22 +115,44 @@ def partition_kernel(
     kv_head = tl.program_id(1).to(tl.int64)  # kv_head * stride_kh can pass 2**31 in a large cache
     part = tl.program_id(2)
     length = tl.load(lengths_ptr + row)
-    g = tl.arange(0, GROUP)
+    # The dot's rows: this row's query heads of the KV head (member 0), then those of its followers, GROUP each.
+    r = tl.arange(0, ROWS)
+    member = r // GROUP
+    g = r % GROUP
     d = tl.arange(0, BLOCK_D)
     heads = kv_head * group_size + g
-    g_ok = g < group_size
     d_ok = d < head_dim
     start = part * PARTITION
-    end = tl.minimum(start + PARTITION, length)
+    own_start = start
+    if MEMBERS > 1:
+        own_start = tl.maximum(start, tl.load(skip_ptr + row).to(tl.int32))
+    own_end = tl.minimum(start + PARTITION, length)
     low = 0
     if USE_WINDOW:
         low = length - window  # keys at positions <= (length - 1) - window are outside the window
-        start = tl.maximum(start, low)
-    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-    m_i = tl.full([GROUP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP], tl.float32)
-    acc = tl.zeros([GROUP, BLOCK_D], tl.float32)
-    first = start
+        own_start = tl.maximum(own_start, low)
+    member_row = tl.where(member == 0, row, -1)
+    if MEMBERS > 1:
+        followed = tl.load(followers_ptr + row * stride_fb + member - 1, mask=(member > 0) & (member < MEMBERS), other=-1)
+        followed = followed.to(tl.int32)
+        member_row = tl.where(member == 0, row, followed)
+    r_ok = (member_row >= 0) & (member < MEMBERS) & (g < group_size)
+    # A follower's queries see the leading positions it shares with this row (its skip), in this partition.
+    r_end = own_end
+    if MEMBERS > 1:
+        shared = tl.load(skip_ptr + member_row, mask=r_ok & (member > 0), other=0).to(tl.int32)
+        r_end = tl.where(member == 0, own_end, tl.minimum(start + PARTITION, shared))
+    r_end = tl.where(r_ok, r_end, 0)
+    r_start = tl.where(member == 0, own_start, start)
+    r_start = tl.where(r_ok, r_start, start + PARTITION)
+    q_rows = tl.where(r_ok, member_row, 0).to(tl.int64)
+    q_offsets = q_rows[:, None] * stride_qb + heads[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    first = tl.min(r_start, axis=0)
+    end = tl.max(r_end, axis=0)
     while first < end:  # a while loop: Triton's interpreter cannot range() over a loaded bound
         n = first + tl.arange(0, BLOCK_N)
         n_ok = n < end
@@ -128,15 +160,17 @@ def partition_kernel(
             n_ok = n_ok & (n >= low)
         table = tables_ptr + row * stride_tb
         k, v = _keys_and_values(k_ptr, v_ptr, table, n, n_ok, kv_head, d, d_ok, stride_kh, stride_ks, block_size)
-        m_i, l_i, acc = _attend(q, k, v, n_ok[None, :], m_i, l_i, acc, scale, softcap, USE_SOFTCAP, EXACT)
+        seen = n_ok[None, :] & (n[None, :] >= r_start[:, None]) & (n[None, :] < r_end[:, None])
+        m_i, l_i, acc = _attend(q, k, v, seen, m_i, l_i, acc, scale, softcap, USE_SOFTCAP, EXACT)
         first += BLOCK_N
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
-    out_offsets = row * stride_ob + heads[:, None] * stride_oh + part * stride_op + d[None, :]
+    slot = tl.where(member == 0, part, shared_slot + part)
+    out_offsets = q_rows[:, None] * stride_ob + heads[:, None] * stride_oh + slot[:, None] * stride_op + d[None, :]
     out = out.to(part_out_ptr.dtype.element_ty)  # float32, or the query's dtype when this is the only partition
-    tl.store(part_out_ptr + out_offsets, out, mask=g_ok[:, None] & d_ok[None, :])
-    tl.store(part_lse_ptr + row * stride_lb + heads * stride_lh + part, lse, mask=g_ok)
+    tl.store(part_out_ptr + out_offsets, out, mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(part_lse_ptr + q_rows * stride_lb + heads * stride_lh + slot, lse, mask=r_ok)
 
 
 @triton.jit
@@ -164,9 +198,10 @@ def combine_kernel(
     d_ok = d < head_dim
     lse = tl.load(part_lse_ptr + row * stride_lb + head * stride_lh + p, mask=p_ok, other=float("-inf"))
     top = tl.max(lse, axis=0)
-    weight = tl.where(p_ok & (lse > float("-inf")), tl.exp(lse - top), 0.0)
+    live = p_ok & (lse > float("-inf"))  # (a partition with nothing to attend: its output never written)
+    weight = tl.where(live, tl.exp(lse - top), 0.0)
     offsets = row * stride_ob + head * stride_oh + p[:, None] * stride_op + d[None, :]
-    outs = tl.load(part_out_ptr + offsets, mask=p_ok[:, None] & d_ok[None, :], other=0.0)
+    outs = tl.load(part_out_ptr + offsets, mask=live[:, None] & d_ok[None, :], other=0.0)
     out = tl.sum(outs * weight[:, None], axis=0) / tl.sum(weight, axis=0)
     tl.store(out_ptr + row * stride_yb + head * stride_yh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 

@@ -31,6 +31,7 @@ from amulet_core.engine.paged_attention import (
 )
 from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.sequence import Sequence
+from amulet_core.engine.shared_prefixes import shared_prefixes
 
 
 @dataclass(frozen=True)
@@ -117,12 +118,14 @@ class StepInputs:
         blocks = -(-max_len // self.cache.block_size)
         tables = padded_block_tables((c.seq.block_table for c in decode_chunks), blocks, 0)  # padding is masked
         padded = min(lengths) != max_len
+        shared = shared_prefixes(decode_chunks, self.cache.block_size) if self.paged_kernel else None
         return decode_group(
             self._tensor(tables).view(len(decode_chunks), blocks),
             self._tensor(lengths) if padded or self.paged_kernel else None,
             self.cache.block_size,
             max_len,
             self.paged_kernel,
+            None if shared is None else (to_device(shared[0], self.device, torch.long), self._tensor(shared[1])),
         )
 
     def _prefill_group(self, prefill_chunks: list[ScheduledChunk], first: int) -> PrefillGroup | None:

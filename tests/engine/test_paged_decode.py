@@ -117,6 +117,50 @@ def test_the_kernel_equals_attention_written_out(heads, kv_heads, dim, window, s
     torch.testing.assert_close(got.double().cpu(), want, **tolerance(dtype))
 
 
+def sharing_tables(blocks: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tables, lengths, followers, skip) of rows that share leading blocks, as a request's contexts share the
+    conversation: a leader with two followers sharing 16 blocks (one partition), a leader and a follower sharing 2,
+    a row alone, a leader and a follower sharing past two partitions; the rest of each table its own blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = iter(torch.randperm(blocks, generator=gen).tolist())
+    shared_blocks = {1: 16, 2: 16, 4: 2, 7: 2 * PARTITION // BLOCK + 1}
+    leader_of = {1: 0, 2: 0, 4: 3, 7: 6}
+    lengths = [300, 290, 310, 37, 40, PARTITION + 1, 2 * PARTITION + 55, 2 * PARTITION + 40]
+    width = -(-max(lengths) // BLOCK)
+    rows: list[list[int]] = []
+    for row, length in enumerate(lengths):
+        shared = shared_blocks.get(row, 0)
+        own = rows[leader_of[row]][:shared] if shared else []
+        rows.append(own + [next(pool) for _ in range(-(-length // BLOCK) - shared)])
+    tables = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows])
+    followers = torch.full((len(lengths), 3), -1)
+    for row, leader in leader_of.items():
+        taken = int((followers[leader] >= 0).sum())
+        followers[leader, taken] = row
+    skip = torch.tensor([shared_blocks.get(row, 0) * BLOCK for row in range(len(lengths))])
+    return tuple(t.to(tiny_device()) for t in (tables, torch.tensor(lengths), followers, skip))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window", "softcap"), [c for c in CASES if c.values[3] is None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_shared_prefixes_read_once_give_the_attention_written_out(heads, kv_heads, dim, window, softcap, dtype):
+    """Rows whose leading blocks are a leader's (followers): the leader's programs attend them for their queries too,
+    their own programs start after them, the partials are combined: the attention written out, for every row."""
+    cache = random_cache(kv_heads, dim, 3 * 64, dtype, seed=heads * dim + 1)
+    tables, lengths, followers, skip = sharing_tables(3 * 64, seed=dim)
+    max_len = int(lengths.max())
+    query = torch.randn(len(lengths), heads, dim, generator=torch.Generator().manual_seed(6)).to(tiny_device(), dtype)
+    if softcap is not None:
+        query = query * 4
+    scale = dim**-0.5
+    args = (query, cache.keys[0], cache.values[0], tables, lengths, BLOCK, max_len, scale, window, softcap)
+    got = paged_decode_attention(*args, followers=followers, skip=skip)
+    want = written_out(query, cache, tables, lengths, scale, window, softcap)
+    torch.testing.assert_close(got.double().cpu(), want, **tolerance(dtype))
+    alone = paged_decode_attention(*args)  # the same rows, each over its whole table
+    torch.testing.assert_close(got.double().cpu(), alone.double().cpu(), **tolerance(dtype))
+
+
 def prefill_written_out(query, cache, tables, starts, counts, contexts, scale, window, softcap) -> torch.Tensor:
     """Causal attention of each span's new tokens over its context, in float64, position by position."""
     keys, values = cache.keys[0].double().cpu(), cache.values[0].double().cpu()
@@ -271,6 +315,48 @@ def test_the_engine_with_the_kernel_matches_the_reference(tiny_model, family, se
     engine.add_request(request)
     assert tokens_of(drain(engine)["r"]) == expected(loaded, request)
     assert engine.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "padded"])
+def test_a_requests_contexts_read_their_shared_conversation_once(tiny_model, monkeypatch, graphs):
+    """``amulet`` requests whose contexts share the conversation's first blocks (and one whose share is a single
+    block), beside a ``base`` one: with the kernel, each decode step's preference rows lead and their contrast
+    rows follow, skipping the shared positions (read once, by the leader's programs), in the eager step and in the
+    decode graphs' padded one; every answer is the reference's."""
+    from amulet_core.engine import paged_attention
+
+    loaded = tiny_model("llama")
+    engine = LLMEngine(loaded, kernel_config(max_model_len=256, kv_cache_tokens=4096))
+    if graphs and engine.runner.graphs is None:
+        engine.runner.use_decode_graphs(capture=False)
+    calls: list[tuple[list[list[int]], list[int]]] = []
+    kernel = paged_attention.paged_decode_attention
+
+    def recorded(*args, **kwargs):
+        followers, skip = args[-2:] if len(args) > 10 else (kwargs.get("followers"), kwargs.get("skip"))
+        if followers is not None:
+            calls.append((followers.tolist(), skip.tolist()))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(paged_attention, "paged_decode_attention", recorded)
+    long_pref, long_base = prompts(3, shared=40, pref_extra=9, base_extra=3)
+    pref, base = prompts(4, shared=20, pref_extra=5, base_extra=2)
+    requests = [
+        make_request("long", METHODS[3], long_pref, long_base, max_tokens=10),
+        make_request("base", METHODS[0], pref, base, max_tokens=10),
+        make_request("short", METHODS[3], pref, base, max_tokens=10),
+    ]
+    for r in requests:
+        engine.add_request(r)
+    outputs = drain(engine)
+    for r in requests:
+        assert tokens_of(outputs[r.request_id]) == expected(loaded, r), r.request_id
+    decode_steps = [(f, k) for f, k in calls if any(k)]
+    assert decode_steps and (engine.runner.graphs is not None and engine.runner.graphs.steps > 0) == graphs
+    followers, skip = decode_steps[-1]
+    # rows: long's preference and contrast, base, short's preference and contrast (then padding, for the graphs)
+    assert followers[0][:2] == [1, -1] and followers[3][:2] == [4, -1] and skip[:5] == [0, 32, 0, 0, 16]
+    assert all(f == [-1] * len(f) for f in followers[1:3] + followers[4:])
 
 
 def test_padded_decode_steps_with_the_kernel_need_one_context_bucket(tiny_model):
