@@ -14,22 +14,17 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.decode_graphs import DecodeGraphs
 from amulet_core.engine.decode_tail import TailRowsError
 from amulet_core.engine.graph_buckets import START_TAIL_VARIANTS
-from amulet_core.engine.invariant_attention import step_plan
 from amulet_core.engine.invariant_ops import batch_invariant, invariant_weights
 from amulet_core.engine.kv_budget import describe_cache, kv_budget
 from amulet_core.engine.memory import (
     available_ram,
-    blocks_for,
     model_context_length,
     size_cache,
 )
 from amulet_core.engine.overlap import PendingTokens
 from amulet_core.engine.packed_forward import packed_forward
 from amulet_core.engine.paged_attention import (
-    PackedBatch,
     PagedKVCache,
-    SequenceSpan,
-    causal_mask,
     register_paged_attention,
 )
 from amulet_core.engine.paged_decode import attention_backend, kernel_probe
@@ -37,6 +32,7 @@ from amulet_core.engine.scheduler import ScheduledChunk
 from amulet_core.engine.sequence import Sequence
 from amulet_core.engine.step_inputs import StepInputs
 from amulet_core.engine.tail_rows import TailHistory, tail_rows
+from amulet_core.engine.warm_up import allocator_peak, largest_step
 from amulet_core.grammar.masks import GrammarMasks
 from amulet_core.method.rows import RowSpec
 from amulet_core.model.loading import LoadedModel
@@ -123,49 +119,22 @@ class ModelRunner:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _profile(self, num_tokens: int, longest: int, logits_rows: int) -> tuple[int, int]:
-        """(peak, now) bytes the CUDA allocator held across a warm-up pass (:meth:`warm_up`), its cached
-        blocks released after."""
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.warm_up(num_tokens, longest, logits_rows)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        stats = torch.cuda.memory_stats(self.device)
-        return int(stats["allocated_bytes.all.peak"]), int(stats["allocated_bytes.all.current"])
+        """(peak, now) bytes the CUDA allocator held across a warm-up pass (:meth:`warm_up`)."""
+        return allocator_peak(self.device, lambda: self.warm_up(num_tokens, longest, logits_rows))
 
     @torch.inference_mode()
     def warm_up(self, num_tokens: int, longest: int, logits_rows: int) -> None:
-        """One forward pass of the largest step, to measure its activations: ``num_tokens`` new tokens, as one
-        chunk at the end of a ``longest``-token context (the longest attention a prefill chunk does) or, when
-        the context is shorter, as full contexts side by side; the float32 log-probabilities of
-        ``logits_rows`` of them. It runs over a cache of its own of ``num_tokens`` slots (a context's earlier
-        positions read them again), freed after."""
-        layers, kv_heads, head_dim = self.kv_shape
-        bs = self.block_size
-        cache = PagedKVCache(layers, kv_heads, head_dim, blocks_for(num_tokens, bs), bs, self.dtype, self.device)
-        spans: list[SequenceSpan] = []
-        positions: list[int] = []
-        if longest >= num_tokens:  # one chunk ending a longest context; its earlier positions read the same slots
-            earlier = torch.arange(longest - num_tokens, device=self.device) % num_tokens
-            context = torch.cat([earlier, torch.arange(num_tokens, device=self.device)])
-            spans.append(SequenceSpan(0, num_tokens, context, causal_mask(num_tokens, longest, self.device)))
-            positions.extend(range(longest - num_tokens, longest))
-        else:  # whole contexts side by side
-            for start in range(0, num_tokens, longest):
-                n = min(longest, num_tokens - start)
-                context = torch.arange(start, start + n, device=self.device)
-                spans.append(SequenceSpan(start, start + n, context, causal_mask(n, n, self.device)))
-                positions.extend(range(n))
-        batch = PackedBatch(cache, torch.arange(num_tokens, device=self.device), tuple(spans))
-        if self.deterministic:
-            plan = step_plan([], [], [(s.query_start, s.query_end, s.context_slots) for s in spans], bs, self.device)
-            batch = PackedBatch(cache, batch.slot_mapping, (), invariant=plan)
+        """One forward pass of the largest step (:func:`~amulet_core.engine.warm_up.largest_step`), to measure its
+        activations, and the float32 log-probabilities of ``logits_rows`` of its tokens; its cache freed after."""
+        batch, positions = largest_step(
+            self.kv_shape, self.block_size, self.dtype, self.device, self.deterministic, num_tokens, longest
+        )
         keep = self._tensor(list(range(max(0, num_tokens - logits_rows), num_tokens)))
         with self._ops():
             ids = torch.zeros(1, num_tokens, dtype=torch.long, device=self.device)
             logits = self.forward(ids, self._tensor(positions).unsqueeze(0), keep, batch)
         torch.log_softmax(logits[0].float(), dim=-1)
-        del cache, batch, logits
+        del batch, logits
 
     def _paged_kernel_on(self, config: EngineConfig) -> bool:
         """Whether decode rows get the paged decode kernel: ``--attention-backend`` resolved for the device; ``auto``

@@ -157,3 +157,26 @@ def test_the_most_new_tokens_that_fit() -> None:
     assert fits == 61  # 3 x ceil((100 + 61 - 1) / 16) = 30 blocks; 62 would take 3 x 11
     assert fitting_new_tokens(contexts, 20, 32, 16) == 20
     assert fitting_new_tokens(contexts, 20, 20, 16) == 0
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["sdpa", "invariant"])
+@pytest.mark.parametrize(("num_tokens", "longest"), [(48, 100), (48, 20)], ids=["chunk-at-the-end", "side-by-side"])
+def test_the_start_up_warm_up_runs_the_largest_step_over_a_cache_of_its_own(tiny_model, deterministic, num_tokens, longest):
+    """What a GPU measures its activations with (``ModelRunner.warm_up``: :func:`largest_step`), run here: one chunk
+    ending a longer context, or contexts side by side; the positions are each token's, and the engine's own KV cache
+    is left as it was."""
+    import torch
+
+    from amulet_core.engine.config import EngineConfig
+    from amulet_core.engine.llm_engine import LLMEngine
+    from amulet_core.engine.warm_up import largest_step
+
+    runner = LLMEngine(tiny_model("llama"), EngineConfig(kv_cache_tokens=1024, deterministic=deterministic)).runner
+    batch, positions = largest_step(
+        runner.kv_shape, runner.block_size, runner.dtype, runner.device, deterministic, num_tokens, longest
+    )
+    want = list(range(longest - num_tokens, longest)) if longest >= num_tokens else [p % longest for p in range(num_tokens)]
+    assert positions == want and batch.cache is not runner.cache and (batch.invariant is not None) == deterministic
+    before = [k.clone() for k in runner.cache.keys]
+    runner.warm_up(num_tokens, longest, logits_rows=4)
+    assert all(torch.equal(k, b) for k, b in zip(runner.cache.keys, before, strict=True))
