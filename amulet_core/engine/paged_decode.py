@@ -181,10 +181,7 @@ def paged_decode_attention(
     out = torch.empty_like(query)
     # One partition: its normalised output is the answer, stored in the query's dtype with no combining launch.
     part_out = out.unsqueeze(2) if slots == 1 else query.new_empty(rows, heads, slots, head_dim, dtype=torch.float32)
-    if cascade:  # a row without a leader has nothing in its shared slots
-        part_lse = query.new_full((rows, heads, slots), float("-inf"), dtype=torch.float32)
-    else:
-        part_lse = query.new_empty(rows, heads, slots, dtype=torch.float32)
+    part_lse = query.new_empty(rows, heads, slots, dtype=torch.float32)  # (a row without a leader: its own slots)
     followers_in = followers if cascade and followers is not None else lengths
     skip_in = skip if cascade and skip is not None else lengths
     partition, combine = kernels.partition_kernel, kernels.combine_kernel
@@ -201,10 +198,10 @@ def paged_decode_attention(
     if slots == 1:
         return out
     combine[(rows, heads)](
-        part_out, part_lse, out,
+        part_out, part_lse, out, skip_in,
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1), slots, head_dim,
-        BLOCK_P=kernels.next_power_of_2(slots), BLOCK_D=block_d,
+        out.stride(0), out.stride(1), parts, head_dim,
+        BLOCK_P=kernels.next_power_of_2(slots), BLOCK_D=block_d, CASCADE=cascade,
     )  # fmt: skip
     return out
 

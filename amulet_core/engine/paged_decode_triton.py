@@ -178,6 +178,7 @@ def combine_kernel(
     part_out_ptr,  # [B, H, P, D] float32
     part_lse_ptr,  # [B, H, P] float32
     out_ptr,  # [B, H, D]
+    skip_ptr,  # [B] with CASCADE: a row whose leader attended its first positions (> 0) has 2 x parts slots
     stride_ob,
     stride_oh,
     stride_op,
@@ -189,12 +190,16 @@ def combine_kernel(
     head_dim,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    CASCADE: tl.constexpr,
 ):
     row = tl.program_id(0)
     head = tl.program_id(1)
     p = tl.arange(0, BLOCK_P)
     d = tl.arange(0, BLOCK_D)
-    p_ok = p < parts
+    used = parts
+    if CASCADE:  # the slots past a row's own partitions hold what its leader attended for it, if it has one
+        used = tl.where(tl.load(skip_ptr + row) > 0, 2 * parts, parts)
+    p_ok = p < used
     d_ok = d < head_dim
     lse = tl.load(part_lse_ptr + row * stride_lb + head * stride_lh + p, mask=p_ok, other=float("-inf"))
     top = tl.max(lse, axis=0)

@@ -32,9 +32,8 @@ def partition_signature(dtype: str) -> dict[str, str]:
 
 def combine_signature(dtype: str) -> dict[str, str]:
     strides = {f"stride_{s}": "i32" for s in ["ob", "oh", "op", "lb", "lh", "yb", "yh"]}
-    return (
-        {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}"} | strides | {"parts": "i32", "head_dim": "i32"}
-    )
+    pointers = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}", "skip_ptr": "*i64"}
+    return pointers | strides | {"parts": "i32", "head_dim": "i32"}
 
 
 def prefill_signature(dtype: str) -> dict[str, str]:
@@ -55,7 +54,9 @@ def variants() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
             constants |= dict(USE_SOFTCAP=softcap, USE_WINDOW=window, EXACT=exact)
             name = f"partition_{dtype}_members{members}{'_window' if window else ''}{'_softcap' if softcap else ''}"
             found.append((name, kernels.partition_kernel, partition_signature(dtype), constants))
-        found.append((f"combine_{dtype}", kernels.combine_kernel, combine_signature(dtype), dict(BLOCK_P=8, BLOCK_D=128)))
+        for cascade in (False, True):
+            constants = dict(BLOCK_P=8, BLOCK_D=128, CASCADE=cascade)
+            found.append((f"combine_{dtype}_cascade{int(cascade)}", kernels.combine_kernel, combine_signature(dtype), constants))
         constants = dict(GROUP=4, BLOCK_Q=16, BLOCK_D=128, BLOCK_N=32, USE_SOFTCAP=False, USE_WINDOW=True, EXACT=exact)
         found.append((f"prefill_{dtype}", kernels.prefill_kernel, prefill_signature(dtype), constants))
     return found
@@ -65,6 +66,11 @@ def main(sm: int) -> int:
     target = GPUTarget("cuda", sm, 32)
     failed = 0
     for name, kernel, signature, constants in variants():
+        names = getattr(kernel, "arg_names", None)
+        if names is not None and [*signature, *constants] != list(names):  # a launch's arguments, in order
+            failed += 1
+            print(f"{name}: FAILED the signature is not the kernel's: {[*signature, *constants]} != {names}", flush=True)
+            continue
         try:
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=target)
             print(f"{name}: ok ({len(compiled.asm['cubin'])} bytes of cubin)", flush=True)
