@@ -487,7 +487,7 @@ def _run_steps(args: argparse.Namespace, device: torch.device, tokenizer: Any, t
     out_file = out_dir / ("gpu_check_dry_run.json" if dry else "gpu_check.json")
     report: dict[str, Any] = {"dry_run": dry, "steps": {}}
     tests_timeout = 600.0 if dry else TESTS_TIMEOUT_S  # (a busy CI machine runs the dry run: no tight limit there)
-    test_select = "abort or mha" if dry else None  # the dry run: one engine test, the kernel on one shape
+    test_select = "abort or (mha and float32)" if dry else None  # the dry run: one engine test, the kernels on one shape
     shapes = {name: (tiny_llama_config(len(tokenizer)) if dry else _llama_config(shape)) for name, shape in LLAMA_SHAPES.items()}
     model_dtype = torch.float32 if dry else torch.bfloat16
     steps: list[tuple[str, Callable[[], Any]]] = [

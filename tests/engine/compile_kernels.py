@@ -48,13 +48,14 @@ def variants() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
     """(name, kernel, signature, constexprs) of the launches the engine makes: both products (bfloat16 on the tensor
     cores, float32 exact), with followers or without, a window, a soft cap."""
     found: list[tuple[str, object, dict[str, str], dict[str, object]]] = []
-    for dtype, exact in (("bf16", False), ("fp32", True)):
-        for members, window, softcap in ((1, False, False), (4, False, False), (1, True, True), (4, False, True)):
+    for dtype, exact in (("bf16", False), ("fp32", True)):  # (the float32 kernels: their products, with followers)
+        layouts = ((1, False, False), (4, False, False), (1, True, True)) if dtype == "bf16" else ((4, False, True),)
+        for members, window, softcap in layouts:
             constants = dict(GROUP=4, MEMBERS=members, ROWS=16, BLOCK_D=128, BLOCK_N=32, PARTITION=256)
             constants |= dict(USE_SOFTCAP=softcap, USE_WINDOW=window, EXACT=exact)
             name = f"partition_{dtype}_members{members}{'_window' if window else ''}{'_softcap' if softcap else ''}"
             found.append((name, kernels.partition_kernel, partition_signature(dtype), constants))
-        for cascade in (False, True):
+        for cascade in (False, True) if dtype == "bf16" else (True,):
             constants = dict(BLOCK_P=8, BLOCK_D=128, CASCADE=cascade)
             found.append((f"combine_{dtype}_cascade{int(cascade)}", kernels.combine_kernel, combine_signature(dtype), constants))
         constants = dict(GROUP=4, BLOCK_Q=16, BLOCK_D=128, BLOCK_N=32, USE_SOFTCAP=False, USE_WINDOW=True, EXACT=exact)

@@ -28,4 +28,4 @@ def test_the_paged_attention_kernels_compile_for_the_h200(tmp_path):
     )  # fmt: skip
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert len(lines) == 14 and all(": ok (" in line for line in lines), lines
+    assert len(lines) == 9 and all(": ok (" in line for line in lines), lines

@@ -141,7 +141,10 @@ def sharing_tables(blocks: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
     return tuple(t.to(tiny_device()) for t in (tables, torch.tensor(lengths), followers, skip))  # type: ignore[return-value]
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window", "softcap"), [c for c in CASES if c.values[3] is None])
+SHARED_CASES = [c for c in CASES if c.id in ("mha-d16", "gqa3-d64", "softcap5")]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window", "softcap"), SHARED_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_shared_prefixes_read_once_give_the_attention_written_out(heads, kv_heads, dim, window, softcap, dtype):
     """Rows whose leading blocks are a leader's (followers): the leader's programs attend them for their queries too,
