@@ -30,7 +30,7 @@ from amulet_core.engine.step_rows import (
     row_specs,
     rule_out_early_stops,
     step_masks,
-    tail_history,
+    tail_inputs,
 )
 from amulet_core.errors import InvalidParameterError, is_request_failure
 from amulet_core.grammar.compiler import GrammarCompiler
@@ -142,12 +142,12 @@ class LLMEngine:
         logits_for = [seq for group in plan.sampled for seq in group.seqs]
         states = [self.requests[g.request_id] for g in plan.sampled]
         pending = self.pending.tokens if self.pending is not None else None
-        if pending is not None and any(follows_tokens(s) for s in states):
-            forward = self.runner.launch_forward(plan.chunks, pending) if self.runner.tail_replayable(plan.chunks) else None
-            if forward is not None:
-                return self._choose_after(plan, states, forward)
+        # A grammar's or a thinking span's step while the step before is in flight: its masks follow those tokens.
+        follows = pending is not None and any(follows_tokens(s) for s in states)
+        if follows and (forward := self.runner.launch_forward(plan.chunks, pending)) is not None:
+            return self._choose_after(plan, states, forward)
         try:
-            samples = self._tail_samples(plan, logits_for, states, pending)
+            samples = None if follows else self._tail_samples(plan, logits_for, states, pending)
             logits = None
             if samples is None:
                 logits = self.runner.run(plan.chunks, logits_for, pending=pending)
@@ -186,11 +186,10 @@ class LLMEngine:
     ) -> DeviceSamples | None:
         """The step run through the decode graphs with its method and choice of tokens inside (the grammar masks of
         this step made on the host first), when the step replays; None, having run nothing, otherwise."""
-        if not self.runner.tail_replayable(plan.chunks) or (pending is not None and any(follows_tokens(s) for s in states)):
+        if not self.runner.tail_replayable(plan.chunks):
             return None  # (before the requests' rows are worked out: most such steps prefill)
-        specs, params, histories = row_specs(states), [s.request.sampling for s in states], [tail_history(s) for s in states]
         masks = step_masks(states, self.vocab_size)  # (their last tokens are on the host)
-        samples = self.runner.run_with_tail(plan.chunks, logits_for, specs, params, histories, pending, masks)
+        samples = self.runner.run_with_tail(plan.chunks, logits_for, *tail_inputs(states), pending, masks)
         if samples is not None:
             self._drew(states)
         return samples
@@ -205,9 +204,8 @@ class LLMEngine:
         states = [s for s in states if self._running(s)]  # not finished by the previous step's tokens
         logits_for = [seq for state in states for seq in state.group.seqs]
         try:
-            specs, params, histories = row_specs(states), [s.request.sampling for s in states], [tail_history(s) for s in states]
             masks = step_masks(states, self.vocab_size)
-            samples = self.runner.choose_after(launched, logits_for, specs, params, histories, masks) if states else None
+            samples = self.runner.choose_after(launched, logits_for, *tail_inputs(states), masks) if states else None
         except BaseException as exc:  # the masks failed: no row has a distribution
             if not is_request_failure(exc):
                 raise

@@ -168,10 +168,12 @@ def paged_decode_attention(
     kv_heads = k_cache.shape[0]
     if tables.shape[0] != rows or lengths.shape != (rows,) or tables.shape[1] * block_size < max_len:
         raise ValueError("paged_decode_attention: tables, lengths and max_len do not describe the rows")
-    cascade = followers is not None and skip is not None and window is None
-    if cascade and (followers is None or skip is None or followers.shape[0] != rows or skip.shape != (rows,)):
+    # Followers and skip, or (with none, or a window) the lengths standing for the pointers the kernel then ignores.
+    followers_in, skip_in = (followers, skip) if followers is not None and skip is not None else (lengths, lengths)
+    cascade = followers_in is followers and window is None
+    if cascade and (followers_in.shape[0] != rows or skip_in.shape != (rows,)):
         raise ValueError("paged_decode_attention: followers and skip do not describe the rows")
-    members = 1 + (followers.shape[1] if cascade and followers is not None else 0)
+    members = 1 + followers_in.shape[1] if cascade else 1
     if members & (members - 1):
         raise ValueError(f"paged_decode_attention: {members - 1} followers a row (one less than a power of two)")
     group = kernels.next_power_of_2(heads // kv_heads)
@@ -182,8 +184,6 @@ def paged_decode_attention(
     # One partition: its normalised output is the answer, stored in the query's dtype with no combining launch.
     part_out = out.unsqueeze(2) if slots == 1 else query.new_empty(rows, heads, slots, head_dim, dtype=torch.float32)
     part_lse = query.new_empty(rows, heads, slots, dtype=torch.float32)  # (a row without a leader: its own slots)
-    followers_in = followers if cascade and followers is not None else lengths
-    skip_in = skip if cascade and skip is not None else lengths
     partition, combine = kernels.partition_kernel, kernels.combine_kernel
     block_d = kernels.next_power_of_2(head_dim)
     partition[(rows, kv_heads, parts)](

@@ -11,6 +11,7 @@ from amulet_core.engine.request_state import RequestState
 from amulet_core.engine.tail_rows import NO_HISTORY, TailHistory
 from amulet_core.grammar.masks import GrammarMasks, grammar_masks
 from amulet_core.method.rows import RowSpec
+from amulet_core.sampling.params import SamplingParams
 from amulet_core.sampling.processors import RowHistory
 from amulet_core.sampling.seeded import SeededDraws
 
@@ -99,3 +100,9 @@ def step_masks(states: list[RequestState], vocab: int, device: torch.device | st
     if not constrained:
         return None
     return grammar_masks([i for i, _ in constrained], [f for _, f in constrained], vocab, device)
+
+
+def tail_inputs(states: list[RequestState]) -> tuple[list[RowSpec], list[SamplingParams], list[TailHistory]]:
+    """What the decode graph's tail reads of a step's requests: their row specs, sampling parameters and histories
+    (:func:`row_specs`, :func:`tail_history`)."""
+    return row_specs(states), [s.request.sampling for s in states], [tail_history(s) for s in states]
