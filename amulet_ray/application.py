@@ -8,6 +8,7 @@ any option (replicas, autoscaling, ``ray_actor_options``) as Ray Serve applies i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ from ray.serve.deployment import Application
 
 from amulet_ray.config import RayConfigs, parse_args
 from amulet_ray.deployments import AmuletIngress, AmuletReplica
+from server.options import Configs
 
 REPLICA_DEPLOYMENT = "AmuletReplica"
 INGRESS_DEPLOYMENT = "AmuletIngress"
@@ -48,6 +50,16 @@ def replica_resources(configs: RayConfigs, cluster_gpus: float) -> dict[str, flo
     if cpus is None:
         cpus = 1.0 if gpus > 0 else float(model.cpu_threads or 1)
     return {"num_cpus": cpus, "num_gpus": gpus}
+
+
+def replica_app_configs(configs: RayConfigs, actor_options: Mapping[str, Any]) -> Configs:
+    """The configs a replica serves with: ``configs.app``, where a CPU replica without ``--cpu-threads`` runs as many
+    torch threads as the CPUs it reserves (``actor_options``' ``num_cpus``, at least 1), not every CPU of its node."""
+    app = configs.app
+    if app.model.cpu_threads is not None or actor_options.get("num_gpus", 0) > 0:
+        return app
+    threads = max(1, int(actor_options.get("num_cpus", 1)))
+    return dataclasses.replace(app, model=dataclasses.replace(app.model, cpu_threads=threads))
 
 
 def replica_options(configs: RayConfigs, cluster_gpus: float) -> dict[str, Any]:
@@ -91,10 +103,9 @@ def build_application(
     if cluster_gpus is None:
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
     overrides = overrides or {}
-    replica_configs = configs.app  # replicas get no deployment options: rescaling restarts none
-    replica = _deployment(AmuletReplica).options(
-        **{**replica_options(configs, cluster_gpus), **overrides.get(REPLICA_DEPLOYMENT, {})}
-    )
+    options = {**replica_options(configs, cluster_gpus), **overrides.get(REPLICA_DEPLOYMENT, {})}
+    replica_configs = replica_app_configs(configs, options["ray_actor_options"])  # no deployment options: rescaling restarts none
+    replica = _deployment(AmuletReplica).options(**options)
     ingress_options: dict[str, Any] = {
         "name": INGRESS_DEPLOYMENT,
         "num_replicas": 1,

@@ -2,8 +2,9 @@
 
 ``amulet-ray`` takes every ``amulet-server`` option (:func:`server.options.build_parser`) plus the ``--ray*``
 ones (:func:`add_ray_arguments`); :func:`parse_args` turns them into :class:`RayConfigs`: the server's
-:class:`~server.options.Configs`, which every replica gets unchanged (``--host`` and ``--port`` become the
-address of Ray's HTTP proxy), and the :class:`RayServeConfig` of the replicas' placement and routing.
+:class:`~server.options.Configs`, which every replica gets unchanged but for its torch threads (a CPU replica
+without ``--cpu-threads`` runs as many as the CPUs it reserves; ``--host`` and ``--port`` become the address of Ray's
+HTTP proxy), and the :class:`RayServeConfig` of the replicas' placement and routing.
 ``amulet-server --ray ...`` hands its whole command line to ``amulet-ray``, so ``--ray`` is accepted here too.
 """
 

@@ -70,7 +70,7 @@ def profile_step(loaded: LoadedModel, steps: int) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cpu-threads", type=int, default=None, help="default: the server's (all cores but one)")
+    parser.add_argument("--cpu-threads", type=int, default=None, help="default: the server's (every CPU)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--profile", action="store_true")

@@ -78,7 +78,7 @@ def build_parser(prog: str = "amulet-server", *, ray_flag: bool = True, add_help
         "--cpu-threads",
         type=int,
         default=None,
-        help="torch threads when running on the CPU (default: all cores but one, at least 1)",
+        help="torch threads when running on the CPU (default: $OMP_NUM_THREADS, else every CPU the process may run on)",
     )
     add_engine_arguments(p)
     p.add_argument(
@@ -216,7 +216,7 @@ def configs_from_args(
                 model=args.model,
                 device=args.device,
                 dtype=args.dtype,
-                cpu_threads=args.cpu_threads,
+                cpu_threads=_cpu_threads(args.cpu_threads, env),
                 model_cache=_model_cache(args.model_cache, env),
                 quantization=args.quantization,
             ),
@@ -266,6 +266,15 @@ def _model_cache(option: str | None, env: Mapping[str, str]) -> str | None:
     if option is None:
         return default_model_cache(env)
     return None if option.strip().lower() in ("", "none", "off") else option
+
+
+def _cpu_threads(option: int | None, env: Mapping[str, str]) -> int | None:
+    """``--cpu-threads``, else ``OMP_NUM_THREADS`` where it is a positive count (torch's own default reads it), else
+    None: every CPU the process may run on (:func:`~amulet_core.model.loading.serving_cpu_threads`)."""
+    if option is not None:
+        return option
+    value = env.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def configure_logging(log_level: str) -> None:

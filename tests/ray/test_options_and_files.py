@@ -116,6 +116,18 @@ def test_replicas_get_a_gpu_where_the_cluster_has_gpus_and_cpu_threads_elsewhere
     assert resources(["--ray-num-gpus", "0.5", "--ray-num-cpus", "4"], 0) == {"num_cpus": 4.0, "num_gpus": 0.5}
 
 
+def test_a_cpu_replica_runs_the_torch_threads_it_reserves() -> None:
+    from amulet_ray.application import replica_app_configs
+
+    def threads(argv: list[str], actor_options: dict[str, float]) -> int | None:
+        return replica_app_configs(parse_args(argv), actor_options).model.cpu_threads
+
+    assert threads([], {"num_cpus": 3.0, "num_gpus": 0.0}) == 3  # not every CPU of its node
+    assert threads([], {"num_cpus": 0.5, "num_gpus": 0.0}) == 1
+    assert threads(["--cpu-threads", "2"], {"num_cpus": 4.0, "num_gpus": 0.0}) == 2
+    assert threads([], {"num_cpus": 1.0, "num_gpus": 1.0}) is None  # a GPU replica: torch's threads untouched
+
+
 def test_the_replica_deployment_autoscales_drains_and_routes_by_prefix() -> None:
     from ray.serve.request_router import RequestRouter
 

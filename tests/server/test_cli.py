@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from amulet_core.engine.config import EngineConfig
-from amulet_core.model.loading import ModelConfig
+from amulet_core.model.loading import ModelConfig, serving_cpu_threads
 from server.config import ServerConfig
 from server.options import build_parser, parse_args
 from server.store.config import StoreConfig
@@ -32,6 +32,20 @@ def test_the_model_cache_comes_from_the_option_then_the_environment() -> None:
     assert parse_args(["--model-cache", "/opt/c"], environ={"AMULET_MODEL_CACHE": "/env/cache"}).model.model_cache == "/opt/c"
     assert parse_args([], environ={"AMULET_MODEL_CACHE": "none"}).model.model_cache is None
     assert parse_args(["--model-cache", "none"], environ={}).model.model_cache is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "omp", "threads"),
+    [([], None, None), ([], "3", 3), (["--cpu-threads", "2"], "3", 2), ([], "0", None), ([], "4,2", None), ([], " ", None)],
+)
+def test_torch_threads_come_from_the_option_then_omp_num_threads(argv: list[str], omp: str | None, threads: int | None) -> None:
+    environ = {} if omp is None else {"OMP_NUM_THREADS": omp}
+    assert parse_args(argv, environ=environ).model.cpu_threads == threads
+
+
+def test_without_a_count_the_server_takes_every_cpu_it_may_run_on() -> None:
+    assert serving_cpu_threads(ModelConfig()) == len(os.sched_getaffinity(0))
+    assert serving_cpu_threads(ModelConfig(cpu_threads=1)) == 1
 
 
 def test_every_option() -> None:

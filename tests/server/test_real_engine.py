@@ -46,7 +46,7 @@ MESSAGES = [{"role": "user", "content": "Give me one tip for learning a new lang
 def engine_server(smollm: LoadedModel) -> Iterator[tuple[LiveServer, AsyncEngine]]:
     """The real engine over the session's SmolLM2 (float32; loading it again took seconds: the CLI test loads its own)."""
     engine = AsyncEngine(
-        ModelConfig(dtype="float32", model_cache=default_model_cache()),
+        ModelConfig(dtype="float32", cpu_threads=1, model_cache=default_model_cache()),  # the clients share the cores
         EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=4, kv_cache_tokens=4096),
         loader=lambda _: smollm,
     )

@@ -177,7 +177,9 @@ def engine_server(
     torch.set_num_threads(1)
     metrics = PrometheusMetrics("test-model", lambda: engine.stats()) if with_metrics else None
     observer = metrics.step_observed if metrics is not None else None
-    engine = AsyncEngine(ModelConfig(dtype="float32"), engine_config, step_observer=observer, loader=lambda _: loaded)
+    engine = AsyncEngine(
+        ModelConfig(dtype="float32", cpu_threads=1), engine_config, step_observer=observer, loader=lambda _: loaded
+    )
     config = server_config or ServerConfig()
     app = create_app(engine, config, observer=metrics, lifespan=engine_lifespan(engine, drain_timeout_s=5))
     if metrics is not None:
