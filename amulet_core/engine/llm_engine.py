@@ -14,16 +14,12 @@ from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.detokenizer import IncrementalDetokenizer
 from amulet_core.engine.model_runner import LaunchedForward, ModelRunner, logits_width
 from amulet_core.engine.overlap import PendingStep, PendingTokens, follows_tokens, overlappable
-from amulet_core.engine.protocol import (
-    EngineStats,
-    GenerationOutput,
-    GenerationRequest,
-    TokenLogprob,
-)
+from amulet_core.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
 from amulet_core.engine.request_checks import RequestChecks
 from amulet_core.engine.request_state import RequestState
 from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
 from amulet_core.engine.sequence import Sequence
+from amulet_core.engine.step_outputs import step_outputs
 from amulet_core.engine.step_rows import (
     request_rows,
     row_history,
@@ -292,42 +288,7 @@ class LLMEngine:
     def _outputs(
         self, states: list[RequestState], samples: list[RowSample], positions: list[tuple[int, ...]] | None = None
     ) -> list[GenerationOutput]:
-        """Each request's token accepted (appended, or put at ``positions``, in place of its placeholders), and its
-        output."""
-        outputs = []
-        now = time.monotonic()
-        for i, (state, sample) in enumerate(zip(states, samples, strict=True)):
-            try:  # everything per request from here on: one bad row fails its request alone
-                if state.prefill_s is None and state.scheduled_at is not None:
-                    state.prefill_s = now - state.scheduled_at
-                if self.fault_hook is not None:
-                    self.fault_hook(state.request)
-                if state.matcher is not None and state.matcher.failure is not None:
-                    raise state.matcher.failure  # its grammar failed filling this step's mask
-                if sample.error is not None:
-                    raise ValueError(state.no_token_message(sample.error))
-                outputs.append(self._accept(state, sample, None if positions is None else positions[i]))
-            except InvalidParameterError as exc:  # the request's own input failed it (its grammar): a client error
-                logger.info("request %s failed: %s", state.request.request_id, exc.message)
-                outputs.append(self._drop(state).finish("error", exc.message, client_error=exc))
-            except BaseException as exc:  # a Rust panic (tokenizers, llguidance) is a BaseException: this request's too
-                if not is_request_failure(exc):
-                    raise
-                logger.exception("request %s failed", state.request.request_id)
-                outputs.append(self._drop(state).finish("error", f"Decoding failed: {type(exc).__name__}: {exc}"))
-        return outputs
-
-    def _accept(self, state: RequestState, sample: RowSample, positions: tuple[int, ...] | None = None) -> GenerationOutput:
-        reason, text = state.accept(sample.token, positions)
-        logprobs = self._logprobs(sample) if state.request.sampling.logprobs else None
-        if reason is not None:
-            return self._drop(state).finish(reason, text=text, token_ids=(sample.token,), logprobs=logprobs)
-        return GenerationOutput(state.request.request_id, text, (sample.token,), logprobs)
-
-    def _logprobs(self, sample: RowSample) -> tuple[TokenLogprob, ...]:
-        decode = self.tokenizer.decode
-        pairs = tuple((i, decode([i]), v) for i, v in sample.top)
-        return (TokenLogprob(sample.token, decode([sample.token]), sample.logprob, pairs),)
+        return step_outputs(states, samples, positions, self.tokenizer, self._drop, self.fault_hook)
 
     def _drop(self, state: RequestState) -> RequestState:
         """The request dropped (its KV freed); its last output is ``state.finish(...)`` (:meth:`RequestState.finish`)."""
