@@ -454,11 +454,20 @@ def smollm_bf16(smollm) -> LoadedModel:
     return LoadedModel(model, smollm.tokenizer, smollm.name, smollm.device, torch.bfloat16, smollm.eos_token_ids)
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-def test_smollm_answers_the_observed_prompt_identically_cold_cached_and_busy(smollm, smollm_bf16, dtype):
+@pytest.mark.parametrize(("dtype", "threads"), [("float32", 1), ("bfloat16", 1), ("bfloat16", 2)])
+def test_smollm_answers_the_observed_prompt_identically_cold_cached_and_busy(smollm, smollm_bf16, dtype, threads):
     """ "Name a fruit and its colour." with preference concise (amulet, the end placement): the same tokens and
-    logits cold, again (prefix-cache hit) and beside other requests decoding."""
-    loaded = smollm_bf16 if dtype == "bfloat16" else smollm
+    logits cold, again (prefix-cache hit) and beside other requests decoding; also with two torch threads (a 2-core
+    server's default), whose products split the work between threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        answers_identically_cold_cached_and_busy(smollm_bf16 if dtype == "bfloat16" else smollm)
+    finally:
+        torch.set_num_threads(before)
+
+
+def answers_identically_cold_cached_and_busy(loaded: LoadedModel) -> None:
     ctxs = contexts(loaded.tokenizer, Method.AMULET, OBSERVED)
     assert [len(c) for c in ctxs] == [49, 37]  # a prefix-cache hit leaves one token of the first context
     cold = alone(loaded, greedy("cold", ctxs, Method.AMULET, max_tokens=16))
