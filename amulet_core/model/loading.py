@@ -225,7 +225,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device)
     try:
         gguf = config.model is None or config.model.endswith(".gguf")
-        quantization = resolve_quantization(config.quantization, device, dtype, gguf)
+        quantization = resolve_quantization(config.quantization, device, dtype, gguf, config.dtype == "auto")
     except QuantizationError as exc:
         raise ModelLoadError(str(exc)) from exc
     source, kwargs, convert_to = _cached_source(config)

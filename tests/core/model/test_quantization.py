@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from amulet_core.method.settings import Method
+from amulet_core.model import loading
+from amulet_core.model.chat_template import render_chat
+from amulet_core.model.gguf_cache import default_model_cache
 from amulet_core.model.loading import LoadedModel, ModelConfig, load_model
 from amulet_core.model.quantization import (
     GROUP,
@@ -196,7 +199,9 @@ def test_auto_replaces_only_the_layers_that_are_already_4_bit(tiny_model):
 
 def test_the_choices_resolve_per_device_and_dtype():
     assert resolve_quantization("auto", CPU, torch.bfloat16, gguf=True) == "int4"
-    assert resolve_quantization("auto", CPU, torch.float32, gguf=True) == "none"
+    assert resolve_quantization("auto", CPU, torch.float32, gguf=True) == "none"  # float32 asked for: exact products
+    assert resolve_quantization("auto", CPU, torch.float32, gguf=True, dtype_chosen=True) == "int4"  # no native bf16
+    assert resolve_quantization("auto", CPU, torch.float16, gguf=True, dtype_chosen=True) == "none"
     assert resolve_quantization("auto", CPU, torch.bfloat16, gguf=False) == "none"
     assert resolve_quantization("auto", torch.device("cuda"), torch.bfloat16, gguf=True) == "none"
     assert resolve_quantization("int8", CPU, torch.float32, gguf=False) == "int8"
@@ -207,6 +212,24 @@ def test_the_choices_resolve_per_device_and_dtype():
         resolve_quantization("fp8", CPU, torch.bfloat16, gguf=False)
     with pytest.raises(ValueError, match="quantization"):
         ModelConfig(quantization="awq")
+
+
+def test_on_a_cpu_without_native_bf16_the_default_load_is_float32_with_the_ggufs_int4_layers(monkeypatch, smollm):
+    """``--dtype auto`` picks float32 there, and ``--quantization auto`` still multiplies the GGUF's 4-bit layers with
+    the int4 kernel (1.8x the dense float32 product on torch's AVX2 code path); the same greedy answer as the session's
+    float32 model, which was asked for by name and keeps its dense layers."""
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
+    loaded = load_model(ModelConfig(model_cache=default_model_cache()))
+    assert loaded.dtype == torch.float32 and loaded.quantization.method == "int4"
+    assert loaded.quantization.layers == loaded.quantization.exact_layers == 7 * 30
+    assert smollm.quantization.method == "none"
+    ids = render_chat(smollm.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+    prompt = torch.tensor([ids])
+    with torch.inference_mode():
+        quantized = loaded.model.generate(prompt, max_new_tokens=8, do_sample=False)[0, len(ids) :]
+        dense = smollm.model.generate(prompt, max_new_tokens=8, do_sample=False)[0, len(ids) :]
+    assert "Paris" in smollm.tokenizer.decode(quantized)
+    assert quantized.tolist() == dense.tolist()
 
 
 def test_the_loader_quantizes_a_model_folder(tiny_model_folder):
