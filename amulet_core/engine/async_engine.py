@@ -220,6 +220,7 @@ class AsyncEngine:
         try:
             if resolve_device(self.model_config.device).type == "cpu":
                 torch.set_num_threads(serving_cpu_threads(self.model_config))
+                logger.info("serving on the CPU with %d torch threads (--cpu-threads)", torch.get_num_threads())
                 keep_freed_memory()
             self._engine = LLMEngine(self._loader(self.model_config), self.engine_config)
             self._engine.fault_hook = self._fault_hook

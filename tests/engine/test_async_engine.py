@@ -119,3 +119,14 @@ def test_event_loop_keeps_running_while_the_model_works(engine):
 
     # The loop spins the ticker between every output: far more ticks than tokens.
     assert asyncio.run(go()) > 40
+
+
+def test_a_cpu_engine_runs_and_logs_its_configured_torch_threads(tiny_model, caplog: pytest.LogCaptureFixture) -> None:
+    """The worker thread sets its torch threads (OpenMP's count is the calling thread's) and says how many."""
+    loaded = tiny_model("llama")
+    config = EngineConfig(max_model_len=256, kv_cache_tokens=4096)
+    with caplog.at_level("INFO", logger="amulet_core.engine.async_engine"):
+        eng = AsyncEngine(ModelConfig(cpu_threads=2), config, loader=lambda _: loaded).start()
+        eng.wait_ready(60)
+        eng.close()
+    assert "serving on the CPU with 2 torch threads (--cpu-threads)" in caplog.messages
