@@ -21,8 +21,10 @@ mode would catch every function but cost a Python call per operation: 10 to 20% 
 :class:`PackedWeights` keeps the weights reordered for oneDNN once (a copy of them), which makes the products
 faster than the plain ones, bits unchanged. Quantized layers (:mod:`amulet_core.model.quantization`) are not
 ``nn.Linear`` and are left as they are: their kernels are batch-invariant themselves.
-On a device without oneDNN (CUDA) a linear layer runs tile by tile, every tile of :data:`ROW_TILE` rows (one
-product shape whatever the rows), an approach not measured there.
+On a device without oneDNN (CUDA), and for bfloat16 on a CPU whose oneDNN has no bfloat16 product (AVX2 only), a
+linear layer runs tile by tile, every tile of :data:`ROW_TILE` rows (one product shape whatever the rows): on the
+CPU a bfloat16 ``F.linear`` then computes each row on its own in float32 and rounds it once
+(``tests/engine/test_determinism.py`` checks the rows' bits either way).
 """
 
 from __future__ import annotations
@@ -48,8 +50,12 @@ ROW_TILE = 64
 PACKED_RAM_FRACTION = 0.25
 """Most of the available RAM that the packed copy of the linear weights may take."""
 
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _ONEDNN = torch.backends.mkldnn.is_available()
+ONEDNN_LINEAR_DTYPES = (
+    (torch.float32, torch.bfloat16) if _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+)
+"""The dtypes oneDNN's linear layer takes here: bfloat16 only on a CPU with AVX512 (BW, VL, DQ) or AVX-NE-CONVERT,
+elsewhere it refuses to build the product (bfloat16 linear layers then run tiled, as on a device without oneDNN)."""
 _LINEAR = torch.ops.mkldnn._linear_pointwise.default if _ONEDNN else None
 """oneDNN's linear layer, the overload itself (its resolution costs about 3 us a call)."""
 
@@ -61,9 +67,11 @@ _INVARIANT = "_amulet_invariant"
 
 
 class PackedWeights:
-    """Linear layers' weights reordered once for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``): the same bits
-    as the plain weight from 2 rows up (measured at 1 to 8 threads), without reordering the weight at every call
-    (SmolLM2's products took 1.1 to 1.9 times longer with the plain weights). A copy of the weights, owned by
+    """Linear layers' weights reordered once for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``), without
+    reordering the weight at every call (SmolLM2's products took 1.1 to 1.9 times longer with the plain weights).
+    Batch-invariant as the plain weight is; on AVX512 CPUs the same bits as the plain weight from 2 rows up
+    (measured at 1 to 8 threads), on AVX2 ones other bits (oneDNN multiplies a reordered weight with another
+    kernel), so a forward pass uses one or the other throughout. A copy of the weights, owned by
     whoever runs the forward passes; a layer without a packed weight (none packed, or its weight replaced since)
     uses its plain one."""
 
@@ -106,7 +114,7 @@ def _packable(weight: Any) -> TypeGuard[torch.Tensor]:
         _ONEDNN
         and isinstance(weight, torch.Tensor)
         and weight.device.type == "cpu"
-        and weight.dtype in _ONEDNN_DTYPES
+        and weight.dtype in ONEDNN_LINEAR_DTYPES
         and weight.dim() == 2
     )
 
@@ -185,7 +193,7 @@ def _gelu_module(module: nn.Module, x: torch.Tensor, weights: PackedWeights, app
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` whose every output row has the same bits whatever the other rows are and however many
     (``weight`` plain, or packed by :class:`PackedWeights`)."""
-    if not (_ONEDNN and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES):
+    if not (_ONEDNN and x.device.type == "cpu" and x.dtype in ONEDNN_LINEAR_DTYPES):
         rows = x.reshape(-1, x.shape[-1])
         return _tiled_linear(rows, weight, bias)[: rows.shape[0]].view(*x.shape[:-1], weight.shape[0])
     assert _LINEAR is not None  # _ONEDNN

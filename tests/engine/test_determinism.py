@@ -29,7 +29,13 @@ from amulet_core.engine.invariant_attention import (
     decode_plan,
     invariant_attention,
 )
-from amulet_core.engine.invariant_ops import PackedWeights, batch_invariant, install, invariant_linear
+from amulet_core.engine.invariant_ops import (
+    ONEDNN_LINEAR_DTYPES,
+    PackedWeights,
+    batch_invariant,
+    install,
+    invariant_linear,
+)
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.parallel_sampling import choice_request
 from amulet_core.engine.protocol import GenerationOutput, GenerationRequest
@@ -370,20 +376,33 @@ def test_an_installed_model_computes_as_before_outside_the_block_and_in_a_copy(m
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_packed_weights_give_the_plain_weights_bits(model_in, dtype):
+def test_packed_weights_keep_a_rows_bits_among_any_rows_and_compute_the_plain_product(model_in, dtype):
+    """Packed weights are batch-invariant themselves; their bits equal the plain weights' on AVX512 CPUs only
+    (on AVX2 oneDNN multiplies a reordered weight with another kernel), so against the plain product: close."""
     loaded = model_in(dtype)
     if loaded.device.type != "cpu":
         pytest.skip("weights are packed for oneDNN on the CPU only")
     install(loaded.model)
     packed = PackedWeights(loaded.model)
-    assert len(packed) == sum(isinstance(m, torch.nn.Linear) for m in loaded.model.modules())
+    linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
+    # bfloat16 only where oneDNN has its product (AVX512 or AVX-NE-CONVERT); elsewhere none is packed, none fails
+    assert len(packed) == (len(linears) if loaded.dtype in ONEDNN_LINEAR_DTYPES else 0)
+    torch.manual_seed(0)
+    for layer in linears:
+        weight = packed.weight(layer)
+        row = F.rms_norm(torch.randn(layer.in_features), (layer.in_features,)).to(loaded.dtype)
+        alone_row = invariant_linear(row.view(1, 1, -1), weight, layer.bias)[0, 0]
+        for count in (2, 3, 7, 65):
+            rows = torch.randn(count, layer.in_features).to(loaded.dtype)
+            rows[count // 2] = row
+            assert torch.equal(invariant_linear(rows, weight, layer.bias)[count // 2], alone_row), (layer, count)
     for rows in ([[5]], [[5, 80, 900, 3, 17, 44, 6]]):  # one row (computed beside a copy of itself), several
         ids = torch.tensor(rows)
         with batch_invariant(packed):
             fast = loaded.model(input_ids=ids).logits
         with batch_invariant():
             plain = loaded.model(input_ids=ids).logits
-        assert torch.equal(fast, plain)
+        torch.testing.assert_close(fast, plain, atol=1e-4 if dtype == "float32" else 0.05, rtol=1e-4)
 
 
 def _attention_case(dtype: torch.dtype, dim: int, group: int, window: int | None):

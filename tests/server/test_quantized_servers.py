@@ -9,7 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
+from amulet_core.engine.invariant_ops import ONEDNN_LINEAR_DTYPES
 from benchmarks.load import ServerProcess
 from tests.support.http import API_KEY
 
@@ -74,9 +76,11 @@ def test_the_server_answers_paris_with_a_preference(served, choice):
 
 @pytest.mark.parametrize("choice", ["int8", "int4", "auto"])
 def test_a_quantized_server_is_resident_in_less_memory(served, choice):
-    """The dense bfloat16 decoder weights (203 MiB, and their copy packed for oneDNN) against int8's 102 MiB or
-    int4's 63 MiB: at least 150 MiB less, far above the few MiB two starts differ by."""
-    assert served[choice][0] < served["none"][0] - 150, {c: round(v[0]) for c, v in served.items()}
+    """The dense bfloat16 decoder weights (203 MiB, and their copy packed for oneDNN where it has a bfloat16
+    product) against int8's 102 MiB or int4's 63 MiB: at least 150 MiB less (60 MiB without the packed copy: an
+    AVX2 CPU), far above the few MiB two starts differ by."""
+    margin = 150 if torch.bfloat16 in ONEDNN_LINEAR_DTYPES else 60
+    assert served[choice][0] < served["none"][0] - margin, {c: round(v[0]) for c, v in served.items()}
 
 
 def test_each_choice_quantized_the_layers_it_says(served):
