@@ -46,7 +46,7 @@ MESSAGES = [
 ]
 MODES = ("llama.cpp", "base", "amulet")
 INSTALL_HINT = (
-    "llama-cpp-python is not installed: `pip install '.[bench]'` (built from source; on a CPU that advertises AMX "
+    "install llama-cpp-python with its dependencies: `pip install '.[bench]'` (built from source; on a CPU that advertises AMX "
     'but faults on it: CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")'
 )
 
@@ -217,8 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         import llama_cpp
-    except ImportError:
-        print(f"skipped: {INSTALL_HINT}")
+    except ImportError as error:  # not installed, or installed without a dependency of its own
+        print(f"skipped: llama_cpp cannot be imported ({error}); {INSTALL_HINT}")
         return 0
     gguf = Path(args.model) if args.model is not None else embedded_model_file()
     tokenizer = load_tokenizer(ModelConfig(model=args.model, model_cache=default_model_cache()))

@@ -16,7 +16,7 @@ def test_without_llama_cpp_it_skips_with_the_install_hint(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
     assert llamacpp_compare.main(["--out", "/nonexistent/never-written.json"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("skipped: llama-cpp-python is not installed")
+    assert out.startswith("skipped: llama_cpp cannot be imported (")
     assert "pip install '.[bench]'" in out and "-DGGML_AMX_TILE=OFF" in out
 
 
