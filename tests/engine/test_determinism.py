@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from amulet_core.engine import invariant_ops
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.invariant_attention import (
     KEY_BLOCK,
@@ -403,6 +404,28 @@ def test_packed_weights_keep_a_rows_bits_among_any_rows_and_compute_the_plain_pr
         with batch_invariant():
             plain = loaded.model(input_ids=ids).logits
         torch.testing.assert_close(fast, plain, atol=1e-4 if dtype == "float32" else 0.05, rtol=1e-4)
+
+
+def test_without_onednns_bfloat16_product_nothing_is_packed_and_linear_layers_run_tiled(model_in, monkeypatch):
+    """A CPU whose oneDNN has no bfloat16 product (AVX2 only, where packing a bfloat16 weight raised and the server
+    exited at start-up), forced on any CPU: no weight is packed and no bfloat16 product reaches oneDNN."""
+    loaded = model_in("bfloat16")
+    if loaded.device.type != "cpu":
+        pytest.skip("oneDNN runs on the CPU only")
+    monkeypatch.setattr(invariant_ops, "ONEDNN_LINEAR_DTYPES", (torch.float32,))
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("oneDNN has no bfloat16 product on this CPU")
+
+    monkeypatch.setattr(invariant_ops, "_LINEAR", refused)
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refused)
+    weights = invariant_ops.invariant_weights(loaded.model, available_ram=1 << 40)
+    assert len(weights) == 0
+    ids = torch.tensor([[5, 80, 900, 3, 17, 44, 6]])
+    with batch_invariant(weights):
+        tiled = loaded.model(input_ids=ids).logits
+    plain = loaded.model(input_ids=ids).logits
+    torch.testing.assert_close(tiled, plain, atol=0.05, rtol=0.02)
 
 
 def _attention_case(dtype: torch.dtype, dim: int, group: int, window: int | None):
