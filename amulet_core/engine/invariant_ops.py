@@ -19,12 +19,12 @@ these versions while :func:`batch_invariant` is active in the calling context (a
 and their own otherwise, so a model shared with other users computes as before outside it. (A torch function
 mode would catch every function but cost a Python call per operation: 10 to 20% of a SmolLM2 decode step.)
 :class:`PackedWeights` keeps the weights reordered for oneDNN once (a copy of them), which makes the products
-faster than the plain ones, bits unchanged. Quantized layers (:mod:`amulet_core.model.quantization`) are not
-``nn.Linear`` and are left as they are: their kernels are batch-invariant themselves.
+faster than the plain ones (the same bits on AVX512 CPUs, other bits as batch-invariant on AVX2 ones).
+Quantized layers (:mod:`amulet_core.model.quantization`) are not ``nn.Linear`` and are left as they are: their
+kernels are batch-invariant themselves.
 On a device without oneDNN (CUDA), and for bfloat16 on a CPU whose oneDNN has no bfloat16 product (AVX2 only), a
-linear layer runs tile by tile, every tile of :data:`ROW_TILE` rows (one product shape whatever the rows): on the
-CPU a bfloat16 ``F.linear`` then computes each row on its own in float32 and rounds it once
-(``tests/engine/test_determinism.py`` checks the rows' bits either way).
+linear layer runs tile by tile, every tile of :data:`ROW_TILE` rows (one product shape whatever the rows); on such
+a CPU the bfloat16 determinism tests of ``tests/engine/test_determinism.py`` pass on it (not measured on CUDA).
 """
 
 from __future__ import annotations
