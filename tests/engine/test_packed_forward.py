@@ -129,11 +129,13 @@ def test_the_family_forward_gives_transformers_bits(family, dtype, deterministic
 
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["invariant", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_fused_int4_projections_give_the_separate_layers_bits(family, deterministic, smollm_tokenizer):
+def test_fused_int4_projections_give_the_separate_layers_bits(family, dtype, deterministic, smollm_tokenizer):
     """Int4 layers of one input (query, key and value; gate and up) run fused: bits of the separate layers, which
-    transformers' forward calls (Qwen2's projections have biases)."""
-    loaded = tiny(family, smollm_tokenizer, torch.bfloat16, num_key_value_heads=4)  # keys of 64 outputs: whole blocks
+    transformers' forward calls (Qwen2's projections have biases); in float32 too, where the int4 layers compute
+    in bfloat16 and return float32."""
+    loaded = tiny(family, smollm_tokenizer, dtype, num_key_value_heads=4)  # keys of 64 outputs: whole blocks
     quantize_model(loaded.model, "int4")
     forward = packed_forward(loaded.model)
     assert isinstance(forward, LlamaFamilyForward)
@@ -142,12 +144,14 @@ def test_fused_int4_projections_give_the_separate_layers_bits(family, determinis
 
 
 @pytest.mark.smollm
-def test_the_served_smollm_int4_bfloat16_gives_transformers_bits(smollm):
-    """As ``make serve`` runs it: bfloat16, its Q4_1 layers on the int4 kernel, batch-invariant."""
-    model = copy.deepcopy(smollm.model).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_the_served_smollm_int4_gives_transformers_bits(smollm, dtype):
+    """As ``make serve`` runs it: bfloat16 (a CPU with native bfloat16) or float32 (one without), its Q4_1 layers
+    on the int4 kernel, batch-invariant."""
+    model = copy.deepcopy(smollm.model).to(dtype)
     quantize_model(model, "int4")
     assert any(isinstance(m, Int4Linear) for m in model.modules())
-    loaded = LoadedModel(model, smollm.tokenizer, smollm.name, smollm.device, torch.bfloat16, smollm.eos_token_ids)
+    loaded = LoadedModel(model, smollm.tokenizer, smollm.name, smollm.device, dtype, smollm.eos_token_ids)
     assert_same_bits(loaded, deterministic=True, new_tokens=6)
 
 
