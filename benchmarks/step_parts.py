@@ -1,0 +1,141 @@
+"""Where a CPU decode step goes, measured in place: ``python -m benchmarks.step_parts`` (prints a table, writes JSON).
+
+The embedded SmolLM2 loaded as ``make serve`` loads it (``--dtype auto``, ``--quantization auto``, the family
+forward), one engine per method decoding one greedy stream (``base``: one row a step; ``amulet``: two). Each
+round times ``--steps`` steps of every variant in turn: the whole step, then the step with one part replaced by
+zeros of its shape (the paged attention of every layer, with its cache writes; the int4 products; the output
+layer), then with all three replaced. A part's cost is the whole step's wall time less the step without it (the
+median over ``--rounds`` rounds); what is left with all three replaced is the rest: norms, rotations, residual
+additions, activations, dtype conversions, the embedding, the method's combination, sampling and the engine's
+own work. What the parts and the rest leave of the whole step is reported too: positive where they slow one
+another (a product streams megabytes of weights through the caches the next small operations would read). A
+profiler would charge its own overhead to the many small operations; this measures the step as it runs. The zeros
+change the tokens, not the work: every operation keeps its shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from amulet_core.engine import packed_forward as packed_forward_module
+from amulet_core.engine.llm_engine import LLMEngine
+from amulet_core.engine.packed_forward import LlamaFamilyForward
+from amulet_core.method.settings import Method
+from amulet_core.model import quantization
+from amulet_core.model.gguf_cache import default_model_cache
+from amulet_core.model.loading import ModelConfig, load_model, serving_cpu_threads
+from benchmarks.llamacpp_compare import machine
+from benchmarks.packed_forward import METHODS, decoding_engine
+from benchmarks.report import run_meta, write_report
+
+PARTS = ("attention", "int4_products", "output_layer")
+VARIANTS = ("whole", *(f"without_{part}" for part in PARTS), "without_all")
+
+
+def _zero_attention(module: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The paged attention's output shape ``[1, N, heads, head_dim]``, zeros, nothing written to the cache."""
+    return query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3]), None
+
+
+def _zero_int4(rows: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """The int4 kernel's output shape ``[rows, outputs]``, zeros."""
+    return rows.new_zeros(rows.shape[0], scales_and_zeros.shape[1])
+
+
+class _ZeroHead:
+    """The output layer's logits shape, zeros."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.new_zeros(*hidden.shape[:-1], self.vocab)
+
+
+@contextmanager
+def without(engine: LLMEngine, parts: tuple[str, ...]) -> Iterator[None]:
+    """``engine``'s steps with ``parts`` (of :data:`PARTS`) replaced by zeros; everything restored after."""
+    forward = engine.runner.forward
+    if not isinstance(forward, LlamaFamilyForward):
+        raise RuntimeError("the model does not run the family forward")
+    attention, int4, head = packed_forward_module.paged_attention_forward, quantization._INT4_MATMUL, forward.head
+    if "attention" in parts:
+        packed_forward_module.paged_attention_forward = _zero_attention
+    if "int4_products" in parts:
+        quantization._INT4_MATMUL = _zero_int4  # type: ignore[assignment]
+    if "output_layer" in parts:
+        forward.head = _ZeroHead(int(head.weight.shape[0]))
+    try:
+        yield
+    finally:
+        packed_forward_module.paged_attention_forward = attention
+        quantization._INT4_MATMUL = int4
+        forward.head = head
+
+
+def _removed(variant: str) -> tuple[str, ...]:
+    if variant == "whole":
+        return ()
+    return PARTS if variant == "without_all" else (variant.removeprefix("without_"),)
+
+
+def measure(engine: LLMEngine, rounds: int, steps: int) -> dict[str, float]:
+    """Median wall milliseconds per step of each variant (:data:`VARIANTS`), the variants in turn each round."""
+    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    for _ in range(rounds):
+        for variant in VARIANTS:
+            with without(engine, _removed(variant)):
+                engine.step()  # the variant's first step (a switch) is not timed
+                started = time.perf_counter()
+                for _ in range(steps):
+                    engine.step()
+                times[variant].append(1000 * (time.perf_counter() - started) / steps)
+    return {variant: statistics.median(ms) for variant, ms in times.items()}
+
+
+def parts_of(ms: dict[str, float]) -> dict[str, float]:
+    """The whole step, each part's milliseconds (the whole step less the step without it), the rest (the step
+    without all three) and what none of them accounts for: the whole step less the parts and the rest (positive
+    where the parts slow one another or the rest, as a product that evicts the caches the next operations read)."""
+    costs = {part: ms["whole"] - ms[f"without_{part}"] for part in PARTS}
+    unattributed = ms["whole"] - sum(costs.values()) - ms["without_all"]
+    return {"step": ms["whole"], **costs, "rest": ms["without_all"], "unattributed": unattributed}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu-threads", type=int, default=None, help="default: the server's (every CPU)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--out", default="benchmarks/results/step_parts.json")
+    args = parser.parse_args(argv)
+    config = ModelConfig(dtype="auto", quantization="auto", cpu_threads=args.cpu_threads, model_cache=default_model_cache())
+    threads = serving_cpu_threads(config)
+    torch.set_num_threads(threads)
+    loaded = load_model(config)
+    new_tokens = args.rounds * len(VARIANTS) * (args.steps + 1) + 8
+    result: dict[str, Any] = {}
+    for method in METHODS:
+        engine = decoding_engine(loaded, method, "family", new_tokens)
+        ms = measure(engine, args.rounds, args.steps)
+        result[method.value] = {"variants_ms": ms, "parts_ms": parts_of(ms)}
+    print(f"{threads} thread(s), {loaded.name} in {loaded.dtype}, wall ms per decode step (median of {args.rounds})")
+    print("| method | step | attention | int4 products | output layer | the rest | unattributed |")
+    print("|---|---|---|---|---|---|---|")
+    for method in (Method.BASE, Method.AMULET):
+        p = result[method.value]["parts_ms"]
+        print(f"| {method.value} | {p['step']:.1f} | {p['attention']:.1f} | {p['int4_products']:.1f} | "
+              f"{p['output_layer']:.1f} | {p['rest']:.1f} | {p['unattributed']:.1f} |")  # fmt: skip
+    meta = run_meta(loaded.device, loaded.dtype, loaded.name, rounds=args.rounds, steps=args.steps, cpu=machine())
+    write_report(args.out, {"meta": meta, **result})
+
+
+if __name__ == "__main__":
+    main()
