@@ -68,6 +68,14 @@ def profile_step(loaded: LoadedModel, steps: int) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -r["ms"])
 
 
+def served_model(cpu_threads: int | None) -> LoadedModel:
+    """The embedded SmolLM2 as ``make serve`` loads it (``--dtype auto``, ``--quantization auto``), torch set to the
+    server's thread count for ``cpu_threads`` (None: every CPU)."""
+    config = ModelConfig(dtype="auto", quantization="auto", cpu_threads=cpu_threads, model_cache=default_model_cache())
+    torch.set_num_threads(serving_cpu_threads(config))
+    return load_model(config)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-threads", type=int, default=None, help="default: the server's (every CPU)")
@@ -76,10 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/packed_forward.json")
     args = parser.parse_args(argv)
-    config = ModelConfig(dtype="auto", quantization="auto", cpu_threads=args.cpu_threads, model_cache=default_model_cache())
-    threads = serving_cpu_threads(config)
-    torch.set_num_threads(threads)
-    loaded = load_model(config)
+    loaded = served_model(args.cpu_threads)
+    threads = torch.get_num_threads()
     started = time.perf_counter()
     result: dict[str, Any] = {"ms_per_token": measure(loaded, args.rounds, args.steps)}
     ms = result["ms_per_token"]

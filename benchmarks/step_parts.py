@@ -29,10 +29,8 @@ from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.packed_forward import LlamaFamilyForward
 from amulet_core.method.settings import Method
 from amulet_core.model import quantization
-from amulet_core.model.gguf_cache import default_model_cache
-from amulet_core.model.loading import ModelConfig, load_model, serving_cpu_threads
 from benchmarks.llamacpp_compare import machine
-from benchmarks.packed_forward import METHODS, decoding_engine
+from benchmarks.packed_forward import METHODS, decoding_engine, served_model
 from benchmarks.report import run_meta, write_report
 
 PARTS = ("attention", "int4_products", "output_layer")
@@ -116,10 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", default="benchmarks/results/step_parts.json")
     args = parser.parse_args(argv)
-    config = ModelConfig(dtype="auto", quantization="auto", cpu_threads=args.cpu_threads, model_cache=default_model_cache())
-    threads = serving_cpu_threads(config)
-    torch.set_num_threads(threads)
-    loaded = load_model(config)
+    loaded = served_model(args.cpu_threads)
+    threads = torch.get_num_threads()
     new_tokens = args.rounds * len(VARIANTS) * (args.steps + 1) + 8
     result: dict[str, Any] = {}
     for method in METHODS:
