@@ -19,6 +19,7 @@ import torch
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.packed_forward import LlamaFamilyForward, TransformersForward
+from amulet_core.engine.paged_decode import AttentionBackend
 from amulet_core.method.settings import Method
 from amulet_core.model.gguf_cache import default_model_cache
 from amulet_core.model.loading import LoadedModel, ModelConfig, load_model, serving_cpu_threads
@@ -29,9 +30,13 @@ FORWARDS = ("transformers", "family")
 METHODS = (Method.BASE, Method.AMULET)
 
 
-def decoding_engine(loaded: LoadedModel, method: Method, forward: str, new_tokens: int) -> LLMEngine:
-    """An engine decoding one stream of ``method`` with ``forward``, its prompt prefilled."""
-    engine = LLMEngine(loaded, EngineConfig(max_model_len=2048, kv_cache_tokens=8192, enable_prefix_cache=False))
+def decoding_engine(
+    loaded: LoadedModel, method: Method, forward: str, new_tokens: int, attention: AttentionBackend = "auto"
+) -> LLMEngine:
+    """An engine decoding one stream of ``method`` with ``forward`` and ``--attention-backend attention``, its
+    prompt prefilled."""
+    config = EngineConfig(max_model_len=2048, kv_cache_tokens=8192, enable_prefix_cache=False, attention_backend=attention)
+    engine = LLMEngine(loaded, config)
     if forward == "transformers":
         engine.runner.forward = TransformersForward(loaded.model)
     elif not isinstance(engine.runner.forward, LlamaFamilyForward):

@@ -27,6 +27,7 @@ import torch
 from amulet_core.engine import packed_forward as packed_forward_module
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.packed_forward import LlamaFamilyForward
+from amulet_core.engine.paged_decode import ATTENTION_BACKENDS
 from amulet_core.method.settings import Method
 from amulet_core.model import quantization
 from benchmarks.llamacpp_compare import machine
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu-threads", type=int, default=None, help="default: the server's (every CPU)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto", help="as the server's")
     parser.add_argument("--out", default="benchmarks/results/step_parts.json")
     args = parser.parse_args(argv)
     loaded = served_model(args.cpu_threads)
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     new_tokens = args.rounds * len(VARIANTS) * (args.steps + 1) + 8
     result: dict[str, Any] = {}
     for method in METHODS:
-        engine = decoding_engine(loaded, method, "family", new_tokens)
+        engine = decoding_engine(loaded, method, "family", new_tokens, args.attention_backend)
         ms = measure(engine, args.rounds, args.steps)
         result[method.value] = {"variants_ms": ms, "parts_ms": parts_of(ms)}
     print(f"{threads} thread(s), {loaded.name} in {loaded.dtype}, wall ms per decode step (median of {args.rounds})")
@@ -129,7 +131,11 @@ def main(argv: list[str] | None = None) -> None:
         p = result[method.value]["parts_ms"]
         print(f"| {method.value} | {p['step']:.1f} | {p['attention']:.1f} | {p['int4_products']:.1f} | "
               f"{p['output_layer']:.1f} | {p['rest']:.1f} | {p['unattributed']:.1f} |")  # fmt: skip
-    meta = run_meta(loaded.device, loaded.dtype, loaded.name, rounds=args.rounds, steps=args.steps, cpu=machine())
+    attention = "fixed-order kernel" if engine.runner.attention_kernel is not None else "torch operations"
+    print(f"(the batch-invariant attention through {attention})")
+    meta = run_meta(
+        loaded.device, loaded.dtype, loaded.name, rounds=args.rounds, steps=args.steps, cpu=machine(), attention=attention
+    )
     write_report(args.out, {"meta": meta, **result})
 
 

@@ -66,7 +66,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         choices=ATTENTION_BACKENDS,
         help="decode attention: triton reads each row's KV blocks in place through its block table (a Triton "
         "kernel; a CUDA device), sdpa gathers the rows' contexts and calls PyTorch's SDPA; auto: triton on a CUDA "
-        "device with Triton installed, else sdpa (default: %(default)s; --deterministic uses its own)",
+        "device with Triton installed, else sdpa (default: %(default)s). --deterministic attends in a fixed order "
+        "of its own: on a CPU with auto through a kernel compiled at start where a C compiler is found "
+        "(fixed-order: that kernel or fail), else (or with sdpa) through torch operations",
     )
     p.add_argument(
         "--graph-capture-seconds",

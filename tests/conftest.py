@@ -26,6 +26,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from amulet_core.engine.fixed_order_kernel import KERNEL_CACHE_ENV, FixedOrderAttention, load_fixed_order_attention
 from amulet_core.model.gguf_cache import MODEL_CACHE_ENV, default_model_cache
 from amulet_core.model.loading import LoadedModel, ModelConfig, embedded_model_file, load_model
 from server.app import create_app
@@ -51,6 +52,10 @@ def pytest_configure(config: pytest.Config) -> None:
     cache = Path(tempfile.mkdtemp(prefix="amulet-test-model-cache-"))
     os.environ[MODEL_CACHE_ENV] = str(cache)
     config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+    # The fixed-order attention kernel is compiled once for the run, into a folder of its own.
+    kernels = Path(tempfile.mkdtemp(prefix="amulet-test-kernels-"))
+    os.environ[KERNEL_CACHE_ENV] = str(kernels)
+    config.add_cleanup(lambda: shutil.rmtree(kernels, ignore_errors=True))
     # Stored responses of servers started from the command line go to a folder of the run's (never the user's).
     data = Path(tempfile.mkdtemp(prefix="amulet-test-data-"))
     os.environ[DATA_DIR_ENV] = str(data)
@@ -109,6 +114,16 @@ def tiny_model(request: pytest.FixtureRequest) -> Callable[[str], LoadedModel]:
         return cache[family]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def fixed_order_kernel() -> FixedOrderAttention:
+    """The fixed-order attention kernel, compiled for this machine; fails (never skips) where it does not build:
+    the machines the suite runs on have a C compiler, and a server there uses the kernel."""
+    kernel, why = load_fixed_order_attention()
+    if kernel is None:
+        pytest.fail(why)
+    return kernel
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,9 @@ class EngineConfig:
     * ``attention_backend``: how decode rows attend: ``sdpa`` gathers each row's context and calls SDPA,
       ``triton`` reads the KV blocks in place through the block tables with the paged decode kernel
       (:mod:`amulet_core.engine.paged_decode`; a CUDA device with Triton), ``auto`` the kernel where it runs,
-      else SDPA. The batch-invariant attention (``deterministic``) replaces both.
+      else SDPA. The batch-invariant attention (``deterministic``) replaces both: with ``auto``, on a CPU, through
+      its compiled kernel where the machine's C compiler builds it (:mod:`amulet_core.engine.fixed_order_kernel`),
+      else through torch operations; ``fixed-order`` requires the kernel, ``sdpa`` keeps the torch operations.
     * ``overlap_host``: read each step's tokens a step later, while the device runs the next step
       (:mod:`amulet_core.engine.overlap`); None: on for a CUDA device (where the device runs asynchronously), off
       elsewhere (on a CPU the host and the "device" are the same thread: nothing to overlap).

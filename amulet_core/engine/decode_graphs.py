@@ -38,6 +38,7 @@ import torch
 
 from amulet_core.device_tensors import StagedTensors
 from amulet_core.engine.decode_tail import DecodeTail, TailVariant
+from amulet_core.engine.fixed_order_kernel import FixedOrderAttention
 from amulet_core.engine.graph_buckets import START_TAIL_VARIANTS, batch_buckets, context_buckets, smallest_at_least
 from amulet_core.engine.invariant_attention import InvariantPlan, decode_plan
 from amulet_core.engine.invariant_ops import PackedWeights, batch_invariant
@@ -72,10 +73,13 @@ class DecodeGraphs:
         capture: bool,
         invariant: PackedWeights | None = None,
         paged_kernel: bool = False,
+        attention_kernel: FixedOrderAttention | None = None,
     ) -> None:
         self.forward = forward
         self.invariant = invariant
         """The batch-invariant forward's weights (None: the SDPA forward)."""
+        self.attention_kernel = attention_kernel
+        """The batch-invariant attention's compiled kernel (None: its torch operations)."""
         self.cache = cache
         self.block_size = cache.block_size
         self.scratch_block = scratch_block
@@ -267,7 +271,7 @@ class DecodeGraphs:
         token_ids, positions, slots, lengths = self.rows[:, :size]
         tables = self.tables[:size, : length // self.block_size]
         if self.invariant is not None:
-            plan = InvariantPlan(decode_plan(tables, lengths, self.block_size, length), ())
+            plan = InvariantPlan(decode_plan(tables, lengths, self.block_size, length), (), self.attention_kernel)
             batch = PackedBatch(self.cache, slots, (), invariant=plan)
         else:
             shared = (self.inputs["followers"][:size], self.inputs["skip"][:size]) if self.paged_kernel else None

@@ -24,9 +24,12 @@ transformers' eager attention does) or float32. Tokens of a prefill chunk skip t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+
+from amulet_core.engine.fixed_order_kernel import FixedOrderAttention, KernelRows
 
 KEY_BLOCK = 128
 """Key positions per block: the unit of the fixed order of additions (and of a decode row's padding)."""
@@ -102,10 +105,30 @@ class InvariantSpan:
 
 @dataclass(frozen=True)
 class InvariantPlan:
-    """Where every packed token's keys are: decode rows first, then prefill chunks (the packing order)."""
+    """Where every packed token's keys are: decode rows first, then prefill chunks (the packing order); with a
+    ``kernel``, every token attends through it (:mod:`~amulet_core.engine.fixed_order_kernel`), else through
+    torch operations of fixed shapes."""
 
     decode: InvariantDecode | None
     spans: tuple[InvariantSpan, ...]
+    kernel: FixedOrderAttention | None = None
+
+    @cached_property
+    def kernel_rows(self) -> KernelRows:
+        """Each packed token's context for the kernel, built once a step (every layer reads it)."""
+        slots, offsets, lengths, start = [], [], [], 0
+        if self.decode is not None:
+            width = self.decode.blocks * KEY_BLOCK
+            slots.append(self.decode.slots)
+            offsets.append(torch.arange(0, self.decode.size * width, width))
+            lengths.append(self.decode.lengths)
+            start = self.decode.size * width
+        for span in self.spans:
+            slots.append(span.slots)
+            offsets.append(torch.full((span.size,), start, dtype=torch.long))
+            lengths.append(span.lengths)
+            start += span.slots.shape[0]
+        return KernelRows(*(torch.cat(parts).to("cpu", torch.long).contiguous() for parts in (slots, offsets, lengths)))
 
 
 def decode_plan(tables: torch.Tensor, lengths: torch.Tensor, block_size: int, longest: int) -> InvariantDecode:
@@ -125,9 +148,10 @@ def step_plan(
     spans: list[tuple[int, int, torch.Tensor]],
     block_size: int,
     device: torch.device,
+    kernel: FixedOrderAttention | None = None,
 ) -> InvariantPlan:
     """A step's plan: its decode rows (each row's block table and context length) and its prefill chunks (each
-    chunk's packed range and the slots of its whole context)."""
+    chunk's packed range and the slots of its whole context), attended through ``kernel`` when given."""
     decode = None
     if tables:
         longest = max(lengths)
@@ -135,7 +159,7 @@ def step_plan(
         flat = [block for table in tables for block in table[:width] + [0] * (width - len(table[:width]))]
         rows = torch.tensor(flat, dtype=torch.long, device=device).view(len(tables), width)
         decode = decode_plan(rows, torch.tensor(lengths, dtype=torch.long, device=device), block_size, longest)
-    return InvariantPlan(decode, tuple(InvariantSpan.of(start, end, context) for start, end, context in spans))
+    return InvariantPlan(decode, tuple(InvariantSpan.of(start, end, context) for start, end, context in spans), kernel)
 
 
 def invariant_attention(
@@ -150,6 +174,8 @@ def invariant_attention(
     """Attention of the packed ``query`` ``[1, heads, N, head_dim]`` over the cache (``[kv_heads, slots,
     head_dim]``, this step's keys already written); ``[1, N, heads, head_dim]`` in the query's dtype. ``softcap``
     (Gemma 2's ``attn_logit_softcapping``): every scaled score ``s`` becomes ``softcap * tanh(s / softcap)``."""
+    if plan.kernel is not None:
+        return plan.kernel(query, k_cache, v_cache, plan.kernel_rows, scaling, window, softcap)
     heads, tokens, dim = query.shape[1], query.shape[2], query.shape[3]
     kv_heads = k_cache.shape[0]
     group = heads // kv_heads

@@ -13,6 +13,7 @@ from amulet_core.device_tensors import to_device
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.decode_graphs import DecodeGraphs
 from amulet_core.engine.decode_tail import TailRowsError
+from amulet_core.engine.fixed_order_kernel import FixedOrderAttention, load_fixed_order_attention
 from amulet_core.engine.graph_buckets import START_TAIL_VARIANTS
 from amulet_core.engine.invariant_ops import batch_invariant, invariant_weights
 from amulet_core.engine.kv_budget import describe_cache, kv_budget
@@ -85,6 +86,8 @@ class ModelRunner:
             self.invariant_weights = invariant_weights(self.model, available_ram())
         if self.deterministic and config.attention_backend == "triton":
             raise ValueError("--attention-backend triton and --deterministic exclude each other (its attention is its own).")
+        self.attention_kernel = self._fixed_order_kernel(config)
+        """The batch-invariant attention's compiled kernel, or None (its torch operations)."""
         self.paged_kernel = not self.deterministic and self._paged_kernel_on(config)
         """Decode rows attend with the paged decode kernel (EngineConfig.attention_backend), else gathered for SDPA."""
         self.forward = packed_forward(self.model)
@@ -104,7 +107,7 @@ class ModelRunner:
         # One block more than the block manager hands out: the scratch block that padding rows use.
         self.scratch_block = self.num_blocks
         self.cache = PagedKVCache(layers, kv_heads, head_dim, self.num_blocks + 1, self.block_size, loaded.dtype, self.device)
-        self.inputs = StepInputs(self.cache, self.device, self.paged_kernel, self.deterministic)
+        self.inputs = StepInputs(self.cache, self.device, self.paged_kernel, self.deterministic, self.attention_kernel)
         """Builds an eager step's inputs."""
         self.max_num_seqs = config.max_num_seqs
         self.graphs: DecodeGraphs | None = None
@@ -146,9 +149,34 @@ class ModelRunner:
             return False
         return True
 
+    def _fixed_order_kernel(self, config: EngineConfig) -> FixedOrderAttention | None:
+        """The compiled kernel where the batch-invariant attention runs on a CPU over a float32 or bfloat16 cache
+        and ``--attention-backend`` is ``auto`` (None, with a warning, where it does not build) or ``fixed-order``
+        (an error where it does not)."""
+        requested = config.attention_backend
+        if requested == "fixed-order" and not self.deterministic:
+            raise ValueError("--attention-backend fixed-order is the batch-invariant attention's: it needs --deterministic.")
+        if not self.deterministic or requested not in ("auto", "fixed-order"):
+            return None
+        if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
+            if requested == "fixed-order":
+                raise ValueError(
+                    f"--attention-backend fixed-order runs on a CPU in float32 or bfloat16, not {self.device.type} {self.dtype}."
+                )
+            return None
+        kernel, why = load_fixed_order_attention()
+        if kernel is None:
+            if requested == "fixed-order":
+                raise ValueError(f"--attention-backend fixed-order: {why}")
+            logger.warning("%s; the batch-invariant attention runs as torch operations", why)
+        else:
+            logger.info("fixed-order attention kernel: %s", why)
+        return kernel
+
     def _attention_in_words(self) -> str:
         if self.deterministic:
-            return "batch-invariant (--deterministic)"
+            how = "its compiled fixed-order kernel" if self.attention_kernel else "torch operations"
+            return f"batch-invariant (--deterministic), through {how}"
         return "the paged decode kernel (Triton)" if self.paged_kernel else "SDPA over each row's gathered context"
 
     def use_decode_graphs(self, capture: bool) -> None:
@@ -157,8 +185,9 @@ class ModelRunner:
         vocab = logits_width(self.model)
         sizes = (self.scratch_block, vocab, self.max_num_seqs, self.max_model_len)
         self.graphs = DecodeGraphs(
-            self.forward, self.cache, *sizes, self.device, capture, self.invariant_weights, self.paged_kernel
-        )
+            self.forward, self.cache, *sizes, self.device, capture, self.invariant_weights, self.paged_kernel,
+            self.attention_kernel,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def _capture_graphs_at_start(self, budget_s: float) -> None:

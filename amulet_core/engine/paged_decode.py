@@ -24,8 +24,10 @@ from typing import Literal
 
 import torch
 
-AttentionBackend = Literal["auto", "sdpa", "triton"]
-ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = ("auto", "sdpa", "triton")
+AttentionBackend = Literal["auto", "sdpa", "triton", "fixed-order"]
+ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = ("auto", "sdpa", "triton", "fixed-order")
+"""``fixed-order`` is the batch-invariant attention's compiled kernel (:mod:`amulet_core.engine.fixed_order_kernel`):
+``--deterministic`` only, where ``auto`` takes it when it builds and ``sdpa`` keeps its torch operations."""
 
 PARTITION = 256
 """Key positions per partition (one program each, per row and KV head)."""
@@ -49,7 +51,7 @@ def interpreting() -> bool:
 def attention_backend(requested: AttentionBackend, device: torch.device) -> Literal["sdpa", "triton"]:
     """The decode attention a device gets: ``auto`` is the kernel on CUDA with Triton installed, else SDPA;
     ``triton`` where Triton is missing, or on another device (unless Triton's interpreter runs it), is an error."""
-    if requested == "sdpa":
+    if requested in ("sdpa", "fixed-order"):
         return "sdpa"
     installed = triton_available()
     if requested == "triton":

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from amulet_core.device_tensors import to_device
+from amulet_core.engine.fixed_order_kernel import FixedOrderAttention
 from amulet_core.engine.invariant_attention import step_plan
 from amulet_core.engine.overlap import PendingTokens, fill_pending
 from amulet_core.engine.paged_attention import (
@@ -43,6 +44,8 @@ class StepInputs:
     device: torch.device
     paged_kernel: bool
     deterministic: bool
+    attention_kernel: FixedOrderAttention | None = None
+    """The batch-invariant attention's compiled kernel (None: its torch operations)."""
 
     def build(
         self,
@@ -86,7 +89,7 @@ class StepInputs:
         elif self.deterministic:
             tables, lengths = [c.seq.block_table for c in decode_chunks], [c.start + 1 for c in decode_chunks]
             contexts = [(s.query_start, s.query_end, s.context_slots) for s in spans]
-            plan = step_plan(tables, lengths, contexts, bs, self.device)
+            plan = step_plan(tables, lengths, contexts, bs, self.device, self.attention_kernel)
             batch = PackedBatch(self.cache, slots, (), invariant=plan)
         else:
             batch = PackedBatch(self.cache, slots, tuple(spans), self._decode_group(decode_chunks))

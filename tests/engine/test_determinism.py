@@ -428,9 +428,10 @@ def test_without_onednns_bfloat16_product_nothing_is_packed_and_linear_layers_ru
     torch.testing.assert_close(tiled, plain, atol=0.05, rtol=0.02)
 
 
-def _attention_case(dtype: torch.dtype, dim: int, group: int, window: int | None):
+def _attention_case(dtype: torch.dtype, dim: int, group: int, window: int | None, kernel=None):
     """Attention of every position of a 300-token context computed cold (one chunk), in a later chunk, after a
-    cache hit (a short last chunk), and as decode rows among others; all must agree bitwise."""
+    cache hit (a short last chunk), and as decode rows among others; all must agree bitwise. ``kernel``: through
+    the fixed-order kernel, else the torch operations."""
     torch.manual_seed(0)
     kv, length, slots_total = 2, 300, 2048
     k_cache = torch.randn(kv, slots_total, dim).to(dtype)
@@ -439,7 +440,7 @@ def _attention_case(dtype: torch.dtype, dim: int, group: int, window: int | None
     queries = torch.randn(1, kv * group, length, dim).to(dtype)
 
     def chunk(start: int, end: int) -> torch.Tensor:
-        plan = InvariantPlan(None, (InvariantSpan.of(0, end - start, context[:end]),))
+        plan = InvariantPlan(None, (InvariantSpan.of(0, end - start, context[:end]),), kernel)
         return invariant_attention(queries[:, :, start:end], k_cache, v_cache, plan, dim**-0.5, window)[0]
 
     def decode(position: int, others: list[int]) -> torch.Tensor:
@@ -450,7 +451,7 @@ def _attention_case(dtype: torch.dtype, dim: int, group: int, window: int | None
         tables = torch.stack([torch.randperm(slots_total)[:width] for _ in others] + [own])
         rows = torch.randn(1, kv * group, len(lengths), dim).to(dtype)
         rows[:, :, -1] = queries[:, :, position]
-        plan = InvariantPlan(decode_plan(tables, torch.tensor(lengths), 1, longest), ())
+        plan = InvariantPlan(decode_plan(tables, torch.tensor(lengths), 1, longest), (), kernel)
         return invariant_attention(rows, k_cache, v_cache, plan, dim**-0.5, window)[0, -1]
 
     cold = chunk(0, length)
@@ -467,8 +468,10 @@ def _attention_case(dtype: torch.dtype, dim: int, group: int, window: int | None
     ("dtype", "dim", "group", "window"),
     [(torch.float32, 64, 3, None), (torch.bfloat16, 64, 3, None), (torch.float32, 24, 1, None), (torch.float32, 16, 2, 70)],
 )
-def test_attention_has_the_same_bits_however_a_token_is_scheduled(dtype, dim, group, window):
-    queries, keys, values, cold = _attention_case(dtype, dim, group, window)
+@pytest.mark.parametrize("path", ["torch", "kernel"])
+def test_attention_has_the_same_bits_however_a_token_is_scheduled(dtype, dim, group, window, path, fixed_order_kernel):
+    kernel = fixed_order_kernel if path == "kernel" else None
+    queries, keys, values, cold = _attention_case(dtype, dim, group, window, kernel)
     length = keys.shape[1]
     allowed = torch.ones(length, length).tril().bool()
     if window is not None:

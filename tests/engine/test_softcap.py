@@ -1,6 +1,7 @@
 """Gemma 2's soft-capped attention (``attn_logit_softcapping``: every scaled score ``s`` becomes ``c * tanh(s / c)``)
-in each of the engine's attention paths: the batch-invariant one (the CPU default), the SDPA-based one (where
-SDPA has no soft cap, computed step by step), and a plain call of the loaded model. The tiny Gemma 2 caps at 5,
+in each of the engine's attention paths: the batch-invariant one (the CPU default: its compiled kernel, or torch
+operations), the SDPA-based one (where SDPA has no soft cap, computed step by step), and a plain call of the
+loaded model. The tiny Gemma 2 caps at 5,
 and its query and key weights are scaled up so that the cap changes its scores: without the cap each test here
 fails against transformers' eager reference."""
 
@@ -47,10 +48,13 @@ def reference_logprobs(reference: torch.nn.Module, ids: list[int]) -> torch.Tens
         return torch.log_softmax(reference(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
 
 
-@pytest.mark.parametrize("deterministic", [True, False], ids=["invariant", "sdpa"])
-def test_the_engine_applies_the_soft_cap(gemma2, deterministic):
+@pytest.mark.parametrize(
+    ("deterministic", "backend"), [(True, "fixed-order"), (True, "sdpa"), (False, "auto")], ids=["kernel", "invariant", "sdpa"]
+)
+def test_the_engine_applies_the_soft_cap(gemma2, deterministic, backend):
     loaded, reference = gemma2
-    engine = LLMEngine(loaded, EngineConfig(max_model_len=256, kv_cache_tokens=2048, deterministic=deterministic))
+    config = EngineConfig(max_model_len=256, kv_cache_tokens=2048, deterministic=deterministic, attention_backend=backend)
+    engine = LLMEngine(loaded, config)
     sampling = SamplingParams(max_tokens=3, temperature=0, logprobs=True, top_logprobs=5)
     requests = {
         method: GenerationRequest.from_contexts(

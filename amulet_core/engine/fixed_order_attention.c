@@ -1,0 +1,124 @@
+/* Batch-invariant attention of packed query tokens over the paged KV cache: one fixed order of arithmetic per
+ * (token, query head), whatever else the call holds. Compiled and loaded by fixed_order_kernel.py; its contract
+ * is in that module's docstring.
+ *
+ * Each (token, head) is computed alone, from its own query row and its own context's slots:
+ *   score_j = the dot product of the scaled query and key j in LANES partial sums (lane l adds dims l, l+LANES,
+ *             ... in order), the lanes then added pairwise ((0+1)+(2+3))+((4+5)+(6+7));
+ *             softcap: cap * tanh(score / cap);
+ *   weight_j = exp(score_j - the largest score), summed key after key in double and rounded once to float;
+ *   out = sum over keys, in key order, of (weight_j / sum) * value_j, each dim its own float accumulator.
+ * Which thread runs a (token, head), and how many there are, changes nothing. Built without FMA contraction and
+ * without fast-math: a vector unit of any width gives the same bits. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 8
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float round_bf16(float f) { /* round to nearest even, as torch's float -> bfloat16 (NaN stays NaN) */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return f;
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    bits &= 0xffff0000u;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float dot_lanes(const float *q, const float *k, int64_t dim) {
+    float lane[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= dim; d += LANES)
+        for (int l = 0; l < LANES; l++) lane[l] += q[d + l] * k[d + l];
+    for (int l = 0; d < dim; d++, l++) lane[l] += q[d] * k[d];
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+/* q: [tokens, heads, dim] float32 (unscaled); k_cache, v_cache: [kv_heads, slots, dim], float32 (bf16 == 0) or
+ * bfloat16 bits (bf16 == 1); slots: flat int64; token_offset[t]: where token t's context starts in slots (its
+ * key position p is slots[token_offset[t] + p]); token_length[t]: keys 0..length-1 are its context (itself
+ * last); window > 0: only the last `window` of them; threads: OpenMP threads (ignored without OpenMP). out: [tokens, heads, dim] float32. Returns 0, or -1 when
+ * a scratch allocation failed. */
+int fixed_order_attention(const float *q, const void *k_cache, const void *v_cache, int64_t kv_heads, int64_t slots_total,
+                          int64_t dim, int bf16, const int64_t *slots, const int64_t *token_offset,
+                          const int64_t *token_length, int64_t tokens, int64_t heads, float scale, int64_t window,
+                          float softcap, int threads, float *out) {
+    const int64_t group = heads / kv_heads;
+    int64_t longest = 0;
+    for (int64_t t = 0; t < tokens; t++)
+        if (token_length[t] > longest) longest = token_length[t];
+    int failed = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(longest > 0 ? longest : 1));
+        float *row = malloc(sizeof(float) * (size_t)dim * 2);
+        float *acc = malloc(sizeof(float) * (size_t)dim);
+        if (!scores || !row || !acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < tokens * heads; item++) {
+            if (!scores || !row || !acc) continue;
+            const int64_t t = item / heads, h = item % heads, g = h / group;
+            const int64_t hi = token_length[t];
+            const int64_t lo = (window > 0 && hi > window) ? hi - window : 0;
+            const int64_t *ctx = slots + token_offset[t];
+            float *qs = row, *kv = row + dim;
+            for (int64_t d = 0; d < dim; d++) {
+                float x = q[(t * heads + h) * dim + d] * scale;
+                qs[d] = bf16 ? round_bf16(x) : x;
+            }
+            float best = -INFINITY;
+            for (int64_t j = lo; j < hi; j++) {
+                const int64_t at = (g * slots_total + ctx[j]) * dim;
+                float s;
+                if (bf16) {
+                    const uint16_t *k = (const uint16_t *)k_cache + at;
+                    for (int64_t d = 0; d < dim; d++) kv[d] = bf16_to_float(k[d]);
+                    s = round_bf16(dot_lanes(qs, kv, dim));
+                } else {
+                    s = dot_lanes(qs, (const float *)k_cache + at, dim);
+                }
+                if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
+                scores[j - lo] = s;
+                if (s > best) best = s;
+            }
+            double total = 0.0;
+            for (int64_t j = 0; j < hi - lo; j++) {
+                float w = expf(scores[j] - best);
+                scores[j] = w;
+                total += (double)w;
+            }
+            const float sum = (float)total;
+            for (int64_t d = 0; d < dim; d++) acc[d] = 0.0f;
+            for (int64_t j = lo; j < hi; j++) {
+                const int64_t at = (g * slots_total + ctx[j]) * dim;
+                float p = scores[j - lo] / sum;
+                if (bf16) {
+                    p = round_bf16(p);
+                    const uint16_t *v = (const uint16_t *)v_cache + at;
+                    for (int64_t d = 0; d < dim; d++) acc[d] += p * bf16_to_float(v[d]);
+                } else {
+                    const float *v = (const float *)v_cache + at;
+                    for (int64_t d = 0; d < dim; d++) acc[d] += p * v[d];
+                }
+            }
+            memcpy(out + (t * heads + h) * dim, acc, sizeof(float) * (size_t)dim);
+        }
+        free(scores);
+        free(row);
+        free(acc);
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,118 @@
+"""The batch-invariant attention's compiled kernel (amulet_core/engine/fixed_order_kernel.py): the same bits at any
+thread count, the agreement with SDPA in float64 (with a soft cap), how it is built, found and kept, and which
+attention an engine picks. Its bits however a token is scheduled are checked beside the torch path's in
+test_determinism.py (``test_attention_has_the_same_bits_however_a_token_is_scheduled``)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from amulet_core.engine import fixed_order_kernel as kernel_module
+from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.fixed_order_kernel import load_fixed_order_attention
+from amulet_core.engine.invariant_attention import InvariantPlan, InvariantSpan, decode_plan, invariant_attention
+from amulet_core.engine.llm_engine import LLMEngine
+from amulet_core.engine.paged_attention import attention, causal_mask
+
+
+def _case(dtype: torch.dtype, kv: int = 3, group: int = 3, dim: int = 64, length: int = 200):
+    torch.manual_seed(1)
+    slots_total = 1024
+    k_cache = torch.randn(kv, slots_total, dim).to(dtype)
+    v_cache = torch.randn(kv, slots_total, dim).to(dtype)
+    context = torch.randperm(slots_total)[:length]
+    queries = torch.randn(1, kv * group, length, dim).to(dtype)
+    return k_cache, v_cache, context, queries
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_token_has_the_same_bits_at_any_thread_count(fixed_order_kernel, dtype):
+    """The work is split between threads by (token, head), never inside one: 1, 2 and 3 threads agree bitwise."""
+    k_cache, v_cache, context, queries = _case(dtype)
+    plan = InvariantPlan(None, (InvariantSpan.of(0, queries.shape[2], context),), fixed_order_kernel)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(invariant_attention(queries, k_cache, v_cache, plan, 0.125))
+    finally:
+        torch.set_num_threads(before)
+    assert outs[0].dtype == dtype and outs[0].shape == (1, queries.shape[2], queries.shape[1], queries.shape[3])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize(("softcap", "window"), [(None, None), (5.0, None), (None, 50), (5.0, 50)])
+def test_the_kernel_computes_attention(fixed_order_kernel, softcap, window):
+    """Against float64 attention with the same soft cap and window, every position of a chunk and a decode row."""
+    k_cache, v_cache, context, queries = _case(torch.float32, kv=2, group=2, dim=40)
+    length, scale = context.shape[0], 0.4  # a large scale: the cap changes the scores
+    plan = InvariantPlan(None, (InvariantSpan.of(0, length, context),), fixed_order_kernel)
+    got = invariant_attention(queries, k_cache, v_cache, plan, scale, window, softcap)
+    keys, values = k_cache[:, context].double().unsqueeze(0), v_cache[:, context].double().unsqueeze(0)
+    mask = causal_mask(length, length, torch.device("cpu"), window)
+    wanted = attention(queries.double(), keys, values, mask, scale, softcap or 1e30, gqa=True)
+    torch.testing.assert_close(got.double(), wanted.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    tables = torch.cat([context, torch.zeros(56, dtype=torch.long)]).view(1, -1)  # one-slot blocks
+    row = InvariantPlan(decode_plan(tables, torch.tensor([length]), 1, length), (), fixed_order_kernel)
+    last = invariant_attention(queries[:, :, -1:], k_cache, v_cache, row, scale, window, softcap)
+    assert torch.equal(last[0, 0], got[0, -1])
+
+
+def test_without_a_compiler_the_loader_says_why(monkeypatch, tmp_path):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(kernel_module, "COMPILERS", ("no-such-compiler-here",))
+    kernel, why = load_fixed_order_attention(tmp_path)
+    assert kernel is None and "no C compiler" in why
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_source_that_does_not_compile_is_reported_and_nothing_is_kept(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.c"
+    broken.write_text("int fixed_order_attention(void) { return undeclared_name; }\n")
+    monkeypatch.setattr(kernel_module, "SOURCE", broken)
+    kept = tmp_path / "kept"
+    kernel, why = load_fixed_order_attention(kept)
+    assert kernel is None and "did not build" in why and "undeclared_name" in why
+    assert not list(kept.iterdir())  # no partial library left behind
+
+
+def test_a_second_start_loads_the_library_built_by_the_first(monkeypatch, tmp_path):
+    first, why = load_fixed_order_attention(tmp_path)
+    assert first is not None and first.threaded, why
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
+
+    def no_build(*args):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(kernel_module, "_build", no_build)
+    second, _ = load_fixed_order_attention(tmp_path)
+    assert second is not None and second.path == first.path
+
+
+def test_an_engine_on_the_cpu_attends_through_the_kernel_unless_told_otherwise(tiny_model):
+    loaded = tiny_model("llama")
+    config = EngineConfig(max_model_len=256, kv_cache_tokens=2048)
+    assert LLMEngine(loaded, config).runner.attention_kernel is not None
+    for other in (EngineConfig(max_model_len=256, kv_cache_tokens=2048, attention_backend="sdpa"),
+                  EngineConfig(max_model_len=256, kv_cache_tokens=2048, deterministic=False)):  # fmt: skip
+        assert LLMEngine(loaded, other).runner.attention_kernel is None
+    with pytest.raises(ValueError, match="needs --deterministic"):
+        LLMEngine(
+            loaded, EngineConfig(max_model_len=256, kv_cache_tokens=2048, deterministic=False, attention_backend="fixed-order")
+        )
+
+
+def test_where_the_kernel_does_not_build_auto_warns_and_fixed_order_fails(tiny_model, monkeypatch, caplog):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(kernel_module, "COMPILERS", ("no-such-compiler-here",))
+    loaded = tiny_model("llama")
+    with caplog.at_level(logging.WARNING):
+        engine = LLMEngine(loaded, EngineConfig(max_model_len=256, kv_cache_tokens=2048))
+    assert engine.runner.attention_kernel is None
+    assert "no C compiler" in caplog.text and "torch operations" in caplog.text
+    with pytest.raises(ValueError, match="fixed-order: no C compiler"):
+        LLMEngine(loaded, EngineConfig(max_model_len=256, kv_cache_tokens=2048, attention_backend="fixed-order"))
