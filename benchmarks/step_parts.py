@@ -70,7 +70,7 @@ def without(engine: LLMEngine, parts: tuple[str, ...]) -> Iterator[None]:
     if "int4_products" in parts:
         quantization._INT4_MATMUL = _zero_int4  # type: ignore[assignment]
     if "output_layer" in parts:
-        forward.head = _ZeroHead(int(head.weight.shape[0]))
+        forward.head = _ZeroHead(int(head.out_features))
     try:
         yield
     finally:

@@ -26,9 +26,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from amulet_core.engine.fixed_order_kernel import KERNEL_CACHE_ENV, FixedOrderAttention, load_fixed_order_attention
+from amulet_core.engine.fixed_order_kernel import FixedOrderAttention, load_fixed_order_attention
 from amulet_core.model.gguf_cache import MODEL_CACHE_ENV, default_model_cache
 from amulet_core.model.loading import LoadedModel, ModelConfig, embedded_model_file, load_model
+from amulet_core.native.build import KERNEL_CACHE_ENV
 from server.app import create_app
 from server.config import ServerConfig
 from server.store.options import DATA_DIR_ENV
@@ -52,7 +53,7 @@ def pytest_configure(config: pytest.Config) -> None:
     cache = Path(tempfile.mkdtemp(prefix="amulet-test-model-cache-"))
     os.environ[MODEL_CACHE_ENV] = str(cache)
     config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
-    # The fixed-order attention kernel is compiled once for the run, into a folder of its own.
+    # The C kernels are compiled once for the run, into a folder of its own.
     kernels = Path(tempfile.mkdtemp(prefix="amulet-test-kernels-"))
     os.environ[KERNEL_CACHE_ENV] = str(kernels)
     config.add_cleanup(lambda: shutil.rmtree(kernels, ignore_errors=True))

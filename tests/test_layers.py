@@ -6,6 +6,7 @@
   * ``amulet_core.method`` (the decoding methods' maths) imports no ``grammar``, ``sampling``, ``model``;
   * ``amulet_core.model`` (loading, chat templates) imports no ``method``, ``sampling``, ``grammar``;
   * ``amulet_core.grammar`` imports no ``method``, ``sampling``, ``model``;
+  * ``amulet_core.native`` (the C kernels' build) imports no other part of the core;
   * ``amulet_core.sampling`` may use a grammar's spec and masks (``grammar.spec``, ``grammar.masks``) but not
     its compiler (``grammar.compiler``, llguidance: the engine compiles);
   * ``amulet_core/engine/`` may import all of the core;
@@ -41,6 +42,13 @@ CORE_RULES = {  # sub-package of the core -> the parts of the core it must not i
     "amulet_core.model": ("amulet_core.engine", "amulet_core.method", "amulet_core.sampling", "amulet_core.grammar"),
     "amulet_core.grammar": ("amulet_core.engine", "amulet_core.method", "amulet_core.sampling", "amulet_core.model"),
     "amulet_core.sampling": ("amulet_core.engine", "amulet_core.grammar.compiler"),
+    "amulet_core.native": (
+        "amulet_core.engine",
+        "amulet_core.method",
+        "amulet_core.grammar",
+        "amulet_core.sampling",
+        "amulet_core.model",
+    ),
     "amulet_core": ("amulet_core.engine",),
 }
 LAZY_EXCEPTION = ("server.cli", "amulet_ray.cli")

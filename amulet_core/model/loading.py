@@ -20,6 +20,7 @@ import torch
 from amulet_core.errors import ModelLoadError
 from amulet_core.model.gguf_cache import converted_folder, is_complete, save_converted
 from amulet_core.model.prequantized import UnsupportedCheckpoint, accepted_checkpoint, load_quantized_layers, skeleton_arguments
+from amulet_core.model.q8_output import q8_output_layer
 from amulet_core.model.quantization import (
     QUANTIZATIONS,
     QuantizationError,
@@ -254,6 +255,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
             raise ModelLoadError(f"Model {name!r} cannot be served: {exc}") from exc
     else:
         quantized = quantize_model(model, quantization, exact_only=config.quantization == "auto")
+        if config.quantization == "auto" and quantization != "none":
+            q8_output_layer(model)  # a float32 model's Q8_0 output layer, as its own 8-bit blocks
     release_freed_memory()
     if getattr(tokenizer, "chat_template", None) is None:
         raise ModelLoadError(f"Model {name!r} has no chat template; Amulet Serve needs a chat (instruct) model.")

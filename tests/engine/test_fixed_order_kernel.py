@@ -16,6 +16,7 @@ from amulet_core.engine.fixed_order_kernel import load_fixed_order_attention
 from amulet_core.engine.invariant_attention import InvariantPlan, InvariantSpan, decode_plan, invariant_attention
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.paged_attention import attention, causal_mask
+from amulet_core.native import build
 
 
 def _case(dtype: torch.dtype, kv: int = 3, group: int = 3, dim: int = 64, length: int = 200):
@@ -64,7 +65,7 @@ def test_the_kernel_computes_attention(fixed_order_kernel, softcap, window):
 
 def test_without_a_compiler_the_loader_says_why(monkeypatch, tmp_path):
     monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(kernel_module, "COMPILERS", ("no-such-compiler-here",))
+    monkeypatch.setattr(build, "COMPILERS", ("no-such-compiler-here",))
     kernel, why = load_fixed_order_attention(tmp_path)
     assert kernel is None and "no C compiler" in why
     assert not list(tmp_path.iterdir())
@@ -88,7 +89,7 @@ def test_a_second_start_loads_the_library_built_by_the_first(monkeypatch, tmp_pa
     def no_build(*args):
         raise AssertionError("compiled again")
 
-    monkeypatch.setattr(kernel_module, "_build", no_build)
+    monkeypatch.setattr(build, "_build", no_build)
     second, _ = load_fixed_order_attention(tmp_path)
     assert second is not None and second.path == first.path
 
@@ -108,7 +109,7 @@ def test_an_engine_on_the_cpu_attends_through_the_kernel_unless_told_otherwise(t
 
 def test_where_the_kernel_does_not_build_auto_warns_and_fixed_order_fails(tiny_model, monkeypatch, caplog):
     monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(kernel_module, "COMPILERS", ("no-such-compiler-here",))
+    monkeypatch.setattr(build, "COMPILERS", ("no-such-compiler-here",))
     loaded = tiny_model("llama")
     with caplog.at_level(logging.WARNING):
         engine = LLMEngine(loaded, EngineConfig(max_model_len=256, kv_cache_tokens=2048))

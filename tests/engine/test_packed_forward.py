@@ -21,6 +21,7 @@ from amulet_core.engine.packed_forward import LlamaFamilyForward, TransformersFo
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.model.loading import LoadedModel
+from amulet_core.model.q8_output import q8_output_layer
 from amulet_core.model.quantization import Int4Linear, quantize_model
 from amulet_core.sampling.params import SamplingParams
 from benchmarks.host_overhead import TINY_MODEL_FIELDS
@@ -146,11 +147,12 @@ def test_fused_int4_projections_give_the_separate_layers_bits(family, dtype, det
 @pytest.mark.smollm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_the_served_smollm_int4_gives_transformers_bits(smollm, dtype):
-    """As ``make serve`` runs it: bfloat16 (a CPU with native bfloat16) or float32 (one without), its Q4_1 layers
-    on the int4 kernel, batch-invariant."""
+    """As ``make serve`` runs it: bfloat16 (a CPU with native bfloat16) or float32 (one without, where the Q8_0 output
+    layer is also multiplied as 8-bit blocks), its Q4_1 layers on the int4 kernel, batch-invariant."""
     model = copy.deepcopy(smollm.model).to(dtype)
     quantize_model(model, "int4")
     assert any(isinstance(m, Int4Linear) for m in model.modules())
+    assert (q8_output_layer(model) is not None) == (dtype == torch.float32)
     loaded = LoadedModel(model, smollm.tokenizer, smollm.name, smollm.device, dtype, smollm.eos_token_ids)
     assert_same_bits(loaded, deterministic=True, new_tokens=6)
 

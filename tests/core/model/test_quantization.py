@@ -16,6 +16,7 @@ from amulet_core.model import loading
 from amulet_core.model.chat_template import render_chat
 from amulet_core.model.gguf_cache import default_model_cache
 from amulet_core.model.loading import LoadedModel, ModelConfig, load_model
+from amulet_core.model.q8_output import Q8Linear
 from amulet_core.model.quantization import (
     GROUP,
     INT4_KERNEL,
@@ -217,13 +218,16 @@ def test_the_choices_resolve_per_device_and_dtype():
 
 def test_on_a_cpu_without_native_bf16_the_default_load_is_float32_with_the_ggufs_int4_layers(monkeypatch, smollm):
     """``--dtype auto`` picks float32 there, and ``--quantization auto`` still multiplies the GGUF's 4-bit layers with
-    the int4 kernel (1.8x the dense float32 product on torch's AVX2 code path); the same greedy answer as the session's
-    float32 model, which was asked for by name and keeps its dense layers."""
+    the int4 kernel (1.8x the dense float32 product on torch's AVX2 code path) and its 8-bit output layer as 8-bit
+    blocks; the same greedy answer as the session's float32 model, which was asked for by name and keeps its dense
+    layers."""
     monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
     loaded = load_model(ModelConfig(model_cache=default_model_cache()))
     assert loaded.dtype == torch.float32 and loaded.quantization.method == "int4"
     assert loaded.quantization.layers == loaded.quantization.exact_layers == 7 * 30
+    assert isinstance(loaded.model.get_output_embeddings(), Q8Linear)  # its Q8_0 output layer as 8-bit blocks
     assert smollm.quantization.method == "none"
+    assert isinstance(smollm.model.get_output_embeddings(), torch.nn.Linear)
     ids = render_chat(smollm.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
     prompt = torch.tensor([ids])
     with torch.inference_mode():

@@ -1,6 +1,6 @@
 /* Batch-invariant attention of packed query tokens over the paged KV cache: one fixed order of arithmetic per
- * (token, query head), whatever else the call holds. Compiled and loaded by fixed_order_kernel.py; its contract
- * is in that module's docstring.
+ * (token, query head), whatever else the call holds. Compiled and loaded by amulet_core/native/build.py, wrapped
+ * by amulet_core/engine/fixed_order_kernel.py, whose docstring states its contract.
  *
  * Each (token, head) is computed alone, from its own query row and its own context's slots:
  *   score_j = the dot product of the scaled query and key j in LANES partial sums (lane l adds dims l, l+LANES,
