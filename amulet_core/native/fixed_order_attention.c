@@ -35,13 +35,37 @@ static inline float round_bf16(float f) { /* round to nearest even, as torch's f
     return f;
 }
 
+typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
+
+static inline lanes_t load_lanes(const float *p) {
+    lanes_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
 static inline float dot_lanes(const float *q, const float *k, int64_t dim) {
-    float lane[LANES] = {0};
+    lanes_t sums = {0};
     int64_t d = 0;
-    for (; d + LANES <= dim; d += LANES)
-        for (int l = 0; l < LANES; l++) lane[l] += q[d + l] * k[d + l];
+    for (; d + LANES <= dim; d += LANES) sums += load_lanes(q + d) * load_lanes(k + d); /* lane l: dims l, l + 8, ... */
+    float lane[LANES];
+    memcpy(lane, &sums, sizeof lane);
     for (int l = 0; d < dim; d++, l++) lane[l] += q[d] * k[d];
     return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+/* acc[d] += (scores[j - lo] / sum) * v[slot of key j][d] for the keys lo..hi-1 in order, each dim its own sum:
+ * the generic loop's arithmetic, with the dims held in registers (dim a constant where it is inlined). */
+static inline __attribute__((always_inline)) void add_values(float *acc, const float *v, int64_t base, const int64_t *ctx,
+                                                             int64_t lo, int64_t hi, const float *scores, float sum,
+                                                             const int dim) {
+    lanes_t sums[128 / LANES];
+    for (int c = 0; c < dim / LANES; c++) sums[c] = load_lanes(acc + c * LANES);
+    for (int64_t j = lo; j < hi; j++) {
+        const float p = scores[j - lo] / sum;
+        const float *row = v + (base + ctx[j]) * dim;
+        for (int c = 0; c < dim / LANES; c++) sums[c] += p * load_lanes(row + c * LANES);
+    }
+    for (int c = 0; c < dim / LANES; c++) memcpy(acc + c * LANES, &sums[c], sizeof(lanes_t));
 }
 
 /* q: [tokens, heads, dim] float32 (unscaled); k_cache, v_cache: [kv_heads, slots, dim], float32 (bf16 == 0) or
@@ -102,7 +126,12 @@ int fixed_order_attention(const float *q, const void *k_cache, const void *v_cac
             }
             const float sum = (float)total;
             for (int64_t d = 0; d < dim; d++) acc[d] = 0.0f;
-            for (int64_t j = lo; j < hi; j++) {
+            if (!bf16 && (dim == 64 || dim == 128)) { /* the same sums, kept in registers */
+                if (dim == 64)
+                    add_values(acc, (const float *)v_cache, g * slots_total, ctx, lo, hi, scores, sum, 64);
+                else
+                    add_values(acc, (const float *)v_cache, g * slots_total, ctx, lo, hi, scores, sum, 128);
+            } else for (int64_t j = lo; j < hi; j++) {
                 const int64_t at = (g * slots_total + ctx[j]) * dim;
                 float p = scores[j - lo] / sum;
                 if (bf16) {
