@@ -15,6 +15,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 #define LANES 8
 
@@ -53,15 +56,36 @@ static inline float dot_lanes(const float *q, const float *k, int64_t dim) {
     return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
-/* acc[d] += (scores[j - lo] / sum) * v[slot of key j][d] for the keys lo..hi-1 in order, each dim its own sum:
+/* The scores of the eight keys at slots ctx[0..7] (a float32 cache from its KV head's first row, dim a multiple of
+ * LANES): each key's lanes as dot_lanes adds them, then the eight keys' lanes added pairwise side by side (hadd adds
+ * neighbouring lanes): the same sums in the same order as dot_lanes, eight at a time. */
+static inline void dot_lanes_8_keys(const float *q, const float *keys, const int64_t *ctx, int64_t dim, float *out) {
+#ifdef __AVX__
+    __m256 s[8];
+    for (int n = 0; n < 8; n++) {
+        const float *k = keys + ctx[n] * dim;
+        lanes_t sums = {0};
+        for (int64_t d = 0; d < dim; d += LANES) sums += load_lanes(q + d) * load_lanes(k + d);
+        s[n] = (__m256)sums;
+    }
+    const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));  /* keys 0-3 */
+    const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7])); /* keys 4-7 */
+    /* lanes 0-3 of a key (first halves) plus lanes 4-7 (second halves) */
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31)));
+#else
+    for (int n = 0; n < 8; n++) out[n] = dot_lanes(q, keys + ctx[n] * dim, dim);
+#endif
+}
+
+/* acc[d] += scores[j - lo] * v[slot of key j][d] for the keys lo..hi-1 in order, each dim its own sum:
  * the generic loop's arithmetic, with the dims held in registers (dim a constant where it is inlined). */
 static inline __attribute__((always_inline)) void add_values(float *acc, const float *v, int64_t base, const int64_t *ctx,
-                                                             int64_t lo, int64_t hi, const float *scores, float sum,
+                                                             int64_t lo, int64_t hi, const float *scores,
                                                              const int dim) {
     lanes_t sums[128 / LANES];
     for (int c = 0; c < dim / LANES; c++) sums[c] = load_lanes(acc + c * LANES);
     for (int64_t j = lo; j < hi; j++) {
-        const float p = scores[j - lo] / sum;
+        const float p = scores[j - lo];
         const float *row = v + (base + ctx[j]) * dim;
         for (int c = 0; c < dim / LANES; c++) sums[c] += p * load_lanes(row + c * LANES);
     }
@@ -104,7 +128,19 @@ int fixed_order_attention(const float *q, const void *k_cache, const void *v_cac
                 qs[d] = bf16 ? round_bf16(x) : x;
             }
             float best = -INFINITY;
-            for (int64_t j = lo; j < hi; j++) {
+            int64_t j = lo;
+            if (!bf16 && dim % LANES == 0) /* eight keys at a time, the same sums */
+                for (; j + 8 <= hi; j += 8) {
+                    float s8[8];
+                    dot_lanes_8_keys(qs, (const float *)k_cache + g * slots_total * dim, ctx + j, dim, s8);
+                    for (int n = 0; n < 8; n++) {
+                        float s = s8[n];
+                        if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
+                        scores[j + n - lo] = s;
+                        if (s > best) best = s;
+                    }
+                }
+            for (; j < hi; j++) {
                 const int64_t at = (g * slots_total + ctx[j]) * dim;
                 float s;
                 if (bf16) {
@@ -125,15 +161,16 @@ int fixed_order_attention(const float *q, const void *k_cache, const void *v_cac
                 total += (double)w;
             }
             const float sum = (float)total;
+            for (int64_t j = 0; j < hi - lo; j++) scores[j] /= sum; /* each key's probability */
             for (int64_t d = 0; d < dim; d++) acc[d] = 0.0f;
             if (!bf16 && (dim == 64 || dim == 128)) { /* the same sums, kept in registers */
                 if (dim == 64)
-                    add_values(acc, (const float *)v_cache, g * slots_total, ctx, lo, hi, scores, sum, 64);
+                    add_values(acc, (const float *)v_cache, g * slots_total, ctx, lo, hi, scores, 64);
                 else
-                    add_values(acc, (const float *)v_cache, g * slots_total, ctx, lo, hi, scores, sum, 128);
+                    add_values(acc, (const float *)v_cache, g * slots_total, ctx, lo, hi, scores, 128);
             } else for (int64_t j = lo; j < hi; j++) {
                 const int64_t at = (g * slots_total + ctx[j]) * dim;
-                float p = scores[j - lo] / sum;
+                float p = scores[j - lo];
                 if (bf16) {
                     p = round_bf16(p);
                     const uint16_t *v = (const uint16_t *)v_cache + at;
