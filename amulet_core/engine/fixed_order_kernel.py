@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,10 +45,6 @@ class FixedOrderAttention:
 
     def __init__(self, library: Library) -> None:
         self.library = library
-        self._call = library.handle.fixed_order_attention
-        self._call.restype = ctypes.c_int
-        self._call.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64]
-        self._call.argtypes += [ctypes.c_float, _I64, ctypes.c_float, ctypes.c_int, _PTR]
 
     @property
     def path(self) -> Path:
@@ -76,7 +73,7 @@ class FixedOrderAttention:
             raise ValueError("the fixed-order kernel reads contiguous caches")
         q = query[0].transpose(0, 1).float().contiguous()
         out = torch.empty(tokens, heads, dim, dtype=torch.float32)
-        status = self._call(
+        status = _kernel(self.library)(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0], k_cache.shape[1], dim,
             int(k_cache.dtype == torch.bfloat16), rows.slots.data_ptr(), rows.offsets.data_ptr(),
             rows.lengths.data_ptr(), tokens, heads, scale, window or 0, softcap or 0.0, torch.get_num_threads(),
@@ -85,6 +82,16 @@ class FixedOrderAttention:
         if status != 0:
             raise MemoryError("the fixed-order attention kernel could not allocate its scratch rows")
         return out.unsqueeze(0) if query.dtype == torch.float32 else out.to(query.dtype).unsqueeze(0)
+
+
+def _kernel(library: Library) -> Any:
+    """The library's ``fixed_order_attention``, its argument types declared (once per loaded library)."""
+    kernel = library.handle.fixed_order_attention
+    if kernel.argtypes is None:
+        kernel.restype = ctypes.c_int
+        kernel.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64]
+        kernel.argtypes += [ctypes.c_float, _I64, ctypes.c_float, ctypes.c_int, _PTR]
+    return kernel
 
 
 def load_fixed_order_attention(cache_dir: Path | None = None) -> tuple[FixedOrderAttention | None, str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,14 +72,11 @@ class Q8Linear(nn.Module):
         self.register_buffer("codes", packed)
         self.register_buffer("scales", scales.view(groups, LANES, blocks).permute(0, 2, 1).contiguous())
         self.library = library
-        self._call = library.handle.q8_linear
-        self._call.restype = None
-        self._call.argtypes = [_P, _I64, _I64, _P, _P, _I64, ctypes.c_int, _P]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float().contiguous()
         out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
-        self._call(
+        _kernel(self.library)(
             rows.data_ptr(), rows.shape[0], self.in_features, self.codes.data_ptr(), self.scales.data_ptr(),
             self.out_features, torch.get_num_threads(), out.data_ptr(),
         )  # fmt: skip
@@ -86,6 +84,15 @@ class Q8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 8-bit blocks of {BLOCK}"
+
+
+def _kernel(library: Library) -> Any:
+    """The library's ``q8_linear``, its argument types declared (once per loaded library)."""
+    kernel = library.handle.q8_linear
+    if kernel.argtypes is None:
+        kernel.restype = None
+        kernel.argtypes = [_P, _I64, _I64, _P, _P, _I64, ctypes.c_int, _P]
+    return kernel
 
 
 def q8_output_layer(model: nn.Module) -> str | None:

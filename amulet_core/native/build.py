@@ -32,12 +32,21 @@ SOURCES = Path(__file__).parent
 
 @dataclass(frozen=True)
 class Library:
-    """A loaded library: its handle, its file, and whether it runs OpenMP threads."""
+    """A loaded library: its handle, its file, whether it runs OpenMP threads, and the source it was built from. A
+    copy of a module holding it shares it (a loaded library is never changed); a pickled one is built again from
+    its source where it is unpickled (another machine may need other instructions)."""
 
     handle: ctypes.CDLL
     path: Path
     threaded: bool
     compiler: str
+    source: Path
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Library:
+        return self
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return rebuilt_library, (self.source,)
 
     def describe(self) -> str:
         threads = "OpenMP threads shared with torch" if self.threaded else "one thread (the compiler has no OpenMP)"
@@ -67,8 +76,16 @@ def load_library(source: Path, cache_dir: Path | None = None) -> tuple[Library |
         except OSError as exc:
             failures.append(str(exc))
             continue
-        return Library(handle, path, threaded, version), ""
+        return Library(handle, path, threaded, version, source), ""
     return None, f"{source.name} did not build: " + " | ".join(failures)
+
+
+def rebuilt_library(source: Path) -> Library:
+    """:func:`load_library` of ``source``, or RuntimeError saying why not (an unpickled :class:`Library`)."""
+    library, why = load_library(source)
+    if library is None:
+        raise RuntimeError(why)
+    return library
 
 
 def kernel_cache_dir() -> Path:

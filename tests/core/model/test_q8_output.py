@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
 
 import pytest
 import torch
@@ -101,6 +102,16 @@ def test_the_served_smollm_output_layer_becomes_8_bit_and_answers_alike(smollm):
         answer = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, len(ids) :]
         wanted = smollm.model.generate(prompt, max_new_tokens=8, do_sample=False)[0, len(ids) :]
     assert answer.tolist() == wanted.tolist()
+
+
+def test_a_copied_or_pickled_layer_computes_alike(library):
+    """A deep copy (of a model holding the layer) shares the loaded library; a pickled layer builds it again."""
+    _, codes, scales = q8_0(32, 64, seed=3)
+    layer = Q8Linear(codes, scales, library)
+    x = torch.randn(3, 64)
+    copied, unpickled = copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))
+    assert copied.library is library and unpickled.library.source == library.source
+    assert torch.equal(copied(x), layer(x)) and torch.equal(unpickled(x), layer(x))
 
 
 def test_without_a_compiler_the_output_layer_stays_dense(smollm, monkeypatch, caplog, tmp_path):
