@@ -62,6 +62,12 @@ ARG PIP_TRUSTED_HOST
 ARG PIP_CERT
 ARG PIP_FIND_LINKS
 ARG PIP_DEFAULT_TIMEOUT
+# A C compiler: the server compiles its CPU kernels (the batch-invariant attention, the 8-bit output layer) for the
+# CPU it starts on (amulet_core/native); without one it serves through torch operations, slower. The local base of
+# docker/build-images.sh has it already; a python:*-slim base gets Debian's gcc here.
+RUN command -v cc >/dev/null || { apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*; }
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
@@ -83,8 +89,10 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/data/hf \
     AMULET_MODEL_CACHE=/data/hf/amulet-models \
+    AMULET_KERNEL_CACHE=/data/hf/amulet-kernels \
     AMULET_DATA_DIR=/data/hf/amulet-data
-# Stored responses (SQLite) live on the same volume as the model cache, so they survive a recreated container.
+# Stored responses (SQLite) live on the same volume as the model cache, so they survive a recreated container; so do
+# the CPU kernels compiled at start (named by the CPU they were built for).
 
 # Dependencies first (the lock file: exact versions, the serving set only — no evaluation or test
 # libraries), so code edits do not reinstall them. torch is installed above; the lock leaves it out.

@@ -3,9 +3,10 @@
 #
 #   docker/build-images.sh [base] [prometheus] [server] [ray]     (no argument: base prometheus server)
 #
-#   base        localhost/amulet-debian:bookworm-python3: Debian bookworm made with debootstrap, plus python3,
-#               python3-venv, python-is-python3 and ca-certificates, imported as a local image (the stand-in for
-#               python:3.11-slim). Made once; delete the image to make it again.
+#   base        localhost/amulet-debian:bookworm-python3-cc: Debian bookworm made with debootstrap, plus python3,
+#               python3-venv, python-is-python3, ca-certificates, gcc and libc6-dev (the server compiles its CPU kernels
+#               at start), imported as a local image (the stand-in for python:3.11-slim, where the Dockerfile
+#               installs gcc). Made once; delete the image to make it again.
 #   prometheus  localhost/amulet-prometheus:debian: Prometheus from Debian's package, on that base
 #               (docker/Containerfile.prometheus; the stand-in for prom/prometheus).
 #   server      localhost/amulet-serve:cpu: the project's Dockerfile with VARIANT=cpu on that base, the CPU torch
@@ -26,7 +27,7 @@ ENGINE="${ENGINE:-podman}"
 WHEELS="${WHEELS:-/opt/wheels}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-BASE_IMAGE="${BASE_IMAGE:-localhost/amulet-debian:bookworm-python3}"
+BASE_IMAGE="${BASE_IMAGE:-localhost/amulet-debian:bookworm-python3-cc}"
 PROMETHEUS_IMAGE="${PROMETHEUS_IMAGE:-localhost/amulet-prometheus:debian}"
 SERVER_IMAGE="${SERVER_IMAGE:-localhost/amulet-serve:cpu}"
 RAY_IMAGE="${RAY_IMAGE:-localhost/amulet-serve-ray:cpu}"
@@ -49,7 +50,7 @@ build_base() {
     local root
     root="$(mktemp -d /var/tmp/amulet-debootstrap.XXXXXX)"
     log "debootstrap bookworm into $root"
-    debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
+    debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates,gcc,libc6-dev \
         bookworm "$root" "$DEBIAN_MIRROR" >&2
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
     log "importing $BASE_IMAGE"

@@ -162,6 +162,18 @@ def test_the_server_runs_as_non_root_with_the_model_cache_on_its_volume(stack: S
     assert owner == uid
 
 
+def test_the_server_compiled_its_cpu_kernels_and_keeps_them_on_its_volume(stack: Stack) -> None:
+    """The image has a C compiler: the server built the batch-invariant attention's kernel at start (its log says so,
+    rather than falling back to torch operations) into the volume's kernel folder."""
+    server = stack.the_container("server")
+    logs = stack.podman("logs", server, check=False)
+    text = logs.stdout + logs.stderr
+    assert "fixed-order attention kernel: compiled by" in text, text[-3000:]
+    assert "no C compiler" not in text
+    kept = stack.podman("exec", server, "sh", "-c", "ls /data/hf/amulet-kernels").stdout.split()
+    assert any(name.startswith("fixed_order_attention-") and name.endswith(".so") for name in kept), kept
+
+
 def test_a_killed_server_is_restarted_by_the_restart_policy_and_answers(stack: Stack) -> None:
     """The server process dies (SIGKILL from outside: a crash or the OOM killer); restart: unless-stopped brings
     it back. (``podman kill`` itself counts as a user's stop, which unless-stopped respects, in podman as in Docker.)"""
