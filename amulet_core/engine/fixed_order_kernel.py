@@ -16,6 +16,7 @@ or a build that fails, :func:`load_fixed_order_attention` says why and the torch
 from __future__ import annotations
 
 import ctypes
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 
 from amulet_core.native.build import SOURCES, Library, load_library
+
+logger = logging.getLogger(__name__)
 
 SOURCE = SOURCES / "fixed_order_attention.c"
 
@@ -101,3 +104,27 @@ def load_fixed_order_attention(cache_dir: Path | None = None) -> tuple[FixedOrde
     if library is None:
         return None, f"{why}: no fixed-order attention kernel"
     return FixedOrderAttention(library), library.describe()
+
+
+def attention_kernel_for(
+    requested: str, deterministic: bool, device: torch.device, dtype: torch.dtype
+) -> FixedOrderAttention | None:
+    """The kernel an engine's batch-invariant attention runs through for ``--attention-backend requested``: on a
+    CPU over a float32 or bfloat16 cache, with ``auto`` (None, with a warning, where it does not build) or
+    ``fixed-order`` (an error where it does not, or where it cannot run); None otherwise."""
+    if requested == "fixed-order" and not deterministic:
+        raise ValueError("--attention-backend fixed-order is the batch-invariant attention's: it needs --deterministic.")
+    if not deterministic or requested not in ("auto", "fixed-order"):
+        return None
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        if requested == "fixed-order":
+            raise ValueError(f"--attention-backend fixed-order runs on a CPU in float32 or bfloat16, not {device.type} {dtype}.")
+        return None
+    kernel, why = load_fixed_order_attention()
+    if kernel is None:
+        if requested == "fixed-order":
+            raise ValueError(f"--attention-backend fixed-order: {why}")
+        logger.warning("%s; the batch-invariant attention runs as torch operations", why)
+    else:
+        logger.info("fixed-order attention kernel: %s", why)
+    return kernel

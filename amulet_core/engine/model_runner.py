@@ -13,7 +13,7 @@ from amulet_core.device_tensors import to_device
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.decode_graphs import DecodeGraphs
 from amulet_core.engine.decode_tail import TailRowsError
-from amulet_core.engine.fixed_order_kernel import FixedOrderAttention, load_fixed_order_attention
+from amulet_core.engine.fixed_order_kernel import attention_kernel_for
 from amulet_core.engine.graph_buckets import START_TAIL_VARIANTS
 from amulet_core.engine.invariant_ops import batch_invariant, invariant_weights
 from amulet_core.engine.kv_budget import describe_cache, kv_budget
@@ -86,7 +86,7 @@ class ModelRunner:
             self.invariant_weights = invariant_weights(self.model, available_ram())
         if self.deterministic and config.attention_backend == "triton":
             raise ValueError("--attention-backend triton and --deterministic exclude each other (its attention is its own).")
-        self.attention_kernel = self._fixed_order_kernel(config)
+        self.attention_kernel = attention_kernel_for(config.attention_backend, self.deterministic, self.device, self.dtype)
         """The batch-invariant attention's compiled kernel, or None (its torch operations)."""
         self.paged_kernel = not self.deterministic and self._paged_kernel_on(config)
         """Decode rows attend with the paged decode kernel (EngineConfig.attention_backend), else gathered for SDPA."""
@@ -148,30 +148,6 @@ class ModelRunner:
             logger.warning("the paged decode kernel failed its start-up check (%s); decode attention uses SDPA", problem)
             return False
         return True
-
-    def _fixed_order_kernel(self, config: EngineConfig) -> FixedOrderAttention | None:
-        """The compiled kernel where the batch-invariant attention runs on a CPU over a float32 or bfloat16 cache
-        and ``--attention-backend`` is ``auto`` (None, with a warning, where it does not build) or ``fixed-order``
-        (an error where it does not)."""
-        requested = config.attention_backend
-        if requested == "fixed-order" and not self.deterministic:
-            raise ValueError("--attention-backend fixed-order is the batch-invariant attention's: it needs --deterministic.")
-        if not self.deterministic or requested not in ("auto", "fixed-order"):
-            return None
-        if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
-            if requested == "fixed-order":
-                raise ValueError(
-                    f"--attention-backend fixed-order runs on a CPU in float32 or bfloat16, not {self.device.type} {self.dtype}."
-                )
-            return None
-        kernel, why = load_fixed_order_attention()
-        if kernel is None:
-            if requested == "fixed-order":
-                raise ValueError(f"--attention-backend fixed-order: {why}")
-            logger.warning("%s; the batch-invariant attention runs as torch operations", why)
-        else:
-            logger.info("fixed-order attention kernel: %s", why)
-        return kernel
 
     def _attention_in_words(self) -> str:
         if self.deterministic:
