@@ -19,7 +19,6 @@ import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -31,6 +30,10 @@ SOURCE = SOURCES / "fixed_order_attention.c"
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
+_ARGUMENTS = [_PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64]
+_ARGUMENTS += [ctypes.c_float, _I64, ctypes.c_float, ctypes.c_int, _PTR]
+"""``fixed_order_attention``'s: q, k_cache, v_cache, kv_heads, slots_total, dim, bf16, slots, token_offset,
+token_length, tokens, heads, scale, window, softcap, threads, out."""
 
 
 @dataclass(frozen=True)
@@ -48,14 +51,6 @@ class FixedOrderAttention:
 
     def __init__(self, library: Library) -> None:
         self.library = library
-
-    @property
-    def path(self) -> Path:
-        return self.library.path
-
-    @property
-    def threaded(self) -> bool:
-        return self.library.threaded
 
     def __call__(
         self,
@@ -76,7 +71,7 @@ class FixedOrderAttention:
             raise ValueError("the fixed-order kernel reads contiguous caches")
         q = query[0].transpose(0, 1).float().contiguous()
         out = torch.empty(tokens, heads, dim, dtype=torch.float32)
-        status = _kernel(self.library)(
+        status = self.library.function("fixed_order_attention", ctypes.c_int, _ARGUMENTS)(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0], k_cache.shape[1], dim,
             int(k_cache.dtype == torch.bfloat16), rows.slots.data_ptr(), rows.offsets.data_ptr(),
             rows.lengths.data_ptr(), tokens, heads, scale, window or 0, softcap or 0.0, torch.get_num_threads(),
@@ -85,16 +80,6 @@ class FixedOrderAttention:
         if status != 0:
             raise MemoryError("the fixed-order attention kernel could not allocate its scratch rows")
         return out.unsqueeze(0) if query.dtype == torch.float32 else out.to(query.dtype).unsqueeze(0)
-
-
-def _kernel(library: Library) -> Any:
-    """The library's ``fixed_order_attention``, its argument types declared (once per loaded library)."""
-    kernel = library.handle.fixed_order_attention
-    if kernel.argtypes is None:
-        kernel.restype = ctypes.c_int
-        kernel.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64]
-        kernel.argtypes += [ctypes.c_float, _I64, ctypes.c_float, ctypes.c_int, _PTR]
-    return kernel
 
 
 def load_fixed_order_attention(cache_dir: Path | None = None) -> tuple[FixedOrderAttention | None, str]:

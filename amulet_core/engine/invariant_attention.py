@@ -69,8 +69,13 @@ class InvariantDecode:
     """``[size * blocks * KEY_BLOCK]`` cache slots of key positions 0, 1, ... of each row (padding: any slot)."""
     lengths: torch.Tensor
     """``[size]`` context lengths: the new token is at position ``length - 1``; later keys are masked."""
-    bias: torch.Tensor
-    """:func:`key_bias` of the rows, without a window."""
+    window: int | None = None
+    """The sliding window :attr:`bias` masks with (rows that stand for a prefill chunk's tokens carry the layer's)."""
+
+    @cached_property
+    def bias(self) -> torch.Tensor:
+        """:func:`key_bias` of the rows (the torch path's mask, built on first use: the kernel does not read it)."""
+        return key_bias(self.lengths - 1, self.blocks, self.window)
 
 
 @dataclass(frozen=True)
@@ -82,16 +87,13 @@ class InvariantSpan:
     first_position: int
     slots: torch.Tensor
     """``[blocks * KEY_BLOCK]`` cache slots of key positions 0, 1, ... (padding: any slot)."""
-    bias: torch.Tensor
-    """:func:`key_bias` of the chunk's tokens, without a window."""
 
     @classmethod
     def of(cls, query_start: int, query_end: int, context: torch.Tensor) -> InvariantSpan:
         """The chunk of packed tokens ``query_start..query_end-1`` ending the context of slots ``context``."""
         length, blocks = context.shape[0], key_blocks(context.shape[0])
         first = length - (query_end - query_start)
-        bias = key_bias(torch.arange(first, length, device=context.device), blocks)
-        return cls(query_start, query_end, first, F.pad(context, (0, blocks * KEY_BLOCK - length)), bias)
+        return cls(query_start, query_end, first, F.pad(context, (0, blocks * KEY_BLOCK - length)))
 
     @property
     def size(self) -> int:
@@ -101,6 +103,12 @@ class InvariantSpan:
     def lengths(self) -> torch.Tensor:
         """Each token's context length."""
         return torch.arange(self.first_position + 1, self.first_position + self.size + 1, device=self.slots.device)
+
+    @cached_property
+    def bias(self) -> torch.Tensor:
+        """:func:`key_bias` of the chunk's tokens, without a window (the torch path's mask, built on first use: the
+        kernel does not read it)."""
+        return key_bias(self.lengths - 1, self.slots.shape[0] // KEY_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -139,7 +147,7 @@ def decode_plan(tables: torch.Tensor, lengths: torch.Tensor, block_size: int, lo
     positions = torch.arange(blocks * KEY_BLOCK, device=tables.device)
     columns = (positions // block_size).clamp(max=tables.shape[1] - 1)
     slots = tables[:, columns] * block_size + positions % block_size
-    return InvariantDecode(rows, blocks, slots.reshape(-1), lengths, key_bias(lengths - 1, blocks))
+    return InvariantDecode(rows, blocks, slots.reshape(-1), lengths)
 
 
 def step_plan(
@@ -264,8 +272,7 @@ def _span(
     of that context; else :func:`_span_by_block`."""
     n, blocks = span.size, span.slots.shape[0] // KEY_BLOCK
     if blocks > n:
-        bias = span.bias if window is None else key_bias(span.lengths - 1, blocks, window)
-        rows = InvariantDecode(n, blocks, span.slots.repeat(n), span.lengths, bias)
+        rows = InvariantDecode(n, blocks, span.slots.repeat(n), span.lengths, window)
         return _decode(q, k_cache, v_cache, rows, None, softcap)  # the window is in the rows' bias
     return _span_by_block(q, k_cache, v_cache, span, window, softcap)
 

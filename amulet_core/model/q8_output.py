@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +34,8 @@ SOURCE = SOURCES / "q8_linear.c"
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
+_ARGUMENTS = [_P, _I64, _I64, _P, _P, _I64, ctypes.c_int, _P]
+"""``q8_linear``'s: x, rows, in, codes, scales, out, threads, y."""
 
 
 def q8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -76,7 +77,7 @@ class Q8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float().contiguous()
         out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
-        _kernel(self.library)(
+        self.library.function("q8_linear", None, _ARGUMENTS)(
             rows.data_ptr(), rows.shape[0], self.in_features, self.codes.data_ptr(), self.scales.data_ptr(),
             self.out_features, torch.get_num_threads(), out.data_ptr(),
         )  # fmt: skip
@@ -84,15 +85,6 @@ class Q8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 8-bit blocks of {BLOCK}"
-
-
-def _kernel(library: Library) -> Any:
-    """The library's ``q8_linear``, its argument types declared (once per loaded library)."""
-    kernel = library.handle.q8_linear
-    if kernel.argtypes is None:
-        kernel.restype = None
-        kernel.argtypes = [_P, _I64, _I64, _P, _P, _I64, ctypes.c_int, _P]
-    return kernel
 
 
 def q8_output_layer(model: nn.Module) -> str | None:

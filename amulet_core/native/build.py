@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared")
 """Compiler flags: no contraction of a product and a sum into one rounding, no reassociation."""
@@ -48,6 +49,15 @@ class Library:
     def __reduce__(self) -> tuple[object, tuple[Path]]:
         return rebuilt_library, (self.source,)
 
+    def function(self, name: str, restype: Any, argtypes: list[Any]) -> Any:
+        """The library's function ``name``, its result and argument types declared on first use (ctypes keeps one
+        function object per loaded library; a call without them would pass 64-bit values as C ints)."""
+        function = getattr(self.handle, name)
+        if function.argtypes is None:
+            function.restype = restype
+            function.argtypes = argtypes
+        return function
+
     def describe(self) -> str:
         threads = "OpenMP threads shared with torch" if self.threaded else "one thread (the compiler has no OpenMP)"
         return f"compiled by {self.compiler} ({threads}), {self.path}"
@@ -61,9 +71,9 @@ def load_library(source: Path, cache_dir: Path | None = None) -> tuple[Library |
         return None, "no C compiler ($CC, cc, gcc or clang)"
     version = _run([compiler, "--version"]).split("\n", 1)[0]
     failures = []
+    text = source.read_bytes()
     for threaded in (True, False):
         flags = (*FLAGS, "-fopenmp") if threaded else FLAGS
-        text = source.read_bytes()
         key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode(), _cpu_flags()])).hexdigest()
         path = (cache_dir or kernel_cache_dir()) / f"{source.stem}-{key[:20]}.so"
         if not path.exists():

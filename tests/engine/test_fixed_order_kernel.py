@@ -83,15 +83,15 @@ def test_a_source_that_does_not_compile_is_reported_and_nothing_is_kept(monkeypa
 
 def test_a_second_start_loads_the_library_built_by_the_first(monkeypatch, tmp_path):
     first, why = load_fixed_order_attention(tmp_path)
-    assert first is not None and first.threaded, why
-    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
+    assert first is not None and first.library.threaded, why
+    assert [p.name for p in tmp_path.iterdir()] == [first.library.path.name]
 
     def no_build(*args):
         raise AssertionError("compiled again")
 
     monkeypatch.setattr(build, "_build", no_build)
     second, _ = load_fixed_order_attention(tmp_path)
-    assert second is not None and second.path == first.path
+    assert second is not None and second.library.path == first.library.path
 
 
 def test_an_engine_on_the_cpu_attends_through_the_kernel_unless_told_otherwise(tiny_model):
