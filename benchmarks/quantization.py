@@ -1,6 +1,6 @@
 """Each ``--quantization`` choice on the embedded model: ``python -m benchmarks.quantization`` (a table, and JSON).
 
-Per choice (``none``, ``int8``, ``int4``; ``auto`` is ``int4`` for the embedded Q4_1 GGUF in bfloat16) on
+Per choice (``none``, ``int8``, ``int4``, ``int4-q16``; ``auto`` is ``int4-q16`` for the embedded Q4_1 GGUF) on
 SmolLM2-135M in ``--dtype`` (auto: bfloat16 where the CPU has AVX512-BF16), with the serving thread count:
 
 * the bytes of the decoder's linear weights, and the resident memory of a process that loaded the model and built
@@ -35,7 +35,7 @@ from amulet_core.model.quantization import quantize_model
 from benchmarks.determinism_cost import request, timed_step
 from benchmarks.report import run_meta, write_report
 
-METHODS = ("none", "int8", "int4")
+METHODS = ("none", "int8", "int4", "int4-q16")
 TEXT = (
     "The capital of France is Paris, a city on the Seine known for its museums, its cafes and the Eiffel Tower. "
     "Water boils at one hundred degrees Celsius at sea level, and it freezes at zero. To make a cup of green tea, "
@@ -45,9 +45,10 @@ TEXT = (
     "than the long red ones."
 )
 """A fixed English text (about 130 tokens) whose likelihood each choice is measured on."""
-TOLERANCE = {"int8": 0.05, "int4": 0.01}
+TOLERANCE = {"int8": 0.05, "int4": 0.01, "int4-q16": 0.01}
 """Most difference, in nats a token, of a choice's mean log-likelihood of :data:`TEXT` from ``none``'s on the
-embedded model in bfloat16 (int4 recovers the Q4_1 weights exactly: only roundings differ; int8 re-rounds them)."""
+embedded model in bfloat16 (int4 and int4-q16 recover the Q4_1 weights exactly: only roundings differ; int8 re-rounds
+them)."""
 KV_TOKENS = 4096
 
 

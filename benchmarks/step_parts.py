@@ -29,7 +29,7 @@ from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.packed_forward import LlamaFamilyForward
 from amulet_core.engine.paged_decode import ATTENTION_BACKENDS
 from amulet_core.method.settings import Method
-from amulet_core.model import quantization
+from amulet_core.model import q4_linear, quantization
 from benchmarks.llamacpp_compare import machine
 from benchmarks.packed_forward import METHODS, decoding_engine, served_model
 from benchmarks.report import run_meta, write_report
@@ -46,6 +46,11 @@ def _zero_attention(module: Any, query: torch.Tensor, *args: Any, **kwargs: Any)
 def _zero_int4(rows: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """The int4 kernel's output shape ``[rows, outputs]``, zeros."""
     return rows.new_zeros(rows.shape[0], scales_and_zeros.shape[1])
+
+
+def _zero_q4(layer: q4_linear.Q4Linear, rows: torch.Tensor) -> torch.Tensor:
+    """The int4-q16 kernel's output shape ``[rows, outputs]``, zeros."""
+    return rows.new_zeros(rows.shape[0], layer.out_features)
 
 
 class _ZeroHead:
@@ -65,10 +70,12 @@ def without(engine: LLMEngine, parts: tuple[str, ...]) -> Iterator[None]:
     if not isinstance(forward, LlamaFamilyForward):
         raise RuntimeError("the model does not run the family forward")
     attention, int4, head = packed_forward_module.paged_attention_forward, quantization._INT4_MATMUL, forward.head
+    q4 = q4_linear.q4_product
     if "attention" in parts:
         packed_forward_module.paged_attention_forward = _zero_attention
     if "int4_products" in parts:
         quantization._INT4_MATMUL = _zero_int4  # type: ignore[assignment]
+        q4_linear.q4_product = _zero_q4
     if "output_layer" in parts:
         forward.head = _ZeroHead(int(head.out_features))
     try:
@@ -76,6 +83,7 @@ def without(engine: LLMEngine, parts: tuple[str, ...]) -> Iterator[None]:
     finally:
         packed_forward_module.paged_attention_forward = attention
         quantization._INT4_MATMUL = int4
+        q4_linear.q4_product = q4
         forward.head = head
 
 

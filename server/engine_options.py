@@ -97,8 +97,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "--quantization",
         default="auto",
         choices=QUANTIZATIONS,
-        help="weight-only quantization of the linear layers once loaded, on the CPU (torch's int8/int4 kernels): "
-        "int8 (per output) halves and int4 (groups of 32) quarters the bytes of bfloat16 weights, one stream decodes "
-        "faster, a long prefill is slower; auto keeps a Q4_0/Q4_1 GGUF model's 4-bit layers 4-bit in bfloat16 "
-        "(exact), else none (default: %(default)s)",
+        help="weight-only quantization of the linear layers once loaded, on the CPU (torch's int8/int4 kernels, "
+        "or int4-q16: a compiled kernel of 4-bit weights and 16-bit integer inputs): int8 (per output) halves and "
+        "int4 (groups of 32) quarters the bytes of bfloat16 weights, one stream decodes faster, a long prefill is "
+        "slower; auto keeps a Q4_0/Q4_1/Q4_K GGUF model's 4-bit layers 4-bit (exact) with int4-q16 (int4 without "
+        "a C compiler), else none (default: %(default)s)",
     )

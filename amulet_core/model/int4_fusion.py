@@ -16,17 +16,21 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from amulet_core.model.q4_linear import Q4Linear, fuse_q4
 from amulet_core.model.quantization import Int4Linear
 
 PACK_BLOCK = 64
 """Output rows per block of the kernel's packed codes."""
 
 
-def fuse_int4(layers: Sequence[nn.Module]) -> Int4Linear | None:
+def fuse_int4(layers: Sequence[nn.Module]) -> Int4Linear | Q4Linear | None:
     """One :class:`Int4Linear` whose outputs are ``layers``' outputs side by side (in that order), or None unless
     they are all int4 layers of the same inputs and groups (with biases on all or none). The layers' packed codes
     become views of the fused layer's (one copy of the codes); their scales are copied (an eighth of the codes'
-    bytes), so each layer still computes alone what it did."""
+    bytes), so each layer still computes alone what it did. ``int4-q16`` layers (:class:`Q4Linear`) are fused by
+    :func:`~amulet_core.model.q4_linear.fuse_q4`."""
+    if len(layers) >= 2 and all(isinstance(layer, Q4Linear) for layer in layers):
+        return fuse_q4([layer for layer in layers if isinstance(layer, Q4Linear)])
     if len(layers) < 2 or not all(isinstance(layer, Int4Linear) for layer in layers):
         return None
     int4 = [layer for layer in layers if isinstance(layer, Int4Linear)]

@@ -254,7 +254,11 @@ def load_model(config: ModelConfig) -> LoadedModel:
         except UnsupportedCheckpoint as exc:
             raise ModelLoadError(f"Model {name!r} cannot be served: {exc}") from exc
     else:
-        quantized = quantize_model(model, quantization, exact_only=config.quantization == "auto")
+        try:
+            auto = config.quantization == "auto"
+            quantized = quantize_model(model, quantization, exact_only=auto, fallback=auto)
+        except QuantizationError as exc:
+            raise ModelLoadError(str(exc)) from exc
         if config.quantization == "auto" and quantization != "none":
             q8_output_layer(model)  # a float32 model's Q8_0 output layer, as its own 8-bit blocks
     release_freed_memory()

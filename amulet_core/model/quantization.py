@@ -11,11 +11,13 @@ Choices (:data:`QUANTIZATIONS`):
   torchao's int4 weight-only CPU path): a quarter of the bytes of bfloat16. A weight that is already 4-bit
   (a Q4_0 or Q4_1 GGUF model's, dequantized by transformers) gets its own codes back exactly: its group's
   lowest value is the GGUF's ``m``, its step ``d``, and every weight lies on a level.
-* ``auto`` (the default): for a GGUF model on a CPU in bfloat16, ``int4`` for the layers that are already
-  4-bit (exact), where it measured faster than the bfloat16 product for a few streams; the same in float32 where
-  ``--dtype auto`` chose it (a CPU without native bfloat16: the layers then take bfloat16 activations, the
-  bfloat16 model's arithmetic, 1.8x faster than the dense float32 product on torch's AVX2 code path); else
-  ``none``. A float32 model asked for by name keeps its exact float32 products.
+* ``int4-q16``: the same 4-bit groups multiplied as integers with the inputs in 16-bit blocks
+  (:mod:`amulet_core.model.q4_linear`, a C kernel compiled at start): closer to the float32 product than the
+  bfloat16 inputs of ``int4``, and faster on an AVX2 CPU.
+* ``auto`` (the default): for a GGUF model on a CPU in bfloat16, or in float32 where ``--dtype auto`` chose it
+  (a CPU without native bfloat16), ``int4-q16`` for the layers that are already 4-bit (exact weights), or
+  ``int4`` where the kernel does not build (no C compiler: a warning says so); else ``none``. A float32 model
+  asked for by name keeps its exact float32 products.
 
 The output layer (tied to the embeddings in most small models) and the embeddings keep their dtype, as in
 vLLM's and llama.cpp's usual formats. A quantized layer replaces its ``nn.Linear`` (the dense weight is freed),
@@ -39,16 +41,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from amulet_core.model.four_bit import GROUP, layer_codes
+from amulet_core.model.q4_linear import LANES, Q4Linear, half_if_exact, load_q4_library
+from amulet_core.native.build import Library
+
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("auto", "none", "int8", "int4")
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "int4-q16")
 """The ``--quantization`` choices."""
-
-GROUP = 32
-"""Inputs per int4 group (GGUF's Q4_0 and Q4_1 blocks)."""
-
-LEVEL_TOLERANCE = 0.25
-"""Most distance, in steps, of a weight from its group's nearest level for a layer to count as already 4-bit."""
 
 COMPUTE_DTYPE = torch.bfloat16
 """The activations' dtype inside a quantized layer (the kernels' fast path)."""
@@ -142,66 +142,13 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group}"
 
 
-def four_bit_codes(weight: torch.Tensor, exact_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(codes ``[out, in]`` int32 in 0..15, steps and lowest values ``[out, in / GROUP]`` float32) of a weight, in
-    groups of :data:`GROUP` inputs from each group's lowest to its highest value. With ``exact_only``, None unless
-    every weight already lies within :data:`LEVEL_TOLERANCE` of a level (a 4-bit weight: a Q4_0/Q4_1 GGUF's, whose
-    groups span 16 levels, or a Q4_K one's, whose step is :func:`smallest_gap`); None for a shape that does not
-    split into groups."""
-    if weight.dim() != 2 or weight.shape[1] % GROUP or weight.numel() == 0:
-        return None
-    out_features, in_features = weight.shape
-    groups = weight.detach().float().view(out_features, in_features // GROUP, GROUP)
-    lowest = groups.amin(-1)
-    step = (groups.amax(-1) - lowest) / 15
-    safe = torch.where(step > 0, step, torch.ones_like(step)).unsqueeze(-1)
-    levels = (groups - lowest.unsqueeze(-1)) / safe
-    if not bool(torch.isfinite(levels).all()):
-        return None
-    codes = levels.round()
-    if exact_only:
-        off = (levels - codes).abs().amax(-1) > LEVEL_TOLERANCE  # groups not on 16 levels from lowest to highest
-        if bool(off.any()):
-            step = step.clone()
-            step[off] = smallest_gap(groups[off])
-            if not bool(torch.isfinite(step).all()):  # a group on no grid of at most 16 levels
-                return None
-            levels = (groups - lowest.unsqueeze(-1)) / torch.where(step > 0, step, torch.ones_like(step)).unsqueeze(-1)
-            codes = levels.round()
-            if not bool(torch.isfinite(levels).all()):
-                return None
-        if float((levels - codes).abs().max()) > LEVEL_TOLERANCE:
-            return None
-    return codes.clamp_(0, 15).to(torch.int32).view(out_features, in_features), step, lowest
-
-
-def smallest_gap(groups: torch.Tensor) -> torch.Tensor:
-    """Per group (last dimension), the largest step that puts every value of the group on a level: its range over
-    the fewest whole steps (1 to 15) for which every value lies within :data:`LEVEL_TOLERANCE` of a level, or NaN
-    for none. The step of a 4-bit group whose codes do not reach both 0 and 15 (a GGUF Q4_K sub-block's:
-    ``d * scale * q - dmin * min``); trying whole numbers of steps, rather than measuring one gap, keeps a bfloat16
-    rounding of the values from growing with the codes."""
-    lowest = groups.amin(-1, keepdim=True)
-    span = groups.amax(-1) - lowest.squeeze(-1)
-    step = torch.full_like(span, float("nan"))
-    for count in range(15, 0, -1):  # the fewest steps that fit win: they are tried last
-        candidate = span / count
-        levels = (groups - lowest) / torch.where(candidate > 0, candidate, torch.ones_like(candidate)).unsqueeze(-1)
-        fits = (levels - levels.round()).abs().amax(-1) <= LEVEL_TOLERANCE
-        step = torch.where(fits, candidate, step)
-    return step
-
-
 def int4_linear(layer: nn.Linear, exact_only: bool) -> tuple[Int4Linear, bool] | None:
-    """(the int4 form of a linear layer, whether its weight was already 4-bit: :func:`four_bit_codes`), or None
-    when its weight does not fit the kernel (or, with ``exact_only``, is not 4-bit)."""
-    found = four_bit_codes(layer.weight, exact_only=True)
-    exact = found is not None
-    if found is None and not exact_only:
-        found = four_bit_codes(layer.weight, exact_only=False)
+    """(the int4 form of a linear layer, whether its weight was already 4-bit: :func:`layer_codes`), or None when
+    its weight does not fit the kernel (or, with ``exact_only``, is not 4-bit)."""
+    found = layer_codes(layer, exact_only)
     if found is None:
         return None
-    codes, step, lowest = found
+    (codes, step, lowest), exact = found
     try:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     except RuntimeError:  # a shape the kernel does not take (outputs not a multiple of 16)
@@ -209,6 +156,16 @@ def int4_linear(layer: nn.Linear, exact_only: bool) -> tuple[Int4Linear, bool] |
     # The kernel computes (q - 8) * scale + zero: lowest + step * q is scale step, zero lowest + 8 step.
     scales_and_zeros = torch.stack([step.t(), (lowest + 8 * step).t()], dim=-1).to(COMPUTE_DTYPE).contiguous()
     return Int4Linear(packed, scales_and_zeros, layer.weight.shape, layer.bias), exact
+
+
+def q4_layer(layer: nn.Linear, exact_only: bool, library: Library) -> tuple[Q4Linear, bool] | None:
+    """(the ``int4-q16`` form of a linear layer, whether its weight was already 4-bit), as :func:`int4_linear`."""
+    found = None if layer.out_features % LANES else layer_codes(layer, exact_only)
+    if found is None:
+        return None
+    (codes, steps, lowest), exact = found
+    steps, lowest = half_if_exact(layer.weight.detach(), codes, steps, lowest)
+    return Q4Linear.of(codes, steps, lowest, library, layer.bias), exact
 
 
 def int8_linear(layer: nn.Linear) -> Int8Linear:
@@ -230,6 +187,8 @@ def layer_bytes(out_features: int, in_features: int, method: str, dtype: torch.d
         return weights + out_features * scale
     if method == "int4":
         return weights // 2 + (in_features // GROUP) * out_features * 2 * scale
+    if method == "int4-q16":
+        return weights // 2 + (in_features // GROUP) * out_features * 2 * 2  # float16 steps and lowest values
     return weights * dtype.itemsize
 
 
@@ -241,23 +200,35 @@ def resolve_quantization(method: str, device: torch.device, dtype: torch.dtype, 
         raise QuantizationError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {method!r}.")
     if method == "auto":
         computes = dtype == torch.bfloat16 or (dtype == torch.float32 and dtype_chosen)
-        return "int4" if gguf and device.type == "cpu" and computes and INT4_KERNEL else "none"
+        return "int4-q16" if gguf and device.type == "cpu" and computes else "none"
     if method == "none":
         return method
     if device.type != "cpu":
         raise QuantizationError(
-            f"--quantization {method} runs on the CPU only (torch's weight-only {method} CPU kernel); on {device.type} "
+            f"--quantization {method} runs on the CPU only (a weight-only {method} CPU kernel); on {device.type} "
             "serve the model unquantized (--quantization none)."
         )
+    if method == "int4-q16":
+        return method
     if not (INT4_KERNEL if method == "int4" else INT8_KERNEL):
         raise QuantizationError(f"--quantization {method}: this torch ({torch.__version__}) has no {method} CPU kernel.")
     return method
 
 
-def quantize_model(model: nn.Module, method: str, exact_only: bool = False) -> QuantizationReport:
+def quantize_model(model: nn.Module, method: str, exact_only: bool = False, fallback: bool = False) -> QuantizationReport:
     """Replace ``model``'s linear layers (not the output layer, not a layer sharing its weight) by their
-    ``method`` form (``int8`` or ``int4``; ``none`` changes nothing). ``exact_only`` (int4): only the layers whose
-    weights are already 4-bit. Layers whose shape a kernel does not take keep their weights."""
+    ``method`` form (``int8``, ``int4`` or ``int4-q16``; ``none`` changes nothing). ``exact_only`` (int4, int4-q16):
+    only the layers whose weights are already 4-bit. Layers whose shape a kernel does not take keep their weights.
+    ``int4-q16`` where its kernel does not build: QuantizationError, or with ``fallback`` a warning and ``int4``
+    (``none`` without torch's int4 kernel)."""
+    library = None
+    if method == "int4-q16":
+        library, why = load_q4_library()
+        if library is None and not fallback:
+            raise QuantizationError(f"--quantization int4-q16: {why}")
+        if library is None:
+            method = "int4" if INT4_KERNEL else "none"
+            logger.warning("quantization %s instead of int4-q16: %s", method, why)
     if method == "none":
         return QuantizationReport(method, 0, 0, 0, 0)
     output_of = getattr(model, "get_output_embeddings", None)
@@ -275,7 +246,7 @@ def quantize_model(model: nn.Module, method: str, exact_only: bool = False) -> Q
             if method == "int8":
                 replacement: nn.Module = int8_linear(child)
             else:
-                found = int4_linear(child, exact_only)
+                found = int4_linear(child, exact_only) if library is None else q4_layer(child, exact_only, library)
                 if found is None:
                     continue
                 replacement, was_4bit = found

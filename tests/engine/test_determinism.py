@@ -45,6 +45,7 @@ from amulet_core.method.preference_prompts import TEMPLATE, Placement, preferenc
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.model.chat_template import render_chat, template_default_system_prompt
 from amulet_core.model.loading import LoadedModel
+from amulet_core.model.q8_output import q8_output_layer
 from amulet_core.model.quantization import quantize_model
 from amulet_core.sampling.params import SamplingParams
 
@@ -499,15 +500,28 @@ def smollm_bf16(smollm) -> LoadedModel:
     return LoadedModel(model, smollm.tokenizer, smollm.name, smollm.device, torch.bfloat16, smollm.eos_token_ids)
 
 
-@pytest.mark.parametrize(("dtype", "threads"), [("float32", 1), ("bfloat16", 1), ("bfloat16", 2)])
-def test_smollm_answers_the_observed_prompt_identically_cold_cached_and_busy(smollm, smollm_bf16, dtype, threads):
+@pytest.fixture(scope="module")
+def smollm_served_float32(smollm) -> LoadedModel:
+    """SmolLM2 as ``make serve`` serves it on a CPU without native bfloat16: float32, its 4-bit layers on the
+    compiled int4-q16 kernel, its Q8_0 output layer as 8-bit blocks."""
+    model = copy.deepcopy(smollm.model)
+    assert quantize_model(model, "int4-q16", exact_only=True).exact_layers == 7 * 30
+    assert q8_output_layer(model) is not None
+    return LoadedModel(model, smollm.tokenizer, smollm.name, smollm.device, torch.float32, smollm.eos_token_ids)
+
+
+@pytest.mark.parametrize(("dtype", "threads"), [("float32", 1), ("bfloat16", 1), ("bfloat16", 2), ("float32-int4-q16", 2)])
+def test_smollm_answers_the_observed_prompt_identically_cold_cached_and_busy(
+    smollm, smollm_bf16, smollm_served_float32, dtype, threads
+):
     """ "Name a fruit and its colour." with preference concise (amulet, the end placement): the same tokens and
     logits cold, again (prefix-cache hit) and beside other requests decoding; also with two torch threads (a 2-core
     server's default), whose products split the work between threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    loaded = {"bfloat16": smollm_bf16, "float32": smollm, "float32-int4-q16": smollm_served_float32}[dtype]
     try:
-        answers_identically_cold_cached_and_busy(smollm_bf16 if dtype == "bfloat16" else smollm)
+        answers_identically_cold_cached_and_busy(loaded)
     finally:
         torch.set_num_threads(before)
 

@@ -21,6 +21,7 @@ from amulet_core.engine.packed_forward import LlamaFamilyForward, TransformersFo
 from amulet_core.engine.protocol import GenerationRequest
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.model.loading import LoadedModel
+from amulet_core.model.q4_linear import Q4Linear
 from amulet_core.model.q8_output import q8_output_layer
 from amulet_core.model.quantization import Int4Linear, quantize_model
 from amulet_core.sampling.params import SamplingParams
@@ -129,15 +130,18 @@ def test_the_family_forward_gives_transformers_bits(family, dtype, deterministic
     assert_same_bits(tiny(family, smollm_tokenizer, dtype), deterministic)
 
 
+@pytest.mark.parametrize("method", ["int4", "int4-q16"])
 @pytest.mark.parametrize("deterministic", [True, False], ids=["invariant", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_fused_int4_projections_give_the_separate_layers_bits(family, dtype, deterministic, smollm_tokenizer):
+def test_fused_int4_projections_give_the_separate_layers_bits(family, dtype, deterministic, method, smollm_tokenizer):
     """Int4 layers of one input (query, key and value; gate and up) run fused: bits of the separate layers, which
     transformers' forward calls (Qwen2's projections have biases); in float32 too, where the int4 layers compute
-    in bfloat16 and return float32."""
+    in bfloat16 and return float32 (int4-q16's: in float32, 16-bit inputs, returning the model's dtype)."""
     loaded = tiny(family, smollm_tokenizer, dtype, num_key_value_heads=4)  # keys of 64 outputs: whole blocks
-    quantize_model(loaded.model, "int4")
+    quantize_model(loaded.model, method)
+    kind = Q4Linear if method == "int4-q16" else Int4Linear
+    assert all(isinstance(layer.self_attn.q_proj, kind) for layer in loaded.model.model.layers)
     forward = packed_forward(loaded.model)
     assert isinstance(forward, LlamaFamilyForward)
     assert all(layer.qkv is not None and layer.gate_up is not None for layer in forward.layers)
@@ -145,13 +149,15 @@ def test_fused_int4_projections_give_the_separate_layers_bits(family, dtype, det
 
 
 @pytest.mark.smollm
+@pytest.mark.parametrize("method", ["int4", "int4-q16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_the_served_smollm_int4_gives_transformers_bits(smollm, dtype):
+def test_the_served_smollm_int4_gives_transformers_bits(smollm, dtype, method):
     """As ``make serve`` runs it: bfloat16 (a CPU with native bfloat16) or float32 (one without, where the Q8_0 output
-    layer is also multiplied as 8-bit blocks), its Q4_1 layers on the int4 kernel, batch-invariant."""
+    layer is also multiplied as 8-bit blocks), its Q4_1 layers on torch's int4 kernel or (``auto``'s choice) the
+    compiled int4-q16 one, batch-invariant."""
     model = copy.deepcopy(smollm.model).to(dtype)
-    quantize_model(model, "int4")
-    assert any(isinstance(m, Int4Linear) for m in model.modules())
+    assert quantize_model(model, method, exact_only=True).exact_layers == 7 * 30
+    assert any(isinstance(m, Q4Linear if method == "int4-q16" else Int4Linear) for m in model.modules())
     assert (q8_output_layer(model) is not None) == (dtype == torch.float32)
     loaded = LoadedModel(model, smollm.tokenizer, smollm.name, smollm.device, dtype, smollm.eos_token_ids)
     assert_same_bits(loaded, deterministic=True, new_tokens=6)
@@ -190,4 +196,5 @@ def test_the_benchmark_measures_both_forwards_on_both_methods(tmp_path):
     report = json.loads(out.read_text())
     assert set(report["ms_per_token"]) == {"transformers", "family"}
     assert all(ms > 0 for per in report["ms_per_token"].values() for ms in per.values())
-    assert {row["op"] for row in report["profile_base_family"]} >= {"aten::_weight_int4pack_mm_for_cpu"}
+    ops = {row["op"] for row in report["profile_base_family"]}
+    assert ops >= {"aten::add", "aten::cat", "aten::mul"}, sorted(ops)  # the norms', rotations' and residuals' ops

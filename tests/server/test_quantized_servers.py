@@ -87,5 +87,5 @@ def test_each_choice_quantized_the_layers_it_says(served):
     """The embedded GGUF is Q4_1: in bfloat16 auto keeps its 210 decoder projections 4-bit, exactly."""
     assert "quantization int" not in served["none"][2]
     assert "quantization int8: 210 linear layers (0 already 4-bit)" in served["int8"][2]
-    for choice in ("int4", "auto"):
-        assert "quantization int4: 210 linear layers (210 already 4-bit)" in served[choice][2]
+    assert "quantization int4: 210 linear layers (210 already 4-bit)" in served["int4"][2]
+    assert "quantization int4-q16: 210 linear layers (210 already 4-bit)" in served["auto"][2]  # the compiled kernel

@@ -14,17 +14,16 @@ from amulet_core.engine.invariant_ops import ONEDNN_LINEAR_DTYPES
 from amulet_core.method.settings import Method
 from amulet_core.model import loading
 from amulet_core.model.chat_template import render_chat
+from amulet_core.model.four_bit import GROUP, four_bit_codes
 from amulet_core.model.gguf_cache import default_model_cache
 from amulet_core.model.loading import LoadedModel, ModelConfig, load_model
 from amulet_core.model.q8_output import Q8Linear
 from amulet_core.model.quantization import (
-    GROUP,
     INT4_KERNEL,
     INT8_KERNEL,
     Int4Linear,
     Int8Linear,
     QuantizationError,
-    four_bit_codes,
     int4_linear,
     int8_linear,
     layer_bytes,
@@ -200,9 +199,9 @@ def test_auto_replaces_only_the_layers_that_are_already_4_bit(tiny_model):
 
 
 def test_the_choices_resolve_per_device_and_dtype():
-    assert resolve_quantization("auto", CPU, torch.bfloat16, gguf=True) == "int4"
+    assert resolve_quantization("auto", CPU, torch.bfloat16, gguf=True) == "int4-q16"
     assert resolve_quantization("auto", CPU, torch.float32, gguf=True) == "none"  # float32 asked for: exact products
-    assert resolve_quantization("auto", CPU, torch.float32, gguf=True, dtype_chosen=True) == "int4"  # no native bf16
+    assert resolve_quantization("auto", CPU, torch.float32, gguf=True, dtype_chosen=True) == "int4-q16"  # no native bf16
     assert resolve_quantization("auto", CPU, torch.float16, gguf=True, dtype_chosen=True) == "none"
     assert resolve_quantization("auto", CPU, torch.bfloat16, gguf=False) == "none"
     assert resolve_quantization("auto", torch.device("cuda"), torch.bfloat16, gguf=True) == "none"
@@ -217,13 +216,12 @@ def test_the_choices_resolve_per_device_and_dtype():
 
 
 def test_on_a_cpu_without_native_bf16_the_default_load_is_float32_with_the_ggufs_int4_layers(monkeypatch, smollm):
-    """``--dtype auto`` picks float32 there, and ``--quantization auto`` still multiplies the GGUF's 4-bit layers with
-    the int4 kernel (1.8x the dense float32 product on torch's AVX2 code path) and its 8-bit output layer as 8-bit
-    blocks; the same greedy answer as the session's float32 model, which was asked for by name and keeps its dense
-    layers."""
+    """``--dtype auto`` picks float32 there, and ``--quantization auto`` still multiplies the GGUF's 4-bit layers as
+    4-bit (the compiled int4-q16 kernel) and its 8-bit output layer as 8-bit blocks; the same greedy answer as the
+    session's float32 model, which was asked for by name and keeps its dense layers."""
     monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
     loaded = load_model(ModelConfig(model_cache=default_model_cache()))
-    assert loaded.dtype == torch.float32 and loaded.quantization.method == "int4"
+    assert loaded.dtype == torch.float32 and loaded.quantization.method == "int4-q16"
     assert loaded.quantization.layers == loaded.quantization.exact_layers == 7 * 30
     assert isinstance(loaded.model.get_output_embeddings(), Q8Linear)  # its Q8_0 output layer as 8-bit blocks
     assert smollm.quantization.method == "none"
