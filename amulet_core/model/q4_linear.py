@@ -45,10 +45,11 @@ def load_q4_library() -> tuple[Library | None, str]:
 
 def pack_weights(codes: torch.Tensor, steps: torch.Tensor, lowest: torch.Tensor) -> torch.Tensor:
     """Codes ``[out, in]`` in 0..15 and block values ``[out, in / 32]`` (float16 or float32) as the kernel reads them:
-    ``[out / 8, in / 32, stride]`` bytes, a block of eight outputs after another, each its 128 bytes of codes (chunk
-    ``j`` holding inputs ``8j .. 8j + 3`` of the eight outputs in its low nibbles and inputs ``8j + 4 .. 8j + 7`` in
-    its high ones, output-major, four inputs an output: the byte products' pairs and quads are one output's), then
-    its eight steps and eight lowest values."""
+    ``[out / 8, in / 32, stride]`` bytes, eight outputs' block after block: its 128 bytes of codes (byte
+    ``32j + 16L + 8h + t`` holding, in its low nibble, the code of output ``4L + t // 2`` for input
+    ``8j + 2h + t % 2`` and, in its high nibble, for input ``8j + 4 + 2h + t % 2``: zero-extended to 16 bits, each
+    128-bit lane of a chunk's nibbles gives four outputs' pairs of inputs, which a multiply-add sums per output),
+    then its eight steps and eight lowest values."""
     out_features, in_features = codes.shape
     groups, blocks = out_features // LANES, in_features // BLOCK
     # codes [g, (L, k), b, (j, n, h, s)] -> [g, b, j, n, L, h, k, s]: output 4L + k, input 8j + 4n + 2h + s
