@@ -25,6 +25,8 @@
 #define BLOCK 32
 #define MAX_ROWS 4   /* rows computed together: each group's codes unpacked once for all of them */
 #define MAX_GROUPS 2 /* groups of 8 outputs computed together */
+#define AHEAD 32     /* blocks ahead the weights are prefetched: left to the hardware's prefetcher, a row's products
+                        waited on memory (one row of 1,536 x 576, weights out of cache: 88 us without, 45 with) */
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -123,6 +125,7 @@ static inline __attribute__((always_inline)) void tile(const int16_t *xq, const 
     for (int64_t b = 0; b < blocks; b++) {
         for (int g = 0; g < G; g++) {
             const uint8_t *c = weights + ((g0 + g) * blocks + b) * stride_of(H);
+            for (int64_t line = 0; line < stride_of(H); line += 64) __builtin_prefetch(c + AHEAD * stride_of(H) + line, 0, 3);
             const v8f step = H ? load_halves((const uint16_t *)(c + CODE_BYTES)) : load_floats((const float *)(c + CODE_BYTES));
             const v8f low = H ? load_halves((const uint16_t *)(c + CODE_BYTES) + 8)
                               : load_floats((const float *)(c + CODE_BYTES) + 8);
