@@ -63,9 +63,12 @@ class Library:
         return f"compiled by {self.compiler} ({threads}), {self.path}"
 
 
-def load_library(source: Path, cache_dir: Path | None = None) -> tuple[Library | None, str]:
+def load_library(
+    source: Path, cache_dir: Path | None = None, extra_flags: tuple[str, ...] = ()
+) -> tuple[Library | None, str]:
     """``source`` compiled for this machine, unless ``cache_dir`` (else :func:`cache_dir`) already holds it, and
-    loaded; or None and why not."""
+    loaded; or None and why not. ``extra_flags`` go after :data:`FLAGS` (``-mno-avx2``: the code a CPU without AVX2
+    runs, for the tests)."""
     compiler = _compiler()
     if compiler is None:
         return None, "no C compiler ($CC, cc, gcc or clang)"
@@ -73,7 +76,7 @@ def load_library(source: Path, cache_dir: Path | None = None) -> tuple[Library |
     failures = []
     text = source.read_bytes()
     for threaded in (True, False):
-        flags = (*FLAGS, "-fopenmp") if threaded else FLAGS
+        flags = (*FLAGS, *extra_flags, "-fopenmp") if threaded else (*FLAGS, *extra_flags)
         key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode(), _cpu_flags()])).hexdigest()
         path = (cache_dir or kernel_cache_dir()) / f"{source.stem}-{key[:20]}.so"
         if not path.exists():

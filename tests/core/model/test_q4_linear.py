@@ -111,6 +111,24 @@ def test_fused_layers_give_each_layers_bits_and_share_its_weights(library):
     assert fuse_q4(mixed) is None
 
 
+def test_a_cpu_without_avx2_computes_the_same_products(library, tmp_path):
+    """The kernel's code for a CPU without AVX2, FMA or F16C (integer products one by one, float16 converted in
+    software): the same integer sums, so its products are the AVX2 build's up to the roundings of its unfused
+    multiply-adds; float16 and float32 scales of the same values give the same bits; a row alone or among others
+    the same bits."""
+    plain, why = load_library(build.SOURCES / "q4_linear.c", tmp_path, extra_flags=("-mno-avx2", "-mno-fma", "-mno-f16c"))
+    if plain is None:
+        pytest.fail(why)
+    _, codes, steps, lowest = four_bit(40, 96, seed=7)
+    x = torch.randn(5, 96)
+    native = Q4Linear.of(codes, steps, lowest, library)(x)
+    full = Q4Linear.of(codes, steps, lowest, plain)
+    half = Q4Linear.of(codes, steps.half(), lowest.half(), plain)
+    assert half.half_scales and torch.equal(half(x), full(x))
+    assert torch.equal(full(x[2:3]), full(x)[2:3])
+    torch.testing.assert_close(full(x), native, rtol=1e-5, atol=1e-6)
+
+
 def test_a_copied_or_pickled_layer_computes_alike(library):
     layer = Q4Linear.of(*four_bit(32, 64, seed=3)[1:], library)
     x = torch.randn(3, 64)
