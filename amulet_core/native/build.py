@@ -63,9 +63,7 @@ class Library:
         return f"compiled by {self.compiler} ({threads}), {self.path}"
 
 
-def load_library(
-    source: Path, cache_dir: Path | None = None, extra_flags: tuple[str, ...] = ()
-) -> tuple[Library | None, str]:
+def load_library(source: Path, cache_dir: Path | None = None, extra_flags: tuple[str, ...] = ()) -> tuple[Library | None, str]:
     """``source`` compiled for this machine, unless ``cache_dir`` (else :func:`cache_dir`) already holds it, and
     loaded; or None and why not. ``extra_flags`` go after :data:`FLAGS` (``-mno-avx2``: the code a CPU without AVX2
     runs, for the tests)."""
