@@ -2,13 +2,13 @@
 int4-q16``, ``auto``'s choice for a 4-bit GGUF model on a CPU).
 
 A block of 32 weights is ``lowest + step * q`` with ``q`` in 0..15 (GGUF's Q4_1; Q4_0 and Q4_K sub-blocks are the
-same form, recovered by :func:`~amulet_core.model.four_bit.four_bit_codes`), its step and lowest value kept in
-float16 where they are float16 numbers (a Q4_1 GGUF's are). ``q4_linear.c`` (:mod:`amulet_core.native`) scales
-each row's blocks of 32 inputs to 16-bit codes (``max |x| / 32767`` a step, rounded to nearest even), multiplies
-them with the weights' codes as integers (AVX2's 16-bit multiply-adds, exact), and adds the blocks' scaled sums
-in block order, eight outputs side by side in the vector lanes: a row's outputs depend on that row and the
-weights only (one row or many, any number of threads, the same bits), so the deterministic forward stays
-batch-invariant.
+same form, recovered by :func:`~amulet_core.model.four_bit.four_bit_codes`), its step and lowest value in float16
+(a Q4_1 GGUF's are float16 numbers, kept exactly; any other weight's are rounded to float16: :func:`half_blocks`).
+``q4_linear.c`` (:mod:`amulet_core.native`) scales each row's blocks of 32 inputs to 16-bit codes (``max |x| /
+32767`` a step, rounded to nearest even), multiplies them with the weights' codes as integers (AVX2's 16-bit
+multiply-adds, exact), and adds the blocks' scaled sums in block order, eight outputs side by side in the vector
+lanes: a row's outputs depend on that row and the weights only (one row or many, any number of threads, the same
+bits), so the deterministic forward stays batch-invariant.
 
 The weights are the model's, exactly, and the inputs keep 15 bits a block (a relative error of about 1e-5 of the
 block's largest input): the embedded SmolLM2 answered six test questions word for word as its float32 model did,
@@ -34,8 +34,8 @@ SOURCE = SOURCES / "q4_linear.c"
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
-_ARGUMENTS = [_P, _I64, _I64, _P, ctypes.c_int, _I64, ctypes.c_int, _P]
-"""``q4_linear``'s: x, rows, in, weights, half, out, threads, y."""
+_ARGUMENTS = [_P, _I64, _I64, _P, _I64, ctypes.c_int, _P]
+"""``q4_linear``'s: x, rows, in, weights, out, threads, y."""
 
 
 def load_q4_library() -> tuple[Library | None, str]:
@@ -44,8 +44,8 @@ def load_q4_library() -> tuple[Library | None, str]:
 
 
 def pack_weights(codes: torch.Tensor, steps: torch.Tensor, lowest: torch.Tensor) -> torch.Tensor:
-    """Codes ``[out, in]`` in 0..15 and block values ``[out, in / 32]`` (float16 or float32) as the kernel reads them:
-    ``[out / 8, in / 32, stride]`` bytes, eight outputs' block after block: its 128 bytes of codes (byte
+    """Codes ``[out, in]`` in 0..15 and float16 block values ``[out, in / 32]`` as the kernel reads them:
+    ``[out / 8, in / 32, 160]`` bytes, eight outputs' block after block: its 128 bytes of codes (byte
     ``32j + 16L + 8h + t`` holding, in its low nibble, the code of output ``4L + t // 2`` for input
     ``8j + 2h + t % 2`` and, in its high nibble, for input ``8j + 4 + 2h + t % 2``: zero-extended to 16 bits, each
     128-bit lane of a chunk's nibbles gives four outputs' pairs of inputs, which a multiply-add sums per output),
@@ -60,35 +60,27 @@ def pack_weights(codes: torch.Tensor, steps: torch.Tensor, lowest: torch.Tensor)
         lanes = values.view(groups, LANES, blocks).permute(0, 2, 1).contiguous()
         return lanes.view(torch.uint8).view(groups, blocks, -1)
 
-    return torch.cat([packed, per_lane(steps), per_lane(lowest)], dim=-1).contiguous()
+    return torch.cat([packed, per_lane(steps.half()), per_lane(lowest.half())], dim=-1).contiguous()
 
 
-def half_if_exact(
-    weight: torch.Tensor, codes: torch.Tensor, steps: torch.Tensor, lowest: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``steps`` and ``lowest`` in float16 where those give ``weight`` to the bit (``step * code + lowest`` in float32,
-    the dequantization of a GGUF Q4_1 block, whose ``d`` and ``m`` are float16: a fifth fewer bytes a step), else
-    in float32."""
-    half_steps, half_lowest = steps.half(), lowest.half()
-    out_features, blocks = steps.shape
-    rebuilt = half_steps.float().unsqueeze(-1) * codes.view(out_features, blocks, BLOCK).float()
-    rebuilt = rebuilt + half_lowest.float().unsqueeze(-1)
-    if weight.dtype == torch.float32 and torch.equal(rebuilt.view_as(weight), weight):
-        return half_steps, half_lowest
-    return steps.float(), lowest.float()
+def half_blocks(steps: torch.Tensor, lowest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's steps and lowest values in float16 (20 bytes a block of 32, as GGUF's Q4_1): a Q4_1 GGUF's are
+    float16 numbers, so its weights stay exact (``tests/core/model/test_q4_linear.py`` checks the served model's);
+    any other weight's move by at most 15 float16 roundings of its step (against the half step its codes' own
+    rounding costs)."""
+    return steps.half(), lowest.half()
 
 
 class Q4Linear(nn.Module):
-    """``nn.Linear`` whose weight is ``lowest + step * q`` in blocks of 32 inputs, multiplied by ``q4_linear.c``
-    with the inputs in 16-bit blocks; returns the input's dtype. Made by :meth:`of`."""
+    """``nn.Linear`` whose weight is ``lowest + step * q`` in blocks of 32 inputs (float16 steps and lowest values),
+    multiplied by ``q4_linear.c`` with the inputs in 16-bit blocks; returns the input's dtype. Made by :meth:`of`."""
 
     weights: torch.Tensor
 
-    def __init__(self, weights: torch.Tensor, half: bool, library: Library, bias: torch.Tensor | None = None) -> None:
-        """``weights``: :func:`pack_weights`' bytes; ``half``: its steps and lowest values are float16."""
+    def __init__(self, weights: torch.Tensor, library: Library, bias: torch.Tensor | None = None) -> None:
+        """``weights``: :func:`pack_weights`' bytes."""
         super().__init__()
         self.out_features, self.in_features = weights.shape[0] * LANES, weights.shape[1] * BLOCK
-        self.half_scales = half
         self.register_buffer("weights", weights)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.library = library
@@ -97,15 +89,12 @@ class Q4Linear(nn.Module):
     def of(
         cls, codes: torch.Tensor, steps: torch.Tensor, lowest: torch.Tensor, library: Library, bias: torch.Tensor | None = None
     ) -> Q4Linear:
-        """The layer of codes ``[out, in]`` in 0..15, steps and lowest values ``[out, in / 32]`` (float16 kept as
-        float16, anything else as float32)."""
+        """The layer of codes ``[out, in]`` in 0..15, steps and lowest values ``[out, in / 32]`` (kept as float16:
+        :func:`half_blocks`)."""
         out_features, in_features = codes.shape
         if out_features % LANES or in_features % BLOCK or steps.shape != (out_features, in_features // BLOCK):
             raise ValueError(f"a 4-bit layer needs outputs in eights and inputs in blocks of 32, not {tuple(codes.shape)}")
-        half = steps.dtype == lowest.dtype == torch.float16
-        if not half:
-            steps, lowest = steps.float(), lowest.float()
-        return cls(pack_weights(codes, steps, lowest), half, library, bias)
+        return cls(pack_weights(codes, steps, lowest), library, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -119,18 +108,15 @@ class Q4Linear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        scales = "float16" if self.half_scales else "float32"
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, 4-bit blocks of {BLOCK} ({scales}), 16-bit inputs"
-        )
+        return f"in_features={self.in_features}, out_features={self.out_features}, 4-bit blocks of {BLOCK}, 16-bit inputs"
 
 
 def q4_product(layer: Q4Linear, rows: torch.Tensor) -> torch.Tensor:
     """``rows`` (``[n, in]`` float32, contiguous) times ``layer``'s weight: ``[n, out]`` float32, by the kernel."""
     out = torch.empty(rows.shape[0], layer.out_features, dtype=torch.float32)
     failed = layer.library.function("q4_linear", ctypes.c_int, _ARGUMENTS)(
-        rows.data_ptr(), rows.shape[0], layer.in_features, layer.weights.data_ptr(), int(layer.half_scales),
-        layer.out_features, torch.get_num_threads(), out.data_ptr(),
+        rows.data_ptr(), rows.shape[0], layer.in_features, layer.weights.data_ptr(), layer.out_features,
+        torch.get_num_threads(), out.data_ptr(),
     )  # fmt: skip
     if failed:
         raise MemoryError(f"q4_linear: no memory for {rows.shape[0]} rows' 16-bit inputs")
@@ -139,16 +125,14 @@ def q4_product(layer: Q4Linear, rows: torch.Tensor) -> torch.Tensor:
 
 def fuse_q4(layers: list[Q4Linear]) -> Q4Linear | None:
     """One :class:`Q4Linear` whose outputs are ``layers``' side by side, or None unless they share their inputs and
-    have biases on all or none and the same scales' dtype. Every output is computed alone, so the fused layer gives
+    have biases on all or none. Every output is computed alone, so the fused layer gives
     each layer's bits; the layers' buffers become views of the fused layer's (one copy of the weights)."""
     first = layers[0]
     biases = [layer.bias for layer in layers]
     if any(layer.in_features != first.in_features for layer in layers) or len({b is None for b in biases}) > 1:
         return None
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases if b is not None])
-    if len({layer.half_scales for layer in layers}) > 1:
-        return None
-    fused = Q4Linear(torch.cat([layer.weights for layer in layers]), first.half_scales, first.library, bias)
+    fused = Q4Linear(torch.cat([layer.weights for layer in layers]), first.library, bias)
     start = 0
     for layer in layers:
         groups = layer.weights.shape[0]

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from amulet_core.model.four_bit import GROUP, layer_codes
-from amulet_core.model.q4_linear import LANES, Q4Linear, half_if_exact, load_q4_library
+from amulet_core.model.q4_linear import LANES, Q4Linear, half_blocks, load_q4_library
 from amulet_core.native.build import Library
 
 logger = logging.getLogger(__name__)
@@ -164,8 +164,7 @@ def q4_layer(layer: nn.Linear, exact_only: bool, library: Library) -> tuple[Q4Li
     if found is None:
         return None
     (codes, steps, lowest), exact = found
-    steps, lowest = half_if_exact(layer.weight.detach(), codes, steps, lowest)
-    return Q4Linear.of(codes, steps, lowest, library, layer.bias), exact
+    return Q4Linear.of(codes, *half_blocks(steps, lowest), library, layer.bias), exact
 
 
 def int8_linear(layer: nn.Linear) -> Int8Linear:

@@ -1,5 +1,5 @@
 /* A linear layer of 4-bit weights in blocks of 32 inputs (each block its own step and lowest value: GGUF's Q4_1,
- * Q4_0 and Q4_K sub-blocks alike), multiplied with the inputs quantized to 16 bits in blocks of 32, as integers, in
+ * Q4_0 and Q4_K sub-blocks alike, both float16), multiplied with the inputs quantized to 16 bits in blocks of 32, as integers, in
  * one fixed order per output. Compiled and loaded by amulet_core/native/build.py; wrapped by
  * amulet_core/model/q4_linear.py.
  *
@@ -30,12 +30,6 @@
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
-
-static inline v8f load_floats(const float *p) {
-    v8f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
 
 /* Eight float16 values (IEEE binary16) as floats, exactly. */
 static inline v8f load_halves(const uint16_t *p) {
@@ -139,12 +133,12 @@ static inline void block_dots(const uint8_t *codes, const inputs_t *x, int64_t r
 }
 #endif
 
-/* A group-block of the weights: 128 bytes of codes, then 8 steps and 8 lowest values (float16 where H, else float). */
+/* A group-block of the weights: 128 bytes of codes, then 8 float16 steps and 8 float16 lowest values. */
 #define CODE_BYTES (BLOCK * 4)
-static inline int64_t stride_of(const int H) { return CODE_BYTES + 16 * (H ? 2 : 4); }
+#define STRIDE (CODE_BYTES + 16 * 2)
 
 static inline __attribute__((always_inline)) void tile(const inputs_t *x, const uint8_t *weights, int64_t out,
-                                                       int64_t g0, int64_t r0, const int R, const int G, const int H,
+                                                       int64_t g0, int64_t r0, const int R, const int G,
                                                        const int P, float *y) {
     const int64_t blocks = x->blocks;
     v8f acc[MAX_ROWS][MAX_GROUPS];
@@ -152,11 +146,10 @@ static inline __attribute__((always_inline)) void tile(const inputs_t *x, const 
         for (int g = 0; g < G; g++) acc[r][g] = (v8f){0};
     for (int64_t b = 0; b < blocks; b++) {
         for (int g = 0; g < G; g++) {
-            const uint8_t *c = weights + ((g0 + g) * blocks + b) * stride_of(H);
-            for (int64_t line = 0; line < stride_of(H); line += 64) __builtin_prefetch(c + AHEAD * stride_of(H) + line, 0, 3);
-            const v8f step = H ? load_halves((const uint16_t *)(c + CODE_BYTES)) : load_floats((const float *)(c + CODE_BYTES));
-            const v8f low = H ? load_halves((const uint16_t *)(c + CODE_BYTES) + 8)
-                              : load_floats((const float *)(c + CODE_BYTES) + 8);
+            const uint8_t *c = weights + ((g0 + g) * blocks + b) * STRIDE;
+            for (int line = 0; line < STRIDE; line += 64) __builtin_prefetch(c + AHEAD * STRIDE + line, 0, 3);
+            const v8f step = load_halves((const uint16_t *)(c + CODE_BYTES));
+            const v8f low = load_halves((const uint16_t *)(c + CODE_BYTES) + 8);
             v8i dots[MAX_ROWS];
             block_dots(c, x, r0, b, R, P, dots);
             for (int r = 0; r < R; r++) {
@@ -173,27 +166,27 @@ static inline __attribute__((always_inline)) void tile(const inputs_t *x, const 
 
 static inline __attribute__((always_inline)) void rows_of(const inputs_t *x, const uint8_t *weights, int64_t out,
                                                           int64_t g0, int64_t groups_here, int64_t r0, const int R,
-                                                          const int H, const int P, float *y) {
+                                                          const int P, float *y) {
     int64_t g = g0;
-    for (; g + MAX_GROUPS <= g0 + groups_here; g += MAX_GROUPS) tile(x, weights, out, g, r0, R, MAX_GROUPS, H, P, y);
-    for (; g < g0 + groups_here; g++) tile(x, weights, out, g, r0, R, 1, H, P, y);
+    for (; g + MAX_GROUPS <= g0 + groups_here; g += MAX_GROUPS) tile(x, weights, out, g, r0, R, MAX_GROUPS, P, y);
+    for (; g < g0 + groups_here; g++) tile(x, weights, out, g, r0, R, 1, P, y);
 }
 
 static inline __attribute__((always_inline)) void item_of(const inputs_t *x, int64_t rows, const uint8_t *weights,
                                                           int64_t out, int64_t g0, int64_t here, int64_t r0,
-                                                          const int H, float *y) {
+                                                          float *y) {
     const int64_t left = rows - r0;
 #ifdef __AVX2__
     if (x->pairs != NULL) { /* rows <= PAIRED_ROWS */
-        if (left == 2) rows_of(x, weights, out, g0, here, r0, 2, H, 1, y);
-        else rows_of(x, weights, out, g0, here, r0, 1, H, 1, y);
+        if (left == 2) rows_of(x, weights, out, g0, here, r0, 2, 1, y);
+        else rows_of(x, weights, out, g0, here, r0, 1, 1, y);
         return;
     }
 #endif
-    if (left >= 4) rows_of(x, weights, out, g0, here, r0, 4, H, 0, y);
-    else if (left == 3) rows_of(x, weights, out, g0, here, r0, 3, H, 0, y);
-    else if (left == 2) rows_of(x, weights, out, g0, here, r0, 2, H, 0, y);
-    else rows_of(x, weights, out, g0, here, r0, 1, H, 0, y);
+    if (left >= 4) rows_of(x, weights, out, g0, here, r0, 4, 0, y);
+    else if (left == 3) rows_of(x, weights, out, g0, here, r0, 3, 0, y);
+    else if (left == 2) rows_of(x, weights, out, g0, here, r0, 2, 0, y);
+    else rows_of(x, weights, out, g0, here, r0, 1, 0, y);
 }
 
 /* Each row's blocks of 32 inputs as 16-bit codes, their scales d and d * (the sum of their codes) (see the top). */
@@ -218,10 +211,9 @@ static void quantize_rows(const float *x, int64_t rows, int64_t in, int threads,
 }
 
 /* x: [rows, in] float32; weights: [out / 8, in / 32] group-blocks (see tile; codes as block_dot reads them), with
- * float16 steps and lowest values where half, else float. out a multiple of 8, in of 32. y: [rows, out] float32.
+ * float16 steps and lowest values. out a multiple of 8, in of 32. y: [rows, out] float32.
  * Returns 0, or -1 where the inputs' codes could not be allocated. */
-int q4_linear(const float *x, int64_t rows, int64_t in, const uint8_t *weights, int half, int64_t out, int threads,
-              float *y) {
+int q4_linear(const float *x, int64_t rows, int64_t in, const uint8_t *weights, int64_t out, int threads, float *y) {
     const int64_t blocks = in / BLOCK, groups = out / 8;
     const int paired = rows <= PAIRED_ROWS;
     const size_t pair_bytes = paired ? 16 * sizeof(int16_t) * (size_t)(rows * in) : 0;
@@ -251,8 +243,7 @@ int q4_linear(const float *x, int64_t rows, int64_t in, const uint8_t *weights, 
     for (int64_t item = 0; item < items; item++)
         for (int64_t rb = 0; rb < row_blocks; rb++) {
             const int64_t g0 = item * span, here = groups - g0 < span ? groups - g0 : span;
-            if (half) item_of(&inputs, rows, weights, out, g0, here, rb * MAX_ROWS, 1, y);
-            else item_of(&inputs, rows, weights, out, g0, here, rb * MAX_ROWS, 0, y);
+            item_of(&inputs, rows, weights, out, g0, here, rb * MAX_ROWS, y);
         }
     free(scratch);
     return 0;

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from amulet_core.model.chat_template import render_chat
-from amulet_core.model.q4_linear import Q4Linear, fuse_q4
+from amulet_core.model.four_bit import four_bit_codes
+from amulet_core.model.q4_linear import Q4Linear, fuse_q4, half_blocks
 from amulet_core.model.quantization import INT4_KERNEL, Int4Linear, QuantizationError, quantize_model, resolve_quantization
 from amulet_core.native import build
 from amulet_core.native.build import load_library
@@ -32,7 +33,7 @@ def four_bit(out_features: int, in_features: int, seed: int = 0) -> tuple[torch.
     return weight.view(out_features, in_features), codes.view(out_features, in_features), steps, lowest
 
 
-def eight_bit_inputs(x: torch.Tensor) -> torch.Tensor:
+def sixteen_bit_inputs(x: torch.Tensor) -> torch.Tensor:
     """``x`` [rows, in] as the kernel quantizes it (blocks of 32: scale max |x| / 32767, codes round-to-even of
     x * (32767 / max |x|)), dequantized in float64."""
     blocks = x.float().view(x.shape[0], -1, 32)
@@ -50,16 +51,14 @@ def library():
     return found
 
 
-@pytest.mark.parametrize("scales", [torch.float32, torch.float16])
-def test_the_layer_computes_the_product_of_its_16_bit_inputs(library, scales):
+def test_the_layer_computes_the_product_of_its_16_bit_inputs(library):
     weight, codes, steps, lowest = four_bit(64, 160, seed=1)
-    layer = Q4Linear.of(codes, steps.to(scales), lowest.to(scales), library)  # the steps are float16 values
-    assert layer.half_scales == (scales == torch.float16)
+    layer = Q4Linear.of(codes, steps, lowest, library)  # the steps and lowest values are float16 numbers
     x = torch.randn(2, 3, 160)
     x[0, 0, 32:64] = 0  # a block of zeros: scale 0
     got = layer(x)
     assert got.shape == (2, 3, 64) and got.dtype == torch.float32
-    wanted = eight_bit_inputs(x.view(6, 160)) @ weight.double().T
+    wanted = sixteen_bit_inputs(x.view(6, 160)) @ weight.double().T
     torch.testing.assert_close(got.view(6, 64).double(), wanted, atol=2e-5, rtol=1e-5)
     exact = x.view(6, 160).double() @ weight.double().T  # what the 16-bit inputs lose: a few 1e-5 here
     assert 0 < float((got.view(6, 64).double() - exact).abs().max()) < 2e-4
@@ -114,19 +113,17 @@ def test_fused_layers_give_each_layers_bits_and_share_its_weights(library):
 def test_a_cpu_without_avx2_computes_the_same_products(library, tmp_path):
     """The kernel's code for a CPU without AVX2, FMA or F16C (integer products one by one, float16 converted in
     software): the same integer sums, so its products are the AVX2 build's up to the roundings of its unfused
-    multiply-adds; float16 and float32 scales of the same values give the same bits; a row alone or among others
-    the same bits."""
+    multiply-adds; a row alone or among others the same bits."""
     plain, why = load_library(build.SOURCES / "q4_linear.c", tmp_path, extra_flags=("-mno-avx2", "-mno-fma", "-mno-f16c"))
     if plain is None:
         pytest.fail(why)
-    _, codes, steps, lowest = four_bit(40, 96, seed=7)
+    weight, codes, steps, lowest = four_bit(40, 96, seed=7)
     x = torch.randn(5, 96)
     native = Q4Linear.of(codes, steps, lowest, library)(x)
-    full = Q4Linear.of(codes, steps, lowest, plain)
-    half = Q4Linear.of(codes, steps.half(), lowest.half(), plain)
-    assert half.half_scales and torch.equal(half(x), full(x))
-    assert torch.equal(full(x[2:3]), full(x)[2:3])
-    torch.testing.assert_close(full(x), native, rtol=1e-5, atol=1e-6)
+    layer = Q4Linear.of(codes, steps, lowest, plain)
+    assert torch.equal(layer(x[2:3]), layer(x)[2:3]) and torch.equal(layer(x[:2]), layer(x)[:2])
+    torch.testing.assert_close(layer(x), native, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer(x).double(), sixteen_bit_inputs(x) @ weight.double().T, atol=2e-5, rtol=1e-5)
 
 
 def test_a_copied_or_pickled_layer_computes_alike(library):
@@ -151,12 +148,20 @@ def test_quantize_model_int4_q16_recovers_4_bit_layers_exactly():
     report = quantize_model(model, "int4-q16", exact_only=True)
     assert (report.method, report.layers, report.exact_layers) == ("int4-q16", 1, 1)
     assert isinstance(model.first, Q4Linear) and isinstance(model.second, nn.Linear)
-    assert model.first.half_scales  # its steps and lowest values are float16 numbers: kept so
     x = torch.randn(2, 64)
-    torch.testing.assert_close(model.first(x).double(), eight_bit_inputs(x) @ four.double().T, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(model.first(x).double(), sixteen_bit_inputs(x) @ four.double().T, atol=2e-5, rtol=1e-5)
     rounded = TwoLayers(four, torch.randn(16, 32))
     assert quantize_model(rounded, "int4-q16").layers == 2  # any weight rounded to 16 levels without exact_only
-    assert isinstance(rounded.second, Q4Linear) and not rounded.second.half_scales
+
+
+def test_a_weight_that_is_not_4_bit_keeps_its_codes_with_float16_steps():
+    weight = torch.randn(16, 64)
+    codes, steps, lowest = four_bit_codes(weight, exact_only=False)
+    steps16, lowest16 = half_blocks(steps, lowest)
+    assert steps16.dtype == lowest16.dtype == torch.float16
+    rebuilt = lowest16.float().repeat_interleave(32, 1) + steps16.float().repeat_interleave(32, 1) * codes.float()
+    off = (rebuilt - weight).abs() / steps.repeat_interleave(32, 1)
+    assert 0.45 < float(off.max()) <= 0.5 + 15 * 2**-11  # the codes' rounding, and 15 float16 roundings of a step
 
 
 def test_auto_chooses_int4_q16_for_a_gguf_model_on_the_cpu():
@@ -186,14 +191,13 @@ def test_without_a_compiler_int4_q16_is_refused_or_auto_falls_back(monkeypatch, 
 
 @pytest.mark.smollm
 def test_the_served_smollm_answers_as_its_float32_model_with_int4_q16(smollm):
-    """SmolLM2's 210 Q4_1 projections, dequantized to float32 by transformers, are recovered exactly (float16 steps
-    and lowest values); with 16-bit inputs its logits stay within a few thousandths of the float32 model's and the
+    """SmolLM2's 210 Q4_1 projections, dequantized to float32 by transformers, are recovered exactly (its float16
+    steps and lowest values); with 16-bit inputs its logits stay within a few thousandths of the float32 model's and the
     greedy answers are the float32 model's, word for word (8-bit inputs, llama.cpp's arithmetic, answered the first
     question "L'Étoile, la Cité, ...")."""
     model = copy.deepcopy(smollm.model)
     report = quantize_model(model, "int4-q16", exact_only=True)
     assert (report.layers, report.exact_layers) == (210, 210)
-    assert all(m.half_scales for m in model.modules() if isinstance(m, Q4Linear))
     assert report.quantized_bytes == report.dense_bytes // 4 * 20 // 32  # 20 bytes a block of 32, as the GGUF
     for question in ("What is the capital of France?", "Write a haiku about the sea.", "Give me three tips for sleeping better."):
         ids = render_chat(smollm.tokenizer, [{"role": "user", "content": question}])

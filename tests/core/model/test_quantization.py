@@ -17,6 +17,7 @@ from amulet_core.model.chat_template import render_chat
 from amulet_core.model.four_bit import GROUP, four_bit_codes
 from amulet_core.model.gguf_cache import default_model_cache
 from amulet_core.model.loading import LoadedModel, ModelConfig, load_model
+from amulet_core.model.q4_linear import Q4Linear
 from amulet_core.model.q8_output import Q8Linear
 from amulet_core.model.quantization import (
     INT4_KERNEL,
@@ -176,7 +177,7 @@ def test_a_row_has_the_same_bits_among_any_rows(method, threads):
 def test_every_linear_layer_but_the_output_one_is_replaced_and_its_weight_freed(tiny_model):
     base = tiny_model("llama")
     dense = [m for m in base.model.modules() if isinstance(m, torch.nn.Linear)]
-    for method, kind in (("int8", Int8Linear), ("int4", Int4Linear)):
+    for method, kind in (("int8", Int8Linear), ("int4", Int4Linear), ("int4-q16", Q4Linear)):
         model = copy.deepcopy(base.model).to(torch.bfloat16)
         report = quantize_model(model, method)
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
