@@ -259,4 +259,6 @@ def quantize_model(model: nn.Module, method: str, exact_only: bool = False, fall
             "quantization %s: %d linear layers (%d already 4-bit), %.1f MiB of weights now %.1f MiB",
             method, layers, exact, dense / (1 << 20), packed / (1 << 20),
         )  # fmt: skip
+        if library is not None:
+            logger.info("quantization int4-q16: its kernel %s", library.describe())
     return QuantizationReport(method, layers, exact, dense, packed)

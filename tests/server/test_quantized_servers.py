@@ -89,3 +89,4 @@ def test_each_choice_quantized_the_layers_it_says(served):
     assert "quantization int8: 210 linear layers (0 already 4-bit)" in served["int8"][2]
     assert "quantization int4: 210 linear layers (210 already 4-bit)" in served["int4"][2]
     assert "quantization int4-q16: 210 linear layers (210 already 4-bit)" in served["auto"][2]  # the compiled kernel
+    assert "quantization int4-q16: its kernel compiled by" in served["auto"][2]
