@@ -24,6 +24,7 @@ import ctypes
 import torch
 from torch import nn
 
+from amulet_core.model.rowwise_linear import RowwiseLinear
 from amulet_core.native.build import SOURCES, Library, load_library
 
 BLOCK = 32
@@ -71,7 +72,7 @@ def half_blocks(steps: torch.Tensor, lowest: torch.Tensor) -> tuple[torch.Tensor
     return steps.half(), lowest.half()
 
 
-class Q4Linear(nn.Module):
+class Q4Linear(RowwiseLinear):
     """``nn.Linear`` whose weight is ``lowest + step * q`` in blocks of 32 inputs (float16 steps and lowest values),
     multiplied by ``q4_linear.c`` with the inputs in 16-bit blocks; returns the input's dtype. Made by :meth:`of`."""
 
@@ -96,16 +97,8 @@ class Q4Linear(nn.Module):
             raise ValueError(f"a 4-bit layer needs outputs in eights and inputs in blocks of 32, not {tuple(codes.shape)}")
         return cls(pack_weights(codes, steps, lowest), library, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.dtype != torch.float32:
-            rows = rows.float()
-        out = q4_product(self, rows.contiguous())
-        if out.dtype != x.dtype:
-            out = out.to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        return q4_product(self, rows)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 4-bit blocks of {BLOCK}, 16-bit inputs"

@@ -43,6 +43,7 @@ from torch import nn
 
 from amulet_core.model.four_bit import GROUP, layer_codes
 from amulet_core.model.q4_linear import LANES, Q4Linear, half_blocks, load_q4_library
+from amulet_core.model.rowwise_linear import RowwiseLinear
 from amulet_core.native.build import Library
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class QuantizationReport:
     """Bytes they take now (codes, scales and zeros)."""
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(RowwiseLinear):
     """``nn.Linear`` with int8 weights and one scale per output: ``y = x @ (q * scale).T + bias``."""
 
     codes: torch.Tensor
@@ -94,18 +95,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
-        out = torch._weight_int8pack_mm(rows, self.codes, self.scales).to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+    compute_dtype = COMPUTE_DTYPE
+
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(rows, self.codes, self.scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(RowwiseLinear):
     """``nn.Linear`` with int4 codes in groups of ``group`` inputs: ``w = (q - 8) * scale + zero``."""
 
     packed: torch.Tensor
@@ -126,17 +125,11 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.dtype != COMPUTE_DTYPE:
-            rows = rows.to(COMPUTE_DTYPE)
+    compute_dtype = COMPUTE_DTYPE
+
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
         assert _INT4_MATMUL is not None  # an Int4Linear is only made where the kernel exists
-        out = _INT4_MATMUL(rows.contiguous(), self.packed, self.group, self.scales_and_zeros)
-        if out.dtype != x.dtype:
-            out = out.to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return _INT4_MATMUL(rows, self.packed, self.group, self.scales_and_zeros)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group}"
