@@ -87,6 +87,8 @@ def test_a_row_has_the_same_bits_among_any_rows_and_at_any_thread_count(library,
         alone = torch.cat([layer(x[i : i + 1]) for i in range(9)])
         together = layer(x)
         pairs = torch.cat([layer(x[i : i + 2]) for i in range(0, 9, 2)])
+        triples = torch.cat([layer(x[i : i + 3]) for i in range(0, 9, 3)])
+        fours = torch.cat([layer(x[:4]), layer(x[4:8]), layer(x[8:])])
         torch.set_num_threads(2)
         threaded = layer(x)
         torch.set_num_threads(3)
@@ -94,6 +96,7 @@ def test_a_row_has_the_same_bits_among_any_rows_and_at_any_thread_count(library,
     finally:
         torch.set_num_threads(before)
     assert torch.equal(alone, together) and torch.equal(alone, pairs) and torch.equal(alone, threaded)
+    assert torch.equal(alone, triples) and torch.equal(alone, fours)
     assert torch.equal(alone[1:], three)
 
 
