@@ -16,8 +16,9 @@ LINTED := $(PRODUCT) tests benchmarks
 UV_SPEC := uv==0.13.9
 LOCK_TORCH ?= torch==2.13.0+cpu
 LOCK_FLAGS ?= --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links /opt/wheels
-# The suite's workers (pytest-xdist), one test file at a time each: on two cores the suite takes about 14
-# minutes with two, 23 with one (TEST_WORKERS=0 runs it in this process, for a debugger).
+# The suite's workers (pytest-xdist), one test file at a time each (the tests' Debian installs wait for one
+# another: tests/tools/ensure_debian_package.sh): on two cores the suite takes about 14 minutes with two, 23 with
+# one (TEST_WORKERS=0 runs it in this process, for a debugger).
 TEST_WORKERS ?= 2
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev

@@ -7,6 +7,7 @@ Docker engine is needed: ``config`` only parses and validates.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -63,17 +64,22 @@ def _find_compose() -> ComposeTool | None:
     return None
 
 
+APT_LOCK = "/tmp/amulet-tests-apt.lock"
+
+
 def _apt_install(package: str) -> None:
     if shutil.which("apt-get") is None:
         pytest.skip(f"no Compose found and apt-get is not available to install {package}")
     if subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0":
         pytest.skip(f"no Compose found and installing {package} with apt-get needs root")
     env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package]
-    result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
-    if result.returncode != 0:  # stale or missing package lists: refresh once and retry
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True, env=env, timeout=600)
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300", package]
+    with open(APT_LOCK, "w") as lock:  # one install at a time among the suite's workers, as ensure_debian_package.sh
+        fcntl.flock(lock, fcntl.LOCK_EX)
         result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
+        if result.returncode != 0:  # stale or missing package lists: refresh once and retry
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True, env=env, timeout=600)
+            result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, f"apt-get install {package} failed:\n{result.stdout}\n{result.stderr}"
 
 

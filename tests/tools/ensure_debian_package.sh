@@ -26,13 +26,22 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
+# One install at a time among the suite's workers (apt holds its lock and a second apt-get would fail at once);
+# a worker that waited finds the binary another one installed.
+exec 9>/tmp/amulet-tests-apt.lock
+flock 9
+if command -v "$binary" >/dev/null 2>&1; then
+    command -v "$binary"
+    exit 0
+fi
 # Refresh the package lists only when they are missing or the first install attempt fails.
 if ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then
     apt-get update -qq >&2
 fi
-if ! apt-get install -y -qq --no-install-recommends "$@" >&2; then
+install=(apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 "$@")
+if ! "${install[@]}" >&2; then
     apt-get update -qq >&2
-    apt-get install -y -qq --no-install-recommends "$@" >&2
+    "${install[@]}" >&2
 fi
 # A package's post-install may try to start a system service; tests run their own instance and never
 # rely on it (in containers policy-rc.d normally forbids the start anyway).
