@@ -26,7 +26,8 @@ from tests.engine.test_engine import drain, make_request, prompts, tokens_of
 EOS = 2
 SCHEMA = {
     "type": "object",
-    "properties": {"colour": {"enum": ["red", "green"]}, "n": {"type": "integer"}},
+    # n bounded: a random model sampled at temperature 1 may keep writing digits (once 40 of them, past max_tokens)
+    "properties": {"colour": {"enum": ["red", "green"]}, "n": {"type": "integer", "minimum": -9999, "maximum": 9999}},
     "required": ["colour", "n"],
     "additionalProperties": False,
 }
@@ -59,6 +60,7 @@ def assert_follows_schema(text: str) -> None:
     value = json.loads(text)
     assert isinstance(value, dict) and set(value) == {"colour", "n"}, text
     assert value["colour"] in ("red", "green") and isinstance(value["n"], int) and not isinstance(value["n"], bool)
+    assert -9999 <= value["n"] <= 9999, text
 
 
 @pytest.mark.parametrize("settings", [BASE, AMULET, AMULET_UNMASKED], ids=["base", "amulet", "amulet-no-plausibility"])
