@@ -7,7 +7,6 @@ Docker engine is needed: ``config`` only parses and validates.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
@@ -19,7 +18,7 @@ import pytest
 import yaml
 
 from tests.ops.compose_files import load_compose, merge_compose
-from tests.support import ROOT
+from tests.support import ENSURE_PACKAGE, ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 CPU_OVERRIDE = ROOT / "docker-compose.cpu.yml"
@@ -64,23 +63,14 @@ def _find_compose() -> ComposeTool | None:
     return None
 
 
-APT_LOCK = "/tmp/amulet-tests-apt.lock"
-
-
-def _apt_install(package: str) -> None:
-    if shutil.which("apt-get") is None:
-        pytest.skip(f"no Compose found and apt-get is not available to install {package}")
-    if subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0":
-        pytest.skip(f"no Compose found and installing {package} with apt-get needs root")
-    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300", package]
-    with open(APT_LOCK, "w") as lock:  # one install at a time among the suite's workers, as ensure_debian_package.sh
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
-        if result.returncode != 0:  # stale or missing package lists: refresh once and retry
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True, env=env, timeout=600)
-            result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, f"apt-get install {package} failed:\n{result.stdout}\n{result.stderr}"
+def _install_compose() -> None:
+    """Debian's docker-compose, by the suite's installer (it skips where apt-get or root is lacking)."""
+    env = {**os.environ, "PATH": f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"}
+    argv = ["bash", str(ENSURE_PACKAGE), "docker-compose", "docker-compose"]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+    if result.returncode == 3:
+        pytest.skip(f"no Compose found: {result.stderr.strip()}")
+    assert result.returncode == 0, f"installing docker-compose failed:\n{result.stdout}\n{result.stderr}"
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +78,7 @@ def compose() -> ComposeTool:
     """A Compose that runs here (the tests that take it are marked ``system``: it may be installed with apt-get)."""
     tool = _find_compose()
     if tool is None:
-        _apt_install("docker-compose")
+        _install_compose()
         tool = _find_compose()
     assert tool is not None, "docker-compose was installed but does not run"
     return tool
