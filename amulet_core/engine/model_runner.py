@@ -17,13 +17,14 @@ from amulet_core.engine.fixed_order_kernel import attention_kernel_for
 from amulet_core.engine.graph_buckets import START_TAIL_VARIANTS
 from amulet_core.engine.invariant_ops import batch_invariant, invariant_weights
 from amulet_core.engine.kv_budget import describe_cache, kv_budget
+from amulet_core.engine.layer_kernels import layer_ops_for
 from amulet_core.engine.memory import (
     available_ram,
     model_context_length,
     size_cache,
 )
 from amulet_core.engine.overlap import PendingTokens
-from amulet_core.engine.packed_forward import packed_forward
+from amulet_core.engine.packed_forward import LlamaFamilyForward, packed_forward
 from amulet_core.engine.paged_attention import (
     PagedKVCache,
     register_paged_attention,
@@ -90,7 +91,9 @@ class ModelRunner:
         """The batch-invariant attention's compiled kernel, or None (its torch operations)."""
         self.paged_kernel = not self.deterministic and self._paged_kernel_on(config)
         """Decode rows attend with the paged decode kernel (EngineConfig.attention_backend), else gathered for SDPA."""
-        self.forward = packed_forward(self.model)
+        self.forward = packed_forward(self.model, layer_ops_for(self.device, self.dtype, (text_config.hidden_size, head_dim)))
+        if isinstance(self.forward, LlamaFamilyForward):
+            logger.info("norms and rotations: %s", self.forward.ops.describe())
         budget, why, step_context = kv_budget(
             config, context, per_token, self.block_size, self.device, self.weight_bytes(), self._profile
         )

@@ -6,9 +6,10 @@ operations: module ``__call__`` with its hooks, keyword arguments passed down th
 the attention-function lookup, output records. For the Llama family (Llama, Mistral, Qwen2, Qwen3), whose decoder
 layers are the same few operations, :class:`LlamaFamilyForward` runs those operations itself in a loop over the
 layers, calling the forward of the model's own linear and activation modules directly, and writing out the norms'
-and the rotary embedding's (:func:`rms_norm`, :func:`rotate`: no conversions to a dtype a tensor has, temporaries
-reused, the rotation's negation moved onto the sine): the same products and sums, in the same order, on the same
-dtypes as transformers' modeling code, so the same bits
+and the rotary embedding's (:mod:`amulet_core.engine.layer_kernels`: torch's operations without conversions to a
+dtype a tensor has, temporaries reused, the rotation's negation moved onto the sine; or, on a CPU in float32, one
+compiled call each, the residual addition in the norm's): the same products and sums, in the same order, on the
+same dtypes as transformers' modeling code, so the same bits
 (``tests/engine/test_packed_forward.py`` compares logits and the written KV cache bit for bit, each family, float32
 and bfloat16, deterministic or not). Int4 projections of one input run fused (:mod:`amulet_core.model.int4_fusion`).
 ``python -m benchmarks.packed_forward`` measures both forwards on the embedded SmolLM2.
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from amulet_core.engine.layer_kernels import TorchLayerOps
 from amulet_core.engine.paged_attention import PackedBatch, paged_attention_forward
 from amulet_core.model.int4_fusion import fuse_int4
 
@@ -106,31 +108,37 @@ def kept_rows(hidden: torch.Tensor, logits_to_keep: torch.Tensor | int) -> torch
 class LlamaFamilyForward:
     """The Llama family's forward over a packed step (see the module's docstring)."""
 
-    def __init__(self, model: nn.Module, layers: list[_Layer]) -> None:
+    def __init__(self, model: nn.Module, layers: list[_Layer], ops: TorchLayerOps | None = None) -> None:
         inner: Any = getattr(model, "model")  # noqa: B009
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.norm = inner.norm
         self.head = getattr(model, "lm_head")  # noqa: B009
         self.layers = layers
+        self.ops = ops or TorchLayerOps()
+        """The norms (each with the residual addition before it) and rotations: torch's operations or one compiled
+        call each (:mod:`amulet_core.engine.layer_kernels`), the same bits."""
 
     def __call__(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: torch.Tensor | int, batch: PackedBatch
     ) -> torch.Tensor:
+        ops = self.ops
         hidden = self.embed.forward(input_ids)
         cos, sin = self.rotary(hidden, position_ids)
         cos, lead = cos.unsqueeze(1), sin.shape[-1] - sin.shape[-1] // 2
         signed_sin = torch.cat((-sin[..., :lead], sin[..., lead:]), dim=-1).unsqueeze(1)
         shape = hidden.shape[:-1]
-        for layer in self.layers:
-            residual = hidden
-            x = rms_norm(layer.input_norm, hidden)
+        # Each layer ends with the next one's input norm (the model's last norm after the last layer), and each
+        # norm with the residual addition before it: one call where the ops have kernels.
+        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        hidden, x = ops.add_norm(self.layers[0].input_norm, hidden)
+        for layer, next_norm in zip(self.layers, next_norms, strict=True):
             heads = (*shape, -1, layer.head_dim)
             if layer.qkv is not None:  # the queries' and keys' rotations in one pass over both
                 qkv = layer.qkv.forward(x)
                 rotated = layer.qkv_sizes[0] + layer.qkv_sizes[1]
                 qk = qkv[..., :rotated].view(heads).transpose(1, 2)
-                qk = rotate(qk, cos, signed_sin)
+                qk = ops.rotate(qk, cos, signed_sin)
                 query_heads = layer.qkv_sizes[0] // layer.head_dim
                 q, k = qk[:, :query_heads], qk[:, query_heads:]
                 v = qkv[..., rotated:].view(heads).transpose(1, 2)
@@ -138,49 +146,27 @@ class LlamaFamilyForward:
                 q, k, v = layer.q_proj.forward(x), layer.k_proj.forward(x), layer.v_proj.forward(x)
                 q, k, v = q.view(heads), k.view(heads), v.view(heads)
                 if layer.q_norm is not None and layer.k_norm is not None:
-                    q, k = rms_norm(layer.q_norm, q), rms_norm(layer.k_norm, k)
+                    q, k = ops.add_norm(layer.q_norm, q)[1], ops.add_norm(layer.k_norm, k)[1]
                 q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-                q, k = rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
+                q, k = ops.rotate(q, cos, signed_sin), ops.rotate(k, cos, signed_sin)
             out, _ = paged_attention_forward(
                 layer.attention, q, k, v, None, scaling=layer.scaling, sliding_window=layer.window, amulet_batch=batch
             )
-            hidden = residual + layer.o_proj.forward(out.reshape(*shape, -1).contiguous())
-            residual = hidden
-            x = rms_norm(layer.post_norm, hidden)
+            hidden, x = ops.add_norm(layer.post_norm, layer.o_proj.forward(out.reshape(*shape, -1).contiguous()), hidden)
             if layer.gate_up is not None:
                 both = layer.gate_up.forward(x)
                 gate, up = both[..., : layer.gate_size].contiguous(), both[..., layer.gate_size :]  # act's input dense
             else:
                 gate, up = layer.gate_proj.forward(x), layer.up_proj.forward(x)
-            hidden = residual + layer.down_proj.forward(layer.act.forward(gate) * up)
-        hidden = rms_norm(self.norm, hidden)
-        return self.head(kept_rows(hidden, logits_to_keep))
+            hidden, x = ops.add_norm(next_norm, layer.down_proj.forward(layer.act.forward(gate) * up), hidden)
+        return self.head(kept_rows(x, logits_to_keep))
 
 
-def rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
-    """The family's ``RMSNorm.forward`` (``weight * (x * rsqrt(mean(x ** 2) + eps))`` in float32, then ``x``'s
-    dtype): the same operations on the same dtypes, less its conversions of a float32 ``x`` to float32 and with its
-    temporaries reused in place (about 10 of a norm's 35 us on one core)."""
-    h = x if x.dtype == torch.float32 else x.to(torch.float32)
-    h = h * h.pow(2).mean(-1, keepdim=True).add_(norm.variance_epsilon).rsqrt_()
-    if x.dtype != torch.float32:
-        h = h.to(x.dtype)
-    weight = norm.weight
-    return h.mul_(weight) if weight.dtype == h.dtype and weight.shape[-1:] == h.shape[-1:] else weight * h
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """transformers' ``x * cos + rotate_half(x) * sin`` in fewer operations, each product and sum with its bits:
-    ``rotate_half`` moves the last dim's second part first and negates it, so ``x`` rolled by that part's length
-    times the sine with its first part negated (``signed_sin``) gives every product alike (a sign is exact)."""
-    lead = x.shape[-1] - x.shape[-1] // 2
-    return (x * cos).add_(torch.roll(x, lead, -1).mul_(signed_sin))
-
-
-def packed_forward(model: nn.Module) -> PackedForward:
-    """:class:`LlamaFamilyForward` for a model it runs exactly, else :class:`TransformersForward`."""
+def packed_forward(model: nn.Module, ops: TorchLayerOps | None = None) -> PackedForward:
+    """:class:`LlamaFamilyForward` for a model it runs exactly (with ``ops``' norms and rotations, torch's
+    operations by default), else :class:`TransformersForward`."""
     layers = _family_layers(model)
-    return TransformersForward(model) if layers is None else LlamaFamilyForward(model, layers)
+    return TransformersForward(model) if layers is None else LlamaFamilyForward(model, layers, ops)
 
 
 def _family_layers(model: nn.Module) -> list[_Layer] | None:
