@@ -8,8 +8,8 @@
  *             softcap: cap * tanh(score / cap);
  *   weight_j = exp(score_j - the largest score), summed key after key in double and rounded once to float;
  *   out = sum over keys, in key order, of (weight_j / sum) * value_j, each dim its own float accumulator.
- * Which thread runs a (token, head), and how many there are, changes nothing. Built without FMA contraction and
- * without fast-math: a vector unit of any width gives the same bits. */
+ * Which thread runs a (token, head), in which order, and how many threads there are, changes nothing. Built without
+ * FMA contraction and without fast-math: a vector unit of any width gives the same bits. */
 
 #include <math.h>
 #include <stdint.h>
@@ -20,6 +20,7 @@
 #endif
 
 #define LANES 8
+#define CHUNK 32 /* keys (and values) a work item's heads read together */
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -105,85 +106,116 @@ int fixed_order_attention(const float *q, const void *k_cache, const void *v_cac
     int64_t longest = 0;
     for (int64_t t = 0; t < tokens; t++)
         if (token_length[t] > longest) longest = token_length[t];
+    /* A work item: one token's query heads of one KV head (all of them, or a part where the step has too few
+     * items to keep the threads busy), which read the same keys and values: each chunk of CHUNK keys is read from
+     * memory once for all of them, then from the L1 cache. */
+    const int workers = threads > 0 ? threads : 1;
+    int64_t together = group;
+    while (together > 1 && tokens * kv_heads * (group / together) < 2 * workers) {
+        int64_t next = together - 1;
+        while (next > 1 && group % next != 0) next--;
+        together = next;
+    }
+    const int64_t parts = group / together, items = tokens * kv_heads * parts;
     int failed = 0;
-#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+#pragma omp parallel num_threads(workers)
     {
-        float *scores = malloc(sizeof(float) * (size_t)(longest > 0 ? longest : 1));
-        float *row = malloc(sizeof(float) * (size_t)dim * 2);
-        float *acc = malloc(sizeof(float) * (size_t)dim);
-        if (!scores || !row || !acc) {
+        float *scores = malloc(sizeof(float) * (size_t)(longest > 0 ? longest : 1) * (size_t)together);
+        float *qs = malloc(sizeof(float) * (size_t)dim * (size_t)together);
+        float *kv = malloc(sizeof(float) * (size_t)dim);
+        float *acc = malloc(sizeof(float) * (size_t)dim * (size_t)together);
+        if (!scores || !qs || !kv || !acc) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < tokens * heads; item++) {
-            if (!scores || !row || !acc) continue;
-            const int64_t t = item / heads, h = item % heads, g = h / group;
+        for (int64_t item = 0; item < items; item++) {
+            if (!scores || !qs || !kv || !acc) continue;
+            /* KV head by KV head, token by token within one: the rows that read the same cache slots (the contexts
+             * of one request over their shared prefix, a prefill chunk's tokens) read them one after another. */
+            const int64_t g = item / (tokens * parts), t = item % (tokens * parts) / parts;
+            const int64_t h0 = g * group + item % parts * together;
             const int64_t hi = token_length[t];
-            const int64_t lo = (window > 0 && hi > window) ? hi - window : 0;
+            const int64_t lo = (window > 0 && hi > window) ? hi - window : 0, n = hi - lo;
             const int64_t *ctx = slots + token_offset[t];
-            float *qs = row, *kv = row + dim;
-            for (int64_t d = 0; d < dim; d++) {
-                float x = q[(t * heads + h) * dim + d] * scale;
-                qs[d] = bf16 ? round_bf16(x) : x;
-            }
-            float best = -INFINITY;
-            int64_t j = lo;
-            if (!bf16 && dim % LANES == 0) /* eight keys at a time, the same sums */
-                for (; j + 8 <= hi; j += 8) {
-                    float s8[8];
-                    dot_lanes_8_keys(qs, (const float *)k_cache + g * slots_total * dim, ctx + j, dim, s8);
-                    for (int n = 0; n < 8; n++) {
-                        float s = s8[n];
-                        if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
-                        scores[j + n - lo] = s;
-                        if (s > best) best = s;
+            for (int64_t a = 0; a < together; a++)
+                for (int64_t d = 0; d < dim; d++) {
+                    float x = q[(t * heads + h0 + a) * dim + d] * scale;
+                    qs[a * dim + d] = bf16 ? round_bf16(x) : x;
+                }
+            /* Each head's scores: its dot products with the keys, in chunks of keys shared by the heads. */
+            for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
+                const int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
+                for (int64_t a = 0; a < together; a++) {
+                    const float *qa = qs + a * dim;
+                    float *sa = scores + a * n;
+                    int64_t j = c0;
+                    if (!bf16 && dim % LANES == 0) /* eight keys at a time, the same sums */
+                        for (; j + 8 <= c1; j += 8)
+                            dot_lanes_8_keys(qa, (const float *)k_cache + g * slots_total * dim, ctx + j, dim, sa + (j - lo));
+                    for (; j < c1; j++) {
+                        const int64_t at = (g * slots_total + ctx[j]) * dim;
+                        if (bf16) {
+                            const uint16_t *k = (const uint16_t *)k_cache + at;
+                            for (int64_t d = 0; d < dim; d++) kv[d] = bf16_to_float(k[d]);
+                            sa[j - lo] = round_bf16(dot_lanes(qa, kv, dim));
+                        } else {
+                            sa[j - lo] = dot_lanes(qa, (const float *)k_cache + at, dim);
+                        }
                     }
                 }
-            for (; j < hi; j++) {
-                const int64_t at = (g * slots_total + ctx[j]) * dim;
-                float s;
-                if (bf16) {
-                    const uint16_t *k = (const uint16_t *)k_cache + at;
-                    for (int64_t d = 0; d < dim; d++) kv[d] = bf16_to_float(k[d]);
-                    s = round_bf16(dot_lanes(qs, kv, dim));
-                } else {
-                    s = dot_lanes(qs, (const float *)k_cache + at, dim);
+            }
+            /* Each head's weights: capped, exponentiated from the largest, summed in order, divided. */
+            for (int64_t a = 0; a < together; a++) {
+                float *sa = scores + a * n;
+                float best = -INFINITY;
+                for (int64_t j = 0; j < n; j++) {
+                    float s = sa[j];
+                    if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
+                    sa[j] = s;
+                    if (s > best) best = s;
                 }
-                if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
-                scores[j - lo] = s;
-                if (s > best) best = s;
+                double total = 0.0;
+                for (int64_t j = 0; j < n; j++) {
+                    float w = expf(sa[j] - best);
+                    sa[j] = w;
+                    total += (double)w;
+                }
+                const float sum = (float)total;
+                for (int64_t j = 0; j < n; j++) sa[j] /= sum; /* each key's probability */
+                for (int64_t d = 0; d < dim; d++) acc[a * dim + d] = 0.0f;
             }
-            double total = 0.0;
-            for (int64_t j = 0; j < hi - lo; j++) {
-                float w = expf(scores[j] - best);
-                scores[j] = w;
-                total += (double)w;
-            }
-            const float sum = (float)total;
-            for (int64_t j = 0; j < hi - lo; j++) scores[j] /= sum; /* each key's probability */
-            for (int64_t d = 0; d < dim; d++) acc[d] = 0.0f;
-            if (!bf16 && (dim == 64 || dim == 128)) { /* the same sums, kept in registers */
-                if (dim == 64)
-                    add_values(acc, (const float *)v_cache, g * slots_total, ctx, lo, hi, scores, 64);
-                else
-                    add_values(acc, (const float *)v_cache, g * slots_total, ctx, lo, hi, scores, 128);
-            } else for (int64_t j = lo; j < hi; j++) {
-                const int64_t at = (g * slots_total + ctx[j]) * dim;
-                float p = scores[j - lo];
-                if (bf16) {
-                    p = round_bf16(p);
-                    const uint16_t *v = (const uint16_t *)v_cache + at;
-                    for (int64_t d = 0; d < dim; d++) acc[d] += p * bf16_to_float(v[d]);
-                } else {
-                    const float *v = (const float *)v_cache + at;
-                    for (int64_t d = 0; d < dim; d++) acc[d] += p * v[d];
+            /* Each head's weighted values, key after key, in chunks of values shared by the heads. */
+            for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
+                const int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
+                for (int64_t a = 0; a < together; a++) {
+                    const float *sa = scores + a * n + (c0 - lo);
+                    float *aa = acc + a * dim;
+                    if (!bf16 && (dim == 64 || dim == 128)) { /* the same sums, kept in registers */
+                        if (dim == 64)
+                            add_values(aa, (const float *)v_cache, g * slots_total, ctx, c0, c1, sa, 64);
+                        else
+                            add_values(aa, (const float *)v_cache, g * slots_total, ctx, c0, c1, sa, 128);
+                    } else for (int64_t j = c0; j < c1; j++) {
+                        const int64_t at = (g * slots_total + ctx[j]) * dim;
+                        float p = sa[j - c0];
+                        if (bf16) {
+                            p = round_bf16(p);
+                            const uint16_t *v = (const uint16_t *)v_cache + at;
+                            for (int64_t d = 0; d < dim; d++) aa[d] += p * bf16_to_float(v[d]);
+                        } else {
+                            const float *v = (const float *)v_cache + at;
+                            for (int64_t d = 0; d < dim; d++) aa[d] += p * v[d];
+                        }
+                    }
                 }
             }
-            memcpy(out + (t * heads + h) * dim, acc, sizeof(float) * (size_t)dim);
+            for (int64_t a = 0; a < together; a++)
+                memcpy(out + (t * heads + h0 + a) * dim, acc + a * dim, sizeof(float) * (size_t)dim);
         }
         free(scores);
-        free(row);
+        free(qs);
+        free(kv);
         free(acc);
     }
     return failed ? -1 : 0;
