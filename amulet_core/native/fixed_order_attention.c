@@ -6,7 +6,8 @@
  *   score_j = the dot product of the scaled query and key j in LANES partial sums (lane l adds dims l, l+LANES,
  *             ... in order), the lanes then added pairwise ((0+1)+(2+3))+((4+5)+(6+7));
  *             softcap: cap * tanh(score / cap);
- *   weight_j = exp(score_j - the largest score), summed key after key in double and rounded once to float;
+ *   weight_j = exp(score_j - the largest score) (the kernel's own exp, kernel_exp), summed key after key in
+ *             double and rounded once to float;
  *   out = sum over keys, in key order, of (weight_j / sum) * value_j, each dim its own float accumulator.
  * Which thread runs a (token, head), in which order, and how many threads there are, changes nothing. Built without
  * FMA contraction and without fast-math: a vector unit of any width gives the same bits. */
@@ -21,6 +22,69 @@
 
 #define LANES 8
 #define CHUNK 32 /* keys (and values) a work item's heads read together */
+
+/* The kernel's exp: e^x = 2^n * e^r with n = rint(x / ln 2) and r = x - n ln 2 (ln 2 in two parts), e^r by a
+ * degree-7 polynomial (Cephes' expf), each product and sum one fused multiply-add where the CPU has them; x below
+ * about -87.3 (a normal 2^n's least) gives 0, NaN stays NaN. About 1 ulp from the exact value. The vector form
+ * below does the same operations on eight values, so a value gets the same bits in either. */
+#ifdef __FMA__
+#define MULADD(a, b, c) fmaf((a), (b), (c))
+#else
+#define MULADD(a, b, c) ((a) * (b) + (c))
+#endif
+#define EXP_LOWEST -87.33654475f /* ln of the least normal float */
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO -2.12194440e-4f
+
+static inline float kernel_exp(float x) {
+    const float c = x < EXP_LOWEST ? EXP_LOWEST : x; /* NaN compares false and stays */
+    const float n = rintf(c * EXP_LOG2E);
+    float r = MULADD(n, -EXP_LN2_HI, c);
+    r = MULADD(n, -EXP_LN2_LO, r);
+    float p = 1.9875691500e-4f;
+    p = MULADD(p, r, 1.3981999507e-3f);
+    p = MULADD(p, r, 8.3334519073e-3f);
+    p = MULADD(p, r, 4.1665795894e-2f);
+    p = MULADD(p, r, 1.6666665459e-1f);
+    p = MULADD(p, r, 5.0000001201e-1f);
+    p = MULADD(p, r * r, r) + 1.0f;
+    const int32_t e = (n > 127.0f ? 127 : (int32_t)n) + 127; /* x <= 0 here: n <= 0 */
+    const uint32_t bits = (uint32_t)e << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < EXP_LOWEST ? 0.0f : p * scale;
+}
+
+/* w[j] = kernel_exp(w[j] - best) for j < n. */
+static void exp_from(float *w, int64_t n, float best) {
+    int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 lowest = _mm256_set1_ps(EXP_LOWEST), top = _mm256_set1_ps(127.0f);
+    for (; j + 8 <= n; j += 8) {
+        const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(w + j), _mm256_set1_ps(best));
+        const __m256 below = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
+        const __m256 c = _mm256_blendv_ps(x, lowest, below);
+        const __m256 n8 = _mm256_round_ps(_mm256_mul_ps(c, _mm256_set1_ps(EXP_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_fmadd_ps(n8, _mm256_set1_ps(-EXP_LN2_HI), c);
+        r = _mm256_fmadd_ps(n8, _mm256_set1_ps(-EXP_LN2_LO), r);
+        __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+        p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+        const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(n8, top)), _mm256_set1_epi32(127));
+        const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+        _mm256_storeu_ps(w + j, _mm256_blendv_ps(_mm256_mul_ps(p, scale), _mm256_setzero_ps(), below));
+    }
+#endif
+    for (; j < n; j++) w[j] = kernel_exp(w[j] - best);
+}
+
+/* exp_from for the tests: w[j] = the kernel's exp of w[j] - best. */
+void attention_exp(float *w, int64_t n, float best) { exp_from(w, n, best); }
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -175,12 +239,9 @@ int fixed_order_attention(const float *q, const void *k_cache, const void *v_cac
                     sa[j] = s;
                     if (s > best) best = s;
                 }
+                exp_from(sa, n, best);
                 double total = 0.0;
-                for (int64_t j = 0; j < n; j++) {
-                    float w = expf(sa[j] - best);
-                    sa[j] = w;
-                    total += (double)w;
-                }
+                for (int64_t j = 0; j < n; j++) total += (double)sa[j];
                 const float sum = (float)total;
                 for (int64_t j = 0; j < n; j++) sa[j] /= sum; /* each key's probability */
                 for (int64_t d = 0; d < dim; d++) acc[a * dim + d] = 0.0f;

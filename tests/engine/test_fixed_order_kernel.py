@@ -117,3 +117,31 @@ def test_where_the_kernel_does_not_build_auto_warns_and_fixed_order_fails(tiny_m
     assert "no C compiler" in caplog.text and "torch operations" in caplog.text
     with pytest.raises(ValueError, match="fixed-order: no C compiler"):
         LLMEngine(loaded, EngineConfig(max_model_len=256, kv_cache_tokens=2048, attention_backend="fixed-order"))
+
+
+def test_the_kernels_exp_is_within_an_ulp_or_so_and_the_same_in_vector_and_tail(fixed_order_kernel):
+    """The attention's weights come from the kernel's own exp (eight at a time, the rest one by one): against
+    float64 exp within 1.5 units in the last place over the range softmax uses (scores minus the largest, so at
+    most 0), a value given the same bits by the vector form and the one-by-one tail, 0 below float's least normal
+    power of two and for -inf, NaN kept."""
+    import ctypes
+
+    function = fixed_order_kernel.library.function("attention_exp", None, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float])
+
+    def kernel_exp(values: torch.Tensor, best: float = 0.0) -> torch.Tensor:
+        out = values.clone().contiguous()
+        function(out.data_ptr(), out.numel(), best)
+        return out
+
+    x = -torch.rand(200_003, generator=torch.Generator().manual_seed(5), dtype=torch.float64).float() * 87.0
+    got = kernel_exp(x)
+    exact = torch.exp(x.double())
+    ulp = (torch.nextafter(exact.float(), torch.tensor(float("inf"))) - exact.float()).double()
+    assert ((got.double() - exact).abs() / ulp).max() <= 1.5
+    for i in range(0, x.numel(), 97):  # one value alone goes through the one-by-one form
+        assert torch.equal(kernel_exp(x[i : i + 1]), got[i : i + 1])
+    assert torch.equal(kernel_exp(x + 2.5, best=2.5), kernel_exp(x + 2.5 - 2.5))
+    for value, want in ((float("-inf"), 0.0), (-87.4, 0.0), (-1000.0, 0.0), (0.0, 1.0), (-87.3, 1.2192e-38)):
+        for out in (kernel_exp(torch.tensor([value])), kernel_exp(torch.full((8,), value))):
+            assert torch.allclose(out, torch.tensor(want), rtol=1e-4, atol=0) and (want > 0 or out.eq(0).all())
+    assert kernel_exp(torch.tensor([float("nan")])).isnan().all() and kernel_exp(torch.full((8,), float("nan"))).isnan().all()
