@@ -10,7 +10,9 @@ additions, activations, dtype conversions, the embedding, the method's combinati
 own work. What the parts and the rest leave of the whole step is reported too: positive where they slow one
 another (a product streams megabytes of weights through the caches the next small operations would read). A
 profiler would charge its own overhead to the many small operations; this measures the step as it runs. The zeros
-change the tokens, not the work: every operation keeps its shape.
+change the tokens, not the work: every operation keeps its shape. ``--conversation-tokens N`` decodes after a
+multi-turn conversation of about N tokens instead of a short prompt (``benchmarks.context_cost``'s, ``amulet`` with
+the ``end`` placement, so its two contexts share the conversation's KV blocks): where the attention's cost grows.
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ from typing import Any
 import torch
 
 from amulet_core.engine import packed_forward as packed_forward_module
+from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.packed_forward import LlamaFamilyForward
-from amulet_core.engine.paged_decode import ATTENTION_BACKENDS
+from amulet_core.engine.paged_decode import ATTENTION_BACKENDS, AttentionBackend
+from amulet_core.method.preference_prompts import Placement
 from amulet_core.method.settings import Method
 from amulet_core.model import q4_linear, quantization
+from amulet_core.model.loading import LoadedModel
+from benchmarks.context_cost import Config, conversation, request
 from benchmarks.llamacpp_compare import machine
 from benchmarks.packed_forward import METHODS, decoding_engine, served_model
 from benchmarks.report import run_meta, write_report
@@ -116,12 +122,34 @@ def parts_of(ms: dict[str, float]) -> dict[str, float]:
     return {"step": ms["whole"], **costs, "rest": ms["without_all"], "unattributed": unattributed}
 
 
+def conversation_engine(
+    loaded: LoadedModel, method: Method, tokens: int, new_tokens: int, attention: AttentionBackend
+) -> LLMEngine:
+    """An engine decoding one greedy stream of ``method`` after a conversation of about ``tokens`` tokens
+    (``amulet``: one preference, the ``end`` placement), its prompt prefilled."""
+    messages = conversation(tokens, loaded.tokenizer)
+    config = Config("base", None, 0) if method == Method.BASE else Config("end_k1", Placement.END, 1)
+    req = request(f"{method.value}-{tokens}", loaded.tokenizer, messages, config, new_tokens)
+    length = len(req.prompt_ids) + new_tokens + 64
+    engine = LLMEngine(
+        loaded,
+        EngineConfig(max_model_len=length, kv_cache_tokens=3 * length, attention_backend=attention),
+    )
+    engine.add_request(req)
+    state = engine.requests[req.request_id]
+    while not state.output_ids:  # the prefill, to its first token
+        engine.step()
+    engine.step()
+    return engine
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-threads", type=int, default=None, help="default: the server's (every CPU)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto", help="as the server's")
+    parser.add_argument("--conversation-tokens", type=int, default=0, help="decode after a conversation of about so many tokens")
     parser.add_argument("--out", default="benchmarks/results/step_parts.json")
     args = parser.parse_args(argv)
     loaded = served_model(args.cpu_threads)
@@ -129,10 +157,14 @@ def main(argv: list[str] | None = None) -> None:
     new_tokens = args.rounds * len(VARIANTS) * (args.steps + 1) + 8
     result: dict[str, Any] = {}
     for method in METHODS:
-        engine = decoding_engine(loaded, method, "family", new_tokens, args.attention_backend)
+        if args.conversation_tokens > 0:
+            engine = conversation_engine(loaded, method, args.conversation_tokens, new_tokens, args.attention_backend)
+        else:
+            engine = decoding_engine(loaded, method, "family", new_tokens, args.attention_backend)
         ms = measure(engine, args.rounds, args.steps)
         result[method.value] = {"variants_ms": ms, "parts_ms": parts_of(ms)}
-    print(f"{threads} thread(s), {loaded.name} in {loaded.dtype}, wall ms per decode step (median of {args.rounds})")
+    after = f"after a {args.conversation_tokens}-token conversation" if args.conversation_tokens else "after a short prompt"
+    print(f"{threads} thread(s), {loaded.name} in {loaded.dtype}, wall ms per decode step {after} (median of {args.rounds})")
     print("| method | step | attention | int4 products | output layer | the rest | unattributed |")
     print("|---|---|---|---|---|---|---|")
     for method in (Method.BASE, Method.AMULET):
@@ -142,8 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     attention = "fixed-order kernel" if engine.runner.attention_kernel is not None else "torch operations"
     print(f"(the batch-invariant attention through {attention})")
     meta = run_meta(
-        loaded.device, loaded.dtype, loaded.name, rounds=args.rounds, steps=args.steps, cpu=machine(), attention=attention
-    )
+        loaded.device, loaded.dtype, loaded.name, rounds=args.rounds, steps=args.steps, cpu=machine(), attention=attention,
+        conversation_tokens=args.conversation_tokens,
+    )  # fmt: skip
     write_report(args.out, {"meta": meta, **result})
 
 

@@ -64,3 +64,23 @@ def test_the_benchmark_reports_every_variant_and_part_for_both_methods(tmp_path)
         assert all(ms > 0 for ms in report[method]["variants_ms"].values())
         assert set(report[method]["parts_ms"]) == {"step", *PARTS, "rest", "unattributed"}
     assert report["meta"]["cpu"]["cores"] >= 1
+
+
+@pytest.mark.smollm
+def test_the_benchmark_decodes_after_a_conversation_when_asked(tmp_path) -> None:
+    """``--conversation-tokens``: each engine decodes after a multi-turn conversation of about that size (``amulet``
+    with the ``end`` placement), its prompt prefilled."""
+    from amulet_core.method.settings import Method
+    from benchmarks.packed_forward import served_model
+    from benchmarks.step_parts import conversation_engine
+
+    loaded = served_model(torch.get_num_threads())
+    for method in (Method.BASE, Method.AMULET):
+        engine = conversation_engine(loaded, method, 400, 8, "auto")
+        (state,) = engine.requests.values()
+        assert 300 <= len(state.request.prompt_ids) <= 500 and len(state.output_ids) >= 1
+    out = tmp_path / "step_parts.json"
+    main(["--rounds", "1", "--steps", "1", "--conversation-tokens", "300", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["meta"]["conversation_tokens"] == 300
+    assert all(report[method]["parts_ms"]["step"] > 0 for method in ("base", "amulet"))
