@@ -216,5 +216,5 @@ def _same_bits(kernels: LayerKernels, n: int) -> bool:
     cos, sin = torch.randn(2, 1, 1, 3, n, generator=generator)
     if not kernels._rotates(x, cos, sin):
         return False
-    rotated = kernels.rotate(x, cos, sin)
-    return rotated.stride() == torch_rotate(x, cos, sin).stride() and torch.equal(rotated, torch_rotate(x, cos, sin))
+    rotated, want = kernels.rotate(x, cos, sin), torch_rotate(x, cos, sin)
+    return rotated.stride() == want.stride() and torch.equal(rotated, want)

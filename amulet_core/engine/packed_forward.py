@@ -118,6 +118,8 @@ class LlamaFamilyForward:
         self.ops = ops or TorchLayerOps()
         """The norms (each with the residual addition before it) and rotations: torch's operations or one compiled
         call each (:mod:`amulet_core.engine.layer_kernels`), the same bits."""
+        self.next_norms = [layer.input_norm for layer in layers[1:]] + [self.norm]
+        """The norm each layer ends with: the next layer's input norm, the model's last norm after the last layer."""
 
     def __call__(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: torch.Tensor | int, batch: PackedBatch
@@ -128,11 +130,10 @@ class LlamaFamilyForward:
         cos, lead = cos.unsqueeze(1), sin.shape[-1] - sin.shape[-1] // 2
         signed_sin = torch.cat((-sin[..., :lead], sin[..., lead:]), dim=-1).unsqueeze(1)
         shape = hidden.shape[:-1]
-        # Each layer ends with the next one's input norm (the model's last norm after the last layer), and each
-        # norm with the residual addition before it: one call where the ops have kernels.
-        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        # Each layer ends with the next one's norm (self.next_norms), and each norm with the residual addition
+        # before it: one call where the ops have kernels.
         hidden, x = ops.add_norm(self.layers[0].input_norm, hidden)
-        for layer, next_norm in zip(self.layers, next_norms, strict=True):
+        for layer, next_norm in zip(self.layers, self.next_norms, strict=True):
             heads = (*shape, -1, layer.head_dim)
             if layer.qkv is not None:  # the queries' and keys' rotations in one pass over both
                 qkv = layer.qkv.forward(x)
