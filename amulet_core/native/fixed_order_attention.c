@@ -126,12 +126,16 @@ static inline float dot_lanes(const float *q, const float *k, int64_t dim) {
  * neighbouring lanes): the same sums in the same order as dot_lanes, eight at a time. */
 static inline void dot_lanes_8_keys(const float *q, const float *keys, const int64_t *ctx, int64_t dim, float *out) {
 #ifdef __AVX__
+    const float *k[8];
     __m256 s[8];
     for (int n = 0; n < 8; n++) {
-        const float *k = keys + ctx[n] * dim;
-        lanes_t sums = {0};
-        for (int64_t d = 0; d < dim; d += LANES) sums += load_lanes(q + d) * load_lanes(k + d);
-        s[n] = (__m256)sums;
+        k[n] = keys + ctx[n] * dim;
+        s[n] = _mm256_setzero_ps();
+    }
+    /* dims outer, keys inner: each block of the query loaded once for the eight keys (the same sums per key) */
+    for (int64_t d = 0; d < dim; d += LANES) {
+        const __m256 qd = _mm256_loadu_ps(q + d);
+        for (int n = 0; n < 8; n++) s[n] = _mm256_add_ps(s[n], _mm256_mul_ps(qd, _mm256_loadu_ps(k[n] + d)));
     }
     const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));  /* keys 0-3 */
     const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7])); /* keys 4-7 */
@@ -155,6 +159,45 @@ static inline __attribute__((always_inline)) void add_values(float *acc, const f
         for (int c = 0; c < dim / LANES; c++) sums[c] += p * load_lanes(row + c * LANES);
     }
     for (int c = 0; c < dim / LANES; c++) memcpy(acc + c * LANES, &sums[c], sizeof(lanes_t));
+}
+
+/* The largest of s[0..n-1] (NaN passed over; -inf when there is none): eight lanes' maxima, then the lanes'. The
+ * maximum of a set does not depend on the order it is taken in (+0 and -0 aside, which give the same weights). */
+static float largest(const float *s, int64_t n) {
+    float best = -INFINITY;
+    int64_t j = 0;
+#ifdef __AVX__
+    if (n >= 8) {
+        __m256 b = _mm256_set1_ps(-INFINITY);
+        for (; j + 8 <= n; j += 8) b = _mm256_max_ps(_mm256_loadu_ps(s + j), b); /* a NaN lane keeps b's */
+        float lane[8];
+        _mm256_storeu_ps(lane, b);
+        for (int l = 0; l < 8; l++)
+            if (lane[l] > best) best = lane[l];
+    }
+#endif
+    for (; j < n; j++)
+        if (s[j] > best) best = s[j];
+    return best;
+}
+
+/* Each of the m (1..4) rows of n weights at w, w + n, ... divided by its sum, the sum taken key after key in double and
+ * rounded once to float: the rows' sums side by side (independent chains), each in its own order. */
+static inline __attribute__((always_inline)) void sums_of(float *w, int64_t n, const int m) {
+    double total[4] = {0.0, 0.0, 0.0, 0.0};
+    for (int64_t j = 0; j < n; j++)
+        for (int a = 0; a < m; a++) total[a] += (double)w[a * n + j];
+    for (int a = 0; a < m; a++) {
+        const float sum = (float)total[a];
+        for (int64_t j = 0; j < n; j++) w[a * n + j] /= sum; /* each key's probability */
+    }
+}
+
+static void sums_in_order(float *w, int64_t n, int64_t m) {
+    if (m >= 4) sums_of(w, n, 4);
+    else if (m == 3) sums_of(w, n, 3);
+    else if (m == 2) sums_of(w, n, 2);
+    else sums_of(w, n, 1);
 }
 
 /* q: [tokens, heads, dim] float32 (unscaled); k_cache, v_cache: [kv_heads, slots, dim], float32 (bf16 == 0) or
@@ -232,20 +275,13 @@ int fixed_order_attention(const float *q, const void *k_cache, const void *v_cac
             /* Each head's weights: capped, exponentiated from the largest, summed in order, divided. */
             for (int64_t a = 0; a < together; a++) {
                 float *sa = scores + a * n;
-                float best = -INFINITY;
-                for (int64_t j = 0; j < n; j++) {
-                    float s = sa[j];
-                    if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
-                    sa[j] = s;
-                    if (s > best) best = s;
-                }
-                exp_from(sa, n, best);
-                double total = 0.0;
-                for (int64_t j = 0; j < n; j++) total += (double)sa[j];
-                const float sum = (float)total;
-                for (int64_t j = 0; j < n; j++) sa[j] /= sum; /* each key's probability */
-                for (int64_t d = 0; d < dim; d++) acc[a * dim + d] = 0.0f;
+                if (softcap > 0.0f)
+                    for (int64_t j = 0; j < n; j++) sa[j] = softcap * tanhf(sa[j] / softcap);
+                exp_from(sa, n, largest(sa, n));
             }
+            for (int64_t a = 0; a < together; a += 4) /* up to four heads' sums side by side, each in key order */
+                sums_in_order(scores + a * n, n, together - a < 4 ? together - a : 4);
+            memset(acc, 0, sizeof(float) * (size_t)(dim * together));
             /* Each head's weighted values, key after key, in chunks of values shared by the heads. */
             for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
                 const int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
