@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.config import KV_CACHE_DTYPES, EngineConfig
 from amulet_core.engine.paged_decode import ATTENTION_BACKENDS
 from amulet_core.model.quantization import QUANTIZATIONS
 
@@ -46,6 +46,15 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="memory for the paged KV cache, all sequences together, in GiB (default: what is left once the weights "
         "are loaded: on a GPU within --gpu-memory-utilization, on a CPU a quarter of the available RAM, at most 2 GiB)",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default=EngineConfig.kv_cache_dtype,
+        choices=KV_CACHE_DTYPES,
+        help="the dtype the KV cache holds: auto, the model's; a float32 model's may be float16 or bfloat16: half "
+        "the bytes a token, so twice the tokens in the same memory and half the bytes a long context's attention "
+        "reads, each key and value rounded once as it is written (llama.cpp's default cache is float16) "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--gpu-memory-utilization",

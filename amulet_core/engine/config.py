@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+import torch
 
 from amulet_core.engine.memory import GPU_MEMORY_UTILIZATION, MIN_MODEL_LEN
 from amulet_core.engine.paged_decode import ATTENTION_BACKENDS, AttentionBackend
+
+KVCacheDtype = Literal["auto", "float32", "float16", "bfloat16"]
+KV_CACHE_DTYPES: tuple[KVCacheDtype, ...] = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,9 @@ class EngineConfig:
       request always gets the same answer (measured alike at 1, 2 and 4 threads). On a CPU the linear weights
       are also kept packed for oneDNN (a copy, when a quarter of the available RAM holds it). None: on for a
       CPU, off elsewhere (on a GPU it is implemented but unmeasured).
+    * ``kv_cache_dtype``: the dtype the KV cache holds: ``auto`` the model's; a float32 model's may be ``float16``
+      or ``bfloat16`` (half the bytes a token: twice the tokens in the same memory, half the bytes a long context's
+      attention reads; each key and value rounded once as it is written, then read as the float32 it is exactly).
     """
 
     max_num_seqs: int = 32
@@ -63,6 +72,7 @@ class EngineConfig:
     deterministic: bool | None = None
     attention_backend: AttentionBackend = "auto"
     overlap_host: bool | None = None
+    kv_cache_dtype: KVCacheDtype = "auto"
 
     def __post_init__(self) -> None:
         checks = {
@@ -75,6 +85,7 @@ class EngineConfig:
             "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
             "graph_capture_seconds": self.graph_capture_seconds >= 0,
             "attention_backend": self.attention_backend in ATTENTION_BACKENDS,
+            "kv_cache_dtype": self.kv_cache_dtype in KV_CACHE_DTYPES,
         }
         for name, ok in checks.items():
             if not ok:
@@ -83,6 +94,20 @@ class EngineConfig:
             raise ValueError("EngineConfig.max_num_batched_tokens must be at least max_num_seqs.")
         if self.kv_cache_tokens is not None and self.max_model_len is not None and self.kv_cache_tokens < self.max_model_len:
             raise ValueError("EngineConfig.kv_cache_tokens must hold at least one full-length sequence (max_model_len).")
+
+    def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's dtype for a model of ``model_dtype``: ``kv_cache_dtype``, or the model's for ``auto``; an
+        error for a cache a model's attention does not read (a 16-bit cache other than the model's own holds a float32
+        model's keys and values; a float32 cache a float32 model's)."""
+        if self.kv_cache_dtype == "auto":
+            return model_dtype
+        wanted = getattr(torch, self.kv_cache_dtype)
+        if wanted != model_dtype and model_dtype != torch.float32:
+            raise ValueError(
+                f"--kv-cache-dtype {self.kv_cache_dtype}: a {str(model_dtype).removeprefix('torch.')} model's cache "
+                "holds its own dtype (auto); float16 and bfloat16 caches are for float32 models"
+            )
+        return wanted
 
     def overlap_on(self, device_type: str) -> bool:
         """``overlap_host``, or when None whether the device is a CUDA one."""

@@ -32,8 +32,25 @@ _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
 _ARGUMENTS = [_PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64]
 _ARGUMENTS += [ctypes.c_float, _I64, ctypes.c_float, ctypes.c_int, _PTR]
-"""``fixed_order_attention``'s: q, k_cache, v_cache, kv_heads, slots_total, dim, bf16, slots, token_offset,
+"""``fixed_order_attention``'s: q, k_cache, v_cache, kv_heads, slots_total, dim, format, slots, token_offset,
 token_length, tokens, heads, scale, window, softcap, threads, out."""
+
+
+def cache_format(cache: torch.dtype, query: torch.dtype) -> int:
+    """The kernel's number for a cache of dtype ``cache`` read by queries of dtype ``query`` (the model's): 0 a
+    float32 cache, 1 a bfloat16 model's bfloat16 cache (bfloat16 products, as transformers' eager attention), 2 a
+    float16 and 3 a bfloat16 cache of a float32 model (each key and value read as the float32 it is exactly, then the
+    float32 arithmetic: the bits of a float32 cache holding the same values)."""
+    if cache == torch.float32:
+        return 0
+    if cache == torch.bfloat16 and query == torch.bfloat16:
+        return 1
+    if cache in (torch.float16, torch.bfloat16) and query == torch.float32:
+        return 2 if cache == torch.float16 else 3
+    raise ValueError(
+        f"the fixed-order kernel reads a float32 model's float32, float16 or bfloat16 cache, or a bfloat16 "
+        f"model's bfloat16 one, not a {cache} cache with {query} queries"
+    )
 
 
 @dataclass(frozen=True)
@@ -62,18 +79,20 @@ class FixedOrderAttention:
         window: int | None = None,
         softcap: float | None = None,
     ) -> torch.Tensor:
-        """Attention of ``query`` ``[1, heads, N, d]`` over the caches (``[kv_heads, slots, d]``, float32 or
-        bfloat16, contiguous, this step's keys written): ``[1, N, heads, d]`` in the query's dtype."""
+        """Attention of ``query`` ``[1, heads, N, d]`` over the caches (``[kv_heads, slots, d]``, contiguous, this
+        step's keys written; dtypes as :func:`cache_format` takes them): ``[1, N, heads, d]`` in the query's dtype."""
         heads, tokens, dim = query.shape[1], query.shape[2], query.shape[3]
-        if k_cache.dtype not in (torch.float32, torch.bfloat16) or v_cache.dtype != k_cache.dtype:
-            raise ValueError(f"the fixed-order kernel reads float32 or bfloat16 caches, not {k_cache.dtype}")
+        if v_cache.dtype != k_cache.dtype:
+            dtypes = f"{k_cache.dtype} and {v_cache.dtype}"
+            raise ValueError(f"the fixed-order kernel reads keys and values of one dtype, not {dtypes}")
+        form = cache_format(k_cache.dtype, query.dtype)
         if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
             raise ValueError("the fixed-order kernel reads contiguous caches")
         q = query[0].transpose(0, 1).float().contiguous()
         out = torch.empty(tokens, heads, dim, dtype=torch.float32)
         status = self.library.function("fixed_order_attention", ctypes.c_int, _ARGUMENTS)(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0], k_cache.shape[1], dim,
-            int(k_cache.dtype == torch.bfloat16), rows.slots.data_ptr(), rows.offsets.data_ptr(),
+            form, rows.slots.data_ptr(), rows.offsets.data_ptr(),
             rows.lengths.data_ptr(), tokens, heads, scale, window or 0, softcap or 0.0, torch.get_num_threads(),
             out.data_ptr(),
         )  # fmt: skip

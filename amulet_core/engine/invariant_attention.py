@@ -17,8 +17,9 @@ hit, or decoded beside other sequences. Here every query's arithmetic is fixed:
   masked keys (past the query, outside its window, padding) weigh exact zeros and add exact zeros;
 * the weighted values of the blocks are added the same way, in block order, in float64, rounded once.
 
-The products run in the cache's dtype: bfloat16 (accumulating in float32 but rounding the scores, as
-transformers' eager attention does) or float32. Tokens of a prefill chunk skip the key blocks wholly after them.
+The products run in bfloat16 for a bfloat16 model's cache (accumulating in float32 but rounding the scores, as
+transformers' eager attention does), else in float32 (a float32 model's float16 or bfloat16 cache read as the float32
+values it holds). Tokens of a prefill chunk skip the key blocks wholly after them.
 """
 
 from __future__ import annotations
@@ -188,8 +189,8 @@ def invariant_attention(
     kv_heads = k_cache.shape[0]
     group = heads // kv_heads
     q = query[0]
-    if q.dtype != matmul_dtype(k_cache.dtype):
-        q = q.to(matmul_dtype(k_cache.dtype))
+    if q.dtype != matmul_dtype(k_cache.dtype, query.dtype):
+        q = q.to(matmul_dtype(k_cache.dtype, query.dtype))
     q = q.view(kv_heads, group, tokens, dim).transpose(1, 2)
     q = _pad_dim(torch.mul(q, scaling, out=q.new_empty(q.shape)))  # [kv, N, group, d]: a token's heads, a problem
     parts = []
@@ -207,9 +208,10 @@ def invariant_attention(
     return out.view(1, tokens, heads, dim)
 
 
-def matmul_dtype(cache_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the products: bfloat16 for a bfloat16 cache, else float32."""
-    return torch.bfloat16 if cache_dtype == torch.bfloat16 else torch.float32
+def matmul_dtype(cache_dtype: torch.dtype, query_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the products: bfloat16 for a bfloat16 model's bfloat16 cache, else float32 (a float32 model's
+    16-bit cache is read as the float32 values it holds)."""
+    return torch.bfloat16 if cache_dtype == torch.bfloat16 and query_dtype == torch.bfloat16 else torch.float32
 
 
 def _pad_dim(t: torch.Tensor) -> torch.Tensor:

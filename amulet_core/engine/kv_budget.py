@@ -89,11 +89,14 @@ def gpu_budget(
     return budget, why, attended
 
 
-def describe_cache(size: CacheSize, why: str, per_token: int, block_size: int, config: EngineConfig) -> str:
-    """The one log line that says what the cache and the context are, and why."""
+def describe_cache(
+    size: CacheSize, why: str, per_token: int, block_size: int, config: EngineConfig, dtype: torch.dtype | None = None
+) -> str:
+    """The one log line that says what the cache and the context are (and in which ``dtype``), and why."""
     tokens = size.num_blocks * block_size
+    held = f" of {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
     line = (
-        f"KV cache: {gib(tokens * per_token)}, {size.num_blocks} blocks of {block_size} tokens "
+        f"KV cache: {gib(tokens * per_token)}{held}, {size.num_blocks} blocks of {block_size} tokens "
         f"({tokens} tokens, {per_token / 1024:.1f} KiB a token) = {why}"
     )
     if size.blocks_capped:

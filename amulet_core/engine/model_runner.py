@@ -70,6 +70,8 @@ class ModelRunner:
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
+        self.cache_dtype = config.cache_dtype(loaded.dtype)
+        """The KV cache's dtype (EngineConfig.kv_cache_dtype)."""
         self.block_size = config.block_size
         self.model.set_attn_implementation(register_paged_attention())
         text_config = self.model.config.get_text_config()
@@ -78,7 +80,7 @@ class ModelRunner:
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
         layers = text_config.num_hidden_layers
         self.kv_shape = (layers, kv_heads, head_dim)
-        per_token = PagedKVCache.bytes_per_token(layers, kv_heads, head_dim, loaded.dtype)
+        per_token = PagedKVCache.bytes_per_token(layers, kv_heads, head_dim, self.cache_dtype)
         context = model_context_length(text_config)
         self.deterministic = config.deterministic_on(self.device.type)
         """Batch-invariant forward passes (EngineConfig.deterministic)."""
@@ -105,11 +107,11 @@ class ModelRunner:
             raise ValueError(f"{exc} (The KV budget: {budget} blocks = {why}.)") from None
         self.num_blocks = size.num_blocks
         self.max_model_len = size.max_model_len
-        logger.info(describe_cache(size, why, per_token, self.block_size, config))
+        logger.info(describe_cache(size, why, per_token, self.block_size, config, self.cache_dtype))
         logger.info("decode attention: %s", self._attention_in_words())
         # One block more than the block manager hands out: the scratch block that padding rows use.
         self.scratch_block = self.num_blocks
-        self.cache = PagedKVCache(layers, kv_heads, head_dim, self.num_blocks + 1, self.block_size, loaded.dtype, self.device)
+        self.cache = PagedKVCache(layers, kv_heads, head_dim, self.num_blocks + 1, self.block_size, self.cache_dtype, self.device)
         self.inputs = StepInputs(self.cache, self.device, self.paged_kernel, self.deterministic, self.attention_kernel)
         """Builds an eager step's inputs."""
         self.max_num_seqs = config.max_num_seqs
@@ -133,7 +135,7 @@ class ModelRunner:
         """One forward pass of the largest step (:func:`~amulet_core.engine.warm_up.largest_step`), to measure its
         activations, and the float32 log-probabilities of ``logits_rows`` of its tokens; its cache freed after."""
         batch, positions = largest_step(
-            self.kv_shape, self.block_size, self.dtype, self.device, self.deterministic, num_tokens, longest
+            self.kv_shape, self.block_size, self.cache_dtype, self.device, self.deterministic, num_tokens, longest
         )
         keep = self._tensor(list(range(max(0, num_tokens - logits_rows), num_tokens)))
         with self._ops():

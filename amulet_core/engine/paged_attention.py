@@ -226,8 +226,9 @@ def paged_attention_forward(
     layer = cast(int, module.layer_idx)
     k_cache = amulet_batch.cache.keys[layer]
     v_cache = amulet_batch.cache.values[layer]
-    k_cache.index_copy_(1, amulet_batch.slot_mapping, key[0])
-    v_cache.index_copy_(1, amulet_batch.slot_mapping, value[0])
+    # A cache of another dtype than the model's (EngineConfig.kv_cache_dtype) holds the keys and values rounded once.
+    k_cache.index_copy_(1, amulet_batch.slot_mapping, key[0].to(k_cache.dtype))
+    v_cache.index_copy_(1, amulet_batch.slot_mapping, value[0].to(v_cache.dtype))
     window = kwargs.get("sliding_window")
     softcap = kwargs.get("softcap")
     softcap = float(softcap) if softcap else None  # Gemma 2's attn_logit_softcapping
@@ -252,8 +253,8 @@ def paged_attention_forward(
         # the keys and values are read once per KV head and never repeated for the query heads.
         heads, kv_heads, dim, size = query.shape[1], key.shape[1], query.shape[-1], decode.size
         q = query[0, :, :size].transpose(0, 1).reshape(size, kv_heads, heads // kv_heads, dim)  # [B, kv, group, d]
-        k = k_cache.index_select(1, decode.context_slots).view(kv_heads, size, decode.max_len, dim).transpose(0, 1)
-        v = v_cache.index_select(1, decode.context_slots).view(kv_heads, size, decode.max_len, dim).transpose(0, 1)
+        k = _gathered(k_cache, decode.context_slots, query.dtype).view(kv_heads, size, decode.max_len, dim).transpose(0, 1)
+        v = _gathered(v_cache, decode.context_slots, query.dtype).view(kv_heads, size, decode.max_len, dim).transpose(0, 1)
         mask = decode.mask
         if isinstance(window, int) and decode.max_len > window:
             mask = windowed_mask(decode, window, query.device)
@@ -270,8 +271,8 @@ def paged_attention_forward(
         outputs.append(out.transpose(0, 1).unsqueeze(0))
     for span in amulet_batch.spans:
         q = query[:, :, span.query_start : span.query_end]
-        k = k_cache.index_select(1, span.context_slots).unsqueeze(0)
-        v = v_cache.index_select(1, span.context_slots).unsqueeze(0)
+        k = _gathered(k_cache, span.context_slots, query.dtype).unsqueeze(0)
+        v = _gathered(v_cache, span.context_slots, query.dtype).unsqueeze(0)
         mask = span.mask
         context_len = span.context_slots.shape[0]
         if isinstance(window, int) and context_len > window:
@@ -279,6 +280,12 @@ def paged_attention_forward(
         outputs.append(attend(q, k, v, mask, gqa=gqa))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.transpose(1, 2), None
+
+
+def _gathered(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The cache's rows at ``slots`` (``[kv_heads, len(slots), head_dim]``) in ``dtype`` (the queries')."""
+    rows = cache.index_select(1, slots)
+    return rows if rows.dtype == dtype else rows.to(dtype)
 
 
 def register_paged_attention() -> str:

@@ -93,6 +93,39 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
+static inline float half_to_float(uint16_t h) { /* IEEE binary16, exactly */
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 31, mantissa = h & 1023;
+    float f;
+    if (exponent == 0) f = ldexpf((float)mantissa, -24); /* zero or subnormal */
+    else if (exponent == 31) f = mantissa ? NAN : INFINITY;
+    else f = ldexpf((float)(mantissa | 1024), (int)exponent - 25);
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    bits |= sign;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+/* The cache formats: float32; bfloat16 with bfloat16 products (a bfloat16 model's: queries, scores and weights
+ * rounded to bfloat16 as transformers' eager attention rounds them); float16 or bfloat16 holding a float32 model's
+ * keys and values (each read as the float32 it is exactly, then the float32 arithmetic: the bits of a float32 cache
+ * holding the same values). */
+enum { FLOAT32 = 0, BF16_PRODUCTS = 1, FLOAT16 = 2, BF16 = 3 };
+
+/* dim values of a 16-bit cache row as floats (exactly). */
+static inline void widen(const uint16_t *row, int64_t dim, int format, float *out) {
+    int64_t d = 0;
+#ifdef __F16C__
+    if (format == FLOAT16)
+        for (; d + 8 <= dim; d += 8) _mm256_storeu_ps(out + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + d))));
+#endif
+    for (; d < dim; d++) out[d] = format == FLOAT16 ? half_to_float(row[d]) : bf16_to_float(row[d]);
+}
+
 static inline float round_bf16(float f) { /* round to nearest even, as torch's float -> bfloat16 (NaN stays NaN) */
     uint32_t bits;
     memcpy(&bits, &f, sizeof bits);
@@ -121,42 +154,68 @@ static inline float dot_lanes(const float *q, const float *k, int64_t dim) {
     return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
-/* The scores of the eight keys at slots ctx[0..7] (a float32 cache from its KV head's first row, dim a multiple of
- * LANES): each key's lanes as dot_lanes adds them, then the eight keys' lanes added pairwise side by side (hadd adds
- * neighbouring lanes): the same sums in the same order as dot_lanes, eight at a time. */
-static inline void dot_lanes_8_keys(const float *q, const float *keys, const int64_t *ctx, int64_t dim, float *out) {
+#if defined(__AVX__) && defined(__F16C__)
+#define FAST_FLOAT16 1 /* float16 rows widened eight values at a time in the vector loops */
+#else
+#define FAST_FLOAT16 0
+#endif
+
+/* The scores of the eight keys at slots ctx[0..7] (a float32 cache, or with half a float16 one, from its KV head's
+ * first row, dim a multiple of LANES): each key's lanes as dot_lanes adds them, then the eight keys' lanes added
+ * pairwise side by side (hadd adds neighbouring lanes): the same sums in the same order as dot_lanes, eight at a time. */
+static inline __attribute__((always_inline)) void dot_lanes_8_keys(const float *q, const void *keys,
+                                                                   const int64_t *ctx, int64_t dim, const int half,
+                                                                   float *out) {
 #ifdef __AVX__
-    const float *k[8];
+    const char *k[8];
+    const int64_t bytes = half ? 2 : 4;
     __m256 s[8];
     for (int n = 0; n < 8; n++) {
-        k[n] = keys + ctx[n] * dim;
+        k[n] = (const char *)keys + ctx[n] * dim * bytes;
         s[n] = _mm256_setzero_ps();
     }
     /* dims outer, keys inner: each block of the query loaded once for the eight keys (the same sums per key) */
     for (int64_t d = 0; d < dim; d += LANES) {
         const __m256 qd = _mm256_loadu_ps(q + d);
-        for (int n = 0; n < 8; n++) s[n] = _mm256_add_ps(s[n], _mm256_mul_ps(qd, _mm256_loadu_ps(k[n] + d)));
+        for (int n = 0; n < 8; n++) {
+#if FAST_FLOAT16
+            const __m256 kd = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k[n] + d * 2)))
+                                   : _mm256_loadu_ps((const float *)k[n] + d);
+#else
+            const __m256 kd = _mm256_loadu_ps((const float *)k[n] + d);
+#endif
+            s[n] = _mm256_add_ps(s[n], _mm256_mul_ps(qd, kd));
+        }
     }
     const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));  /* keys 0-3 */
     const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7])); /* keys 4-7 */
     /* lanes 0-3 of a key (first halves) plus lanes 4-7 (second halves) */
     _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31)));
 #else
-    for (int n = 0; n < 8; n++) out[n] = dot_lanes(q, keys + ctx[n] * dim, dim);
+    (void)half;
+    for (int n = 0; n < 8; n++) out[n] = dot_lanes(q, (const float *)keys + ctx[n] * dim, dim);
 #endif
 }
 
 /* acc[d] += scores[j - lo] * v[slot of key j][d] for the keys lo..hi-1 in order, each dim its own sum:
  * the generic loop's arithmetic, with the dims held in registers (dim a constant where it is inlined). */
-static inline __attribute__((always_inline)) void add_values(float *acc, const float *v, int64_t base, const int64_t *ctx,
+static inline __attribute__((always_inline)) void add_values(float *acc, const void *v, int64_t base, const int64_t *ctx,
                                                              int64_t lo, int64_t hi, const float *scores,
-                                                             const int dim) {
+                                                             const int dim, const int half) {
     lanes_t sums[128 / LANES];
     for (int c = 0; c < dim / LANES; c++) sums[c] = load_lanes(acc + c * LANES);
     for (int64_t j = lo; j < hi; j++) {
         const float p = scores[j - lo];
-        const float *row = v + (base + ctx[j]) * dim;
-        for (int c = 0; c < dim / LANES; c++) sums[c] += p * load_lanes(row + c * LANES);
+        if (half) { /* FAST_FLOAT16 only */
+#if FAST_FLOAT16
+            const uint16_t *row = (const uint16_t *)v + (base + ctx[j]) * dim;
+            for (int c = 0; c < dim / LANES; c++)
+                sums[c] += p * (lanes_t)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + c * LANES)));
+#endif
+        } else {
+            const float *row = (const float *)v + (base + ctx[j]) * dim;
+            for (int c = 0; c < dim / LANES; c++) sums[c] += p * load_lanes(row + c * LANES);
+        }
     }
     for (int c = 0; c < dim / LANES; c++) memcpy(acc + c * LANES, &sums[c], sizeof(lanes_t));
 }
@@ -200,16 +259,18 @@ static void sums_in_order(float *w, int64_t n, int64_t m) {
     else sums_of(w, n, 1);
 }
 
-/* q: [tokens, heads, dim] float32 (unscaled); k_cache, v_cache: [kv_heads, slots, dim], float32 (bf16 == 0) or
- * bfloat16 bits (bf16 == 1); slots: flat int64; token_offset[t]: where token t's context starts in slots (its
+/* q: [tokens, heads, dim] float32 (unscaled); k_cache, v_cache: [kv_heads, slots, dim] in `format` (FLOAT32,
+ * BF16_PRODUCTS, FLOAT16 or BF16); slots: flat int64; token_offset[t]: where token t's context starts in slots (its
  * key position p is slots[token_offset[t] + p]); token_length[t]: keys 0..length-1 are its context (itself
  * last); window > 0: only the last `window` of them; threads: OpenMP threads (ignored without OpenMP). out: [tokens, heads, dim] float32. Returns 0, or -1 when
  * a scratch allocation failed. */
 int fixed_order_attention(const float *q, const void *k_cache, const void *v_cache, int64_t kv_heads, int64_t slots_total,
-                          int64_t dim, int bf16, const int64_t *slots, const int64_t *token_offset,
+                          int64_t dim, int format, const int64_t *slots, const int64_t *token_offset,
                           const int64_t *token_length, int64_t tokens, int64_t heads, float scale, int64_t window,
                           float softcap, int threads, float *out) {
     const int64_t group = heads / kv_heads;
+    const int bf16 = format == BF16_PRODUCTS, half = format == FLOAT16 && FAST_FLOAT16;
+    const int wide = format == FLOAT32 || half; /* the vector loops read the rows as they are */
     int64_t longest = 0;
     for (int64_t t = 0; t < tokens; t++)
         if (token_length[t] > longest) longest = token_length[t];
@@ -257,15 +318,18 @@ int fixed_order_attention(const float *q, const void *k_cache, const void *v_cac
                     const float *qa = qs + a * dim;
                     float *sa = scores + a * n;
                     int64_t j = c0;
-                    if (!bf16 && dim % LANES == 0) /* eight keys at a time, the same sums */
-                        for (; j + 8 <= c1; j += 8)
-                            dot_lanes_8_keys(qa, (const float *)k_cache + g * slots_total * dim, ctx + j, dim, sa + (j - lo));
+                    if (wide && dim % LANES == 0) { /* eight keys at a time, the same sums */
+                        const char *head_keys = (const char *)k_cache + g * slots_total * dim * (format ? 2 : 4);
+                        if (half)
+                            for (; j + 8 <= c1; j += 8) dot_lanes_8_keys(qa, head_keys, ctx + j, dim, 1, sa + (j - lo));
+                        else
+                            for (; j + 8 <= c1; j += 8) dot_lanes_8_keys(qa, head_keys, ctx + j, dim, 0, sa + (j - lo));
+                    }
                     for (; j < c1; j++) {
                         const int64_t at = (g * slots_total + ctx[j]) * dim;
-                        if (bf16) {
-                            const uint16_t *k = (const uint16_t *)k_cache + at;
-                            for (int64_t d = 0; d < dim; d++) kv[d] = bf16_to_float(k[d]);
-                            sa[j - lo] = round_bf16(dot_lanes(qa, kv, dim));
+                        if (format != FLOAT32) {
+                            widen((const uint16_t *)k_cache + at, dim, format, kv);
+                            sa[j - lo] = bf16 ? round_bf16(dot_lanes(qa, kv, dim)) : dot_lanes(qa, kv, dim);
                         } else {
                             sa[j - lo] = dot_lanes(qa, (const float *)k_cache + at, dim);
                         }
@@ -288,18 +352,22 @@ int fixed_order_attention(const float *q, const void *k_cache, const void *v_cac
                 for (int64_t a = 0; a < together; a++) {
                     const float *sa = scores + a * n + (c0 - lo);
                     float *aa = acc + a * dim;
-                    if (!bf16 && (dim == 64 || dim == 128)) { /* the same sums, kept in registers */
-                        if (dim == 64)
-                            add_values(aa, (const float *)v_cache, g * slots_total, ctx, c0, c1, sa, 64);
+                    if (wide && (dim == 64 || dim == 128)) { /* the same sums, kept in registers */
+                        if (dim == 64 && half)
+                            add_values(aa, v_cache, g * slots_total, ctx, c0, c1, sa, 64, 1);
+                        else if (dim == 64)
+                            add_values(aa, v_cache, g * slots_total, ctx, c0, c1, sa, 64, 0);
+                        else if (half)
+                            add_values(aa, v_cache, g * slots_total, ctx, c0, c1, sa, 128, 1);
                         else
-                            add_values(aa, (const float *)v_cache, g * slots_total, ctx, c0, c1, sa, 128);
+                            add_values(aa, v_cache, g * slots_total, ctx, c0, c1, sa, 128, 0);
                     } else for (int64_t j = c0; j < c1; j++) {
                         const int64_t at = (g * slots_total + ctx[j]) * dim;
                         float p = sa[j - c0];
-                        if (bf16) {
-                            p = round_bf16(p);
-                            const uint16_t *v = (const uint16_t *)v_cache + at;
-                            for (int64_t d = 0; d < dim; d++) aa[d] += p * bf16_to_float(v[d]);
+                        if (format != FLOAT32) {
+                            if (bf16) p = round_bf16(p);
+                            widen((const uint16_t *)v_cache + at, dim, format, kv);
+                            for (int64_t d = 0; d < dim; d++) aa[d] += p * kv[d];
                         } else {
                             const float *v = (const float *)v_cache + at;
                             for (int64_t d = 0; d < dim; d++) aa[d] += p * v[d];

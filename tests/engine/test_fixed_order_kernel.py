@@ -63,6 +63,41 @@ def test_the_kernel_computes_attention(fixed_order_kernel, softcap, window):
     assert torch.equal(last[0, 0], got[0, -1])
 
 
+@pytest.mark.parametrize("storage", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("flags", [(), ("-mno-f16c",)], ids=["default", "no-f16c"])
+def test_a_float32_models_16_bit_cache_reads_as_the_float32_values_it_holds(storage, flags, tmp_path):
+    """A float32 model's float16 or bfloat16 cache (``--kv-cache-dtype``): each key and value is widened exactly and
+    the float32 arithmetic follows, so the output has the bits of a float32 cache holding the same values - in the
+    vector loops (head dims 64 and 128) and the generic ones (40), for prefill chunks and decode rows, with a window
+    and a soft cap, at one and two threads; built with and without F16C (the scalar widening)."""
+    library, why = build.load_library(kernel_module.SOURCE, tmp_path, flags)
+    assert library is not None, why
+    kernel = kernel_module.FixedOrderAttention(library)
+    before = torch.get_num_threads()
+    try:
+        for dim, threads, (softcap, window) in [(64, 1, (None, None)), (128, 2, (5.0, 30)), (40, 2, (None, 30))]:
+            torch.set_num_threads(threads)
+            k_cache, v_cache, context, queries = _case(torch.float32, kv=2, group=3, dim=dim, length=150)
+            k16, v16 = (k_cache * 4).to(storage), v_cache.to(storage)
+            plan = InvariantPlan(None, (InvariantSpan.of(0, 150, context),), kernel)
+            got = invariant_attention(queries, k16, v16, plan, 0.3, window, softcap)
+            wanted = invariant_attention(queries, k16.float(), v16.float(), plan, 0.3, window, softcap)
+            assert got.dtype == torch.float32 and torch.equal(got, wanted), (dim, threads)
+            assert not torch.equal(got, invariant_attention(queries, k_cache * 4, v_cache, plan, 0.3, window, softcap))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_cache_the_kernel_cannot_read_is_refused(fixed_order_kernel):
+    """A bfloat16 model's float16 cache, or keys and values of two dtypes, are errors, not a guess."""
+    k_cache, v_cache, context, queries = _case(torch.float32, kv=1, group=1, dim=8, length=4)
+    plan = InvariantPlan(None, (InvariantSpan.of(0, 4, context),), fixed_order_kernel)
+    with pytest.raises(ValueError, match="float16 cache with torch.bfloat16 queries"):
+        invariant_attention(queries.bfloat16(), k_cache.half(), v_cache.half(), plan, 0.3)
+    with pytest.raises(ValueError, match="one dtype"):
+        invariant_attention(queries, k_cache.half(), v_cache, plan, 0.3)
+
+
 def test_without_a_compiler_the_loader_says_why(monkeypatch, tmp_path):
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(build, "COMPILERS", ("no-such-compiler-here",))
