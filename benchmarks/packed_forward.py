@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.config import EngineConfig, KVCacheDtype
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.packed_forward import LlamaFamilyForward, TransformersForward
 from amulet_core.engine.paged_decode import AttentionBackend
@@ -31,11 +31,22 @@ METHODS = (Method.BASE, Method.AMULET)
 
 
 def decoding_engine(
-    loaded: LoadedModel, method: Method, forward: str, new_tokens: int, attention: AttentionBackend = "auto"
+    loaded: LoadedModel,
+    method: Method,
+    forward: str,
+    new_tokens: int,
+    attention: AttentionBackend = "auto",
+    kv_cache_dtype: KVCacheDtype = "auto",
 ) -> LLMEngine:
-    """An engine decoding one stream of ``method`` with ``forward`` and ``--attention-backend attention``, its
-    prompt prefilled."""
-    config = EngineConfig(max_model_len=2048, kv_cache_tokens=8192, enable_prefix_cache=False, attention_backend=attention)
+    """An engine decoding one stream of ``method`` with ``forward``, ``--attention-backend attention`` and
+    ``--kv-cache-dtype kv_cache_dtype``, its prompt prefilled."""
+    config = EngineConfig(
+        max_model_len=2048,
+        kv_cache_tokens=8192,
+        enable_prefix_cache=False,
+        attention_backend=attention,
+        kv_cache_dtype=kv_cache_dtype,
+    )
     engine = LLMEngine(loaded, config)
     if forward == "transformers":
         engine.runner.forward = TransformersForward(loaded.model)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from amulet_core.engine import packed_forward as packed_forward_module
-from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.config import KV_CACHE_DTYPES, EngineConfig, KVCacheDtype
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.packed_forward import LlamaFamilyForward
 from amulet_core.engine.paged_decode import ATTENTION_BACKENDS, AttentionBackend
@@ -123,7 +123,12 @@ def parts_of(ms: dict[str, float]) -> dict[str, float]:
 
 
 def conversation_engine(
-    loaded: LoadedModel, method: Method, tokens: int, new_tokens: int, attention: AttentionBackend
+    loaded: LoadedModel,
+    method: Method,
+    tokens: int,
+    new_tokens: int,
+    attention: AttentionBackend,
+    kv_cache_dtype: KVCacheDtype = "auto",
 ) -> LLMEngine:
     """An engine decoding one greedy stream of ``method`` after a conversation of about ``tokens`` tokens
     (``amulet``: one preference, the ``end`` placement), its prompt prefilled."""
@@ -133,7 +138,9 @@ def conversation_engine(
     length = len(req.prompt_ids) + new_tokens + 64
     engine = LLMEngine(
         loaded,
-        EngineConfig(max_model_len=length, kv_cache_tokens=3 * length, attention_backend=attention),
+        EngineConfig(
+            max_model_len=length, kv_cache_tokens=3 * length, attention_backend=attention, kv_cache_dtype=kv_cache_dtype
+        ),
     )
     engine.add_request(req)
     state = engine.requests[req.request_id]
@@ -150,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto", help="as the server's")
     parser.add_argument("--conversation-tokens", type=int, default=0, help="decode after a conversation of about so many tokens")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help="as the server's")
     parser.add_argument("--out", default="benchmarks/results/step_parts.json")
     args = parser.parse_args(argv)
     loaded = served_model(args.cpu_threads)
@@ -158,9 +166,11 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {}
     for method in METHODS:
         if args.conversation_tokens > 0:
-            engine = conversation_engine(loaded, method, args.conversation_tokens, new_tokens, args.attention_backend)
+            engine = conversation_engine(
+                loaded, method, args.conversation_tokens, new_tokens, args.attention_backend, args.kv_cache_dtype
+            )
         else:
-            engine = decoding_engine(loaded, method, "family", new_tokens, args.attention_backend)
+            engine = decoding_engine(loaded, method, "family", new_tokens, args.attention_backend, args.kv_cache_dtype)
         ms = measure(engine, args.rounds, args.steps)
         result[method.value] = {"variants_ms": ms, "parts_ms": parts_of(ms)}
     after = f"after a {args.conversation_tokens}-token conversation" if args.conversation_tokens else "after a short prompt"
@@ -172,10 +182,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {method.value} | {p['step']:.1f} | {p['attention']:.1f} | {p['int4_products']:.1f} | "
               f"{p['output_layer']:.1f} | {p['rest']:.1f} | {p['unattributed']:.1f} |")  # fmt: skip
     attention = "fixed-order kernel" if engine.runner.attention_kernel is not None else "torch operations"
-    print(f"(the batch-invariant attention through {attention})")
+    print(f"(the batch-invariant attention through {attention}, a {str(engine.runner.cache_dtype)[6:]} KV cache)")
     meta = run_meta(
         loaded.device, loaded.dtype, loaded.name, rounds=args.rounds, steps=args.steps, cpu=machine(), attention=attention,
-        conversation_tokens=args.conversation_tokens,
+        conversation_tokens=args.conversation_tokens, kv_cache_dtype=str(engine.runner.cache_dtype)[6:],
     )  # fmt: skip
     write_report(args.out, {"meta": meta, **result})
 

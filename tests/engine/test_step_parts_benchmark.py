@@ -80,7 +80,7 @@ def test_the_benchmark_decodes_after_a_conversation_when_asked(tmp_path) -> None
         (state,) = engine.requests.values()
         assert 300 <= len(state.request.prompt_ids) <= 500 and len(state.output_ids) >= 1
     out = tmp_path / "step_parts.json"
-    main(["--rounds", "1", "--steps", "1", "--conversation-tokens", "300", "--out", str(out)])
+    main(["--rounds", "1", "--steps", "1", "--conversation-tokens", "300", "--kv-cache-dtype", "float16", "--out", str(out)])
     report = json.loads(out.read_text())
-    assert report["meta"]["conversation_tokens"] == 300
+    assert report["meta"]["conversation_tokens"] == 300 and report["meta"]["kv_cache_dtype"] == "float16"
     assert all(report[method]["parts_ms"]["step"] > 0 for method in ("base", "amulet"))
