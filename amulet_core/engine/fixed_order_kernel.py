@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -31,9 +32,9 @@ SOURCE = SOURCES / "fixed_order_attention.c"
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
 _ARGUMENTS = [_PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64]
-_ARGUMENTS += [ctypes.c_float, _I64, ctypes.c_float, ctypes.c_int, _PTR]
+_ARGUMENTS += [ctypes.c_float, _I64, ctypes.c_float, ctypes.c_int, _PTR, _I64, _I64]
 """``fixed_order_attention``'s: q, k_cache, v_cache, kv_heads, slots_total, dim, format, slots, token_offset,
-token_length, tokens, heads, scale, window, softcap, threads, out."""
+token_length, tokens, heads, scale, window, softcap, threads, out, q_head_stride, q_token_stride."""
 
 
 def cache_format(cache: torch.dtype, query: torch.dtype) -> int:
@@ -62,12 +63,18 @@ class KernelRows:
     offsets: torch.Tensor
     lengths: torch.Tensor
 
+    @cached_property
+    def addresses(self) -> tuple[int, int, int]:
+        """The three tensors' data pointers (read once a step, not at every layer)."""
+        return self.slots.data_ptr(), self.offsets.data_ptr(), self.lengths.data_ptr()
+
 
 class FixedOrderAttention:
     """The loaded kernel: :meth:`__call__` attends a step's packed queries."""
 
     def __init__(self, library: Library) -> None:
         self.library = library
+        self.attend = library.function("fixed_order_attention", ctypes.c_int, _ARGUMENTS)
 
     def __call__(
         self,
@@ -88,17 +95,19 @@ class FixedOrderAttention:
         form = cache_format(k_cache.dtype, query.dtype)
         if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
             raise ValueError("the fixed-order kernel reads contiguous caches")
-        q = query[0].transpose(0, 1).float().contiguous()
-        out = torch.empty(tokens, heads, dim, dtype=torch.float32)
-        status = self.library.function("fixed_order_attention", ctypes.c_int, _ARGUMENTS)(
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0], k_cache.shape[1], dim,
-            form, rows.slots.data_ptr(), rows.offsets.data_ptr(),
-            rows.lengths.data_ptr(), tokens, heads, scale, window or 0, softcap or 0.0, torch.get_num_threads(),
-            out.data_ptr(),
+        q = query[0]  # [heads, N, d], read in place through its strides (the rotation's output, not copied)
+        if q.dtype != torch.float32 or q.stride(-1) != 1:
+            q = q.float().contiguous()
+        out = torch.empty(1, tokens, heads, dim, dtype=torch.float32)
+        slots, offsets, lengths = rows.addresses
+        status = self.attend(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0], k_cache.shape[1], dim, form,
+            slots, offsets, lengths, tokens, heads, scale, window or 0, softcap or 0.0, torch.get_num_threads(),
+            out.data_ptr(), q.stride(0), q.stride(1),
         )  # fmt: skip
         if status != 0:
             raise MemoryError("the fixed-order attention kernel could not allocate its scratch rows")
-        return out.unsqueeze(0) if query.dtype == torch.float32 else out.to(query.dtype).unsqueeze(0)
+        return out if query.dtype == torch.float32 else out.to(query.dtype)
 
 
 def load_fixed_order_attention(cache_dir: Path | None = None) -> tuple[FixedOrderAttention | None, str]:

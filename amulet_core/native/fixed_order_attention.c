@@ -259,7 +259,8 @@ static void sums_in_order(float *w, int64_t n, int64_t m) {
     else sums_of(w, n, 1);
 }
 
-/* q: [tokens, heads, dim] float32 (unscaled); k_cache, v_cache: [kv_heads, slots, dim] in `format` (FLOAT32,
+/* q: float32 (unscaled), head h of token t from q + h * q_head_stride + t * q_token_stride (its dim values
+ * contiguous); k_cache, v_cache: [kv_heads, slots, dim] in `format` (FLOAT32,
  * BF16_PRODUCTS, FLOAT16 or BF16); slots: flat int64; token_offset[t]: where token t's context starts in slots (its
  * key position p is slots[token_offset[t] + p]); token_length[t]: keys 0..length-1 are its context (itself
  * last); window > 0: only the last `window` of them; threads: OpenMP threads (ignored without OpenMP). out: [tokens, heads, dim] float32. Returns 0, or -1 when
@@ -267,7 +268,7 @@ static void sums_in_order(float *w, int64_t n, int64_t m) {
 int fixed_order_attention(const float *q, const void *k_cache, const void *v_cache, int64_t kv_heads, int64_t slots_total,
                           int64_t dim, int format, const int64_t *slots, const int64_t *token_offset,
                           const int64_t *token_length, int64_t tokens, int64_t heads, float scale, int64_t window,
-                          float softcap, int threads, float *out) {
+                          float softcap, int threads, float *out, int64_t q_head_stride, int64_t q_token_stride) {
     const int64_t group = heads / kv_heads;
     const int bf16 = format == BF16_PRODUCTS, half = format == FLOAT16 && FAST_FLOAT16;
     const int wide = format == FLOAT32 || half; /* the vector loops read the rows as they are */
@@ -308,7 +309,7 @@ int fixed_order_attention(const float *q, const void *k_cache, const void *v_cac
             const int64_t *ctx = slots + token_offset[t];
             for (int64_t a = 0; a < together; a++)
                 for (int64_t d = 0; d < dim; d++) {
-                    float x = q[(t * heads + h0 + a) * dim + d] * scale;
+                    float x = q[(h0 + a) * q_head_stride + t * q_token_stride + d] * scale;
                     qs[a * dim + d] = bf16 ? round_bf16(x) : x;
                 }
             /* Each head's scores: its dot products with the keys, in chunks of keys shared by the heads. */
