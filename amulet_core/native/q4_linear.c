@@ -241,7 +241,11 @@ int q4_linear(const float *x, int64_t rows, int64_t in, const uint8_t *weights, 
         inputs.pairs = pairs;
     }
 #endif
-    const int64_t span = 16; /* groups a work item covers */
+    /* groups a work item covers: each thread's share of the groups cut into pieces of at most 16 (an even number, the
+     * tiles' pairs), so that the threads get equal work (72 groups at two threads: six items of 12, where items of
+     * 16 gave one thread 48 groups and the other 24) */
+    const int64_t workers = threads > 0 ? threads : 1, share = (groups + workers - 1) / workers;
+    const int64_t pieces = (share + 15) / 16, span = ((share + pieces - 1) / pieces + 1) / 2 * 2;
     const int64_t items = (groups + span - 1) / span, row_blocks = (rows + MAX_ROWS - 1) / MAX_ROWS;
 #pragma omp parallel for schedule(static) collapse(2) num_threads(threads > 0 ? threads : 1)
     for (int64_t item = 0; item < items; item++)
