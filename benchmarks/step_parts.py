@@ -55,8 +55,8 @@ def _zero_int4(rows: torch.Tensor, packed: torch.Tensor, group: int, scales_and_
 
 
 def _zero_q4(layer: q4_linear.Q4Linear, rows: torch.Tensor) -> torch.Tensor:
-    """The int4-q16 kernel's output shape ``[rows, outputs]``, zeros."""
-    return rows.new_zeros(rows.shape[0], layer.out_features)
+    """The int4-q16 kernel's output shape ``[..., outputs]``, zeros."""
+    return rows.new_zeros(*rows.shape[:-1], layer.out_features)
 
 
 class _ZeroHead:

@@ -82,42 +82,58 @@ class LayerKernels(TorchLayerOps):
         self.width = width
         self._norm = library.function("rms_norm", None, _NORM_ARGUMENTS)
         self._rotate = library.function("rotate", None, _ROTATE_ARGUMENTS)
+        self._usable: dict[int, tuple[Any, bool]] = {}
+        """Per norm module (by id): its weight tensor when last looked at and whether the kernel reads it (looked at
+        again when the weight changes)."""
+
+    def _weight_of(self, norm: Any) -> tuple[torch.Tensor, float] | None:
+        """``norm``'s weight and epsilon where the kernel reads them: a float32 1-D weight, contiguous, on the CPU, of at
+        least one vector, and a float epsilon; else None. The checks that do not change with the tensor's data are
+        made once per weight tensor (a decode step asks 61 times, and they cost more than the norm); its dtype and
+        size at every call."""
+        parameters = getattr(norm, "_parameters", None)
+        weight = parameters.get("weight") if isinstance(parameters, dict) else getattr(norm, "weight", None)
+        epsilon = getattr(norm, "variance_epsilon", None)
+        if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32 or not isinstance(epsilon, float):
+            return None
+        known = self._usable.get(id(norm))
+        if known is None or known[0] is not weight:
+            usable = weight.device.type == "cpu" and weight.dim() == 1 and weight.is_contiguous()
+            known = self._usable[id(norm)] = (weight, usable)
+        return (weight, epsilon) if known[1] and weight.shape[0] >= self.width else None
 
     def norms(self, norm: Any, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
         """Whether the kernel computes ``norm`` of ``x`` (``residual + x``): float32 contiguous rows on the CPU of at
         least one vector (``residual`` of their shape and kind), a float32 weight of their size."""
-        weight = getattr(norm, "weight", None)
+        found = self._weight_of(norm)
+        return found is not None and self._rows_fit(x, residual, found[0].shape[0])
+
+    @staticmethod
+    def _rows_fit(x: torch.Tensor, residual: torch.Tensor | None, size: int) -> bool:
         return (
             x.dtype == torch.float32
-            and x.device.type == "cpu"
+            and x.is_cpu
+            and x.shape[-1] == size
             and x.is_contiguous()
-            and x.shape[-1] >= self.width
-            and isinstance(weight, torch.Tensor)
-            and weight.dtype == torch.float32
-            and weight.device.type == "cpu"
-            and weight.shape == x.shape[-1:]
-            and weight.is_contiguous()
-            and isinstance(getattr(norm, "variance_epsilon", None), float)
             and (
                 residual is None
                 or (
-                    residual.shape == x.shape
-                    and residual.dtype == x.dtype
-                    and residual.device == x.device
-                    and residual.is_contiguous()
+                    residual.dtype == torch.float32 and residual.is_cpu and residual.shape == x.shape and residual.is_contiguous()
                 )
             )
         )
 
     def add_norm(self, norm: Any, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.norms(norm, x, residual):
-            return super().add_norm(norm, x, residual)
+        found = self._weight_of(norm)
         n = x.shape[-1]
+        if found is None or not self._rows_fit(x, residual, found[0].shape[0]):
+            return super().add_norm(norm, x, residual)
+        weight, epsilon = found
         out = torch.empty_like(x)
         hidden = x if residual is None else torch.empty_like(x)
         self._norm(
-            x.data_ptr(), None if residual is None else residual.data_ptr(), x.numel() // n, n, norm.weight.data_ptr(),
-            norm.variance_epsilon, self.width, torch.get_num_threads(), hidden.data_ptr(), out.data_ptr(),
+            x.data_ptr(), None if residual is None else residual.data_ptr(), x.numel() // n, n, weight.data_ptr(), epsilon,
+            self.width, torch.get_num_threads(), hidden.data_ptr(), out.data_ptr(),
         )  # fmt: skip
         return hidden, out
 
@@ -138,16 +154,16 @@ class LayerKernels(TorchLayerOps):
 
     @staticmethod
     def _rotates(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> bool:
-        if (
-            x.dim() != 4
-            or x.shape[0] != 1
-            or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (x, cos, signed_sin))
-        ):
+        f32 = torch.float32
+        if x.dim() != 4 or x.dtype != f32 or cos.dtype != f32 or signed_sin.dtype != f32:
             return False
-        tokens, d = x.shape[2], x.shape[3]
+        if not (x.is_cpu and cos.is_cpu and signed_sin.is_cpu):
+            return False
+        one, _, tokens, d = x.shape
         shape = (1, 1, tokens, d)
         return (
-            x.stride(3) == 1
+            one == 1
+            and x.stride(3) == 1
             and x.stride(1) == d
             and cos.shape == shape
             and signed_sin.shape == shape
