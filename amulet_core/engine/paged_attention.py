@@ -227,8 +227,12 @@ def paged_attention_forward(
     k_cache = amulet_batch.cache.keys[layer]
     v_cache = amulet_batch.cache.values[layer]
     # A cache of another dtype than the model's (EngineConfig.kv_cache_dtype) holds the keys and values rounded once.
-    k_cache.index_copy_(1, amulet_batch.slot_mapping, key[0].to(k_cache.dtype))
-    v_cache.index_copy_(1, amulet_batch.slot_mapping, value[0].to(v_cache.dtype))
+    if key.dtype == k_cache.dtype:
+        k_cache.index_copy_(1, amulet_batch.slot_mapping, key[0])
+        v_cache.index_copy_(1, amulet_batch.slot_mapping, value[0])
+    else:
+        k_cache.index_copy_(1, amulet_batch.slot_mapping, key[0].to(k_cache.dtype))
+        v_cache.index_copy_(1, amulet_batch.slot_mapping, value[0].to(v_cache.dtype))
     window = kwargs.get("sliding_window")
     softcap = kwargs.get("softcap")
     softcap = float(softcap) if softcap else None  # Gemma 2's attn_logit_softcapping
