@@ -182,10 +182,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {method.value} | {p['step']:.1f} | {p['attention']:.1f} | {p['int4_products']:.1f} | "
               f"{p['output_layer']:.1f} | {p['rest']:.1f} | {p['unattributed']:.1f} |")  # fmt: skip
     attention = "fixed-order kernel" if engine.runner.attention_kernel is not None else "torch operations"
-    print(f"(the batch-invariant attention through {attention}, a {str(engine.runner.cache_dtype)[6:]} KV cache)")
+    cache = str(engine.runner.cache_dtype).removeprefix("torch.")
+    print(f"(the batch-invariant attention through {attention}, a {cache} KV cache)")
     meta = run_meta(
         loaded.device, loaded.dtype, loaded.name, rounds=args.rounds, steps=args.steps, cpu=machine(), attention=attention,
-        conversation_tokens=args.conversation_tokens, kv_cache_dtype=str(engine.runner.cache_dtype)[6:],
+        conversation_tokens=args.conversation_tokens, kv_cache_dtype=cache,
     )  # fmt: skip
     write_report(args.out, {"meta": meta, **result})
 

@@ -105,13 +105,15 @@ class LayerKernels(TorchLayerOps):
     def norms(self, norm: Any, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
         """Whether the kernel computes ``norm`` of ``x`` (``residual + x``): float32 contiguous rows on the CPU of at
         least one vector (``residual`` of their shape and kind), a float32 weight of their size."""
-        found = self._weight_of(norm)
-        return found is not None and self._rows_fit(x, residual, found[0].shape[0])
+        return self._kernel_norm(norm, x, residual) is not None
 
-    @staticmethod
-    def _rows_fit(x: torch.Tensor, residual: torch.Tensor | None, size: int) -> bool:
-        return (
-            x.dtype == torch.float32
+    def _kernel_norm(self, norm: Any, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, float] | None:
+        """``norm``'s weight and epsilon where the kernel computes ``norm`` of ``x`` (:meth:`norms`), else None."""
+        found = self._weight_of(norm)
+        size = None if found is None else found[0].shape[0]
+        ok = (
+            size is not None
+            and x.dtype == torch.float32
             and x.is_cpu
             and x.shape[-1] == size
             and x.is_contiguous()
@@ -122,13 +124,14 @@ class LayerKernels(TorchLayerOps):
                 )
             )
         )
+        return found if ok else None
 
     def add_norm(self, norm: Any, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        found = self._weight_of(norm)
-        n = x.shape[-1]
-        if found is None or not self._rows_fit(x, residual, found[0].shape[0]):
+        found = self._kernel_norm(norm, x, residual)
+        if found is None:
             return super().add_norm(norm, x, residual)
         weight, epsilon = found
+        n = x.shape[-1]
         out = torch.empty_like(x)
         hidden = x if residual is None else torch.empty_like(x)
         self._norm(

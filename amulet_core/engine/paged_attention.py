@@ -226,13 +226,13 @@ def paged_attention_forward(
     layer = cast(int, module.layer_idx)
     k_cache = amulet_batch.cache.keys[layer]
     v_cache = amulet_batch.cache.values[layer]
-    # A cache of another dtype than the model's (EngineConfig.kv_cache_dtype) holds the keys and values rounded once.
-    if key.dtype == k_cache.dtype:
-        k_cache.index_copy_(1, amulet_batch.slot_mapping, key[0])
-        v_cache.index_copy_(1, amulet_batch.slot_mapping, value[0])
-    else:
-        k_cache.index_copy_(1, amulet_batch.slot_mapping, key[0].to(k_cache.dtype))
-        v_cache.index_copy_(1, amulet_batch.slot_mapping, value[0].to(v_cache.dtype))
+    # A cache of another dtype than the model's (EngineConfig.kv_cache_dtype) holds the keys and values rounded once
+    # (converted only then: a same-dtype .to() still costs a call, twice a layer).
+    new_keys, new_values = key[0], value[0]
+    if new_keys.dtype != k_cache.dtype:
+        new_keys, new_values = new_keys.to(k_cache.dtype), new_values.to(v_cache.dtype)
+    k_cache.index_copy_(1, amulet_batch.slot_mapping, new_keys)
+    v_cache.index_copy_(1, amulet_batch.slot_mapping, new_values)
     window = kwargs.get("sliding_window")
     softcap = kwargs.get("softcap")
     softcap = float(softcap) if softcap else None  # Gemma 2's attn_logit_softcapping

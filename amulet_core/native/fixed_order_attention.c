@@ -272,6 +272,7 @@ int fixed_order_attention(const float *q, const void *k_cache, const void *v_cac
     const int64_t group = heads / kv_heads;
     const int bf16 = format == BF16_PRODUCTS, half = format == FLOAT16 && FAST_FLOAT16;
     const int wide = format == FLOAT32 || half; /* the vector loops read the rows as they are */
+    const int64_t value_bytes = format == FLOAT32 ? 4 : 2;
     int64_t longest = 0;
     for (int64_t t = 0; t < tokens; t++)
         if (token_length[t] > longest) longest = token_length[t];
@@ -320,7 +321,7 @@ int fixed_order_attention(const float *q, const void *k_cache, const void *v_cac
                     float *sa = scores + a * n;
                     int64_t j = c0;
                     if (wide && dim % LANES == 0) { /* eight keys at a time, the same sums */
-                        const char *head_keys = (const char *)k_cache + g * slots_total * dim * (format ? 2 : 4);
+                        const char *head_keys = (const char *)k_cache + g * slots_total * dim * value_bytes;
                         if (half)
                             for (; j + 8 <= c1; j += 8) dot_lanes_8_keys(qa, head_keys, ctx + j, dim, 1, sa + (j - lo));
                         else
