@@ -36,6 +36,8 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _ARGUMENTS = [_P, _I64, _I64, _P, _P, _I64, ctypes.c_int, _P]
 """``q8_linear``'s: x, rows, in, codes, scales, out, threads, y."""
+_OUTPUTS_ARGUMENTS = [_P, _I64, _P, _P, _P, _I64, _P]
+"""``q8_linear_outputs``': x, in, codes, scales, output numbers, their count, y."""
 
 
 def q8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -82,6 +84,20 @@ class Q8Linear(nn.Module):
             self.out_features, torch.get_num_threads(), out.data_ptr(),
         )  # fmt: skip
         return out.view(*x.shape[:-1], self.out_features)
+
+    def outputs_at(self, x: torch.Tensor, outputs: list[int]) -> torch.Tensor:
+        """Float32 ``[len(outputs)]``: the outputs numbered ``outputs`` of one input row ``x`` (``[in_features]``), each
+        with the bits :meth:`forward` gives it (the kernel computes each output's group of eight, every output by the
+        same operations in the same order whatever else it computes)."""
+        if any(not 0 <= o < self.out_features for o in outputs):
+            raise IndexError(f"outputs out of range for {self.out_features} outputs")
+        row = x.reshape(self.in_features).float().contiguous()
+        y = torch.empty(len(outputs), dtype=torch.float32)
+        self.library.function("q8_linear_outputs", None, _OUTPUTS_ARGUMENTS)(
+            row.data_ptr(), self.in_features, self.codes.data_ptr(), self.scales.data_ptr(),
+            (ctypes.c_int64 * len(outputs))(*outputs), len(outputs), y.data_ptr(),
+        )  # fmt: skip
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 8-bit blocks of {BLOCK}"

@@ -50,10 +50,11 @@ static inline v8f load_floats(const float *p) {
 }
 
 /* Rows r0..r0+R-1 times groups g0..g0+G-1 (R, G constants where inlined): every output of every row gets the same
- * operations in the same order whatever R and G are. */
-static inline __attribute__((always_inline)) void tile(const float *x, int64_t in, const int8_t *codes,
-                                                       const float *scales, int64_t out, int64_t blocks, int64_t g0,
-                                                       int64_t r0, const int R, const int G, float *y) {
+ * operations in the same order whatever R and G are. Row r's outputs of group g0 + g go to y + r * stride + 8g. */
+static inline __attribute__((always_inline)) void tile_to(const float *x, int64_t in, const int8_t *codes,
+                                                          const float *scales, int64_t blocks, int64_t g0,
+                                                          int64_t r0, const int R, const int G, float *y,
+                                                          int64_t stride) {
     v8f acc[MAX_ROWS][MAX_GROUPS];
     for (int r = 0; r < R; r++)
         for (int g = 0; g < G; g++) acc[r][g] = (v8f){0};
@@ -80,7 +81,13 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t i
         }
     }
     for (int r = 0; r < R; r++)
-        for (int g = 0; g < G; g++) memcpy(y + (r0 + r) * out + (g0 + g) * 8, &acc[r][g], sizeof(v8f));
+        for (int g = 0; g < G; g++) memcpy(y + r * stride + g * 8, &acc[r][g], sizeof(v8f));
+}
+
+static inline __attribute__((always_inline)) void tile(const float *x, int64_t in, const int8_t *codes,
+                                                       const float *scales, int64_t out, int64_t blocks, int64_t g0,
+                                                       int64_t r0, const int R, const int G, float *y) {
+    tile_to(x, in, codes, scales, blocks, g0, r0, R, G, y + r0 * out + g0 * 8, out);
 }
 
 static inline __attribute__((always_inline)) void rows_of(const float *x, int64_t in, const int8_t *codes,
@@ -110,4 +117,20 @@ void q8_linear(const float *x, int64_t rows, int64_t in, const int8_t *codes, co
             else if (left == 2) rows_of(x, in, codes, scales, out, blocks, g0, here, r0, 2, y);
             else rows_of(x, in, codes, scales, out, blocks, g0, here, r0, 1, y);
         }
+}
+
+/* Some outputs of one row, each with the bits q8_linear gives it (the same operations on every output): y[k] is output
+ * outputs[k] (n of them, each below out), each output's group of eight computed once for a run of outputs in one
+ * group. x: [in] float32; y: [n] float32. */
+void q8_linear_outputs(const float *x, int64_t in, const int8_t *codes, const float *scales, const int64_t *outputs,
+                       int64_t n, float *y) {
+    const int64_t blocks = in / BLOCK;
+    float lanes[8];
+    int64_t current = -1;
+    for (int64_t k = 0; k < n; k++) {
+        const int64_t group = outputs[k] / 8;
+        if (group != current) tile_to(x, in, codes, scales, blocks, group, 0, 1, 1, lanes, 8);
+        current = group;
+        y[k] = lanes[outputs[k] % 8];
+    }
 }

@@ -85,6 +85,24 @@ def test_a_row_has_the_same_bits_among_any_rows_and_at_any_thread_count(library,
     assert torch.equal(alone, together) and torch.equal(alone, threaded)
 
 
+def test_some_outputs_of_a_row_have_the_bits_of_the_whole_row(library):
+    """``outputs_at``: the outputs asked for, in the order asked (unsorted, repeated, several in one group of eight,
+    the first and the last), each with the bits the whole layer gives it; an output out of range is refused."""
+    _, codes, scales = q8_0(64, 96, seed=4)
+    layer = Q8Linear(codes, scales, library)
+    x = torch.randn(3, 96)
+    whole = layer(x)
+    wanted = [63, 0, 9, 8, 15, 9, 40, 7]
+    for row in range(3):
+        got = layer.outputs_at(x[row], wanted)
+        assert got.dtype == torch.float32 and torch.equal(got, whole[row, wanted])
+    assert layer.outputs_at(x[0], []).shape == (0,)
+    with pytest.raises(IndexError):
+        layer.outputs_at(x[0], [64])
+    with pytest.raises(IndexError):
+        layer.outputs_at(x[0], [-1])
+
+
 def test_the_served_smollm_output_layer_becomes_8_bit_and_answers_alike(smollm):
     """SmolLM2's Q8_0 token embedding, dequantized to float32 by transformers, is recovered exactly: the output
     layer becomes 8-bit, the embeddings keep their float32 weight, and the greedy answer is the dense one's."""
