@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.deferred_contrasts import DeferredContrasts
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.overlap import PendingTokens
 from amulet_core.engine.protocol import GenerationRequest
@@ -176,17 +177,17 @@ def measure(loaded: LoadedModel, engine_config: EngineConfig, req: GenerationReq
     engine = LLMEngine(loaded, engine_config)
     computed = 0
     peak = 0
-    run = engine.runner.run
+    run = engine.runner.run_deferring  # every eager forward pass of the engine
 
     def counting(
-        chunks: list[ScheduledChunk], logits_for: list[EngineSequence], pending: PendingTokens | None = None
-    ) -> torch.Tensor:
+        chunks: list[ScheduledChunk], logits_for: list[EngineSequence], deferred: list[int], pending: PendingTokens | None
+    ) -> tuple[torch.Tensor, DeferredContrasts | None]:
         nonlocal computed, peak
         computed += sum(max(0, min(c.start + c.num_tokens, c.seq.num_prompt_tokens) - c.start) for c in chunks)
         peak = max(peak, engine.blocks.num_used)
-        return run(chunks, logits_for, pending=pending)
+        return run(chunks, logits_for, deferred, pending)
 
-    engine.runner.run = counting  # type: ignore[method-assign]
+    engine.runner.run_deferring = counting  # type: ignore[method-assign]
     start = time.perf_counter()
     engine.add_request(req)
     first = None

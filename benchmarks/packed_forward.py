@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from amulet_core.engine.config import EngineConfig, KVCacheDtype
+from amulet_core.engine.config import ContrastLogits, EngineConfig, KVCacheDtype
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.packed_forward import LlamaFamilyForward, TransformersForward
 from amulet_core.engine.paged_decode import AttentionBackend
@@ -37,15 +37,17 @@ def decoding_engine(
     new_tokens: int,
     attention: AttentionBackend = "auto",
     kv_cache_dtype: KVCacheDtype = "auto",
+    contrast_logits: ContrastLogits = "auto",
 ) -> LLMEngine:
     """An engine decoding one stream of ``method`` with ``forward``, ``--attention-backend attention`` and
-    ``--kv-cache-dtype kv_cache_dtype``, its prompt prefilled."""
+    ``--kv-cache-dtype kv_cache_dtype`` and ``--contrast-logits contrast_logits``, its prompt prefilled."""
     config = EngineConfig(
         max_model_len=2048,
         kv_cache_tokens=8192,
         enable_prefix_cache=False,
         attention_backend=attention,
         kv_cache_dtype=kv_cache_dtype,
+        contrast_logits=contrast_logits,
     )
     engine = LLMEngine(loaded, config)
     if forward == "transformers":

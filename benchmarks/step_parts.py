@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from amulet_core.engine import packed_forward as packed_forward_module
-from amulet_core.engine.config import KV_CACHE_DTYPES, EngineConfig, KVCacheDtype
+from amulet_core.engine.config import CONTRAST_LOGITS, KV_CACHE_DTYPES, ContrastLogits, EngineConfig, KVCacheDtype
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.packed_forward import LlamaFamilyForward
 from amulet_core.engine.paged_decode import ATTENTION_BACKENDS, AttentionBackend
@@ -129,6 +129,7 @@ def conversation_engine(
     new_tokens: int,
     attention: AttentionBackend,
     kv_cache_dtype: KVCacheDtype = "auto",
+    contrast_logits: ContrastLogits = "auto",
 ) -> LLMEngine:
     """An engine decoding one greedy stream of ``method`` after a conversation of about ``tokens`` tokens
     (``amulet``: one preference, the ``end`` placement), its prompt prefilled."""
@@ -139,7 +140,11 @@ def conversation_engine(
     engine = LLMEngine(
         loaded,
         EngineConfig(
-            max_model_len=length, kv_cache_tokens=3 * length, attention_backend=attention, kv_cache_dtype=kv_cache_dtype
+            max_model_len=length,
+            kv_cache_tokens=3 * length,
+            attention_backend=attention,
+            kv_cache_dtype=kv_cache_dtype,
+            contrast_logits=contrast_logits,
         ),
     )
     engine.add_request(req)
@@ -158,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto", help="as the server's")
     parser.add_argument("--conversation-tokens", type=int, default=0, help="decode after a conversation of about so many tokens")
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help="as the server's")
+    parser.add_argument("--contrast-logits", choices=CONTRAST_LOGITS, default="auto", help="as the server's")
     parser.add_argument("--out", default="benchmarks/results/step_parts.json")
     args = parser.parse_args(argv)
     loaded = served_model(args.cpu_threads)
@@ -167,10 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     for method in METHODS:
         if args.conversation_tokens > 0:
             engine = conversation_engine(
-                loaded, method, args.conversation_tokens, new_tokens, args.attention_backend, args.kv_cache_dtype
-            )
+                loaded, method, args.conversation_tokens, new_tokens, args.attention_backend, args.kv_cache_dtype,
+                args.contrast_logits,
+            )  # fmt: skip
         else:
-            engine = decoding_engine(loaded, method, "family", new_tokens, args.attention_backend, args.kv_cache_dtype)
+            engine = decoding_engine(
+                loaded, method, "family", new_tokens, args.attention_backend, args.kv_cache_dtype, args.contrast_logits
+            )
         ms = measure(engine, args.rounds, args.steps)
         result[method.value] = {"variants_ms": ms, "parts_ms": parts_of(ms)}
     after = f"after a {args.conversation_tokens}-token conversation" if args.conversation_tokens else "after a short prompt"
@@ -183,10 +192,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{p['output_layer']:.1f} | {p['rest']:.1f} | {p['unattributed']:.1f} |")  # fmt: skip
     attention = "fixed-order kernel" if engine.runner.attention_kernel is not None else "torch operations"
     cache = str(engine.runner.cache_dtype).removeprefix("torch.")
-    print(f"(the batch-invariant attention through {attention}, a {cache} KV cache)")
+    contrasts = "its plausible tokens'" if engine.runner.plausible_contrasts else "the whole vocabulary's"
+    print(f"(the batch-invariant attention through {attention}, a {cache} KV cache; a contrast row's logits: {contrasts})")
     meta = run_meta(
         loaded.device, loaded.dtype, loaded.name, rounds=args.rounds, steps=args.steps, cpu=machine(), attention=attention,
-        conversation_tokens=args.conversation_tokens, kv_cache_dtype=cache,
+        conversation_tokens=args.conversation_tokens, kv_cache_dtype=cache, contrast_logits=args.contrast_logits,
+        plausible_contrasts=engine.runner.plausible_contrasts,
     )  # fmt: skip
     write_report(args.out, {"meta": meta, **result})
 

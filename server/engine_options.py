@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from amulet_core.engine.config import KV_CACHE_DTYPES, EngineConfig
+from amulet_core.engine.config import CONTRAST_LOGITS, KV_CACHE_DTYPES, EngineConfig
 from amulet_core.engine.paged_decode import ATTENTION_BACKENDS
 from amulet_core.model.quantization import QUANTIZATIONS
 
@@ -54,6 +54,15 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         help="the dtype the KV cache holds: auto, the model's; a float32 model's may be float16 or bfloat16: half "
         "the bytes a token, so twice the tokens in the same memory and half the bytes a long context's attention "
         "reads, each key and value rounded once as it is written (llama.cpp's default cache is float16) "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--contrast-logits",
+        default=EngineConfig.contrast_logits,
+        choices=CONTRAST_LOGITS,
+        help="which logits a contrast context (la's, amulet's) gets: all, the whole vocabulary's; plausible, only "
+        "its request's plausible tokens' when the request has a plausibility mask (the output layer once a request "
+        "instead of twice; the same distribution to rounding); auto, plausible on a CPU, all elsewhere "
         "(default: %(default)s)",
     )
     p.add_argument(

@@ -227,6 +227,7 @@ def configs_from_args(
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_memory_gib=args.kv_cache_memory_gib,
                 kv_cache_dtype=args.kv_cache_dtype,
+                contrast_logits=args.contrast_logits,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 cuda_graphs=not args.enforce_eager,
                 graph_capture_seconds=args.graph_capture_seconds,

@@ -12,6 +12,8 @@ from amulet_core.engine.paged_decode import ATTENTION_BACKENDS, AttentionBackend
 
 KVCacheDtype = Literal["auto", "float32", "float16", "bfloat16"]
 KV_CACHE_DTYPES: tuple[KVCacheDtype, ...] = ("auto", "float32", "float16", "bfloat16")
+ContrastLogits = Literal["auto", "all", "plausible"]
+CONTRAST_LOGITS: tuple[ContrastLogits, ...] = ("auto", "all", "plausible")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ class EngineConfig:
     * ``kv_cache_dtype``: the dtype the KV cache holds: ``auto`` the model's; a float32 model's may be ``float16``
       or ``bfloat16`` (half the bytes a token: twice the tokens in the same memory, half the bytes a long context's
       attention reads; each key and value rounded once as it is written, then read as the float32 it is exactly).
+    * ``contrast_logits``: which logits a contrast row (la's, amulet's) gets: ``all`` the whole vocabulary's;
+      ``plausible`` only its request's plausible tokens' where the request has a plausibility mask
+      (:mod:`amulet_core.engine.deferred_contrasts`: the output layer once a request instead of twice, the same
+      distribution up to rounding); ``auto`` plausible on a CPU (where the output layer is a large part of a
+      step), all elsewhere (a decode graph computes every row's logits).
     """
 
     max_num_seqs: int = 32
@@ -73,6 +80,7 @@ class EngineConfig:
     attention_backend: AttentionBackend = "auto"
     overlap_host: bool | None = None
     kv_cache_dtype: KVCacheDtype = "auto"
+    contrast_logits: ContrastLogits = "auto"
 
     def __post_init__(self) -> None:
         checks = {
@@ -86,6 +94,7 @@ class EngineConfig:
             "graph_capture_seconds": self.graph_capture_seconds >= 0,
             "attention_backend": self.attention_backend in ATTENTION_BACKENDS,
             "kv_cache_dtype": self.kv_cache_dtype in KV_CACHE_DTYPES,
+            "contrast_logits": self.contrast_logits in CONTRAST_LOGITS,
         }
         for name, ok in checks.items():
             if not ok:
@@ -112,6 +121,10 @@ class EngineConfig:
     def overlap_on(self, device_type: str) -> bool:
         """``overlap_host``, or when None whether the device is a CUDA one."""
         return device_type == "cuda" if self.overlap_host is None else self.overlap_host
+
+    def plausible_contrasts_on(self, device_type: str) -> bool:
+        """Whether contrast rows get only their plausible tokens' logits (``contrast_logits``; ``auto``: on a CPU)."""
+        return device_type == "cpu" if self.contrast_logits == "auto" else self.contrast_logits == "plausible"
 
     def deterministic_on(self, device_type: str) -> bool:
         """``deterministic``, or when None whether the device is a CPU."""

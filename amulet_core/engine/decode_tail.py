@@ -20,7 +20,7 @@ sets them to -inf in every context row, and the processor again after the method
 row alone gives the same: the anchor, the mix with any coefficient and the distribution are then -inf there, the
 other rows' values never counting), :func:`~amulet_core.method.rows.method_logprobs` (the anchor of several
 preferences by :func:`~amulet_core.method.mixture.mixture_logits_float32`, padded with weight-0 slots, which add
-exact zeros; then :func:`~amulet_core.method.rows.fixed_shape_logprobs`, the grammar masks folded into the
+exact zeros; then :func:`~amulet_core.method.combination.fixed_shape_logprobs`, the grammar masks folded into the
 plausibility pass or applied as there), the processors (the bias added once per
 biased token in float32, :func:`~amulet_core.sampling.processors.penalize` over whole rows,
 which leaves the tokens never seen exactly as they were) and the greedy sampler's; so a greedy step gives the
@@ -45,8 +45,8 @@ from amulet_core.device_tensors import StagedTensors
 from amulet_core.engine.tail_processors import TailProcessors
 from amulet_core.engine.tail_rows import TailRow
 from amulet_core.grammar.masks import GrammarMasks, bit_penalty_table
+from amulet_core.method.combination import FixedMasks, fixed_shape_logprobs
 from amulet_core.method.mixture import MAX_PREFERENCES, mixture_logits_float32
-from amulet_core.method.rows import FixedMasks, fixed_shape_logprobs
 from amulet_core.sampling.fixed_shape import fixed_shape_draw
 from amulet_core.sampling.params import MAX_TOP_LOGPROBS
 from amulet_core.sampling.sampler import DeviceSamples

@@ -11,6 +11,7 @@ import torch
 from amulet_core.device_tensors import to_device
 from amulet_core.engine.block_manager import BlockManager
 from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.deferred_contrasts import DeferredContrasts
 from amulet_core.engine.detokenizer import IncrementalDetokenizer
 from amulet_core.engine.model_runner import LaunchedForward, ModelRunner, logits_width
 from amulet_core.engine.overlap import PendingStep, PendingTokens, follows_tokens, overlappable
@@ -21,6 +22,7 @@ from amulet_core.engine.scheduler import Scheduler, SequenceGroup, StepPlan
 from amulet_core.engine.sequence import Sequence
 from amulet_core.engine.step_outputs import step_outputs
 from amulet_core.engine.step_rows import (
+    plausible_contrast_rows,
     request_rows,
     row_history,
     row_specs,
@@ -144,9 +146,10 @@ class LLMEngine:
             return self._choose_after(plan, states, forward)
         try:
             samples = None if follows else self._tail_samples(plan, logits_for, states, pending)
-            logits = None
+            logits, contrasts = None, None
             if samples is None:
-                logits = self.runner.run(plan.chunks, logits_for, pending=pending)
+                deferred = plausible_contrast_rows(states) if self.runner.plausible_contrasts else []
+                logits, contrasts = self.runner.run_deferring(plan.chunks, logits_for, deferred, pending)
         except Exception as exc:  # the shared pass failed: fail its requests, keep the engine
             logger.exception("forward pass failed")
             outputs = self._resolve()
@@ -162,7 +165,7 @@ class LLMEngine:
             return outputs + self._resolve()
         assert logits is not None
         if self.overlap_host and overlappable(states):
-            launched, failed = self._launch(states, logits)
+            launched, failed = self._launch(states, logits, contrasts)
             outputs = self._resolve()  # the previous step's tokens, while the device runs this one
             self.scheduler.complete_step(plan)
             self.pending = launched
@@ -175,7 +178,8 @@ class LLMEngine:
             ranges = request_rows(states)
             rows = [r for i in live for r in ranges[i]]
             states, logits = [states[i] for i in live], logits.index_select(0, to_device(rows, logits.device, torch.long))
-        return outputs + self._sample(states, logits)
+            contrasts = contrasts.select(rows) if contrasts is not None else None
+        return outputs + self._sample(states, logits, contrasts)
 
     def _tail_samples(
         self, plan: StepPlan, logits_for: list[Sequence], states: list[RequestState], pending: PendingTokens | None
@@ -230,11 +234,13 @@ class LLMEngine:
         failed = [s for s in self.requests.values() if any(seq in ids for seq in s.group.seqs)]
         return [self._drop(s).finish("error", message) for s in failed]
 
-    def _launch(self, states: list[RequestState], logits: torch.Tensor) -> tuple[PendingStep | None, list[GenerationOutput]]:
+    def _launch(
+        self, states: list[RequestState], logits: torch.Tensor, contrasts: DeferredContrasts | None = None
+    ) -> tuple[PendingStep | None, list[GenerationOutput]]:
         """Queue the requests' method and sampling on the device (no grammar, no history: :func:`overlappable`) and
         give their sequences placeholders; or, where that fails, their error outputs."""
         try:
-            logprobs = method_logprobs(logits, row_specs(states))
+            logprobs = method_logprobs(logits, row_specs(states), None, contrasts)
             samples = sample_on_device(logprobs, [s.request.sampling for s in states], [s.generator for s in states])
         except BaseException as exc:  # the batched closed form or the sampler failed: no row has a token
             if not is_request_failure(exc):
@@ -260,7 +266,9 @@ class LLMEngine:
         states = [pending.states[i] for i in keep]
         return self._outputs(states, [samples[i] for i in keep], [pending.positions[i] for i in keep])
 
-    def _sample(self, states: list[RequestState], logits: torch.Tensor) -> list[GenerationOutput]:
+    def _sample(
+        self, states: list[RequestState], logits: torch.Tensor, contrasts: DeferredContrasts | None = None
+    ) -> list[GenerationOutput]:
         specs = row_specs(states)
         try:
             rule_out_early_stops(states, logits)
@@ -268,7 +276,7 @@ class LLMEngine:
             # one, once; their plausibility mask counts from the most likely allowed token), all
             # constrained rows at once, before the processors and the sampler.
             masks = step_masks(states, logits.shape[-1], logits.device)
-            logprobs = method_logprobs(logits, specs, masks)
+            logprobs = method_logprobs(logits, specs, masks, contrasts)
         except BaseException as exc:  # the batched closed form or the masks failed: no row has a distribution
             if not is_request_failure(exc):
                 raise

@@ -13,6 +13,7 @@ from amulet_core.device_tensors import to_device
 from amulet_core.engine.config import EngineConfig
 from amulet_core.engine.decode_graphs import DecodeGraphs
 from amulet_core.engine.decode_tail import TailRowsError
+from amulet_core.engine.deferred_contrasts import DeferredContrasts, forward_deferring, outputs_at
 from amulet_core.engine.fixed_order_kernel import attention_kernel_for
 from amulet_core.engine.graph_buckets import START_TAIL_VARIANTS
 from amulet_core.engine.invariant_ops import batch_invariant, invariant_weights
@@ -115,6 +116,8 @@ class ModelRunner:
         self.inputs = StepInputs(self.cache, self.device, self.paged_kernel, self.deterministic, self.attention_kernel)
         """Builds an eager step's inputs."""
         self.max_num_seqs = config.max_num_seqs
+        self.plausible_contrasts = config.plausible_contrasts_on(self.device.type)
+        """Contrast rows with a plausibility mask get their plausible tokens' logits only (:meth:`run_deferring`)."""
         self.graphs: DecodeGraphs | None = None
         if config.cuda_graphs and self.device.type == "cuda":
             self.use_decode_graphs(capture=True)
@@ -320,3 +323,22 @@ class ModelRunner:
         with self._ops():
             logits = self.forward(ids.unsqueeze(0), positions.unsqueeze(0), keep, batch)
         return logits[0].float()
+
+    @torch.inference_mode()
+    def run_deferring(
+        self, chunks: list[ScheduledChunk], logits_for: list[Sequence], deferred: list[int], pending: PendingTokens | None
+    ) -> tuple[torch.Tensor, DeferredContrasts | None]:
+        """:meth:`run`, with the rows ``deferred`` of ``logits_for`` (contrast rows with a plausibility mask) left undone
+        where the runner may (``plausible_contrasts``; the family forward, an output layer that computes some tokens,
+        an eager step): their logits are NaN and the returned :class:`DeferredContrasts` computes them on demand."""
+        forward = self.forward
+        outputs = outputs_at(forward.head) if isinstance(forward, LlamaFamilyForward) else None
+        eager = any(c.num_tokens > 1 for c in chunks) or self._bucket(chunks) is None
+        if not (deferred and self.plausible_contrasts and eager and outputs is not None):
+            return self.run(chunks, logits_for, pending), None
+        assert isinstance(forward, LlamaFamilyForward) and outputs is not None
+        decode_chunks = [c for c in chunks if c.num_tokens == 1]
+        prefill_chunks = [c for c in chunks if c.num_tokens > 1]
+        inputs = self.inputs.build(decode_chunks, prefill_chunks, logits_for, pending)
+        with self._ops():
+            return forward_deferring(forward, outputs, inputs, len(logits_for), deferred)

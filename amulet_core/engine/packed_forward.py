@@ -124,6 +124,12 @@ class LlamaFamilyForward:
     def __call__(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: torch.Tensor | int, batch: PackedBatch
     ) -> torch.Tensor:
+        return self.head(self.hidden(input_ids, position_ids, logits_to_keep, batch))
+
+    def hidden(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: torch.Tensor | int, batch: PackedBatch
+    ) -> torch.Tensor:
+        """The kept positions' hidden states after the last norm, ``[1, kept, hidden]``: what the output layer reads."""
         ops = self.ops
         hidden = self.embed.forward(input_ids)
         cos, sin = self.rotary(hidden, position_ids)
@@ -160,7 +166,7 @@ class LlamaFamilyForward:
             else:
                 gate, up = layer.gate_proj.forward(x), layer.up_proj.forward(x)
             hidden, x = ops.add_norm(next_norm, layer.down_proj.forward(layer.act.forward(gate) * up), hidden)
-        return self.head(kept_rows(x, logits_to_keep))
+        return kept_rows(x, logits_to_keep)
 
 
 def packed_forward(model: nn.Module, ops: TorchLayerOps | None = None) -> PackedForward:

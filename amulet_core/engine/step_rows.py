@@ -37,6 +37,12 @@ def row_specs(states: list[RequestState]) -> list[RowSpec]:
     return specs
 
 
+def plausible_contrast_rows(states: list[RequestState]) -> list[int]:
+    """The contrast rows of the step's requests that have a plausibility mask (la and amulet with ``plausibility``
+    above 0): their logits are needed at the plausible tokens only (:mod:`amulet_core.method.partial_contrast`)."""
+    return [s.contrast for s in row_specs(states) if s.contrast is not None and s.method.plausibility > 0]
+
+
 def rule_out_early_stops(states: list[RequestState], logits: torch.Tensor) -> None:
     """``min_tokens``: until a request has generated that many tokens, its stop ids are made impossible in each of
     its contexts' logits, in place, before its method combines them. A stop id then weighs nothing in the

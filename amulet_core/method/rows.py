@@ -10,41 +10,16 @@ logits are read in place (no copies), as before several preferences existed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from amulet_core.device_tensors import host_to_device, to_device
+from amulet_core.method.combination import TokenMasks, combine_contexts_float32, implausible, plausibility_mask
 from amulet_core.method.mixture import mixture_logits_float32
+from amulet_core.method.partial_contrast import ContrastHead, plausible_logprobs
 from amulet_core.method.settings import MethodSettings
-
-
-class TokenMasks(Protocol):
-    """Per-row masks of the tokens some rows may not take next (``grammar.masks.TokenMasks``): the method
-    applies them to the distribution it produced, and knows nothing of the grammars behind them."""
-
-    @property
-    def index(self) -> torch.Tensor:
-        """The masked rows' numbers, a long tensor on the logits' device."""
-        ...
-
-    def add_to_(self, scores: torch.Tensor, renormalise: bool = False) -> None:
-        """Add 0 (allowed) or -inf (banned) to the masked rows of ``scores``, in place."""
-        ...
-
-    def apply_(self, logprobs: torch.Tensor) -> None:
-        """Mask the rows in place and renormalise each one."""
-        ...
-
-    def restrict(self, rows: Sequence[int]) -> TokenMasks | None:
-        """The masks of those of ``rows`` that have one, numbered by their positions in ``rows``."""
-        ...
-
-    def without(self, rows: Iterable[int]) -> TokenMasks:
-        """These masks less those of ``rows``."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -93,20 +68,12 @@ class RowSpec:
         return self.contrast is None and not self.extra_rows
 
 
-def combine_contexts_float32(
-    pref_logits: torch.Tensor, contrast_logits: torch.Tensor, coefficients: torch.Tensor
+def method_logprobs(
+    logits: torch.Tensor,
+    specs: Sequence[RowSpec],
+    grammar: TokenMasks | None = None,
+    contrasts: ContrastHead | None = None,
 ) -> torch.Tensor:
-    """``log_softmax(zb + A (z0 - zb))`` per row in float32: one fused ``lerp``, one fix-up, one log_softmax.
-
-    ``coefficients`` is ``[R, 1]`` float32. Where a token is impossible (-inf) in either context the mix
-    is -inf or NaN (or +inf for a negative A); all of those become -inf, as in ``combine_contexts``.
-    """
-    mixed = torch.lerp(contrast_logits.float(), pref_logits.float(), coefficients)
-    mixed = torch.nan_to_num_(mixed, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
-    return torch.log_softmax(mixed, dim=-1)
-
-
-def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec], grammar: TokenMasks | None = None) -> torch.Tensor:
     """``[len(specs), V]`` float32 log-probabilities each request decodes from.
 
     ``grammar`` (rows numbered as ``specs``): the rows' grammar masks, applied once, to the distribution
@@ -117,7 +84,14 @@ def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec], grammar: Tok
     probability is at least ``plausibility`` times that one's), so it never rules out every allowed
     token; the grammar mask is folded into it (one renormalisation). Rows without a contrast context
     (base, pref) get no plausibility mask, whatever their K.
+
+    ``contrasts``: the contrast rows the forward left undone (their logits there are not read): their requests'
+    distributions come from their plausible tokens' contrast logits alone (:func:`_with_undone_contrasts`).
     """
+    if contrasts is not None:
+        undone = [i for i, s in enumerate(specs) if s.contrast is not None and s.contrast in contrasts.rows]
+        if undone:
+            return _with_undone_contrasts(logits, specs, grammar, contrasts, undone)
     device = logits.device
     if all(s.contrast is not None and not s.extra_rows for s in specs) and all(
         s.primary_row == 2 * i and s.contrast == 2 * i + 1 for i, s in enumerate(specs)
@@ -143,60 +117,6 @@ def method_logprobs(logits: torch.Tensor, specs: Sequence[RowSpec], grammar: Tok
     if grammar is not None:
         grammar.without(mixture if masked else ()).apply_(out)
     return out
-
-
-def fixed_shape_logprobs(
-    anchor: torch.Tensor,
-    contrast: torch.Tensor,
-    coefficients: torch.Tensor,
-    betas: torch.Tensor,
-    renormalise: torch.Tensor | None,
-    grammar: FixedMasks | None = None,
-) -> torch.Tensor:
-    """:func:`method_logprobs` of the rows of a step, in a shape that does not depend on which rows are plain: what a
-    captured decode graph can compute (no host decision, no indexing by a host list).
-
-    ``anchor``: ``[R, V]`` each row's preference anchor (its preference context's logits for K = 1, the float32
-    weighted mixture of :func:`~amulet_core.method.mixture.mixture_logits_float32` for K > 1, as :func:`method_logprobs`
-    forms it); ``contrast``: ``[R, V]`` its contrast context's logits. A row without a contrast gives its anchor as
-    ``contrast`` with a coefficient of 1, which ``lerp`` returns exactly, so it gets its anchor's log-softmax.
-    ``coefficients`` ``[R, 1]`` float32 (A); ``betas`` ``[R]`` float32 (the plausibility; 0 for a row without a
-    contrast); ``renormalise`` ``[R]`` bool: the rows with the plausibility pass, which :func:`method_logprobs` gives
-    every row that is not plain (a contrast, or K > 1) in a step as soon as one row with a contrast has a plausibility
-    above 0; None: no row has it (and it is not computed). ``grammar``: the rows' grammar masks, folded into the
-    plausibility pass of the rows that have it and applied (added, renormalised) to the others, as
-    :func:`method_logprobs` does. Row by row the same operations as :func:`method_logprobs`, so the same bits.
-    """
-    mixed = combine_contexts_float32(anchor, contrast, coefficients)
-    if renormalise is None:
-        return mixed if grammar is None else grammar.apply(mixed, None)
-    masked = _plausibility_mask(mixed.clone(), anchor, betas, grammar)
-    out = torch.where(renormalise.unsqueeze(1), masked, mixed)
-    return out if grammar is None else grammar.apply(out, renormalise)
-
-
-@dataclass(frozen=True)
-class FixedMasks:
-    """Grammar masks of every row of a step in a fixed shape (a decode graph's): ``penalty`` ``[R, V]`` float32, 0 where
-    a row's token is allowed and -inf where it is banned, and ``masked`` ``[R, 1]`` bool, the rows that have a mask (the
-    others' penalties are never read)."""
-
-    penalty: torch.Tensor
-    masked: torch.Tensor
-
-    def add_to_(self, scores: torch.Tensor) -> None:
-        """The penalties added to the masked rows of ``scores``, in place (the others unchanged)."""
-        scores.copy_(torch.where(self.masked, scores + self.penalty, scores))
-
-    def clamp(self, threshold: torch.Tensor) -> torch.Tensor:
-        """The plausibility thresholds of the masked rows at least the lowest float (their banned tokens always go)."""
-        return torch.where(self.masked, threshold.clamp_min(torch.finfo(torch.float32).min), threshold)
-
-    def apply(self, logprobs: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
-        """The masked rows (less ``skip``'s, ``[R]`` bool: their masks are in their plausibility pass) with their
-        penalties added and renormalised (``GrammarMasks.apply_``'s arithmetic); the other rows as they are."""
-        rows = self.masked if skip is None else self.masked & ~skip.unsqueeze(1)
-        return torch.where(rows, torch.log_softmax(logprobs + self.penalty, dim=-1), logprobs)
 
 
 def _anchor(first: torch.Tensor, logits: torch.Tensor, specs: Sequence[RowSpec]) -> torch.Tensor:
@@ -251,7 +171,35 @@ def _combined_logprobs(
     if not any(b > 0 for b in betas):
         return mixed, False
     beta_tensor = to_device(betas, first.device)
-    return _plausibility_mask(mixed, anchor, beta_tensor, allowed), allowed is not None
+    return plausibility_mask(mixed, anchor, beta_tensor, allowed), allowed is not None
+
+
+def _with_undone_contrasts(
+    logits: torch.Tensor,
+    specs: Sequence[RowSpec],
+    grammar: TokenMasks | None,
+    contrasts: ContrastHead,
+    undone: list[int],
+) -> torch.Tensor:
+    """:func:`method_logprobs` of a step where the requests ``undone`` (positions in ``specs``) have their contrast
+    rows left undone: those over their plausible tokens alone (:func:`plausible_logprobs`; the plausibility mask
+    from the anchor with the grammar folded in, as for the others), the others as if they were the step alone. Each
+    row's operations are its own, so its bits do not depend on what else the step holds."""
+    out = torch.empty(len(specs), logits.shape[-1], dtype=torch.float32, device=logits.device)
+    left = set(undone)
+    others = [i for i in range(len(specs)) if i not in left]
+    if others:
+        allowed = grammar.restrict(others) if grammar is not None else None
+        out[others] = method_logprobs(logits, [specs[i] for i in others], allowed)
+    chosen = [specs[i] for i in undone]
+    first = logits.index_select(0, to_device([s.primary_row for s in chosen], logits.device))
+    anchor = _anchor(first, logits, chosen)
+    betas = to_device([s.method.plausibility for s in chosen], logits.device)
+    ruled_out = implausible(anchor, betas, grammar.restrict(undone) if grammar is not None else None)
+    coefficients = [1.0 if s.coefficient is None else s.coefficient for s in chosen]
+    contrast_rows = [s.contrast for s in chosen if s.contrast is not None]
+    out[undone] = plausible_logprobs(anchor, ruled_out, contrast_rows, coefficients, contrasts)
+    return out
 
 
 def _lerp_logprobs(anchor: torch.Tensor, contrast: torch.Tensor | None, specs: Sequence[RowSpec]) -> torch.Tensor:
@@ -260,26 +208,3 @@ def _lerp_logprobs(anchor: torch.Tensor, contrast: torch.Tensor | None, specs: S
     coefficients = [1.0 if s.coefficient is None else s.coefficient for s in specs]
     coef = to_device(coefficients, anchor.device, torch.float32).reshape(-1, 1)
     return combine_contexts_float32(anchor, contrast, coef)
-
-
-def _plausibility_mask(
-    logprobs: torch.Tensor, pref_logits: torch.Tensor, betas: torch.Tensor, allowed: TokenMasks | FixedMasks | None = None
-) -> torch.Tensor:
-    """``methods.plausibility_mask`` with the same threshold arithmetic, fewer passes: the rows with beta 0
-    get a threshold of -inf instead of a separate mask, and the float32 ``logprobs`` are masked in place.
-
-    The rows of ``allowed`` also lose their banned tokens, in the same pass: their pref log-probabilities
-    are -inf there, so the threshold counts from the most likely allowed token, and a threshold at least
-    the lowest float (not -inf, even for beta 0) drops exactly the banned tokens plus the implausible ones.
-    """
-    l0 = torch.log_softmax(pref_logits.float(), dim=-1)
-    if allowed is not None:
-        allowed.add_to_(l0)
-    threshold = l0.amax(dim=-1, keepdim=True) + torch.log(betas.float().clamp_min(1e-45)).reshape(-1, 1)
-    threshold = threshold.masked_fill(betas.reshape(-1, 1) <= 0, float("-inf"))
-    if isinstance(allowed, FixedMasks):
-        threshold = allowed.clamp(threshold)
-    elif allowed is not None:
-        lowest = torch.finfo(torch.float32).min
-        threshold.index_copy_(0, allowed.index, threshold.index_select(0, allowed.index).clamp_min(lowest))
-    return torch.log_softmax(logprobs.masked_fill_(l0 < threshold, float("-inf")), dim=-1)

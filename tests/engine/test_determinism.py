@@ -48,6 +48,7 @@ from amulet_core.model.loading import LoadedModel
 from amulet_core.model.q8_output import q8_output_layer
 from amulet_core.model.quantization import quantize_model
 from amulet_core.sampling.params import SamplingParams
+from tests.support.step_spy import spy_passes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 METHODS = [Method.BASE, Method.AMULET]
@@ -111,22 +112,20 @@ class Answer:
 
 
 class Recorder:
-    """Wraps the engine's runner: keeps, per request id, the logits rows of its sequences at every step."""
+    """Wraps the engine's runner: keeps, per request id, the logits rows of its sequences at every step (a contrast row
+    the step left undone, computed whole: the output layer of the hidden state the method read)."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.rows: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.outputs: dict[str, list[GenerationOutput]] = defaultdict(list)
         self.engine = engine
-        run = engine.runner.run
 
-        def recording(chunks, logits_for, pending=None):
-            logits = run(chunks, logits_for, pending=pending)
+        def recording(chunks, logits_for, logits):
             owner = {id(seq): rid for rid, state in engine.requests.items() for seq in state.group.seqs}
             for i, seq in enumerate(logits_for):
                 self.rows[owner[id(seq)]].append(logits[i].detach().cpu().clone())
-            return logits
 
-        engine.runner.run = recording  # type: ignore[method-assign]
+        spy_passes(engine, recording)  # contrast rows left undone: recorded whole, from the hidden states
 
     def step(self) -> None:
         for out in self.engine.step():

@@ -17,6 +17,7 @@ from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.sampling.processors import RowHistory
 from amulet_core.sampling.sampler import choose_token
 from tests.engine.test_engine import drain, make_request, prompts, tokens_of
+from tests.support.step_spy import spy_passes
 
 EOS = 2  # the tiny models' EOS id
 FAVOURED = ((100, 30.0), (200, 30.0), (300, 30.0), (400, 30.0))
@@ -118,15 +119,12 @@ def test_min_tokens_with_amulet_when_only_the_end_is_plausible(tiny_model):
     request gets its four tokens, then ends. (Before, nothing was left to choose and the request failed: seen with
     SmolLM2, a concise storyteller asked for a long story.)"""
     engine = LLMEngine(tiny_model("llama"), EngineConfig(max_model_len=256, kv_cache_tokens=8192))
-    run = engine.runner.run
 
-    def wants_to_end(*args, **kwargs):
-        logits = run(*args, **kwargs)
+    def wants_to_end(chunks, logits_for, logits):
         with torch.inference_mode():
-            logits[:, EOS] += 40.0
-        return logits
+            logits[:, EOS] += 40.0  # (a contrast row left undone: NaN here, read at its plausible tokens only)
 
-    engine.runner.run = wants_to_end  # type: ignore[method-assign]
+    spy_passes(engine, wants_to_end, whole_rows=False)
     pref, base = prompts(31, 12, 4, 2)
     engine.add_request(make_request("m", MethodSettings(), pref, base, max_tokens=8, min_tokens=4))
     outs = drain(engine)["m"]

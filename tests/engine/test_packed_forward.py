@@ -82,8 +82,12 @@ def run(loaded: LoadedModel, deterministic: bool, forward: Callable[[Any], Any] 
     """Every step's logits, the outputs and the final KV cache of the requests run on a fresh engine, with
     ``forward(model)`` as the runner's forward when given."""
     config = EngineConfig(
-        max_model_len=512, kv_cache_tokens=2048, max_num_batched_tokens=64, deterministic=deterministic
-    )  # prompts are prefilled in chunks of a step's budget
+        max_model_len=512,
+        kv_cache_tokens=2048,
+        max_num_batched_tokens=64,  # prompts are prefilled in chunks of a step's budget
+        deterministic=deterministic,
+        contrast_logits="all",  # every row's whole logits, as transformers' forward gives them
+    )
     engine = LLMEngine(loaded, config)
     if forward is not None:
         engine.runner.forward = forward(loaded.model)

@@ -39,6 +39,7 @@ from amulet_core.model.chat_template import render_chat
 from amulet_core.sampling.params import SamplingParams
 from tests.engine.test_engine import drain, tokens_of
 from tests.support.oracle import reference_answer
+from tests.support.step_spy import spy_passes
 
 BS = 4
 
@@ -363,14 +364,12 @@ class ChunkLog:
     def __init__(self, engine: LLMEngine) -> None:
         self.chunks: list[ScheduledChunk] = []
         self.kv_used: list[int] = []
-        run = engine.runner.run
 
-        def spy(chunks, logits_for, pending=None):
+        def spy(chunks, logits_for, logits):
             self.chunks += chunks
             self.kv_used.append(engine.stats().kv_blocks_used)
-            return run(chunks, logits_for, pending=pending)
 
-        engine.runner.run = spy  # type: ignore[method-assign]
+        spy_passes(engine, spy, whole_rows=False)
 
     def computed(self, seq: Sequence, upto: int) -> int:
         """Tokens of ``seq`` computed at positions below ``upto``."""

@@ -14,7 +14,8 @@ from amulet_core.errors import InvalidParameterError
 from amulet_core.grammar.compiler import GrammarCompiler, grammar_text
 from amulet_core.grammar.masks import apply_grammar_masks, grammar_masks
 from amulet_core.grammar.spec import GrammarKind, GrammarSpec
-from amulet_core.method.rows import RowSpec, combine_contexts_float32, method_logprobs
+from amulet_core.method.combination import combine_contexts_float32
+from amulet_core.method.rows import RowSpec, method_logprobs
 from amulet_core.method.settings import Method, MethodSettings
 from amulet_core.sampling.params import SamplingParams
 

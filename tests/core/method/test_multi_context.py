@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from amulet_core.errors import InvalidParameterError
+from amulet_core.method.combination import combine_contexts_float32
 from amulet_core.method.mixture import MAX_PREFERENCES, mixture_logits
 from amulet_core.method.reference import amulet_iterative, combine_weighted
-from amulet_core.method.rows import RowSpec, combine_contexts_float32, method_logprobs
+from amulet_core.method.rows import RowSpec, method_logprobs
 from amulet_core.method.settings import Method, MethodSettings, combine_contexts
 from tests.core.method.test_methods import LARGE_A_SETS, PARAMETER_SETS
 

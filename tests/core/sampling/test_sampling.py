@@ -141,7 +141,7 @@ def test_a_row_without_a_finite_distribution_fails_alone():
 
 
 def test_float32_combination_matches_the_float64_closed_form():
-    from amulet_core.method.rows import combine_contexts_float32
+    from amulet_core.method.combination import combine_contexts_float32
     from amulet_core.method.settings import combine_contexts
 
     g = torch.Generator().manual_seed(3)
@@ -160,7 +160,7 @@ def test_float32_combination_matches_the_float64_closed_form():
 
 
 def test_the_in_place_plausibility_mask_equals_the_methods_one():
-    from amulet_core.method.rows import _plausibility_mask
+    from amulet_core.method.combination import plausibility_mask as in_place_mask
     from amulet_core.method.settings import plausibility_mask
 
     g = torch.Generator().manual_seed(4)
@@ -168,5 +168,5 @@ def test_the_in_place_plausibility_mask_equals_the_methods_one():
     mixed = torch.log_softmax(torch.randn(8, VOCAB, generator=g) * 3, dim=-1)
     betas = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0, 1e-3, 0.0, 0.2])
     want = plausibility_mask(mixed.clone(), pref, betas)
-    got = _plausibility_mask(mixed.clone(), pref, betas)
+    got = in_place_mask(mixed.clone(), pref, betas)
     assert torch.equal(got, want)
