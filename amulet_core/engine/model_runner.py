@@ -118,6 +118,11 @@ class ModelRunner:
         self.max_num_seqs = config.max_num_seqs
         self.plausible_contrasts = config.plausible_contrasts_on(self.device.type)
         """Contrast rows with a plausibility mask get their plausible tokens' logits only (:meth:`run_deferring`)."""
+        logger.info(
+            "contrast rows' logits (--contrast-logits %s): %s",
+            config.contrast_logits,
+            "at their plausible tokens only" if self.plausible_contrasts else "the whole vocabulary's",
+        )
         self.graphs: DecodeGraphs | None = None
         if config.cuda_graphs and self.device.type == "cuda":
             self.use_decode_graphs(capture=True)

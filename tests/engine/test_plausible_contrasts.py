@@ -128,3 +128,14 @@ def test_the_option_is_checked_and_defaults_per_device():
     assert parse_args(["--contrast-logits", "all"], environ={}).engine.contrast_logits == "all"
     with pytest.raises(SystemExit):
         parse_args(["--contrast-logits", "some"], environ={})
+
+
+def test_the_start_up_log_says_which_logits_contrast_rows_get(tiny_model, caplog):
+    loaded = tiny_model("llama")
+    with caplog.at_level("INFO"):
+        LLMEngine(loaded, EngineConfig(max_model_len=256, kv_cache_tokens=1024))
+    assert "contrast rows' logits (--contrast-logits auto): at their plausible tokens only" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        LLMEngine(loaded, EngineConfig(max_model_len=256, kv_cache_tokens=1024, contrast_logits="all"))
+    assert "contrast rows' logits (--contrast-logits all): the whole vocabulary's" in caplog.text
