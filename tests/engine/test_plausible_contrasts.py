@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from amulet_core.engine.config import EngineConfig
+from amulet_core.engine.deferred_contrasts import DeferredContrasts
 from amulet_core.engine.llm_engine import LLMEngine
 from amulet_core.engine.packed_forward import LlamaFamilyForward
 from amulet_core.grammar.spec import GrammarKind, GrammarSpec
@@ -139,3 +140,14 @@ def test_the_start_up_log_says_which_logits_contrast_rows_get(tiny_model, caplog
     with caplog.at_level("INFO"):
         LLMEngine(loaded, EngineConfig(max_model_len=256, kv_cache_tokens=1024, contrast_logits="all"))
     assert "contrast rows' logits (--contrast-logits all): the whole vocabulary's" in caplog.text
+
+
+def test_undone_rows_follow_their_requests_when_the_step_drops_some():
+    """The engine drops requests finished by the step in flight from a step's logits (overlap): the undone rows are
+    renumbered with them, the others' forgotten."""
+    hidden = {1: torch.tensor([1.0]), 3: torch.tensor([3.0])}
+    contrasts = DeferredContrasts(hidden, lambda x, tokens: x.repeat(len(tokens)))
+    kept = contrasts.select([3, 0, 1])
+    assert kept is not None and kept.rows == frozenset({0, 2})
+    assert kept.logits_at(0, [5, 6]).tolist() == [3.0, 3.0] and kept.logits_at(2, [9]).tolist() == [1.0]
+    assert contrasts.select([0, 2]) is None
