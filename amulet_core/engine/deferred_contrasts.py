@@ -75,11 +75,11 @@ def forward_deferring(
     :meth:`LlamaFamilyForward.__call__` takes them) with the rows ``deferred`` left undone (NaN), and those rows."""
     ids, positions, keep, batch = inputs
     hidden = forward.hidden(ids.unsqueeze(0), positions.unsqueeze(0), keep, batch)[0]
-    left = set(deferred)
-    done = [i for i in range(rows) if i not in left]
-    width = forward.head.out_features
-    logits = torch.full((rows, width), float("nan"), dtype=torch.float32, device=hidden.device)
+    skipped = set(deferred)
+    left, done = sorted(skipped), [i for i in range(rows) if i not in skipped]
+    logits = torch.empty(rows, forward.head.out_features, dtype=torch.float32, device=hidden.device)
+    logits[left] = float("nan")
     if done:
         index = to_device(done, hidden.device, torch.long)
         logits.index_copy_(0, index, forward.head(hidden.index_select(0, index)).to(torch.float32))
-    return logits, DeferredContrasts({i: hidden[i] for i in sorted(left)}, outputs)
+    return logits, DeferredContrasts({i: hidden[i] for i in left}, outputs)

@@ -320,8 +320,7 @@ class ModelRunner:
         it, else eagerly over :class:`~amulet_core.engine.step_inputs.StepInputs` (a sequence's last token may be
         :data:`PENDING_TOKEN`, sampled by the step still in flight: it is taken from ``pending``'s device tensor, on
         the device)."""
-        decode_chunks = [c for c in chunks if c.num_tokens == 1]
-        prefill_chunks = [c for c in chunks if c.num_tokens > 1]
+        decode_chunks, prefill_chunks = _split(chunks)
         if not prefill_chunks and (replayed := self._replay(decode_chunks, logits_for, pending)) is not None:
             return replayed
         ids, positions, keep, batch = self.inputs.build(decode_chunks, prefill_chunks, logits_for, pending)
@@ -338,12 +337,16 @@ class ModelRunner:
         an eager step): their logits are NaN and the returned :class:`DeferredContrasts` computes them on demand."""
         forward = self.forward
         outputs = outputs_at(forward.head) if isinstance(forward, LlamaFamilyForward) else None
-        eager = any(c.num_tokens > 1 for c in chunks) or self._bucket(chunks) is None
+        decode_chunks, prefill_chunks = _split(chunks)
+        eager = bool(prefill_chunks) or self._bucket(chunks) is None
         if not (deferred and self.plausible_contrasts and eager and outputs is not None):
             return self.run(chunks, logits_for, pending), None
         assert isinstance(forward, LlamaFamilyForward) and outputs is not None
-        decode_chunks = [c for c in chunks if c.num_tokens == 1]
-        prefill_chunks = [c for c in chunks if c.num_tokens > 1]
         inputs = self.inputs.build(decode_chunks, prefill_chunks, logits_for, pending)
         with self._ops():
             return forward_deferring(forward, outputs, inputs, len(logits_for), deferred)
+
+
+def _split(chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], list[ScheduledChunk]]:
+    """A step's decode chunks (one token each) and prefill chunks, in order."""
+    return [c for c in chunks if c.num_tokens == 1], [c for c in chunks if c.num_tokens > 1]

@@ -89,7 +89,8 @@ def method_logprobs(
     distributions come from their plausible tokens' contrast logits alone (:func:`_with_undone_contrasts`).
     """
     if contrasts is not None:
-        undone = [i for i, s in enumerate(specs) if s.contrast is not None and s.contrast in contrasts.rows]
+        left = contrasts.rows
+        undone = [i for i, s in enumerate(specs) if s.contrast is not None and s.contrast in left]
         if undone:
             return _with_undone_contrasts(logits, specs, grammar, contrasts, undone)
     device = logits.device
